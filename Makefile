@@ -1,0 +1,33 @@
+# The two commands a newcomer needs: `make run` and `make test`.
+# Both create .venv when missing and install chainrule into it.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: run test install stubs bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(STAMP): $(BIN)/python pyproject.toml
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: install
+	$(BIN)/chainrule serve --host 127.0.0.1 --port 50051
+
+test: install
+	$(BIN)/python -m pytest -q
+
+stubs: install
+	$(BIN)/python proto/generate.py
+
+bench: install
+	$(BIN)/python benchmarks/core_bench.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

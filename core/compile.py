@@ -1,0 +1,325 @@
+"""Compile a Graph into a flat Plan: resolve, check, order, infer shapes.
+
+Compilation is done once per graph; :meth:`Plan.run` then evaluates it many
+times. All walks are iterative (Kahn's algorithm for the order), so graphs of
+millions of nodes never meet Python's recursion limit.
+"""
+from __future__ import annotations
+
+from collections import deque
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from .dtypes import is_differentiable, parse_dtype
+from .errors import (
+    ArityError, BadAttributeError, ChainruleError, CycleError, DTypeError, DuplicateNodeError,
+    GraphError, LimitExceeded, OpError, OperatorFailure, OutputError, ShapeError, UnknownNodeError,
+    UnknownOperatorError, where,
+)
+from .graph import Graph
+from .limits import Limits
+from .operator import OpDef, check_attrs
+from .registry import Registry
+from .tensor_spec import TensorSpec
+
+_SPEC_CACHE_SIZE = 32
+
+
+class Shapes:
+    """A plan specialised to its input shapes: every value's spec (None where an
+    operator has no infer rule), the bytes they take, and the gradient edges."""
+
+    __slots__ = ("specs", "memory_bytes", "differentiable", "grad_edges", "complete")
+
+    def __init__(self, specs: list[TensorSpec | None], in_slots: list[tuple[int, ...]], n_inputs: int) -> None:
+        self.specs = specs
+        self.complete = all(s is not None for s in specs)
+        self.differentiable = [s is not None and is_differentiable(s.dtype) for s in specs]
+        diff = self.differentiable
+        #: per slot: (position, input slot) of each input that takes a gradient
+        self.grad_edges: list[tuple[tuple[int, int], ...]] = [
+            tuple((pos, j) for pos, j in enumerate(slots) if diff[j]) for slots in in_slots
+        ]
+        self.memory_bytes = sum(
+            s.nbytes * (2 if d else 1) for s, d in zip(specs, self.differentiable) if s is not None
+        )
+
+
+class Plan:
+    """A compiled graph: parallel lists indexed by slot, in topological order.
+
+    Slots ``0 .. n_inputs-1`` are the declared inputs; every later slot is a
+    node whose inputs all have smaller slots.
+    """
+
+    def __init__(
+        self,
+        *,
+        names: list[str],
+        ops: list[OpDef | None],
+        in_slots: list[tuple[int, ...]],
+        attrs: list[dict[str, Any]],
+        input_dtypes: list[np.dtype],
+        input_shapes: list[tuple[int, ...]],
+        outputs: tuple[int, ...],
+        metadata: Mapping[str, str],
+        limits: Limits,
+    ) -> None:
+        self.names = names
+        self.ops = ops
+        self.in_slots = in_slots
+        self.attrs = attrs
+        self.input_dtypes = input_dtypes
+        self.input_shapes = input_shapes
+        self.n_inputs = len(input_dtypes)
+        self.outputs = outputs
+        self.metadata = dict(metadata)
+        self.limits = limits
+        self.index = {name: slot for slot, name in enumerate(names)}
+        self.consumers = _count_consumers(in_slots, len(names))
+        self._shapes: dict[tuple[tuple[int, ...], ...], Shapes] = {}
+        if all(-1 not in shape for shape in input_shapes):
+            self.specialize(input_shapes)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def slot(self, name: str, *, field: str = "output") -> int:
+        try:
+            return self.index[name]
+        except KeyError:
+            raise OutputError(f"{field}: no node or input named '{name}'", node=name, field=field) from None
+
+    def specialize(self, input_shapes: Sequence[tuple[int, ...]]) -> Shapes:
+        """Infer every value's spec for these input shapes and check the limits (cached)."""
+        key = tuple(tuple(s) for s in input_shapes)
+        cached = self._shapes.get(key)
+        if cached is not None:
+            return cached
+        specs: list[TensorSpec | None] = [
+            TensorSpec(shape, dtype) for shape, dtype in zip(key, self.input_dtypes)
+        ]
+        specs.extend([None] * (len(self.names) - self.n_inputs))
+        limit = self.limits.max_tensor_elements
+        for k in range(self.n_inputs, len(self.names)):
+            op = self.ops[k]
+            assert op is not None
+            inputs = [specs[j] for j in self.in_slots[k]]
+            if op.infer is None or any(s is None for s in inputs):
+                continue
+            spec = _infer(op, inputs, self.attrs[k], self.names[k])
+            if spec.size > limit:
+                raise LimitExceeded(
+                    f"{where(self.names[k], op.name)}value of shape {spec.shape} has {spec.size} elements; "
+                    f"the limit per tensor is {limit}",
+                    limit="max_tensor_elements", requested=spec.size, allowed=limit,
+                    node=self.names[k], op=op.name,
+                )
+            specs[k] = spec
+        shapes = Shapes(specs, self.in_slots, self.n_inputs)
+        budget = self.limits.max_memory_bytes
+        if shapes.memory_bytes > budget:
+            raise LimitExceeded(
+                f"values and gradients would take {shapes.memory_bytes} bytes; the memory budget per request is {budget}",
+                limit="max_memory_bytes", requested=shapes.memory_bytes, allowed=budget,
+            )
+        if len(self._shapes) >= _SPEC_CACHE_SIZE:  # plans are shared across threads: tolerate races
+            self._shapes.pop(next(iter(self._shapes), None), None)
+        self._shapes[key] = shapes
+        return shapes
+
+    def run(self, inputs: Mapping[str, Any], **options: Any):  # -> Evaluation
+        """Evaluate the plan; see :func:`chainrule.core.engine.evaluate` for the options."""
+        from .engine import evaluate
+
+        return evaluate(self, inputs, **options)
+
+
+def _infer(op: OpDef, inputs: list[TensorSpec], attrs: dict[str, Any], node: str) -> TensorSpec:
+    try:
+        spec = op.infer(*inputs, **attrs)  # type: ignore[misc]
+    except OpError as exc:
+        raise node_error(exc, node, op) from None
+    except Exception as exc:  # the plugin's bug, not the caller's
+        raise OperatorFailure(
+            f"{where(node, op.name)}infer rule raised {type(exc).__name__}: {exc}",
+            node=node, op=op.name, plugin=op.plugin,
+        ) from exc
+    if not isinstance(spec, tuple) or len(spec) != 2:
+        raise OperatorFailure(
+            f"{where(node, op.name)}infer rule returned {spec!r}, expected a TensorSpec",
+            node=node, op=op.name, plugin=op.plugin,
+        )
+    shape, dtype = spec
+    try:
+        spec = TensorSpec(tuple(int(n) for n in shape), parse_dtype(dtype))
+    except (TypeError, ValueError, DTypeError) as exc:
+        raise OperatorFailure(
+            f"{where(node, op.name)}infer rule returned an invalid spec {spec!r}: {exc}",
+            node=node, op=op.name, plugin=op.plugin,
+        ) from None
+    if any(n < 0 for n in spec.shape):
+        raise ShapeError(f"{where(node, op.name)}inferred a negative dimension {spec.shape}", node=node, op=op.name)
+    return spec
+
+
+_OP_ERRORS: dict[str, type[GraphError]] = {
+    "SHAPE_MISMATCH": ShapeError,
+    "DTYPE_MISMATCH": DTypeError,
+    "BAD_ATTRIBUTE": BadAttributeError,
+}
+
+
+def node_error(exc: ChainruleError, node: str, op: OpDef) -> GraphError:
+    """Turn an operator's OpError into the matching GraphError with the node named."""
+    cls = _OP_ERRORS.get(exc.reason, GraphError)
+    return cls(f"{where(node, op.name)}{exc.message}", node=node, op=op.name, field=exc.field, reason=exc.reason)
+
+
+def compile_graph(graph: Graph, registry: Registry, limits: Limits | None = None) -> Plan:
+    """Check ``graph`` against ``registry`` and build its Plan, or raise a GraphError subclass."""
+    limits = limits or Limits()
+    n_total = len(graph.inputs) + len(graph.nodes)
+    if n_total > limits.max_nodes:
+        raise LimitExceeded(
+            f"graph has {n_total} nodes and inputs; the limit is {limits.max_nodes}",
+            limit="max_nodes", requested=n_total, allowed=limits.max_nodes,
+        )
+    if not graph.outputs:
+        raise OutputError("graph declares no outputs", field="graph.outputs")
+
+    position: dict[str, int] = {}  # name -> position among inputs then nodes
+    input_dtypes, input_shapes = [], []
+    for i, decl in enumerate(graph.inputs):
+        field = f"graph.inputs[{i}]"
+        _check_name(decl.name, position, field)
+        position[decl.name] = i
+        input_dtypes.append(parse_dtype(decl.dtype, field=f"{field}.dtype ('{decl.name}')"))
+        shape = tuple(decl.shape)
+        if any((not isinstance(n, (int, np.integer))) or n < -1 for n in shape):
+            raise ShapeError(f"input '{decl.name}': invalid shape {list(shape)} (sizes are >= 0, or -1 for any)",
+                             node=decl.name, field=f"{field}.shape")
+        input_shapes.append(tuple(int(n) for n in shape))
+    n_inputs = len(graph.inputs)
+
+    ops: list[OpDef] = []
+    attrs: list[dict[str, Any]] = []
+    for i, node in enumerate(graph.nodes):
+        _check_name(node.name, position, f"graph.nodes[{i}].name")
+        position[node.name] = n_inputs + i
+        op = registry.find(node.op)
+        if op is None:
+            raise UnknownOperatorError(
+                f"node '{node.name}': unknown operator '{node.op}'", node=node.name, op=node.op,
+                field=f"graph.nodes[{i}].op",
+            )
+        if not op.accepts(len(node.inputs)):
+            expected = "one or more" if op.variadic else str(op.arity)
+            raise ArityError(
+                f"{where(node.name, op.name)}takes {expected} input(s), got {len(node.inputs)}",
+                node=node.name, op=op.name, field=f"graph.nodes[{i}].inputs",
+            )
+        ops.append(op)
+        attrs.append(check_attrs(op, node.attrs, node=node.name))
+
+    # Resolve references to positions.
+    node_inputs: list[tuple[int, ...]] = []
+    for i, node in enumerate(graph.nodes):
+        refs = []
+        for ref in node.inputs:
+            p = position.get(ref)
+            if p is None:
+                raise UnknownNodeError(
+                    f"{where(node.name, node.op)}input '{ref}' is neither a declared input nor a node",
+                    node=node.name, op=node.op, field=f"graph.nodes[{i}].inputs",
+                )
+            refs.append(p)
+        node_inputs.append(tuple(refs))
+
+    order = _topological_order(graph, node_inputs, n_inputs)
+    slot_of = list(range(n_inputs)) + [0] * len(graph.nodes)
+    for new_position, i in enumerate(order):
+        slot_of[n_inputs + i] = n_inputs + new_position
+
+    names = [d.name for d in graph.inputs] + [graph.nodes[i].name for i in order]
+    plan_ops: list[OpDef | None] = [None] * n_inputs + [ops[i] for i in order]
+    plan_attrs = [{}] * n_inputs + [attrs[i] for i in order]
+    in_slots = [()] * n_inputs + [tuple(slot_of[p] for p in node_inputs[i]) for i in order]
+
+    outputs = []
+    for i, out in enumerate(graph.outputs):
+        p = position.get(out)
+        if p is None:
+            raise OutputError(f"graph.outputs[{i}]: no node or input named '{out}'", node=out, field=f"graph.outputs[{i}]")
+        outputs.append(slot_of[p])
+
+    return Plan(
+        names=names, ops=plan_ops, in_slots=in_slots, attrs=plan_attrs,
+        input_dtypes=input_dtypes, input_shapes=input_shapes, outputs=tuple(outputs),
+        metadata=graph.metadata, limits=limits,
+    )
+
+
+def _check_name(name: str, seen: dict[str, int], field: str) -> None:
+    if not isinstance(name, str) or not name:
+        raise GraphError(f"{field}: a name must be a non-empty string", field=field)
+    if name in seen:
+        raise DuplicateNodeError(f"node '{name}': the name is used twice", node=name, field=field)
+
+
+def _topological_order(graph: Graph, node_inputs: list[tuple[int, ...]], n_inputs: int) -> list[int]:
+    """Node indices in an order where every node follows its inputs (Kahn).
+
+    Keeps the given order when it is already topological (the common case, and
+    a single pass); raises CycleError naming the nodes of one cycle otherwise.
+    """
+    n = len(node_inputs)
+    if all(p < n_inputs + i for i, refs in enumerate(node_inputs) for p in refs):
+        return list(range(n))
+    pending = [0] * n
+    children: list[list[int]] = [[] for _ in range(n)]
+    for i, refs in enumerate(node_inputs):
+        for p in refs:
+            if p >= n_inputs:
+                pending[i] += 1
+                children[p - n_inputs].append(i)
+    ready = deque(i for i in range(n) if pending[i] == 0)
+    order: list[int] = []
+    while ready:
+        i = ready.popleft()
+        order.append(i)
+        for c in children[i]:
+            pending[c] -= 1
+            if pending[c] == 0:
+                ready.append(c)
+    if len(order) == n:
+        return order
+    cycle = _find_cycle(pending, node_inputs, n_inputs)
+    names = [graph.nodes[i].name for i in cycle]
+    path = " -> ".join(names + [names[0]])
+    raise CycleError(f"node '{names[0]}' ({graph.nodes[cycle[0]].op}): graph has a cycle: {path}",
+                     node=names[0], op=graph.nodes[cycle[0]].op)
+
+
+def _find_cycle(pending: list[int], node_inputs: list[tuple[int, ...]], n_inputs: int) -> list[int]:
+    """Walk input edges among unsorted nodes until one repeats: that loop is a cycle."""
+    start = next(i for i, count in enumerate(pending) if count > 0)
+    seen: dict[int, int] = {}
+    path: list[int] = []
+    i = start
+    while i not in seen:
+        seen[i] = len(path)
+        path.append(i)
+        i = next(p - n_inputs for p in node_inputs[i] if p >= n_inputs and pending[p - n_inputs] > 0)
+    cycle = path[seen[i]:]
+    cycle.reverse()  # data-flow direction: producer -> consumer
+    return cycle
+
+
+def _count_consumers(in_slots: list[tuple[int, ...]], n: int) -> list[int]:
+    counts = [0] * n
+    for slots in in_slots:
+        for j in slots:
+            counts[j] += 1
+    return counts

@@ -1,0 +1,307 @@
+"""Evaluate a Plan: the forward pass, then reverse-mode backpropagation.
+
+Both passes are flat loops over slots: no recursion, no dictionary look-ups.
+The forward pass keeps every value. The backward pass seeds the chosen output
+and walks the slots in reverse, asking each operator's vjp for its inputs'
+gradients and accumulating them with ``+`` where a value fans out.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import numpy as np
+
+from .broadcast import unbroadcast
+from .compile import Plan, Shapes, node_error
+from .dtypes import is_differentiable
+from .errors import (
+    BadTensorError, Cancelled, DeadlineExceeded, DTypeError, GraphError, LimitExceeded, MissingInputError,
+    OpError, OperatorFailure, OutputError, SeedError, ShapeError, UnexpectedInputError, where,
+)
+from .tensor_spec import TensorSpec
+
+UNREACHED_ZEROS = "zeros"
+UNREACHED_OMIT = "omit"
+
+
+class StopToken:
+    """Tells the engine to stop between nodes: a deadline and/or a cancel event."""
+
+    __slots__ = ("deadline", "event")
+
+    def __init__(self, deadline: float | None = None, event: threading.Event | None = None) -> None:
+        self.deadline = deadline  # time.monotonic() value
+        self.event = event
+
+    @classmethod
+    def after(cls, seconds: float | None, event: threading.Event | None = None) -> "StopToken":
+        return cls(None if seconds is None else time.monotonic() + seconds, event)
+
+    def check(self) -> None:
+        if self.event is not None and self.event.is_set():
+            raise Cancelled("the call was cancelled; work stopped")
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            raise DeadlineExceeded("the deadline passed; work stopped")
+
+
+@dataclass
+class Contribution:
+    """One consumer's share of a fanned-out node's gradient (the ``+=`` made visible)."""
+
+    node: str
+    consumer: str
+    input_index: int
+    gradient: Any
+
+
+@dataclass
+class Evaluation:
+    """Values and gradients of every slot of a plan after one run."""
+
+    plan: Plan
+    values: list[Any]
+    grads: list[Any] | None
+    output: int
+    differentiable: list[bool]
+    contributions: list[Contribution] = field(default_factory=list)
+
+    @property
+    def output_name(self) -> str:
+        return self.plan.names[self.output]
+
+    @property
+    def output_value(self) -> np.ndarray:
+        return np.asarray(self.values[self.output])
+
+    def value(self, name: str) -> np.ndarray:
+        return np.asarray(self.values[self.plan.slot(name, field="name")])
+
+    def grad(self, name: str) -> np.ndarray | None:
+        """The gradient of the output with respect to ``name`` (None: no gradient)."""
+        if self.grads is None:
+            return None
+        g = self.grads[self.plan.slot(name, field="name")]
+        return None if g is None else np.asarray(g)
+
+
+def evaluate(
+    plan: Plan,
+    inputs: Mapping[str, Any],
+    *,
+    output: str | None = None,
+    seed: Any = None,
+    gradients: bool = True,
+    unreached: str = UNREACHED_ZEROS,
+    contributions: bool = False,
+    token: StopToken | None = None,
+) -> Evaluation:
+    """Run forward, then (unless ``gradients=False``) backward from ``output``.
+
+    ``seed`` is the gradient of the output with respect to itself; it may be
+    left out only for an output with one element. Nodes that do not reach the
+    output get zero gradients (``unreached="zeros"``) or none (``"omit"``).
+    """
+    out_slot = _choose_output(plan, output)
+    arrays = _check_inputs(plan, inputs)
+    shapes = plan.specialize([a.shape for a in arrays])
+    with np.errstate(all="ignore"):  # non-finite values are reported by diagnostics, not warnings
+        values = _forward(plan, shapes, arrays, token)
+        if not shapes.complete:
+            shapes = Shapes([TensorSpec.of(np.asarray(v)) for v in values], plan.in_slots, plan.n_inputs)
+        if not gradients:
+            return Evaluation(plan, values, None, out_slot, shapes.differentiable)
+        seed_array = _seed(plan, shapes, out_slot, seed)
+        record: list[Contribution] | None = [] if contributions else None
+        grads = _backward(plan, shapes, values, out_slot, seed_array, token, record)
+    if unreached == UNREACHED_ZEROS:
+        for k, d in enumerate(shapes.differentiable):
+            if d and grads[k] is None:
+                spec = shapes.specs[k]
+                grads[k] = np.zeros(spec.shape, spec.dtype)  # type: ignore[union-attr]
+    elif unreached != UNREACHED_OMIT:
+        raise GraphError(f"unreached: expected 'zeros' or 'omit', got {unreached!r}", field="unreached")
+    return Evaluation(plan, values, grads, out_slot, shapes.differentiable, record or [])
+
+
+def _choose_output(plan: Plan, output: str | None) -> int:
+    if output:
+        return plan.slot(output)
+    if len(plan.outputs) != 1:
+        listed = ", ".join(plan.names[s] for s in plan.outputs)
+        raise OutputError(f"output: the graph has several outputs ({listed}); say which to differentiate", field="output")
+    return plan.outputs[0]
+
+
+def _check_inputs(plan: Plan, inputs: Mapping[str, Any]) -> list[np.ndarray]:
+    extra = sorted(set(inputs) - set(plan.names[: plan.n_inputs]))
+    if extra:
+        raise UnexpectedInputError(f"input '{extra[0]}' is not declared by the graph", node=extra[0], field=f"inputs.{extra[0]}")
+    arrays = []
+    for k in range(plan.n_inputs):
+        name = plan.names[k]
+        if name not in inputs:
+            raise MissingInputError(f"input '{name}' is declared by the graph but was not given", node=name, field=f"inputs.{name}")
+        value = inputs[name]
+        if not isinstance(value, (np.ndarray, np.generic)):
+            raise BadTensorError(f"input '{name}': expected a numpy array, got {type(value).__name__}", node=name, field=f"inputs.{name}")
+        array = np.asarray(value)
+        declared_dtype, declared_shape = plan.input_dtypes[k], plan.input_shapes[k]
+        if array.dtype != declared_dtype:
+            raise DTypeError(f"input '{name}': declared {declared_dtype.name}, got {array.dtype.name}", node=name, field=f"inputs.{name}")
+        if len(array.shape) != len(declared_shape) or any(d not in (-1, n) for d, n in zip(declared_shape, array.shape)):
+            raise ShapeError(f"input '{name}': declared shape {list(declared_shape)}, got {list(array.shape)}", node=name, field=f"inputs.{name}")
+        arrays.append(array)
+    return arrays
+
+
+def _forward(plan: Plan, shapes: Shapes, arrays: list[np.ndarray], token: StopToken | None) -> list[Any]:
+    ops, ins, attrs, specs, names = plan.ops, plan.in_slots, plan.attrs, shapes.specs, plan.names
+    values: list[Any] = arrays + [None] * (len(ops) - plan.n_inputs)
+    for k in range(plan.n_inputs, len(ops)):
+        if token is not None:
+            token.check()
+        op = ops[k]
+        s = ins[k]
+        try:
+            if len(s) == 2:
+                v = op.forward(values[s[0]], values[s[1]], **attrs[k])
+            elif len(s) == 1:
+                v = op.forward(values[s[0]], **attrs[k])
+            else:
+                v = op.forward(*[values[j] for j in s], **attrs[k])
+        except OpError as exc:
+            raise node_error(exc, names[k], op) from None
+        except Exception as exc:
+            raise _failure(op, names[k], "forward", exc) from exc
+        spec = specs[k]
+        try:
+            fits = spec is not None and v.shape == spec.shape and v.dtype == spec.dtype
+        except AttributeError:
+            fits = False
+        values[k] = v if fits else _fit_value(plan, k, v, spec)
+    return values
+
+
+def _fit_value(plan: Plan, k: int, value: Any, spec: TensorSpec | None) -> np.ndarray:
+    """Accept a forward result that is a Python scalar or list; check it against the spec."""
+    op, name = plan.ops[k], plan.names[k]
+    array = np.asarray(value)
+    if spec is None:
+        if array.dtype.kind not in "fiub":
+            raise _contract(op, name, f"forward returned dtype {array.dtype}")
+        if array.size > plan.limits.max_tensor_elements:
+            raise LimitExceeded(
+                f"{where(name, op.name)}value has {array.size} elements; the limit per tensor is {plan.limits.max_tensor_elements}",
+                limit="max_tensor_elements", requested=array.size, allowed=plan.limits.max_tensor_elements, node=name, op=op.name,
+            )
+        return array
+    if array.shape != spec.shape or (array.dtype != spec.dtype and not np.can_cast(array.dtype, spec.dtype, "same_kind")):
+        raise _contract(op, name, f"forward returned {array.dtype.name}{list(array.shape)} but infer promised {spec}")
+    return array.astype(spec.dtype, copy=False)
+
+
+def _seed(plan: Plan, shapes: Shapes, out_slot: int, seed: Any) -> np.ndarray:
+    spec = shapes.specs[out_slot]
+    name = plan.names[out_slot]
+    assert spec is not None
+    if not is_differentiable(spec.dtype):
+        raise OutputError(f"output '{name}' has dtype {spec.dtype.name}, which has no gradient", node=name, field="output")
+    if seed is None:
+        if spec.size != 1:
+            raise SeedError(
+                f"output '{name}' has shape {list(spec.shape)}: differentiating a non-scalar output needs a seed of that shape",
+                node=name, field="seed",
+            )
+        return np.ones(spec.shape, spec.dtype)
+    seed = np.asarray(seed)
+    if seed.shape != spec.shape:
+        raise ShapeError(f"seed: shape {list(seed.shape)} does not match output '{name}' of shape {list(spec.shape)}",
+                         node=name, field="seed", reason="SHAPE_MISMATCH")
+    if seed.dtype.kind not in "fiu":
+        raise DTypeError(f"seed: dtype {seed.dtype.name} is not numeric", node=name, field="seed")
+    return np.array(seed, dtype=spec.dtype, copy=True)
+
+
+def _backward(
+    plan: Plan, shapes: Shapes, values: list[Any], out_slot: int, seed: np.ndarray,
+    token: StopToken | None, record: list[Contribution] | None,
+) -> list[Any]:
+    ops, ins, attrs, specs, edges = plan.ops, plan.in_slots, plan.attrs, shapes.specs, shapes.grad_edges
+    names, consumers = plan.names, plan.consumers
+    grads: list[Any] = [None] * len(ops)
+    owned = [False] * len(ops)  # True where grads[j] is a buffer we allocated and may add into
+    grads[out_slot] = seed
+    for k in range(out_slot, plan.n_inputs - 1, -1):
+        g = grads[k]
+        if g is None or not edges[k]:
+            continue
+        if token is not None:
+            token.check()
+        op = ops[k]
+        s = ins[k]
+        try:
+            if len(s) == 2:
+                parts = op.vjp(g, values[k], values[s[0]], values[s[1]], **attrs[k])
+            elif len(s) == 1:
+                parts = op.vjp(g, values[k], values[s[0]], **attrs[k])
+            else:
+                parts = op.vjp(g, values[k], *[values[j] for j in s], **attrs[k])
+            if len(parts) != len(s):
+                raise _contract(op, names[k], f"vjp returned {len(parts)} gradients for {len(s)} inputs")
+        except OperatorFailure:
+            raise
+        except OpError as exc:
+            raise node_error(exc, names[k], op) from None
+        except Exception as exc:
+            raise _failure(op, names[k], "vjp", exc) from exc
+        for pos, j in edges[k]:
+            gj = parts[pos]
+            if gj is None:
+                continue
+            spec = specs[j]
+            try:
+                fits = gj.shape == spec.shape and gj.dtype == spec.dtype
+            except AttributeError:
+                fits = False
+            if not fits:
+                gj = _fit_grad(plan, k, pos, gj, spec)
+            if record is not None and consumers[j] > 1:
+                record.append(Contribution(names[j], names[k], pos, gj))
+            current = grads[j]
+            if current is None:
+                grads[j] = gj
+            elif owned[j]:
+                np.add(current, gj, out=current)
+            else:
+                total = current + gj
+                grads[j] = total
+                owned[j] = type(total) is np.ndarray
+    return grads
+
+
+def _fit_grad(plan: Plan, k: int, pos: int, grad: Any, spec: TensorSpec) -> np.ndarray:
+    """Sum a broadcast-shaped gradient back to its input's shape and dtype, or fail naming the rule."""
+    op, name = plan.ops[k], plan.names[k]
+    array = np.asarray(grad)
+    if array.dtype.kind not in "fiu":
+        raise _contract(op, name, f"vjp gave input {pos} a gradient of dtype {array.dtype}")
+    try:
+        array = unbroadcast(array, spec.shape)
+    except ValueError as exc:
+        raise _contract(op, name, f"vjp gave input {pos} ({plan.names[plan.in_slots[k][pos]]}) a bad gradient: {exc}") from None
+    return array.astype(spec.dtype, copy=False)
+
+
+def _contract(op: Any, node: str, what: str) -> OperatorFailure:
+    return OperatorFailure(f"{where(node, op.name)}{what}", node=node, op=op.name, plugin=op.plugin)
+
+
+def _failure(op: Any, node: str, rule: str, exc: Exception) -> OperatorFailure:
+    return OperatorFailure(
+        f"{where(node, op.name)}{rule} rule raised {type(exc).__name__}: {exc}"
+        + (f" (plugin '{op.plugin}')" if op.plugin else ""),
+        node=node, op=op.name, plugin=op.plugin,
+    )

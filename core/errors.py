@@ -1,0 +1,173 @@
+"""Typed errors of chainrule, in one place.
+
+Every error carries a machine-readable ``reason`` (a stable upper-case code the
+server forwards to clients as ``google.rpc.ErrorInfo``) and, where it applies,
+the node, operator and field at fault, so a message never leaves the reader
+guessing where to look.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+
+class ChainruleError(Exception):
+    """Base class: a message plus the reason code and what it concerns."""
+
+    reason: str = "ERROR"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        node: str | None = None,
+        op: str | None = None,
+        field: str | None = None,
+        reason: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.node = node
+        self.op = op
+        self.field = field
+        if reason is not None:
+            self.reason = reason
+
+
+def where(node: str | None, op: str | None) -> str:
+    """The standard prefix ``node 'h2' (matmul): `` used in every message."""
+    if node is None:
+        return f"operator '{op}': " if op else ""
+    return f"node '{node}' ({op}): " if op else f"node '{node}': "
+
+
+# --- raised by operator rules ------------------------------------------------
+
+class OpError(ChainruleError):
+    """Raised by an operator's infer or forward rule for a problem with its
+    inputs or attributes. The rule does not know the node; the compiler adds it.
+    """
+
+    reason = "SHAPE_MISMATCH"
+
+
+# --- invalid graphs and requests (INVALID_ARGUMENT) ---------------------------
+
+class GraphError(ChainruleError):
+    """The graph or the request is invalid."""
+
+    reason = "INVALID_GRAPH"
+
+
+class UnknownOperatorError(GraphError):
+    reason = "UNKNOWN_OPERATOR"
+
+
+class UnknownNodeError(GraphError):
+    reason = "UNKNOWN_NODE"
+
+
+class DuplicateNodeError(GraphError):
+    reason = "DUPLICATE_NODE"
+
+
+class CycleError(GraphError):
+    reason = "CYCLE"
+
+
+class ArityError(GraphError):
+    reason = "BAD_ARITY"
+
+
+class BadAttributeError(GraphError):
+    reason = "BAD_ATTRIBUTE"
+
+
+class ShapeError(GraphError):
+    reason = "SHAPE_MISMATCH"
+
+
+class DTypeError(GraphError):
+    reason = "DTYPE_MISMATCH"
+
+
+class MissingInputError(GraphError):
+    reason = "MISSING_INPUT"
+
+
+class UnexpectedInputError(GraphError):
+    reason = "UNEXPECTED_INPUT"
+
+
+class BadTensorError(GraphError):
+    reason = "BAD_TENSOR"
+
+
+class OutputError(GraphError):
+    reason = "BAD_OUTPUT"
+
+
+class SeedError(GraphError):
+    reason = "SEED_REQUIRED"
+
+
+# --- limits (RESOURCE_EXHAUSTED) -----------------------------------------------
+
+class LimitExceeded(ChainruleError):
+    """A configured limit would be exceeded; says which, what was asked and what is allowed."""
+
+    reason = "LIMIT_EXCEEDED"
+
+    def __init__(self, message: str, *, limit: str, requested: int, allowed: int, **where_: Any) -> None:
+        super().__init__(message, **where_)
+        self.limit = limit
+        self.requested = requested
+        self.allowed = allowed
+
+
+# --- stopping work ----------------------------------------------------------------
+
+class DeadlineExceeded(ChainruleError):
+    reason = "DEADLINE_EXCEEDED"
+
+
+class Cancelled(ChainruleError):
+    reason = "CANCELLED"
+
+
+# --- plugin faults ---------------------------------------------------------------
+
+class OperatorFailure(ChainruleError):
+    """An operator's rule raised, or returned something that breaks its contract.
+
+    This is the plugin's fault, not the caller's: the server answers INTERNAL.
+    """
+
+    reason = "OPERATOR_FAILED"
+
+    def __init__(self, message: str, *, plugin: str | None = None, **where_: Any) -> None:
+        super().__init__(message, **where_)
+        self.plugin = plugin
+
+
+class PluginError(ChainruleError):
+    """A plugin could not be loaded or provides an invalid operator."""
+
+    reason = "PLUGIN_ERROR"
+
+    def __init__(self, message: str, *, plugin: str | None = None, **where_: Any) -> None:
+        super().__init__(message, **where_)
+        self.plugin = plugin
+
+
+class InvalidOperatorError(PluginError):
+    reason = "INVALID_OPERATOR"
+
+
+class DuplicateOperatorError(PluginError):
+    reason = "DUPLICATE_OPERATOR"
+
+
+class VersionMismatchError(ChainruleError):
+    """A graph pins an operator or plugin version the server does not have."""
+
+    reason = "VERSION_MISMATCH"

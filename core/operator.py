@@ -1,0 +1,196 @@
+"""The operator contract: what a plugin provides for each operator.
+
+An operator is data plus rules:
+
+* ``forward(*inputs, **attrs) -> ndarray``
+* ``vjp(grad_output, output, *inputs, **attrs) -> one gradient per input``
+  (``None`` where an input is not differentiable). It returns
+  upstream x local Jacobian without building the Jacobian. Gradients may keep
+  the broadcast shape of the output: the engine sums them back to each input's
+  shape (see :func:`chainrule.core.broadcast.unbroadcast`), so no rule
+  re-implements broadcasting.
+* ``infer(*specs, **attrs) -> TensorSpec`` (optional): the output shape and
+  dtype from the inputs', so limits are checked before anything is allocated.
+  Raise :class:`~chainrule.core.errors.OpError` for inputs the operator cannot take.
+
+Inputs are positional and attributes are keywords in all three rules, so a
+numpy ufunc such as ``np.add`` is itself a valid forward rule.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from .dtypes import SUPPORTED
+from .errors import BadAttributeError, InvalidOperatorError
+from .tensor_spec import TensorSpec
+
+#: ``arity`` value of an operator taking one or more inputs (concat, add_n...).
+VARIADIC = -1
+
+ATTR_KINDS = ("float", "int", "bool", "string", "ints", "floats", "tensor")
+
+_REQUIRED = object()
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+
+
+@dataclass(frozen=True)
+class Attr:
+    """One attribute of an operator: its kind, default and a short doc.
+
+    ``default=None`` makes the attribute optional with no value (e.g. ``axis``
+    of ``sum``: all axes); leaving ``default`` out makes it required.
+    """
+
+    kind: str
+    default: Any = _REQUIRED
+    doc: str = ""
+
+    @property
+    def required(self) -> bool:
+        return self.default is _REQUIRED
+
+
+@dataclass(frozen=True)
+class OpDef:
+    """An operator: a name, an arity, an attribute schema and its rules."""
+
+    name: str
+    arity: int
+    forward: Callable[..., Any]
+    vjp: Callable[..., Sequence[Any]]
+    infer: Callable[..., TensorSpec] | None = None
+    attrs: Mapping[str, Attr] = field(default_factory=dict)
+    doc: str = ""
+    #: Optional ``sample(rng) -> (inputs, attrs)`` giving valid inputs for the
+    #: gradient checker when random inputs of the declared shapes do not suit.
+    sample: Callable[[np.random.Generator], tuple[list[np.ndarray], dict[str, Any]]] | None = None
+    #: Filled in by the plugin manager: who provides this operator.
+    plugin: str = ""
+    distribution: str = ""
+    version: str = ""
+
+    @property
+    def variadic(self) -> bool:
+        return self.arity == VARIADIC
+
+    def accepts(self, n_inputs: int) -> bool:
+        return n_inputs >= 1 if self.arity == VARIADIC else n_inputs == self.arity
+
+
+def coerce_attr(kind: str, value: Any) -> Any:
+    """Normalise an attribute value to its kind, or raise TypeError saying why.
+
+    ints and floats come back as tuples; an int stands for a one-element
+    ``ints``; an int is a valid float; a bool is never an int.
+    """
+    if kind == "float":
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+            raise TypeError(f"expected a float, got {_describe(value)}")
+        return float(value)
+    if kind == "int":
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+            raise TypeError(f"expected an int, got {_describe(value)}")
+        return int(value)
+    if kind == "bool":
+        if not isinstance(value, (bool, np.bool_)):
+            raise TypeError(f"expected a bool, got {_describe(value)}")
+        return bool(value)
+    if kind == "string":
+        if not isinstance(value, str):
+            raise TypeError(f"expected a string, got {_describe(value)}")
+        return value
+    if kind == "ints":
+        items = (value,) if isinstance(value, (int, np.integer)) else value
+        if isinstance(items, (str, bytes, Mapping)) or not isinstance(items, (Sequence, np.ndarray)):
+            raise TypeError(f"expected a list of ints, got {_describe(value)}")
+        return tuple(coerce_attr("int", item) for item in items)
+    if kind == "floats":
+        items = (value,) if isinstance(value, (int, float, np.integer, np.floating)) else value
+        if isinstance(items, (str, bytes, Mapping)) or not isinstance(items, (Sequence, np.ndarray)):
+            raise TypeError(f"expected a list of floats, got {_describe(value)}")
+        return tuple(coerce_attr("float", item) for item in items)
+    if kind == "tensor":
+        if not isinstance(value, np.ndarray):
+            raise TypeError(f"expected a tensor, got {_describe(value)}")
+        if value.dtype not in SUPPORTED.values():
+            raise TypeError(f"tensor dtype {value.dtype} is not supported")
+        return value
+    raise TypeError(f"unknown attribute kind {kind!r}")
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text[:40]}"
+
+
+def check_attrs(op: OpDef, given: Mapping[str, Any], *, node: str | None = None) -> dict[str, Any]:
+    """Check ``given`` against the operator's schema; return it with defaults filled in."""
+    unknown = sorted(set(given) - set(op.attrs))
+    if unknown:
+        known = ", ".join(op.attrs) or "none"
+        raise BadAttributeError(
+            f"{_where(node, op)}unknown attribute '{unknown[0]}' (known: {known})",
+            node=node, op=op.name, field=f"attrs.{unknown[0]}",
+        )
+    checked: dict[str, Any] = {}
+    for name, schema in op.attrs.items():
+        if name not in given or given[name] is None:
+            if schema.required:
+                raise BadAttributeError(
+                    f"{_where(node, op)}missing required attribute '{name}' ({schema.kind})",
+                    node=node, op=op.name, field=f"attrs.{name}",
+                )
+            checked[name] = schema.default
+            continue
+        try:
+            checked[name] = coerce_attr(schema.kind, given[name])
+        except TypeError as exc:
+            raise BadAttributeError(
+                f"{_where(node, op)}attribute '{name}': {exc}",
+                node=node, op=op.name, field=f"attrs.{name}",
+            ) from None
+    return checked
+
+
+def _where(node: str | None, op: OpDef) -> str:
+    return f"node '{node}' ({op.name}): " if node is not None else f"operator '{op.name}': "
+
+
+def validate_opdef(op: Any, *, plugin: str | None = None) -> None:
+    """Raise InvalidOperatorError naming the plugin and the reason if ``op`` breaks the contract."""
+    who = f"plugin '{plugin}': " if plugin else ""
+    if not isinstance(op, OpDef):
+        raise InvalidOperatorError(f"{who}registered {type(op).__name__}, expected an OpDef", plugin=plugin)
+    if not isinstance(op.name, str) or not _NAME.match(op.name):
+        raise InvalidOperatorError(f"{who}invalid operator name {op.name!r}", plugin=plugin, op=str(op.name))
+    what = f"{who}operator '{op.name}': "
+    if not isinstance(op.arity, int) or isinstance(op.arity, bool) or (op.arity < 0 and op.arity != VARIADIC):
+        raise InvalidOperatorError(f"{what}arity must be a count >= 0 or VARIADIC, got {op.arity!r}", plugin=plugin, op=op.name)
+    if not callable(op.forward):
+        raise InvalidOperatorError(f"{what}forward is not callable", plugin=plugin, op=op.name)
+    if not callable(op.vjp):
+        raise InvalidOperatorError(f"{what}has no vjp (gradient rule)", plugin=plugin, op=op.name)
+    if op.infer is not None and not callable(op.infer):
+        raise InvalidOperatorError(f"{what}infer is not callable", plugin=plugin, op=op.name)
+    if not isinstance(op.attrs, Mapping):
+        raise InvalidOperatorError(f"{what}attrs must map names to Attr", plugin=plugin, op=op.name)
+    for name, schema in op.attrs.items():
+        if not isinstance(name, str) or not name.isidentifier():
+            raise InvalidOperatorError(f"{what}invalid attribute name {name!r}", plugin=plugin, op=op.name)
+        if not isinstance(schema, Attr) or schema.kind not in ATTR_KINDS:
+            kind = getattr(schema, "kind", schema)
+            raise InvalidOperatorError(
+                f"{what}attribute '{name}' has kind {kind!r}; expected one of {', '.join(ATTR_KINDS)}",
+                plugin=plugin, op=op.name,
+            )
+        if not schema.required and schema.default is not None:
+            try:
+                coerce_attr(schema.kind, schema.default)
+            except TypeError as exc:
+                raise InvalidOperatorError(
+                    f"{what}default of attribute '{name}': {exc}", plugin=plugin, op=op.name
+                ) from None

@@ -1,0 +1,1 @@
+"""The built-in operator families, each a plugin with one table of operators."""

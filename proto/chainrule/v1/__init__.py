@@ -1,0 +1,1 @@
+"""Generated stubs of the chainrule.v1 wire contract (see chainrule.proto)."""

@@ -1,0 +1,97 @@
+"""Server settings: one dataclass, filled from defaults, environment and flags.
+
+Every setting has a safe default, an environment variable ``CHAINRULE_<NAME>``
+and a ``--<name>`` flag (flags win over the environment).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, field, fields
+from typing import Mapping, Sequence
+
+from chainrule.core import Limits
+
+MiB = 1 << 20
+
+
+@dataclass
+class ServerConfig:
+    """Everything ``create_server`` needs to know. Defaults are safe for a shared host."""
+
+    host: str = "127.0.0.1"
+    port: int = 50051
+    #: Largest request or response message; gRPC's own default (4 MiB) is too small for tensors.
+    max_message_bytes: int = 64 * MiB
+    max_nodes: int = 1_000_000
+    max_tensor_elements: int = 1 << 27
+    #: Bytes all values and gradients of one request may take (checked by shape inference first).
+    max_memory_bytes: int = 2 << 30
+    #: Calls served at once; more get RESOURCE_EXHAUSTED at once instead of queueing.
+    max_concurrent: int = 16
+    #: Compute time cap per request, applied even when the client sets no deadline.
+    max_compute_seconds: float = 60.0
+    #: Seconds in-flight calls get to finish on SIGTERM/SIGINT.
+    grace_seconds: float = 10.0
+    graph_cache_size: int = 256
+    reflection: bool = True
+    #: Plugins to load (None: all installed), to leave out, and to prefer on a name conflict.
+    plugins: list[str] | None = None
+    disable_plugins: list[str] = field(default_factory=list)
+    prefer: list[str] = field(default_factory=list)
+    #: Compare every operator's vjp with finite differences at start-up; refuse those that fail.
+    check_operators: bool = False
+    log_level: str = "INFO"
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def limits(self) -> Limits:
+        return Limits(max_nodes=self.max_nodes, max_tensor_elements=self.max_tensor_elements,
+                      max_memory_bytes=self.max_memory_bytes)
+
+
+_LISTS = {"plugins", "disable_plugins", "prefer"}
+
+
+def _parse(name: str, text: str, kind: type) -> object:
+    if name in _LISTS:
+        return [part.strip() for part in text.split(",") if part.strip()]
+    if kind is bool:
+        return text.strip().lower() in ("1", "true", "yes", "on")
+    return kind(text)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add one ``--flag`` per setting (defaults come from the environment, then the dataclass)."""
+    defaults = ServerConfig()
+    for f in fields(ServerConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(defaults, f.name)
+        env = "CHAINRULE_" + f.name.upper()
+        if f.name in _LISTS:
+            parser.add_argument(flag, default=None, help=f"comma-separated (env {env})")
+        elif isinstance(default, bool):
+            parser.add_argument(flag, default=None, action=argparse.BooleanOptionalAction, help=f"(env {env}; default {default})")
+        else:
+            parser.add_argument(flag, default=None, type=type(default), help=f"(env {env}; default {default})")
+
+
+def from_sources(args: argparse.Namespace | None = None, env: Mapping[str, str] | None = None) -> ServerConfig:
+    """Build a config from the dataclass defaults, then the environment, then flags."""
+    env = os.environ if env is None else env
+    config = ServerConfig()
+    hints = {f.name: type(getattr(config, f.name)) for f in fields(ServerConfig)}
+    for name, kind in hints.items():
+        text = env.get("CHAINRULE_" + name.upper())
+        if text:
+            setattr(config, name, _parse(name, text, kind))
+        flag_value = getattr(args, name, None) if args is not None else None
+        if flag_value is not None:
+            setattr(config, name, _parse(name, flag_value, kind) if name in _LISTS else flag_value)
+    return config
+
+
+def plugin_filters(config: ServerConfig) -> dict[str, Sequence[str] | None]:
+    return {"only": config.plugins, "disable": config.disable_plugins or None, "prefer": config.prefer}

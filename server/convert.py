@@ -1,0 +1,147 @@
+"""Protobuf <-> core conversion, at the edge of the server.
+
+Tensors travel as raw little-endian C-order bytes (the fast path, read with
+np.frombuffer without a copy) or, for hand-written JSON, as a list of doubles.
+Sizes are checked against the limits before anything is allocated.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import numpy as np
+
+from chainrule.core import Graph, InputDecl, Node
+from chainrule.core.errors import BadAttributeError, BadTensorError, DTypeError, LimitExceeded, ShapeError
+from chainrule.v1 import chainrule_pb2 as pb
+
+DTYPE_TO_NUMPY: dict[int, np.dtype] = {
+    pb.DTYPE_UNSPECIFIED: np.dtype("<f8"),
+    pb.FLOAT64: np.dtype("<f8"),
+    pb.FLOAT32: np.dtype("<f4"),
+    pb.INT64: np.dtype("<i8"),
+    pb.INT32: np.dtype("<i4"),
+    pb.BOOL: np.dtype("?"),
+}
+NUMPY_TO_DTYPE: dict[str, int] = {
+    "float64": pb.FLOAT64, "float32": pb.FLOAT32, "int64": pb.INT64, "int32": pb.INT32, "bool": pb.BOOL,
+}
+DTYPE_NAMES: dict[int, str] = {code: dt.name for code, dt in DTYPE_TO_NUMPY.items()}
+
+
+def dtype_name(code: int, *, field: str) -> str:
+    try:
+        return DTYPE_NAMES[code]
+    except KeyError:
+        raise DTypeError(f"{field}: unknown dtype code {code}", field=field) from None
+
+
+def tensor_to_array(tensor: pb.Tensor, *, field: str, max_elements: int | None = None) -> np.ndarray:
+    """Decode a Tensor message, checking dtype, shape, size limit and byte length."""
+    dtype = DTYPE_TO_NUMPY.get(tensor.dtype)
+    if dtype is None:
+        raise DTypeError(f"{field}: unknown dtype code {tensor.dtype}", field=f"{field}.dtype")
+    shape = tuple(tensor.shape)
+    if any(n < 0 for n in shape):
+        raise ShapeError(f"{field}: negative dimension in shape {list(shape)}", field=f"{field}.shape")
+    count = math.prod(shape)
+    if max_elements is not None and count > max_elements:
+        raise LimitExceeded(
+            f"{field}: shape {list(shape)} has {count} elements; the limit per tensor is {max_elements}",
+            limit="max_tensor_elements", requested=count, allowed=max_elements, field=field,
+        )
+    payload = tensor.WhichOneof("payload")
+    if payload == "data":
+        expected = count * dtype.itemsize
+        if len(tensor.data) != expected:
+            raise BadTensorError(
+                f"{field}: data has {len(tensor.data)} bytes; shape {list(shape)} of {dtype.name} needs {expected}",
+                field=f"{field}.data",
+            )
+        return np.frombuffer(tensor.data, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="), copy=False)
+    if payload == "values":
+        values = tensor.values.values
+        if len(values) != count:
+            raise BadTensorError(
+                f"{field}: values has {len(values)} numbers; shape {list(shape)} needs {count}",
+                field=f"{field}.values",
+            )
+        array = np.array(values, dtype=np.float64).reshape(shape)
+        if dtype.kind != "f":
+            if not np.all(np.isfinite(array)) or not np.all(array == np.round(array)):
+                raise BadTensorError(f"{field}: {dtype.name} values must be whole numbers", field=f"{field}.values")
+            if dtype.kind == "b" and not np.all((array == 0) | (array == 1)):
+                raise BadTensorError(f"{field}: bool values must be 0 or 1", field=f"{field}.values")
+        return array.astype(dtype.newbyteorder("="))
+    if count == 0:
+        return np.zeros(shape, dtype.newbyteorder("="))
+    raise BadTensorError(f"{field}: neither data nor values is set", field=field)
+
+
+def array_to_tensor(array: Any, *, as_values: bool = False) -> pb.Tensor:
+    """Encode an array as a Tensor (raw bytes, or a list of doubles when asked)."""
+    array = np.asarray(array)
+    code = NUMPY_TO_DTYPE.get(array.dtype.name)
+    if code is None:
+        raise DTypeError(f"dtype {array.dtype} cannot be sent; supported: {', '.join(NUMPY_TO_DTYPE)}")
+    tensor = pb.Tensor(dtype=code, shape=array.shape)
+    if as_values:
+        tensor.values.values.extend(array.astype(np.float64).ravel().tolist())
+    else:
+        little = array.astype(array.dtype.newbyteorder("<"), copy=False)
+        tensor.data = np.ascontiguousarray(little).tobytes()
+    return tensor
+
+
+def attr_to_python(value: pb.AttrValue, *, field: str, max_elements: int | None = None) -> Any:
+    kind = value.WhichOneof("value")
+    if kind is None:
+        raise BadAttributeError(f"{field}: no value set", field=field)
+    if kind == "floats":
+        return list(value.floats.values)
+    if kind == "ints":
+        return list(value.ints.values)
+    if kind == "tensor":
+        return tensor_to_array(value.tensor, field=field, max_elements=max_elements)
+    return getattr(value, kind)
+
+
+def python_to_attr(value: Any) -> pb.AttrValue:
+    if isinstance(value, pb.AttrValue):
+        return value
+    if isinstance(value, (bool, np.bool_)):
+        return pb.AttrValue(b=bool(value))
+    if isinstance(value, (int, np.integer)):
+        return pb.AttrValue(i=int(value))
+    if isinstance(value, (float, np.floating)):
+        return pb.AttrValue(f=float(value))
+    if isinstance(value, str):
+        return pb.AttrValue(s=value)
+    if isinstance(value, np.ndarray):
+        return pb.AttrValue(tensor=array_to_tensor(value))
+    if isinstance(value, (list, tuple)):
+        if all(isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_)) for v in value):
+            return pb.AttrValue(ints=pb.Ints(values=[int(v) for v in value]))
+        return pb.AttrValue(floats=pb.Floats(values=[float(v) for v in value]))
+    raise TypeError(f"cannot encode attribute value {value!r}")
+
+
+def graph_from_proto(graph: pb.Graph, *, max_elements: int | None = None) -> Graph:
+    """The core Graph of a Graph message."""
+    inputs = tuple(
+        InputDecl(d.name, dtype_name(d.dtype, field=f"graph.inputs[{i}].dtype"), tuple(d.shape))
+        for i, d in enumerate(graph.inputs)
+    )
+    nodes = tuple(
+        Node(
+            n.name, n.op, tuple(n.inputs),
+            {key: attr_to_python(v, field=f"graph.nodes[{i}].attrs.{key}", max_elements=max_elements)
+             for key, v in n.attrs.items()},
+        )
+        for i, n in enumerate(graph.nodes)
+    )
+    return Graph(inputs, nodes, tuple(graph.outputs), dict(graph.metadata))
+
+
+def inputs_from_proto(tensors: Mapping[str, pb.Tensor], *, max_elements: int | None = None) -> dict[str, np.ndarray]:
+    return {name: tensor_to_array(t, field=f"inputs.{name}", max_elements=max_elements) for name, t in tensors.items()}

@@ -1,0 +1,175 @@
+"""The service's domain logic: protobuf requests in, protobuf responses out.
+
+No gRPC here: the gRPC servicer (``app.py``) and the in-process
+``LocalClient`` both call this class, so both give identical results. Errors
+are raised as typed ChainruleErrors; ``status.py`` maps them to gRPC codes.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from collections import OrderedDict
+from typing import Iterable
+
+from chainrule.core import Limits, Plan, StopToken, compile_graph
+from chainrule.core.diagnostics import Diagnostics, diagnose
+from chainrule.core.engine import UNREACHED_OMIT, UNREACHED_ZEROS, Evaluation
+from chainrule.core.errors import ChainruleError, GraphError
+from chainrule.plugins.manager import Loaded, chainrule_version
+from chainrule.v1 import chainrule_pb2 as pb
+
+from .convert import array_to_tensor, graph_from_proto, inputs_from_proto, python_to_attr, tensor_to_array
+
+
+class UnknownGraphError(ChainruleError):
+    """An Evaluate named a graph id this server has not registered (NOT_FOUND)."""
+
+    reason = "UNKNOWN_GRAPH"
+
+
+def graph_id(graph: pb.Graph) -> str:
+    """Content hash of a graph: the same graph gets the same id on every replica."""
+    return hashlib.sha256(graph.SerializeToString(deterministic=True)).hexdigest()
+
+
+class ChainruleService:
+    """Evaluate graphs with the operators of ``loaded``, within ``limits``."""
+
+    def __init__(self, loaded: Loaded, limits: Limits | None = None, *, graph_cache_size: int = 256,
+                 checks: dict[str, int] | None = None) -> None:
+        self.loaded = loaded
+        self.registry = loaded.registry
+        self.limits = limits or Limits()
+        self.checks = checks or {}
+        self._plans: OrderedDict[str, Plan] = OrderedDict()
+        self._cache_size = graph_cache_size
+        self._lock = threading.Lock()
+
+    # --- graphs -------------------------------------------------------------------
+
+    def compile(self, graph: pb.Graph) -> tuple[str, Plan]:
+        """Compile (or fetch from the cache) a graph message; returns its id and plan."""
+        gid = graph_id(graph)
+        plan = self._cached(gid)
+        if plan is None:
+            core_graph = graph_from_proto(graph, max_elements=self.limits.max_tensor_elements)
+            plan = compile_graph(core_graph, self.registry, self.limits)
+            self._check_requirements(plan)
+            with self._lock:
+                self._plans[gid] = plan
+                while len(self._plans) > self._cache_size:
+                    self._plans.popitem(last=False)
+        return gid, plan
+
+    def _cached(self, gid: str) -> Plan | None:
+        with self._lock:
+            plan = self._plans.get(gid)
+            if plan is not None:
+                self._plans.move_to_end(gid)
+            return plan
+
+    def _check_requirements(self, plan: Plan) -> None:
+        """Hook for version pins in graph metadata (see requirements.py)."""
+        from .requirements import check_requirements
+
+        check_requirements(plan.metadata, self.loaded)
+
+    def register_graph(self, request: pb.RegisterGraphRequest) -> pb.RegisterGraphResponse:
+        gid, plan = self.compile(request.graph)
+        return pb.RegisterGraphResponse(graph_id=gid, node_count=len(plan))
+
+    def plan_for(self, request: pb.EvaluateRequest) -> tuple[str, Plan]:
+        source = request.WhichOneof("source")
+        if source == "graph_id":
+            plan = self._cached(request.graph_id)
+            if plan is None:
+                raise UnknownGraphError(
+                    f"graph id '{request.graph_id[:16]}' is not registered on this server; register the graph again",
+                    field="graph_id",
+                )
+            return request.graph_id, plan
+        if source == "graph":
+            return self.compile(request.graph)
+        raise GraphError("request has neither a graph nor a graph_id", field="graph")
+
+    # --- evaluation -----------------------------------------------------------------
+
+    def evaluate(self, request: pb.EvaluateRequest, token: StopToken | None = None) -> pb.EvaluateResponse:
+        gid, plan = self.plan_for(request)
+        evaluation = self.run(plan, request, token)
+        return self.respond(gid, evaluation, request)
+
+    def run(self, plan: Plan, request: pb.EvaluateRequest, token: StopToken | None) -> Evaluation:
+        inputs = inputs_from_proto(request.inputs, max_elements=self.limits.max_tensor_elements)
+        seed = (tensor_to_array(request.seed, field="seed", max_elements=self.limits.max_tensor_elements)
+                if request.HasField("seed") else None)
+        unreached = UNREACHED_OMIT if request.unreached == pb.UNREACHED_OMIT else UNREACHED_ZEROS
+        return plan.run(
+            inputs, output=request.output or None, seed=seed,
+            gradients=request.return_grads.mode != pb.Selection.NONE,
+            unreached=unreached, contributions=request.contributions, token=token,
+        )
+
+    def respond(self, gid: str, evaluation: Evaluation, request: pb.EvaluateRequest) -> pb.EvaluateResponse:
+        plan = evaluation.plan
+        response = pb.EvaluateResponse(
+            output=evaluation.output_name, graph_id=gid,
+            output_value=array_to_tensor(evaluation.values[evaluation.output]),
+        )
+        for k in _selected(plan, request.return_values, "return_values"):
+            response.values[plan.names[k]].CopyFrom(array_to_tensor(evaluation.values[k]))
+        if evaluation.grads is not None:
+            for k in _selected(plan, request.return_grads, "return_grads"):
+                g = evaluation.grads[k]
+                if g is not None:
+                    response.gradients[plan.names[k]].CopyFrom(array_to_tensor(g))
+                elif not evaluation.differentiable[k]:
+                    response.no_gradient.append(plan.names[k])
+        for c in evaluation.contributions:
+            response.contributions.add(node=c.node, consumer=c.consumer, input_index=c.input_index,
+                                       gradient=array_to_tensor(c.gradient))
+        write_diagnostics(response.diagnostics, diagnose(evaluation))
+        return response
+
+    # --- operators ------------------------------------------------------------------
+
+    def list_operators(self, request: pb.ListOperatorsRequest | None = None) -> pb.ListOperatorsResponse:
+        response = pb.ListOperatorsResponse()
+        for op in self.registry:
+            info = response.operators.add(
+                name=op.name, arity=op.arity, doc=op.doc, plugin=op.plugin,
+                distribution=op.distribution, version=op.version,
+                check=self.checks.get(op.name, pb.CHECK_NOT_RUN),
+            )
+            for name, attr in op.attrs.items():
+                schema = info.attrs.add(name=name, type=attr.kind, required=attr.required, doc=attr.doc)
+                if not attr.required and attr.default is not None:
+                    schema.default_value.CopyFrom(python_to_attr(attr.default))
+        return response
+
+    def server_info(self, request: pb.ServerInfoRequest | None = None, worker: int = 0) -> pb.ServerInfoResponse:
+        return pb.ServerInfoResponse(version=chainrule_version(), pid=os.getpid(), worker=worker)
+
+
+def _selected(plan: Plan, selection: pb.Selection, field: str) -> Iterable[int]:
+    if selection.mode == pb.Selection.NONE:
+        return ()
+    if selection.mode == pb.Selection.LISTED:
+        return [plan.slot(name, field=f"{field}.names") for name in selection.names]
+    if selection.names:
+        raise GraphError(f"{field}: names are given but mode is not LISTED", field=f"{field}.mode")
+    return range(len(plan.names))
+
+
+def write_diagnostics(message: pb.Diagnostics, diagnostics: Diagnostics) -> None:
+    if diagnostics.first_nonfinite_value is not None:
+        d = diagnostics.first_nonfinite_value
+        message.first_nonfinite_value.CopyFrom(pb.NonFinite(node=d.node, op=d.op, count=d.count))
+    if diagnostics.first_nonfinite_gradient is not None:
+        d = diagnostics.first_nonfinite_gradient
+        message.first_nonfinite_gradient.CopyFrom(pb.NonFinite(node=d.node, op=d.op, count=d.count))
+    for n in diagnostics.grad_norms:
+        message.grad_norms.add(node=n.node, grad_norm=n.grad_norm, value_norm=n.value_norm)
+    for f in diagnostics.flags:
+        message.flags.add(kind=f.kind, node=f.node, message=f.message)

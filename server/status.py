@@ -1,0 +1,76 @@
+"""Map chainrule errors to gRPC status codes with rich details.
+
+Every error becomes a ``google.rpc.Status`` whose message names the node,
+operator or field, with ``ErrorInfo`` (a stable reason code plus the node,
+operator and limit figures as metadata) and, for invalid requests,
+``BadRequest`` field violations, so clients in any language can act on them.
+"""
+from __future__ import annotations
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from chainrule.core.errors import (
+    Cancelled, ChainruleError, DeadlineExceeded, GraphError, LimitExceeded, OperatorFailure, VersionMismatchError,
+)
+
+from .service import UnknownGraphError
+
+DOMAIN = "chainrule.dev"
+
+
+def code_for(exc: ChainruleError) -> grpc.StatusCode:
+    if isinstance(exc, GraphError):
+        return grpc.StatusCode.INVALID_ARGUMENT
+    if isinstance(exc, LimitExceeded):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
+    if isinstance(exc, UnknownGraphError):
+        return grpc.StatusCode.NOT_FOUND
+    if isinstance(exc, VersionMismatchError):
+        return grpc.StatusCode.FAILED_PRECONDITION
+    if isinstance(exc, DeadlineExceeded):
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+    if isinstance(exc, Cancelled):
+        return grpc.StatusCode.CANCELLED
+    return grpc.StatusCode.INTERNAL
+
+
+def _pack(message) -> any_pb2.Any:
+    detail = any_pb2.Any()
+    detail.Pack(message)
+    return detail
+
+
+def status_for(exc: ChainruleError, request_id: str = "") -> status_pb2.Status:
+    """The google.rpc.Status describing ``exc``."""
+    code = code_for(exc)
+    message = exc.message
+    metadata = {key: str(value) for key, value in (("node", exc.node), ("op", exc.op), ("field", exc.field)) if value}
+    if isinstance(exc, LimitExceeded):
+        metadata.update(limit=exc.limit, requested=str(exc.requested), allowed=str(exc.allowed))
+    if isinstance(exc, OperatorFailure):
+        if exc.plugin:
+            metadata["plugin"] = exc.plugin
+        message = f"{message} [request id {request_id}]" if request_id else message
+    if request_id:
+        metadata["request_id"] = request_id
+    details = [_pack(error_details_pb2.ErrorInfo(reason=exc.reason, domain=DOMAIN, metadata=metadata))]
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        violation = error_details_pb2.BadRequest.FieldViolation(field=exc.field or exc.node or "", description=exc.message)
+        details.append(_pack(error_details_pb2.BadRequest(field_violations=[violation])))
+    return status_pb2.Status(code=code.value[0], message=message, details=details)
+
+
+def internal_status(request_id: str) -> status_pb2.Status:
+    """For an unexpected exception: no internals leak, only the id to find the log entry."""
+    info = error_details_pb2.ErrorInfo(reason="INTERNAL", domain=DOMAIN, metadata={"request_id": request_id})
+    return status_pb2.Status(
+        code=code_pb2.INTERNAL, message=f"internal error; the server log has the details under request id {request_id}",
+        details=[_pack(info)],
+    )
+
+
+def to_grpc_status(status: status_pb2.Status) -> grpc.Status:
+    return rpc_status.to_status(status)
