@@ -180,10 +180,10 @@ def node_error(exc: ChainruleError, node: str, op: OpDef) -> GraphError:
 def compile_graph(graph: Graph, registry: Registry, limits: Limits | None = None) -> Plan:
     """Check ``graph`` against ``registry`` and build its Plan, or raise a GraphError subclass."""
     limits = limits or Limits()
-    n_total = len(graph.inputs) + len(graph.nodes)
+    n_total = len(graph.nodes)
     if n_total > limits.max_nodes:
         raise LimitExceeded(
-            f"graph has {n_total} nodes and inputs; the limit is {limits.max_nodes}",
+            f"graph has {n_total} nodes; the limit is {limits.max_nodes}",
             limit="max_nodes", requested=n_total, allowed=limits.max_nodes,
         )
     if not graph.outputs:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 class Limits:
     """What one graph evaluation may use. Checked from shape inference, before allocation."""
 
-    #: Nodes in a graph (declared inputs included).
+    #: Operator nodes in a graph (declared inputs not counted).
     max_nodes: int = 1_000_000
     #: Elements in any one tensor (inputs, values, gradients).
     max_tensor_elements: int = 1 << 28

@@ -1,0 +1,123 @@
+"""The API both clients share; subclasses supply only the transport.
+
+``Client`` sends requests over gRPC, ``LocalClient`` hands them to the
+service in-process. Everything else (building requests, remembering graph
+ids, re-registering after NOT_FOUND, reading results) happens here, once, so
+the two give identical results.
+"""
+from __future__ import annotations
+
+import threading
+import weakref
+from typing import Any, Mapping
+
+from chainrule.v1 import chainrule_pb2 as pb
+
+from .errors import NotFound
+from .graph import Graph
+from .info import OperatorInfo, ServerInfo
+from .request import Selectable, as_graph, evaluate_request, merge_inputs, resolve_target
+from .result import Result
+
+
+class ClientBase:
+    """Evaluate graphs, register them, list operators. A context manager."""
+
+    def __init__(self, *, timeout: float | None = None) -> None:
+        self.timeout = timeout
+        self._ids: weakref.WeakKeyDictionary[Graph, str] = weakref.WeakKeyDictionary()
+        self._ids_lock = threading.Lock()
+
+    # --- transport (subclasses); each raises a ChainruleRpcError on failure -------------------
+
+    def _evaluate(self, request: pb.EvaluateRequest, timeout: float | None) -> pb.EvaluateResponse:
+        raise NotImplementedError
+
+    def _register(self, request: pb.RegisterGraphRequest, timeout: float | None) -> pb.RegisterGraphResponse:
+        raise NotImplementedError
+
+    def _list_operators(self, timeout: float | None) -> pb.ListOperatorsResponse:
+        raise NotImplementedError
+
+    def _server_info(self, timeout: float | None) -> pb.ServerInfoResponse:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release the connection (nothing to release in-process)."""
+
+    def __enter__(self) -> "ClientBase":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- the API --------------------------------------------------------------------------------
+
+    def evaluate(
+        self,
+        target: Any,
+        inputs: Mapping[Any, Any] | None = None,
+        /,
+        *,
+        output: Any = None,
+        seed: Any = None,
+        timeout: float | None = None,
+        values: Selectable = "all",
+        grads: Selectable = "all",
+        unreached: str = "zeros",
+        contributions: bool = False,
+        **named_inputs: Any,
+    ) -> Result:
+        """Run ``target`` forward, then backward from its output; return a :class:`Result`.
+
+        ``target`` is a Var (its graph is sent and it is the output) or a Graph
+        (then ``output=`` names the output unless the graph has only one).
+        Inputs come as a mapping (names or Vars as keys) and/or keywords.
+        ``values``/``grads``: "all", "none" or a list of names/Vars;
+        ``grads="none"`` runs forward only. ``unreached``: "zeros" or "omit".
+        A non-scalar output needs ``seed`` of its shape.
+        """
+        graph, output_name = resolve_target(target, output)
+        feeds = merge_inputs(inputs, named_inputs)
+        timeout = self.timeout if timeout is None else timeout
+        graph_id = self.registered_id(graph)
+        request = evaluate_request(
+            graph, output_name, feeds, graph_id=graph_id, seed=seed, values=values, grads=grads,
+            unreached=unreached, contributions=contributions,
+        )
+        try:
+            response = self._evaluate(request, timeout)
+        except NotFound:
+            if graph_id is None:
+                raise
+            # The server does not know the id (restarted, evicted, another replica): register again, retry once.
+            request.graph_id = self.register(graph, timeout=timeout)
+            response = self._evaluate(request, timeout)
+        return Result(response)
+
+    def register(self, graph: Any, *, timeout: float | None = None) -> str:
+        """Register a Graph (or a builder's graph); later evaluations of it send only the id."""
+        graph = as_graph(graph)
+        response = self._register(pb.RegisterGraphRequest(graph=graph.message),
+                                  self.timeout if timeout is None else timeout)
+        with self._ids_lock:
+            self._ids[graph] = response.graph_id
+        return response.graph_id
+
+    def registered_id(self, graph: Graph) -> str | None:
+        """The id this client registered ``graph`` under, if any."""
+        with self._ids_lock:
+            return self._ids.get(graph)
+
+    def forget(self, graph: Graph) -> None:
+        """Stop sending ``graph`` by id (the next evaluation sends it whole)."""
+        with self._ids_lock:
+            self._ids.pop(graph, None)
+
+    def operators(self, *, timeout: float | None = None) -> list[OperatorInfo]:
+        """Every operator the server can run, sorted by name."""
+        response = self._list_operators(self.timeout if timeout is None else timeout)
+        return [OperatorInfo.from_proto(op) for op in response.operators]
+
+    def server_info(self, *, timeout: float | None = None) -> ServerInfo:
+        return ServerInfo.from_proto(self._server_info(self.timeout if timeout is None else timeout))

@@ -1,0 +1,443 @@
+"""GraphBuilder and Var: write a computation as Python arithmetic, get a Graph message.
+
+Example::
+
+    g = GraphBuilder()
+    x, y, z = g.input("x"), g.input("y"), g.input("z")
+    p = (x + y).named("p")
+    f = (p * z).named("f")
+    client.evaluate(f, x=1, y=3, z=-3)
+
+Every operation adds one node; nodes get readable automatic names (``add_1``,
+``mul_2``) unless given one with ``name=`` or ``.named()``. Python numbers and
+numpy arrays mixed into an expression become ``const`` nodes.
+"""
+from __future__ import annotations
+
+import threading
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from chainrule.server.convert import array_to_tensor, python_to_attr
+from chainrule.v1 import chainrule_pb2 as pb
+
+from . import dtypes
+from .graph import Graph
+
+#: Stands for "to the end" in slice bounds: the slice operator clamps like numpy.
+_END = 2 ** 62
+
+#: Constants up to this many elements are written as a list of numbers (readable JSON).
+READABLE_CONST_ELEMENTS = 64
+
+
+class Var:
+    """A symbolic value: a declared input or the output of one node.
+
+    Arithmetic on Vars adds nodes to their builder. Vars compare and hash by
+    identity, so they can key dictionaries (``result.grad[x]``).
+    """
+
+    __array_ufunc__ = None  # numpy defers to our reflected operators: np.ones(3) * x is a node
+
+    def __init__(self, builder: "GraphBuilder", name: str, op: str | None, inputs: tuple["Var", ...],
+                 attrs: dict[str, pb.AttrValue], dtype: str | None, shape: tuple[int, ...] | None = None) -> None:
+        self.builder = builder
+        self._name = name
+        self.op = op  # None for a declared input
+        self.inputs = inputs
+        self.attrs = attrs
+        self.dtype = dtype  # best guess; None = unknown
+        self.shape = shape  # declared shape of an input; None for nodes
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    def named(self, name: str) -> "Var":
+        """Give this value a chosen name (unique in the graph); returns self."""
+        self.builder._rename(self, name)
+        return self
+
+    @property
+    def graph(self) -> Graph:
+        """The builder's graph with this value among its outputs."""
+        return self.builder.graph_for(self)
+
+    def __repr__(self) -> str:
+        if self.op is None:
+            return f"<Var {self._name!r}: input {self.dtype}>"
+        args = ", ".join(v.name for v in self.inputs)
+        return f"<Var {self._name!r} = {self.op}({args}) {self.dtype or '?'}>"
+
+    def __iter__(self):  # a Var is not a sequence; fail instead of looping forever
+        raise TypeError("a Var cannot be iterated; use slice() or the ops module")
+
+    def __getitem__(self, key: Any) -> "Var":
+        """Basic indexing with integers and slices: ``x[0]``, ``x[1:3]``, ``x[:, -1]``, ``x[::-1]``.
+
+        Adds a ``slice`` node (and a ``squeeze`` for integer indices), numpy semantics.
+        """
+        keys = key if isinstance(key, tuple) else (key,)
+        starts, ends, axes, steps, dropped = [], [], [], [], []
+        for axis, k in enumerate(keys):
+            if isinstance(k, slice):
+                if k == slice(None):
+                    continue
+                step = 1 if k.step is None else int(k.step)
+                if step == 0:
+                    raise ValueError("slice step cannot be zero")
+                start = int(k.start) if k.start is not None else (0 if step > 0 else _END)
+                end = int(k.stop) if k.stop is not None else (_END if step > 0 else -_END)
+            elif isinstance(k, (int, np.integer)) and not isinstance(k, (bool, np.bool_)):
+                start, step = int(k), 1
+                end = start + 1 or _END  # x[-1] ends at the end, not at 0
+                dropped.append(axis)
+            else:
+                raise TypeError(f"a Var supports integer and slice indices only, got {type(k).__name__}")
+            starts.append(start)
+            ends.append(end)
+            axes.append(axis)
+            steps.append(step)
+        out = self
+        if axes:
+            out = self.builder.apply("slice", self, starts=starts, ends=ends, axes=axes,
+                                     steps=steps if any(s != 1 for s in steps) else None)
+        return out.squeeze(dropped) if dropped else out
+
+    def __bool__(self) -> bool:
+        raise TypeError("a Var has no truth value before evaluation")
+
+    # --- arithmetic (operands may be Vars, Python numbers or numpy arrays) -----------
+
+    def __add__(self, other: Any) -> "Var":
+        return self.builder.apply("add", self, other)
+
+    def __radd__(self, other: Any) -> "Var":
+        return self.builder.apply("add", other, self)
+
+    def __sub__(self, other: Any) -> "Var":
+        return self.builder.apply("sub", self, other)
+
+    def __rsub__(self, other: Any) -> "Var":
+        return self.builder.apply("sub", other, self)
+
+    def __mul__(self, other: Any) -> "Var":
+        return self.builder.apply("mul", self, other)
+
+    def __rmul__(self, other: Any) -> "Var":
+        return self.builder.apply("mul", other, self)
+
+    def __truediv__(self, other: Any) -> "Var":
+        return self.builder.apply("div", self, other)
+
+    def __rtruediv__(self, other: Any) -> "Var":
+        return self.builder.apply("div", other, self)
+
+    def __pow__(self, other: Any) -> "Var":
+        return self.builder.apply("pow", self, other)
+
+    def __rpow__(self, other: Any) -> "Var":
+        return self.builder.apply("pow", other, self)
+
+    def __matmul__(self, other: Any) -> "Var":
+        return self.builder.apply("matmul", self, other)
+
+    def __rmatmul__(self, other: Any) -> "Var":
+        return self.builder.apply("matmul", other, self)
+
+    def __neg__(self) -> "Var":
+        return self.builder.apply("neg", self)
+
+    def __pos__(self) -> "Var":
+        return self
+
+    def __abs__(self) -> "Var":
+        return self.builder.apply("abs", self)
+
+    # --- one method per built-in operator ---------------------------------------------
+
+    def maximum(self, other: Any, *, name: str | None = None) -> "Var":
+        return self.builder.apply("maximum", self, other, name=name)
+
+    def minimum(self, other: Any, *, name: str | None = None) -> "Var":
+        return self.builder.apply("minimum", self, other, name=name)
+
+    def pow(self, other: Any, *, name: str | None = None) -> "Var":
+        return self.builder.apply("pow", self, other, name=name)
+
+    def matmul(self, other: Any, *, name: str | None = None) -> "Var":
+        return self.builder.apply("matmul", self, other, name=name)
+
+    def exp(self, *, name: str | None = None) -> "Var":
+        return self.builder.apply("exp", self, name=name)
+
+    def log(self, *, name: str | None = None) -> "Var":
+        return self.builder.apply("log", self, name=name)
+
+    def sqrt(self, *, name: str | None = None) -> "Var":
+        return self.builder.apply("sqrt", self, name=name)
+
+    def abs(self, *, name: str | None = None) -> "Var":
+        return self.builder.apply("abs", self, name=name)
+
+    def sin(self, *, name: str | None = None) -> "Var":
+        return self.builder.apply("sin", self, name=name)
+
+    def cos(self, *, name: str | None = None) -> "Var":
+        return self.builder.apply("cos", self, name=name)
+
+    def tanh(self, *, name: str | None = None) -> "Var":
+        return self.builder.apply("tanh", self, name=name)
+
+    def sigmoid(self, *, name: str | None = None) -> "Var":
+        return self.builder.apply("sigmoid", self, name=name)
+
+    def relu(self, *, name: str | None = None) -> "Var":
+        return self.builder.apply("relu", self, name=name)
+
+    def leaky_relu(self, alpha: float | None = None, *, name: str | None = None) -> "Var":
+        return self.builder.apply("leaky_relu", self, name=name, alpha=alpha)
+
+    def softplus(self, *, name: str | None = None) -> "Var":
+        return self.builder.apply("softplus", self, name=name)
+
+    def clip(self, min: float | None = None, max: float | None = None, *, name: str | None = None) -> "Var":
+        return self.builder.apply("clip", self, name=name, min=min, max=max)
+
+    def transpose(self, *axes: int, name: str | None = None) -> "Var":
+        """Permute axes (``x.transpose(1, 0)``); no axes reverses them, like numpy."""
+        if len(axes) == 1 and isinstance(axes[0], (list, tuple)):
+            axes = tuple(axes[0])
+        return self.builder.apply("transpose", self, name=name, axes=list(axes) if axes else None)
+
+    @property
+    def T(self) -> "Var":
+        return self.transpose()
+
+    def sum(self, axis: int | Sequence[int] | None = None, keepdims: bool = False, *, name: str | None = None) -> "Var":
+        return self.builder.apply("sum", self, name=name, **_reduce_attrs(axis, keepdims))
+
+    def mean(self, axis: int | Sequence[int] | None = None, keepdims: bool = False, *, name: str | None = None) -> "Var":
+        return self.builder.apply("mean", self, name=name, **_reduce_attrs(axis, keepdims))
+
+    def max(self, axis: int | Sequence[int] | None = None, keepdims: bool = False, *, name: str | None = None) -> "Var":
+        return self.builder.apply("max", self, name=name, **_reduce_attrs(axis, keepdims))
+
+    def logsumexp(self, axis: int | Sequence[int] | None = None, keepdims: bool = False, *,
+                  name: str | None = None) -> "Var":
+        return self.builder.apply("logsumexp", self, name=name, **_reduce_attrs(axis, keepdims))
+
+    def reshape(self, *shape: int, name: str | None = None) -> "Var":
+        """``x.reshape(2, 3)`` or ``x.reshape((2, 3))``; -1 infers one size, like numpy."""
+        return self.builder.apply("reshape", self, name=name, shape=_shape_arg(shape))
+
+    def broadcast_to(self, *shape: int, name: str | None = None) -> "Var":
+        return self.builder.apply("broadcast_to", self, name=name, shape=_shape_arg(shape))
+
+    def squeeze(self, axis: int | Sequence[int] | None = None, *, name: str | None = None) -> "Var":
+        return self.builder.apply("squeeze", self, name=name, axis=_axis_arg(axis))
+
+    def expand_dims(self, axis: int | Sequence[int], *, name: str | None = None) -> "Var":
+        return self.builder.apply("expand_dims", self, name=name, axis=_axis_arg(axis))
+
+    def slice(self, starts: Sequence[int], ends: Sequence[int], axes: Sequence[int] | None = None,
+              steps: Sequence[int] | None = None, *, name: str | None = None) -> "Var":
+        return self.builder.apply(
+            "slice", self, name=name, starts=list(starts), ends=list(ends),
+            axes=None if axes is None else list(axes), steps=None if steps is None else list(steps),
+        )
+
+    def softmax(self, axis: int | None = None, *, name: str | None = None) -> "Var":
+        return self.builder.apply("softmax", self, name=name, axis=axis)
+
+    def log_softmax(self, axis: int | None = None, *, name: str | None = None) -> "Var":
+        return self.builder.apply("log_softmax", self, name=name, axis=axis)
+
+    def stop_gradient(self, *, name: str | None = None) -> "Var":
+        return self.builder.apply("stop_gradient", self, name=name)
+
+
+def _reduce_attrs(axis: Any, keepdims: bool) -> dict[str, Any]:
+    return {"axis": _axis_arg(axis), "keepdims": True if keepdims else None}
+
+
+def _axis_arg(axis: Any) -> Any:
+    return list(axis) if isinstance(axis, tuple) else axis
+
+
+def _shape_arg(shape: tuple[Any, ...]) -> list[int]:
+    if len(shape) == 1 and isinstance(shape[0], (list, tuple)):
+        shape = tuple(shape[0])
+    return [int(n) for n in shape]
+
+
+class GraphBuilder:
+    """Collects declared inputs and nodes; ``build()`` gives a :class:`Graph`."""
+
+    def __init__(self, metadata: Mapping[str, str] | None = None) -> None:
+        self.metadata: dict[str, str] = dict(metadata or {})
+        self._inputs: list[Var] = []
+        self._nodes: list[Var] = []
+        self._names: dict[str, Var] = {}
+        self._outputs: list[Var] = []
+        self._counter = 0
+        self._lock = threading.Lock()
+        self._cache: tuple[tuple[Any, ...], Graph] | None = None
+        self._version = 0
+
+    # --- declaring ---------------------------------------------------------------------
+
+    def input(self, name: str, shape: Sequence[int] = (), dtype: Any = "float64") -> Var:
+        """Declare a graph input (scalar float64 by default; -1 in ``shape`` = any size)."""
+        shape = tuple(int(n) for n in shape)
+        if any(n < -1 for n in shape):
+            raise ValueError(f"input '{name}': invalid shape {list(shape)} (sizes are >= 0, or -1 for any)")
+        var = Var(self, name, None, (), {}, dtypes.normalize(dtype), shape)
+        with self._lock:
+            self._claim(name, var)
+            self._inputs.append(var)
+            self._version += 1
+        return var
+
+    def const(self, value: Any, *, dtype: Any = None, name: str | None = None) -> Var:
+        """A tensor literal (a ``const`` node); ``dtype`` defaults to the value's (float64 for Python floats)."""
+        array = np.asarray(value, dtype=None if dtype is None else dtypes.normalize(dtype))
+        if array.dtype.kind in "iu" and dtype is None and not isinstance(value, np.ndarray):
+            array = array.astype(np.int64)
+        tensor = _const_tensor(array)
+        return self._add("const", (), {"value": pb.AttrValue(tensor=tensor)}, dtypes.normalize(array.dtype), name)
+
+    def op(self, op: str, *inputs: Any, name: str | None = None, **attrs: Any) -> Var:
+        """Apply any operator by name, built-in or from a plugin: ``g.op("acme.swish", x, beta=2.0)``.
+
+        Attributes given as None are left out (the operator's default applies).
+        """
+        return self.apply(op, *inputs, name=name, **attrs)
+
+    def apply(self, op: str, *inputs: Any, name: str | None = None, **attrs: Any) -> Var:
+        """Add one node; non-Var inputs become const nodes of a fitting dtype."""
+        like = next((v.dtype for v in inputs if isinstance(v, Var) and dtypes.is_float(v.dtype)), None)
+        if like is None:
+            like = next((v.dtype for v in inputs if isinstance(v, Var)), None)
+        args = tuple(self._lift(v, like) for v in inputs)
+        encoded = {key: python_to_attr(value) for key, value in attrs.items() if value is not None}
+        return self._add(op, args, encoded, dtypes.result_dtype(op, [a.dtype for a in args]), name)
+
+    def output(self, *values: Var) -> None:
+        """Mark values as the graph's outputs (in order; repeated calls append)."""
+        with self._lock:
+            for v in values:
+                self._check_own(v)
+                if v not in self._outputs:
+                    self._outputs.append(v)
+            self._version += 1
+
+    # --- building -------------------------------------------------------------------------
+
+    def build(self, outputs: Iterable[Var] | None = None) -> Graph:
+        """The Graph of everything declared so far. ``outputs`` defaults to those marked
+        with :meth:`output`; an unchanged builder returns the same Graph object."""
+        outs = tuple(self._outputs if outputs is None else outputs)
+        for v in outs:
+            self._check_own(v)
+        if not outs:
+            raise ValueError("the graph has no outputs: call g.output(...) or evaluate a Var")
+        with self._lock:
+            key = (self._version, tuple(id(v) for v in outs), tuple(sorted(self.metadata.items())))
+            if self._cache is not None and self._cache[0] == key:
+                return self._cache[1]
+            message = pb.Graph(outputs=[v.name for v in outs], metadata=self.metadata)
+            for v in self._inputs:
+                message.inputs.add(name=v.name, dtype=pb.DType.Value(v.dtype.upper()), shape=v.shape)
+            for v in self._nodes:
+                node = message.nodes.add(name=v.name, op=v.op, inputs=[a.name for a in v.inputs])
+                for attr_name, value in v.attrs.items():
+                    node.attrs[attr_name].CopyFrom(value)
+            graph = Graph(message)
+            self._cache = (key, graph)
+            return graph
+
+    @property
+    def graph(self) -> Graph:
+        return self.build()
+
+    def graph_for(self, var: Var) -> Graph:
+        """The graph to send for evaluating ``var``: the marked outputs, plus ``var`` if not among them."""
+        self._check_own(var)
+        outs = list(self._outputs)
+        if var not in outs:
+            outs.append(var)
+        return self.build(outs)
+
+    def __getitem__(self, name: str) -> Var:
+        return self._names[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names
+
+    @property
+    def names(self) -> list[str]:
+        """Every input and node name, inputs first, in creation order."""
+        return [v.name for v in self._inputs] + [v.name for v in self._nodes]
+
+    # --- internals --------------------------------------------------------------------------
+
+    def _lift(self, value: Any, like: str | None) -> Var:
+        if isinstance(value, Var):
+            self._check_own(value)
+            return value
+        if isinstance(value, np.ndarray):
+            return self.const(value)
+        if isinstance(value, (bool, int, float, list, tuple, np.generic)):
+            return self.const(value, dtype=dtypes.literal_dtype(value, like))
+        raise TypeError(f"cannot use {type(value).__name__} {value!r:.40} in a graph; expected a Var, a number or an array")
+
+    def _add(self, op: str, inputs: tuple[Var, ...], attrs: dict[str, pb.AttrValue], dtype: str | None,
+             name: str | None) -> Var:
+        with self._lock:
+            if name is None:
+                name = self._auto_name(op)
+            var = Var(self, name, op, inputs, attrs, dtype)
+            self._claim(name, var)
+            self._nodes.append(var)
+            self._version += 1
+        return var
+
+    def _auto_name(self, op: str) -> str:
+        base = op.rsplit(".", 1)[-1]
+        while True:
+            self._counter += 1
+            name = f"{base}_{self._counter}"
+            if name not in self._names:
+                return name
+
+    def _claim(self, name: str, var: Var) -> None:
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"a name must be a non-empty string, got {name!r}")
+        if name in self._names:
+            raise ValueError(f"the name '{name}' is already used in this graph by {self._names[name]!r}")
+        self._names[name] = var
+
+    def _rename(self, var: Var, name: str) -> None:
+        self._check_own(var)
+        with self._lock:
+            if name == var.name:
+                return
+            self._claim(name, var)
+            del self._names[var.name]
+            var._name = name
+            self._version += 1
+
+    def _check_own(self, var: Any) -> None:
+        if not isinstance(var, Var):
+            raise TypeError(f"expected a Var, got {type(var).__name__}")
+        if var.builder is not self:
+            raise ValueError(f"{var!r} belongs to another GraphBuilder")
+
+
+def _const_tensor(array: np.ndarray) -> pb.Tensor:
+    """Small constants as a readable list of numbers, large ones as raw bytes."""
+    exact_as_double = array.dtype.kind in "fb" or (array.size and np.abs(array).max() < 2 ** 53) or not array.size
+    return array_to_tensor(array, as_values=bool(array.size <= READABLE_CONST_ELEMENTS and exact_as_double))

@@ -1,0 +1,71 @@
+"""Client: the chainrule API over a gRPC channel.
+
+Example::
+
+    with Client("127.0.0.1:50051") as client:
+        result = client.evaluate(f, x=1.0, y=3.0, z=-3.0)
+        result.value, result.grad[x]
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import grpc
+
+from chainrule.v1 import chainrule_pb2 as pb, chainrule_pb2_grpc
+
+from .base import ClientBase
+from .errors import from_rpc_error
+
+#: Default send/receive limit: gRPC's own 4 MiB is too small for real tensors.
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+class Client(ClientBase):
+    """Talks to a chainrule server at ``address`` ("host:port").
+
+    ``timeout`` (seconds) is the default deadline of every call; ``options``
+    are extra gRPC channel arguments (they win over the defaults);
+    ``credentials`` makes a secure channel.
+    """
+
+    def __init__(self, address: str, *, timeout: float | None = None,
+                 options: Sequence[tuple[str, Any]] | None = None,
+                 credentials: grpc.ChannelCredentials | None = None,
+                 max_message_bytes: int = MAX_MESSAGE_BYTES) -> None:
+        super().__init__(timeout=timeout)
+        self.address = address
+        given = list(options or [])
+        keys = {key for key, _ in given}
+        defaults = [("grpc.max_send_message_length", max_message_bytes),
+                    ("grpc.max_receive_message_length", max_message_bytes)]
+        channel_options = given + [(k, v) for k, v in defaults if k not in keys]
+        if credentials is None:
+            self.channel = grpc.insecure_channel(address, options=channel_options)
+        else:
+            self.channel = grpc.secure_channel(address, credentials, options=channel_options)
+        self._stub = chainrule_pb2_grpc.ChainruleStub(self.channel)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __repr__(self) -> str:
+        return f"<Client {self.address}>"
+
+    def _call(self, method: Callable[..., Any], request: Any, timeout: float | None) -> Any:
+        try:
+            return method(request, timeout=timeout)
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+
+    def _evaluate(self, request: pb.EvaluateRequest, timeout: float | None) -> pb.EvaluateResponse:
+        return self._call(self._stub.Evaluate, request, timeout)
+
+    def _register(self, request: pb.RegisterGraphRequest, timeout: float | None) -> pb.RegisterGraphResponse:
+        return self._call(self._stub.RegisterGraph, request, timeout)
+
+    def _list_operators(self, timeout: float | None) -> pb.ListOperatorsResponse:
+        return self._call(self._stub.ListOperators, pb.ListOperatorsRequest(), timeout)
+
+    def _server_info(self, timeout: float | None) -> pb.ServerInfoResponse:
+        return self._call(self._stub.ServerInfo, pb.ServerInfoRequest(), timeout)

@@ -1,0 +1,76 @@
+"""Graph: a ``chainrule.v1.Graph`` message plus what a client needs to know about it.
+
+The proto JSON mapping is the graph file format, so ``to_json``/``from_json``
+are thin wrappers around ``google.protobuf.json_format``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import NamedTuple
+
+from google.protobuf import json_format
+
+from chainrule.server.convert import DTYPE_NAMES
+from chainrule.v1 import chainrule_pb2 as pb
+
+
+class InputSpec(NamedTuple):
+    """A declared graph input: dtype name and shape (-1 = any size)."""
+
+    dtype: str
+    shape: tuple[int, ...]
+
+
+class Graph:
+    """A computation ready to send: the message, its inputs and its outputs.
+
+    Treat the message as frozen once the graph was registered with a client:
+    clients remember the id per Graph object.
+    """
+
+    def __init__(self, message: pb.Graph) -> None:
+        self.message = message
+        self._inputs: dict[str, InputSpec] | None = None
+
+    @property
+    def outputs(self) -> list[str]:
+        """The names of the graph's outputs, in order."""
+        return list(self.message.outputs)
+
+    @property
+    def inputs(self) -> dict[str, InputSpec]:
+        """Declared inputs by name, in declaration order."""
+        if self._inputs is None:
+            self._inputs = {
+                d.name: InputSpec(DTYPE_NAMES.get(d.dtype, "float64"), tuple(d.shape)) for d in self.message.inputs
+            }
+        return self._inputs
+
+    @property
+    def node_names(self) -> list[str]:
+        return [n.name for n in self.message.nodes]
+
+    def __len__(self) -> int:
+        """The number of operator nodes (declared inputs not counted)."""
+        return len(self.message.nodes)
+
+    def __repr__(self) -> str:
+        return f"<Graph: {len(self.message.inputs)} inputs, {len(self)} nodes, outputs {self.outputs}>"
+
+    # --- the graph file format ---------------------------------------------------
+
+    def to_json(self, *, indent: int | None = 2) -> str:
+        """The graph in the proto JSON mapping (the ``graph.json`` file format)."""
+        return json_format.MessageToJson(self.message, indent=indent)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> "Graph":
+        """Parse a graph file; unknown fields are an error (no silent typos)."""
+        return cls(json_format.Parse(text, pb.Graph()))
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json() + "\n", encoding="utf-8")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Graph":
+        return cls.from_json(Path(path).read_text(encoding="utf-8"))

@@ -1,0 +1,58 @@
+"""Plain Python views of ListOperators and ServerInfo answers."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from chainrule.server.convert import attr_to_python
+from chainrule.v1 import chainrule_pb2 as pb
+
+_CHECK = {pb.CHECK_NOT_RUN: "not run", pb.CHECK_PASSED: "passed", pb.CHECK_FAILED: "failed"}
+
+
+@dataclass(frozen=True)
+class AttrInfo:
+    """One attribute of an operator: its type, default (None when unset) and whether it is required."""
+
+    name: str
+    type: str
+    default: Any
+    required: bool
+    doc: str
+
+
+@dataclass(frozen=True)
+class OperatorInfo:
+    """An operator the server can run: schema and provenance. ``arity`` -1 = variadic."""
+
+    name: str
+    arity: int
+    attrs: dict[str, AttrInfo] = field(default_factory=dict)
+    doc: str = ""
+    plugin: str = ""
+    distribution: str = ""
+    version: str = ""
+    check: str = "not run"
+
+    @classmethod
+    def from_proto(cls, info: pb.OperatorInfo) -> "OperatorInfo":
+        attrs = {}
+        for a in info.attrs:
+            default = (attr_to_python(a.default_value, field=f"{info.name}.attrs.{a.name}")
+                       if a.HasField("default_value") else None)
+            attrs[a.name] = AttrInfo(a.name, a.type, default, a.required, a.doc)
+        return cls(info.name, info.arity, attrs, info.doc, info.plugin, info.distribution, info.version,
+                   _CHECK.get(info.check, "not run"))
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    """Which server answered: chainrule's version, the process id and the worker index."""
+
+    version: str
+    pid: int
+    worker: int
+
+    @classmethod
+    def from_proto(cls, info: pb.ServerInfoResponse) -> "ServerInfo":
+        return cls(info.version, info.pid, info.worker)

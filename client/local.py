@@ -1,0 +1,55 @@
+"""LocalClient: the same API as Client, in-process, without gRPC.
+
+It calls the server's own domain logic (``ChainruleService``) with the same
+plugin registry (``load_plugins()``, honoring CHAINRULE_PLUGINS and
+CHAINRULE_DISABLE_PLUGINS), so a graph gives bit-identical results through
+both clients. Errors become the same typed exceptions, through the status the
+server would have sent.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from chainrule.core import Limits, StopToken
+from chainrule.core.errors import ChainruleError
+from chainrule.plugins.manager import Loaded, load_plugins
+from chainrule.server.config import ServerConfig
+from chainrule.server.service import ChainruleService
+from chainrule.server.status import status_for
+from chainrule.v1 import chainrule_pb2 as pb
+
+from .base import ClientBase
+from .errors import from_status
+
+
+class LocalClient(ClientBase):
+    """Evaluate graphs in this process. ``loaded`` defaults to ``load_plugins()``;
+    ``limits`` to those of a server with default settings."""
+
+    def __init__(self, loaded: Loaded | None = None, *, limits: Limits | None = None,
+                 timeout: float | None = None) -> None:
+        super().__init__(timeout=timeout)
+        self.service = ChainruleService(loaded if loaded is not None else load_plugins(),
+                                        limits or ServerConfig().limits())
+
+    def __repr__(self) -> str:
+        return f"<LocalClient: {len(self.service.registry)} operators>"
+
+    def _call(self, work: Callable[[], Any]) -> Any:
+        try:
+            return work()
+        except ChainruleError as exc:
+            raise from_status(status_for(exc)) from exc
+
+    def _evaluate(self, request: pb.EvaluateRequest, timeout: float | None) -> pb.EvaluateResponse:
+        token = None if timeout is None else StopToken.after(timeout)
+        return self._call(lambda: self.service.evaluate(request, token))
+
+    def _register(self, request: pb.RegisterGraphRequest, timeout: float | None) -> pb.RegisterGraphResponse:
+        return self._call(lambda: self.service.register_graph(request))
+
+    def _list_operators(self, timeout: float | None) -> pb.ListOperatorsResponse:
+        return self._call(lambda: self.service.list_operators(pb.ListOperatorsRequest()))
+
+    def _server_info(self, timeout: float | None) -> pb.ServerInfoResponse:
+        return self._call(lambda: self.service.server_info(pb.ServerInfoRequest()))

@@ -1,0 +1,114 @@
+"""Turn a client call into an EvaluateRequest; shared by Client and LocalClient.
+
+Inputs given as Python numbers, lists or numpy arrays are converted to the
+dtype the graph declares when numpy can do so within the same kind of number
+(int -> float, float64 -> float32); anything else is sent as given so that
+the server reports the mismatch (DTYPE_MISMATCH, naming the input).
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from chainrule.core.errors import ChainruleError
+from chainrule.server.convert import array_to_tensor
+from chainrule.v1 import chainrule_pb2 as pb
+
+from .builder import GraphBuilder, Var
+from .graph import Graph
+from .result import _key
+
+Selectable = str | Sequence[Any]  # "all", "none", or names/Vars
+
+_UNREACHED = {"zeros": pb.UNREACHED_ZEROS, "omit": pb.UNREACHED_OMIT}
+
+
+def as_graph(target: Any) -> Graph:
+    """The Graph behind a Graph, a GraphBuilder (its marked outputs), a Var or a Graph message."""
+    if isinstance(target, Graph):
+        return target
+    if isinstance(target, Var):
+        return target.graph
+    if isinstance(target, GraphBuilder):
+        return target.build()
+    if isinstance(target, pb.Graph):
+        return Graph(target)
+    raise TypeError(f"expected a Graph, GraphBuilder or Var, got {type(target).__name__}")
+
+
+def resolve_target(target: Any, output: Any = None) -> tuple[Graph, str]:
+    """The graph to send and the output to differentiate ("" lets the server pick the only one)."""
+    if isinstance(target, Var):
+        if output is not None and _key(output) != target.name:
+            raise TypeError(f"output={_key(output)!r} conflicts with the Var '{target.name}' being evaluated")
+        return target.graph, target.name
+    return as_graph(target), "" if output is None else _key(output)
+
+
+def merge_inputs(inputs: Mapping[Any, Any] | None, named: Mapping[str, Any]) -> dict[str, Any]:
+    """One name -> value dict from the positional mapping (names or Vars) and keyword inputs."""
+    merged: dict[str, Any] = {}
+    for key, value in list((inputs or {}).items()) + list(named.items()):
+        name = _key(key)
+        if name in merged:
+            raise TypeError(f"input '{name}' is given twice")
+        merged[name] = value
+    return merged
+
+
+def to_tensor(name: str, value: Any, declared: str | None) -> pb.Tensor:
+    """Encode one input, converted to the declared dtype when that is a same-kind cast."""
+    if isinstance(value, pb.Tensor):
+        return value
+    array = np.asarray(value)
+    if declared is not None and array.dtype != declared and np.can_cast(array.dtype, declared, "same_kind"):
+        array = array.astype(declared)
+    try:
+        return array_to_tensor(array)
+    except ChainruleError as exc:
+        raise TypeError(f"input '{name}': {exc.message}") from None
+
+
+def selection(spec: Selectable | None, field: str) -> pb.Selection | None:
+    """``"all"`` (None), ``"none"`` or a list of names/Vars as a Selection message."""
+    if spec is None or (isinstance(spec, str) and spec == "all"):
+        return None
+    if isinstance(spec, str):
+        if spec == "none":
+            return pb.Selection(mode=pb.Selection.NONE)
+        raise ValueError(f"{field}: expected 'all', 'none' or a list of names, got {spec!r}")
+    return pb.Selection(mode=pb.Selection.LISTED, names=[_key(k) for k in spec])
+
+
+def evaluate_request(
+    graph: Graph,
+    output: str,
+    inputs: Mapping[str, Any],
+    *,
+    graph_id: str | None = None,
+    seed: Any = None,
+    values: Selectable = "all",
+    grads: Selectable = "all",
+    unreached: str = "zeros",
+    contributions: bool = False,
+) -> pb.EvaluateRequest:
+    """The EvaluateRequest for one call; the graph travels by id when ``graph_id`` is given."""
+    if unreached not in _UNREACHED:
+        raise ValueError(f"unreached: expected 'zeros' or 'omit', got {unreached!r}")
+    request = pb.EvaluateRequest(output=output, unreached=_UNREACHED[unreached], contributions=contributions)
+    if graph_id:
+        request.graph_id = graph_id
+    else:
+        request.graph.CopyFrom(graph.message)
+    declared = graph.inputs
+    for name, value in inputs.items():
+        spec = declared.get(name)
+        request.inputs[name].CopyFrom(to_tensor(name, value, spec.dtype if spec else None))
+    if seed is not None:
+        request.seed.CopyFrom(to_tensor("seed", seed, None))
+    for field, spec in (("return_values", values), ("return_grads", grads)):
+        chosen = selection(spec, field)
+        if chosen is not None:
+            getattr(request, field).CopyFrom(chosen)
+    return request

@@ -1,0 +1,202 @@
+"""Result: an EvaluateResponse as numpy arrays.
+
+Tensors are decoded lazily, on first access, and without a copy: the arrays
+are read-only views of the response's bytes (``np.array(a)`` for a writable copy).
+Mappings accept a builder Var or a name as key.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+
+from chainrule.server.convert import DTYPE_NAMES, tensor_to_array
+from chainrule.v1 import chainrule_pb2 as pb
+
+
+def _key(key: Any) -> str:
+    """A name from a name or a builder Var."""
+    if isinstance(key, str):
+        return key
+    name = getattr(key, "name", None)
+    if isinstance(name, str):
+        return name
+    raise TypeError(f"expected a node name or a Var, got {type(key).__name__}")
+
+
+class Arrays(Mapping[str, np.ndarray]):
+    """Tensors by node name, decoded on first access. Keys: names or Vars."""
+
+    def __init__(self, tensors: Mapping[str, pb.Tensor], what: str, no_gradient: frozenset[str] = frozenset()) -> None:
+        self._tensors = tensors
+        self._what = what
+        self._no_gradient = no_gradient
+        self._decoded: dict[str, np.ndarray] = {}
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        name = _key(key)
+        array = self._decoded.get(name)
+        if array is None:
+            tensor = self._tensors.get(name)
+            if tensor is None:
+                raise KeyError(self._missing(name))
+            array = self._decoded[name] = tensor_to_array(tensor, field=f"{self._what}.{name}")
+        return array
+
+    def _missing(self, name: str) -> str:
+        if name in self._no_gradient:
+            return (f"node '{name}' has no gradient: it is integer- or bool-typed "
+                    "(labels, indices and masks are not differentiable)")
+        return (f"no {self._what[:-1]} for '{name}' in this result: no such node or input, "
+                f"or it was not selected (or omitted as unreached)")
+
+    def __contains__(self, key: object) -> bool:
+        try:
+            return _key(key) in self._tensors
+        except TypeError:
+            return False
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+    def __repr__(self) -> str:
+        specs = ", ".join(f"{n}: {DTYPE_NAMES.get(t.dtype, '?')}{list(t.shape)}" for n, t in self._tensors.items())
+        return f"<{self._what} {{{specs}}}>"
+
+
+@dataclass(frozen=True)
+class NonFinite:
+    """A node whose value or gradient holds NaNs or infinities."""
+
+    node: str
+    op: str
+    count: int
+
+    def __str__(self) -> str:
+        where = f"'{self.node}' ({self.op})" if self.op else f"input '{self.node}'"
+        return f"{where}: {self.count} non-finite element(s)"
+
+
+@dataclass(frozen=True)
+class GradNorm:
+    node: str
+    grad_norm: float
+    value_norm: float
+
+
+@dataclass(frozen=True)
+class Flag:
+    kind: str  # VANISHING, EXPLODING, SATURATED; new kinds may appear
+    node: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Diagnostics:
+    """Numerical health of an evaluation; ``str()`` gives a readable report."""
+
+    first_nonfinite_value: NonFinite | None
+    first_nonfinite_gradient: NonFinite | None
+    grad_norms: dict[str, GradNorm]
+    flags: list[Flag]
+
+    @classmethod
+    def from_proto(cls, message: pb.Diagnostics) -> "Diagnostics":
+        def nonfinite(field: str) -> NonFinite | None:
+            if not message.HasField(field):
+                return None
+            d = getattr(message, field)
+            return NonFinite(d.node, d.op, d.count)
+
+        return cls(
+            nonfinite("first_nonfinite_value"), nonfinite("first_nonfinite_gradient"),
+            {n.node: GradNorm(n.node, n.grad_norm, n.value_norm) for n in message.grad_norms},
+            [Flag(f.kind, f.node, f.message) for f in message.flags],
+        )
+
+    @property
+    def finite(self) -> bool:
+        """True when every value and gradient was finite."""
+        return self.first_nonfinite_value is None and self.first_nonfinite_gradient is None
+
+    def __str__(self) -> str:
+        lines = []
+        if self.finite:
+            lines.append("all values and gradients are finite")
+        if self.first_nonfinite_value is not None:
+            lines.append(f"first non-finite value: {self.first_nonfinite_value}")
+        if self.first_nonfinite_gradient is not None:
+            lines.append(f"first non-finite gradient: {self.first_nonfinite_gradient}")
+        lines.extend(f"{f.kind} at '{f.node}': {f.message}" for f in self.flags)
+        if self.grad_norms:
+            width = max(len(n) for n in self.grad_norms)
+            lines.append("gradient norms:")
+            lines.extend(f"  {n.node:<{width}}  |grad| {n.grad_norm:.6g}  |value| {n.value_norm:.6g}"
+                         for n in self.grad_norms.values())
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class Contribution:
+    """One consumer's share of a fanned-out value's gradient; shares sum to the gradient."""
+
+    node: str
+    consumer: str
+    input_index: int
+    gradient: np.ndarray
+
+
+class Result:
+    """The outcome of one evaluation.
+
+    ``value`` is the differentiated output's value; ``grad[x]`` the gradient
+    of that output with respect to ``x`` (a Var or a name); ``values`` every
+    selected value; ``diagnostics`` the numerical health report.
+    """
+
+    def __init__(self, response: pb.EvaluateResponse) -> None:
+        self.response = response
+        self.output: str = response.output
+        self.graph_id: str = response.graph_id
+        self.no_gradient: tuple[str, ...] = tuple(response.no_gradient)
+        self.values = Arrays(response.values, "values")
+        self.grad = Arrays(response.gradients, "gradients", frozenset(self.no_gradient))
+        self._value: np.ndarray | None = None
+        self._diagnostics: Diagnostics | None = None
+        self._contributions: list[Contribution] | None = None
+
+    @property
+    def grads(self) -> Arrays:
+        """Same mapping as :attr:`grad`."""
+        return self.grad
+
+    @property
+    def value(self) -> np.ndarray:
+        if self._value is None:
+            self._value = tensor_to_array(self.response.output_value, field="output_value")
+        return self._value
+
+    @property
+    def diagnostics(self) -> Diagnostics:
+        if self._diagnostics is None:
+            self._diagnostics = Diagnostics.from_proto(self.response.diagnostics)
+        return self._diagnostics
+
+    @property
+    def contributions(self) -> list[Contribution]:
+        """Per-edge gradient shares (empty unless the call asked for ``contributions=True``)."""
+        if self._contributions is None:
+            self._contributions = [
+                Contribution(c.node, c.consumer, c.input_index,
+                             tensor_to_array(c.gradient, field=f"contributions[{i}].gradient"))
+                for i, c in enumerate(self.response.contributions)
+            ]
+        return self._contributions
+
+    def __repr__(self) -> str:
+        return (f"<Result output '{self.output}' = {np.array2string(self.value, threshold=6)}; "
+                f"{len(self.values)} values, {len(self.grad)} gradients>")

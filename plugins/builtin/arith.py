@@ -1,0 +1,129 @@
+"""Arithmetic with numpy broadcasting and type promotion: add, sub, mul, div, neg, pow, maximum, minimum.
+
+The vjp rules return gradients of the output's (broadcast) shape; the engine
+sums them back to each input's shape (unbroadcast), so no rule here
+re-implements broadcasting. Gradients take the dtype of ``g``: float32 stays float32.
+
+Gradient semantics (the lecture notes' gates): add distributes, mul swaps,
+max routes. When ``maximum``/``minimum`` see a tie (x == y) the gradient is
+split evenly, 0.5 to each input.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from chainrule.core import OpDef, OpError, TensorSpec
+from chainrule.core.dtypes import FLOAT64
+from chainrule.plugins.authoring import broadcast_inputs, table_hookimpl
+
+
+# --- infer rules -----------------------------------------------------------------------------
+
+def _numeric(*specs: TensorSpec, **_: Any) -> TensorSpec:
+    """broadcast_inputs, refusing all-bool inputs: numpy would answer with logic, not arithmetic."""
+    spec = broadcast_inputs(*specs)
+    if spec.dtype == np.bool_:
+        raise OpError("all inputs are bool; arithmetic needs an int or float input", reason="DTYPE_MISMATCH")
+    return spec
+
+
+def _true_division(x: TensorSpec, y: TensorSpec) -> TensorSpec:
+    """Like numpy's ``/``: integer inputs give float64."""
+    spec = _numeric(x, y)
+    return spec if spec.dtype.kind == "f" else TensorSpec(spec.shape, FLOAT64)
+
+
+# --- rules with a few steps ------------------------------------------------------------------
+
+def _div_vjp(g, out, x, y):
+    dx = g / y
+    return dx, -dx * out                        # d(x/y)/dy = -x/y² = -out/y
+
+
+def _power(x, y):
+    if np.result_type(x, y).kind != "f" and np.any(y < 0):
+        bad = np.asarray(y)[np.asarray(y) < 0].flat[0]
+        raise OpError(f"exponent {bad} is negative; integers to negative powers need a float input",
+                      reason="OUT_OF_RANGE")
+    return np.power(x, y)
+
+
+def _pow_vjp(g, out, x, y):
+    dx = g * y * np.power(x, y - 1)             # d(x**y)/dx = y x**(y-1), and 0 where y == 0
+    dy = g * out * np.log(x)                    # d(x**y)/dy = x**y log x, and 0 where x == 0 (as PyTorch)
+    return np.where(y == 0, 0, dx), np.where(x == 0, 0, dy)
+
+
+def _share(g, wins, tie):
+    """g where this input gave the output, half of it at a tie, else 0."""
+    return np.where(tie, g * 0.5, np.where(wins, g, 0))
+
+
+def _route(g, out, x, y):
+    """maximum/minimum: the input that gave the output takes the gradient; a tie splits it 0.5/0.5."""
+    tie = x == y
+    return _share(g, x == out, tie), _share(g, y == out, tie)
+
+
+# --- gradient-check samples: broadcasting pairs, nonzero divisors, positive bases, no ties ----
+
+_PAIRS = [((2, 3), (2, 3)), ((2, 3), (3,)), ((4, 1), (1, 3)), ((), (2, 2)), ((3,), ())]
+
+
+def _pair_shapes(rng: np.random.Generator) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    return _PAIRS[rng.integers(len(_PAIRS))]
+
+
+def _pair(rng):
+    a, b = _pair_shapes(rng)
+    return [np.asarray(rng.standard_normal(a)), np.asarray(rng.standard_normal(b))], {}
+
+
+def _nonzero_divisor(rng):
+    a, b = _pair_shapes(rng)
+    y = rng.choice([-1.0, 1.0], b) * rng.uniform(0.5, 2.0, b)
+    return [np.asarray(rng.standard_normal(a)), np.asarray(y)], {}
+
+
+def _positive_base(rng):
+    a, b = _pair_shapes(rng)
+    return [np.asarray(rng.uniform(0.5, 2.0, a)), np.asarray(rng.uniform(-2.0, 2.0, b))], {}
+
+
+def _apart(rng):
+    """x near integers, y near half-integers: never within 0.3 of each other."""
+    a, b = _pair_shapes(rng)
+    x = rng.integers(-3, 3, a) + rng.uniform(-0.1, 0.1, a)
+    y = rng.integers(-3, 3, b) + 0.5 + rng.uniform(-0.1, 0.1, b)
+    return [np.asarray(x), np.asarray(y)], {}
+
+
+# --- the table -------------------------------------------------------------------------------
+
+OPERATORS: list[OpDef] = [
+    # sums distribute the gradient, products swap it
+    OpDef("add", 2, np.add, lambda g, out, x, y: (g, g), _numeric,
+          doc="x + y with numpy broadcasting.", sample=_pair),
+    OpDef("sub", 2, np.subtract, lambda g, out, x, y: (g, -g), _numeric,
+          doc="x - y with numpy broadcasting.", sample=_pair),
+    OpDef("neg", 1, np.negative, lambda g, out, x: (-g,), _numeric,
+          doc="-x elementwise."),
+    OpDef("mul", 2, np.multiply, lambda g, out, x, y: (g * y, g * x), _numeric,
+          doc="x * y with numpy broadcasting.", sample=_pair),
+    OpDef("div", 2, np.true_divide, _div_vjp, _true_division,
+          doc="x / y with numpy broadcasting; integer inputs give float64.", sample=_nonzero_divisor),
+
+    # powers
+    OpDef("pow", 2, _power, _pow_vjp, _numeric,
+          doc="x ** y; the gradient for y is g * out * log(x), and 0 where x == 0.", sample=_positive_base),
+
+    # max routes the gradient to the winner
+    OpDef("maximum", 2, np.maximum, _route, _numeric,
+          doc="Elementwise max(x, y); the larger takes the gradient, ties split it 0.5 / 0.5.", sample=_apart),
+    OpDef("minimum", 2, np.minimum, _route, _numeric,
+          doc="Elementwise min(x, y); the smaller takes the gradient, ties split it 0.5 / 0.5.", sample=_apart),
+]
+
+register_operators = table_hookimpl(OPERATORS)

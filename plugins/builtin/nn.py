@@ -1,0 +1,149 @@
+"""Neural-network functions and losses: softmax, log_softmax, cross_entropy, mse.
+
+All are computed stably (shifted by the maximum before ``exp``) and keep
+float32 as float32. The losses return a 0-d value: the mean over the batch.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from chainrule.core import Attr, OpDef, OpError, TensorSpec, broadcast_shapes
+from chainrule.core.dtypes import float_result
+from chainrule.plugins.authoring import table_hookimpl
+
+from .elementwise import as_float, writable
+from .reduce import logsumexp, normalize_axes
+
+
+# --- softmax, log_softmax ----------------------------------------------------------------------
+
+def softmax(x: Any, axis: int = -1) -> np.ndarray:
+    """exp(x) / sum(exp(x)) along ``axis``, shifted by the maximum so that exp never overflows."""
+    x = as_float(x)
+    e = writable(x - np.max(x, axis=axis, keepdims=True))
+    np.exp(e, out=e)
+    e /= np.sum(e, axis=axis, keepdims=True)
+    return e
+
+
+def _softmax_vjp(g, out, x, *, axis=-1):
+    d = writable(g - np.sum(g * out, axis=axis, keepdims=True))
+    d *= out                                           # out * (g - <g, out>)
+    return (d,)
+
+
+def _log_softmax_vjp(g, out, x, *, axis=-1):
+    p = writable(np.exp(out))                          # softmax
+    p *= np.sum(g, axis=axis, keepdims=True)
+    np.subtract(g, p, out=p)                           # g - softmax * sum(g)
+    return (p,)
+
+
+def _along_axis(x: TensorSpec, *, axis: int = -1) -> TensorSpec:
+    normalize_axes((axis,), len(x.shape))
+    return TensorSpec(x.shape, float_result(x.dtype))
+
+
+# --- cross_entropy ---------------------------------------------------------------------------
+
+def _cross_entropy_infer(logits: TensorSpec, labels: TensorSpec) -> TensorSpec:
+    if not logits.shape or logits.shape[-1] == 0:
+        raise OpError(f"logits need a last axis of classes, got shape {list(logits.shape)}")
+    if labels.dtype.kind not in "iu":
+        raise OpError(f"labels must be int32 or int64, got {labels.dtype.name}", reason="DTYPE_MISMATCH")
+    if labels.shape != logits.shape[:-1]:
+        raise OpError(f"labels of shape {list(labels.shape)} do not match logits of shape {list(logits.shape)} "
+                      f"(expected {list(logits.shape[:-1])})")
+    return TensorSpec((), float_result(logits.dtype))
+
+
+def _check_labels(labels: np.ndarray, classes: int) -> None:
+    bad = (labels < 0) | (labels >= classes)
+    if np.any(bad):
+        where = tuple(int(i) for i in np.argwhere(bad)[0])
+        at = f" at position {where}" if where else ""
+        raise OpError(f"label {labels[where]}{at} is out of range for {classes} classes (0..{classes - 1})",
+                      reason="OUT_OF_RANGE")
+
+
+def _cross_entropy(logits, labels):
+    logits, labels = as_float(logits), np.asarray(labels)
+    _check_labels(labels, logits.shape[-1])
+    picked = np.take_along_axis(logits, labels[..., np.newaxis], axis=-1)[..., 0]
+    return np.mean(logsumexp(logits, axis=(-1,)) - picked)   # mean of -log softmax(logits)[label]
+
+
+def _cross_entropy_vjp(g, out, logits, labels):
+    p = softmax(logits, axis=-1)
+    rows = p.reshape(-1, p.shape[-1])                  # a view: p is fresh and contiguous
+    rows[np.arange(len(rows)), np.ravel(labels)] -= 1  # softmax - one_hot(labels)
+    p *= g / max(len(rows), 1)
+    return p, None
+
+
+# --- mse -------------------------------------------------------------------------------------
+
+def _difference(prediction, target) -> np.ndarray:
+    """prediction - target in the promoted dtype, as float (int and bool inputs give float64)."""
+    return np.subtract(prediction, target, dtype=float_result(np.result_type(prediction, target)))
+
+
+def _mse(prediction, target):
+    d = _difference(prediction, target)
+    return np.vdot(d, d) / np.size(d)          # mean((p - t)²) as one dot product; nan when empty
+
+
+def _mse_vjp(g, out, prediction, target):
+    d = writable(_difference(prediction, target))
+    d *= g * (2 / max(d.size, 1))
+    return d, -d
+
+
+def _mse_infer(prediction: TensorSpec, target: TensorSpec) -> TensorSpec:
+    broadcast_shapes(prediction.shape, target.shape)
+    return TensorSpec((), float_result(np.result_type(prediction.dtype, target.dtype)))
+
+
+# --- gradient-check samples ------------------------------------------------------------------
+
+def _pick(rng: np.random.Generator, options: list) -> Any:
+    return options[rng.integers(len(options))]
+
+
+def _softmax_sample(rng):
+    shape, axis = _pick(rng, [((5,), -1), ((2, 3), -1), ((2, 3), 0), ((2, 3, 4), 1), ((2, 1, 3), -2)])
+    return [rng.standard_normal(shape) * 2], {"axis": axis}
+
+
+def _cross_entropy_sample(rng):
+    batch, classes, dtype = _pick(rng, [((4,), 5, np.int64), ((2, 3), 4, np.int32), ((), 3, np.int64)])
+    logits = rng.standard_normal(batch + (classes,)) * 2
+    return [logits, np.asarray(rng.integers(0, classes, batch), dtype=dtype)], {}
+
+
+def _mse_sample(rng):
+    a, b = _pick(rng, [((2, 3), (2, 3)), ((2, 3), (3,)), ((), ()), ((4, 1), (1, 2))])
+    return [np.asarray(rng.standard_normal(a)), np.asarray(rng.standard_normal(b))], {}
+
+
+# --- the table -------------------------------------------------------------------------------
+
+_AXIS = {"axis": Attr("int", -1, "the axis of classes (negative counts from the end)")}
+
+OPERATORS: list[OpDef] = [
+    OpDef("softmax", 1, lambda x, *, axis=-1: softmax(x, axis), _softmax_vjp, _along_axis, attrs=_AXIS,
+          doc="exp(x) / sum(exp(x)) along an axis (default the last), computed stably.", sample=_softmax_sample),
+    OpDef("log_softmax", 1,
+          lambda x, *, axis=-1: as_float(x) - logsumexp(x, axis=(axis,), keepdims=True),
+          _log_softmax_vjp, _along_axis, attrs=_AXIS,
+          doc="x - logsumexp(x) along an axis (default the last), computed stably.", sample=_softmax_sample),
+    OpDef("cross_entropy", 2, _cross_entropy, _cross_entropy_vjp, _cross_entropy_infer,
+          doc="Mean over the batch of -log softmax(logits)[label]; logits [..., C], int labels [...].",
+          sample=_cross_entropy_sample),
+    OpDef("mse", 2, _mse, _mse_vjp, _mse_infer,
+          doc="Mean squared error mean((prediction - target)**2), with broadcasting.", sample=_mse_sample),
+]
+
+register_operators = table_hookimpl(OPERATORS)

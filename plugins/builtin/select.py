@@ -1,0 +1,55 @@
+"""Selection and literals: where, stop_gradient, const.
+
+``None`` in a vjp result means "no gradient for this input": where's bool
+condition gets none, and stop_gradient gives none on purpose, which cuts the
+graph for the backward pass while the forward value passes through.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from chainrule.core import Attr, OpDef, OpError, TensorSpec, broadcast_shapes
+from chainrule.plugins.authoring import same_as_input, table_hookimpl
+
+
+# --- where -----------------------------------------------------------------------------------
+
+def _where_infer(cond: TensorSpec, x: TensorSpec, y: TensorSpec) -> TensorSpec:
+    if cond.dtype != np.bool_:
+        raise OpError(f"the condition must be bool, got {cond.dtype.name}", reason="DTYPE_MISMATCH")
+    return TensorSpec(broadcast_shapes(cond.shape, x.shape, y.shape), np.result_type(x.dtype, y.dtype))
+
+
+def _where_sample(rng: np.random.Generator):
+    shapes = [((2, 3), (2, 3), (2, 3)), ((2, 3), (2, 3), (3,)), ((3,), (2, 1), ()), ((), (2,), (2,))]
+    c, a, b = shapes[rng.integers(len(shapes))]
+    return [np.asarray(rng.random(c) < 0.5), np.asarray(rng.standard_normal(a)), np.asarray(rng.standard_normal(b))], {}
+
+
+# --- const -----------------------------------------------------------------------------------
+
+def _const(*, value: np.ndarray) -> np.ndarray:
+    """The literal as a read-only view: a caller writing into a result cannot change the graph."""
+    view = value.view()
+    view.flags.writeable = False
+    return view
+
+
+# --- the table -------------------------------------------------------------------------------
+
+OPERATORS: list[OpDef] = [
+    OpDef("where", 3,
+          np.where,
+          lambda g, out, cond, x, y: (None, np.where(cond, g, 0), np.where(cond, 0, g)),
+          _where_infer,
+          doc="x where cond is true, else y (bool cond, numpy broadcasting); cond gets no gradient.",
+          sample=_where_sample),
+    OpDef("stop_gradient", 1, lambda x: x, lambda g, out, x: (None,), same_as_input,
+          doc="x unchanged, but no gradient flows back through it."),
+    OpDef("const", 0, _const, lambda g, out, *, value: (), lambda *, value: TensorSpec.of(value),
+          attrs={"value": Attr("tensor", doc="the literal tensor")},
+          doc="A tensor literal given as the attribute value.",
+          sample=lambda rng: ([], {"value": rng.standard_normal((2, 3))})),
+]
+
+register_operators = table_hookimpl(OPERATORS)

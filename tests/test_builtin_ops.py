@@ -1,0 +1,531 @@
+"""Every built-in operator: vjp against finite differences, infer against forward, dtypes and edge cases.
+
+The heart of the file is CASES, a table of hand-picked inputs per operator
+(broadcasting, size-1 axes, 0-d scalars, negative axes); each case is checked
+for its gradient, for infer agreeing with forward in five dtypes, and for
+float32 staying float32. The operators' own ``sample`` rules are checked too.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from chainrule.core import Graph, OpError, Registry, ShapeError, TensorSpec, check_attrs, compile_graph, unbroadcast
+from chainrule.plugins.builtin import arith, elementwise, linalg, nn, reduce, select, shape
+from chainrule.plugins.testing import assert_vjp, check_operator, check_vjp
+
+FAMILIES = (arith, elementwise, linalg, reduce, shape, nn, select)
+OPS = {op.name: op for family in FAMILIES for op in family.OPERATORS}
+
+
+# --- input makers: a kind of values and a shape, made with the case's own rng ----------------
+
+class In:
+    """A recipe for one input; ``repr`` gives the short form used in test ids."""
+
+    def __init__(self, kind: str, shape: tuple[int, ...], make) -> None:
+        self.kind, self.shape, self.make = kind, shape, make
+
+    def __repr__(self) -> str:
+        return f"{self.kind}{list(self.shape)}"
+
+
+def N(*shape):
+    """Standard-normal floats."""
+    return In("N", shape, lambda rng: np.asarray(rng.standard_normal(shape)))
+
+
+def P(*shape):
+    """Positive floats in [0.5, 2] (log, sqrt, pow's base)."""
+    return In("P", shape, lambda rng: np.asarray(rng.uniform(0.5, 2.0, shape)))
+
+
+def A(*shape):
+    """Floats at least 0.2 away from 0 (kinks of abs and relu; divisors)."""
+    return In("A", shape, lambda rng: np.asarray(rng.choice([-1.0, 1.0], shape) * rng.uniform(0.2, 2.0, shape)))
+
+
+def C(*shape):
+    """Floats at least 0.15 away from the clip bounds ±0.5 used below."""
+    return In("C", shape, lambda rng: np.asarray(rng.integers(-3, 3, shape) * 0.5 + 0.25 + rng.uniform(-0.1, 0.1, shape)))
+
+
+def D(*shape, offset=0.0):
+    """Distinct values a whole unit apart (plus offset): no ties for max. Offsets 0 and 0.5 never meet."""
+    size = math.prod(shape)
+    return In("D", shape, lambda rng: np.asarray(
+        (rng.permutation(size) - size // 2 + offset + rng.uniform(-0.1, 0.1, size)).reshape(shape)))
+
+
+def L(classes, *shape, dtype=np.int64):
+    """Integer class labels in [0, classes)."""
+    return In(f"L{np.dtype(dtype).name}", shape, lambda rng: np.asarray(rng.integers(0, classes, shape), dtype=dtype))
+
+
+def M(*shape):
+    """A bool mask."""
+    return In("M", shape, lambda rng: np.asarray(rng.random(shape) < 0.5))
+
+
+def case(op: str, *inputs: In, **attrs):
+    text = ",".join(f"{k}={v}" for k, v in attrs.items() if k != "value")
+    return pytest.param(op, inputs, attrs, id=f"{op}({', '.join(map(repr, inputs))}){'{' + text + '}' if text else ''}")
+
+
+# --- the table of cases --------------------------------------------------------------------------
+
+UNARY_FLOAT = ("exp", "sin", "cos", "tanh", "sigmoid", "softplus")
+
+CASES = [
+    # arithmetic: broadcasting, size-1 axes, 0-d scalars
+    case("add", N(2, 3), N(3)),
+    case("add", N(), N(2, 2)),
+    case("add", N(4, 1), N(1, 3)),
+    case("sub", N(2, 3), N(2, 1)),
+    case("sub", N(), N()),
+    case("mul", N(2, 3), N(3)),
+    case("mul", N(1), N(2, 1, 3)),
+    case("div", N(2, 3), A(3)),
+    case("div", N(), A(2, 2)),
+    case("neg", N()),
+    case("neg", N(2, 3)),
+    case("pow", P(2, 3), N(3)),
+    case("pow", P(), N(2)),
+    case("pow", P(2, 1), N(1, 3)),
+    case("maximum", D(2, 3), D(3, offset=0.5)),
+    case("maximum", D(), D(2, 2, offset=0.5)),
+    case("minimum", D(2, 3), D(2, 1, offset=0.5)),
+    case("minimum", D(4), D(offset=0.5)),
+
+    # elementwise
+    *[case(name, N(2, 3)) for name in UNARY_FLOAT],
+    *[case(name, N()) for name in UNARY_FLOAT],
+    case("sigmoid", N(1, 4)),
+    case("log", P(2, 3)),
+    case("log", P()),
+    case("sqrt", P(2, 3)),
+    case("sqrt", P()),
+    case("abs", A(2, 3)),
+    case("abs", A()),
+    case("relu", A(2, 3)),
+    case("relu", A()),
+    case("leaky_relu", A(2, 3)),
+    case("leaky_relu", A(), alpha=0.2),
+    case("clip", C(2, 3), min=-0.5, max=0.5),
+    case("clip", C(), min=-0.5),
+    case("clip", C(5), max=0.5),
+
+    # linear algebra: every 1-D case of numpy's matmul, and broadcast batches
+    case("matmul", N(3), N(3)),
+    case("matmul", N(2, 3), N(3)),
+    case("matmul", N(3), N(3, 4)),
+    case("matmul", N(2, 3), N(3, 4)),
+    case("matmul", N(1, 3), N(3, 1)),
+    case("matmul", N(2, 2, 3), N(3, 4)),
+    case("matmul", N(3), N(2, 3, 4)),
+    case("matmul", N(2, 2, 3), N(3)),
+    case("matmul", N(2, 1, 2, 3), N(3, 3, 1)),
+    case("transpose", N(2, 3)),
+    case("transpose", N(2, 3, 4), axes=(1, -1, 0)),
+    case("transpose", N()),
+
+    # reductions: all axes, negative axes, keepdims, 0-d, size-1 axes
+    *[c for name, X in (("sum", N), ("mean", N), ("max", D), ("logsumexp", N)) for c in (
+        case(name, X(2, 3, 4)),
+        case(name, X(2, 3, 4), axis=(-1,)),
+        case(name, X(2, 3, 4), axis=(0, 2), keepdims=True),
+        case(name, X(2, 3, 4), axis=(-3, 1)),
+        case(name, X()),
+        case(name, X(1, 3), axis=(0,)),
+        case(name, X(3, 1), keepdims=True),
+    )],
+
+    # shape
+    case("reshape", N(2, 3, 4), shape=(4, -1)),
+    case("reshape", N(2, 3), shape=(1, 6)),
+    case("reshape", N(), shape=(1, 1)),
+    case("reshape", N(1), shape=()),
+    case("broadcast_to", N(3, 1), shape=(2, 3, 4)),
+    case("broadcast_to", N(), shape=(2,)),
+    case("broadcast_to", N(1, 3), shape=(1, 3)),
+    case("concat", N(2, 1), N(2, 3), axis=-1),
+    case("concat", N(1, 2), N(2, 2), N(3, 2)),
+    case("concat", N(4)),
+    case("stack", N(3), N(3), axis=-1),
+    case("stack", N(), N(), N()),
+    case("stack", N(2, 3), N(2, 3), axis=1),
+    case("slice", N(5), starts=(-2,), ends=(100,)),
+    case("slice", N(4, 5), starts=(3,), ends=(-100,), steps=(-1,)),
+    case("slice", N(4, 5), starts=(1, 0), ends=(3, 5), axes=(-1, 0), steps=(1, 2)),
+    case("slice", N(3, 4), starts=(0, -3), ends=(3, -1)),
+    case("squeeze", N(1, 3, 1)),
+    case("squeeze", N(1, 3, 1), axis=(-1,)),
+    case("squeeze", N(1)),
+    case("expand_dims", N(), axis=(0,)),
+    case("expand_dims", N(2, 3), axis=(-1,)),
+    case("expand_dims", N(2, 3), axis=(0, 2)),
+
+    # neural-network functions and losses
+    *[c for name in ("softmax", "log_softmax") for c in (
+        case(name, N(2, 3)),
+        case(name, N(2, 3), axis=0),
+        case(name, N(2, 3, 4), axis=1),
+        case(name, N(1)),
+        case(name, N(4, 1), axis=-2),
+    )],
+    case("cross_entropy", N(4, 5), L(5, 4)),
+    case("cross_entropy", N(2, 3, 4), L(4, 2, 3, dtype=np.int32)),
+    case("cross_entropy", N(3), L(3)),
+    case("mse", N(2, 3), N(2, 3)),
+    case("mse", N(2, 3), N(3)),
+    case("mse", N(), N()),
+    case("mse", N(2, 1), N(1, 3)),
+
+    # selection
+    case("where", M(2, 3), N(2, 3), N(3)),
+    case("where", M(3), N(2, 1), N()),
+    case("where", M(), N(2), N(2)),
+    case("const", value=np.arange(6.0).reshape(2, 3)),
+    case("const", value=np.array(2.5)),
+]
+
+
+def make(inputs, seed: int = 1234) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [recipe.make(rng) for recipe in inputs]
+
+
+def cast_floats(xs: list[np.ndarray], dtype) -> list[np.ndarray]:
+    return [x.astype(dtype) if x.dtype.kind == "f" else x for x in xs]
+
+
+# --- gradients -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, inputs, attrs", CASES)
+def test_vjp_matches_finite_differences(name, inputs, attrs):
+    assert_vjp(OPS[name], make(inputs), attrs)
+
+
+@pytest.mark.parametrize("name", sorted(OPS))
+def test_operator_samples_pass_the_gradient_check(name):
+    reports = check_operator(OPS[name])
+    if name == "stop_gradient":
+        assert reports == []  # exempt: its gradient is zero by design
+        return
+    assert reports
+    for report in reports:
+        assert report.passed, str(report)
+
+
+def test_every_operator_has_hand_picked_cases():
+    covered = {p.values[0] for p in CASES}
+    assert covered | {"stop_gradient"} == set(OPS)
+
+
+def test_stop_gradient_passes_the_value_and_blocks_the_gradient():
+    op = OPS["stop_gradient"]
+    x = np.array([1.0, -2.0])
+    assert op.forward(x) is x
+    assert op.vjp(np.ones(2), x, x) == (None,)
+    report = check_vjp(op, [x])  # the checker sees the identity's derivative, and zeros from the vjp
+    worst = report.inputs[0]
+    assert not report.passed and worst.analytic == 0.0 and abs(worst.numeric) > 0.1
+
+
+# --- infer against forward, in every dtype -----------------------------------------------------
+
+@pytest.mark.parametrize("dtype", ["float64", "float32", "int64", "int32", "bool"])
+@pytest.mark.parametrize("name, inputs, attrs", CASES)
+def test_infer_gives_exactly_what_forward_returns(name, inputs, attrs, dtype):
+    op = OPS[name]
+    xs = cast_floats(make(inputs), dtype)
+    attrs = check_attrs(op, attrs)
+    try:
+        spec = op.infer(*[TensorSpec.of(x) for x in xs], **attrs)
+    except OpError as exc:  # a refusal is fine for int and bool inputs, never for floats
+        assert dtype in ("int64", "int32", "bool"), exc
+        assert exc.reason == "DTYPE_MISMATCH", exc
+        return
+    with np.errstate(all="ignore"):
+        try:
+            out = np.asarray(op.forward(*xs, **attrs))
+        except OpError as exc:  # e.g. integers to negative integer powers
+            assert dtype in ("int64", "int32"), exc
+            return
+    assert TensorSpec.of(out) == TensorSpec(tuple(spec.shape), np.dtype(spec.dtype))
+
+
+MIXED = [("float32", "float64"), ("float64", "float32"), ("float32", "int32"), ("int64", "float32"),
+         ("int32", "int64"), ("bool", "float32"), ("float32", "bool")]
+BINARY = [p for p in CASES if len(p.values[1]) == 2 and p.values[0] != "cross_entropy"]
+
+
+@pytest.mark.parametrize("dtypes", MIXED, ids="-".join)
+@pytest.mark.parametrize("name, inputs, attrs", BINARY)
+def test_infer_follows_numpy_promotion_for_mixed_dtypes(name, inputs, attrs, dtypes):
+    op = OPS[name]
+    xs = [x.astype(dt) for x, dt in zip(make(inputs), dtypes)]
+    attrs = check_attrs(op, attrs)
+    try:
+        spec = op.infer(*[TensorSpec.of(x) for x in xs], **attrs)
+    except OpError as exc:
+        pytest.fail(f"{name} refused {dtypes}: {exc}")
+    with np.errstate(all="ignore"):
+        try:
+            out = np.asarray(op.forward(*xs, **attrs))
+        except OpError as exc:  # integers to negative integer powers
+            assert name == "pow" and all(x.dtype.kind in "iub" for x in xs), exc
+            return
+    assert TensorSpec.of(out) == spec
+
+
+@pytest.mark.parametrize("name, inputs, attrs", [p for p in CASES if any(not r.shape for r in p.values[1])])
+def test_rules_accept_numpy_scalars(name, inputs, attrs):
+    """The engine keeps 0-d results as numpy scalars (np.float64), and may pass g as one."""
+    op = OPS[name]
+    attrs = check_attrs(op, attrs)
+    arrays = make(inputs)
+    scalars = [x[()] if x.ndim == 0 else x for x in arrays]
+    with np.errstate(all="ignore"):
+        out = np.asarray(op.forward(*arrays, **attrs))
+        np.testing.assert_array_equal(op.forward(*scalars, **attrs), out)
+        g = np.random.default_rng(3).standard_normal(out.shape)
+        expected = op.vjp(g, out, *arrays, **attrs)
+        got = op.vjp(g[()] if g.ndim == 0 else g, out[()] if out.ndim == 0 else out, *scalars, **attrs)
+    for a, b in zip(got, expected):
+        assert (a is None) == (b is None)
+        if a is not None:
+            np.testing.assert_allclose(a, b, rtol=1e-15)
+
+
+def test_integer_inputs_of_float_functions_give_float64():
+    x = np.array([1, 2, 3], dtype=np.int32)
+    for name in ("exp", "log", "sqrt", "sin", "cos", "tanh", "sigmoid", "softplus", "leaky_relu", "clip"):
+        op = OPS[name]
+        assert op.forward(x, **check_attrs(op, {})).dtype == np.float64, name
+        assert op.infer(TensorSpec.of(x), **check_attrs(op, {})).dtype == np.float64, name
+    assert OPS["div"].forward(x, x).dtype == np.float64
+    assert OPS["relu"].forward(x).dtype == np.int32
+    assert OPS["sum"].infer(TensorSpec.of(x), axis=None, keepdims=False).dtype == np.int64
+
+
+# --- float32 stays float32 -------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, inputs, attrs", CASES)
+def test_float32_inputs_give_float32_values_and_gradients(name, inputs, attrs):
+    op = OPS[name]
+    attrs = check_attrs(op, attrs)
+    if name == "const":
+        attrs["value"] = attrs["value"].astype(np.float32)
+    xs64 = make(inputs)
+    xs32 = cast_floats(xs64, np.float32)
+    with np.errstate(all="ignore"):
+        out32 = np.asarray(op.forward(*xs32, **attrs))
+        assert out32.dtype == np.float32
+        g64 = np.random.default_rng(7).standard_normal(out32.shape)
+        grads32 = op.vjp(g64.astype(np.float32), out32, *xs32, **attrs)
+        grads64 = op.vjp(g64, np.asarray(op.forward(*xs64, **attrs)), *xs64, **attrs)
+    for x, g32, g_ref in zip(xs32, grads32, grads64):
+        if x.dtype.kind != "f":
+            continue
+        assert np.asarray(g32).dtype == np.float32
+        np.testing.assert_allclose(unbroadcast(g32, x.shape), unbroadcast(g_ref, x.shape), rtol=1e-4, atol=1e-5)
+
+
+# --- forward values against plain numpy ----------------------------------------------------------
+
+X = np.array([[0.5, -1.5, 2.0], [3.0, -0.25, 1.0]])
+Y = np.array([1.5, 2.0, -4.0])
+
+FORWARD = [
+    ("add", [X, Y], {}, X + Y),
+    ("div", [X, Y], {}, X / Y),
+    ("pow", [np.abs(X), Y], {}, np.abs(X) ** Y),
+    ("maximum", [X, Y], {}, np.maximum(X, Y)),
+    ("sigmoid", [X], {}, 1 / (1 + np.exp(-X))),
+    ("softplus", [X], {}, np.log1p(np.exp(X))),
+    ("leaky_relu", [X], {"alpha": 0.1}, np.where(X > 0, X, 0.1 * X)),
+    ("clip", [X], {"min": -1.0, "max": 1.0}, np.clip(X, -1, 1)),
+    ("matmul", [X, Y], {}, X @ Y),
+    ("transpose", [X[None]], {"axes": (2, 0, 1)}, np.transpose(X[None], (2, 0, 1))),
+    ("sum", [X], {"axis": (-1,), "keepdims": True}, X.sum(axis=-1, keepdims=True)),
+    ("mean", [X], {}, X.mean()),
+    ("max", [X], {"axis": (0,)}, X.max(axis=0)),
+    ("logsumexp", [X], {"axis": (1,)}, np.log(np.exp(X).sum(axis=1))),
+    ("slice", [np.arange(10.0)], {"starts": (-3,), "ends": (2,), "steps": (-2,)}, np.arange(10.0)[-3:2:-2]),
+    ("concat", [X, X[:1]], {"axis": 0}, np.concatenate([X, X[:1]])),
+    ("stack", [Y, Y], {"axis": -1}, np.stack([Y, Y], axis=-1)),
+    ("softmax", [X], {"axis": 0}, np.exp(X) / np.exp(X).sum(axis=0, keepdims=True)),
+    ("log_softmax", [X], {}, X - np.log(np.exp(X).sum(axis=-1, keepdims=True))),
+    ("cross_entropy", [X, np.array([2, 0])], {},
+     -np.mean(np.log((np.exp(X) / np.exp(X).sum(-1, keepdims=True))[[0, 1], [2, 0]]))),
+    ("mse", [X, Y], {}, np.mean((X - Y) ** 2)),
+    ("where", [X > 0, X, Y], {}, np.where(X > 0, X, Y)),
+]
+
+
+@pytest.mark.parametrize("name, xs, attrs, expected", FORWARD, ids=[f[0] for f in FORWARD])
+def test_forward_agrees_with_numpy(name, xs, attrs, expected):
+    op = OPS[name]
+    np.testing.assert_allclose(op.forward(*xs, **check_attrs(op, attrs)), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_stable_for_large_magnitudes_without_overflow():
+    big = np.array([-1000.0, -40.0, 0.0, 40.0, 1000.0])
+    with np.errstate(over="raise", divide="raise", invalid="raise"):
+        s = OPS["sigmoid"].forward(big)
+        sp = OPS["softplus"].forward(big)
+        lse = OPS["logsumexp"].forward(np.array([1000.0, 1000.0]))
+        sm = OPS["softmax"].forward(np.array([1000.0, 0.0, -1000.0]))
+        ce = OPS["cross_entropy"].forward(np.array([[1000.0, -1000.0]]), np.array([1]))
+    np.testing.assert_allclose(s, [0.0, 4.248354255291589e-18, 0.5, 1.0, 1.0], rtol=1e-15)
+    np.testing.assert_allclose(sp, [0.0, 4.248354255291589e-18, math.log(2), 40.0, 1000.0], rtol=1e-15)
+    assert lse == pytest.approx(1000 + math.log(2))
+    np.testing.assert_allclose(sm, [1.0, 0.0, 0.0])
+    assert ce == pytest.approx(2000.0)
+
+
+# --- gradient semantics --------------------------------------------------------------------------
+
+def test_max_gate_ties_split_the_gradient_evenly():
+    three = np.array(3.0)
+    for name in ("maximum", "minimum"):
+        dx, dy = OPS[name].vjp(np.array(2.0), three, three, three)
+        assert (float(dx), float(dy)) == (1.0, 1.0)
+    x = np.array([1.0, 3.0, 3.0])
+    (dx,) = OPS["max"].vjp(np.array(1.0), np.array(3.0), x, axis=None, keepdims=False)
+    np.testing.assert_array_equal(dx, [0.0, 0.5, 0.5])
+    rows = np.array([[1.0, 3.0, 3.0], [2.0, 2.0, 0.0]])
+    (dx,) = OPS["max"].vjp(np.ones(2), rows.max(axis=1), rows, axis=(1,), keepdims=False)
+    np.testing.assert_array_equal(dx, [[0.0, 0.5, 0.5], [0.5, 0.5, 0.0]])
+
+
+def test_max_gate_routes_to_the_winner():
+    dx, dy = OPS["maximum"].vjp(np.array(2.0), np.array(4.0), np.array(4.0), np.array(2.0))
+    assert (float(dx), float(dy)) == (2.0, 0.0)
+
+
+def test_kinks_have_zero_gradient():
+    zero = np.zeros(3)
+    assert not np.any(OPS["abs"].vjp(np.ones(3), zero, zero)[0])
+    assert not np.any(OPS["relu"].vjp(np.ones(3), zero, zero)[0])
+
+
+def test_pow_gradient_for_the_exponent_is_zero_at_a_zero_base():
+    x, y = np.array([0.0, 2.0]), np.array([2.0, 3.0])
+    with np.errstate(all="ignore"):  # as in the engine: log(0) is computed, then masked
+        dx, dy = OPS["pow"].vjp(np.ones(2), x ** y, x, y)
+        np.testing.assert_allclose(dy, [0.0, 8 * math.log(2)])
+        np.testing.assert_allclose(dx, [0.0, 12.0])
+        dx, _ = OPS["pow"].vjp(np.ones(1), np.ones(1), np.zeros(1), np.zeros(1))  # d(x**0)/dx = 0, not nan
+    assert dx[0] == 0.0
+
+
+# --- errors ------------------------------------------------------------------------------------
+
+def test_matmul_shape_mismatch_names_the_inner_dimensions():
+    with pytest.raises(OpError, match="inner dimensions 4 and 3 do not match"):
+        OPS["matmul"].infer(TensorSpec((2, 4), np.dtype("float64")), TensorSpec((3, 5), np.dtype("float64")))
+    with pytest.raises(OpError, match="batch dimensions"):
+        OPS["matmul"].infer(TensorSpec((2, 2, 3), np.dtype("float64")), TensorSpec((4, 3, 1), np.dtype("float64")))
+
+
+def test_matmul_mismatch_in_a_graph_names_the_node():
+    graph = Graph.build([("a", "float64", (2, 4)), ("b", "float64", (3, 5))], [("h", "matmul", ("a", "b"))], "h")
+    with pytest.raises(ShapeError, match=r"node 'h' \(matmul\): inner dimensions 4 and 3"):
+        compile_graph(graph, Registry(OPS.values()))
+
+
+def test_cross_entropy_rejects_an_out_of_range_label():
+    logits = np.zeros((3, 4))
+    with pytest.raises(OpError, match=r"label 7 at position \(1,\) is out of range for 4 classes"):
+        OPS["cross_entropy"].forward(logits, np.array([0, 7, 1]))
+    with pytest.raises(OpError, match="label -1"):
+        OPS["cross_entropy"].forward(logits, np.array([0, 1, -1]))
+    with pytest.raises(OpError, match="int32 or int64") as info:
+        OPS["cross_entropy"].infer(TensorSpec((3, 4), np.dtype("float64")), TensorSpec((3,), np.dtype("float64")))
+    assert info.value.reason == "DTYPE_MISMATCH"
+
+
+@pytest.mark.parametrize("name, shapes, attrs, message", [
+    ("sum", [(2, 3)], {"axis": (2,)}, "axis 2 is out of range for a tensor of rank 2"),
+    ("max", [(2, 3)], {"axis": (-3,)}, "axis -3 is out of range for a tensor of rank 2"),
+    ("mean", [(2, 3)], {"axis": (1, -1)}, "given twice"),
+    ("max", [(2, 0)], {"axis": (1,)}, "size 0"),
+    ("softmax", [()], {}, "axis -1 is out of range for a tensor of rank 0"),
+    ("transpose", [(2, 3)], {"axes": (0, 0)}, "not a permutation"),
+    ("reshape", [(2, 3)], {"shape": (4, -1)}, "cannot reshape"),
+    ("reshape", [(2, 3)], {"shape": (-1, -1)}, "at most one -1"),
+    ("broadcast_to", [(2, 3)], {"shape": (3, 3)}, "cannot broadcast"),
+    ("concat", [(2, 3), (3, 2)], {"axis": 0}, "input 1 has shape"),
+    ("stack", [(2,), (3,)], {}, "equal shapes"),
+    ("slice", [(4,)], {"starts": (0,), "ends": (2,), "steps": (0,)}, "step for axis 0 is 0"),
+    ("slice", [(4,)], {"starts": (0, 0), "ends": (2, 2)}, "starts has 2 entries"),
+    ("squeeze", [(2, 1)], {"axis": (0,)}, "cannot squeeze axis 0 of size 2"),
+    ("expand_dims", [(2,)], {"axis": (2,)}, "axis 2 is out of range for a tensor of rank 2"),
+    ("clip", [(2,)], {"min": 1.0, "max": 0.0}, "min 1.0 is greater than max 0.0"),
+    ("add", [(2, 3), (4,)], {}, "cannot be broadcast"),
+    ("cross_entropy", [(3, 4), (4,)], {}, "do not match logits"),
+])
+def test_infer_rejects_bad_shapes_and_attributes(name, shapes, attrs, message):
+    op = OPS[name]
+    specs = [TensorSpec(s, np.dtype("int64" if name == "cross_entropy" and i else "float64")) for i, s in enumerate(shapes)]
+    with pytest.raises(OpError, match=message):
+        op.infer(*specs, **check_attrs(op, attrs))
+
+
+def test_bool_arithmetic_is_refused():
+    spec = TensorSpec((2,), np.dtype("bool"))
+    for name in ("add", "sub", "neg", "pow", "maximum"):
+        with pytest.raises(OpError, match="bool") as info:
+            OPS[name].infer(*[spec] * OPS[name].arity)
+        assert info.value.reason == "DTYPE_MISMATCH"
+
+
+def test_integer_pow_with_a_negative_exponent_is_refused():
+    with pytest.raises(OpError, match="exponent -2 is negative"):
+        OPS["pow"].forward(np.array([2, 3]), np.array([1, -2]))
+
+
+def test_const_value_cannot_be_changed_through_the_result():
+    value = np.arange(3.0)
+    out = OPS["const"].forward(value=value)
+    with pytest.raises(ValueError):
+        out[0] = 5.0
+    assert value[0] == 0.0
+
+
+# --- the tables as a whole ----------------------------------------------------------------------
+
+def test_tables_fill_a_registry_and_follow_the_contract():
+    ops = [op for family in FAMILIES for op in family.OPERATORS]
+    registry = Registry(ops)  # validates every OpDef; a duplicate name would raise
+    assert len(registry) == len(ops) == 40
+    for op in ops:
+        assert op.infer is not None, op.name
+        assert op.doc and "\n" not in op.doc and op.doc.endswith("."), op.name
+    for family in FAMILIES:
+        assert callable(family.register_operators)
+
+
+def test_sigmoid_neuron_through_the_engine():
+    """Worked example 3 of the lecture notes, built from slice, matmul, add, sum and sigmoid."""
+    graph = Graph.build(
+        [("w", "float64", (3,)), ("x", "float64", (2,))],
+        [
+            ("w01", "slice", ("w",), {"starts": [0], "ends": [2]}),
+            ("bias", "slice", ("w",), {"starts": [2], "ends": [3]}),
+            ("dot", "matmul", ("w01", "x")),
+            ("z", "add", ("dot", "bias")),
+            ("zs", "sum", ("z",)),
+            ("f", "sigmoid", ("zs",)),
+        ],
+        "f",
+    )
+    result = compile_graph(graph, Registry(OPS.values())).run({"w": np.array([2.0, -3.0, -3.0]), "x": np.array([-1.0, -2.0])})
+    assert float(result.output_value) == pytest.approx(0.7310585786300049, abs=1e-15)
+    np.testing.assert_allclose(result.grad("x"), [0.3932238664829637, -0.5898357997244456], rtol=1e-14)
+    np.testing.assert_allclose(result.grad("w"), [-0.19661193324148185, -0.3932238664829637, 0.19661193324148185],
+                               rtol=1e-14)
