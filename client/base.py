@@ -56,8 +56,8 @@ class ClientBase:
     def evaluate(
         self,
         target: Any,
-        inputs: Mapping[Any, Any] | None = None,
         /,
+        inputs: Mapping[Any, Any] | None = None,
         *,
         output: Any = None,
         seed: Any = None,
@@ -72,7 +72,9 @@ class ClientBase:
 
         ``target`` is a Var (its graph is sent and it is the output) or a Graph
         (then ``output=`` names the output unless the graph has only one).
-        Inputs come as a mapping (names or Vars as keys) and/or keywords.
+        Inputs come as a mapping (names or Vars as keys) and/or keywords; an
+        input named like a parameter of this method (``seed``, ``inputs``...)
+        goes in the mapping.
         ``values``/``grads``: "all", "none" or a list of names/Vars;
         ``grads="none"`` runs forward only. ``unreached``: "zeros" or "omit".
         A non-scalar output needs ``seed`` of its shape.

@@ -72,7 +72,7 @@ class Var:
         return f"<Var {self._name!r} = {self.op}({args}) {self.dtype or '?'}>"
 
     def __iter__(self):  # a Var is not a sequence; fail instead of looping forever
-        raise TypeError("a Var cannot be iterated; use slice() or the ops module")
+        raise TypeError("a Var cannot be iterated; index it instead (x[0], x[1:3])")
 
     def __getitem__(self, key: Any) -> "Var":
         """Basic indexing with integers and slices: ``x[0]``, ``x[1:3]``, ``x[:, -1]``, ``x[::-1]``.

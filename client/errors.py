@@ -14,6 +14,9 @@ import grpc
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+#: Initial-metadata key under which the server sends each call's request id.
+REQUEST_ID_KEY = "chainrule-request-id"
+
 
 class ChainruleRpcError(Exception):
     """A call failed. ``code`` is a grpc.StatusCode; ``reason`` is ErrorInfo's
@@ -141,4 +144,11 @@ def from_rpc_error(error: grpc.RpcError) -> ChainruleRpcError:
         return from_status(status)
     code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN  # type: ignore[attr-defined]
     message = error.details() if hasattr(error, "details") else str(error)  # type: ignore[attr-defined]
-    return error_class(code)(code, message or code.name)
+    metadata = {}
+    try:  # the server sends the request id up front, so even a detail-less error can be traced
+        request_id = dict(error.initial_metadata() or ()).get(REQUEST_ID_KEY)  # type: ignore[attr-defined]
+    except Exception:
+        request_id = None
+    if request_id:
+        metadata["request_id"] = request_id
+    return error_class(code)(code, message or code.name, metadata=metadata)

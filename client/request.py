@@ -17,7 +17,7 @@ from chainrule.v1 import chainrule_pb2 as pb
 
 from .builder import GraphBuilder, Var
 from .graph import Graph
-from .result import _key
+from .result import name_of
 
 Selectable = str | Sequence[Any]  # "all", "none", or names/Vars
 
@@ -40,17 +40,17 @@ def as_graph(target: Any) -> Graph:
 def resolve_target(target: Any, output: Any = None) -> tuple[Graph, str]:
     """The graph to send and the output to differentiate ("" lets the server pick the only one)."""
     if isinstance(target, Var):
-        if output is not None and _key(output) != target.name:
-            raise TypeError(f"output={_key(output)!r} conflicts with the Var '{target.name}' being evaluated")
+        if output is not None and name_of(output) != target.name:
+            raise TypeError(f"output={name_of(output)!r} conflicts with the Var '{target.name}' being evaluated")
         return target.graph, target.name
-    return as_graph(target), "" if output is None else _key(output)
+    return as_graph(target), "" if output is None else name_of(output)
 
 
 def merge_inputs(inputs: Mapping[Any, Any] | None, named: Mapping[str, Any]) -> dict[str, Any]:
     """One name -> value dict from the positional mapping (names or Vars) and keyword inputs."""
     merged: dict[str, Any] = {}
     for key, value in list((inputs or {}).items()) + list(named.items()):
-        name = _key(key)
+        name = name_of(key)
         if name in merged:
             raise TypeError(f"input '{name}' is given twice")
         merged[name] = value
@@ -78,7 +78,7 @@ def selection(spec: Selectable | None, field: str) -> pb.Selection | None:
         if spec == "none":
             return pb.Selection(mode=pb.Selection.NONE)
         raise ValueError(f"{field}: expected 'all', 'none' or a list of names, got {spec!r}")
-    return pb.Selection(mode=pb.Selection.LISTED, names=[_key(k) for k in spec])
+    return pb.Selection(mode=pb.Selection.LISTED, names=[name_of(k) for k in spec])
 
 
 def evaluate_request(

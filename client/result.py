@@ -15,8 +15,8 @@ from chainrule.server.convert import DTYPE_NAMES, tensor_to_array
 from chainrule.v1 import chainrule_pb2 as pb
 
 
-def _key(key: Any) -> str:
-    """A name from a name or a builder Var."""
+def name_of(key: Any) -> str:
+    """The name of a node given by name or as a builder Var."""
     if isinstance(key, str):
         return key
     name = getattr(key, "name", None)
@@ -35,7 +35,7 @@ class Arrays(Mapping[str, np.ndarray]):
         self._decoded: dict[str, np.ndarray] = {}
 
     def __getitem__(self, key: Any) -> np.ndarray:
-        name = _key(key)
+        name = name_of(key)
         array = self._decoded.get(name)
         if array is None:
             tensor = self._tensors.get(name)
@@ -53,7 +53,7 @@ class Arrays(Mapping[str, np.ndarray]):
 
     def __contains__(self, key: object) -> bool:
         try:
-            return _key(key) in self._tensors
+            return name_of(key) in self._tensors
         except TypeError:
             return False
 

@@ -30,12 +30,18 @@ class Shapes:
     """A plan specialised to its input shapes: every value's spec (None where an
     operator has no infer rule), the bytes they take, and the gradient edges."""
 
-    __slots__ = ("specs", "memory_bytes", "differentiable", "grad_edges", "complete")
+    __slots__ = ("specs", "memory_bytes", "differentiable", "grad_edges", "complete", "_pruned")
 
     def __init__(self, specs: list[TensorSpec | None], in_slots: list[tuple[int, ...]], n_inputs: int) -> None:
         self.specs = specs
         self.complete = all(s is not None for s in specs)
-        self.differentiable = [s is not None and is_differentiable(s.dtype) for s in specs]
+        # Float values carry gradients; literals (operators without inputs, e.g. const) do not,
+        # like constants in PyTorch: their gradient is never wanted and may be undefined
+        # (the exponent of pow at a negative base).
+        self.differentiable = [
+            s is not None and is_differentiable(s.dtype) and (k < n_inputs or bool(slots))
+            for k, (s, slots) in enumerate(zip(specs, in_slots))
+        ]
         diff = self.differentiable
         #: per slot: (position, input slot) of each input that takes a gradient
         self.grad_edges: list[tuple[tuple[int, int], ...]] = [
@@ -44,6 +50,25 @@ class Shapes:
         self.memory_bytes = sum(
             s.nbytes * (2 if d else 1) for s, d in zip(specs, self.differentiable) if s is not None
         )
+        self._pruned: dict[frozenset[int], list[tuple[tuple[int, int], ...]]] = {}
+
+    def edges_toward(self, wanted: frozenset[int], in_slots: list[tuple[int, ...]]) -> list[tuple[tuple[int, int], ...]]:
+        """Gradient edges pruned to those on a path from a ``wanted`` slot to the output.
+
+        Like ``requires_grad=False`` in PyTorch: the gradient of a data input
+        nobody asked for (and of everything only it feeds) is never computed.
+        """
+        cached = self._pruned.get(wanted)
+        if cached is not None:
+            return cached
+        needed = [k in wanted for k in range(len(in_slots))]
+        for k, slots in enumerate(in_slots):
+            if not needed[k] and any(needed[j] for j in slots):
+                needed[k] = True
+        pruned = [tuple(e for e in edges if needed[e[1]]) for edges in self.grad_edges]
+        if len(self._pruned) < 8:
+            self._pruned[wanted] = pruned
+        return pruned
 
 
 class Plan:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 
@@ -96,6 +96,7 @@ def evaluate(
     gradients: bool = True,
     unreached: str = UNREACHED_ZEROS,
     contributions: bool = False,
+    wrt: Iterable[str] | None = None,
     token: StopToken | None = None,
 ) -> Evaluation:
     """Run forward, then (unless ``gradients=False``) backward from ``output``.
@@ -103,6 +104,9 @@ def evaluate(
     ``seed`` is the gradient of the output with respect to itself; it may be
     left out only for an output with one element. Nodes that do not reach the
     output get zero gradients (``unreached="zeros"``) or none (``"omit"``).
+    ``wrt`` names the nodes whose gradients are wanted (default: every node);
+    gradients are then computed only along paths from them to the output,
+    and other nodes get none.
     """
     out_slot = _choose_output(plan, output)
     arrays = _check_inputs(plan, inputs)
@@ -115,10 +119,15 @@ def evaluate(
             return Evaluation(plan, values, None, out_slot, shapes.differentiable)
         seed_array = _seed(plan, shapes, out_slot, seed)
         record: list[Contribution] | None = [] if contributions else None
-        grads = _backward(plan, shapes, values, out_slot, seed_array, token, record)
+        if wrt is None:
+            edges, wanted = shapes.grad_edges, None
+        else:
+            wanted = frozenset(plan.slot(name, field="wrt") for name in wrt)
+            edges = shapes.edges_toward(wanted, plan.in_slots)
+        grads = _backward(plan, shapes, edges, values, out_slot, seed_array, token, record)
     if unreached == UNREACHED_ZEROS:
         for k, d in enumerate(shapes.differentiable):
-            if d and grads[k] is None:
+            if d and grads[k] is None and (wanted is None or k in wanted):
                 spec = shapes.specs[k]
                 grads[k] = np.zeros(spec.shape, spec.dtype)  # type: ignore[union-attr]
     elif unreached != UNREACHED_OMIT:
@@ -226,10 +235,10 @@ def _seed(plan: Plan, shapes: Shapes, out_slot: int, seed: Any) -> np.ndarray:
 
 
 def _backward(
-    plan: Plan, shapes: Shapes, values: list[Any], out_slot: int, seed: np.ndarray,
-    token: StopToken | None, record: list[Contribution] | None,
+    plan: Plan, shapes: Shapes, edges: list[tuple[tuple[int, int], ...]], values: list[Any], out_slot: int,
+    seed: np.ndarray, token: StopToken | None, record: list[Contribution] | None,
 ) -> list[Any]:
-    ops, ins, attrs, specs, edges = plan.ops, plan.in_slots, plan.attrs, shapes.specs, shapes.grad_edges
+    ops, ins, attrs, specs = plan.ops, plan.in_slots, plan.attrs, shapes.specs
     names, consumers = plan.names, plan.consumers
     grads: list[Any] = [None] * len(ops)
     owned = [False] * len(ops)  # True where grads[j] is a buffer we allocated and may add into
@@ -243,7 +252,11 @@ def _backward(
         op = ops[k]
         s = ins[k]
         try:
-            if len(s) == 2:
+            if op.selective_vjp:
+                needed = {pos for pos, _ in edges[k]}
+                parts = op.vjp(g, values[k], *[values[j] for j in s],
+                               needs=tuple(pos in needed for pos in range(len(s))), **attrs[k])
+            elif len(s) == 2:
                 parts = op.vjp(g, values[k], values[s[0]], values[s[1]], **attrs[k])
             elif len(s) == 1:
                 parts = op.vjp(g, values[k], values[s[0]], **attrs[k])

@@ -68,6 +68,10 @@ class OpDef:
     #: Optional ``sample(rng) -> (inputs, attrs)`` giving valid inputs for the
     #: gradient checker when random inputs of the declared shapes do not suit.
     sample: Callable[[np.random.Generator], tuple[list[np.ndarray], dict[str, Any]]] | None = None
+    #: True when ``vjp`` accepts ``needs`` (a bool per input, like PyTorch's
+    #: ``ctx.needs_input_grad``) and may skip the inputs whose gradient nobody
+    #: wants, returning None for them (matmul uses it to skip ``dX`` for data).
+    selective_vjp: bool = False
     #: Filled in by the plugin manager: who provides this operator.
     plugin: str = ""
     distribution: str = ""

@@ -151,20 +151,26 @@ def check_vjp(
     attrs = check_attrs(op, dict(attrs or {}))
     given = [np.asarray(x) for x in inputs]
     xs = [x.astype(np.float64) if x.dtype == np.float32 else x.copy() for x in given]
+    pristine = [x.copy() for x in xs]
     with np.errstate(all="ignore"):
-        problem = _infer_problem(op, given, attrs)
+        problem = _infer_problem(op, [x.copy() for x in given], attrs)
         out = np.asarray(op.forward(*xs, **attrs))
+        problem = problem or _written("forward", pristine, xs)
         floats = [i for i, x in enumerate(xs) if x.dtype.kind == "f"]
         if not floats or out.dtype.kind != "f":
             checks = tuple(_unchecked(i, x) for i, x in enumerate(xs))
             return GradCheckReport(op.name, checks, attrs, out.shape, problem)
         v = np.random.default_rng(seed).standard_normal(out.shape)
-        kept = [v.copy(), out.copy()] + [x.copy() for x in xs]
-        grads = tuple(op.vjp(v, out, *xs, **attrs))
+        kept = [v.copy(), out.copy()]
+        if getattr(op, "selective_vjp", False):  # ask for the float inputs' gradients, as the engine does
+            needs = tuple(x.dtype.kind == "f" for x in xs)
+            grads = tuple(op.vjp(v, out, *xs, needs=needs, **attrs))
+        else:
+            grads = tuple(op.vjp(v, out, *xs, **attrs))
         if len(grads) != len(xs):
             problem = f"vjp returned {len(grads)} gradients for {len(xs)} inputs"
             return GradCheckReport(op.name, tuple(_unchecked(i, x) for i, x in enumerate(xs)), attrs, out.shape, problem)
-        problem = problem or _written(kept, [v, out, *xs])
+        problem = problem or _written("vjp", kept + pristine, [v, out, *xs])
         checks = tuple(
             _check_input(op, xs, attrs, i, grads[i], v, eps, rtol, atol) if i in floats else _unchecked(i, xs[i])
             for i in range(len(xs))
@@ -237,12 +243,14 @@ def _unchecked(i: int, x: np.ndarray) -> InputCheck:
     return InputCheck(i, x.shape, x.dtype.name, checked=False, passed=True)
 
 
-def _written(before: list[np.ndarray], after: list[np.ndarray]) -> str:
-    """'' unless the vjp wrote into g, out or an input (the engine shares those arrays)."""
-    names = ["g", "out"] + [f"input {i}" for i in range(len(after) - 2)]
+def _written(rule: str, before: list[np.ndarray], after: list[np.ndarray]) -> str:
+    """'' unless ``rule`` wrote into an argument (the engine shares those arrays between rules)."""
+    names = [f"input {i}" for i in range(len(after))]
+    if rule == "vjp":
+        names = ["g", "out"] + names[:-2]
     for name, old, new in zip(names, before, after):
         if not np.array_equal(old, new, equal_nan=True):
-            return f"vjp wrote into its argument {name}; rules must not modify their arguments"
+            return f"{rule} wrote into its argument {name}; rules must not modify their arguments"
     return ""
 
 

@@ -13,7 +13,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from chainrule.core import StopToken
-from chainrule.core.errors import ChainruleError, OperatorFailure
+from chainrule.core.errors import ChainruleError, LimitExceeded, OperatorFailure
 from chainrule.plugins.manager import Loaded, load_plugins
 from chainrule.v1 import chainrule_pb2 as pb
 from chainrule.v1 import chainrule_pb2_grpc as pb_grpc
@@ -35,13 +35,24 @@ class Servicer(pb_grpc.ChainruleServicer):
         self.service = service
         self.config = config
         self.worker = worker
+        # Admission control: excess calls are refused at once with RESOURCE_EXHAUSTED
+        # naming the limit, rather than queueing behind slow ones.
+        self._slots = threading.BoundedSemaphore(config.max_concurrent)
 
     def _call(self, method: str, context: grpc.ServicerContext, work: Callable[[], Any], size: int = 0) -> Any:
         request_id = uuid.uuid4().hex[:12]
         context.send_initial_metadata(((REQUEST_ID_KEY, request_id),))
         started = time.perf_counter()
         outcome = "OK"
+        admitted = False
         try:
+            admitted = self._slots.acquire(blocking=False)
+            if not admitted:
+                allowed = self.config.max_concurrent
+                raise LimitExceeded(
+                    f"the server is already serving {allowed} calls (max_concurrent); retry later",
+                    limit="max_concurrent", requested=allowed + 1, allowed=allowed,
+                )
             return work()
         except ChainruleError as exc:
             outcome = code_for(exc).name
@@ -53,6 +64,8 @@ class Servicer(pb_grpc.ChainruleServicer):
             log.exception("request %s: unexpected error in %s", request_id, method)
             context.abort_with_status(to_grpc_status(internal_status(request_id)))
         finally:
+            if admitted:
+                self._slots.release()
             log.info("%s id=%s nodes=%d %.1fms %s", method, request_id, size,
                      (time.perf_counter() - started) * 1000, outcome)
 
@@ -121,9 +134,12 @@ def create_running_server(
     """Like create_server, returning a Running handle (for graceful drains)."""
     config = config or ServerConfig()
     service = service or build_service(config)
+    # Threads beyond max_concurrent let refusals be answered at once; gRPC's own
+    # limit is only a backstop (it counts calls until their clean-up ends).
+    spare = max(4, config.max_concurrent // 2)
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=config.max_concurrent, thread_name_prefix="chainrule"),
-        maximum_concurrent_rpcs=config.max_concurrent,
+        futures.ThreadPoolExecutor(max_workers=config.max_concurrent + spare, thread_name_prefix="chainrule"),
+        maximum_concurrent_rpcs=2 * config.max_concurrent + spare,
         options=[
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),

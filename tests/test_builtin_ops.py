@@ -300,6 +300,27 @@ def test_rules_accept_numpy_scalars(name, inputs, attrs):
             np.testing.assert_allclose(a, b, rtol=1e-15)
 
 
+@pytest.mark.parametrize("name, inputs, attrs", [p for p in CASES if any(len(r.shape) > 1 for r in p.values[1])])
+def test_rules_do_not_depend_on_memory_layout(name, inputs, attrs):
+    """Fortran-ordered and strided inputs (transposes, slices of other values) give the same results."""
+    op = OPS[name]
+    attrs = check_attrs(op, attrs)
+    arrays = make(inputs)
+    strided = [np.repeat(x, 2, axis=-1)[..., ::2] if x.ndim else x for x in arrays]
+    fortran = [np.asfortranarray(x) if x.ndim else x for x in arrays]  # (asfortranarray makes 0-d 1-d)
+    with np.errstate(all="ignore"):
+        out = np.asarray(op.forward(*arrays, **attrs))
+        g = np.random.default_rng(5).standard_normal(out.shape)
+        expected = op.vjp(g, out, *arrays, **attrs)
+        for xs in (strided, fortran):
+            out_other = np.asarray(op.forward(*xs, **attrs))
+            np.testing.assert_allclose(out_other, out, rtol=1e-14)
+            got = op.vjp(np.asfortranarray(g) if g.ndim else g, out_other, *xs, **attrs)
+            for a, b in zip(got, expected):
+                if b is not None:
+                    np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-15)
+
+
 def test_integer_inputs_of_float_functions_give_float64():
     x = np.array([1, 2, 3], dtype=np.int32)
     for name in ("exp", "log", "sqrt", "sin", "cos", "tanh", "sigmoid", "softplus", "leaky_relu", "clip"):
@@ -430,6 +451,21 @@ def test_matmul_shape_mismatch_names_the_inner_dimensions():
         OPS["matmul"].infer(TensorSpec((2, 4), np.dtype("float64")), TensorSpec((3, 5), np.dtype("float64")))
     with pytest.raises(OpError, match="batch dimensions"):
         OPS["matmul"].infer(TensorSpec((2, 2, 3), np.dtype("float64")), TensorSpec((4, 3, 1), np.dtype("float64")))
+
+
+def test_matmul_skips_the_gradient_nobody_needs():
+    op = OPS["matmul"]
+    assert op.selective_vjp
+    a, b = np.ones((2, 3)), np.ones((3, 4))
+    g = np.ones((2, 4))
+    da, db = op.vjp(g, a @ b, a, b, needs=(False, True))
+    assert da is None and db.shape == (3, 4)
+    da, db = op.vjp(np.array(1.0), np.array(3.0), np.ones(3), np.ones(3), needs=(True, False))
+    assert db is None and da.shape == (3,)
+    graph = Graph.build([("x", "float64", (2, 3)), ("w", "float64", (3, 4))],
+                        [("h", "matmul", ("x", "w")), ("loss", "sum", ("h",))], "loss")
+    result = compile_graph(graph, Registry(OPS.values())).run({"x": a, "w": b}, wrt=["w"])
+    np.testing.assert_array_equal(result.grad("w"), np.full((3, 4), 2.0))
 
 
 def test_matmul_mismatch_in_a_graph_names_the_node():

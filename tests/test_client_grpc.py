@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from chainrule.client import (
-    Client, DeadlineExceeded, Graph, GraphBuilder, InvalidArgument, LocalClient, NotFound, Unavailable, ops,
+    Client, DeadlineExceeded, Graph, GraphBuilder, Internal, InvalidArgument, LocalClient, NotFound, Unavailable, ops,
 )
 from chainrule.server import ServerConfig, create_server
 from chainrule.v1 import chainrule_pb2 as pb
@@ -239,6 +239,12 @@ def test_16_mib_input_and_gradient_round_trip_exactly(client):
 
 
 def test_16_threads_times_50_calls(client):
+    """16 client threads never exceed the default 16 concurrent calls, so none may be refused.
+
+    (gRPC's maximum_concurrent_rpcs counts a call until its clean-up ends, after
+    the client already has its answer; a limit of exactly max_concurrent then
+    refuses a few calls now and then: this test catches that.)
+    """
     f = circuit_pg()
     staged_f = staged()
 
@@ -266,3 +272,51 @@ def test_operators_and_server_info(client, local):
     assert by_name["leaky_relu"].attrs["alpha"].type == "float" and by_name["concat"].arity == -1
     info = client.server_info()
     assert info.pid > 0 and info.version
+
+
+# --- a plugin that fails ---------------------------------------------------------------------------------------
+
+def failing_plugin():
+    """A throwaway plugin whose forward rule raises."""
+    from chainrule.plugins import OperatorSet
+
+    ops_set = OperatorSet()
+
+    @ops_set.operator("test.boom")
+    def boom(x):
+        "Always raises."
+        raise RuntimeError("kaboom")
+
+    @boom.vjp
+    def _(g, out, x):
+        return (g,)
+
+    class Plugin:
+        register_operators = staticmethod(ops_set.hookimpl())
+
+    return Plugin()
+
+
+def test_plugin_failure_is_internal_with_operator_and_request_id():
+    from chainrule.plugins.manager import load_plugins
+    from chainrule.server.service import ChainruleService
+
+    loaded = load_plugins(entry_points=False, extra=[("test", failing_plugin())])
+    server, port = create_server("127.0.0.1:0", service=ChainruleService(loaded))
+    server.start()
+    try:
+        g = GraphBuilder()
+        x = g.input("x")
+        y = g.op("test.boom", x, name="b")
+        with Client(f"127.0.0.1:{port}") as c:
+            with pytest.raises(Internal) as info:
+                c.evaluate(y, x=1.0)
+            e = info.value
+            assert e.op == "test.boom" and e.node == "b" and e.metadata.get("plugin") == "test"
+            assert e.request_id and e.request_id in e.message and "kaboom" in e.message
+            assert close(c.evaluate(circuit_pg(), x=1.0, y=3.0, z=-3.0).value, -12)
+        with pytest.raises(Internal) as local_info:
+            LocalClient(loaded).evaluate(y, x=1.0)
+        assert local_info.value.op == "test.boom" and local_info.value.request_id is None
+    finally:
+        server.stop(grace=None).wait()

@@ -18,6 +18,8 @@ from chainrule.core import OpDef, OpError, TensorSpec
 from chainrule.core.dtypes import FLOAT64
 from chainrule.plugins.authoring import broadcast_inputs, table_hookimpl
 
+from .elementwise import writable
+
 
 # --- infer rules -----------------------------------------------------------------------------
 
@@ -51,20 +53,27 @@ def _power(x, y):
 
 
 def _pow_vjp(g, out, x, y):
-    dx = g * y * np.power(x, y - 1)             # d(x**y)/dx = y x**(y-1), and 0 where y == 0
-    dy = g * out * np.log(x)                    # d(x**y)/dy = x**y log x, and 0 where x == 0 (as PyTorch)
-    return np.where(y == 0, 0, dx), np.where(x == 0, 0, dy)
+    dx = writable(g * y * np.power(x, y - 1))   # d(x**y)/dx = y x**(y-1), and 0 where y == 0
+    dy = writable(g * out * np.log(x))          # d(x**y)/dy = x**y log x, and 0 where x == 0 (as PyTorch)
+    return _zero_where(dx, y == 0), _zero_where(dy, x == 0)
 
 
-def _share(g, wins, tie):
-    """g where this input gave the output, half of it at a tie, else 0."""
-    return np.where(tie, g * 0.5, np.where(wins, g, 0))
+def _zero_where(d: np.ndarray, mask: Any) -> np.ndarray:
+    if np.any(mask):                            # rare: skip the pass over d otherwise
+        d[np.broadcast_to(mask, d.shape)] = 0
+    return d
 
 
 def _route(g, out, x, y):
-    """maximum/minimum: the input that gave the output takes the gradient; a tie splits it 0.5/0.5."""
+    """maximum/minimum: the input that gave the output takes the gradient; a tie splits it 0.5 / 0.5."""
+    dx = writable(g * (x == out))
+    dy = writable(g * (y == out))
     tie = x == y
-    return _share(g, x == out, tie), _share(g, y == out, tie)
+    if np.any(tie):                             # rare: skip the pass over dx, dy otherwise
+        tie = np.broadcast_to(tie, dx.shape)
+        dx[tie] *= 0.5
+        dy[tie] *= 0.5
+    return dx, dy
 
 
 # --- gradient-check samples: broadcasting pairs, nonzero divisors, positive bases, no ties ----

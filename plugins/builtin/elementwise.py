@@ -8,6 +8,10 @@ are "weak" under NEP 50, so ``0.5 * x`` stays float32).
 
 The engine runs rules under ``np.errstate(all="ignore")``; sigmoid and softplus
 are still written so that ``exp`` never overflows: it only ever sees ``-|x|``.
+
+At kinks: abs and relu have gradient 0 at x = 0; clip passes the gradient at
+its bounds. Masks multiply the gradient (``g * (x > 0)``, as HIPS autograd does;
+several times faster than ``np.where``).
 """
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from chainrule.core import Attr, OpDef, OpError, TensorSpec
-from chainrule.plugins.authoring import float_like_input, same_as_input, table_hookimpl
+from chainrule.plugins.authoring import float_like_input, table_hookimpl
 
 
 # --- helpers shared with the other families -----------------------------------------------
@@ -86,6 +90,21 @@ def _softplus_vjp(g, out, x):
     return (s,)
 
 
+def _leaky_relu(x, *, alpha):
+    x = as_float(x)
+    slanted = writable(alpha * x)
+    # x for x > 0, alpha x otherwise: the larger of the two when alpha <= 1, else the smaller
+    return (np.maximum if alpha <= 1 else np.minimum)(x, slanted, out=slanted)
+
+
+def _leaky_relu_vjp(g, out, x, *, alpha):
+    slope = writable((x > 0).astype(g.dtype))
+    slope *= 1 - alpha
+    slope += alpha                      # 1 for x > 0, alpha otherwise
+    slope *= g
+    return (slope,)
+
+
 # --- clip ------------------------------------------------------------------------------------
 
 def _clip(x, *, min=None, max=None):  # noqa: A002 - the attribute names are min and max
@@ -98,7 +117,7 @@ def _clip(x, *, min=None, max=None):  # noqa: A002 - the attribute names are min
 def _clip_vjp(g, out, x, *, min=None, max=None):  # noqa: A002
     lo = -np.inf if min is None else min
     hi = np.inf if max is None else max
-    return (np.where((x >= lo) & (x <= hi), g, 0),)   # 1 inside [min, max] (bounds included), 0 outside
+    return (g * ((x >= lo) & (x <= hi)),)   # 1 inside [min, max] (bounds included), 0 outside
 
 
 def _clip_infer(x: TensorSpec, *, min=None, max=None) -> TensorSpec:  # noqa: A002
@@ -157,12 +176,10 @@ OPERATORS: list[OpDef] = [
     # sign and magnitude: the gradient at the kink x = 0 is 0
     OpDef("abs", 1, np.abs, lambda g, out, x: (g * np.sign(x),), _numeric_input,
           doc="|x| elementwise; gradient sign(x), 0 at x = 0.", sample=_off_zero),
-    OpDef("relu", 1, lambda x: np.maximum(x, 0), lambda g, out, x: (np.where(x > 0, g, 0),), _numeric_input,
+    OpDef("relu", 1, lambda x: np.maximum(x, 0), lambda g, out, x: (g * (x > 0),), _numeric_input,
           doc="max(x, 0) elementwise; gradient 1 for x > 0, else 0.", sample=_off_zero),
     OpDef("leaky_relu", 1,
-          lambda x, *, alpha: np.where(x > 0, as_float(x), alpha * as_float(x)),
-          lambda g, out, x, *, alpha: (np.where(x > 0, g, alpha * g),),
-          float_like_input, attrs={"alpha": Attr("float", 0.01, "slope for x <= 0")},
+          _leaky_relu, _leaky_relu_vjp, float_like_input, attrs={"alpha": Attr("float", 0.01, "slope for x <= 0")},
           doc="x for x > 0, alpha * x otherwise.", sample=_off_zero_alpha),
     OpDef("clip", 1, _clip, _clip_vjp, _clip_infer,
           attrs={"min": Attr("float", None, "lower bound; none if unset"),

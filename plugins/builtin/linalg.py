@@ -35,16 +35,24 @@ def _matmul_infer(a: TensorSpec, b: TensorSpec) -> TensorSpec:
     return TensorSpec(batch + rows + cols, np.result_type(a.dtype, b.dtype))
 
 
-def _matmul_vjp(g, out, a, b):
+def _matmul_vjp(g, out, a, b, *, needs=(True, True)):
+    """``g @ bᵀ`` and ``aᵀ @ g``; ``needs`` (from the engine) skips a product nobody wants, e.g. for a data batch."""
     if a.ndim == 1 and b.ndim == 1:                 # vector · vector: out is a scalar
-        return g * b, g * a
+        return (g * b if needs[0] else None), (g * a if needs[1] else None)
     a2 = a[np.newaxis, :] if a.ndim == 1 else a     # row vector (1, k)
     b2 = b[:, np.newaxis] if b.ndim == 1 else b     # column vector (k, 1)
     g2 = np.expand_dims(g, -2) if a.ndim == 1 else g
     g2 = np.expand_dims(g2, -1) if b.ndim == 1 else g2
-    da = np.matmul(g2, np.swapaxes(b2, -1, -2))
-    db = np.matmul(np.swapaxes(a2, -1, -2), g2)
-    return (da[..., 0, :] if a.ndim == 1 else da), (db[..., 0] if b.ndim == 1 else db)
+    da = db = None
+    if needs[0]:
+        da = np.matmul(g2, np.swapaxes(b2, -1, -2))
+        da = da[..., 0, :] if a.ndim == 1 else da   # drop the added row axis
+    if needs[1] and b.ndim == 2 and a.ndim > 2:    # a batch times one matrix (a dense layer): one product
+        db = np.matmul(a.reshape(-1, a.shape[-1]).T, g.reshape(-1, g.shape[-1]))  # no (batch, k, n) temporary
+    elif needs[1]:
+        db = np.matmul(np.swapaxes(a2, -1, -2), g2)
+        db = db[..., 0] if b.ndim == 1 else db      # drop the added column axis
+    return da, db
 
 
 def _matmul_sample(rng: np.random.Generator):
@@ -80,7 +88,8 @@ def _transpose_sample(rng: np.random.Generator):
 
 OPERATORS: list[OpDef] = [
     OpDef("matmul", 2, np.matmul, _matmul_vjp, _matmul_infer,
-          doc="Matrix product with numpy's rules: 1-D vectors, broadcast batch axes.", sample=_matmul_sample),
+          doc="Matrix product with numpy's rules: 1-D vectors, broadcast batch axes.", sample=_matmul_sample,
+          selective_vjp=True),
     OpDef("transpose", 1,
           lambda x, *, axes=None: np.transpose(x, _permutation(np.ndim(x), axes)),
           lambda g, out, x, *, axes=None: (np.transpose(g, np.argsort(_permutation(np.ndim(x), axes))),),

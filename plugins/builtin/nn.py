@@ -77,9 +77,8 @@ def _cross_entropy(logits, labels):
 
 def _cross_entropy_vjp(g, out, logits, labels):
     p = softmax(logits, axis=-1)
-    rows = p.reshape(-1, p.shape[-1])                  # a view: p is fresh and contiguous
-    rows[np.arange(len(rows)), np.ravel(labels)] -= 1  # softmax - one_hot(labels)
-    p *= g / max(len(rows), 1)
+    p[(*np.indices(np.shape(labels), sparse=True), labels)] -= 1   # softmax - one_hot(labels)
+    p *= g / max(np.size(labels), 1)
     return p, None
 
 
