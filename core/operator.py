@@ -72,6 +72,9 @@ class OpDef:
     #: ``ctx.needs_input_grad``) and may skip the inputs whose gradient nobody
     #: wants, returning None for them (matmul uses it to skip ``dX`` for data).
     selective_vjp: bool = False
+    #: False when vjp is deliberately not the derivative of forward (stop_gradient,
+    #: straight-through estimators): the gradient checker then leaves it alone.
+    gradcheck: bool = True
     #: Filled in by the plugin manager: who provides this operator.
     plugin: str = ""
     distribution: str = ""

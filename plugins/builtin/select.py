@@ -45,7 +45,7 @@ OPERATORS: list[OpDef] = [
           doc="x where cond is true, else y (bool cond, numpy broadcasting); cond gets no gradient.",
           sample=_where_sample),
     OpDef("stop_gradient", 1, lambda x: x, lambda g, out, x: (None,), same_as_input,
-          doc="x unchanged, but no gradient flows back through it."),
+          doc="x unchanged, but no gradient flows back through it.", gradcheck=False),
     OpDef("const", 0, _const, lambda g, out, *, value: (), lambda *, value: TensorSpec.of(value),
           attrs={"value": Attr("tensor", doc="the literal tensor")},
           doc="A tensor literal given as the attribute value.",
