@@ -30,11 +30,17 @@ class Shapes:
     """A plan specialised to its input shapes: every value's spec (None where an
     operator has no infer rule), the bytes they take, and the gradient edges."""
 
-    __slots__ = ("specs", "memory_bytes", "differentiable", "grad_edges", "complete", "_pruned")
+    __slots__ = ("specs", "memory_bytes", "differentiable", "grad_edges", "complete", "_pruned",
+                 "shape_of", "dtype_of", "scalar_type")
 
     def __init__(self, specs: list[TensorSpec | None], in_slots: list[tuple[int, ...]], n_inputs: int) -> None:
         self.specs = specs
         self.complete = all(s is not None for s in specs)
+        # Flat per-slot copies for the hot loops: an ndarray fits when its shape and dtype
+        # match; a numpy scalar fits when its type is the 0-d spec's scalar type.
+        self.shape_of = [None if s is None else s.shape for s in specs]
+        self.dtype_of = [None if s is None else s.dtype for s in specs]
+        self.scalar_type = [s.dtype.type if s is not None and s.shape == () else None for s in specs]
         # Float values carry gradients; literals (operators without inputs, e.g. const) do not,
         # like constants in PyTorch: their gradient is never wanted and may be undefined
         # (the exponent of pow at a negative base).
@@ -102,6 +108,10 @@ class Plan:
         self.metadata = dict(metadata)
         self.limits = limits
         self.index = {name: slot for slot, name in enumerate(names)}
+        # The rules themselves, looked up once rather than per node per run.
+        self.forwards = [None if op is None else op.forward for op in ops]
+        self.vjps = [None if op is None else op.vjp for op in ops]
+        self.selective = [op is not None and op.selective_vjp for op in ops]
         self.consumers = _count_consumers(in_slots, len(names))
         self._shapes: dict[tuple[tuple[int, ...], ...], Shapes] = {}
         if all(-1 not in shape for shape in input_shapes):

@@ -167,30 +167,32 @@ def _check_inputs(plan: Plan, inputs: Mapping[str, Any]) -> list[np.ndarray]:
 
 
 def _forward(plan: Plan, shapes: Shapes, arrays: list[np.ndarray], token: StopToken | None) -> list[Any]:
-    ops, ins, attrs, specs, names = plan.ops, plan.in_slots, plan.attrs, shapes.specs, plan.names
-    values: list[Any] = arrays + [None] * (len(ops) - plan.n_inputs)
-    for k in range(plan.n_inputs, len(ops)):
+    forwards, ins, attrs = plan.forwards, plan.in_slots, plan.attrs
+    shape_of, dtype_of, scalar_type = shapes.shape_of, shapes.dtype_of, shapes.scalar_type
+    ndarray = np.ndarray
+    values: list[Any] = arrays + [None] * (len(ins) - plan.n_inputs)
+    for k in range(plan.n_inputs, len(ins)):
         if token is not None:
             token.check()
-        op = ops[k]
         s = ins[k]
         try:
             if len(s) == 2:
-                v = op.forward(values[s[0]], values[s[1]], **attrs[k])
+                v = forwards[k](values[s[0]], values[s[1]], **attrs[k])
             elif len(s) == 1:
-                v = op.forward(values[s[0]], **attrs[k])
+                v = forwards[k](values[s[0]], **attrs[k])
             else:
-                v = op.forward(*[values[j] for j in s], **attrs[k])
+                v = forwards[k](*[values[j] for j in s], **attrs[k])
         except OpError as exc:
-            raise node_error(exc, names[k], op) from None
+            raise node_error(exc, plan.names[k], plan.ops[k]) from None
         except Exception as exc:
-            raise _failure(op, names[k], "forward", exc) from exc
-        spec = specs[k]
-        try:
-            fits = spec is not None and v.shape == spec.shape and v.dtype == spec.dtype
-        except AttributeError:
-            fits = False
-        values[k] = v if fits else _fit_value(plan, k, v, spec)
+            raise _failure(plan.ops[k], plan.names[k], "forward", exc) from exc
+        t = type(v)
+        if t is ndarray:
+            if v.shape != shape_of[k] or v.dtype != dtype_of[k]:
+                v = _fit_value(plan, k, v, shapes.specs[k])
+        elif t is not scalar_type[k]:
+            v = _fit_value(plan, k, v, shapes.specs[k])
+        values[k] = v
     return values
 
 
@@ -238,10 +240,11 @@ def _backward(
     plan: Plan, shapes: Shapes, edges: list[tuple[tuple[int, int], ...]], values: list[Any], out_slot: int,
     seed: np.ndarray, token: StopToken | None, record: list[Contribution] | None,
 ) -> list[Any]:
-    ops, ins, attrs, specs = plan.ops, plan.in_slots, plan.attrs, shapes.specs
-    names, consumers = plan.names, plan.consumers
-    grads: list[Any] = [None] * len(ops)
-    owned = [False] * len(ops)  # True where grads[j] is a buffer we allocated and may add into
+    vjps, selective, ins, attrs = plan.vjps, plan.selective, plan.in_slots, plan.attrs
+    shape_of, dtype_of, scalar_type = shapes.shape_of, shapes.dtype_of, shapes.scalar_type
+    ndarray = np.ndarray
+    grads: list[Any] = [None] * len(ins)
+    owned = [False] * len(ins)  # True where grads[j] is a buffer we allocated and may add into
     grads[out_slot] = seed
     for k in range(out_slot, plan.n_inputs - 1, -1):
         g = grads[k]
@@ -249,40 +252,38 @@ def _backward(
             continue
         if token is not None:
             token.check()
-        op = ops[k]
         s = ins[k]
         try:
-            if op.selective_vjp:
+            if selective[k]:
                 needed = {pos for pos, _ in edges[k]}
-                parts = op.vjp(g, values[k], *[values[j] for j in s],
-                               needs=tuple(pos in needed for pos in range(len(s))), **attrs[k])
+                parts = vjps[k](g, values[k], *[values[j] for j in s],
+                                needs=tuple(pos in needed for pos in range(len(s))), **attrs[k])
             elif len(s) == 2:
-                parts = op.vjp(g, values[k], values[s[0]], values[s[1]], **attrs[k])
+                parts = vjps[k](g, values[k], values[s[0]], values[s[1]], **attrs[k])
             elif len(s) == 1:
-                parts = op.vjp(g, values[k], values[s[0]], **attrs[k])
+                parts = vjps[k](g, values[k], values[s[0]], **attrs[k])
             else:
-                parts = op.vjp(g, values[k], *[values[j] for j in s], **attrs[k])
+                parts = vjps[k](g, values[k], *[values[j] for j in s], **attrs[k])
             if len(parts) != len(s):
-                raise _contract(op, names[k], f"vjp returned {len(parts)} gradients for {len(s)} inputs")
+                raise _contract(plan.ops[k], plan.names[k], f"vjp returned {len(parts)} gradients for {len(s)} inputs")
         except OperatorFailure:
             raise
         except OpError as exc:
-            raise node_error(exc, names[k], op) from None
+            raise node_error(exc, plan.names[k], plan.ops[k]) from None
         except Exception as exc:
-            raise _failure(op, names[k], "vjp", exc) from exc
+            raise _failure(plan.ops[k], plan.names[k], "vjp", exc) from exc
         for pos, j in edges[k]:
             gj = parts[pos]
             if gj is None:
                 continue
-            spec = specs[j]
-            try:
-                fits = gj.shape == spec.shape and gj.dtype == spec.dtype
-            except AttributeError:
-                fits = False
-            if not fits:
-                gj = _fit_grad(plan, k, pos, gj, spec)
-            if record is not None and consumers[j] > 1:
-                record.append(Contribution(names[j], names[k], pos, gj))
+            t = type(gj)
+            if t is ndarray:
+                if gj.shape != shape_of[j] or gj.dtype != dtype_of[j]:
+                    gj = _fit_grad(plan, k, pos, gj, shapes.specs[j])
+            elif t is not scalar_type[j]:
+                gj = _fit_grad(plan, k, pos, gj, shapes.specs[j])
+            if record is not None and plan.consumers[j] > 1:
+                record.append(Contribution(plan.names[j], plan.names[k], pos, gj))
             current = grads[j]
             if current is None:
                 grads[j] = gj
@@ -291,7 +292,7 @@ def _backward(
             else:
                 total = current + gj
                 grads[j] = total
-                owned[j] = type(total) is np.ndarray
+                owned[j] = type(total) is ndarray
     return grads
 
 

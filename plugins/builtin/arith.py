@@ -10,6 +10,7 @@ split evenly, 0.5 to each input.
 """
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 import numpy as np
@@ -109,19 +110,20 @@ def _apart(rng):
     return [np.asarray(x), np.asarray(y)], {}
 
 
-# --- the table -------------------------------------------------------------------------------
+# --- the table: forward rules are Python's operators, which dispatch to the same numpy
+# ufuncs for arrays but skip the ufunc call overhead (about 0.5 us) for 0-d values -------------------------------------------------------------------------------
 
 OPERATORS: list[OpDef] = [
     # sums distribute the gradient, products swap it
-    OpDef("add", 2, np.add, lambda g, out, x, y: (g, g), _numeric,
+    OpDef("add", 2, operator.add, lambda g, out, x, y: (g, g), _numeric,
           doc="x + y with numpy broadcasting.", sample=_pair),
-    OpDef("sub", 2, np.subtract, lambda g, out, x, y: (g, -g), _numeric,
+    OpDef("sub", 2, operator.sub, lambda g, out, x, y: (g, -g), _numeric,
           doc="x - y with numpy broadcasting.", sample=_pair),
-    OpDef("neg", 1, np.negative, lambda g, out, x: (-g,), _numeric,
+    OpDef("neg", 1, operator.neg, lambda g, out, x: (-g,), _numeric,
           doc="-x elementwise."),
-    OpDef("mul", 2, np.multiply, lambda g, out, x, y: (g * y, g * x), _numeric,
+    OpDef("mul", 2, operator.mul, lambda g, out, x, y: (g * y, g * x), _numeric,
           doc="x * y with numpy broadcasting.", sample=_pair),
-    OpDef("div", 2, np.true_divide, _div_vjp, _true_division,
+    OpDef("div", 2, operator.truediv, _div_vjp, _true_division,
           doc="x / y with numpy broadcasting; integer inputs give float64.", sample=_nonzero_divisor),
 
     # powers

@@ -60,11 +60,11 @@ def _kept(g: Any, axes: tuple[int, ...], keepdims: bool) -> np.ndarray:
 
 
 def _spread(g: Any, x: Any, axes: tuple[int, ...], keepdims: bool) -> np.ndarray:
-    """g copied over the reduced axes into a fresh array of x's shape."""
-    g = _kept(g, axes, keepdims)
-    out = np.empty(np.shape(x), g.dtype)
-    out[...] = g
-    return out
+    """g broadcast over the reduced axes to x's shape: a read-only view, no copy.
+
+    Rules never write into their ``g`` and the engine adds into fresh buffers
+    only, so sum's gradient costs no pass over memory at all."""
+    return np.broadcast_to(_kept(g, axes, keepdims), np.shape(x))
 
 
 def _count(x: Any, axes: tuple[int, ...]) -> int:
