@@ -11,6 +11,7 @@
 """
 from . import ops
 from .builder import GraphBuilder, Var
+from .channel import TLS
 from .client import Client
 from .errors import (
     Cancelled, ChainruleRpcError, DeadlineExceeded, FailedPrecondition, Internal, InvalidArgument, NotFound,
@@ -24,5 +25,5 @@ from .result import Diagnostics, Result
 __all__ = [
     "AttrInfo", "Cancelled", "ChainruleRpcError", "Client", "DeadlineExceeded", "Diagnostics", "FailedPrecondition",
     "Graph", "GraphBuilder", "InputSpec", "Internal", "InvalidArgument", "LocalClient", "NotFound", "OperatorInfo",
-    "ResourceExhausted", "Result", "ServerInfo", "Unauthenticated", "Unavailable", "Var", "ops",
+    "ResourceExhausted", "Result", "ServerInfo", "TLS", "Unauthenticated", "Unavailable", "Var", "ops",
 ]

@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import threading
 import weakref
-from typing import Any, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 from chainrule.v1 import chainrule_pb2 as pb
 
-from .errors import NotFound
+from .errors import ChainruleRpcError, NotFound
+from . import training
 from .graph import Graph
 from .info import OperatorInfo, ServerInfo
 from .request import Selectable, as_graph, evaluate_request, merge_inputs, resolve_target
 from .result import Result
+from .training import Progress, TrainResult
 
 
 class ClientBase:
@@ -40,6 +42,15 @@ class ClientBase:
         raise NotImplementedError
 
     def _server_info(self, timeout: float | None) -> pb.ServerInfoResponse:
+        raise NotImplementedError
+
+    def _evaluate_stream(self, requests: Iterator[pb.EvaluateRequest],
+                         timeout: float | None) -> Iterator[pb.EvaluateStreamResponse]:
+        """The answers, lazily; closing the iterator ends the call."""
+        raise NotImplementedError
+
+    def _optimize(self, request: pb.OptimizeRequest, timeout: float | None) -> Iterator[pb.OptimizeProgress]:
+        """The progress reports, lazily; closing the iterator ends the call."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -95,7 +106,7 @@ class ClientBase:
             # The server does not know the id (restarted, evicted, another replica): register again, retry once.
             request.graph_id = self.register(graph, timeout=timeout)
             response = self._evaluate(request, timeout)
-        return Result(response)
+        return Result(response, graph)
 
     def register(self, graph: Any, *, timeout: float | None = None) -> str:
         """Register a Graph (or a builder's graph); later evaluations of it send only the id."""
@@ -123,3 +134,77 @@ class ClientBase:
 
     def server_info(self, *, timeout: float | None = None) -> ServerInfo:
         return ServerInfo.from_proto(self._server_info(self.timeout if timeout is None else timeout))
+
+    def evaluate_many(
+        self,
+        target: Any,
+        input_sets: Iterable[Mapping[Any, Any]],
+        /,
+        inputs: Mapping[Any, Any] | None = None,
+        *,
+        output: Any = None,
+        seed: Any = None,
+        timeout: float | None = None,
+        values: Selectable = "all",
+        grads: Selectable = "all",
+        unreached: str = "zeros",
+        contributions: bool = False,
+        batch: int = 1,
+        errors: str = "raise",
+    ) -> list[Result | ChainruleRpcError]:
+        """Evaluate ``target`` once per input set over one EvaluateStream call; results in order.
+
+        The graph is sent and compiled once. ``inputs`` feed every set (a set's
+        own value wins); ``batch`` sets travel per message (more is faster for
+        small graphs). Other options as in :meth:`evaluate`, for every set.
+        ``errors="raise"`` raises the first failed set's error (its ``index``
+        attribute says which set) and stops the call; ``"return"`` puts each
+        failed set's error in the list in place of its Result.
+        """
+        return training.evaluate_many(
+            self, target, input_sets, inputs, output=output, seed=seed,
+            timeout=self.timeout if timeout is None else timeout, values=values, grads=grads,
+            unreached=unreached, contributions=contributions, batch=batch, errors=errors,
+        )
+
+    def optimize(
+        self,
+        target: Any,
+        params: Mapping[Any, Any],
+        /,
+        data: Mapping[Any, Any] | None = None,
+        *,
+        batches: Sequence[Mapping[Any, Any]] = (),
+        loss: Any = None,
+        optimizer: str = "sgd",
+        lr: float = 0.01,
+        momentum: float = 0.0,
+        beta1: float | None = None,
+        beta2: float | None = None,
+        eps: float | None = None,
+        steps: int = 100,
+        target_loss: float | None = None,
+        report_every: int | None = None,
+        progress: bool | None = None,
+        callback: Callable[[Progress], Any] | None = None,
+        timeout: float | None = None,
+    ) -> TrainResult:
+        """Minimize the scalar ``target`` (a Var, or a Graph with ``loss=``) over ``params`` on the server.
+
+        ``params``: initial values of the graph inputs to train. ``data``: the
+        other inputs, the same at every step; ``batches``: per-step inputs,
+        step k feeding ``batches[k % len(batches)]``. ``optimizer``: "sgd"
+        (``lr``, ``momentum``) or "adam" (``lr``, ``beta1``, ``beta2``,
+        ``eps``). Runs ``steps`` steps, or fewer once the loss reaches
+        ``target_loss``; reports every ``report_every`` steps (default: about
+        100 reports) to a progress bar (``progress``: None shows it on a
+        terminal) and to ``callback(Progress)``. Returns the trained
+        parameters and the loss history.
+        """
+        graph, loss_name = resolve_target(target, loss)
+        request = training.optimize_request(
+            graph, loss_name, params, data=data, batches=batches, optimizer=optimizer, lr=lr, momentum=momentum,
+            beta1=beta1, beta2=beta2, eps=eps, steps=steps, target_loss=target_loss, report_every=report_every,
+        )
+        return training.optimize(self, request, self.timeout if timeout is None else timeout,
+                        progress=progress, callback=callback)

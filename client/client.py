@@ -12,9 +12,11 @@ from typing import Any, Callable, Sequence
 
 import grpc
 
+from chainrule.server import wire
 from chainrule.v1 import chainrule_pb2 as pb, chainrule_pb2_grpc
 
 from .base import ClientBase
+from .channel import TLS, open_channel, target_for
 from .errors import from_rpc_error
 
 #: Default send/receive limit: gRPC's own 4 MiB is too small for real tensors.
@@ -22,29 +24,37 @@ MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 
 class Client(ClientBase):
-    """Talks to a chainrule server at ``address`` ("host:port").
+    """Talks to chainrule servers at ``address``: "host:port", a gRPC target
+    ("dns:///name:port", "ipv4:10.0.0.1:50051,10.0.0.2:50051"), or a list of
+    IP:port addresses. Calls are spread over every address (round_robin) and
+    retried on UNAVAILABLE (see channel.py).
 
     ``timeout`` (seconds) is the default deadline of every call; ``options``
     are extra gRPC channel arguments (they win over the defaults);
-    ``credentials`` makes a secure channel.
+    ``tls=True`` or a :class:`~chainrule.client.channel.TLS` makes a secure
+    channel (``credentials``, ready-made gRPC credentials, also do);
+    ``token`` is sent as ``authorization: Bearer <token>``.
     """
 
-    def __init__(self, address: str, *, timeout: float | None = None,
+    def __init__(self, address: str | Sequence[str], *, timeout: float | None = None,
                  options: Sequence[tuple[str, Any]] | None = None,
                  credentials: grpc.ChannelCredentials | None = None,
+                 tls: bool | TLS | None = None, token: str | None = None,
                  max_message_bytes: int = MAX_MESSAGE_BYTES) -> None:
         super().__init__(timeout=timeout)
-        self.address = address
+        self.address = target_for(address)
         given = list(options or [])
         keys = {key for key, _ in given}
         defaults = [("grpc.max_send_message_length", max_message_bytes),
                     ("grpc.max_receive_message_length", max_message_bytes)]
         channel_options = given + [(k, v) for k, v in defaults if k not in keys]
-        if credentials is None:
-            self.channel = grpc.insecure_channel(address, options=channel_options)
-        else:
-            self.channel = grpc.secure_channel(address, credentials, options=channel_options)
+        self.channel = open_channel(address, options=channel_options, credentials=credentials, tls=tls, token=token)
         self._stub = chainrule_pb2_grpc.ChainruleStub(self.channel)
+        # Evaluate with large inputs hand-encoded (see chainrule.server.wire): one copy, not three.
+        self._evaluate_call = self.channel.unary_unary(
+            "/chainrule.v1.Chainrule/Evaluate",
+            request_serializer=wire.serialize, response_deserializer=pb.EvaluateResponse.FromString,
+        )
 
     def close(self) -> None:
         self.channel.close()
@@ -59,7 +69,7 @@ class Client(ClientBase):
             raise from_rpc_error(error) from None
 
     def _evaluate(self, request: pb.EvaluateRequest, timeout: float | None) -> pb.EvaluateResponse:
-        return self._call(self._stub.Evaluate, request, timeout)
+        return self._call(self._evaluate_call, wire.split_large_inputs(request), timeout)
 
     def _register(self, request: pb.RegisterGraphRequest, timeout: float | None) -> pb.RegisterGraphResponse:
         return self._call(self._stub.RegisterGraph, request, timeout)

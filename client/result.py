@@ -7,12 +7,16 @@ Mappings accept a builder Var or a name as key.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 import numpy as np
 
 from chainrule.server.convert import DTYPE_NAMES, tensor_to_array
 from chainrule.v1 import chainrule_pb2 as pb
+
+if TYPE_CHECKING:
+    from .graph import Graph
 
 
 def name_of(key: Any) -> str:
@@ -75,10 +79,17 @@ class NonFinite:
     node: str
     op: str
     count: int
+    inputs_summary: str = ""  # what the operator was given
+    consumers_summary: str = ""  # for a gradient: the consumers that sent it back
 
     def __str__(self) -> str:
         where = f"'{self.node}' ({self.op})" if self.op else f"input '{self.node}'"
-        return f"{where}: {self.count} non-finite element(s)"
+        text = f"{where}: {self.count} non-finite element(s)"
+        if self.inputs_summary:
+            text += f"\n    its inputs: {self.inputs_summary}"
+        if self.consumers_summary:
+            text += f"\n    sent back by: {self.consumers_summary}"
+        return text
 
 
 @dataclass(frozen=True)
@@ -110,7 +121,7 @@ class Diagnostics:
             if not message.HasField(field):
                 return None
             d = getattr(message, field)
-            return NonFinite(d.node, d.op, d.count)
+            return NonFinite(d.node, d.op, d.count, d.inputs_summary, d.consumers_summary)
 
         return cls(
             nonfinite("first_nonfinite_value"), nonfinite("first_nonfinite_gradient"),
@@ -158,8 +169,9 @@ class Result:
     selected value; ``diagnostics`` the numerical health report.
     """
 
-    def __init__(self, response: pb.EvaluateResponse) -> None:
+    def __init__(self, response: pb.EvaluateResponse, graph: Graph | None = None) -> None:
         self.response = response
+        self.graph = graph  # the evaluated graph, which to_dot() and render() draw
         self.output: str = response.output
         self.graph_id: str = response.graph_id
         self.no_gradient: tuple[str, ...] = tuple(response.no_gradient)
@@ -196,6 +208,18 @@ class Result:
                 for i, c in enumerate(self.response.contributions)
             ]
         return self._contributions
+
+    def to_dot(self) -> str:
+        """The circuit diagram as Graphviz DOT text: each node with its value and gradient."""
+        from .render import to_dot
+
+        return to_dot(self)
+
+    def render(self, path: str | Path) -> Path:
+        """Draw the circuit diagram to ``path`` (.svg, .png, .pdf through Graphviz's ``dot``; .dot as text)."""
+        from .render import render
+
+        return render(self, path)
 
     def __repr__(self) -> str:
         return (f"<Result output '{self.output}' = {np.array2string(self.value, threshold=6)}; "

@@ -1,25 +1,66 @@
 """Diagnostics of one evaluation: where values or gradients stop being finite,
-and how large the gradients of the inputs are.
+how large each parameter's gradient is, and which nodes look sick.
 
-Kept cheap enough to run on every request: one pass over each value and
-gradient, stopping at the first non-finite one.
+Always on, so it has to stay cheap: one pass over each value and gradient
+(a sum, or for graph inputs the dot product that also gives their norm; a
+NaN or an infinity anywhere makes it non-finite), then an exact search only
+when that pass found something. Saturation is measured on the sigmoid and
+tanh values alone, on a fixed random sample of large tensors.
+
+Flags, with the defaults of :class:`Thresholds` (documented in docs/debugging.md):
+
+- VANISHING: a parameter (a float graph input with a gradient) whose gradient
+  norm is below ``vanishing`` (1e-6) times ``max(value norm, 1)``: gradient
+  descent would barely move it.
+- EXPLODING: a parameter whose gradient norm is above ``exploding`` (1e6)
+  times ``max(value norm, 1)``.
+- SATURATED: a sigmoid or tanh node where at least ``saturated_fraction``
+  (50%) of the elements have a local gradient (σ(1-σ), 1-tanh²) below
+  ``saturated_local_grad`` (1e-4): gradients through it all but vanish.
 """
 from __future__ import annotations
 
+import math
+import weakref
 from dataclasses import dataclass, field
+from typing import Any, Iterable
 
 import numpy as np
 
+from .compile import Plan
 from .engine import Evaluation
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """When a flag is raised (see the module docstring)."""
+
+    vanishing: float = 1e-6
+    exploding: float = 1e6
+    saturated_local_grad: float = 1e-4
+    saturated_fraction: float = 0.5
+
+
+DEFAULT_THRESHOLDS = Thresholds()
+
+#: Tensors larger than this have their saturated fraction estimated from this many elements.
+SATURATION_SAMPLE = 1 << 16
 
 
 @dataclass
 class NonFinite:
-    """The first node (in evaluation order) whose value or gradient is not finite."""
+    """The first node (in evaluation order) whose value or gradient is not finite.
+
+    ``inputs_summary`` describes the node's inputs (for a value: what the
+    operator was given); ``consumers_summary`` the consumers whose gradient
+    rules sent a non-finite gradient back (for a gradient).
+    """
 
     node: str
     op: str
     count: int
+    inputs_summary: str = ""
+    consumers_summary: str = ""
 
 
 @dataclass
@@ -44,45 +85,231 @@ class Diagnostics:
     flags: list[Flag] = field(default_factory=list)
 
 
-def _nonfinite_count(value: object) -> int:
+# --- summaries ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Stats:
+    """What a tensor looks like at a glance; min/max/mean/norm ignore non-finite elements."""
+
+    shape: tuple[int, ...]
+    dtype: str
+    min: float
+    max: float
+    mean: float
+    norm: float
+    nonfinite: int
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+
+def stats(value: Any) -> Stats:
+    """Shape, dtype, min/max/mean/norm of the finite elements, and how many are not finite."""
+    array = np.asarray(value)
+    if array.dtype.kind == "f":
+        finite = np.isfinite(array)
+        nonfinite = int(array.size - np.count_nonzero(finite))
+        kept = array[finite] if nonfinite else array.ravel()
+    else:
+        nonfinite, kept = 0, array.ravel().astype(np.float64)
+    if kept.size == 0:
+        lo = hi = mean = norm = math.nan
+    else:
+        lo, hi, mean = float(kept.min()), float(kept.max()), float(kept.mean(dtype=np.float64))
+        norm = float(np.linalg.norm(kept.astype(np.float64, copy=False)))
+    return Stats(tuple(array.shape), array.dtype.name, lo, hi, mean, norm, nonfinite)
+
+
+def number(x: float) -> str:
+    """A number to 4 significant digits, as in the diagrams."""
+    return f"{x:.4g}"
+
+
+def summarize(value: Any) -> str:
+    """One line: the number for a one-element tensor, else shape, dtype and statistics."""
+    array = np.asarray(value)
+    if array.size == 1:
+        return number(array.item()) if array.ndim == 0 else f"{array.dtype.name}{list(array.shape)} {number(array.item())}"
+    s = stats(array)
+    text = (f"{s.dtype}{list(s.shape)} min {number(s.min)} max {number(s.max)} "
+            f"mean {number(s.mean)} norm {number(s.norm)}")
+    return text + (f" ({s.nonfinite} non-finite)" if s.nonfinite else "")
+
+
+# --- the pass ------------------------------------------------------------------------------------
+
+def diagnose(evaluation: Evaluation, thresholds: Thresholds = DEFAULT_THRESHOLDS) -> Diagnostics:
+    """First non-finite value and gradient, every parameter's gradient norm, and the flags."""
+    plan, values, grads = evaluation.plan, evaluation.values, evaluation.grads
+    n_in = plan.n_inputs
+    diagnostics = Diagnostics()
+    with np.errstate(all="ignore"):
+        value_sq = [_square_sum(values[k]) for k in range(n_in)]
+        if not (math.isfinite(_total(values[n_in:])) and all(_finite(s) for s in value_sq)):
+            diagnostics.first_nonfinite_value = _first_nonfinite_value(plan, values)
+        if grads is not None:
+            grad_sq = [_square_sum(grads[k]) for k in range(n_in)]
+            if not (math.isfinite(_total(grads[n_in:])) and all(_finite(s) for s in grad_sq)):
+                diagnostics.first_nonfinite_gradient = _first_nonfinite_gradient(plan, values, grads)
+            diagnostics.grad_norms = [
+                GradNorm(plan.names[k], math.sqrt(sq), _norm_of(values[k], value_sq[k]))
+                for k, sq in enumerate(grad_sq) if sq is not None
+            ]
+            diagnostics.flags.extend(_gradient_flags(evaluation, diagnostics.grad_norms, thresholds))
+        diagnostics.flags.extend(_saturation_flags(plan, values, thresholds))
+    return diagnostics
+
+
+def _total(items: Iterable[Any]) -> float:
+    """Sum of every float element: finite exactly when all are (barring overflow, rechecked exactly)."""
+    total = 0.0
+    for v in items:
+        t = type(v)
+        if t is np.float64 or t is float:
+            total += v
+        elif t is np.ndarray:
+            if v.dtype.kind == "f":
+                total += float(np.add.reduce(v, axis=None))
+        elif isinstance(v, np.floating):
+            total += float(v)
+    return float(total)
+
+
+def _square_sum(value: Any) -> float | None:
+    """Sum of squares of a float tensor (its squared norm; non-finite if any element is); None otherwise."""
+    if value is None:
+        return None
+    array = np.asarray(value)
+    if array.dtype.kind != "f":
+        return None
+    flat = array.ravel().astype(np.float64, copy=False)
+    return float(np.dot(flat, flat))
+
+
+def _finite(square_sum: float | None) -> bool:
+    return square_sum is None or math.isfinite(square_sum)
+
+
+def _norm_of(value: Any, square_sum: float | None) -> float:
+    if square_sum is not None and math.isfinite(square_sum):
+        return math.sqrt(square_sum)
+    return float(np.linalg.norm(np.ravel(value).astype(np.float64)))
+
+
+def _count_nonfinite(value: Any) -> int:
+    if value is None:
+        return 0
     array = np.asarray(value)
     if array.dtype.kind != "f":
         return 0
-    if array.size <= 1 or np.isfinite(array.sum()):
-        return 0 if np.all(np.isfinite(array)) else int(array.size - np.count_nonzero(np.isfinite(array)))
     return int(array.size - np.count_nonzero(np.isfinite(array)))
 
 
-def _first_nonfinite(evaluation: Evaluation, arrays: list[object] | None, order: range) -> NonFinite | None:
-    if arrays is None:
-        return None
-    plan = evaluation.plan
-    for k in order:
-        a = arrays[k]
-        if a is None:
-            continue
-        count = _nonfinite_count(a)
+def _op_name(plan: Plan, k: int) -> str:
+    op = plan.ops[k]
+    return op.name if op is not None else "input"
+
+
+def _first_nonfinite_value(plan: Plan, values: list[Any]) -> NonFinite | None:
+    for k in range(len(plan.names)):
+        count = _count_nonfinite(values[k])
         if count:
-            op = plan.ops[k]
-            return NonFinite(plan.names[k], op.name if op is not None else "input", count)
+            inputs = "; ".join(f"{plan.names[j]} = {summarize(values[j])}" for j in plan.in_slots[k])
+            return NonFinite(plan.names[k], _op_name(plan, k), count, inputs_summary=inputs)
     return None
 
 
-def diagnose(evaluation: Evaluation) -> Diagnostics:
-    """First non-finite value and gradient, and the gradient norm of every float input."""
+def _first_nonfinite_gradient(plan: Plan, values: list[Any], grads: list[Any]) -> NonFinite | None:
+    """Gradients flow backwards: the origin of a non-finite gradient is the last such slot.
+
+    Its consumers are listed with their value and gradient: one of their
+    gradient rules turned finite numbers into a NaN or an infinity.
+    """
+    for k in range(len(plan.names) - 1, -1, -1):
+        count = _count_nonfinite(grads[k])
+        if not count:
+            continue
+        inputs = "; ".join(f"{plan.names[j]} = {summarize(values[j])}" for j in plan.in_slots[k])
+        consumers = "; ".join(
+            f"{_op_name(plan, c)} '{plan.names[c]}' (value {summarize(values[c])}, gradient {summarize(grads[c])})"
+            for c in range(k + 1, len(plan.names)) if k in plan.in_slots[c] and grads[c] is not None
+        )
+        return NonFinite(plan.names[k], _op_name(plan, k), count, inputs_summary=inputs, consumers_summary=consumers)
+    return None
+
+
+# --- flags ---------------------------------------------------------------------------------------
+
+def _gradient_flags(evaluation: Evaluation, norms: list[GradNorm], thresholds: Thresholds) -> list[Flag]:
+    flags: list[Flag] = []
+    reaches: list[bool] | None = None
+    for n in norms:
+        scale = max(n.value_norm, 1.0) if math.isfinite(n.value_norm) else math.inf
+        if n.grad_norm > thresholds.exploding * scale:
+            flags.append(Flag("EXPLODING", n.node,
+                              f"gradient norm {number(n.grad_norm)} exceeds {thresholds.exploding:g} × "
+                              f"max(value norm {number(n.value_norm)}, 1): one gradient step would throw it far away"))
+        elif n.grad_norm < thresholds.vanishing * scale and math.isfinite(scale):
+            if n.grad_norm == 0:
+                if reaches is None:
+                    reaches = _reaches_output(evaluation)
+                if not reaches[evaluation.plan.index[n.node]]:
+                    continue  # unrelated to the output: its zero gradient is no sickness
+            flags.append(Flag("VANISHING", n.node,
+                              f"gradient norm {number(n.grad_norm)} is below {thresholds.vanishing:g} × "
+                              f"max(value norm {number(n.value_norm)}, 1): gradient descent would barely move it"))
+    return flags
+
+
+def _reaches_output(evaluation: Evaluation) -> list[bool]:
+    """Which slots the differentiated output depends on (one backward sweep)."""
     plan = evaluation.plan
-    n = len(plan.names)
-    diagnostics = Diagnostics(
-        first_nonfinite_value=_first_nonfinite(evaluation, evaluation.values, range(n)),
-        # Gradients flow backwards: the origin of a non-finite gradient is the last slot.
-        first_nonfinite_gradient=_first_nonfinite(evaluation, evaluation.grads, range(n - 1, -1, -1)),
-    )
-    if evaluation.grads is not None:
-        for k in range(plan.n_inputs):
-            g = evaluation.grads[k]
-            if g is not None:
-                diagnostics.grad_norms.append(
-                    GradNorm(plan.names[k], float(np.linalg.norm(np.ravel(g))),
-                             float(np.linalg.norm(np.ravel(evaluation.values[k]).astype(np.float64))))
-                )
-    return diagnostics
+    reached = [False] * len(plan.names)
+    reached[evaluation.output] = True
+    for k in range(evaluation.output, -1, -1):
+        if reached[k]:
+            for j in plan.in_slots[k]:
+                reached[j] = True
+    return reached
+
+
+_SATURATING_SLOTS: "weakref.WeakKeyDictionary[Plan, tuple[int, ...]]" = weakref.WeakKeyDictionary()
+
+
+def _saturating_slots(plan: Plan) -> tuple[int, ...]:
+    """The sigmoid and tanh nodes of a plan (found once per plan)."""
+    slots = _SATURATING_SLOTS.get(plan)
+    if slots is None:
+        slots = tuple(k for k, op in enumerate(plan.ops) if op is not None and op.name in ("sigmoid", "tanh"))
+        _SATURATING_SLOTS[plan] = slots
+    return slots
+
+
+def _saturation_flags(plan: Plan, values: list[Any], thresholds: Thresholds) -> list[Flag]:
+    """σ(1-σ) < t  ⟺  |σ - 1/2| > sqrt(1/4 - t);  1 - tanh² < t  ⟺  |tanh| > sqrt(1 - t)."""
+    flags: list[Flag] = []
+    t = thresholds.saturated_local_grad
+    rules = {"sigmoid": (0.5, math.sqrt(max(0.25 - t, 0.0)), "σ(1-σ)"),
+             "tanh": (0.0, math.sqrt(max(1.0 - t, 0.0)), "1-tanh²")}
+    for k in _saturating_slots(plan):
+        op = plan.ops[k].name  # type: ignore[union-attr]
+        center, bound, local = rules[op]
+        v = values[k]
+        if type(v) is np.float64 or type(v) is float:  # the common scalar case, without numpy calls
+            if abs(v - center) > bound:
+                flags.append(Flag("SATURATED", plan.names[k], f"{op}: its value {number(v)} sits where "
+                                  f"the local gradient {local} < {t:g}, so almost no gradient flows back through it"))
+            continue
+        array = np.asarray(v)
+        if array.dtype.kind != "f" or array.size == 0:
+            continue
+        sample = array.ravel()
+        if sample.size > SATURATION_SAMPLE:  # a fixed random sample: no aliasing with the tensor's layout
+            sample = sample[np.random.default_rng(0).integers(0, sample.size, SATURATION_SAMPLE)]
+        fraction = np.count_nonzero(np.abs(sample - center) > bound) / sample.size
+        if fraction >= thresholds.saturated_fraction:
+            flags.append(Flag("SATURATED", plan.names[k],
+                              f"{op}: {fraction:.0%} of its {array.size} elements sit where the local gradient "
+                              f"{local} < {t:g}, so almost no gradient flows back through them"))
+    return flags

@@ -3,8 +3,9 @@
 Built-in families are plugins too, loaded by the same path as third-party ones:
 first the default modules below, then every entry point in the ``chainrule``
 group. ``CHAINRULE_PLUGINS`` (a comma list) restricts which plugins load and
-``CHAINRULE_DISABLE_PLUGINS`` removes some; a name matches a plugin's full name
-or its first dotted part, so ``builtin`` means every built-in family.
+``CHAINRULE_DISABLE_PLUGINS`` removes some, ``CHAINRULE_PREFER`` names the
+plugins that win a name conflict; a name matches a plugin's full name or its
+first dotted part, so ``builtin`` means every built-in family.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ BUILTIN_DISTRIBUTION = "chainrule"
 BUILTIN_FAMILIES = ("arith", "elementwise", "linalg", "reduce", "shape", "nn", "select")
 ENV_ONLY = "CHAINRULE_PLUGINS"
 ENV_DISABLE = "CHAINRULE_DISABLE_PLUGINS"
+ENV_PREFER = "CHAINRULE_PREFER"
 
 
 @dataclass
@@ -63,7 +65,8 @@ def parse_names(text: str | None) -> list[str] | None:
     return names or None
 
 
-def _matches(plugin: str, names: Iterable[str]) -> bool:
+def plugin_matches(plugin: str, names: Iterable[str]) -> bool:
+    """True when one of ``names`` is ``plugin`` or its first dotted part (``builtin`` matches ``builtin.nn``)."""
     head = plugin.split(".", 1)[0]
     return any(name in (plugin, head) for name in names)
 
@@ -72,24 +75,26 @@ def load_plugins(
     *,
     only: Sequence[str] | None = None,
     disable: Sequence[str] | None = None,
-    prefer: Sequence[str] = (),
-    extra: Sequence[tuple[str, Any]] = (),
+    prefer: Sequence[str] | None = None,
+    extra: Sequence[tuple[str, Any] | tuple[str, Any, str, str]] = (),
     entry_points: bool = True,
     env: Mapping[str, str] | None = None,
 ) -> Loaded:
     """Load built-in and installed plugins into a new Registry.
 
-    ``only``/``disable`` default to the environment variables. ``prefer`` names
-    plugins that win a name conflict; without it a conflict raises
+    ``only``/``disable``/``prefer`` default to the environment variables. ``prefer``
+    names plugins that win a name conflict; without it a conflict raises
     DuplicateOperatorError naming both plugins and distributions. ``extra`` adds
-    ``(name, plugin object)`` pairs (used by tests and embedding programs).
+    ``(name, plugin object)`` pairs, or ``(name, plugin, distribution, version)``
+    (used by tests and embedding programs).
     """
     env = os.environ if env is None else env
     only = list(only) if only is not None else parse_names(env.get(ENV_ONLY))
     disable = list(disable) if disable is not None else (parse_names(env.get(ENV_DISABLE)) or [])
+    prefer = list(prefer) if prefer is not None else (parse_names(env.get(ENV_PREFER)) or [])
 
     def wanted(name: str) -> bool:
-        return (only is None or _matches(name, only)) and not _matches(name, disable)
+        return (only is None or plugin_matches(name, only)) and not plugin_matches(name, disable)
 
     pm = pluggy.PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)
@@ -119,10 +124,11 @@ def load_plugins(
             _register(pm, plugin, ep.name)
             origin[ep.name] = (dist, dist_version, False)
 
-    for name, plugin in extra:
+    for name, plugin, *provenance in extra:
         if wanted(name):
             _register(pm, plugin, name)
-            origin[name] = ("", "", False)
+            dist, dist_version = provenance if provenance else ("", "")
+            origin[name] = (dist, dist_version, False)
 
     try:
         pm.check_pending()
@@ -172,12 +178,18 @@ def _add(registry: Registry, op: OpDef, prefer: Sequence[str]) -> None:
     if previous is None:
         registry.add(op)
         return
-    if _matches(op.plugin, prefer) and not _matches(previous.plugin, prefer):
+    if plugin_matches(op.plugin, prefer) and not plugin_matches(previous.plugin, prefer):
         registry.add(op, replace=True)
-    elif _matches(previous.plugin, prefer) and not _matches(op.plugin, prefer):
+    elif plugin_matches(previous.plugin, prefer) and not plugin_matches(op.plugin, prefer):
         return
     else:
-        registry.add(op)  # raises DuplicateOperatorError naming both
+        try:
+            registry.add(op)  # raises DuplicateOperatorError naming both
+        except DuplicateOperatorError as exc:
+            raise DuplicateOperatorError(
+                f"{exc.message}; pick one with --prefer {previous.plugin} or --prefer {op.plugin} "
+                f"(env {ENV_PREFER}), or leave one out with {ENV_DISABLE}", op=op.name, plugin=op.plugin,
+            ) from None
 
 
 def load_registry(**options: Any) -> Registry:
@@ -185,4 +197,6 @@ def load_registry(**options: Any) -> Registry:
     return load_plugins(**options).registry
 
 
-__all__ = ["DuplicateOperatorError", "Loaded", "PluginInfo", "load_plugins", "load_registry", "parse_names"]
+__all__ = [
+    "DuplicateOperatorError", "Loaded", "PluginInfo", "load_plugins", "load_registry", "parse_names", "plugin_matches",
+]

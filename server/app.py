@@ -6,7 +6,8 @@ import threading
 import time
 import uuid
 from concurrent import futures
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -18,8 +19,12 @@ from chainrule.plugins.manager import Loaded, load_plugins
 from chainrule.v1 import chainrule_pb2 as pb
 from chainrule.v1 import chainrule_pb2_grpc as pb_grpc
 
+from . import auth, tls, wire
 from .config import ServerConfig, plugin_filters
+from .metrics import Exporter, Metrics
+from .optimize import optimize
 from .service import ChainruleService
+from .streaming import call_token, client_requests, evaluate_stream
 from .status import code_for, internal_status, status_for, to_grpc_status
 
 log = logging.getLogger("chainrule.server")
@@ -40,6 +45,18 @@ class Servicer(pb_grpc.ChainruleServicer):
         self._slots = threading.BoundedSemaphore(config.max_concurrent)
 
     def _call(self, method: str, context: grpc.ServicerContext, work: Callable[[], Any], size: int = 0) -> Any:
+        with self._serving(method, context, size):
+            return work()
+
+    def _stream(self, method: str, context: grpc.ServicerContext, work: Callable[[str], Iterator[Any]],
+                size: int = 0) -> Iterator[Any]:
+        """Like _call for a streaming response; ``work`` gets the request id. The slot is held to the end."""
+        with self._serving(method, context, size) as request_id:
+            yield from work(request_id)
+
+    @contextmanager
+    def _serving(self, method: str, context: grpc.ServicerContext, size: int) -> Iterator[str]:
+        """Request id, admission control, error statuses and the log line around one call."""
         request_id = uuid.uuid4().hex[:12]
         context.send_initial_metadata(((REQUEST_ID_KEY, request_id),))
         started = time.perf_counter()
@@ -53,7 +70,10 @@ class Servicer(pb_grpc.ChainruleServicer):
                     f"the server is already serving {allowed} calls (max_concurrent); retry later",
                     limit="max_concurrent", requested=allowed + 1, allowed=allowed,
                 )
-            return work()
+            yield request_id
+        except GeneratorExit:  # a streaming call closed by gRPC: the client went away
+            outcome = "CANCELLED"
+            raise
         except ChainruleError as exc:
             outcome = code_for(exc).name
             if isinstance(exc, OperatorFailure):
@@ -80,7 +100,7 @@ class Servicer(pb_grpc.ChainruleServicer):
 
     def Evaluate(self, request: pb.EvaluateRequest, context: grpc.ServicerContext) -> pb.EvaluateResponse:
         size = len(request.graph.nodes) if request.HasField("graph") else 0
-        return self._call("Evaluate", context, lambda: self.service.evaluate(request, self._token(context)), size)
+        return self._call("Evaluate", context, lambda: self.service.evaluate_wire(request, self._token(context)), size)
 
     def RegisterGraph(self, request: pb.RegisterGraphRequest, context: grpc.ServicerContext) -> pb.RegisterGraphResponse:
         return self._call("RegisterGraph", context, lambda: self.service.register_graph(request), len(request.graph.nodes))
@@ -91,24 +111,66 @@ class Servicer(pb_grpc.ChainruleServicer):
     def ServerInfo(self, request: pb.ServerInfoRequest, context: grpc.ServicerContext) -> pb.ServerInfoResponse:
         return self._call("ServerInfo", context, lambda: self.service.server_info(request, self.worker))
 
+    def EvaluateStream(self, requests: Iterator[pb.EvaluateRequest],
+                       context: grpc.ServicerContext) -> Iterator[pb.EvaluateStreamResponse]:
+        return self._stream("EvaluateStream", context, lambda request_id: evaluate_stream(
+            self.service, client_requests(requests), call_token(context), self.config.max_compute_seconds, request_id))
+
+    def Optimize(self, request: pb.OptimizeRequest, context: grpc.ServicerContext) -> Iterator[pb.OptimizeProgress]:
+        size = len(request.graph.nodes) if request.HasField("graph") else 0
+        return self._stream("Optimize", context, lambda request_id: optimize(
+            self.service, request, self._token(context), request_id), size)
+
 
 class Running:
     """A created server with its health servicer, so it can be drained gracefully."""
 
-    def __init__(self, server: grpc.Server, health_servicer: health.HealthServicer, service: ChainruleService) -> None:
+    def __init__(self, server: grpc.Server, health_servicer: health.HealthServicer, service: ChainruleService,
+                 metrics: Exporter | None = None) -> None:
         self.server = server
         self.health = health_servicer
         self.service = service
+        #: The Prometheus endpoint (``metrics.port``), when metrics are on and exported by this process.
+        self.metrics = metrics
 
     def drain(self, grace: float) -> threading.Event:
         """Report NOT_SERVING, refuse new calls, let in-flight ones finish within ``grace``."""
         self.health.enter_graceful_shutdown()
+        if self.metrics is not None:
+            self.metrics.close()
         return self.server.stop(grace)
+
+
+def add_servicer(server: grpc.Server, servicer: Servicer) -> None:
+    """Register every RPC of the service, like the generated ``add_ChainruleServicer_to_server``,
+    but with a serializer that also takes responses whose large tensors are pre-encoded."""
+    factories = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }
+    handlers = {}
+    for method in pb.DESCRIPTOR.services_by_name["Chainrule"].methods:
+        factory = factories[(method.client_streaming, method.server_streaming)]
+        handlers[method.name] = factory(
+            getattr(servicer, method.name),
+            request_deserializer=getattr(pb, method.input_type.name).FromString,
+            response_serializer=wire.serialize,
+        )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
 
 
 def build_service(config: ServerConfig, loaded: Loaded | None = None) -> ChainruleService:
     loaded = loaded or load_plugins(**plugin_filters(config))
-    return ChainruleService(loaded, config.limits(), graph_cache_size=config.graph_cache_size)
+    checks = None
+    if config.check_operators:  # refuse operators whose vjp disagrees with finite differences
+        from chainrule.plugins.checking import check_and_refuse
+
+        loaded, verdicts = check_and_refuse(loaded, log)
+        checks = {c.op: pb.CHECK_PASSED if c.passed else pb.CHECK_FAILED for c in verdicts if c.checked}
+    return ChainruleService(loaded, config.limits(), graph_cache_size=config.graph_cache_size, checks=checks)
 
 
 def create_server(
@@ -130,23 +192,33 @@ def create_running_server(
     service: ChainruleService | None = None,
     worker: int = 0,
     options: list[tuple[str, Any]] | None = None,
+    export_metrics: bool = True,
 ) -> tuple[Running, int]:
-    """Like create_server, returning a Running handle (for graceful drains)."""
+    """Like create_server, returning a Running handle (for graceful drains).
+
+    ``export_metrics=False`` records metrics without serving them (a worker
+    process whose parent serves the metrics of all workers).
+    """
     config = config or ServerConfig()
     service = service or build_service(config)
+    metrics = Metrics() if config.metrics_port else None
+    # The metrics interceptor comes first (outermost), so refused calls are counted too.
+    interceptors = [i for i in (metrics and metrics.interceptor(service),
+                                auth.interceptor_for(config.token_file, config.open_health_and_reflection)) if i]
     # Threads beyond max_concurrent let refusals be answered at once; gRPC's own
     # limit is only a backstop (it counts calls until their clean-up ends).
     spare = max(4, config.max_concurrent // 2)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=config.max_concurrent + spare, thread_name_prefix="chainrule"),
         maximum_concurrent_rpcs=2 * config.max_concurrent + spare,
+        interceptors=interceptors,
         options=[
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),
             *(options or []),
         ],
     )
-    pb_grpc.add_ChainruleServicer_to_server(Servicer(service, config, worker), server)
+    add_servicer(server, Servicer(service, config, worker))
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", SERVICE_NAME):
@@ -155,7 +227,10 @@ def create_running_server(
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server,
         )
-    port = server.add_insecure_port(address or config.address)
+    credentials = tls.server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
+    bind = address or config.address
+    port = server.add_secure_port(bind, credentials) if credentials else server.add_insecure_port(bind)
     if port == 0:
-        raise OSError(f"could not bind {address or config.address}")
-    return Running(server, health_servicer, service), port
+        raise OSError(f"could not bind {bind}")
+    exporter = Exporter(metrics.registry, config.host, config.metrics_port) if metrics and export_metrics else None
+    return Running(server, health_servicer, service, exporter), port

@@ -27,23 +27,48 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .cli_eval import add_eval_parser
 
     add_eval_parser(commands)
+    from .cli_render import add_render_parser
+    add_render_parser(commands)
+
+    from .cli_plugins import add_plugin_parsers
+
+    add_plugin_parsers(commands)
 
     args = parser.parse_args(argv)
+    from chainrule.core.errors import PluginError
+
     try:
         return args.run(args)
     except KeyboardInterrupt:
         return 130
+    except PluginError as exc:  # a plugin that cannot load, or a name conflict: say which, no traceback
+        print(f"chainrule: error: {exc.message}", file=sys.stderr)
+        return 1
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from .app import create_running_server
 
     config = config_module.from_sources(args)
+    if config.tune_malloc:
+        from .memory import tune_allocator
+
+        tune_allocator()
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log = logging.getLogger("chainrule.server")
-    running, port = create_running_server(config=config)
+    if config.workers > 1:
+        from .workers import serve_workers
+
+        return serve_workers(config)
+    try:
+        running, port = create_running_server(config=config)
+    except (OSError, ValueError) as exc:  # a port in use, an unreadable certificate or token file
+        print(f"chainrule: error: {exc}", file=sys.stderr)
+        return 2
     running.server.start()
     log.info("serving %d operators on %s:%d", len(running.service.registry), config.host, port)
+    if running.metrics is not None:
+        log.info("metrics on http://%s:%d/metrics", config.host, running.metrics.port)
     print(f"chainrule listening on {config.host}:{port}", flush=True)
 
     stopping = threading.Event()

@@ -42,6 +42,23 @@ class ServerConfig:
     #: Compare every operator's vjp with finite differences at start-up; refuse those that fail.
     check_operators: bool = False
     log_level: str = "INFO"
+    #: Keep freed large blocks in the heap for the next request (glibc only; see memory.py).
+    tune_malloc: bool = True
+    #: Worker processes sharing the port through SO_REUSEPORT (see workers.py); 1 serves in-process.
+    workers: int = 1
+    #: Port of the Prometheus metrics endpoint (on ``host``); 0 turns metrics off.
+    metrics_port: int = 0
+    #: PEM certificate chain and private key of the server: both set turns TLS on.
+    tls_cert: str = ""
+    tls_key: str = ""
+    #: PEM CA bundle; when set, clients must present a certificate it signed (mutual TLS).
+    tls_client_ca: str = ""
+    #: File of accepted bearer tokens, one per line; when set, every call needs
+    #: ``authorization: Bearer <token>`` metadata, else UNAUTHENTICATED.
+    token_file: str = ""
+    #: With a token file: health checks and reflection still answer without a token
+    #: (load-balancer and Kubernetes probes cannot send one). False guards them too.
+    open_health_and_reflection: bool = True
 
     @property
     def address(self) -> str:

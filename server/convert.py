@@ -80,16 +80,21 @@ def tensor_to_array(tensor: pb.Tensor, *, field: str, max_elements: int | None =
 
 def array_to_tensor(array: Any, *, as_values: bool = False) -> pb.Tensor:
     """Encode an array as a Tensor (raw bytes, or a list of doubles when asked)."""
+    return fill_tensor(pb.Tensor(), array, as_values=as_values)
+
+
+def fill_tensor(tensor: pb.Tensor, array: Any, *, as_values: bool = False) -> pb.Tensor:
+    """Write an array into an existing Tensor message (a map entry, say) without an extra copy."""
     array = np.asarray(array)
     code = NUMPY_TO_DTYPE.get(array.dtype.name)
     if code is None:
         raise DTypeError(f"dtype {array.dtype} cannot be sent; supported: {', '.join(NUMPY_TO_DTYPE)}")
-    tensor = pb.Tensor(dtype=code, shape=array.shape)
+    tensor.dtype = code
+    tensor.shape[:] = array.shape
     if as_values:
-        tensor.values.values.extend(array.astype(np.float64).ravel().tolist())
+        tensor.values.values[:] = array.astype(np.float64).ravel().tolist()
     else:
-        little = array.astype(array.dtype.newbyteorder("<"), copy=False)
-        tensor.data = np.ascontiguousarray(little).tobytes()
+        tensor.data = array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes(order="C")
     return tensor
 
 

@@ -12,7 +12,7 @@ import threading
 from collections import OrderedDict
 from typing import Iterable
 
-from chainrule.core import Limits, Plan, StopToken, compile_graph
+from chainrule.core import Graph, Limits, Plan, StopToken, compile_graph
 from chainrule.core.diagnostics import Diagnostics, diagnose
 from chainrule.core.engine import UNREACHED_OMIT, UNREACHED_ZEROS, Evaluation
 from chainrule.core.errors import ChainruleError, GraphError
@@ -20,6 +20,7 @@ from chainrule.plugins.manager import Loaded, chainrule_version
 from chainrule.v1 import chainrule_pb2 as pb
 
 from .convert import array_to_tensor, graph_from_proto, inputs_from_proto, python_to_attr, tensor_to_array
+from .wire import Outgoing
 
 
 class UnknownGraphError(ChainruleError):
@@ -54,8 +55,9 @@ class ChainruleService:
         plan = self._cached(gid)
         if plan is None:
             core_graph = graph_from_proto(graph, max_elements=self.limits.max_tensor_elements)
+            # Pins first: a graph needing a missing plugin is FAILED_PRECONDITION, not "unknown operator".
+            self._check_requirements(core_graph)
             plan = compile_graph(core_graph, self.registry, self.limits)
-            self._check_requirements(plan)
             with self._lock:
                 self._plans[gid] = plan
                 while len(self._plans) > self._cache_size:
@@ -69,11 +71,11 @@ class ChainruleService:
                 self._plans.move_to_end(gid)
             return plan
 
-    def _check_requirements(self, plan: Plan) -> None:
+    def _check_requirements(self, graph: Graph) -> None:
         """Hook for version pins in graph metadata (see requirements.py)."""
         from .requirements import check_requirements
 
-        check_requirements(plan.metadata, self.loaded)
+        check_requirements(graph.metadata, self.loaded)
 
     def register_graph(self, request: pb.RegisterGraphRequest) -> pb.RegisterGraphResponse:
         gid, plan = self.compile(request.graph)
@@ -98,39 +100,50 @@ class ChainruleService:
     def evaluate(self, request: pb.EvaluateRequest, token: StopToken | None = None) -> pb.EvaluateResponse:
         gid, plan = self.plan_for(request)
         evaluation = self.run(plan, request, token)
-        return self.respond(gid, evaluation, request)
+        return self.respond(gid, evaluation, request, Outgoing(pb.EvaluateResponse(), split=False)).message
+
+    def evaluate_wire(self, request: pb.EvaluateRequest, token: StopToken | None = None) -> Outgoing:
+        """Like evaluate, with large tensors left for hand encoding (see wire.py): for gRPC."""
+        gid, plan = self.plan_for(request)
+        evaluation = self.run(plan, request, token)
+        return self.respond(gid, evaluation, request, Outgoing(pb.EvaluateResponse()))
 
     def run(self, plan: Plan, request: pb.EvaluateRequest, token: StopToken | None) -> Evaluation:
         inputs = inputs_from_proto(request.inputs, max_elements=self.limits.max_tensor_elements)
         seed = (tensor_to_array(request.seed, field="seed", max_elements=self.limits.max_tensor_elements)
                 if request.HasField("seed") else None)
         unreached = UNREACHED_OMIT if request.unreached == pb.UNREACHED_OMIT else UNREACHED_ZEROS
+        listed = request.return_grads.mode == pb.Selection.LISTED
         return plan.run(
             inputs, output=request.output or None, seed=seed,
             gradients=request.return_grads.mode != pb.Selection.NONE,
+            # Gradients nobody asked for are not computed (dL/dX of a data batch, say).
+            wrt=list(request.return_grads.names) if listed else None,
             unreached=unreached, contributions=request.contributions, token=token,
         )
 
-    def respond(self, gid: str, evaluation: Evaluation, request: pb.EvaluateRequest) -> pb.EvaluateResponse:
+    def respond(self, gid: str, evaluation: Evaluation, request: pb.EvaluateRequest, outgoing: Outgoing) -> Outgoing:
+        """Fill ``outgoing`` with the response: small tensors in its message, large ones hand-encoded."""
         plan = evaluation.plan
-        response = pb.EvaluateResponse(
-            output=evaluation.output_name, graph_id=gid,
-            output_value=array_to_tensor(evaluation.values[evaluation.output]),
-        )
+        response = outgoing.message
+        response.output = evaluation.output_name
+        response.graph_id = gid
+
+        outgoing.put_tensor("output_value", evaluation.values[evaluation.output])
         for k in _selected(plan, request.return_values, "return_values"):
-            response.values[plan.names[k]].CopyFrom(array_to_tensor(evaluation.values[k]))
+            outgoing.put_map_tensor("values", plan.names[k], evaluation.values[k])
         if evaluation.grads is not None:
             for k in _selected(plan, request.return_grads, "return_grads"):
                 g = evaluation.grads[k]
                 if g is not None:
-                    response.gradients[plan.names[k]].CopyFrom(array_to_tensor(g))
+                    outgoing.put_map_tensor("gradients", plan.names[k], g)
                 elif not evaluation.differentiable[k]:
                     response.no_gradient.append(plan.names[k])
         for c in evaluation.contributions:
             response.contributions.add(node=c.node, consumer=c.consumer, input_index=c.input_index,
                                        gradient=array_to_tensor(c.gradient))
         write_diagnostics(response.diagnostics, diagnose(evaluation))
-        return response
+        return outgoing
 
     # --- operators ------------------------------------------------------------------
 
@@ -163,12 +176,12 @@ def _selected(plan: Plan, selection: pb.Selection, field: str) -> Iterable[int]:
 
 
 def write_diagnostics(message: pb.Diagnostics, diagnostics: Diagnostics) -> None:
-    if diagnostics.first_nonfinite_value is not None:
-        d = diagnostics.first_nonfinite_value
-        message.first_nonfinite_value.CopyFrom(pb.NonFinite(node=d.node, op=d.op, count=d.count))
-    if diagnostics.first_nonfinite_gradient is not None:
-        d = diagnostics.first_nonfinite_gradient
-        message.first_nonfinite_gradient.CopyFrom(pb.NonFinite(node=d.node, op=d.op, count=d.count))
+    for name in ("first_nonfinite_value", "first_nonfinite_gradient"):
+        d = getattr(diagnostics, name)
+        if d is not None:
+            getattr(message, name).CopyFrom(pb.NonFinite(
+                node=d.node, op=d.op, count=d.count,
+                inputs_summary=d.inputs_summary, consumers_summary=d.consumers_summary))
     for n in diagnostics.grad_norms:
         message.grad_norms.add(node=n.node, grad_norm=n.grad_norm, value_norm=n.value_norm)
     for f in diagnostics.flags:

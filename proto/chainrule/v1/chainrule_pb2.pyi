@@ -152,7 +152,7 @@ class Selection(_message.Message):
     def __init__(self, mode: _Optional[_Union[Selection.Mode, str]] = ..., names: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class EvaluateRequest(_message.Message):
-    __slots__ = ("graph", "graph_id", "inputs", "output", "seed", "return_values", "return_grads", "unreached", "contributions")
+    __slots__ = ("graph", "graph_id", "inputs", "output", "seed", "return_values", "return_grads", "unreached", "contributions", "input_sets")
     class InputsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -169,6 +169,7 @@ class EvaluateRequest(_message.Message):
     RETURN_GRADS_FIELD_NUMBER: _ClassVar[int]
     UNREACHED_FIELD_NUMBER: _ClassVar[int]
     CONTRIBUTIONS_FIELD_NUMBER: _ClassVar[int]
+    INPUT_SETS_FIELD_NUMBER: _ClassVar[int]
     graph: Graph
     graph_id: str
     inputs: _containers.MessageMap[str, Tensor]
@@ -178,7 +179,8 @@ class EvaluateRequest(_message.Message):
     return_grads: Selection
     unreached: Unreached
     contributions: bool
-    def __init__(self, graph: _Optional[_Union[Graph, _Mapping]] = ..., graph_id: _Optional[str] = ..., inputs: _Optional[_Mapping[str, Tensor]] = ..., output: _Optional[str] = ..., seed: _Optional[_Union[Tensor, _Mapping]] = ..., return_values: _Optional[_Union[Selection, _Mapping]] = ..., return_grads: _Optional[_Union[Selection, _Mapping]] = ..., unreached: _Optional[_Union[Unreached, str]] = ..., contributions: _Optional[bool] = ...) -> None: ...
+    input_sets: _containers.RepeatedCompositeFieldContainer[Batch]
+    def __init__(self, graph: _Optional[_Union[Graph, _Mapping]] = ..., graph_id: _Optional[str] = ..., inputs: _Optional[_Mapping[str, Tensor]] = ..., output: _Optional[str] = ..., seed: _Optional[_Union[Tensor, _Mapping]] = ..., return_values: _Optional[_Union[Selection, _Mapping]] = ..., return_grads: _Optional[_Union[Selection, _Mapping]] = ..., unreached: _Optional[_Union[Unreached, str]] = ..., contributions: _Optional[bool] = ..., input_sets: _Optional[_Iterable[_Union[Batch, _Mapping]]] = ...) -> None: ...
 
 class EvaluateResponse(_message.Message):
     __slots__ = ("output_value", "output", "values", "gradients", "no_gradient", "diagnostics", "graph_id", "contributions")
@@ -239,14 +241,18 @@ class Diagnostics(_message.Message):
     def __init__(self, first_nonfinite_value: _Optional[_Union[NonFinite, _Mapping]] = ..., first_nonfinite_gradient: _Optional[_Union[NonFinite, _Mapping]] = ..., grad_norms: _Optional[_Iterable[_Union[GradNorm, _Mapping]]] = ..., flags: _Optional[_Iterable[_Union[Flag, _Mapping]]] = ...) -> None: ...
 
 class NonFinite(_message.Message):
-    __slots__ = ("node", "op", "count")
+    __slots__ = ("node", "op", "count", "inputs_summary", "consumers_summary")
     NODE_FIELD_NUMBER: _ClassVar[int]
     OP_FIELD_NUMBER: _ClassVar[int]
     COUNT_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_SUMMARY_FIELD_NUMBER: _ClassVar[int]
+    CONSUMERS_SUMMARY_FIELD_NUMBER: _ClassVar[int]
     node: str
     op: str
     count: int
-    def __init__(self, node: _Optional[str] = ..., op: _Optional[str] = ..., count: _Optional[int] = ...) -> None: ...
+    inputs_summary: str
+    consumers_summary: str
+    def __init__(self, node: _Optional[str] = ..., op: _Optional[str] = ..., count: _Optional[int] = ..., inputs_summary: _Optional[str] = ..., consumers_summary: _Optional[str] = ...) -> None: ...
 
 class GradNorm(_message.Message):
     __slots__ = ("node", "grad_norm", "value_norm")
@@ -341,14 +347,16 @@ class ServerInfoResponse(_message.Message):
     def __init__(self, version: _Optional[str] = ..., pid: _Optional[int] = ..., worker: _Optional[int] = ...) -> None: ...
 
 class EvaluateStreamResponse(_message.Message):
-    __slots__ = ("response", "error", "index")
+    __slots__ = ("response", "error", "index", "results")
     RESPONSE_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
     response: EvaluateResponse
     error: _status_pb2.Status
     index: int
-    def __init__(self, response: _Optional[_Union[EvaluateResponse, _Mapping]] = ..., error: _Optional[_Union[_status_pb2.Status, _Mapping]] = ..., index: _Optional[int] = ...) -> None: ...
+    results: _containers.RepeatedCompositeFieldContainer[EvaluateStreamResponse]
+    def __init__(self, response: _Optional[_Union[EvaluateResponse, _Mapping]] = ..., error: _Optional[_Union[_status_pb2.Status, _Mapping]] = ..., index: _Optional[int] = ..., results: _Optional[_Iterable[_Union[EvaluateStreamResponse, _Mapping]]] = ...) -> None: ...
 
 class Optimizer(_message.Message):
     __slots__ = ("kind", "learning_rate", "momentum", "beta1", "beta2", "epsilon")
@@ -420,7 +428,7 @@ class OptimizeRequest(_message.Message):
     def __init__(self, graph: _Optional[_Union[Graph, _Mapping]] = ..., graph_id: _Optional[str] = ..., parameters: _Optional[_Iterable[str]] = ..., initial: _Optional[_Mapping[str, Tensor]] = ..., fixed_inputs: _Optional[_Mapping[str, Tensor]] = ..., batches: _Optional[_Iterable[_Union[Batch, _Mapping]]] = ..., loss: _Optional[str] = ..., optimizer: _Optional[_Union[Optimizer, _Mapping]] = ..., steps: _Optional[int] = ..., target_loss: _Optional[float] = ..., report_every: _Optional[int] = ...) -> None: ...
 
 class OptimizeProgress(_message.Message):
-    __slots__ = ("step", "loss", "grad_norms", "elapsed_seconds", "done", "parameters")
+    __slots__ = ("step", "loss", "grad_norms", "elapsed_seconds", "done", "parameters", "losses", "target_reached")
     class GradNormsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -441,10 +449,14 @@ class OptimizeProgress(_message.Message):
     ELAPSED_SECONDS_FIELD_NUMBER: _ClassVar[int]
     DONE_FIELD_NUMBER: _ClassVar[int]
     PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    LOSSES_FIELD_NUMBER: _ClassVar[int]
+    TARGET_REACHED_FIELD_NUMBER: _ClassVar[int]
     step: int
     loss: float
     grad_norms: _containers.ScalarMap[str, float]
     elapsed_seconds: float
     done: bool
     parameters: _containers.MessageMap[str, Tensor]
-    def __init__(self, step: _Optional[int] = ..., loss: _Optional[float] = ..., grad_norms: _Optional[_Mapping[str, float]] = ..., elapsed_seconds: _Optional[float] = ..., done: _Optional[bool] = ..., parameters: _Optional[_Mapping[str, Tensor]] = ...) -> None: ...
+    losses: _containers.RepeatedScalarFieldContainer[float]
+    target_reached: bool
+    def __init__(self, step: _Optional[int] = ..., loss: _Optional[float] = ..., grad_norms: _Optional[_Mapping[str, float]] = ..., elapsed_seconds: _Optional[float] = ..., done: _Optional[bool] = ..., parameters: _Optional[_Mapping[str, Tensor]] = ..., losses: _Optional[_Iterable[float]] = ..., target_reached: _Optional[bool] = ...) -> None: ...

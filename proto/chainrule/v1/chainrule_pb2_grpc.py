@@ -109,6 +109,9 @@ class ChainruleServicer:
         """Evaluates a stream of requests, answering each in order with one
         EvaluateStreamResponse. A failed item is answered with its error and the
         stream goes on; only a failure of the stream itself ends the call.
+        A request that sets neither graph nor graph_id runs the graph of the
+        previous request of the stream (compiled once); a request may carry
+        several input sets (EvaluateRequest.input_sets) to save per-message cost.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

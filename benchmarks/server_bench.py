@@ -1,0 +1,135 @@
+"""Server overhead, as ratios against a bare grpcio echo server in the same run.
+
+    python benchmarks/server_bench.py [--quick]
+
+(a) a 16 MiB float64 input through Evaluate, returning its value and its
+    gradient, over a bare echo moving the same bytes each way;
+(b) the 4-layer network at batch 4096 (512 features, 512 hidden) through the
+    server, returning the parameter gradients, over the same step in-process;
+(c) p50 latency of a 3-node scalar graph through the server, sent whole and
+    by registered id, over the bare echo of a small message.
+Not a test: run on demand, never in CI.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from chainrule.client import Client, GraphBuilder
+from chainrule.core import compile_graph
+from chainrule.plugins.manager import load_plugins
+from chainrule.server import ServerConfig, create_server
+from chainrule.server.memory import tune_allocator
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from core_bench import network_graph, network_inputs  # noqa: E402
+
+MiB = 1 << 20
+OPTIONS = [("grpc.max_receive_message_length", 256 * MiB), ("grpc.max_send_message_length", 256 * MiB)]
+
+
+def start_echo(reply_sizes: dict[int, int]) -> tuple[grpc.Server, int]:
+    """A bare gRPC server: bytes in, a cached reply of the mapped size out, nothing else."""
+    replies = {size: b"\0" * out for size, out in reply_sizes.items()}
+
+    def echo(request: bytes, context: grpc.ServicerContext) -> bytes:
+        return replies.get(len(request), request)
+
+    handler = grpc.method_handlers_generic_handler("bench.Echo", {"Echo": grpc.unary_unary_rpc_method_handler(echo)})
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=OPTIONS)
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    return server, port
+
+
+def timings(fn, repeats: int) -> list[float]:
+    out = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - start)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    repeats = 5 if args.quick else 15
+    latency_calls = 300 if args.quick else 2000
+
+    tune_allocator()  # as `chainrule serve` does
+    config = ServerConfig(max_message_bytes=256 * MiB, max_memory_bytes=8 << 30)
+    server, port = create_server("127.0.0.1:0", config)
+    server.start()
+    address = f"127.0.0.1:{port}"
+    rows = []
+
+    # (a) 16 MiB in, its value and gradient (2 x 16 MiB) out.
+    n = 2 * MiB  # float64 elements: 16 MiB
+    g = GraphBuilder()
+    x = g.input("x", shape=(n,))
+    f = (x * 2.0).sum().named("f")
+    data = np.random.default_rng(0).normal(size=n)
+    small = b"\1" * 64
+    echo, echo_port = start_echo({16 * MiB: 32 * MiB, len(small): len(small)})
+    echo_channel = grpc.insecure_channel(f"127.0.0.1:{echo_port}", options=OPTIONS)
+    echo_call = echo_channel.unary_unary("/bench.Echo/Echo")
+    payload = data.tobytes()
+    with Client(address) as client:
+        result = client.evaluate(f, x=data, values=["x"], grads=["x"])
+        assert np.array_equal(result.values["x"], data) and np.all(result.grad["x"] == 2.0)
+        ours = statistics.median(timings(lambda: client.evaluate(f, x=data, values=["x"], grads=["x"]), repeats))
+        bare = statistics.median(timings(lambda: echo_call(payload), repeats))
+        rows.append(("(a) 16 MiB in, value+grad out, ms", "bare echo 16+32 MiB", bare, ours, "target <= 1.5x"))
+
+        # (b) 4-layer network, batch 4096.
+        inputs = network_inputs(4096, 512, 512)
+        params = [name for name in inputs if name not in ("X", "T")]
+        registry = load_plugins(entry_points=False, only=["builtin"]).registry
+        plan = compile_graph(network_graph(4096, 512, 512), registry)
+        from chainrule.client.graph import Graph
+        from chainrule.server.convert import python_to_attr  # noqa: F401  (ensures server modules import)
+        from chainrule.v1 import chainrule_pb2 as pb
+
+        message = pb.Graph()
+        for decl in plan.names[: plan.n_inputs]:
+            k = plan.index[decl]
+            message.inputs.add(name=decl, dtype=pb.FLOAT64, shape=plan.input_shapes[k])
+        for k in range(plan.n_inputs, len(plan.names)):
+            message.nodes.add(name=plan.names[k], op=plan.ops[k].name, inputs=[plan.names[j] for j in plan.in_slots[k]])
+        message.outputs.append("C")
+        graph = Graph(message)
+        in_process = statistics.median(timings(lambda: plan.run(inputs, wrt=params), max(3, repeats // 2)))
+        remote = statistics.median(timings(
+            lambda: client.evaluate(graph, inputs, values="none", grads=params), max(3, repeats // 2)))
+        rows.append(("(b) 4-layer batch 4096, ms/step", "same step in-process", in_process, remote, "target <= 1.2x"))
+
+        # (c) small-graph latency.
+        g = GraphBuilder()
+        a, b, c = g.input("a"), g.input("b"), g.input("c")
+        out = ((a + b) * c).named("out")
+        whole = statistics.median(timings(lambda: client.evaluate(out, a=1.0, b=2.0, c=3.0), latency_calls))
+        client.register(out.graph)
+        by_id = statistics.median(timings(lambda: client.evaluate(out, a=1.0, b=2.0, c=3.0), latency_calls))
+        bare_small = statistics.median(timings(lambda: echo_call(small), latency_calls))
+        rows.append(("(c) 3-node graph p50, ms, sent whole", "bare echo 64 B", bare_small, whole, "target <= 2x"))
+        rows.append(("(c) 3-node graph p50, ms, by id", "bare echo 64 B", bare_small, by_id, "target <= 2x"))
+
+    server.stop(None)
+    echo.stop(None)
+    print(f"{'case':<42} {'reference':<22} {'ref ms':>9} {'ours ms':>9} {'ratio':>6}  target")
+    for case, ref_name, ref, ours, target in rows:
+        print(f"{case:<42} {ref_name:<22} {ref * 1e3:>9.3f} {ours * 1e3:>9.3f} {ours / ref:>6.2f}  {target}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,208 @@
+"""The training loop: forward, backward, update, repeat, over a compiled Plan.
+
+One loop serves the Optimize RPC and the in-process client alike, so the same
+run gives bitwise-identical parameters through both. Every feed is checked
+against the graph before the first step (a bad batch fails at once, naming
+its field, not after minutes of training). A step evaluates the loss and the
+gradients of the parameters only (``wrt``: data inputs cost nothing), then
+asks the optimizer for new parameters; a stop token is checked at every step
+boundary and between nodes, and a stopped run returns nothing.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Mapping, Sequence
+
+import numpy as np
+
+from .compile import Plan
+from .dtypes import is_differentiable
+from .engine import StopToken
+from .errors import DTypeError, GraphError, MissingInputError, OutputError, ShapeError, UnexpectedInputError
+from .optim import Optimizer
+
+Arrays = Mapping[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class Report:
+    """Where a training run stands after ``step`` updates."""
+
+    #: Updates applied so far.
+    step: int
+    #: Loss at the most recent step; on the final report, the loss at ``params``.
+    loss: float
+    #: L2 norm of each parameter's gradient at the most recent step.
+    grad_norms: dict[str, float]
+    #: Seconds since the run started.
+    elapsed: float
+    #: Loss at every step since the previous report, oldest first (each before its update).
+    losses: tuple[float, ...] = ()
+    done: bool = False
+    #: The trained parameters (final report only).
+    params: dict[str, np.ndarray] | None = None
+    #: Final report only: the run stopped because the loss reached the target.
+    target_reached: bool = False
+
+
+@dataclass
+class Feeds:
+    """What a run feeds the graph: the parameters' names, and the data of each step."""
+
+    parameters: list[str]
+    batches: list[dict[str, np.ndarray]] = field(default_factory=list)
+
+    def step_inputs(self, step: int, params: Arrays) -> dict[str, np.ndarray]:
+        inputs = dict(self.batches[step % len(self.batches)])
+        inputs.update(params)
+        return inputs
+
+
+def training(
+    plan: Plan,
+    params: Arrays,
+    *,
+    optimizer: Optimizer,
+    steps: int,
+    loss: str | None = None,
+    fixed: Arrays | None = None,
+    batches: Sequence[Arrays] = (),
+    target_loss: float | None = None,
+    report_every: int = 0,
+    token: StopToken | None = None,
+) -> Iterator[Report]:
+    """Minimize the scalar ``loss`` node over ``params`` (graph inputs, by name).
+
+    Step k feeds ``fixed`` plus ``batches[k mod len(batches)]``. Yields a
+    report every ``report_every`` steps (0: every step) and always a final one
+    (``done``) with the trained parameters; stops early once the loss is at
+    or below ``target_loss``.
+    """
+    if steps <= 0:
+        raise GraphError(f"steps: must be > 0, got {steps}", field="steps")
+    if report_every < 0:
+        raise GraphError(f"report_every: must be >= 0, got {report_every}", field="report_every")
+    feeds = check_feeds(plan, params, fixed or {}, batches)
+    out = _loss_slot(plan, loss)
+    _check_loss_shapes(plan, out, params, feeds)
+    names, loss_name = feeds.parameters, plan.names[out]
+    slots = [plan.slot(name, field="parameters") for name in names]
+    params = {name: params[name] for name in names}
+    every = report_every or 1
+    started = time.perf_counter()
+    losses: list[float] = []
+    norms: dict[str, float] = {}
+    for k in range(steps):
+        if token is not None:
+            token.check()
+        evaluation = plan.run(feeds.step_inputs(k, params), output=loss_name, wrt=names, token=token)
+        value = float(evaluation.values[out])
+        if not math.isfinite(value):
+            raise _diverged(loss_name, value, k, losses)
+        grads = {name: evaluation.grads[slot] for name, slot in zip(names, slots)}
+        norms = {name: float(np.linalg.norm(g)) for name, g in grads.items()}
+        losses.append(value)
+        if target_loss is not None and value <= target_loss:
+            yield Report(k, value, norms, time.perf_counter() - started, tuple(losses), True, params, True)
+            return
+        params = optimizer.step(params, grads)
+        if (k + 1) % every == 0 and k + 1 < steps:
+            yield Report(k + 1, value, norms, time.perf_counter() - started, tuple(losses))
+            losses = []
+    if token is not None:
+        token.check()
+    final = plan.run(feeds.step_inputs(steps - 1, params), output=loss_name, gradients=False, token=token)
+    value = float(final.values[out])
+    reached = target_loss is not None and value <= target_loss
+    yield Report(steps, value, norms, time.perf_counter() - started, tuple(losses), True, params, reached)
+
+
+def train(plan: Plan, params: Arrays, *, on_progress: Callable[[Report], None] | None = None,
+          **options) -> Report:
+    """Run :func:`training` to the end; ``on_progress`` sees every report. Returns the final one."""
+    for report in training(plan, params, **options):
+        if on_progress is not None:
+            on_progress(report)
+    return report  # training always ends with a final report
+
+
+# --- checks before the first step ---------------------------------------------------------
+
+def check_feeds(plan: Plan, params: Arrays, fixed: Arrays, batches: Sequence[Arrays]) -> Feeds:
+    """Every declared input fed exactly once per step with the declared dtype and shape."""
+    declared = {plan.names[k]: k for k in range(plan.n_inputs)}
+    if not params:
+        raise GraphError("parameters: name at least one graph input to train", field="parameters")
+    for name, value in params.items():
+        if name not in declared:
+            what = "a node" if name in plan.index else "not in the graph"
+            raise UnexpectedInputError(f"parameter '{name}' is {what}; parameters must be graph inputs",
+                                       node=name, field="parameters")
+        _check_value(plan, declared[name], value, f"initial.{name}")
+        if not is_differentiable(np.asarray(value).dtype):
+            raise DTypeError(f"parameter '{name}' has dtype {np.asarray(value).dtype.name}; only float inputs can be "
+                             "trained", node=name, field=f"initial.{name}")
+    sources = [("fixed_inputs", fixed)] + [(f"batches[{i}].inputs", b) for i, b in enumerate(batches)]
+    for where, feed in sources:
+        for name, value in feed.items():
+            if name not in declared:
+                raise UnexpectedInputError(f"{where}.{name}: the graph declares no input '{name}'",
+                                           node=name, field=f"{where}.{name}")
+            if name in params:
+                raise GraphError(f"{where}.{name}: '{name}' is a parameter; feed it only in initial",
+                                 node=name, field=f"{where}.{name}")
+            if where != "fixed_inputs" and name in fixed:
+                raise GraphError(f"{where}.{name}: '{name}' is also in fixed_inputs; feed it in one place only",
+                                 node=name, field=f"{where}.{name}")
+            _check_value(plan, declared[name], value, f"{where}.{name}")
+    for name in declared:
+        if name in params or name in fixed:
+            continue
+        for i, batch in enumerate(batches or [{}]):
+            if name not in batch:
+                where = f"batches[{i}].inputs" if batches else "fixed_inputs"
+                raise MissingInputError(f"input '{name}' is fed neither as a parameter, nor in fixed_inputs, "
+                                        f"nor in {where}", node=name, field=f"{where}.{name}")
+    return Feeds(list(params), [{**fixed, **b} for b in batches] or [dict(fixed)])
+
+
+def _check_value(plan: Plan, slot: int, value: np.ndarray, field: str) -> None:
+    name = plan.names[slot]
+    array = np.asarray(value)
+    dtype, shape = plan.input_dtypes[slot], plan.input_shapes[slot]
+    if array.dtype != dtype:
+        raise DTypeError(f"{field}: input '{name}' is declared {dtype.name}, got {array.dtype.name}",
+                         node=name, field=field)
+    if len(array.shape) != len(shape) or any(d not in (-1, n) for d, n in zip(shape, array.shape)):
+        raise ShapeError(f"{field}: input '{name}' is declared with shape {list(shape)}, got {list(array.shape)}",
+                         node=name, field=field)
+
+
+def _loss_slot(plan: Plan, loss: str | None) -> int:
+    if loss:
+        return plan.slot(loss, field="loss")
+    if len(plan.outputs) != 1:
+        listed = ", ".join(plan.names[s] for s in plan.outputs)
+        raise OutputError(f"loss: the graph has several outputs ({listed}); say which to minimize", field="loss")
+    return plan.outputs[0]
+
+
+def _check_loss_shapes(plan: Plan, out: int, params: Arrays, feeds: Feeds) -> None:
+    """Infer shapes for every batch (checking the limits) and that the loss is a float scalar."""
+    for batch in feeds.batches:
+        inputs = {**batch, **params}
+        shapes = plan.specialize([np.shape(inputs[plan.names[k]]) for k in range(plan.n_inputs)])
+        spec = shapes.specs[out]
+        if spec is not None and (spec.size != 1 or not is_differentiable(spec.dtype)):
+            raise OutputError(f"loss: node '{plan.names[out]}' is {spec}; the loss must be a float scalar",
+                              node=plan.names[out], field="loss")
+
+
+def _diverged(loss: str, value: float, step: int, losses: list[float]) -> GraphError:
+    before = f" (it was {losses[-1]:.6g} the step before)" if losses else ""
+    return GraphError(
+        f"loss '{loss}' is {value} at step {step}{before}: training diverged; lower the learning rate "
+        "or check the data and initial values", node=loss, field="loss", reason="NONFINITE_LOSS",
+    )

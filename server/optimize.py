@@ -1,0 +1,77 @@
+"""The Optimize RPC's domain logic: an OptimizeRequest in, OptimizeProgress messages out.
+
+No gRPC here: the servicer streams what :func:`optimize` yields, and the
+in-process client iterates the same generator, so both return bitwise-equal
+parameters. The loop itself is ``chainrule.core.training``.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Iterator
+
+from chainrule.core import StopToken
+from chainrule.core.errors import GraphError, MissingInputError, UnexpectedInputError
+from chainrule.core.optim import Optimizer, make_optimizer
+from chainrule.core.training import Report, training
+from chainrule.v1 import chainrule_pb2 as pb
+
+from .convert import array_to_tensor, tensor_to_array
+from .service import ChainruleService
+
+log = logging.getLogger("chainrule.server.optimize")
+
+
+def optimize(service: ChainruleService, request: pb.OptimizeRequest, token: StopToken | None = None,
+             request_id: str = "") -> Iterator[pb.OptimizeProgress]:
+    """Check and compile the request, then train, yielding every report as a message.
+
+    Everything is checked before the first step; a stopped or failed run
+    raises and yields no final message.
+    """
+    _, plan = service.plan_for(request)  # type: ignore[arg-type]  (same graph/graph_id oneof as EvaluateRequest)
+    limit = service.limits.max_tensor_elements
+    params = {}
+    for name in request.parameters:
+        if name in params:
+            raise GraphError(f"parameters: '{name}' is listed twice", node=name, field="parameters")
+        if name not in request.initial:
+            raise MissingInputError(f"initial.{name}: parameter '{name}' has no initial value", node=name,
+                                    field=f"initial.{name}")
+        params[name] = tensor_to_array(request.initial[name], field=f"initial.{name}", max_elements=limit)
+    for name in request.initial:
+        if name not in params:
+            raise UnexpectedInputError(f"initial.{name}: '{name}' is not listed in parameters", node=name,
+                                       field=f"initial.{name}")
+    fixed = {name: tensor_to_array(t, field=f"fixed_inputs.{name}", max_elements=limit)
+             for name, t in request.fixed_inputs.items()}
+    batches = [{name: tensor_to_array(t, field=f"batches[{i}].inputs.{name}", max_elements=limit)
+                for name, t in batch.inputs.items()} for i, batch in enumerate(request.batches)]
+    reports = training(
+        plan, params, optimizer=optimizer_from_proto(request), steps=request.steps, loss=request.loss or None,
+        fixed=fixed, batches=batches, report_every=request.report_every, token=token,
+        target_loss=request.target_loss if request.HasField("target_loss") else None,
+    )
+    for report in reports:
+        log.debug("optimize id=%s step=%d loss=%.6g", request_id, report.step, report.loss)
+        yield progress_message(report)
+
+
+def optimizer_from_proto(request: pb.OptimizeRequest) -> Optimizer:
+    if not request.HasField("optimizer"):
+        raise GraphError("optimizer: not set; give kind 'sgd' or 'adam' and a learning_rate", field="optimizer")
+    o = request.optimizer
+    return make_optimizer(
+        o.kind, lr=o.learning_rate, momentum=o.momentum,
+        beta1=o.beta1 if o.HasField("beta1") else None, beta2=o.beta2 if o.HasField("beta2") else None,
+        eps=o.epsilon if o.HasField("epsilon") else None,
+    )
+
+
+def progress_message(report: Report) -> pb.OptimizeProgress:
+    message = pb.OptimizeProgress(
+        step=report.step, loss=report.loss, grad_norms=report.grad_norms, elapsed_seconds=report.elapsed,
+        done=report.done, losses=report.losses, target_reached=report.target_reached,
+    )
+    for name, value in (report.params or {}).items():
+        message.parameters[name].CopyFrom(array_to_tensor(value))
+    return message

@@ -1,0 +1,114 @@
+"""EvaluateStream: many input sets against one compiled graph, answered in order.
+
+:func:`evaluate_stream` is the domain logic (no gRPC), shared by the servicer
+and the in-process client. The graph is compiled once: a request without a
+graph or graph_id reuses the previous request's. A failing input set is
+answered with its own ``google.rpc.Status`` and the stream goes on; only a
+cancelled call or a passed call deadline ends it. The server's compute cap
+(``max_compute_seconds``) applies to each input set, like to one Evaluate.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Iterable, Iterator
+
+import grpc
+
+from chainrule.core import Plan, StopToken
+from chainrule.core.errors import Cancelled, ChainruleError, GraphError, OperatorFailure
+from chainrule.v1 import chainrule_pb2 as pb
+
+from .service import ChainruleService
+from .status import status_for
+
+log = logging.getLogger("chainrule.server.streaming")
+
+
+def evaluate_stream(service: ChainruleService, requests: Iterable[pb.EvaluateRequest], call: StopToken | None = None,
+                    item_seconds: float | None = None, request_id: str = "") -> Iterator[pb.EvaluateStreamResponse]:
+    """Answer each request (or each of its input sets) in order.
+
+    ``call`` stops the whole stream (client deadline, cancellation);
+    ``item_seconds`` caps the compute time of each input set.
+    """
+    index = 0
+    graph: tuple[str, Plan] | ChainruleError | None = None
+    for request in requests:
+        if call is not None:
+            call.check()
+        if request.WhichOneof("source") is not None:
+            try:
+                graph = service.plan_for(request)
+            except ChainruleError as exc:
+                graph = exc  # later requests without a graph fail the same way
+        elif graph is None:
+            graph = GraphError("the first request of a stream needs a graph or a graph_id", field="graph")
+        if not request.input_sets:
+            yield _answer(service, graph, request, index, _item_token(call, item_seconds), request_id)
+            index += 1
+            continue
+        template = _options_of(request)
+        response = pb.EvaluateStreamResponse(index=index)
+        for input_set in request.input_sets:
+            item = pb.EvaluateRequest()
+            item.CopyFrom(template)
+            item.inputs.MergeFrom(input_set.inputs)
+            response.results.append(_answer(service, graph, item, index, _item_token(call, item_seconds), request_id))
+            index += 1
+        yield response
+
+
+def _answer(service: ChainruleService, graph: tuple[str, Plan] | ChainruleError, request: pb.EvaluateRequest,
+            index: int, token: StopToken | None, request_id: str) -> pb.EvaluateStreamResponse:
+    error = graph  # a graph that failed to compile fails every input set run on it
+    if not isinstance(graph, ChainruleError):
+        gid, plan = graph
+        try:
+            return pb.EvaluateStreamResponse(
+                index=index, response=service.respond(gid, service.run(plan, request, token), request))
+        except Cancelled:
+            raise
+        except ChainruleError as exc:
+            if isinstance(exc, OperatorFailure):
+                log.error("request %s, input set %d: %s", request_id, index, exc.message, exc_info=exc)
+            error = exc
+    return pb.EvaluateStreamResponse(index=index, error=status_for(error, request_id))
+
+
+def _options_of(request: pb.EvaluateRequest) -> pb.EvaluateRequest:
+    """The request without its graph and input sets: what each input set is evaluated with."""
+    options = pb.EvaluateRequest(output=request.output, unreached=request.unreached,
+                                 contributions=request.contributions, inputs=request.inputs)
+    for field in ("seed", "return_values", "return_grads"):
+        if request.HasField(field):
+            getattr(options, field).CopyFrom(getattr(request, field))
+    return options
+
+
+def _item_token(call: StopToken | None, seconds: float | None) -> StopToken | None:
+    if seconds is None:
+        return call
+    deadline = time.monotonic() + seconds
+    if call is None:
+        return StopToken(deadline)
+    return StopToken(deadline if call.deadline is None else min(deadline, call.deadline), call.event)
+
+
+# --- gRPC glue ------------------------------------------------------------------------------
+
+def call_token(context: grpc.ServicerContext) -> StopToken:
+    """Stops when the client's deadline passes or it cancels (no compute cap: that is per item)."""
+    remaining = context.time_remaining()
+    cancelled = threading.Event()
+    context.add_callback(cancelled.set)
+    return StopToken.after(remaining, cancelled)
+
+
+def client_requests(requests: Iterator[pb.EvaluateRequest]) -> Iterator[pb.EvaluateRequest]:
+    """The request stream, with a client gone mid-stream reported as Cancelled (not an internal error)."""
+    try:
+        yield from requests
+    except grpc.RpcError:
+        raise Cancelled("the client cancelled the stream; work stopped") from None
