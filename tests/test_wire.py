@@ -1,0 +1,58 @@
+"""Hand-encoded large tensors parse as the very messages protobuf would build."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from chainrule.server import wire
+from chainrule.server.convert import array_to_tensor, tensor_to_array
+from chainrule.v1 import chainrule_pb2 as pb
+
+ARRAYS = [
+    np.arange(20_000, dtype=np.float64).reshape(100, 200),   # large: hand-encoded
+    np.linspace(-1, 1, 40_000, dtype=np.float32),
+    np.arange(30_000, dtype=np.int64)[::2],                  # strided: copied to C order first
+    np.float64(2.5),                                         # 0-d, small: left to protobuf
+    np.zeros((0, 3)),
+]
+
+
+@pytest.mark.parametrize("array", ARRAYS, ids=lambda a: f"{np.asarray(a).dtype}{np.shape(a)}")
+def test_outgoing_response_equals_protobuf_encoding(array):
+    outgoing = wire.Outgoing(pb.EvaluateResponse(output="f", graph_id="abc"))
+    outgoing.put_tensor("output_value", array)
+    outgoing.put_map_tensor("values", "x", array)
+    outgoing.put_map_tensor("gradients", "x", -np.asarray(array))
+    parsed = pb.EvaluateResponse.FromString(outgoing.serialize())
+
+    expected = pb.EvaluateResponse(output="f", graph_id="abc", output_value=array_to_tensor(array))
+    expected.values["x"].CopyFrom(array_to_tensor(array))
+    expected.gradients["x"].CopyFrom(array_to_tensor(-np.asarray(array)))
+    assert parsed == expected
+    got = tensor_to_array(parsed.values["x"], field="x")
+    assert got.dtype == np.asarray(array).dtype and np.array_equal(got, array)
+
+
+def test_large_parts_skip_protobuf_and_small_ones_do_not():
+    outgoing = wire.Outgoing(pb.EvaluateResponse())
+    outgoing.put_map_tensor("values", "small", np.ones(3))
+    assert not outgoing.parts and "small" in outgoing.message.values
+    outgoing.put_map_tensor("values", "large", np.ones(wire.LARGE_TENSOR_BYTES))
+    assert outgoing.parts and "large" not in outgoing.message.values
+    inline = wire.Outgoing(pb.EvaluateResponse(), split=False)
+    inline.put_map_tensor("values", "large", np.ones(wire.LARGE_TENSOR_BYTES))
+    assert not inline.parts and "large" in inline.message.values
+
+
+def test_split_request_keeps_every_field_and_leaves_the_original_alone():
+    request = pb.EvaluateRequest(graph_id="g1", output="f", contributions=True, unreached=pb.UNREACHED_OMIT)
+    request.return_grads.CopyFrom(pb.Selection(mode=pb.Selection.LISTED, names=["x"]))
+    request.seed.CopyFrom(array_to_tensor(np.float64(1)))
+    big = np.random.default_rng(0).normal(size=50_000)
+    request.inputs["x"].CopyFrom(array_to_tensor(big))
+    request.inputs["y"].CopyFrom(array_to_tensor(np.float64(3)))
+    before = request.SerializeToString()
+    outgoing = wire.split_large_inputs(request)
+    assert request.SerializeToString() == before  # unchanged: a retry can send it again
+    assert pb.EvaluateRequest.FromString(outgoing.serialize()) == request
+    assert wire.serialize(request) == before and wire.serialize(outgoing) == outgoing.serialize()
