@@ -21,9 +21,11 @@ from .graph import Graph, InputSpec
 from .info import AttrInfo, OperatorInfo, ServerInfo
 from .local import LocalClient
 from .result import Diagnostics, Result
+from .training import Progress, TrainResult
 
 __all__ = [
     "AttrInfo", "Cancelled", "ChainruleRpcError", "Client", "DeadlineExceeded", "Diagnostics", "FailedPrecondition",
     "Graph", "GraphBuilder", "InputSpec", "Internal", "InvalidArgument", "LocalClient", "NotFound", "OperatorInfo",
-    "ResourceExhausted", "Result", "ServerInfo", "TLS", "Unauthenticated", "Unavailable", "Var", "ops",
+    "Progress", "ResourceExhausted", "Result", "ServerInfo", "TLS", "TrainResult", "Unauthenticated", "Unavailable",
+    "Var", "ops",
 ]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 import weakref
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Generator, Iterable, Iterator, Mapping, Sequence
 
 from chainrule.v1 import chainrule_pb2 as pb
 
@@ -45,12 +45,13 @@ class ClientBase:
         raise NotImplementedError
 
     def _evaluate_stream(self, requests: Iterator[pb.EvaluateRequest],
-                         timeout: float | None) -> Iterator[pb.EvaluateStreamResponse]:
-        """The answers, lazily; closing the iterator ends the call."""
+                         timeout: float | None) -> Generator[pb.EvaluateStreamResponse, None, None]:
+        """The answers, lazily; closing the generator ends the call."""
         raise NotImplementedError
 
-    def _optimize(self, request: pb.OptimizeRequest, timeout: float | None) -> Iterator[pb.OptimizeProgress]:
-        """The progress reports, lazily; closing the iterator ends the call."""
+    def _optimize(self, request: pb.OptimizeRequest,
+                  timeout: float | None) -> Generator[pb.OptimizeProgress, None, None]:
+        """The progress reports, lazily; closing the generator ends the call."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -196,10 +197,10 @@ class ClientBase:
         step k feeding ``batches[k % len(batches)]``. ``optimizer``: "sgd"
         (``lr``, ``momentum``) or "adam" (``lr``, ``beta1``, ``beta2``,
         ``eps``). Runs ``steps`` steps, or fewer once the loss reaches
-        ``target_loss``; reports every ``report_every`` steps (default: about
-        100 reports) to a progress bar (``progress``: None shows it on a
-        terminal) and to ``callback(Progress)``. Returns the trained
-        parameters and the loss history.
+        ``target_loss``; reports every ``report_every`` steps (default: up to
+        10 times a second) to a progress bar (``progress``: None shows it on
+        a terminal) and to ``callback(Progress)``. Returns the trained
+        parameters and the whole loss history.
         """
         graph, loss_name = resolve_target(target, loss)
         request = training.optimize_request(

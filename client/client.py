@@ -8,7 +8,7 @@ Example::
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Generator, Iterator, Sequence
 
 import grpc
 
@@ -79,3 +79,21 @@ class Client(ClientBase):
 
     def _server_info(self, timeout: float | None) -> pb.ServerInfoResponse:
         return self._call(self._stub.ServerInfo, pb.ServerInfoRequest(), timeout)
+
+    def _evaluate_stream(self, requests: Iterator[pb.EvaluateRequest],
+                         timeout: float | None) -> Generator[pb.EvaluateStreamResponse, None, None]:
+        return self._follow(self._stub.EvaluateStream(requests, timeout=timeout))
+
+    def _optimize(self, request: pb.OptimizeRequest,
+                  timeout: float | None) -> Generator[pb.OptimizeProgress, None, None]:
+        return self._follow(self._stub.Optimize(request, timeout=timeout))
+
+    @staticmethod
+    def _follow(call: Any) -> Generator[Any, None, None]:
+        """A streaming call's responses; a failure raises the typed error, and closing early cancels."""
+        try:
+            yield from call
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+        finally:
+            call.cancel()  # no-op once the call has ended

@@ -8,14 +8,16 @@ server would have sent.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Generator, Iterator
 
 from chainrule.core import Limits, StopToken
 from chainrule.core.errors import ChainruleError
 from chainrule.plugins.manager import Loaded, load_plugins
 from chainrule.server.config import ServerConfig
+from chainrule.server.optimize import optimize
 from chainrule.server.service import ChainruleService
 from chainrule.server.status import status_for
+from chainrule.server.streaming import evaluate_stream
 from chainrule.v1 import chainrule_pb2 as pb
 
 from .base import ClientBase
@@ -53,3 +55,21 @@ class LocalClient(ClientBase):
 
     def _server_info(self, timeout: float | None) -> pb.ServerInfoResponse:
         return self._call(lambda: self.service.server_info(pb.ServerInfoRequest()))
+
+    def _evaluate_stream(self, requests: Iterator[pb.EvaluateRequest],
+                         timeout: float | None) -> Generator[pb.EvaluateStreamResponse, None, None]:
+        token = None if timeout is None else StopToken.after(timeout)
+        return self._follow(evaluate_stream(self.service, requests, token))
+
+    def _optimize(self, request: pb.OptimizeRequest,
+                  timeout: float | None) -> Generator[pb.OptimizeProgress, None, None]:
+        token = None if timeout is None else StopToken.after(timeout)
+        return self._follow(optimize(self.service, request, token))
+
+    @staticmethod
+    def _follow(responses: Iterator[Any]) -> Generator[Any, None, None]:
+        """The server's own stream generator, with errors raised as the typed exceptions."""
+        try:
+            yield from responses
+        except ChainruleError as exc:
+            raise from_status(status_for(exc)) from exc

@@ -10,6 +10,7 @@ The transports (``_evaluate_stream``, ``_optimize``) come from the client.
 from __future__ import annotations
 
 import sys
+from contextlib import closing
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Sequence
 
@@ -45,8 +46,8 @@ def evaluate_many(
     options.ClearField("graph")  # the graph goes with the first message only
     common = _tensors(graph, inputs or {})
     results: list[Result | ChainruleRpcError] = []
-    responses = client._evaluate_stream(_stream_requests(graph, options, common, input_sets, batch), timeout)
-    try:
+    requests = _stream_requests(graph, options, common, input_sets, batch)
+    with closing(client._evaluate_stream(requests, timeout)) as responses:  # closing early ends the call
         for response in responses:
             for item in response.results or [response]:
                 if item.WhichOneof("result") == "response":
@@ -57,10 +58,6 @@ def evaluate_many(
                 if errors == "raise":
                     raise error
                 results.append(error)
-    finally:
-        close = getattr(responses, "close", None)
-        if close is not None:
-            close()  # stops the call early when an error was raised
     return results
 
 
@@ -103,6 +100,10 @@ def _tensors(graph: Graph, values: Mapping[Any, Any]) -> dict[str, pb.Tensor]:
 
 
 # --- optimize ---------------------------------------------------------------------------------
+
+#: Progress reports per second by default: a smooth progress bar, and a negligible cost per step
+#: (each report is one gRPC message, a fraction of a millisecond).
+REPORTS_PER_SECOND = 10
 
 @dataclass(frozen=True)
 class Progress:
@@ -151,10 +152,11 @@ def optimize_request(
     for field, value in (("beta1", beta1), ("beta2", beta2), ("epsilon", eps)):
         if value is not None:
             setattr(settings, field, value)
-    request = pb.OptimizeRequest(
-        graph=graph.message, loss=loss, optimizer=settings, steps=steps,
-        report_every=max(1, steps // 100) if report_every is None else report_every,
-    )
+    request = pb.OptimizeRequest(graph=graph.message, loss=loss, optimizer=settings, steps=steps)
+    if report_every is None:  # every step, but at most REPORTS_PER_SECOND times a second
+        request.report_every, request.report_interval_seconds = 1, 1 / REPORTS_PER_SECOND
+    else:
+        request.report_every = report_every
     if target_loss is not None:
         request.target_loss = target_loss
     for name, tensor in _tensors(graph, params).items():
@@ -177,22 +179,25 @@ def optimize(client: "ClientBase", request: pb.OptimizeRequest, timeout: float |
     losses: list[float] = []
     final = None
     try:
-        for message in client._optimize(request, timeout):
-            report = Progress.from_proto(message)
-            history.append(report)
-            losses.extend(report.losses)
-            if bar is not None:
-                bar.show(report)
-            if callback is not None:
-                callback(report)
-            if message.done:
-                final = message
+        # Closing the reports ends the call: a callback that raises, or Ctrl-C, stops the server's work too.
+        with closing(client._optimize(request, timeout)) as reports:
+            for message in reports:
+                report = Progress.from_proto(message)
+                history.append(report)
+                losses.extend(report.losses)
+                if bar is not None:
+                    bar.show(report)
+                if callback is not None:
+                    callback(report)
+                if message.done:
+                    final = message
     finally:
         if bar is not None:
             bar.close()
     if final is None:
         raise RuntimeError("the Optimize stream ended without a final report")
-    params = {name: np.array(tensor_to_array(t, field=f"parameters.{name}")) for name, t in final.parameters.items()}
+    params = {name: np.array(tensor_to_array(final.parameters[name], field=f"parameters.{name}"))
+              for name in request.parameters}
     return TrainResult(params, final.loss, final.step, np.array(losses), history, final.target_reached,
                        final.elapsed_seconds)
 

@@ -21,7 +21,7 @@ from .graph import Graph
 from .limits import Limits
 from .operator import OpDef, check_attrs
 from .registry import Registry
-from .tensor_spec import TensorSpec
+from .tensor_spec import TensorSpec, unrepresentable
 
 _SPEC_CACHE_SIZE = 32
 
@@ -196,6 +196,9 @@ def _infer(op: OpDef, inputs: list[TensorSpec], attrs: dict[str, Any], node: str
         ) from None
     if any(n < 0 for n in spec.shape):
         raise ShapeError(f"{where(node, op.name)}inferred a negative dimension {spec.shape}", node=node, op=op.name)
+    problem = unrepresentable(spec.shape, spec.dtype.itemsize)
+    if problem:
+        raise ShapeError(f"{where(node, op.name)}value of shape {spec.shape}: {problem}", node=node, op=op.name)
     return spec
 
 

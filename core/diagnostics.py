@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -130,7 +130,8 @@ def summarize(value: Any) -> str:
     """One line: the number for a one-element tensor, else shape, dtype and statistics."""
     array = np.asarray(value)
     if array.size == 1:
-        return number(array.item()) if array.ndim == 0 else f"{array.dtype.name}{list(array.shape)} {number(array.item())}"
+        shown = number(array.item())
+        return shown if array.ndim == 0 else f"{array.dtype.name}{list(array.shape)} {shown}"
     s = stats(array)
     text = (f"{s.dtype}{list(s.shape)} min {number(s.min)} max {number(s.max)} "
             f"mean {number(s.mean)} norm {number(s.norm)}")
@@ -161,19 +162,18 @@ def diagnose(evaluation: Evaluation, thresholds: Thresholds = DEFAULT_THRESHOLDS
     return diagnostics
 
 
-def _total(items: Iterable[Any]) -> float:
+def _total(items: list[Any]) -> float:
     """Sum of every float element: finite exactly when all are (barring overflow, rechecked exactly)."""
-    total = 0.0
-    for v in items:
-        t = type(v)
-        if t is np.float64 or t is float:
-            total += v
-        elif t is np.ndarray:
-            if v.dtype.kind == "f":
-                total += float(np.add.reduce(v, axis=None))
-        elif isinstance(v, np.floating):
-            total += float(v)
-    return float(total)
+    scalars = [v for v in items if type(v) is np.float64]  # the common case of many scalar nodes, vectorised
+    total = float(np.fromiter(scalars, np.float64, len(scalars)).sum())
+    if len(scalars) < len(items):
+        for v in [v for v in items if type(v) is not np.float64]:
+            if type(v) is np.ndarray:
+                if v.dtype.kind == "f":
+                    total += float(np.add.reduce(v, axis=None))
+            elif isinstance(v, (float, np.floating)):
+                total += float(v)
+    return total
 
 
 def _square_sum(value: Any) -> float | None:
@@ -243,7 +243,6 @@ def _first_nonfinite_gradient(plan: Plan, values: list[Any], grads: list[Any]) -
 
 def _gradient_flags(evaluation: Evaluation, norms: list[GradNorm], thresholds: Thresholds) -> list[Flag]:
     flags: list[Flag] = []
-    reaches: list[bool] | None = None
     for n in norms:
         scale = max(n.value_norm, 1.0) if math.isfinite(n.value_norm) else math.inf
         if n.grad_norm > thresholds.exploding * scale:
@@ -251,65 +250,79 @@ def _gradient_flags(evaluation: Evaluation, norms: list[GradNorm], thresholds: T
                               f"gradient norm {number(n.grad_norm)} exceeds {thresholds.exploding:g} × "
                               f"max(value norm {number(n.value_norm)}, 1): one gradient step would throw it far away"))
         elif n.grad_norm < thresholds.vanishing * scale and math.isfinite(scale):
-            if n.grad_norm == 0:
-                if reaches is None:
-                    reaches = _reaches_output(evaluation)
-                if not reaches[evaluation.plan.index[n.node]]:
-                    continue  # unrelated to the output: its zero gradient is no sickness
+            plan = evaluation.plan
+            if n.grad_norm == 0 and not _facts(plan).reaches(plan, evaluation.output)[plan.index[n.node]]:
+                continue  # the output does not depend on it: its zero gradient is no sickness
             flags.append(Flag("VANISHING", n.node,
                               f"gradient norm {number(n.grad_norm)} is below {thresholds.vanishing:g} × "
                               f"max(value norm {number(n.value_norm)}, 1): gradient descent would barely move it"))
     return flags
 
 
-def _reaches_output(evaluation: Evaluation) -> list[bool]:
-    """Which slots the differentiated output depends on (one backward sweep)."""
-    plan = evaluation.plan
-    reached = [False] * len(plan.names)
-    reached[evaluation.output] = True
-    for k in range(evaluation.output, -1, -1):
-        if reached[k]:
-            for j in plan.in_slots[k]:
-                reached[j] = True
-    return reached
+class _PlanFacts:
+    """What diagnostics need to know about a plan, found once per plan: its sigmoid and
+    tanh slots, and (on demand, per output) which slots the output depends on."""
+
+    def __init__(self, plan: Plan) -> None:
+        self.saturating = tuple(k for k, op in enumerate(plan.ops) if op is not None and op.name in ("sigmoid", "tanh"))
+        self._reaches: dict[int, list[bool]] = {}
+
+    def reaches(self, plan: Plan, output: int) -> list[bool]:
+        reached = self._reaches.get(output)
+        if reached is None:  # one backward sweep; plans are shared across threads, a race only repeats it
+            reached = [False] * len(plan.names)
+            reached[output] = True
+            in_slots = plan.in_slots
+            for k in range(output, -1, -1):
+                if reached[k]:
+                    for j in in_slots[k]:
+                        reached[j] = True
+            self._reaches[output] = reached
+        return reached
 
 
-_SATURATING_SLOTS: "weakref.WeakKeyDictionary[Plan, tuple[int, ...]]" = weakref.WeakKeyDictionary()
+_FACTS: "weakref.WeakKeyDictionary[Plan, _PlanFacts]" = weakref.WeakKeyDictionary()
 
 
-def _saturating_slots(plan: Plan) -> tuple[int, ...]:
-    """The sigmoid and tanh nodes of a plan (found once per plan)."""
-    slots = _SATURATING_SLOTS.get(plan)
-    if slots is None:
-        slots = tuple(k for k, op in enumerate(plan.ops) if op is not None and op.name in ("sigmoid", "tanh"))
-        _SATURATING_SLOTS[plan] = slots
-    return slots
+def _facts(plan: Plan) -> _PlanFacts:
+    facts = _FACTS.get(plan)
+    if facts is None:
+        facts = _FACTS[plan] = _PlanFacts(plan)
+    return facts
 
 
 def _saturation_flags(plan: Plan, values: list[Any], thresholds: Thresholds) -> list[Flag]:
     """σ(1-σ) < t  ⟺  |σ - 1/2| > sqrt(1/4 - t);  1 - tanh² < t  ⟺  |tanh| > sqrt(1 - t)."""
-    flags: list[Flag] = []
     t = thresholds.saturated_local_grad
     rules = {"sigmoid": (0.5, math.sqrt(max(0.25 - t, 0.0)), "σ(1-σ)"),
              "tanh": (0.0, math.sqrt(max(1.0 - t, 0.0)), "1-tanh²")}
-    for k in _saturating_slots(plan):
-        op = plan.ops[k].name  # type: ignore[union-attr]
-        center, bound, local = rules[op]
-        v = values[k]
-        if type(v) is np.float64 or type(v) is float:  # the common scalar case, without numpy calls
-            if abs(v - center) > bound:
-                flags.append(Flag("SATURATED", plan.names[k], f"{op}: its value {number(v)} sits where "
-                                  f"the local gradient {local} < {t:g}, so almost no gradient flows back through it"))
+    slots = _facts(plan).saturating
+    scalar = [k for k in slots if type(values[k]) is np.float64]
+    flags: list[Flag] = []
+    if scalar:  # the common case of many scalar units: one vectorised test
+        v = np.fromiter((values[k] for k in scalar), np.float64, len(scalar))
+        names = [plan.ops[k].name for k in scalar]  # type: ignore[union-attr]
+        sigmoid = np.fromiter((name == "sigmoid" for name in names), bool, len(scalar))
+        stuck = np.abs(v - np.where(sigmoid, 0.5, 0.0)) > np.where(sigmoid, rules["sigmoid"][1], rules["tanh"][1])
+        for i in np.flatnonzero(stuck):
+            op = "sigmoid" if sigmoid[i] else "tanh"
+            flags.append(Flag("SATURATED", plan.names[scalar[i]], f"{op}: its value {number(v[i])} sits where the "
+                              f"local gradient {rules[op][2]} < {t:g}, so almost no gradient flows back through it"))
+    for k in slots:
+        if type(values[k]) is np.float64:
             continue
-        array = np.asarray(v)
+        array = np.asarray(values[k])
         if array.dtype.kind != "f" or array.size == 0:
             continue
+        op = plan.ops[k].name  # type: ignore[union-attr]
+        center, bound, local = rules[op]
         sample = array.ravel()
         if sample.size > SATURATION_SAMPLE:  # a fixed random sample: no aliasing with the tensor's layout
             sample = sample[np.random.default_rng(0).integers(0, sample.size, SATURATION_SAMPLE)]
         fraction = np.count_nonzero(np.abs(sample - center) > bound) / sample.size
         if fraction >= thresholds.saturated_fraction:
-            flags.append(Flag("SATURATED", plan.names[k],
-                              f"{op}: {fraction:.0%} of its {array.size} elements sit where the local gradient "
-                              f"{local} < {t:g}, so almost no gradient flows back through them"))
+            what = f"its value {number(array.item())} sits" if array.size == 1 else \
+                f"{fraction:.0%} of its {array.size} elements sit"
+            flags.append(Flag("SATURATED", plan.names[k], f"{op}: {what} where the local gradient {local} < {t:g}, "
+                              "so almost no gradient flows back through it"))
     return flags

@@ -24,7 +24,7 @@ class Optimizer(Protocol):
 
 
 def _invalid(field: str, message: str) -> GraphError:
-    return GraphError(f"{field}: {message}", field=f"optimizer.{field}", reason="BAD_OPTIMIZER")
+    return GraphError(f"optimizer.{field}: {message}", field=f"optimizer.{field}", reason="BAD_OPTIMIZER")
 
 
 def _check_rate(lr: float) -> float:

@@ -7,6 +7,25 @@ from typing import NamedTuple
 import numpy as np
 
 
+#: Most dimensions a tensor may have: numpy 1.x's limit (numpy 2 allows 64).
+MAX_RANK = 32
+_MAX_BYTES = int(np.iinfo(np.intp).max)
+
+
+def unrepresentable(shape: tuple[int, ...], itemsize: int) -> str | None:
+    """Why numpy could not create an array of ``shape`` (even an empty one), or None.
+
+    numpy refuses more than its maximum number of dimensions, and sizes whose
+    nonzero dimensions multiply past its address range even when another
+    dimension is 0; both must be refused as bad requests before numpy sees them.
+    """
+    if len(shape) > MAX_RANK:
+        return f"{len(shape)} dimensions; at most {MAX_RANK} are supported"
+    if math.prod(max(n, 1) for n in shape) * itemsize > _MAX_BYTES:
+        return "dimensions too large to address, even with a zero-sized dimension"
+    return None
+
+
 class TensorSpec(NamedTuple):
     """Shape and dtype of a tensor, known before anything is allocated."""
 

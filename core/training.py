@@ -71,19 +71,24 @@ def training(
     batches: Sequence[Arrays] = (),
     target_loss: float | None = None,
     report_every: int = 0,
+    report_seconds: float = 0.0,
     token: StopToken | None = None,
 ) -> Iterator[Report]:
     """Minimize the scalar ``loss`` node over ``params`` (graph inputs, by name).
 
     Step k feeds ``fixed`` plus ``batches[k mod len(batches)]``. Yields a
-    report every ``report_every`` steps (0: every step) and always a final one
-    (``done``) with the trained parameters; stops early once the loss is at
-    or below ``target_loss``.
+    report every ``report_every`` steps (0: every step) but not within
+    ``report_seconds`` of the previous one, and always a final one (``done``)
+    with the trained parameters; stops early once the loss is at or below
+    ``target_loss``.
     """
     if steps <= 0:
         raise GraphError(f"steps: must be > 0, got {steps}", field="steps")
     if report_every < 0:
         raise GraphError(f"report_every: must be >= 0, got {report_every}", field="report_every")
+    if not report_seconds >= 0:
+        raise GraphError(f"report_interval_seconds: must be >= 0, got {report_seconds}",
+                         field="report_interval_seconds")
     feeds = check_feeds(plan, params, fixed or {}, batches)
     out = _loss_slot(plan, loss)
     _check_loss_shapes(plan, out, params, feeds)
@@ -91,9 +96,9 @@ def training(
     slots = [plan.slot(name, field="parameters") for name in names]
     params = {name: params[name] for name in names}
     every = report_every or 1
-    started = time.perf_counter()
+    started = last = time.perf_counter()
     losses: list[float] = []
-    norms: dict[str, float] = {}
+    grads: dict[str, np.ndarray] = {}
     for k in range(steps):
         if token is not None:
             token.check()
@@ -102,21 +107,26 @@ def training(
         if not math.isfinite(value):
             raise _diverged(loss_name, value, k, losses)
         grads = {name: evaluation.grads[slot] for name, slot in zip(names, slots)}
-        norms = {name: float(np.linalg.norm(g)) for name, g in grads.items()}
         losses.append(value)
         if target_loss is not None and value <= target_loss:
-            yield Report(k, value, norms, time.perf_counter() - started, tuple(losses), True, params, True)
+            yield Report(k, value, _norms(grads), time.perf_counter() - started, tuple(losses), True, params, True)
             return
         params = optimizer.step(params, grads)
-        if (k + 1) % every == 0 and k + 1 < steps:
-            yield Report(k + 1, value, norms, time.perf_counter() - started, tuple(losses))
+        if (k + 1) % every == 0 and k + 1 < steps and time.perf_counter() - last >= report_seconds:
+            last = time.perf_counter()
+            yield Report(k + 1, value, _norms(grads), last - started, tuple(losses))
             losses = []
     if token is not None:
         token.check()
     final = plan.run(feeds.step_inputs(steps - 1, params), output=loss_name, gradients=False, token=token)
     value = float(final.values[out])
     reached = target_loss is not None and value <= target_loss
-    yield Report(steps, value, norms, time.perf_counter() - started, tuple(losses), True, params, reached)
+    yield Report(steps, value, _norms(grads), time.perf_counter() - started, tuple(losses), True, params, reached)
+
+
+def _norms(grads: Arrays) -> dict[str, float]:
+    """L2 norms, computed only for a report (not at every step)."""
+    return {name: float(np.linalg.norm(g)) for name, g in grads.items()}
 
 
 def train(plan: Plan, params: Arrays, *, on_progress: Callable[[Report], None] | None = None,

@@ -148,7 +148,8 @@ def check_and_refuse(loaded: Loaded, logger: logging.Logger = log) -> tuple[Load
 def _case(report: GradCheckReport) -> str:
     """``; inputs float64[2, 3], attrs beta=1.5``: enough to reproduce a failure."""
     inputs = ", ".join(f"{c.dtype}{list(c.shape)}" for c in report.inputs)
-    attrs = ", ".join(f"{k}={v!r}" for k, v in report.attrs.items())
+    short = {k: float(f"{v:.6g}") if isinstance(v, float) else v for k, v in report.attrs.items()}  # 6 digits
+    attrs = ", ".join(f"{k}={v!r}" for k, v in short.items())
     return f"; inputs {inputs}" + (f", attrs {attrs}" if attrs else "")
 
 

@@ -21,6 +21,7 @@ from chainrule.v1 import chainrule_pb2_grpc as pb_grpc
 
 from . import auth, tls, wire
 from .config import ServerConfig, plugin_filters
+from .guard import MalformedRequestInterceptor
 from .metrics import Exporter, Metrics
 from .optimize import optimize
 from .service import ChainruleService
@@ -202,9 +203,10 @@ def create_running_server(
     config = config or ServerConfig()
     service = service or build_service(config)
     metrics = Metrics() if config.metrics_port else None
-    # The metrics interceptor comes first (outermost), so refused calls are counted too.
+    # Outermost first: metrics count every call, refused ones too; auth refuses before parsing.
     interceptors = [i for i in (metrics and metrics.interceptor(service),
-                                auth.interceptor_for(config.token_file, config.open_health_and_reflection)) if i]
+                                auth.interceptor_for(config.token_file, config.open_health_and_reflection),
+                                MalformedRequestInterceptor(SERVICE_NAME)) if i]
     # Threads beyond max_concurrent let refusals be answered at once; gRPC's own
     # limit is only a backstop (it counts calls until their clean-up ends).
     spare = max(4, config.max_concurrent // 2)

@@ -27,6 +27,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .cli_eval import add_eval_parser
 
     add_eval_parser(commands)
+    from .cli_train import add_train_parser
+
+    add_train_parser(commands)
     from .cli_render import add_render_parser
     add_render_parser(commands)
 

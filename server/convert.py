@@ -13,6 +13,7 @@ import numpy as np
 
 from chainrule.core import Graph, InputDecl, Node
 from chainrule.core.errors import BadAttributeError, BadTensorError, DTypeError, LimitExceeded, ShapeError
+from chainrule.core.tensor_spec import unrepresentable
 from chainrule.v1 import chainrule_pb2 as pb
 
 DTYPE_TO_NUMPY: dict[int, np.dtype] = {
@@ -44,6 +45,9 @@ def tensor_to_array(tensor: pb.Tensor, *, field: str, max_elements: int | None =
     shape = tuple(tensor.shape)
     if any(n < 0 for n in shape):
         raise ShapeError(f"{field}: negative dimension in shape {list(shape)}", field=f"{field}.shape")
+    problem = unrepresentable(shape, dtype.itemsize)
+    if problem:
+        raise ShapeError(f"{field}: shape {list(shape)}: {problem}", field=f"{field}.shape")
     count = math.prod(shape)
     if max_elements is not None and count > max_elements:
         raise LimitExceeded(
@@ -72,7 +76,11 @@ def tensor_to_array(tensor: pb.Tensor, *, field: str, max_elements: int | None =
                 raise BadTensorError(f"{field}: {dtype.name} values must be whole numbers", field=f"{field}.values")
             if dtype.kind == "b" and not np.all((array == 0) | (array == 1)):
                 raise BadTensorError(f"{field}: bool values must be 0 or 1", field=f"{field}.values")
-        return array.astype(dtype.newbyteorder("="))
+            if dtype.kind == "i" and array.size and (array.min() < -(2.0 ** (8 * dtype.itemsize - 1))
+                                                     or array.max() >= 2.0 ** (8 * dtype.itemsize - 1)):
+                raise BadTensorError(f"{field}: values out of range for {dtype.name}", field=f"{field}.values")
+        with np.errstate(over="ignore"):  # a double beyond float32's range becomes inf, as IEEE rounding says
+            return array.astype(dtype.newbyteorder("="))
     if count == 0:
         return np.zeros(shape, dtype.newbyteorder("="))
     raise BadTensorError(f"{field}: neither data nor values is set", field=field)

@@ -48,7 +48,8 @@ def optimize(service: ChainruleService, request: pb.OptimizeRequest, token: Stop
                 for name, t in batch.inputs.items()} for i, batch in enumerate(request.batches)]
     reports = training(
         plan, params, optimizer=optimizer_from_proto(request), steps=request.steps, loss=request.loss or None,
-        fixed=fixed, batches=batches, report_every=request.report_every, token=token,
+        fixed=fixed, batches=batches, report_every=request.report_every,
+        report_seconds=request.report_interval_seconds, token=token,
         target_loss=request.target_loss if request.HasField("target_loss") else None,
     )
     for report in reports:

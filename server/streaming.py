@@ -22,6 +22,7 @@ from chainrule.v1 import chainrule_pb2 as pb
 
 from .service import ChainruleService
 from .status import status_for
+from .wire import Outgoing
 
 log = logging.getLogger("chainrule.server.streaming")
 
@@ -66,8 +67,10 @@ def _answer(service: ChainruleService, graph: tuple[str, Plan] | ChainruleError,
     if not isinstance(graph, ChainruleError):
         gid, plan = graph
         try:
-            return pb.EvaluateStreamResponse(
-                index=index, response=service.respond(gid, service.run(plan, request, token), request))
+            answer = pb.EvaluateStreamResponse(index=index)
+            # Written in place into the answer; no hand-encoded parts (split=False): this message nests.
+            service.respond(gid, service.run(plan, request, token), request, Outgoing(answer.response, split=False))
+            return answer
         except Cancelled:
             raise
         except ChainruleError as exc:

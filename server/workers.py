@@ -6,10 +6,10 @@ workers before any gRPC object exists (gRPC does not survive a fork), and each
 worker binds the same port with SO_REUSEPORT: the kernel spreads incoming
 connections over them. The parent itself serves nothing: it forwards SIGTERM
 and SIGINT to the workers (each drains gracefully), serves the metrics of all
-workers when asked, and exits 0 once every worker has exited 0. A worker that
-dies on its own takes the others down and the parent exits 1, so the
-supervisor (Kubernetes, systemd) restarts the whole unit: no home-made
-process management beyond that.
+workers when asked, and exits 0 once every worker has exited 0. When one
+worker exits, the others are stopped too; if it crashed (a nonzero exit code)
+the parent exits 1, so the supervisor (Kubernetes, systemd) restarts the whole
+unit: no home-made process management beyond that.
 """
 from __future__ import annotations
 
@@ -115,12 +115,13 @@ def _supervise(config: ServerConfig, port: int, with_metrics: bool) -> int:
 
             exporter = multiprocess_exporter(config.host, config.metrics_port)
         print(f"chainrule listening on {config.host}:{port} ({config.workers} workers)", flush=True)
-        crashed = _watch(workers, stopping)
-        if crashed is not None:
-            log.error("worker pid %d exited with code %s; stopping the others", crashed.pid, crashed.exitcode)
+        ended = _watch(workers, stopping)
+        if ended is not None:  # exit code 0: it was signalled itself (Ctrl-C reaches the whole process group)
+            (log.info if ended.exitcode == 0 else log.error)(
+                "worker pid %d exited with code %s; stopping the others", ended.pid, ended.exitcode)
         codes = _stop(workers, config.grace_seconds)
         log.info("stopped (worker exit codes %s)", codes)
-        return 0 if crashed is None and all(code == 0 for code in codes) else 1
+        return 0 if all(code == 0 for code in codes) else 1
     finally:
         if exporter is not None:
             exporter.close()
@@ -145,7 +146,7 @@ def _await_ready(workers: list, ready: Semaphore, stopping: threading.Event) -> 
 
 
 def _watch(workers: list, stopping: threading.Event):
-    """Block until a stop is asked for (None) or a worker exits on its own (that worker)."""
+    """Block until a stop is asked for (None) or a worker exits (that worker)."""
     sentinels = {p.sentinel: p for p in workers}
     while not stopping.is_set():
         done = multiprocessing.connection.wait(list(sentinels), timeout=0.5)

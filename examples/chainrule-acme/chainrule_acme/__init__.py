@@ -65,7 +65,7 @@ def huber(pred, target, *, delta):
 @huber.infer
 def _(pred, target, *, delta):
     if delta <= 0:
-        raise OpError(f"delta must be > 0, got {delta}")
+        raise OpError(f"delta must be > 0, got {delta}", reason="BAD_ATTRIBUTE", field="attrs.delta")
     return scalar_of_input(broadcast_inputs(pred, target))
 
 

@@ -83,5 +83,6 @@ def test_a_non_positive_delta_is_refused_naming_the_node(loaded):
     g = GraphBuilder()
     x = g.input("x", (3,))
     loss = g.op("acme.huber", x, g.const(np.zeros(3)), delta=0.0, name="loss")
-    with LocalClient(loaded) as client, pytest.raises(InvalidArgument, match="loss.*delta must be > 0"):
+    with LocalClient(loaded) as client, pytest.raises(InvalidArgument, match="loss.*delta must be > 0") as info:
         client.evaluate(loss, x=np.ones(3))
+    assert info.value.reason == "BAD_ATTRIBUTE" and info.value.node == "loss"

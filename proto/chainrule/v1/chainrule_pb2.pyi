@@ -388,7 +388,7 @@ class Batch(_message.Message):
     def __init__(self, inputs: _Optional[_Mapping[str, Tensor]] = ...) -> None: ...
 
 class OptimizeRequest(_message.Message):
-    __slots__ = ("graph", "graph_id", "parameters", "initial", "fixed_inputs", "batches", "loss", "optimizer", "steps", "target_loss", "report_every")
+    __slots__ = ("graph", "graph_id", "parameters", "initial", "fixed_inputs", "batches", "loss", "optimizer", "steps", "target_loss", "report_every", "report_interval_seconds")
     class InitialEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -414,6 +414,7 @@ class OptimizeRequest(_message.Message):
     STEPS_FIELD_NUMBER: _ClassVar[int]
     TARGET_LOSS_FIELD_NUMBER: _ClassVar[int]
     REPORT_EVERY_FIELD_NUMBER: _ClassVar[int]
+    REPORT_INTERVAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     graph: Graph
     graph_id: str
     parameters: _containers.RepeatedScalarFieldContainer[str]
@@ -425,7 +426,8 @@ class OptimizeRequest(_message.Message):
     steps: int
     target_loss: float
     report_every: int
-    def __init__(self, graph: _Optional[_Union[Graph, _Mapping]] = ..., graph_id: _Optional[str] = ..., parameters: _Optional[_Iterable[str]] = ..., initial: _Optional[_Mapping[str, Tensor]] = ..., fixed_inputs: _Optional[_Mapping[str, Tensor]] = ..., batches: _Optional[_Iterable[_Union[Batch, _Mapping]]] = ..., loss: _Optional[str] = ..., optimizer: _Optional[_Union[Optimizer, _Mapping]] = ..., steps: _Optional[int] = ..., target_loss: _Optional[float] = ..., report_every: _Optional[int] = ...) -> None: ...
+    report_interval_seconds: float
+    def __init__(self, graph: _Optional[_Union[Graph, _Mapping]] = ..., graph_id: _Optional[str] = ..., parameters: _Optional[_Iterable[str]] = ..., initial: _Optional[_Mapping[str, Tensor]] = ..., fixed_inputs: _Optional[_Mapping[str, Tensor]] = ..., batches: _Optional[_Iterable[_Union[Batch, _Mapping]]] = ..., loss: _Optional[str] = ..., optimizer: _Optional[_Union[Optimizer, _Mapping]] = ..., steps: _Optional[int] = ..., target_loss: _Optional[float] = ..., report_every: _Optional[int] = ..., report_interval_seconds: _Optional[float] = ...) -> None: ...
 
 class OptimizeProgress(_message.Message):
     __slots__ = ("step", "loss", "grad_norms", "elapsed_seconds", "done", "parameters", "losses", "target_reached")

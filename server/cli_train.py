@@ -1,0 +1,83 @@
+"""``chainrule train graph.json --data data.npz --param W1 --param b1 ... -o trained.npz``.
+
+Every graph input comes from the ``.npz`` data file (arrays by input name):
+the ones named by ``--param`` are the parameters' initial values (or come
+from ``--init``, to resume from an earlier ``trained.npz``), the others stay
+fixed at every step. The run happens on a server (``--server``) or
+in-process (``--local``), with a progress bar on a terminal; the trained
+parameters are written to ``-o`` as ``.npz``.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+
+def add_train_parser(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("train", help="train a graph's parameters on a data file; write them to .npz")
+    parser.add_argument("graph", type=Path, help="graph in the proto JSON format (chainrule.v1.Graph)")
+    parser.add_argument("--data", type=Path, required=True, help=".npz file: an array per graph input")
+    parser.add_argument("--param", "-p", action="append", required=True, metavar="NAME",
+                        help="a graph input to train (repeat, or separate names with commas)")
+    parser.add_argument("--init", type=Path, help=".npz file with the parameters' initial values (default: --data)")
+    parser.add_argument("--loss", help="the scalar node to minimize (default: the graph's only output)")
+    parser.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd")
+    parser.add_argument("--lr", type=float, default=0.01, help="learning rate (default 0.01)")
+    parser.add_argument("--momentum", type=float, default=0.0, help="SGD momentum (default 0)")
+    parser.add_argument("--beta1", type=float, help="Adam's first-moment decay (default 0.9)")
+    parser.add_argument("--beta2", type=float, help="Adam's second-moment decay (default 0.999)")
+    parser.add_argument("--eps", type=float, help="Adam's denominator guard (default 1e-8)")
+    parser.add_argument("--steps", type=int, default=100, help="maximum number of steps (default 100)")
+    parser.add_argument("--target-loss", type=float, help="stop once the loss is at or below this")
+    parser.add_argument("--report-every", type=int, help="steps between progress reports (default: up to 10 a second)")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                        help="show a progress bar (default: when stderr is a terminal)")
+    parser.add_argument("--timeout", type=float, help="deadline of the whole run, in seconds")
+    parser.add_argument("--output", "-o", type=Path, default=Path("trained.npz"), help="where to write the parameters")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--server", default=None, help="address of a chainrule server (default 127.0.0.1:50051)")
+    where.add_argument("--local", action="store_true", help="train in-process, without a server")
+    parser.set_defaults(run=cmd_train)
+
+
+def load_npz(path: Path, what: str) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            return {name: archive[name] for name in archive.files}
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"{what} {path}: cannot read it as .npz ({exc})") from None
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from chainrule.client import Client, Graph, LocalClient
+    from chainrule.client.errors import ChainruleRpcError
+
+    graph = Graph.from_json(args.graph.read_text())
+    data = load_npz(args.data, "--data")
+    initial = load_npz(args.init, "--init") if args.init else data
+    names = [name for text in args.param for name in text.split(",") if name]
+    missing = [name for name in names if name not in initial]
+    if missing:
+        raise SystemExit(f"--param {missing[0]}: no array of that name in {args.init or args.data}")
+    params = {name: initial[name] for name in names}
+    fixed = {name: value for name, value in data.items() if name not in params}
+    client = LocalClient() if args.local else Client(args.server or "127.0.0.1:50051")
+    try:
+        with client:
+            result = client.optimize(
+                graph, params, fixed, loss=args.loss, optimizer=args.optimizer, lr=args.lr, momentum=args.momentum,
+                beta1=args.beta1, beta2=args.beta2, eps=args.eps, steps=args.steps, target_loss=args.target_loss,
+                report_every=args.report_every, progress=args.progress, timeout=args.timeout,
+            )
+    except ChainruleRpcError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    np.savez(args.output, **result.params)
+    first = f"{result.losses[0]:.6g} -> " if len(result.losses) else ""
+    stop = " (target reached)" if result.target_reached else ""
+    print(f"loss {first}{result.loss:.6g} after {result.steps} steps{stop}, {result.elapsed:.2f}s; "
+          f"wrote {', '.join(result.params)} to {args.output}")
+    return 0

@@ -1,0 +1,320 @@
+"""Checks on load: ``chainrule check``, ``chainrule plugins``, ``serve --check-operators``,
+the plugin filters, and the messages of plugins that fail to load.
+
+The throwaway plugins here are found through real entry points: each is a
+module plus a ``.dist-info`` folder with ``entry_points.txt`` on ``sys.path``,
+which is what pip leaves behind, so ``importlib.metadata`` reports them as
+installed distributions (with a name and a version) without pip's time. The
+install itself is tested in test_plugin_package.py.
+"""
+from __future__ import annotations
+
+import json
+import re
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from chainrule.client import Client, GraphBuilder, InvalidArgument, LocalClient
+from chainrule.core.errors import DuplicateOperatorError, PluginError
+from chainrule.plugins.checking import check_registry
+from chainrule.plugins.manager import load_plugins
+from chainrule.server import ServerConfig, create_server
+from chainrule.server.cli import main
+from chainrule.server.config import from_sources
+
+# --- throwaway plugins ------------------------------------------------------------------------------
+
+FLIPPED = '''
+import numpy as np
+from chainrule.plugins import OperatorSet, float_like_input
+
+ops = OperatorSet()
+
+
+@ops.operator("flip.swish", infer=float_like_input, beta=1.0)
+def swish(x, *, beta):
+    """Swish, whose gradient has its sign flipped (a deliberate bug)."""
+    return x / (1 + np.exp(-beta * x))
+
+
+@swish.vjp
+def _(g, out, x, *, beta):
+    s = 1 / (1 + np.exp(-beta * x))
+    return (-g * (s + beta * out * (1 - s)),)
+
+
+@ops.operator("flip.double", infer=float_like_input)
+def double(x):
+    """2 x, with a right gradient."""
+    return 2 * x
+
+
+@double.vjp
+def _(g, out, x):
+    return (2 * g,)
+
+
+register_operators = ops.hookimpl()
+'''
+
+
+def one_operator(name: str, attrs: str = "") -> str:
+    """Source of a plugin module registering one right operator ``name`` (negation)."""
+    return f'''
+from chainrule.core import Attr, OpDef
+from chainrule.plugins import hookimpl, same_as_input
+
+
+@hookimpl
+def register_operators(register):
+    register(OpDef("{name}", 1, lambda x, **a: -x, lambda g, out, x, **a: (-g,), same_as_input{attrs}))
+'''
+
+
+RAISES = '''
+from chainrule.plugins import hookimpl
+
+
+@hookimpl
+def register_operators(register):
+    raise RuntimeError("license server unreachable")
+'''
+
+
+class Site:
+    """A folder on sys.path into which throwaway distributions are 'installed'."""
+
+    def __init__(self, root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.root = root
+        self.modules: list[str] = []
+        monkeypatch.syspath_prepend(str(root))
+
+    def install(self, distribution: str, version: str, plugin: str, source: str) -> None:
+        """Write the plugin's module and the metadata pip would: a distribution with one entry point."""
+        module = f"{plugin}_plugin_{self.root.name}".replace("-", "_")
+        (self.root / f"{module}.py").write_text(textwrap.dedent(source))
+        info = self.root / f"{distribution.replace('-', '_')}-{version}.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {distribution}\nVersion: {version}\n")
+        (info / "entry_points.txt").write_text(f"[chainrule]\n{plugin} = {module}\n")
+        self.modules.append(module)
+
+
+@pytest.fixture
+def site(tmp_path, monkeypatch):
+    for name in ("CHAINRULE_PLUGINS", "CHAINRULE_DISABLE_PLUGINS", "CHAINRULE_PREFER"):
+        monkeypatch.delenv(name, raising=False)
+    s = Site(tmp_path, monkeypatch)
+    yield s
+    for module in s.modules:
+        sys.modules.pop(module, None)
+
+
+@pytest.fixture
+def flipped(site):
+    site.install("chainrule-flipped", "0.1.0", "flipped", FLIPPED)
+    return site
+
+
+def start(config: ServerConfig):
+    server, port = create_server("127.0.0.1:0", config)
+    server.start()
+    return server, f"127.0.0.1:{port}"
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def swish_graph(op: str = "flip.swish"):
+    g = GraphBuilder()
+    x = g.input("x", (3,))
+    return g.op(op, x, name="h").sum(name="f")
+
+
+# --- the check ----------------------------------------------------------------------------------------
+
+def test_every_builtin_operator_passes_chainrule_check(capsys, site, monkeypatch):
+    monkeypatch.setenv("CHAINRULE_PLUGINS", "builtin")
+    code, out, _ = run_cli(capsys, "check")
+    assert code == 0, out
+    rows = {line.split()[0]: line for line in out.splitlines()[1:] if line and not line[0].isdigit()}
+    assert len(rows) == 40 and rows["stop_gradient"].endswith("exempt") and rows["matmul"].endswith("passed")
+    assert "OPERATOR" in out.splitlines()[0] and "SHAPES TRIED" in out and "MAX REL ERR" in out
+    assert "40 operators: 39 passed, 0 failed, 1 exempt" in out
+
+
+def test_a_flipped_vjp_is_caught_naming_plugin_operator_input_position_and_both_numbers(flipped):
+    checks = {c.op: c for c in check_registry(load_plugins(only=["flipped"]).registry)}
+    assert checks["flip.double"].passed and checks["flip.double"].max_abs_error < 1e-8
+    bad = checks["flip.swish"]
+    assert not bad.passed and bad.status == "FAILED" and bad.plugin == "flipped"
+    assert bad.distribution == "chainrule-flipped" and bad.version == "0.1.0"
+    assert bad.shapes == (((),), ((4,),), ((2, 3),)) and bad.max_abs_error > 0.1
+    match = re.search(r"plugin 'flipped' \(distribution chainrule-flipped 0\.1\.0\): operator flip\.swish: "
+                      r"input 0 at \(\): vjp gives (\S+), finite differences give (\S+) \(abs error", bad.message)
+    assert match, bad.message
+    vjp, numeric = float(match[1]), float(match[2])
+    assert vjp == pytest.approx(-numeric) and abs(vjp) > 1e-3        # the sign flip, both numbers shown
+    assert bad.message.endswith("inputs float64[], attrs beta=1.0")
+
+
+def test_chainrule_check_exits_1_and_prints_the_failure(flipped, capsys):
+    code, out, _ = run_cli(capsys, "check", "--plugin", "flipped")
+    assert code == 1
+    lines = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith("flip.")}
+    assert lines["flip.swish"][1] == "flipped" and lines["flip.swish"][-1] == "FAILED"
+    assert lines["flip.double"][-1] == "passed" and lines["flip.double"][2:5] == ["[]", ";", "[4]"]
+    assert "FAILED plugin 'flipped' (distribution chainrule-flipped 0.1.0): operator flip.swish: input 0 at ()" in out
+    assert "2 operators: 1 passed, 1 failed, 0 exempt" in out
+    code, out, _ = run_cli(capsys, "check", "--op", "flip.double", "--op", "add")
+    assert code == 0 and "flip.swish" not in out and "2 operators: 2 passed" in out
+    code, _, err = run_cli(capsys, "check", "--op", "flip.nothing")
+    assert code == 2 and "no operator 'flip.nothing' is installed" in err
+
+
+def test_an_operator_that_cannot_be_checked_fails_with_the_reason():
+    from chainrule.core import Attr, OpDef
+    from test_plugins import plugin_with
+
+    needs = OpDef("odd.scaled", 1, lambda x, *, k: k * x, lambda g, out, x, *, k: (k * g,), attrs={"k": Attr("float")})
+    crashes = OpDef("odd.crash", 1, lambda x: x[7], lambda g, out, x: (g,))
+    loaded = load_plugins(entry_points=False, only=["odd"], extra=[("odd", plugin_with(needs, crashes), "chainrule-odd", "1.0")])
+    checks = {c.op: c for c in check_registry(loaded.registry)}
+    assert not checks["odd.scaled"].passed and "plugin 'odd' (distribution chainrule-odd 1.0): operator odd.scaled: " \
+        "the check could not run: ValueError: odd.scaled: attribute 'k' is required" in checks["odd.scaled"].message
+    assert "give the operator a sample= rule" in checks["odd.scaled"].message
+    assert "operator odd.crash: the check could not run: IndexError" in checks["odd.crash"].message
+
+
+# --- serve --check-operators --------------------------------------------------------------------------
+
+def test_serve_with_check_operators_refuses_the_failing_operator_and_serves_the_rest(flipped, caplog):
+    server, address = start(ServerConfig(check_operators=True, plugins=["flipped", "builtin.reduce"]))
+    try:
+        with Client(address, timeout=30) as client:
+            listed = {op.name: op for op in client.operators()}
+            assert "flip.swish" not in listed
+            assert listed["flip.double"].check == "passed" and listed["sum"].check == "passed"
+            assert listed["flip.double"].distribution == "chainrule-flipped" and listed["flip.double"].version == "0.1.0"
+            r = client.evaluate(swish_graph("flip.double"), x=np.array([1.0, 2.0, 3.0]))
+            assert r.value == 12.0 and list(r.grad["x"]) == [2.0, 2.0, 2.0]
+            with pytest.raises(InvalidArgument) as info:
+                client.evaluate(swish_graph(), x=np.zeros(3))
+            assert info.value.reason == "UNKNOWN_OPERATOR" and info.value.op == "flip.swish"
+    finally:
+        server.stop(grace=None).wait()
+    refusals = [r.getMessage() for r in caplog.records if r.getMessage().startswith("refusing")]
+    assert len(refusals) == 1 and "refusing flip.swish: plugin 'flipped' (distribution chainrule-flipped 0.1.0): " \
+        "operator flip.swish: input 0 at ()" in refusals[0]
+
+
+def test_without_check_operators_nothing_is_refused_and_the_check_is_not_run(flipped):
+    server, address = start(ServerConfig(plugins=["flipped"]))
+    try:
+        with Client(address, timeout=30) as client:
+            listed = {op.name: op.check for op in client.operators()}
+    finally:
+        server.stop(grace=None).wait()
+    assert listed == {"flip.swish": "not run", "flip.double": "not run"}
+
+
+# --- chainrule plugins, and the filters everywhere ----------------------------------------------------
+
+def test_chainrule_plugins_lists_distribution_version_and_operators(flipped, capsys):
+    code, out, _ = run_cli(capsys, "plugins", "--json")
+    assert code == 0
+    rows = {row["name"]: row for row in json.loads(out)}
+    assert rows["flipped"] == {"name": "flipped", "distribution": "chainrule-flipped", "version": "0.1.0",
+                               "builtin": False, "operators": ["flip.swish", "flip.double"]}
+    assert rows["builtin.linalg"]["distribution"] == "chainrule" and rows["builtin.linalg"]["operators"] == ["matmul", "transpose"]
+    code, out, _ = run_cli(capsys, "plugins")
+    line = next(line for line in out.splitlines() if line.startswith("flipped"))
+    assert line.split() == ["flipped", "chainrule-flipped", "0.1.0", "flip.swish,", "flip.double"]
+
+
+def _everywhere(capsys) -> dict[str, set[str]]:
+    """The operator names ops, plugins, check, LocalClient and a server built from the environment see."""
+    seen = {}
+    code, out, _ = run_cli(capsys, "ops", "--json")
+    seen["ops"] = {row["name"] for row in json.loads(out)}
+    code, out, _ = run_cli(capsys, "plugins", "--json")
+    seen["plugins"] = {name for row in json.loads(out) for name in row["operators"]}
+    code, out, _ = run_cli(capsys, "check")
+    seen["check"] = {line.split()[0] for line in out.splitlines()[1:] if line and "operator" not in line and not line.startswith("FAILED")}
+    seen["LocalClient"] = {op.name for op in LocalClient().operators()}
+    server, address = start(from_sources(None))
+    try:
+        with Client(address, timeout=30) as client:
+            seen["serve"] = {op.name for op in client.operators()}
+    finally:
+        server.stop(grace=None).wait()
+    return seen
+
+
+def test_the_environment_variables_choose_the_plugins_everywhere(flipped, capsys, monkeypatch):
+    monkeypatch.setenv("CHAINRULE_PLUGINS", "flipped,builtin.linalg")
+    for where, names in _everywhere(capsys).items():
+        assert names == {"flip.swish", "flip.double", "matmul", "transpose"}, where
+    monkeypatch.delenv("CHAINRULE_PLUGINS")
+    monkeypatch.setenv("CHAINRULE_DISABLE_PLUGINS", "builtin,flipped")
+    for where, names in _everywhere(capsys).items():
+        assert names == set(), where
+
+
+# --- plugins that cannot load: each message names who and why ------------------------------------------
+
+def test_two_distributions_registering_one_name_are_named_and_prefer_resolves_it(site, capsys):
+    site.install("chainrule-one", "1.2.0", "one", one_operator("dup.neg"))
+    site.install("chainrule-two", "0.3.0", "two", one_operator("dup.neg"))
+    with pytest.raises(DuplicateOperatorError) as info:
+        create_server("127.0.0.1:0", ServerConfig(plugins=["one", "two"]))
+    message = info.value.message
+    assert "operator 'dup.neg' is registered twice" in message
+    assert "(distribution chainrule-one 1.2.0)" in message and "(distribution chainrule-two 0.3.0)" in message
+    assert "--prefer one or --prefer two" in message or "--prefer two or --prefer one" in message
+    code, _, err = run_cli(capsys, "plugins")
+    assert code == 1 and err.startswith("chainrule: error: operator 'dup.neg' is registered twice") and "Traceback" not in err
+
+    server, address = start(ServerConfig(plugins=["one", "two"], prefer=["two"]))
+    try:
+        with Client(address, timeout=30) as client:
+            (op,) = [op for op in client.operators() if op.name == "dup.neg"]
+    finally:
+        server.stop(grace=None).wait()
+    assert (op.plugin, op.distribution, op.version) == ("two", "chainrule-two", "0.3.0")
+    code, out, _ = run_cli(capsys, "check", "--prefer", "two", "--plugin", "one", "--plugin", "two")
+    assert code == 0 and re.search(r"dup\.neg\s+two\s", out)
+
+
+def test_a_plugin_whose_registration_raises_stops_the_start_naming_it(site, capsys):
+    site.install("chainrule-broken", "0.1.0", "broken", RAISES)
+    with pytest.raises(PluginError, match="plugin 'broken' raised while registering operators: "
+                                          "RuntimeError: license server unreachable"):
+        create_server("127.0.0.1:0", ServerConfig())
+    code, _, err = run_cli(capsys, "check")
+    assert code == 1 and "plugin 'broken' raised while registering operators" in err
+    loaded = load_plugins(env={"CHAINRULE_DISABLE_PLUGINS": "broken"})   # leaving it out, the rest loads
+    assert "broken" not in [p.name for p in loaded.plugins] and "add" in loaded.registry
+
+
+def test_a_plugin_that_fails_to_import_is_named_with_its_distribution(site, capsys):
+    site.install("chainrule-private", "2.0.1", "private", "import acme_private_sdk_that_is_not_installed\n")
+    code, _, err = run_cli(capsys, "plugins")
+    assert code == 1
+    assert ("plugin 'private' (distribution chainrule-private 2.0.1) failed to import: ModuleNotFoundError: "
+            "No module named 'acme_private_sdk_that_is_not_installed'") in err
+
+
+def test_a_plugin_with_a_bad_attribute_schema_is_refused_naming_plugin_operator_and_attribute(site, capsys):
+    site.install("chainrule-schema", "0.1.0", "schema", one_operator("schema.neg", ', attrs={"k": Attr("complex", 1)}'))
+    code, _, err = run_cli(capsys, "plugins")
+    assert code == 1
+    assert ("plugin 'schema': operator 'schema.neg': attribute 'k' has kind 'complex'; expected one of "
+            "float, int, bool, string, ints, floats, tensor") in err

@@ -1,0 +1,58 @@
+"""Overload: with --max-concurrent M and 4xM calls at once, the excess is refused at once.
+
+The refused calls get RESOURCE_EXHAUSTED naming max_concurrent while the
+admitted ones are still computing (none waits in a queue, none hangs), the
+admitted ones finish correctly, and right after, the server serves as before.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from chainrule.client import ChainruleRpcError, Client, GraphBuilder, ResourceExhausted
+from chainrule.server import ServerConfig
+from chainrule.server.app import create_running_server
+
+from serving import slow_graph
+
+M = 2
+
+
+@pytest.fixture(scope="module")
+def address():
+    running, port = create_running_server("127.0.0.1:0", ServerConfig(max_concurrent=M, log_level="WARNING"))
+    running.server.start()
+    yield f"127.0.0.1:{port}"
+    running.server.stop(None).wait()
+
+
+def test_the_excess_of_4m_parallel_calls_is_refused_at_once_and_none_hangs(address):
+    graph = slow_graph(steps=1500)  # about 1 s of work per call alone
+    go = threading.Barrier(4 * M)
+
+    def call(client: Client) -> tuple[str, float, ChainruleRpcError | None]:
+        go.wait()
+        try:
+            client.evaluate(graph, x=0.0, values="none", grads="none")
+            return "OK", time.monotonic(), None
+        except ResourceExhausted as exc:
+            return "RESOURCE_EXHAUSTED", time.monotonic(), exc
+
+    with Client(address, timeout=60) as client, ThreadPoolExecutor(4 * M) as pool:
+        client.evaluate(graph, x=0.0, values="none", grads="none")  # compiled and cached: all calls start alike
+        outcomes = list(pool.map(call, [client] * (4 * M)))  # a hang would fail with DEADLINE_EXCEEDED
+        served = [t for code, t, _ in outcomes if code == "OK"]
+        refused = [(t, exc) for code, t, exc in outcomes if code != "OK"]
+        assert len(served) == M and len(refused) == 3 * M
+        # Refused at once: every refusal arrived while the admitted calls were still computing.
+        assert max(t for t, _ in refused) < min(served)
+        assert all(exc.metadata["limit"] == "max_concurrent" for _, exc in refused)
+
+        # Back to normal: the slots are free again, M calls at once all succeed, and a small call answers.
+        again = list(pool.map(lambda c: c.evaluate(slow_graph(steps=20), x=0.0).value, [client] * M))
+        assert len(again) == M
+        g = GraphBuilder()
+        assert client.evaluate(g.input("x") * 2.0, x=21.0).value == 42.0

@@ -1,0 +1,212 @@
+"""EvaluateStream through a real server: the same answers as Evaluate, per-set errors, order, batching.
+
+The Python client is used where it can be; the raw stub where a test needs
+requests the client never sends (no graph at all, a graph id, a bad graph
+followed by a good one).
+"""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from chainrule.client import Client, GraphBuilder, InvalidArgument, LocalClient, ResourceExhausted
+from chainrule.client.errors import from_status
+from chainrule.server import ServerConfig, create_server
+from chainrule.server.convert import array_to_tensor, tensor_to_array
+from chainrule.v1 import chainrule_pb2 as pb
+from chainrule.v1.chainrule_pb2_grpc import ChainruleStub
+
+
+def neuron():
+    """f = sigmoid(w·x + b), the lecture's neuron with a vector input."""
+    g = GraphBuilder()
+    w, x, b = g.input("w", (3,)), g.input("x", (3,)), g.input("b")
+    return ((w * x).sum(name="dot") + b).sigmoid(name="f")
+
+
+@pytest.fixture(scope="module")
+def address():
+    server, port = create_server("127.0.0.1:0")
+    server.start()
+    yield f"127.0.0.1:{port}"
+    server.stop(grace=None).wait()
+
+
+@pytest.fixture(scope="module")
+def client(address):
+    with Client(address, timeout=60) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def stub(client):
+    return ChainruleStub(client.channel)
+
+
+def input_sets(n: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return [{"w": rng.normal(size=3), "x": rng.normal(size=3), "b": rng.normal()} for _ in range(n)]
+
+
+def wire(result) -> bytes:
+    return result.response.SerializeToString(deterministic=True)
+
+
+# --- same answers as Evaluate -------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def thousand(client):
+    """A thousand input sets and their answers from a thousand Evaluate calls."""
+    f, sets = neuron(), input_sets(1000)
+    return f, sets, [client.evaluate(f, s) for s in sets]
+
+
+@pytest.mark.parametrize("batch", [1, 7])
+def test_a_thousand_sets_equal_a_thousand_evaluate_calls(client, thousand, batch):
+    f, sets, single = thousand
+    streamed = client.evaluate_many(f, sets, batch=batch)
+    assert len(streamed) == 1000
+    assert [wire(r) for r in streamed] == [wire(r) for r in single]
+    assert streamed[999].grad["w"].tobytes() == single[999].grad["w"].tobytes()
+
+
+def test_local_client_streams_the_same_answers(client):
+    f, sets = neuron(), input_sets(50, seed=1)
+    remote = client.evaluate_many(f, sets, batch=4, grads=["w", "dot"], values="none")
+    local = LocalClient().evaluate_many(f, sets, batch=4, grads=["w", "dot"], values="none")
+    assert [wire(r) for r in remote] == [wire(r) for r in local]
+    assert set(remote[0].grad) == {"w", "dot"} and len(remote[0].values) == 0
+
+
+def test_common_inputs_feed_every_set_and_a_set_overrides_them(client):
+    f = neuron()
+    common = {"w": np.array([1.0, 2.0, 3.0]), "b": 0.0}
+    sets = [{"x": np.array([1.0, 0.0, 0.0])}, {"x": np.zeros(3), "b": 2.0}]
+    for batch in (1, 2):
+        results = client.evaluate_many(f, sets, common, batch=batch)
+        assert results[0].values["dot"] == 1.0 and results[0].values["b"] == 0.0
+        assert results[1].values["dot"] == 0.0 and results[1].values["b"] == 2.0
+
+
+def test_no_input_sets_means_no_results(client):
+    assert client.evaluate_many(neuron(), [], batch=3) == []
+
+
+# --- errors: per set, and the stream goes on ----------------------------------------------------------
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_a_bad_shape_gets_its_own_error_and_the_others_succeed(client, batch):
+    f, sets = neuron(), input_sets(10, seed=2)
+    sets[3] = {**sets[3], "x": np.zeros(4)}
+    results = client.evaluate_many(f, sets, batch=batch, errors="return")
+    bad = results[3]
+    assert isinstance(bad, InvalidArgument) and bad.index == 3
+    assert bad.field == "inputs.x" and "shape" in bad.message and bad.reason == "SHAPE_MISMATCH"
+    for k, result in enumerate(results):
+        if k != 3:
+            expected = client.evaluate(f, sets[k])
+            assert wire(result) == wire(expected)
+
+
+def test_errors_raise_by_default_naming_the_set(client):
+    sets = input_sets(5)
+    sets[2] = {**sets[2], "w": np.zeros((2, 2))}
+    with pytest.raises(InvalidArgument) as info:
+        client.evaluate_many(neuron(), sets)
+    assert info.value.index == 2 and info.value.node == "w"
+    assert client.evaluate(neuron(), sets[0]).value > 0  # the server still serves
+
+
+def test_a_failed_set_is_answered_in_its_place(client):
+    sets = input_sets(6)
+    sets[0] = {"w": np.zeros(3), "x": np.zeros(3)}  # b missing
+    sets[5] = {**sets[5], "nope": 1.0}
+    results = client.evaluate_many(neuron(), sets, batch=4, errors="return")
+    assert [type(r).__name__ for r in results] == ["InvalidArgument", "Result", "Result", "Result", "Result",
+                                                   "InvalidArgument"]
+    assert results[0].reason == "MISSING_INPUT" and results[5].reason == "UNEXPECTED_INPUT"
+
+
+def raw(graph: pb.Graph | None = None, graph_id: str = "", **inputs: float) -> pb.EvaluateRequest:
+    request = pb.EvaluateRequest(output="f")
+    if graph is not None:
+        request.graph.CopyFrom(graph)
+    if graph_id:
+        request.graph_id = graph_id
+    for name, value in inputs.items():
+        request.inputs[name].CopyFrom(array_to_tensor(np.asarray(value, dtype=np.float64)))
+    return request
+
+
+def scalar_graph() -> pb.Graph:
+    g = GraphBuilder()
+    x = g.input("x")
+    return (x * x).named("f").graph.message
+
+
+def test_later_requests_reuse_the_first_graph(stub):
+    answers = list(stub.EvaluateStream(iter([raw(scalar_graph(), x=2.0), raw(x=3.0), raw(x=-1.0)]), timeout=30))
+    assert [a.index for a in answers] == [0, 1, 2]
+    assert [float(tensor_to_array(a.response.output_value, field="f")) for a in answers] == [4.0, 9.0, 1.0]
+
+
+def test_a_graph_id_works_and_a_stream_without_any_graph_errs_per_request(client, stub):
+    gid = client.register(scalar_graph())
+    answers = list(stub.EvaluateStream(iter([raw(x=1.0), raw(graph_id=gid, x=5.0), raw(x=6.0)]), timeout=30))
+    first = from_status(answers[0].error)
+    assert isinstance(first, InvalidArgument) and first.field == "graph"
+    assert [a.WhichOneof("result") for a in answers] == ["error", "response", "response"]
+    assert answers[2].response.gradients["x"] == array_to_tensor(np.array(12.0))
+
+
+def test_a_bad_graph_fails_its_requests_until_a_good_one_comes(stub):
+    bad = scalar_graph()
+    bad.nodes[0].op = "no_such_op"
+    requests = [raw(bad, x=1.0), raw(x=2.0), raw(scalar_graph(), x=3.0)]
+    answers = list(stub.EvaluateStream(iter(requests), timeout=30))
+    errors = [from_status(a.error) for a in answers[:2]]
+    assert all(e.reason == "UNKNOWN_OPERATOR" and "no_such_op" in e.message for e in errors)
+    assert answers[2].response.output_value == array_to_tensor(np.array(9.0))
+
+
+def test_a_request_with_input_sets_is_answered_by_one_message_with_a_result_per_set(stub):
+    request = raw(scalar_graph())
+    for value in (1.0, 2.0, 3.0):
+        request.input_sets.add().inputs["x"].CopyFrom(array_to_tensor(np.array(value)))
+    follow = raw(x=4.0)
+    answers = list(stub.EvaluateStream(iter([request, follow]), timeout=30))
+    assert len(answers) == 2 and answers[0].WhichOneof("result") is None
+    assert [r.index for r in answers[0].results] == [0, 1, 2] and answers[1].index == 3
+    assert [r.response.output_value for r in answers[0].results] == [array_to_tensor(np.array(v)) for v in (1.0, 4.0, 9.0)]
+
+
+# --- admission control: a stream holds one slot for its whole length -----------------------------------
+
+def test_a_stream_takes_a_slot_until_it_ends():
+    server, port = create_server("127.0.0.1:0", ServerConfig(max_concurrent=1))
+    server.start()
+    try:
+        with Client(f"127.0.0.1:{port}", timeout=30) as c:
+            stub = ChainruleStub(c.channel)
+            answered, busy = threading.Event(), []
+
+            def requests():
+                yield raw(scalar_graph(), x=1.0)
+                answered.wait(10)  # the stream is open on the server: is another call refused?
+                try:
+                    c.evaluate(neuron(), input_sets(1)[0])
+                except ResourceExhausted:
+                    busy.append(True)
+                yield raw(x=2.0)
+
+            answers = []
+            for answer in stub.EvaluateStream(requests(), timeout=30):
+                answers.append(answer)
+                answered.set()
+            assert busy == [True]
+            assert [a.WhichOneof("result") for a in answers] == ["response", "response"]
+            assert c.evaluate(neuron(), input_sets(1)[0]).value > 0  # the slot is free again
+    finally:
+        server.stop(grace=None).wait()
