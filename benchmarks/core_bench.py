@@ -121,6 +121,25 @@ def network_numpy(X, T, W1, b1, W2, b2, W3, b3):
     return loss, dW1, db1, dW2, db2, dW3, db3
 
 
+def network_torch(inputs: dict[str, np.ndarray], params: list[str]):
+    """The same step in PyTorch (float64, autograd): a peer's figure, when torch is installed."""
+    import torch
+
+    t = {k: torch.tensor(v, requires_grad=k in params) for k, v in inputs.items()}
+
+    def step():
+        for k in params:
+            t[k].grad = None
+        h1 = torch.sigmoid(t["X"] @ t["W1"] + t["b1"])
+        h2 = torch.sigmoid(h1 @ t["W2"] + t["b2"])
+        y = torch.sigmoid(h2 @ t["W3"] + t["b3"])
+        loss = torch.mean((y - t["T"]) ** 2)
+        loss.backward()
+        return loss
+
+    return step
+
+
 def network_inputs(batch: int, features: int, hidden: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(0)
     return {
@@ -192,6 +211,12 @@ def main() -> None:
         wrt = best_of(lambda: plan.run(inputs, wrt=params), reps)
         rows.append((f"(b) 4-layer {label}, ms, every grad", "hand-written numpy", ref * 1e3, "chainrule", every * 1e3, ""))
         rows.append((f"(b) 4-layer {label}, ms, wrt=params", "hand-written numpy", ref * 1e3, "chainrule", wrt * 1e3, target))
+        try:
+            torch_step = network_torch(inputs, params)
+            peer = best_of(torch_step, reps)
+            rows.append((f"(b) 4-layer {label}, ms, PyTorch", "hand-written numpy", ref * 1e3, "PyTorch", peer * 1e3, "peer"))
+        except ImportError:
+            pass
 
     # (c)
     size = 10_000_000
@@ -205,7 +230,7 @@ def main() -> None:
     ours = best_of(lambda: plan.run(vectors), repeats)
     rows.append(("(c) sum(sigmoid(a*b+c)), 1e7, ms", "hand-written numpy", ref * 1e3, "chainrule", ours * 1e3, "target <= 1.0x"))
 
-    print(f"{'case':<44} {'reference':<24} {'ref':>10} {'chainrule':>10} {'ratio':>7}  target")
+    print(f"{'case':<44} {'reference':<24} {'ref':>10} {'measured':>10} {'ratio':>7}  target")
     for case, ref_name, ref_value, _, ours_value, target in rows:
         ratio = ours_value / ref_value if ref_value == ref_value else math.nan
         print(f"{case:<44} {ref_name:<24} {ref_value:>10.3f} {ours_value:>10.3f} {ratio:>7.2f}  {target}")

@@ -7,8 +7,10 @@ address of a name, such as a Kubernetes headless service), and the service
 config asks for the ``round_robin`` policy, which keeps a connection to each
 and spreads calls over them. Calls that are safe to repeat (all the unary
 ones: evaluation is a pure function of the request, and registration is keyed
-by content hash) are retried by gRPC on UNAVAILABLE, so a replica going away
-costs no failed call.
+by content hash) are retried by gRPC when a replica is unavailable or shutting
+down, so a replica going away gracefully costs no failed call. (gRPC retries a
+call only until the server has sent response headers; a replica that crashes
+mid-call fails the calls it was computing.)
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from typing import Any, Sequence
 import grpc
 
 SERVICE = "chainrule.v1.Chainrule"
-#: Methods gRPC may retry on UNAVAILABLE: repeating them changes nothing on the server.
+#: Methods gRPC may retry: repeating them changes nothing on the server.
 IDEMPOTENT_METHODS = ("Evaluate", "RegisterGraph", "ListOperators", "ServerInfo")
 
 #: round_robin over every address of the target, and retries of idempotent calls.
@@ -35,7 +37,10 @@ SERVICE_CONFIG = json.dumps({
             "initialBackoff": "0.05s",
             "maxBackoff": "1s",
             "backoffMultiplier": 2,
-            "retryableStatusCodes": ["UNAVAILABLE"],
+            # CANCELLED too: a server shutting down answers calls it had received but not yet
+            # started with CANCELLED rather than UNAVAILABLE (grpc/grpc#41785). A call the client
+            # itself cancels is never retried, so only the server's CANCELLED is.
+            "retryableStatusCodes": ["UNAVAILABLE", "CANCELLED"],
         },
     }],
 })

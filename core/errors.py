@@ -9,6 +9,13 @@ from __future__ import annotations
 
 from typing import Any
 
+__all__ = [
+    "ArityError", "BadAttributeError", "BadTensorError", "Cancelled", "ChainruleError", "CycleError", "DTypeError",
+    "DeadlineExceeded", "DuplicateNodeError", "DuplicateOperatorError", "GraphError", "InvalidOperatorError",
+    "LimitExceeded", "MissingInputError", "OpError", "OperatorFailure", "OutputError", "PluginError", "SeedError",
+    "ShapeError", "UnexpectedInputError", "UnknownNodeError", "UnknownOperatorError", "VersionMismatchError", "where",
+]
+
 
 class ChainruleError(Exception):
     """Base class: a message plus the reason code and what it concerns."""

@@ -30,7 +30,6 @@ import shlex
 import subprocess
 import sys
 import time
-import tomllib
 import types
 from pathlib import Path
 
@@ -88,6 +87,7 @@ def exact(text: str) -> list[str]:
 @pytest.fixture
 def package(tmp_path, monkeypatch):
     """The guide's package, written out and registered as installed distribution chainrule-mine."""
+    tomllib = pytest.importorskip("tomllib", reason="reading pyproject.toml needs Python 3.11")
     root = tmp_path / "chainrule-mine"
     for block in read_blocks():
         if (match := FILE.match(block.body)) is not None:

@@ -83,7 +83,7 @@ class Venv:
 
 
 @pytest.fixture(scope="module")
-def venv(tmp_path_factory) -> Venv:
+def venv(tmp_path_factory) -> Iterator[Venv]:
     root = tmp_path_factory.mktemp("fresh")
     subprocess.run([sys.executable, "-m", "venv", str(root / "venv")], check=True, timeout=120)
     env = Venv(root)
@@ -100,7 +100,8 @@ def venv(tmp_path_factory) -> Venv:
     # chainrule's build backend (setuptools>=77) once, then builds without isolation: quicker, same result
     env.pip("install", "setuptools>=77")
     env.pip("install", "--no-build-isolation", *(str(src / name) for name in ("chainrule", ACME.name, CLASH.name)))
-    return env
+    yield env
+    shutil.rmtree(root, ignore_errors=True)        # about 100 MB
 
 
 @pytest.mark.slow

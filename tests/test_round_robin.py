@@ -64,16 +64,16 @@ def test_calls_spread_over_all_servers_and_survive_one_stopping(servers):
         time.sleep(0.5)
         before = calls[0]
         servers[1][0].drain(grace=2.0).wait()  # server 1 goes away mid-run
-        drained_at = answered[1]
         time.sleep(0.5)
         stop.set()
         for t in threads:
             t.join()
+        after = Counter(client.server_info().worker for _ in range(30))
 
     assert not failures, failures[:3]
     assert before > 0 and calls[0] > before  # calls went on after the stop
-    assert answered[1] == drained_at  # and none reached the stopped server
-    assert answered[0] > 0 and answered[2] > 0
+    assert all(answered[w] > 0 for w in (0, 1, 2))
+    assert set(after) == {0, 2}  # the other two share the calls from then on
 
 
 def test_a_list_of_host_names_asks_for_a_dns_target():
