@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test install stubs bench clean
+.PHONY: run test install stubs bench fuzz clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ stubs: install
 
 bench: install
 	$(BIN)/python benchmarks/core_bench.py
+
+# A bounded hostile-input campaign against a server subprocess (two minutes).
+fuzz: install
+	$(BIN)/python tests/fuzz_campaign.py --seconds 120
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from chainrule.client import Client, GraphBuilder, LocalClient, ops
+from chainrule.client import Client, GraphBuilder, LocalClient
 from chainrule.core import compile_graph
 from chainrule.core.optim import make_optimizer
 from chainrule.plugins.manager import load_plugins
@@ -80,11 +80,11 @@ def bench_stream(client: Client, sets: int, repeats: int) -> None:
     client.evaluate(f, inputs[0])  # warm: compiled and cached on the server
     unary = best_of(lambda: [client.evaluate(f, s) for s in inputs], repeats)
     print(f"(a) EvaluateStream, {sets} input sets of a {len(f.graph)}-node graph, all values and gradients returned")
-    print(f"    one Evaluate per set          {sets / unary:9.0f} sets/s   1.00x")
+    print(f"    {'one Evaluate call per set':<42}{sets / unary:7.0f} sets/s  1.00x")
     for batch in (1, 8, 32, 128):
         t = best_of(lambda: client.evaluate_many(f, inputs, batch=batch), repeats)
         label = "one set per message" if batch == 1 else f"{batch} sets per message"
-        print(f"    EvaluateStream, {label:<14}{sets / t:9.0f} sets/s  {unary / t:5.2f}x")
+        print(f"    {'EvaluateStream, ' + label:<42}{sets / t:7.0f} sets/s  {unary / t:4.2f}x")
 
 
 # --- (b) Optimize ------------------------------------------------------------------------------------

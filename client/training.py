@@ -105,6 +105,7 @@ def _tensors(graph: Graph, values: Mapping[Any, Any]) -> dict[str, pb.Tensor]:
 #: (each report is one gRPC message, a fraction of a millisecond).
 REPORTS_PER_SECOND = 10
 
+
 @dataclass(frozen=True)
 class Progress:
     """One progress report of a training run."""

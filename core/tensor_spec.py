@@ -7,7 +7,7 @@ from typing import NamedTuple
 import numpy as np
 
 
-#: Most dimensions a tensor may have: numpy 1.x's limit (numpy 2 allows 64).
+#: Most dimensions a tensor may have: numpy 1's limit, kept though numpy 2 allows 64.
 MAX_RANK = 32
 _MAX_BYTES = int(np.iinfo(np.intp).max)
 

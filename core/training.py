@@ -109,7 +109,8 @@ def training(
         grads = {name: evaluation.grads[slot] for name, slot in zip(names, slots)}
         losses.append(value)
         if target_loss is not None and value <= target_loss:
-            yield Report(k, value, _norms(grads), time.perf_counter() - started, tuple(losses), True, params, True)
+            yield Report(k, value, _norms(grads), time.perf_counter() - started, tuple(losses),
+                         done=True, params=params, target_reached=True)
             return
         params = optimizer.step(params, grads)
         if (k + 1) % every == 0 and k + 1 < steps and time.perf_counter() - last >= report_seconds:
@@ -120,8 +121,8 @@ def training(
         token.check()
     final = plan.run(feeds.step_inputs(steps - 1, params), output=loss_name, gradients=False, token=token)
     value = float(final.values[out])
-    reached = target_loss is not None and value <= target_loss
-    yield Report(steps, value, _norms(grads), time.perf_counter() - started, tuple(losses), True, params, reached)
+    yield Report(steps, value, _norms(grads), time.perf_counter() - started, tuple(losses),
+                 done=True, params=params, target_reached=target_loss is not None and value <= target_loss)
 
 
 def _norms(grads: Arrays) -> dict[str, float]:

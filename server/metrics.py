@@ -2,7 +2,7 @@
 
 Measured per call, for every service (chainrule, health, reflection):
 ``chainrule_requests_total{method,code}``, ``chainrule_request_duration_seconds{method}``
-(histogram), ``chainrule_requests_in_flight``, ``chainrule_received_bytes_total{method}`` and
+(histogram), ``chainrule_requests_in_flight{method}``, ``chainrule_received_bytes_total{method}`` and
 ``chainrule_sent_bytes_total{method}`` (serialized message sizes), and
 ``chainrule_nodes_evaluated_total`` (operator nodes of every graph evaluated, read from
 each EvaluateResponse, streamed ones included). ``method`` is the full gRPC method
@@ -43,8 +43,8 @@ class Metrics:
                                 ["method", "code"], registry=r)
         self.duration = Histogram("chainrule_request_duration_seconds", "Time from call arrival to answer, by method",
                                   ["method"], buckets=BUCKETS, registry=r)
-        self.in_flight = Gauge("chainrule_requests_in_flight", "Calls being served now", registry=r,
-                               multiprocess_mode="livesum")
+        self.in_flight = Gauge("chainrule_requests_in_flight", "Calls being served now, by method", ["method"],
+                               registry=r, multiprocess_mode="livesum")
         self.nodes = Counter("chainrule_nodes_evaluated", "Operator nodes of the graphs evaluated", registry=r)
         self.received = Counter("chainrule_received_bytes", "Serialized request bytes, by method", ["method"], registry=r)
         self.sent = Counter("chainrule_sent_bytes", "Serialized response bytes, by method", ["method"], registry=r)
@@ -112,7 +112,7 @@ class MetricsInterceptor(grpc.ServerInterceptor):
 
     def _timed(self, method: str, behavior: Callable[..., Any], streaming: bool) -> Callable[..., Any]:
         m = self.metrics
-        duration = m.duration.labels(method)
+        duration, in_flight = m.duration.labels(method), m.in_flight.labels(method)
 
         def finish(context: grpc.ServicerContext, started: float, failed: BaseException | None) -> None:
             code = context.code()
@@ -121,11 +121,11 @@ class MetricsInterceptor(grpc.ServerInterceptor):
                     grpc.StatusCode.CANCELLED if isinstance(failed, GeneratorExit) else grpc.StatusCode.UNKNOWN)
             m.requests.labels(method, code.name).inc()
             duration.observe(time.perf_counter() - started)
-            m.in_flight.dec()
+            in_flight.dec()
 
         def unary(request: Any, context: grpc.ServicerContext) -> Any:
             started, failed = time.perf_counter(), None
-            m.in_flight.inc()
+            in_flight.inc()
             try:
                 return behavior(request, context)
             except BaseException as exc:
@@ -136,7 +136,7 @@ class MetricsInterceptor(grpc.ServerInterceptor):
 
         def stream(request: Any, context: grpc.ServicerContext) -> Any:
             started, failed = time.perf_counter(), None
-            m.in_flight.inc()
+            in_flight.inc()
             try:
                 yield from behavior(request, context)
             except BaseException as exc:

@@ -47,8 +47,10 @@ def evaluate_stream(service: ChainruleService, requests: Iterable[pb.EvaluateReq
         elif graph is None:
             graph = GraphError("the first request of a stream needs a graph or a graph_id", field="graph")
         if not request.input_sets:
-            yield _answer(service, graph, request, index, _item_token(call, item_seconds), request_id)
+            answer = pb.EvaluateStreamResponse(index=index)
+            _answer(service, graph, request, answer, _item_token(call, item_seconds), request_id)
             index += 1
+            yield answer
             continue
         template = _options_of(request)
         response = pb.EvaluateStreamResponse(index=index)
@@ -56,28 +58,29 @@ def evaluate_stream(service: ChainruleService, requests: Iterable[pb.EvaluateReq
             item = pb.EvaluateRequest()
             item.CopyFrom(template)
             item.inputs.MergeFrom(input_set.inputs)
-            response.results.append(_answer(service, graph, item, index, _item_token(call, item_seconds), request_id))
+            answer = response.results.add(index=index)
+            _answer(service, graph, item, answer, _item_token(call, item_seconds), request_id)
             index += 1
         yield response
 
 
 def _answer(service: ChainruleService, graph: tuple[str, Plan] | ChainruleError, request: pb.EvaluateRequest,
-            index: int, token: StopToken | None, request_id: str) -> pb.EvaluateStreamResponse:
+            answer: pb.EvaluateStreamResponse, token: StopToken | None, request_id: str) -> None:
+    """Fill ``answer`` with the response, or with the error status of this input set."""
     error = graph  # a graph that failed to compile fails every input set run on it
     if not isinstance(graph, ChainruleError):
         gid, plan = graph
         try:
-            answer = pb.EvaluateStreamResponse(index=index)
-            # Written in place into the answer; no hand-encoded parts (split=False): this message nests.
+            # Written in place; no hand-encoded parts (split=False) since this message nests.
             service.respond(gid, service.run(plan, request, token), request, Outgoing(answer.response, split=False))
-            return answer
+            return
         except Cancelled:
             raise
         except ChainruleError as exc:
             if isinstance(exc, OperatorFailure):
-                log.error("request %s, input set %d: %s", request_id, index, exc.message, exc_info=exc)
+                log.error("request %s, input set %d: %s", request_id, answer.index, exc.message, exc_info=exc)
             error = exc
-    return pb.EvaluateStreamResponse(index=index, error=status_for(error, request_id))
+    answer.error.CopyFrom(status_for(error, request_id))  # the oneof drops any half-written response
 
 
 def _options_of(request: pb.EvaluateRequest) -> pb.EvaluateRequest:

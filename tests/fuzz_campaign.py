@@ -31,8 +31,11 @@ from hostile import EVALUATE, REGISTER, Tally, check_valid_answer, hostile_messa
 from chainrule.v1 import chainrule_pb2 as pb  # noqa: E402
 
 MAX_NODES = 2000
+#: Tight limits keep each request cheap. --no-tune-malloc: freed memory goes back to the system,
+#: so the resident size shows what the server holds, not what the allocator keeps for reuse.
 SERVER_FLAGS = ["--max-nodes", str(MAX_NODES), "--max-tensor-elements", str(1 << 20),
-                "--max-memory-bytes", str(64 << 20), "--max-compute-seconds", "10", "--log-level", "ERROR"]
+                "--max-memory-bytes", str(64 << 20), "--max-compute-seconds", "10", "--log-level", "ERROR",
+                "--no-tune-malloc"]
 
 
 def rss_kib(pid: int, field: str = "VmRSS") -> int:
@@ -82,9 +85,13 @@ def campaign(address: str, process: subprocess.Popen, seconds: float, max_reques
                 tally.failures.append(f"the valid request failed after {data[:80]!r}: {exc}")
 
         batches = 0
+        trace = []  # (seconds, RSS KiB) after each batch: growth that levels off is caches, not a leak
+        begun = time.monotonic()
         while time.monotonic() < ends and tally.sent < max_requests and process.poll() is None:
             seed(random.getrandbits(64))(one)()
             batches += 1
+            if process.poll() is None:
+                trace.append((round(time.monotonic() - begun), rss_kib(process.pid)))
     alive = process.poll() is None
     return {
         "requests_sent": tally.sent,
@@ -96,6 +103,8 @@ def campaign(address: str, process: subprocess.Popen, seconds: float, max_reques
         "rss_start_kib": baseline,
         "rss_end_kib": rss_kib(process.pid) if alive else None,
         "rss_peak_kib": rss_kib(process.pid, "VmHWM") if alive else None,
+        "rss_trace_kib": [trace[i] for i in sorted({0, len(trace) // 4, len(trace) // 2, 3 * len(trace) // 4,
+                                                    len(trace) - 1}) if trace],
         "failures": tally.failures[:20],
     }
 
@@ -130,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         if report["server_alive"]:
             print(f"server RSS     {report['rss_start_kib'] / 1024:.1f} MiB -> {report['rss_end_kib'] / 1024:.1f} MiB "
                   f"(growth {report['rss_growth_kib'] / 1024:+.1f} MiB, peak {report['rss_peak_kib'] / 1024:.1f} MiB)")
+            print("  over time    " + ", ".join(f"{t} s: {kib / 1024:.1f} MiB" for t, kib in report["rss_trace_kib"]))
         else:
             print("server         DIED")
         for failure in report["failures"]:

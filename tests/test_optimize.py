@@ -17,9 +17,13 @@ import pytest
 from chainrule.client import (
     Client, DeadlineExceeded, GraphBuilder, InvalidArgument, LocalClient, Progress, ResourceExhausted, ops,
 )
-from chainrule.core.optim import SGD, Adam
+from chainrule.core import compile_graph
+from chainrule.core.optim import SGD, Adam, make_optimizer
+from chainrule.core.training import train, training
+from chainrule.plugins.manager import load_plugins
 from chainrule.client.training import optimize_request
 from chainrule.server import ServerConfig, create_server
+from chainrule.server.convert import graph_from_proto
 from chainrule.v1.chainrule_pb2_grpc import ChainruleStub
 
 C = np.array([1.0, -2.0, 3.0])
@@ -113,6 +117,26 @@ def test_reports_every_k_steps_carry_the_whole_history(client):
     assert result.losses[0] == pytest.approx(0.5 * np.sum(A * C ** 2))
     assert result.loss < result.losses[-1]  # the final loss is at the trained parameters, after the last update
     assert all(p.elapsed >= 0 for p in seen)
+
+
+def test_default_reporting_is_throttled_but_the_history_is_whole(client):
+    result = client.optimize(quadratic(), {"w": np.zeros(3)}, {"c": C, "a": A}, lr=0.05, steps=300, progress=False)
+    assert len(result.losses) == 300 and np.all(np.diff(result.losses) < 0)
+    assert result.history[-1].done and len(result.history) < 300  # at most 10 reports a second
+
+
+def test_reports_within_the_interval_are_skipped():
+    plan = compile_graph(graph_from_proto(quadratic().graph.message), load_plugins().registry)
+    reports = list(training(plan, {"w": np.zeros(3)}, fixed={"c": C, "a": A}, optimizer=SGD(0.05), steps=50,
+                            report_every=1, report_seconds=3600))
+    assert len(reports) == 1 and reports[0].done and len(reports[0].losses) == 50
+
+
+def test_progress_bar_only_when_asked_or_on_a_terminal(client, capsys):
+    client.optimize(quadratic(), {"w": np.zeros(3)}, {"c": C, "a": A}, steps=30)  # stderr is no terminal here
+    assert capsys.readouterr().err == ""
+    client.optimize(quadratic(), {"w": np.zeros(3)}, {"c": C, "a": A}, steps=30, progress=True)
+    assert "30/30" in capsys.readouterr().err
 
 
 def test_batches_are_cycled_step_by_step(client):
@@ -302,12 +326,6 @@ def test_a_deadline_stops_the_local_client_too():
 
 def test_mse_network_with_batches_matches_core_training_loop(client):
     """The server's run equals chainrule.core.training.train on the same plan and data."""
-    from chainrule.core import compile_graph
-    from chainrule.core.optim import make_optimizer
-    from chainrule.core.training import train
-    from chainrule.plugins.manager import load_plugins
-    from chainrule.server.convert import graph_from_proto
-
     g = GraphBuilder()
     x, t, w = g.input("x", (-1, 2)), g.input("t", (-1, 1)), g.input("w", (2, 1))
     loss = ops.mse((x @ w).tanh(), t, name="loss")

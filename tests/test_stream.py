@@ -6,7 +6,9 @@ followed by a good one).
 """
 from __future__ import annotations
 
+import logging
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -179,7 +181,8 @@ def test_a_request_with_input_sets_is_answered_by_one_message_with_a_result_per_
     answers = list(stub.EvaluateStream(iter([request, follow]), timeout=30))
     assert len(answers) == 2 and answers[0].WhichOneof("result") is None
     assert [r.index for r in answers[0].results] == [0, 1, 2] and answers[1].index == 3
-    assert [r.response.output_value for r in answers[0].results] == [array_to_tensor(np.array(v)) for v in (1.0, 4.0, 9.0)]
+    expected = [array_to_tensor(np.array(v)) for v in (1.0, 4.0, 9.0)]
+    assert [r.response.output_value for r in answers[0].results] == expected
 
 
 # --- admission control: a stream holds one slot for its whole length -----------------------------------
@@ -210,3 +213,31 @@ def test_a_stream_takes_a_slot_until_it_ends():
             assert c.evaluate(neuron(), input_sets(1)[0]).value > 0  # the slot is free again
     finally:
         server.stop(grace=None).wait()
+
+
+def test_cancelling_a_stream_frees_its_slot_without_an_internal_error(caplog):
+    server, port = create_server("127.0.0.1:0", ServerConfig(max_concurrent=1))
+    server.start()
+    try:
+        with Client(f"127.0.0.1:{port}", timeout=30) as c:
+            more = threading.Event()
+
+            def requests():
+                yield raw(scalar_graph(), x=1.0)
+                more.wait(10)  # the client holds the stream open, then cancels it
+
+            call = ChainruleStub(c.channel).EvaluateStream(requests(), timeout=30)
+            assert next(call).index == 0
+            call.cancel()
+            more.set()
+            give_up = time.monotonic() + 10
+            while True:
+                try:
+                    assert c.evaluate(neuron(), input_sets(1)[0]).value > 0
+                    break
+                except ResourceExhausted:
+                    assert time.monotonic() < give_up, "the cancelled stream kept its slot"
+                    time.sleep(0.01)
+    finally:
+        server.stop(grace=None).wait()
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]

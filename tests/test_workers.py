@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import os
 import signal
-import urllib.request
 from pathlib import Path
 
 from chainrule.client import Client, GraphBuilder
 
-from serving import ServerProcess, free_port
+from serving import ServerProcess, free_port, scrape
 
 CALLS = 24
 
@@ -32,12 +31,6 @@ def alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
-
-
-def scrape(port: int) -> dict[str, float]:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-            if line and not line.startswith("#")}
 
 
 def test_workers_share_the_port_and_stop_together_on_sigterm():
