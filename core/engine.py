@@ -30,21 +30,24 @@ UNREACHED_OMIT = "omit"
 class StopToken:
     """Tells the engine to stop between nodes: a deadline and/or a cancel event."""
 
-    __slots__ = ("deadline", "event")
+    __slots__ = ("deadline", "event", "what")
 
-    def __init__(self, deadline: float | None = None, event: threading.Event | None = None) -> None:
+    def __init__(self, deadline: float | None = None, event: threading.Event | None = None,
+                 what: str = "the deadline") -> None:
         self.deadline = deadline  # time.monotonic() value
         self.event = event
+        self.what = what  # which deadline, for the message: the client's, or a server limit
 
     @classmethod
-    def after(cls, seconds: float | None, event: threading.Event | None = None) -> "StopToken":
-        return cls(None if seconds is None else time.monotonic() + seconds, event)
+    def after(cls, seconds: float | None, event: threading.Event | None = None,
+              what: str = "the deadline") -> "StopToken":
+        return cls(None if seconds is None else time.monotonic() + seconds, event, what)
 
     def check(self) -> None:
         if self.event is not None and self.event.is_set():
             raise Cancelled("the call was cancelled; work stopped")
         if self.deadline is not None and time.monotonic() > self.deadline:
-            raise DeadlineExceeded("the deadline passed; work stopped")
+            raise DeadlineExceeded(f"{self.what} passed; work stopped")
 
 
 @dataclass

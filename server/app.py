@@ -90,14 +90,15 @@ class Servicer(pb_grpc.ChainruleServicer):
             log.info("%s id=%s nodes=%d %.1fms %s", method, request_id, size,
                      (time.perf_counter() - started) * 1000, outcome)
 
-    def _token(self, context: grpc.ServicerContext) -> StopToken:
-        """Stop work when the client's deadline passes, it cancels, or the compute cap is hit."""
+    def _token(self, context: grpc.ServicerContext, cap: float | None = None, limit: str = "max_compute_seconds") -> StopToken:
+        """Stop work when the client's deadline passes, it cancels, or the server's time cap is hit."""
         remaining = context.time_remaining()
-        cap = self.config.max_compute_seconds
-        seconds = cap if remaining is None else min(remaining, cap)
+        cap = self.config.max_compute_seconds if cap is None else cap
         cancelled = threading.Event()
         context.add_callback(cancelled.set)
-        return StopToken.after(seconds, cancelled)
+        if remaining is not None and remaining <= cap:
+            return StopToken.after(remaining, cancelled, "the client's deadline")
+        return StopToken.after(cap, cancelled, f"the server's time limit of {cap:g} s per request ({limit})")
 
     def Evaluate(self, request: pb.EvaluateRequest, context: grpc.ServicerContext) -> pb.EvaluateResponse:
         size = len(request.graph.nodes) if request.HasField("graph") else 0
@@ -119,8 +120,8 @@ class Servicer(pb_grpc.ChainruleServicer):
 
     def Optimize(self, request: pb.OptimizeRequest, context: grpc.ServicerContext) -> Iterator[pb.OptimizeProgress]:
         size = len(request.graph.nodes) if request.HasField("graph") else 0
-        return self._stream("Optimize", context, lambda request_id: optimize(
-            self.service, request, self._token(context), request_id), size)
+        token = self._token(context, self.config.max_training_seconds, "max_training_seconds")
+        return self._stream("Optimize", context, lambda request_id: optimize(self.service, request, token, request_id), size)
 
 
 class Running:
@@ -161,6 +162,14 @@ def add_servicer(server: grpc.Server, servicer: Servicer) -> None:
         )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     server.add_registered_method_handlers(SERVICE_NAME, handlers)
+
+
+def connection_age_options(config: ServerConfig) -> list[tuple[str, int]]:
+    """Close connections after ``max_connection_age_seconds`` (GOAWAY; calls in flight get the grace period)."""
+    if config.max_connection_age_seconds <= 0:
+        return []
+    return [("grpc.max_connection_age_ms", int(config.max_connection_age_seconds * 1000)),
+            ("grpc.max_connection_age_grace_ms", int(config.grace_seconds * 1000))]
 
 
 def build_service(config: ServerConfig, loaded: Loaded | None = None) -> ChainruleService:
@@ -217,6 +226,7 @@ def create_running_server(
         options=[
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),
+            *connection_age_options(config),
             *(options or []),
         ],
     )

@@ -31,6 +31,8 @@ class ServerConfig:
     max_concurrent: int = 16
     #: Compute time cap per request, applied even when the client sets no deadline.
     max_compute_seconds: float = 60.0
+    #: The same cap for one Optimize call (a whole training run).
+    max_training_seconds: float = 3600.0
     #: Seconds in-flight calls get to finish on SIGTERM/SIGINT.
     grace_seconds: float = 10.0
     graph_cache_size: int = 256
@@ -48,6 +50,9 @@ class ServerConfig:
     workers: int = 1
     #: Port of the Prometheus metrics endpoint (on ``host``); 0 turns metrics off.
     metrics_port: int = 0
+    #: Close each client connection after this many seconds (0: never), so that clients
+    #: balancing over DNS re-resolve and find new replicas (see docs/deploy.md).
+    max_connection_age_seconds: float = 0.0
     #: PEM certificate chain and private key of the server: both set turns TLS on.
     tls_cert: str = ""
     tls_key: str = ""

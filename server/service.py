@@ -109,6 +109,9 @@ class ChainruleService:
         return self.respond(gid, evaluation, request, Outgoing(pb.EvaluateResponse()))
 
     def run(self, plan: Plan, request: pb.EvaluateRequest, token: StopToken | None) -> Evaluation:
+        if len(request.input_sets):
+            raise GraphError("input_sets: several input sets go through EvaluateStream; Evaluate takes `inputs`",
+                             field="input_sets")
         inputs = inputs_from_proto(request.inputs, max_elements=self.limits.max_tensor_elements)
         seed = (tensor_to_array(request.seed, field="seed", max_elements=self.limits.max_tensor_elements)
                 if request.HasField("seed") else None)

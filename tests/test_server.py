@@ -218,3 +218,30 @@ def test_cli_ops_lists_operators_with_plugins():
     done = run_cli("ops", "--json")
     rows = {row["name"]: row for row in json.loads(done.stdout)}
     assert rows["matmul"]["plugin"] == "builtin.linalg" and "axis" in rows["sum"]["attrs"]
+
+
+def test_input_sets_belong_to_the_stream(server_address):
+    request = pb.EvaluateRequest(graph=graph_with_vector_input())
+    request.inputs["v"].CopyFrom(array_to_tensor(np.zeros(3)))
+    request.input_sets.add().inputs["v"].CopyFrom(array_to_tensor(np.ones(3)))
+    with pytest.raises(grpc.RpcError, match="input_sets: several input sets go through EvaluateStream") as info:
+        raw_evaluate(server_address, request)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_the_server_caps_compute_time_without_a_client_deadline():
+    server, port = create_server("127.0.0.1:0", ServerConfig(max_compute_seconds=0.2))
+    server.start()
+    try:
+        g = GraphBuilder()
+        v = g.input("W", shape=(200, 200))
+        for _ in range(400):
+            v = (v @ v).tanh()
+        from chainrule.client import DeadlineExceeded
+
+        with Client(f"127.0.0.1:{port}") as client:  # no timeout: only the server's cap applies
+            with pytest.raises(DeadlineExceeded, match=r"server's time limit of 0.2 s .*max_compute_seconds"):
+                client.evaluate(v.sum(), W=np.eye(200) * 0.5)
+            assert_serves(client)
+    finally:
+        server.stop(None).wait()
