@@ -13,8 +13,10 @@ the count and p99 latency of every code (RESOURCE_EXHAUSTED when admission
 control refuses), and the median latency one caller sees alone before the
 load and right after it (is it back to normal after an overload?). Graphs:
 ``small`` is the 3-node circuit p = x + y, g = p * z (the service's own
-overhead); ``heavy`` is 50 log-sum-exps of a 200,000-element vector (about
-30 ms of numpy per call), where the work is the server's computation.
+overhead); ``chain`` is 300 scalar nodes (100 x tanh, const, add), where the work is the
+engine's Python, one node after another under the GIL; ``heavy`` is 50
+log-sum-exps of a 200,000-element vector (about 20 ms per call), where the work
+is numpy's, which releases the GIL, so one process already uses several cores.
 
 Not a test: run on demand. On a machine where the clients and the server
 share the cores, the figures are for comparing settings, not absolutes.
@@ -31,7 +33,7 @@ import threading
 import time
 from collections import defaultdict
 
-GRAPHS = ("small", "heavy")
+GRAPHS = ("small", "chain", "heavy")
 
 
 def build_graph(kind: str):
@@ -42,6 +44,11 @@ def build_graph(kind: str):
     if kind == "small":
         x, y, z = g.input("x"), g.input("y"), g.input("z")
         return ((x + y) * z).named("g"), {"x": 1.0, "y": 3.0, "z": -3.0}
+    if kind == "chain":
+        value = g.input("x")
+        for _ in range(100):
+            value = ops.tanh(value) + 0.5
+        return value, {"x": 0.1}
     big = ops.broadcast_to(g.input("x"), [200_000])
     total = ops.logsumexp(big)
     for _ in range(49):

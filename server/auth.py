@@ -28,8 +28,12 @@ OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.v1alpha.ServerRefl
 
 def read_tokens(path: str | Path) -> list[bytes]:
     """The tokens of a token file: one per line; blank lines and ``#`` comments are skipped."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ValueError(f"cannot read the token file {path}: {exc.strerror}") from None
     tokens = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
+    for line in text.splitlines():
         line = line.strip()
         if line and not line.startswith("#"):
             tokens.append(line.encode("utf-8"))
@@ -103,4 +107,5 @@ def interceptor_for(token_file: str, open_health_and_reflection: bool) -> TokenA
     """The interceptor a config asks for (None without a token file)."""
     if not token_file:
         return None
-    return TokenAuthInterceptor(read_tokens(token_file), open_prefixes=OPEN_PREFIXES if open_health_and_reflection else ())
+    open_prefixes = OPEN_PREFIXES if open_health_and_reflection else ()
+    return TokenAuthInterceptor(read_tokens(token_file), open_prefixes=open_prefixes)

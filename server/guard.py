@@ -40,14 +40,21 @@ class MalformedRequestInterceptor(grpc.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler | None:
         handler = continuation(handler_call_details)
-        if handler is None or handler.request_deserializer is None or not handler_call_details.method.startswith(self._prefix):
+        if (handler is None or not hasattr(handler, "_replace") or handler.request_deserializer is None
+                or not handler_call_details.method.startswith(self._prefix)):
             return handler
-        kind = ("stream_" if handler.request_streaming else "unary_") + ("stream" if handler.response_streaming else "unary")
+        kind = behavior_field(handler)
         behavior = getattr(handler, kind)
         return handler._replace(**{
             "request_deserializer": _tolerant(handler.request_deserializer, handler_call_details.method),
             kind: _checking_stream(behavior) if handler.request_streaming else _checking(behavior),
         })
+
+
+def behavior_field(handler: grpc.RpcMethodHandler) -> str:
+    """The name of the handler's field that holds its behaviour: ``unary_unary``, ``stream_stream``..."""
+    requests = "stream" if handler.request_streaming else "unary"
+    return f"{requests}_{'stream' if handler.response_streaming else 'unary'}"
 
 
 def _tolerant(parse: Callable[[bytes], Any], method: str) -> Callable[[bytes], Any]:

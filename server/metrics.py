@@ -24,6 +24,7 @@ import grpc
 from chainrule.core.errors import ChainruleError
 from chainrule.v1 import chainrule_pb2 as pb
 
+from .guard import behavior_field
 from .service import ChainruleService
 from .wire import Outgoing
 
@@ -41,12 +42,14 @@ class Metrics:
         r = self.registry
         self.requests = Counter("chainrule_requests", "Calls answered, by gRPC method and status code",
                                 ["method", "code"], registry=r)
-        self.duration = Histogram("chainrule_request_duration_seconds", "Time from call arrival to answer, by method",
+        self.duration = Histogram("chainrule_request_duration_seconds",
+                                  "Time spent answering a call (its handler), by method",
                                   ["method"], buckets=BUCKETS, registry=r)
         self.in_flight = Gauge("chainrule_requests_in_flight", "Calls being served now, by method", ["method"],
                                registry=r, multiprocess_mode="livesum")
         self.nodes = Counter("chainrule_nodes_evaluated", "Operator nodes of the graphs evaluated", registry=r)
-        self.received = Counter("chainrule_received_bytes", "Serialized request bytes, by method", ["method"], registry=r)
+        self.received = Counter("chainrule_received_bytes", "Serialized request bytes, by method", ["method"],
+                                registry=r)
         self.sent = Counter("chainrule_sent_bytes", "Serialized response bytes, by method", ["method"], registry=r)
 
     def interceptor(self, service: ChainruleService) -> "MetricsInterceptor":
@@ -69,7 +72,7 @@ class MetricsInterceptor(grpc.ServerInterceptor):
         if handler is None or not hasattr(handler, "_replace"):  # unknown method: gRPC answers UNIMPLEMENTED
             return handler
         method = handler_call_details.method.lstrip("/")
-        kind = ("stream_" if handler.request_streaming else "unary_") + ("stream" if handler.response_streaming else "unary")
+        kind = behavior_field(handler)
         return handler._replace(**{
             "request_deserializer": self._count_in(method, handler.request_deserializer),
             "response_serializer": self._count_out(method, handler.response_serializer),

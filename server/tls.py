@@ -19,14 +19,22 @@ def _read(path: str, what: str) -> bytes:
         raise ValueError(f"cannot read the {what} {path}: {exc.strerror}") from None
 
 
-def server_credentials(tls_cert: str, tls_key: str, tls_client_ca: str = "") -> grpc.ServerCredentials | None:
-    """The credentials for a secure port, or None when TLS is off (no certificate configured)."""
+def read_pems(tls_cert: str, tls_key: str, tls_client_ca: str = "") -> tuple[bytes, bytes, bytes | None] | None:
+    """Certificate chain, key and client CA bundle as configured (None: TLS off); a clear error if incomplete."""
     if not tls_cert and not tls_key:
         if tls_client_ca:
             raise ValueError("tls_client_ca needs tls_cert and tls_key: client certificates are checked over TLS")
         return None
     if not (tls_cert and tls_key):
         raise ValueError("TLS needs both tls_cert and tls_key")
-    pair = (_read(tls_key, "TLS key (tls_key)"), _read(tls_cert, "TLS certificate (tls_cert)"))
     ca = _read(tls_client_ca, "client CA bundle (tls_client_ca)") if tls_client_ca else None
-    return grpc.ssl_server_credentials([pair], root_certificates=ca, require_client_auth=ca is not None)
+    return _read(tls_cert, "TLS certificate (tls_cert)"), _read(tls_key, "TLS key (tls_key)"), ca
+
+
+def server_credentials(tls_cert: str, tls_key: str, tls_client_ca: str = "") -> grpc.ServerCredentials | None:
+    """The credentials for a secure port, or None when TLS is off (no certificate configured)."""
+    pems = read_pems(tls_cert, tls_key, tls_client_ca)
+    if pems is None:
+        return None
+    cert, key, ca = pems
+    return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)

@@ -20,12 +20,16 @@ import os
 import shutil
 import signal
 import socket
+import sys
 import tempfile
 import threading
 import time
+from dataclasses import replace
 from multiprocessing.synchronize import Semaphore
 
+from .auth import read_tokens
 from .config import ServerConfig
+from .tls import read_pems
 
 log = logging.getLogger("chainrule.server")
 
@@ -66,12 +70,19 @@ def _worker(config: ServerConfig, index: int, ready: Semaphore) -> None:
 
 def serve_workers(config: ServerConfig) -> int:
     """Run ``config.workers`` worker processes on one port until SIGTERM/SIGINT; 0 when all stopped cleanly."""
+    try:  # settings every worker would trip over: say so once, before forking
+        read_pems(config.tls_cert, config.tls_key, config.tls_client_ca)
+        if config.token_file:
+            read_tokens(config.token_file)
+        reserved = reserve_port(config.host, config.port)
+    except (OSError, ValueError) as exc:
+        print(f"chainrule: error: {exc}", file=sys.stderr)
+        return 2
     metrics_dir = None
     if config.metrics_port:
         # Set before prometheus_client is first imported (in the workers, and here for the exporter).
         metrics_dir = tempfile.mkdtemp(prefix="chainrule-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
-    reserved = reserve_port(config.host, config.port)
     try:
         return _supervise(config, reserved.getsockname()[1], metrics_dir is not None)
     finally:
@@ -81,8 +92,6 @@ def serve_workers(config: ServerConfig) -> int:
 
 
 def _supervise(config: ServerConfig, port: int, with_metrics: bool) -> int:
-    from dataclasses import replace
-
     context = multiprocessing.get_context("fork")
     worker_config = replace(config, port=port, workers=1)
     ready = context.Semaphore(0)

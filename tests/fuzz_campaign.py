@@ -26,7 +26,9 @@ from hypothesis import HealthCheck, Phase, given, seed, settings
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from hostile import EVALUATE, REGISTER, Tally, check_valid_answer, hostile_messages, raw_call, send, valid_request  # noqa: E402
+from hostile import (  # noqa: E402
+    EVALUATE, REGISTER, Tally, check_valid_answer, hostile_messages, raw_call, send, valid_request,
+)
 
 from chainrule.v1 import chainrule_pb2 as pb  # noqa: E402
 

@@ -131,7 +131,8 @@ def test_calls_without_a_valid_token_are_unauthenticated_and_do_no_work(server):
         evaluate = channel.unary_unary("/chainrule.v1.Chainrule/Evaluate",
                                        request_serializer=pb.EvaluateRequest.SerializeToString,
                                        response_deserializer=pb.EvaluateResponse.FromString)
-        by_id = pb.EvaluateRequest(graph_id=graph_id(graph.message), inputs={"x": pb.Tensor(values=pb.DoubleList(values=[1.0]))})
+        by_id = pb.EvaluateRequest(graph_id=graph_id(graph.message),
+                                   inputs={"x": pb.Tensor(values=pb.DoubleList(values=[1.0]))})
         with pytest.raises(grpc.RpcError) as info:
             evaluate(by_id, metadata=[("authorization", f"Bearer {TOKENS[1]}")], timeout=10)
         assert info.value.code() == grpc.StatusCode.NOT_FOUND  # the refused RegisterGraph calls registered nothing
@@ -180,7 +181,8 @@ def test_health_and_reflection_can_be_guarded_too(server):
     assert status == health_pb2.HealthCheckResponse.SERVING and "chainrule.v1.Chainrule" in services
 
 
-@pytest.mark.parametrize("server", [dict(tls_cert="server.pem", tls_key="server.key", token_file="tokens.txt")], indirect=True)
+@pytest.mark.parametrize("server", [dict(tls_cert="server.pem", tls_key="server.key", token_file="tokens.txt")],
+                         indirect=True)
 def test_tls_and_token_together(server, pki):
     with Client(server, timeout=10, tls=TLS(ca=str(pki / "ca.pem")), token=TOKENS[0]) as client:
         assert double(client) == 42.0

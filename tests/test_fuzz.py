@@ -83,7 +83,8 @@ def test_nan_and_inf_inputs_are_answered_with_diagnostics_naming_the_input(chann
     graph.inputs.add(name="x", shape=[3])
     graph.nodes.add(name="t", op="tanh", inputs=["x"])
     graph.nodes.add(name="s", op="sum", inputs=["t"])
-    request = pb.EvaluateRequest(graph=graph, inputs={"x": pb.Tensor(shape=[3], values=pb.DoubleList(values=[np.nan, np.inf, 1.0]))})
+    x = pb.Tensor(shape=[3], values=pb.DoubleList(values=[np.nan, np.inf, 1.0]))
+    request = pb.EvaluateRequest(graph=graph, inputs={"x": x})
     response = pb.EvaluateResponse.FromString(raw_call(channel)(request.SerializeToString(), timeout=TIMEOUT))
     assert response.diagnostics.first_nonfinite_value.node == "x"
     assert np.isnan(np.frombuffer(response.output_value.data, "<f8")[0])

@@ -25,7 +25,8 @@ EVALUATING = 'chainrule_requests_in_flight{method="chainrule.v1.Chainrule/Evalua
 def server_info(address: str) -> grpc.StatusCode:
     """The code of one ServerInfo call on a fresh connection (no retries)."""
     with grpc.insecure_channel(address) as channel:
-        call = channel.unary_unary("/chainrule.v1.Chainrule/ServerInfo", request_serializer=pb.ServerInfoRequest.SerializeToString,
+        call = channel.unary_unary("/chainrule.v1.Chainrule/ServerInfo",
+                                   request_serializer=pb.ServerInfoRequest.SerializeToString,
                                    response_deserializer=pb.ServerInfoResponse.FromString)
         try:
             call(pb.ServerInfoRequest(), timeout=5)

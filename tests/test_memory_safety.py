@@ -61,7 +61,8 @@ def test_a_small_request_asking_for_terabytes_is_refused_before_allocation(serve
     if kind != "many medium":
         assert request.ByteSize() < 1024
     with grpc.insecure_channel(server.address) as channel:
-        evaluate = channel.unary_unary("/chainrule.v1.Chainrule/Evaluate", request_serializer=pb.EvaluateRequest.SerializeToString,
+        evaluate = channel.unary_unary("/chainrule.v1.Chainrule/Evaluate",
+                                       request_serializer=pb.EvaluateRequest.SerializeToString,
                                        response_deserializer=pb.EvaluateResponse.FromString)
         evaluate(_valid(), timeout=10)  # warm up: caches and threads exist before the baseline
         before = rss_kib(server.pid)

@@ -68,4 +68,7 @@ def test_calls_are_counted_timed_and_measured(server):
 
 def test_metrics_are_off_without_a_port():
     running, _ = create_running_server("127.0.0.1:0", ServerConfig(log_level="WARNING"))
-    assert running.metrics is None
+    try:
+        assert running.metrics is None
+    finally:
+        running.server.stop(None).wait()

@@ -82,7 +82,8 @@ def evaluate():
     running, port = create_running_server("127.0.0.1:0", ServerConfig(log_level="WARNING"))
     running.server.start()
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        yield channel.unary_unary("/chainrule.v1.Chainrule/Evaluate", request_serializer=pb.EvaluateRequest.SerializeToString,
+        yield channel.unary_unary("/chainrule.v1.Chainrule/Evaluate",
+                                  request_serializer=pb.EvaluateRequest.SerializeToString,
                                   response_deserializer=pb.EvaluateResponse.FromString)
     running.server.stop(None).wait()
 
@@ -108,8 +109,10 @@ def test_a_dtype_code_outside_the_enum_is_invalid_argument_everywhere(evaluate, 
     assert OBJECT == 17
     eight_bytes = b"\x00" * 8
     cases = {
-        "inputs.x.dtype": pb.EvaluateRequest(graph=neg_graph(), inputs={"x": pb.Tensor(dtype=code, shape=[1], data=eight_bytes)}),
-        "graph.inputs[0].dtype": pb.EvaluateRequest(graph=neg_graph(dtype=code), inputs={"x": pb.Tensor(shape=[1], data=eight_bytes)}),
+        "inputs.x.dtype": pb.EvaluateRequest(graph=neg_graph(),
+                                             inputs={"x": pb.Tensor(dtype=code, shape=[1], data=eight_bytes)}),
+        "graph.inputs[0].dtype": pb.EvaluateRequest(graph=neg_graph(dtype=code),
+                                                    inputs={"x": pb.Tensor(shape=[1], data=eight_bytes)}),
         "seed.dtype": pb.EvaluateRequest(graph=neg_graph(), inputs={"x": pb.Tensor(shape=[1], data=eight_bytes)},
                                          seed=pb.Tensor(dtype=code, shape=[1], data=eight_bytes)),
     }

@@ -16,7 +16,7 @@ import pytest
 from chainrule.client import Client, GraphBuilder
 from chainrule.client.channel import target_for
 from chainrule.server import ServerConfig
-from chainrule.server.app import build_service, create_running_server
+from chainrule.server.app import build_service, connection_age_options, create_running_server
 
 
 @pytest.fixture()
@@ -82,3 +82,23 @@ def test_a_list_of_host_names_asks_for_a_dns_target():
     assert target_for("dns:///chainrule.default.svc.cluster.local:50051").startswith("dns:///")
     with pytest.raises(ValueError, match="dns:///"):
         target_for(["replica-a:50051", "replica-b:50051"])
+
+
+def test_connections_are_recycled_at_max_age_without_failed_calls():
+    config = ServerConfig(max_connection_age_seconds=0.2, grace_seconds=5, log_level="WARNING")
+    assert dict(connection_age_options(config)) == {"grpc.max_connection_age_ms": 200,
+                                                    "grpc.max_connection_age_grace_ms": 5000}
+    running, port = create_running_server("127.0.0.1:0", config)
+    running.server.start()
+    try:
+        g = GraphBuilder()
+        f = g.input("x") * 2.0
+        with Client(f"127.0.0.1:{port}", timeout=10) as client:
+            ends = time.monotonic() + 1.0  # five connection lifetimes
+            calls = 0
+            while time.monotonic() < ends:
+                assert client.evaluate(f, x=1.5).value == 3.0
+                calls += 1
+        assert calls > 10
+    finally:
+        running.server.stop(None).wait()
