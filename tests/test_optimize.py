@@ -286,9 +286,22 @@ def assert_busy(client: Client) -> None:
         time.sleep(0.01)
 
 
+def start_long_run(client: Client):
+    """An Optimize call that holds the only slot. Nothing competes for the slot until the call
+    is seen running: a probe sent too early could take the slot and get the run refused."""
+    give_up = time.monotonic() + 10
+    while time.monotonic() < give_up:
+        call = ChainruleStub(client.channel).Optimize(long_request())
+        call.initial_metadata()  # the server has the call
+        time.sleep(0.2)
+        if not call.done():  # a refusal ends the call at once; a running call goes on
+            return call
+    raise AssertionError("the run never started")
+
+
 def test_cancelling_an_optimize_stops_the_server(one_slot):
     client, _ = one_slot
-    call = ChainruleStub(client.channel).Optimize(long_request())
+    call = start_long_run(client)
     assert_busy(client)
     call.cancel()
     assert_idle(client)
