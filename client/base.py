@@ -17,6 +17,8 @@ from .errors import ChainruleRpcError, NotFound
 from . import training
 from .graph import Graph
 from .info import OperatorInfo, ServerInfo
+from chainrule.server.wire import Outgoing
+
 from .request import Selectable, as_graph, evaluate_request, merge_inputs, resolve_target
 from .result import Result
 from .training import Progress, TrainResult
@@ -32,7 +34,10 @@ class ClientBase:
 
     # --- transport (subclasses); each raises a ChainruleRpcError on failure -------------------
 
-    def _evaluate(self, request: pb.EvaluateRequest, timeout: float | None) -> pb.EvaluateResponse:
+    #: Whether requests should carry large tensors hand-encoded (worth it only when serialized).
+    split_large_tensors = False
+
+    def _evaluate(self, request: Outgoing, timeout: float | None) -> pb.EvaluateResponse:
         raise NotImplementedError
 
     def _register(self, request: pb.RegisterGraphRequest, timeout: float | None) -> pb.RegisterGraphResponse:
@@ -97,7 +102,7 @@ class ClientBase:
         graph_id = self.registered_id(graph)
         request = evaluate_request(
             graph, output_name, feeds, graph_id=graph_id, seed=seed, values=values, grads=grads,
-            unreached=unreached, contributions=contributions,
+            unreached=unreached, contributions=contributions, split=self.split_large_tensors,
         )
         try:
             response = self._evaluate(request, timeout)
@@ -105,7 +110,7 @@ class ClientBase:
             if graph_id is None:
                 raise
             # The server does not know the id (restarted, evicted, another replica): register again, retry once.
-            request.graph_id = self.register(graph, timeout=timeout)
+            request.message.graph_id = self.register(graph, timeout=timeout)
             response = self._evaluate(request, timeout)
         return Result(response, graph)
 

@@ -36,6 +36,8 @@ class Client(ClientBase):
     ``token`` is sent as ``authorization: Bearer <token>``.
     """
 
+    split_large_tensors = True
+
     def __init__(self, address: str | Sequence[str], *, timeout: float | None = None,
                  options: Sequence[tuple[str, Any]] | None = None,
                  credentials: grpc.ChannelCredentials | None = None,
@@ -68,8 +70,8 @@ class Client(ClientBase):
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None
 
-    def _evaluate(self, request: pb.EvaluateRequest, timeout: float | None) -> pb.EvaluateResponse:
-        return self._call(self._evaluate_call, wire.split_large_inputs(request), timeout)
+    def _evaluate(self, request: wire.Outgoing, timeout: float | None) -> pb.EvaluateResponse:
+        return self._call(self._evaluate_call, request, timeout)
 
     def _register(self, request: pb.RegisterGraphRequest, timeout: float | None) -> pb.RegisterGraphResponse:
         return self._call(self._stub.RegisterGraph, request, timeout)

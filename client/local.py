@@ -18,6 +18,7 @@ from chainrule.server.optimize import optimize
 from chainrule.server.service import ChainruleService
 from chainrule.server.status import status_for
 from chainrule.server.streaming import evaluate_stream
+from chainrule.server.wire import Outgoing
 from chainrule.v1 import chainrule_pb2 as pb
 
 from .base import ClientBase
@@ -43,9 +44,9 @@ class LocalClient(ClientBase):
         except ChainruleError as exc:
             raise from_status(status_for(exc)) from exc
 
-    def _evaluate(self, request: pb.EvaluateRequest, timeout: float | None) -> pb.EvaluateResponse:
-        token = None if timeout is None else StopToken.after(timeout)
-        return self._call(lambda: self.service.evaluate(request, token))
+    def _evaluate(self, request: Outgoing, timeout: float | None) -> pb.EvaluateResponse:
+        token = None if timeout is None else StopToken.after(timeout, what="the timeout")
+        return self._call(lambda: self.service.evaluate(request.message, token))
 
     def _register(self, request: pb.RegisterGraphRequest, timeout: float | None) -> pb.RegisterGraphResponse:
         return self._call(lambda: self.service.register_graph(request))

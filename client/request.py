@@ -13,6 +13,7 @@ import numpy as np
 
 from chainrule.core.errors import ChainruleError
 from chainrule.server.convert import array_to_tensor
+from chainrule.server.wire import Outgoing
 from chainrule.v1 import chainrule_pb2 as pb
 
 from .builder import GraphBuilder, Var
@@ -57,15 +58,20 @@ def merge_inputs(inputs: Mapping[Any, Any] | None, named: Mapping[str, Any]) -> 
     return merged
 
 
-def to_tensor(name: str, value: Any, declared: str | None) -> pb.Tensor:
-    """Encode one input, converted to the declared dtype when that is a same-kind cast."""
-    if isinstance(value, pb.Tensor):
-        return value
+def to_array(name: str, value: Any, declared: str | None) -> np.ndarray:
+    """One input as an array, converted to the declared dtype when that is a same-kind cast."""
     array = np.asarray(value)
     if declared is not None and array.dtype != declared and np.can_cast(array.dtype, declared, "same_kind"):
         array = array.astype(declared)
+    return array
+
+
+def to_tensor(name: str, value: Any, declared: str | None) -> pb.Tensor:
+    """Encode one input (see :func:`to_array`) as a Tensor message."""
+    if isinstance(value, pb.Tensor):
+        return value
     try:
-        return array_to_tensor(array)
+        return array_to_tensor(to_array(name, value, declared))
     except ChainruleError as exc:
         raise TypeError(f"input '{name}': {exc.message}") from None
 
@@ -92,11 +98,17 @@ def evaluate_request(
     grads: Selectable = "all",
     unreached: str = "zeros",
     contributions: bool = False,
-) -> pb.EvaluateRequest:
-    """The EvaluateRequest for one call; the graph travels by id when ``graph_id`` is given."""
+    split: bool = False,
+) -> Outgoing:
+    """The EvaluateRequest for one call; the graph travels by id when ``graph_id`` is given.
+
+    With ``split``, large inputs are encoded straight from their numpy buffers
+    (see chainrule.server.wire) instead of through protobuf.
+    """
     if unreached not in _UNREACHED:
         raise ValueError(f"unreached: expected 'zeros' or 'omit', got {unreached!r}")
     request = pb.EvaluateRequest(output=output, unreached=_UNREACHED[unreached], contributions=contributions)
+    outgoing = Outgoing(request, split=split)
     if graph_id:
         request.graph_id = graph_id
     else:
@@ -104,11 +116,17 @@ def evaluate_request(
     declared = graph.inputs
     for name, value in inputs.items():
         spec = declared.get(name)
-        request.inputs[name].CopyFrom(to_tensor(name, value, spec.dtype if spec else None))
+        if isinstance(value, pb.Tensor):
+            request.inputs[name].CopyFrom(value)
+            continue
+        try:
+            outgoing.put_map_tensor("inputs", name, to_array(name, value, spec.dtype if spec else None))
+        except ChainruleError as exc:
+            raise TypeError(f"input '{name}': {exc.message}") from None
     if seed is not None:
         request.seed.CopyFrom(to_tensor("seed", seed, None))
     for field, spec in (("return_values", values), ("return_grads", grads)):
         chosen = selection(spec, field)
         if chosen is not None:
             getattr(request, field).CopyFrom(chosen)
-    return request
+    return outgoing

@@ -42,7 +42,7 @@ def evaluate_many(
         raise ValueError(f"errors: expected 'raise' or 'return', got {errors!r}")
     graph, output_name = resolve_target(target, output)
     options = evaluate_request(graph, output_name, {}, seed=seed, values=values, grads=grads,
-                               unreached=unreached, contributions=contributions)
+                               unreached=unreached, contributions=contributions).message
     options.ClearField("graph")  # the graph goes with the first message only
     common = _tensors(graph, inputs or {})
     results: list[Result | ChainruleRpcError] = []

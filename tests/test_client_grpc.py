@@ -15,6 +15,7 @@ from chainrule.client import (
     Client, DeadlineExceeded, Graph, GraphBuilder, Internal, InvalidArgument, LocalClient, NotFound, Unavailable, ops,
 )
 from chainrule.server import ServerConfig, create_server
+from chainrule.server.wire import Outgoing
 from chainrule.v1 import chainrule_pb2 as pb
 
 from test_client_local import EXAMPLES, circuit_pg, close, staged
@@ -193,13 +194,13 @@ def test_register_then_evaluate_by_id(address, monkeypatch):
         sent = spy(monkeypatch, c, "_evaluate")
         r = c.evaluate(f, x=1.0, y=3.0, z=-3.0)
         assert close(r.value, -12) and close(r.grad["x"], -3) and r.graph_id == gid
-        assert sent[0].WhichOneof("source") == "graph_id" and sent[0].graph_id == gid
+        assert sent[0].message.WhichOneof("source") == "graph_id" and sent[0].message.graph_id == gid
         assert c.register(f) == gid                       # content hash: same graph, same id
 
 
 def test_unknown_id_is_not_found(client):
     with pytest.raises(NotFound) as info:
-        client._evaluate(pb.EvaluateRequest(graph_id="f" * 64), None)
+        client._evaluate(Outgoing(pb.EvaluateRequest(graph_id="f" * 64)), None)
     assert info.value.reason == "UNKNOWN_GRAPH" and info.value.field == "graph_id"
     assert_serves(client)
 
@@ -217,7 +218,7 @@ def test_client_re_registers_when_the_server_forgot_the_id(monkeypatch):
             r = c.evaluate(first, x=1.0, y=3.0, z=-3.0)
             assert close(r.value, -12) and close(r.grad["z"], 4)
             assert len(registered) == 1 and len(sent) == 2      # NOT_FOUND, register, retry
-            assert [s.graph_id for s in sent] == [gid, gid]
+            assert [s.message.graph_id for s in sent] == [gid, gid]
             assert c.registered_id(first.graph) == gid
     finally:
         server.stop(grace=None).wait()
