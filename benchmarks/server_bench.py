@@ -8,12 +8,14 @@
     server, returning the parameter gradients, over the same step in-process;
 (c) p50 latency of a 3-node scalar graph through the server, sent whole and
     by registered id, over the bare echo of a small message.
+The server (`chainrule serve`) and the echo run as processes of their own.
 Not a test: run on demand, never in CI.
 """
 from __future__ import annotations
 
 import argparse
 import statistics
+import subprocess
 import sys
 import time
 from concurrent import futures
@@ -25,7 +27,6 @@ import numpy as np
 from chainrule.client import Client, GraphBuilder
 from chainrule.core import compile_graph
 from chainrule.plugins.manager import load_plugins
-from chainrule.server import ServerConfig, create_server
 from chainrule.server.memory import tune_allocator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -35,8 +36,8 @@ MiB = 1 << 20
 OPTIONS = [("grpc.max_receive_message_length", 256 * MiB), ("grpc.max_send_message_length", 256 * MiB)]
 
 
-def start_echo(reply_sizes: dict[int, int]) -> tuple[grpc.Server, int]:
-    """A bare gRPC server: bytes in, a cached reply of the mapped size out, nothing else."""
+def serve_echo(reply_sizes: dict[int, int]) -> None:
+    """A bare gRPC server (run as its own process): bytes in, a reply of the mapped size out."""
     replies = {size: b"\0" * out for size, out in reply_sizes.items()}
 
     def echo(request: bytes, context: grpc.ServicerContext) -> bytes:
@@ -47,7 +48,17 @@ def start_echo(reply_sizes: dict[int, int]) -> tuple[grpc.Server, int]:
     server.add_generic_rpc_handlers((handler,))
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
-    return server, port
+    print(f"listening on 127.0.0.1:{port}", flush=True)
+    server.wait_for_termination()
+
+
+def start_process(args: list[str]) -> tuple[subprocess.Popen, str]:
+    """Start a server process and read the address it prints."""
+    process = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, text=True)
+    for line in process.stdout:  # type: ignore[union-attr]
+        if "listening on" in line:
+            return process, line.split("listening on")[1].strip()
+    raise RuntimeError(f"{args} did not start")
 
 
 def timings(fn, repeats: int) -> list[float]:
@@ -62,15 +73,18 @@ def timings(fn, repeats: int) -> list[float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--echo-server", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.echo_server:
+        return serve_echo({16 * MiB: 32 * MiB})
+    tune_allocator()  # for the in-process reference of (b), as `chainrule serve` does for the server
     repeats = 5 if args.quick else 15
     latency_calls = 300 if args.quick else 2000
 
-    tune_allocator()  # as `chainrule serve` does
-    config = ServerConfig(max_message_bytes=256 * MiB, max_memory_bytes=8 << 30)
-    server, port = create_server("127.0.0.1:0", config)
-    server.start()
-    address = f"127.0.0.1:{port}"
+    # Client and servers in separate processes, as in production (and no GIL shared between them).
+    server, address = start_process(["-m", "chainrule.server.cli", "serve", "--port", "0",
+                                     "--max-message-bytes", str(256 * MiB), "--max-memory-bytes", str(8 << 30),
+                                     "--log-level", "WARNING"])
     rows = []
 
     # (a) 16 MiB in, its value and gradient (2 x 16 MiB) out.
@@ -80,8 +94,8 @@ def main() -> None:
     f = (x * 2.0).sum().named("f")
     data = np.random.default_rng(0).normal(size=n)
     small = b"\1" * 64
-    echo, echo_port = start_echo({16 * MiB: 32 * MiB, len(small): len(small)})
-    echo_channel = grpc.insecure_channel(f"127.0.0.1:{echo_port}", options=OPTIONS)
+    echo, echo_address = start_process([__file__, "--echo-server"])
+    echo_channel = grpc.insecure_channel(echo_address, options=OPTIONS)
     echo_call = echo_channel.unary_unary("/bench.Echo/Echo")
     payload = data.tobytes()
     with Client(address) as client:
@@ -124,8 +138,9 @@ def main() -> None:
         rows.append(("(c) 3-node graph p50, ms, sent whole", "bare echo 64 B", bare_small, whole, "target <= 2x"))
         rows.append(("(c) 3-node graph p50, ms, by id", "bare echo 64 B", bare_small, by_id, "target <= 2x"))
 
-    server.stop(None)
-    echo.stop(None)
+    for process in (server, echo):
+        process.terminate()
+        process.wait(30)
     print(f"{'case':<42} {'reference':<22} {'ref ms':>9} {'ours ms':>9} {'ratio':>6}  target")
     for case, ref_name, ref, ours, target in rows:
         print(f"{case:<42} {ref_name:<22} {ref * 1e3:>9.3f} {ours * 1e3:>9.3f} {ours / ref:>6.2f}  {target}")

@@ -145,8 +145,9 @@ def from_rpc_error(error: grpc.RpcError) -> ChainruleRpcError:
     code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN  # type: ignore[attr-defined]
     message = error.details() if hasattr(error, "details") else str(error)  # type: ignore[attr-defined]
     metadata = {}
-    try:  # the server sends the request id up front, so even a detail-less error can be traced
-        request_id = dict(error.initial_metadata() or ()).get(REQUEST_ID_KEY)  # type: ignore[attr-defined]
+    try:  # the server sends the request id (trailers of unary calls, headers of streams)
+        sent = [*(error.trailing_metadata() or ()), *(error.initial_metadata() or ())]  # type: ignore[attr-defined]
+        request_id = dict(sent).get(REQUEST_ID_KEY)
     except Exception:
         request_id = None
     if request_id:

@@ -46,7 +46,7 @@ class Servicer(pb_grpc.ChainruleServicer):
         self._slots = threading.BoundedSemaphore(config.max_concurrent)
 
     def _call(self, method: str, context: grpc.ServicerContext, work: Callable[[], Any], size: int = 0) -> Any:
-        with self._serving(method, context, size):
+        with self._serving(method, context, size, headers_first=False):
             return work()
 
     def _stream(self, method: str, context: grpc.ServicerContext, work: Callable[[str], Iterator[Any]],
@@ -56,10 +56,19 @@ class Servicer(pb_grpc.ChainruleServicer):
             yield from work(request_id)
 
     @contextmanager
-    def _serving(self, method: str, context: grpc.ServicerContext, size: int) -> Iterator[str]:
-        """Request id, admission control, error statuses and the log line around one call."""
+    def _serving(self, method: str, context: grpc.ServicerContext, size: int,
+                 headers_first: bool = True) -> Iterator[str]:
+        """Request id, admission control, error statuses and the log line around one call.
+
+        The request id travels in the trailers of a unary call (headers sent early would
+        cost a write and stop the client's transparent retries) and in the headers of a
+        stream, so the client knows the call has started.
+        """
         request_id = uuid.uuid4().hex[:12]
-        context.send_initial_metadata(((REQUEST_ID_KEY, request_id),))
+        if headers_first:
+            context.send_initial_metadata(((REQUEST_ID_KEY, request_id),))
+        else:
+            context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
         started = time.perf_counter()
         outcome = "OK"
         admitted = False

@@ -7,6 +7,7 @@ Sizes are checked against the limits before anything is allocated.
 from __future__ import annotations
 
 import math
+import sys
 from typing import Any, Mapping
 
 import numpy as np
@@ -27,6 +28,15 @@ DTYPE_TO_NUMPY: dict[int, np.dtype] = {
 NUMPY_TO_DTYPE: dict[str, int] = {
     "float64": pb.FLOAT64, "float32": pb.FLOAT32, "int64": pb.INT64, "int32": pb.INT32, "bool": pb.BOOL,
 }
+#: The same, keyed by native-order numpy dtypes: hashing a dtype is fast, ``dtype.name`` is not.
+DTYPE_CODES: dict[np.dtype, int] = {np.dtype(name): code for name, code in NUMPY_TO_DTYPE.items()}
+
+
+def dtype_code(dtype: np.dtype) -> int | None:
+    """The wire code of a numpy dtype (either byte order), or None if it cannot be sent."""
+    code = DTYPE_CODES.get(dtype)
+    return code if code is not None or dtype.byteorder in "=|" else DTYPE_CODES.get(dtype.newbyteorder("="))
+_BIG_ENDIAN_HOST = sys.byteorder == "big"
 DTYPE_NAMES: dict[int, str] = {code: dt.name for code, dt in DTYPE_TO_NUMPY.items()}
 
 
@@ -94,15 +104,17 @@ def array_to_tensor(array: Any, *, as_values: bool = False) -> pb.Tensor:
 def fill_tensor(tensor: pb.Tensor, array: Any, *, as_values: bool = False) -> pb.Tensor:
     """Write an array into an existing Tensor message (a map entry, say) without an extra copy."""
     array = np.asarray(array)
-    code = NUMPY_TO_DTYPE.get(array.dtype.name)
+    code = dtype_code(array.dtype)
     if code is None:
         raise DTypeError(f"dtype {array.dtype} cannot be sent; supported: {', '.join(NUMPY_TO_DTYPE)}")
     tensor.dtype = code
     tensor.shape[:] = array.shape
     if as_values:
         tensor.values.values[:] = array.astype(np.float64).ravel().tolist()
+    elif array.dtype.byteorder == ">" or (array.dtype.byteorder == "=" and _BIG_ENDIAN_HOST):
+        tensor.data = array.astype(array.dtype.newbyteorder("<")).tobytes()
     else:
-        tensor.data = array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes(order="C")
+        tensor.data = array.tobytes()  # C order, and already little-endian
     return tensor
 
 

@@ -16,6 +16,8 @@ import numpy as np
 
 from chainrule.v1 import chainrule_pb2 as pb
 
+from .convert import dtype_code, fill_tensor
+
 #: Tensors with more payload bytes than this are encoded by hand.
 LARGE_TENSOR_BYTES = 1 << 16
 
@@ -56,13 +58,11 @@ def tensor_parts(dtype: int, shape: Iterable[int], payload: Any) -> list[Any]:
 
 def array_parts(array: np.ndarray) -> list[Any]:
     """Tensor fields for an array, with its memory as the payload (little-endian, C order)."""
-    from .convert import NUMPY_TO_DTYPE
-
     array = np.asarray(array)
     array = array.astype(array.dtype.newbyteorder("<"), copy=False)
     if not array.flags.c_contiguous:
         array = array.copy(order="C")  # (ascontiguousarray would turn a 0-d array into 1-d)
-    return tensor_parts(NUMPY_TO_DTYPE[array.dtype.name], array.shape, memoryview(array.reshape(-1)).cast("B"))
+    return tensor_parts(dtype_code(array.dtype), array.shape, memoryview(array.reshape(-1)).cast("B"))
 
 
 def map_entry(field: int, key: str, tensor: list[Any]) -> list[Any]:
@@ -88,14 +88,10 @@ class Outgoing:
         self.split = split
 
     def _large(self, array: np.ndarray) -> bool:
-        from .convert import NUMPY_TO_DTYPE
-
-        return self.split and array.nbytes > LARGE_TENSOR_BYTES and array.dtype.name in NUMPY_TO_DTYPE
+        return self.split and array.nbytes > LARGE_TENSOR_BYTES and dtype_code(array.dtype) is not None
 
     def put_map_tensor(self, field: str, key: str, array: Any) -> None:
         """``message.<field>[key] = array`` for a ``map<string, Tensor>`` field."""
-        from .convert import fill_tensor
-
         array = np.asarray(array)
         if self._large(array):
             number = self.message.DESCRIPTOR.fields_by_name[field].number
@@ -105,8 +101,6 @@ class Outgoing:
 
     def put_tensor(self, field: str, array: Any) -> None:
         """``message.<field> = array`` for a singular Tensor field."""
-        from .convert import fill_tensor
-
         array = np.asarray(array)
         if self._large(array):
             number = self.message.DESCRIPTOR.fields_by_name[field].number
