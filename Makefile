@@ -26,8 +26,11 @@ test: install
 stubs: install
 	$(BIN)/python proto/generate.py
 
+# Speed against hand-written numpy, PyTorch (when installed) and a bare gRPC echo; minutes, not CI.
 bench: install
 	$(BIN)/python benchmarks/core_bench.py
+	$(BIN)/python benchmarks/server_bench.py
+	$(BIN)/python benchmarks/stream_bench.py
 
 # A bounded hostile-input campaign against a server subprocess (two minutes).
 fuzz: install

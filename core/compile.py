@@ -7,7 +7,7 @@ millions of nodes never meet Python's recursion limit.
 from __future__ import annotations
 
 from collections import deque
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 
@@ -22,6 +22,9 @@ from .limits import Limits
 from .operator import OpDef, check_attrs
 from .registry import Registry
 from .tensor_spec import TensorSpec, unrepresentable
+
+if TYPE_CHECKING:
+    from .engine import Evaluation
 
 _SPEC_CACHE_SIZE = 32
 
@@ -138,10 +141,9 @@ class Plan:
         specs.extend([None] * (len(self.names) - self.n_inputs))
         limit = self.limits.max_tensor_elements
         for k in range(self.n_inputs, len(self.names)):
-            op = self.ops[k]
-            assert op is not None
+            op = self.ops[k]  # an OpDef: slots past the inputs are nodes
             inputs = [specs[j] for j in self.in_slots[k]]
-            if op.infer is None or any(s is None for s in inputs):
+            if op is None or op.infer is None or any(s is None for s in inputs):
                 continue
             spec = _infer(op, inputs, self.attrs[k], self.names[k])
             if spec.size > limit:
@@ -164,7 +166,7 @@ class Plan:
         self._shapes[key] = shapes
         return shapes
 
-    def run(self, inputs: Mapping[str, Any], **options: Any):  # -> Evaluation
+    def run(self, inputs: Mapping[str, Any], **options: Any) -> "Evaluation":
         """Evaluate the plan; see :func:`chainrule.core.engine.evaluate` for the options."""
         from .engine import evaluate
 

@@ -174,6 +174,7 @@ def _forward(plan: Plan, shapes: Shapes, arrays: list[np.ndarray], token: StopTo
     shape_of, dtype_of, scalar_type = shapes.shape_of, shapes.dtype_of, shapes.scalar_type
     ndarray = np.ndarray
     values: list[Any] = arrays + [None] * (len(ins) - plan.n_inputs)
+    unplanned = 0  # bytes of values whose operator has no infer rule
     for k in range(plan.n_inputs, len(ins)):
         if token is not None:
             token.check()
@@ -189,14 +190,23 @@ def _forward(plan: Plan, shapes: Shapes, arrays: list[np.ndarray], token: StopTo
             raise node_error(exc, plan.names[k], plan.ops[k]) from None
         except Exception as exc:
             raise _failure(plan.ops[k], plan.names[k], "forward", exc) from exc
-        t = type(v)
-        if t is ndarray:
-            if v.shape != shape_of[k] or v.dtype != dtype_of[k]:
-                v = _fit_value(plan, k, v, shapes.specs[k])
-        elif t is not scalar_type[k]:
+        if (v.shape != shape_of[k] or v.dtype != dtype_of[k]) if type(v) is ndarray else type(v) is not scalar_type[k]:
             v = _fit_value(plan, k, v, shapes.specs[k])
+            if shape_of[k] is None:  # no infer rule: charge the memory budget as values appear
+                unplanned += v.nbytes * 2
+                _check_budget(plan, k, shapes.memory_bytes + unplanned)
         values[k] = v
     return values
+
+
+def _check_budget(plan: Plan, k: int, total: int) -> None:
+    budget = plan.limits.max_memory_bytes
+    if total > budget:
+        op, name = plan.ops[k], plan.names[k]
+        raise LimitExceeded(
+            f"{where(name, op.name)}values and gradients would take {total} bytes; the memory budget per request is {budget}",
+            limit="max_memory_bytes", requested=total, allowed=budget, node=name, op=op.name,
+        )
 
 
 def _fit_value(plan: Plan, k: int, value: Any, spec: TensorSpec | None) -> np.ndarray:
@@ -218,9 +228,8 @@ def _fit_value(plan: Plan, k: int, value: Any, spec: TensorSpec | None) -> np.nd
 
 
 def _seed(plan: Plan, shapes: Shapes, out_slot: int, seed: Any) -> np.ndarray:
-    spec = shapes.specs[out_slot]
+    spec = shapes.specs[out_slot]  # complete: unknown specs were filled from the values
     name = plan.names[out_slot]
-    assert spec is not None
     if not is_differentiable(spec.dtype):
         raise OutputError(f"output '{name}' has dtype {spec.dtype.name}, which has no gradient", node=name, field="output")
     if seed is None:

@@ -150,3 +150,19 @@ def test_float32_stays_float32(registry):
     graph = Graph((InputDecl("x", "float32", (3,)),), (Node("s", "sigmoid", ("x",)), Node("t", "sum", ("s",))), ("t",))
     ev = compile_graph(graph, registry).run({"x": np.array([0.0, 1.0, -1.0], np.float32)})
     assert ev.value("s").dtype == np.float32 and ev.grad("x").dtype == np.float32
+
+
+def test_operators_without_infer_are_checked_as_values_appear(registry):
+    from chainrule.core import OpDef, Registry
+
+    def grow(x):
+        return np.zeros(1000)  # no infer rule: the size is known only once it exists
+
+    ops = Registry([*registry, OpDef("test.grow", 1, grow, lambda g, out, x: (None,))])
+    graph = Graph((InputDecl("x"),), (Node("big", "test.grow", ("x",)), Node("s", "sum", ("big",))), ("s",))
+    plan = compile_graph(graph, ops, Limits(max_memory_bytes=10_000))
+    with pytest.raises(E.LimitExceeded) as info:
+        plan.run({"x": np.float64(1)})
+    assert info.value.node == "big" and info.value.limit == "max_memory_bytes"
+    ev = compile_graph(graph, ops).run({"x": np.float64(1)})
+    assert ev.value("s") == 0 and ev.grad("big").shape == (1000,)  # downstream shapes found at run time
