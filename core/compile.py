@@ -6,6 +6,7 @@ millions of nodes never meet Python's recursion limit.
 """
 from __future__ import annotations
 
+import threading
 from collections import deque
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
@@ -33,7 +34,7 @@ class Shapes:
     """A plan specialised to its input shapes: every value's spec (None where an
     operator has no infer rule), the bytes they take, and the gradient edges."""
 
-    __slots__ = ("specs", "memory_bytes", "differentiable", "grad_edges", "complete", "_pruned",
+    __slots__ = ("specs", "value_bytes", "grad_bytes", "differentiable", "grad_edges", "complete", "_pruned",
                  "shape_of", "dtype_of", "scalar_type")
 
     def __init__(self, specs: list[TensorSpec | None], in_slots: list[tuple[int, ...]], n_inputs: int) -> None:
@@ -56,9 +57,8 @@ class Shapes:
         self.grad_edges: list[tuple[tuple[int, int], ...]] = [
             tuple((pos, j) for pos, j in enumerate(slots) if diff[j]) for slots in in_slots
         ]
-        self.memory_bytes = sum(
-            s.nbytes * (2 if d else 1) for s, d in zip(specs, self.differentiable) if s is not None
-        )
+        self.value_bytes = sum(s.nbytes for s in specs if s is not None)
+        self.grad_bytes = sum(s.nbytes for s, d in zip(specs, self.differentiable) if d)
         self._pruned: dict[frozenset[int], list[tuple[tuple[int, int], ...]]] = {}
 
     def edges_toward(self, wanted: frozenset[int], in_slots: list[tuple[int, ...]]) -> list[tuple[tuple[int, int], ...]]:
@@ -75,7 +75,7 @@ class Shapes:
             if not needed[k] and any(needed[j] for j in slots):
                 needed[k] = True
         pruned = [tuple(e for e in edges if needed[e[1]]) for edges in self.grad_edges]
-        if len(self._pruned) < 8:
+        if len(self._pruned) < 8:  # a small fixed set per plan; a race only recomputes
             self._pruned[wanted] = pruned
         return pruned
 
@@ -117,6 +117,7 @@ class Plan:
         self.selective = [op is not None and op.selective_vjp for op in ops]
         self.consumers = _count_consumers(in_slots, len(names))
         self._shapes: dict[tuple[tuple[int, ...], ...], Shapes] = {}
+        self._lock = threading.Lock()
         if all(-1 not in shape for shape in input_shapes):
             self.specialize(input_shapes)
 
@@ -155,15 +156,11 @@ class Plan:
                 )
             specs[k] = spec
         shapes = Shapes(specs, self.in_slots, self.n_inputs)
-        budget = self.limits.max_memory_bytes
-        if shapes.memory_bytes > budget:
-            raise LimitExceeded(
-                f"values and gradients would take {shapes.memory_bytes} bytes; the memory budget per request is {budget}",
-                limit="max_memory_bytes", requested=shapes.memory_bytes, allowed=budget,
-            )
-        if len(self._shapes) >= _SPEC_CACHE_SIZE:  # plans are shared across threads: tolerate races
-            self._shapes.pop(next(iter(self._shapes), None), None)
-        self._shapes[key] = shapes
+        check_memory(self.limits, shapes.value_bytes, "values")  # the least any run needs
+        with self._lock:  # plans are shared by concurrent requests
+            if len(self._shapes) >= _SPEC_CACHE_SIZE:
+                self._shapes.pop(next(iter(self._shapes)))
+            self._shapes[key] = shapes
         return shapes
 
     def run(self, inputs: Mapping[str, Any], **options: Any) -> "Evaluation":
@@ -171,6 +168,17 @@ class Plan:
         from .engine import evaluate
 
         return evaluate(self, inputs, **options)
+
+
+def check_memory(limits: Limits, total: int, what: str = "values and gradients", node: str | None = None,
+                 op: str | None = None) -> None:
+    """Raise LimitExceeded when ``total`` bytes exceed the memory budget per request."""
+    budget = limits.max_memory_bytes
+    if total > budget:
+        raise LimitExceeded(
+            f"{where(node, op)}{what} would take {total} bytes; the memory budget per request is {budget}",
+            limit="max_memory_bytes", requested=total, allowed=budget, node=node, op=op,
+        )
 
 
 def _infer(op: OpDef, inputs: list[TensorSpec], attrs: dict[str, Any], node: str) -> TensorSpec:

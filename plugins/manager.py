@@ -110,10 +110,18 @@ def load_plugins(
 
     if entry_points:
         for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
-            if not wanted(ep.name) or pm.has_plugin(ep.name):
+            if not wanted(ep.name):
                 continue
             dist = ep.dist.name if ep.dist else ""
             dist_version = ep.dist.version if ep.dist else ""
+            if pm.has_plugin(ep.name):
+                if origin[ep.name][0] == dist:  # one distribution seen twice on sys.path
+                    continue
+                other = origin[ep.name][0] or "the built-in operators"
+                raise PluginError(
+                    f"plugin name '{ep.name}' is used by distribution {dist} {dist_version} and by {other}; "
+                    f"uninstall one of them", plugin=ep.name,
+                )
             try:
                 plugin = ep.load()
             except Exception as exc:

@@ -88,11 +88,11 @@ class Servicer(pb_grpc.ChainruleServicer):
             outcome = code_for(exc).name
             if isinstance(exc, OperatorFailure):
                 log.error("request %s: %s", request_id, exc.message, exc_info=exc)
-            context.abort_with_status(to_grpc_status(status_for(exc, request_id)))
+            context.abort_with_status(_with_request_id(to_grpc_status(status_for(exc, request_id)), request_id))
         except Exception:
             outcome = "INTERNAL"
             log.exception("request %s: unexpected error in %s", request_id, method)
-            context.abort_with_status(to_grpc_status(internal_status(request_id)))
+            context.abort_with_status(_with_request_id(to_grpc_status(internal_status(request_id)), request_id))
         finally:
             if admitted:
                 self._slots.release()
@@ -124,13 +124,25 @@ class Servicer(pb_grpc.ChainruleServicer):
 
     def EvaluateStream(self, requests: Iterator[pb.EvaluateRequest],
                        context: grpc.ServicerContext) -> Iterator[pb.EvaluateStreamResponse]:
+        # A stream waiting for the client's next message checks no token: a timer ends it
+        # after max_stream_seconds, so an idle stream cannot keep its admission slot.
+        limit = threading.Timer(self.config.max_stream_seconds, context.cancel)
+        limit.daemon = True
+        limit.start()
+        context.add_callback(limit.cancel)
         return self._stream("EvaluateStream", context, lambda request_id: evaluate_stream(
-            self.service, client_requests(requests), call_token(context), self.config.max_compute_seconds, request_id))
+            self.service, client_requests(requests), call_token(context, self.config.max_stream_seconds),
+            self.config.max_compute_seconds, request_id))
 
     def Optimize(self, request: pb.OptimizeRequest, context: grpc.ServicerContext) -> Iterator[pb.OptimizeProgress]:
         size = len(request.graph.nodes) if request.HasField("graph") else 0
         token = self._token(context, self.config.max_training_seconds, "max_training_seconds")
         return self._stream("Optimize", context, lambda request_id: optimize(self.service, request, token, request_id), size)
+
+
+def _with_request_id(status: grpc.Status, request_id: str) -> grpc.Status:
+    """The status with the request id added to its trailers (aborting replaces the call's own)."""
+    return status._replace(trailing_metadata=(*status.trailing_metadata, (REQUEST_ID_KEY, request_id)))
 
 
 class Running:
@@ -250,8 +262,9 @@ def create_running_server(
         )
     credentials = tls.server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
     bind = address or config.address
-    port = server.add_secure_port(bind, credentials) if credentials else server.add_insecure_port(bind)
-    if port == 0:
-        raise OSError(f"could not bind {bind}")
+    try:
+        port = server.add_secure_port(bind, credentials) if credentials else server.add_insecure_port(bind)
+    except RuntimeError as exc:  # grpc raises RuntimeError when the address is taken or invalid
+        raise OSError(f"could not bind {bind}: {exc}") from None
     exporter = Exporter(metrics.registry, config.host, config.metrics_port) if metrics and export_metrics else None
     return Running(server, health_servicer, service, exporter), port

@@ -47,6 +47,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PluginError as exc:  # a plugin that cannot load, or a name conflict: say which, no traceback
         print(f"chainrule: error: {exc.message}", file=sys.stderr)
         return 1
+    except config_module.ConfigError as exc:  # a bad CHAINRULE_* variable: like argparse's usage errors
+        print(f"chainrule: error: {exc}", file=sys.stderr)
+        return 2
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

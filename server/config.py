@@ -33,6 +33,8 @@ class ServerConfig:
     max_compute_seconds: float = 60.0
     #: The same cap for one Optimize call (a whole training run).
     max_training_seconds: float = 3600.0
+    #: How long one EvaluateStream call may stay open (it holds an admission slot meanwhile).
+    max_stream_seconds: float = 600.0
     #: Seconds in-flight calls get to finish on SIGTERM/SIGINT.
     grace_seconds: float = 10.0
     graph_cache_size: int = 256
@@ -77,12 +79,26 @@ class ServerConfig:
 _LISTS = {"plugins", "disable_plugins", "prefer"}
 
 
+class ConfigError(ValueError):
+    """A setting from the environment that cannot be read; names the variable."""
+
+
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
 def _parse(name: str, text: str, kind: type) -> object:
     if name in _LISTS:
         return [part.strip() for part in text.split(",") if part.strip()]
+    variable = "CHAINRULE_" + name.upper()
     if kind is bool:
-        return text.strip().lower() in ("1", "true", "yes", "on")
-    return kind(text)
+        word = text.strip().lower()
+        if word not in _TRUE + _FALSE:
+            raise ConfigError(f"{variable}={text!r}: expected one of {', '.join(_TRUE + _FALSE)}")
+        return word in _TRUE
+    try:
+        return kind(text)
+    except ValueError:
+        raise ConfigError(f"{variable}={text!r}: expected {'a whole number' if kind is int else 'a number'}") from None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -12,6 +12,8 @@ import threading
 from collections import OrderedDict
 from typing import Iterable
 
+import numpy as np
+
 from chainrule.core import Graph, Limits, Plan, StopToken, compile_graph
 from chainrule.core.diagnostics import Diagnostics, diagnose
 from chainrule.core.engine import UNREACHED_OMIT, UNREACHED_ZEROS, Evaluation
@@ -44,7 +46,10 @@ class ChainruleService:
         self.limits = limits or Limits()
         self.checks = checks or {}
         self._plans: OrderedDict[str, Plan] = OrderedDict()
+        self._plan_bytes: dict[str, int] = {}
         self._cache_size = graph_cache_size
+        #: Literal tensors (const nodes) the cached plans may hold in all.
+        self._cache_bytes_budget = self.limits.max_memory_bytes
         self._lock = threading.Lock()
 
     # --- graphs -------------------------------------------------------------------
@@ -58,10 +63,14 @@ class ChainruleService:
             # Pins first: a graph needing a missing plugin is FAILED_PRECONDITION, not "unknown operator".
             self._check_requirements(core_graph)
             plan = compile_graph(core_graph, self.registry, self.limits)
+            size = sum(v.nbytes for attrs in plan.attrs for v in attrs.values() if isinstance(v, np.ndarray))
             with self._lock:
                 self._plans[gid] = plan
-                while len(self._plans) > self._cache_size:
-                    self._plans.popitem(last=False)
+                self._plan_bytes[gid] = size
+                while len(self._plans) > 1 and (len(self._plans) > self._cache_size
+                                                or sum(self._plan_bytes.values()) > self._cache_bytes_budget):
+                    evicted, _ = self._plans.popitem(last=False)  # least recently used first
+                    del self._plan_bytes[evicted]
         return gid, plan
 
     def _cached(self, gid: str) -> Plan | None:
@@ -116,12 +125,14 @@ class ChainruleService:
         seed = (tensor_to_array(request.seed, field="seed", max_elements=self.limits.max_tensor_elements)
                 if request.HasField("seed") else None)
         unreached = UNREACHED_OMIT if request.unreached == pb.UNREACHED_OMIT else UNREACHED_ZEROS
+        _selected(plan, request.return_values, "return_values")  # unknown names fail before any work
+        wanted = _selected(plan, request.return_grads, "return_grads")
         listed = request.return_grads.mode == pb.Selection.LISTED
         return plan.run(
             inputs, output=request.output or None, seed=seed,
             gradients=request.return_grads.mode != pb.Selection.NONE,
             # Gradients nobody asked for are not computed (dL/dX of a data batch, say).
-            wrt=list(request.return_grads.names) if listed else None,
+            wrt=[plan.names[k] for k in wanted] if listed else None,
             unreached=unreached, contributions=request.contributions, token=token,
         )
 

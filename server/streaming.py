@@ -97,19 +97,25 @@ def _item_token(call: StopToken | None, seconds: float | None) -> StopToken | No
     if seconds is None:
         return call
     deadline = time.monotonic() + seconds
+    cap = f"the server's time limit of {seconds:g} s per input set (max_compute_seconds)"
     if call is None:
-        return StopToken(deadline)
-    return StopToken(deadline if call.deadline is None else min(deadline, call.deadline), call.event)
+        return StopToken(deadline, what=cap)
+    if call.deadline is not None and call.deadline < deadline:
+        return call
+    return StopToken(deadline, call.event, cap)
 
 
 # --- gRPC glue ------------------------------------------------------------------------------
 
-def call_token(context: grpc.ServicerContext) -> StopToken:
-    """Stops when the client's deadline passes or it cancels (no compute cap: that is per item)."""
+def call_token(context: grpc.ServicerContext, max_seconds: float) -> StopToken:
+    """Stops when the client's deadline passes, it cancels, or the stream has lived ``max_seconds``
+    (a stream holds an admission slot, so an idle one must not hold it for ever)."""
     remaining = context.time_remaining()
     cancelled = threading.Event()
     context.add_callback(cancelled.set)
-    return StopToken.after(remaining, cancelled)
+    if remaining is not None and remaining <= max_seconds:
+        return StopToken.after(remaining, cancelled, "the client's deadline")
+    return StopToken.after(max_seconds, cancelled, f"the server's time limit of {max_seconds:g} s per stream (max_stream_seconds)")
 
 
 def client_requests(requests: Iterator[pb.EvaluateRequest]) -> Iterator[pb.EvaluateRequest]:

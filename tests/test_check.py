@@ -318,3 +318,11 @@ def test_a_plugin_with_a_bad_attribute_schema_is_refused_naming_plugin_operator_
     assert code == 1
     assert ("plugin 'schema': operator 'schema.neg': attribute 'k' has kind 'complex'; expected one of "
             "float, int, bool, string, ints, floats, tensor") in err
+
+
+def test_two_distributions_with_one_plugin_name_are_refused_naming_both(site):
+    site.install("chainrule-alpha", "1.0.0", "shared", one_operator("alpha.neg"))
+    site.install("chainrule-beta", "2.0.0", "shared", one_operator("beta.neg"))
+    with pytest.raises(PluginError, match="plugin name 'shared' is used by distribution chainrule-") as info:
+        load_plugins(only=["shared"])
+    assert "chainrule-alpha" in info.value.message and "chainrule-beta" in info.value.message

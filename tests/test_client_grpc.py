@@ -6,14 +6,17 @@ and the server keeps answering after each.
 """
 from __future__ import annotations
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 
 from chainrule.client import (
-    Client, DeadlineExceeded, Graph, GraphBuilder, Internal, InvalidArgument, LocalClient, NotFound, Unavailable, ops,
+    Client, DeadlineExceeded, Graph, GraphBuilder, Internal, InvalidArgument, LocalClient, NotFound, ResourceExhausted,
+    Unavailable, ops,
 )
+from chainrule.client.request import evaluate_request
 from chainrule.server import ServerConfig, create_server
 from chainrule.server.wire import Outgoing
 from chainrule.v1 import chainrule_pb2 as pb
@@ -164,6 +167,49 @@ def test_deadline_exceeded_is_typed_and_the_server_recovers(client):
     assert_serves(client)
 
 
+def slow_graph():
+    g = GraphBuilder()
+    h = g.input("x", (200, 200))
+    w = g.input("W", (200, 200))
+    for _ in range(1000):
+        h = (h @ w).tanh()
+    return h.sum(), {"x": np.ones((200, 200)), "W": np.full((200, 200), 0.01)}
+
+
+def assert_idle_soon(c: Client) -> None:
+    """With one slot, a probe succeeds only once the server has stopped the earlier work."""
+    give_up = time.monotonic() + 2
+    while True:
+        try:
+            assert_serves(c)
+            return
+        except ResourceExhausted:
+            assert time.monotonic() < give_up, "the server kept computing after the call ended"
+            time.sleep(0.01)
+
+
+@pytest.mark.parametrize("how", ["deadline", "cancel"])
+def test_a_call_that_ends_early_stops_the_work_on_the_server(how):
+    server, addr = start(ServerConfig(max_concurrent=1))
+    try:
+        with Client(addr, timeout=30) as c:
+            f, inputs = slow_graph()  # about a second of work, far more than the call lives
+            if how == "deadline":
+                with pytest.raises(DeadlineExceeded):
+                    c.evaluate(f, inputs, timeout=0.05, grads="none")
+            else:
+                call = c._evaluate_call.future(
+                    evaluate_request(f.graph, f.name, inputs, grads="none", split=True), timeout=30)
+                time.sleep(0.1)
+                call.cancel()
+                assert call.cancelled()
+            started = time.monotonic()
+            assert_idle_soon(c)
+            assert time.monotonic() - started < 1.0
+    finally:
+        server.stop(grace=None).wait()
+
+
 def test_unreachable_server_is_unavailable():
     server, addr = start()
     server.stop(grace=None).wait()
@@ -298,7 +344,7 @@ def failing_plugin():
     return Plugin()
 
 
-def test_plugin_failure_is_internal_with_operator_and_request_id():
+def test_plugin_failure_is_internal_with_operator_and_request_id(caplog):
     from chainrule.plugins.manager import load_plugins
     from chainrule.server.service import ChainruleService
 
@@ -315,6 +361,9 @@ def test_plugin_failure_is_internal_with_operator_and_request_id():
             e = info.value
             assert e.op == "test.boom" and e.node == "b" and e.metadata.get("plugin") == "test"
             assert e.request_id and e.request_id in e.message and "kaboom" in e.message
+            assert "Traceback" not in e.message
+            logged = [r for r in caplog.records if r.name == "chainrule.server" and r.levelname == "ERROR"]
+            assert len(logged) == 1 and e.request_id in logged[0].getMessage() and logged[0].exc_info  # full trace, server side
             assert close(c.evaluate(circuit_pg(), x=1.0, y=3.0, z=-3.0).value, -12)
         with pytest.raises(Internal) as local_info:
             LocalClient(loaded).evaluate(y, x=1.0)

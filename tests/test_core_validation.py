@@ -111,9 +111,15 @@ def test_limits_are_checked_before_allocation(registry):
         compile_(registry, [("x", "float64", (1,))], [("big", "broadcast_to", ("x",), {"shape": [10**6, 10**6]})],
                  ["big"])
     assert info.value.limit == "max_tensor_elements" and info.value.node == "big"
-    with pytest.raises(E.LimitExceeded) as info:
+    with pytest.raises(E.LimitExceeded) as info:  # the values alone (x and e) do not fit
         compile_(registry, [("x", "float64", (1000,))], [("e", "exp", ("x",))], ["e"], max_memory_bytes=10_000)
-    assert info.value.limit == "max_memory_bytes" and info.value.requested == 4 * 8000
+    assert info.value.limit == "max_memory_bytes" and info.value.requested == 2 * 8000
+    plan = compile_(registry, [("x", "float64", (1000,))], [("e", "exp", ("x",)), ("s", "sum", ("e",))], ["s"],
+                    max_memory_bytes=20_000)
+    assert plan.run({"x": np.zeros(1000)}, gradients=False).output_value == 1000  # forward only fits
+    with pytest.raises(E.LimitExceeded) as info:  # with gradients it does not
+        plan.run({"x": np.zeros(1000)})
+    assert info.value.requested == 2 * 8008 + 2 * 8000
     with pytest.raises(E.LimitExceeded, match="limit is 2"):
         compile_(registry, [("x",)], [("a", "neg", ("x",)), ("b", "neg", ("a",)), ("c", "neg", ("b",))], ["c"], max_nodes=2)
 

@@ -245,3 +245,46 @@ def test_the_server_caps_compute_time_without_a_client_deadline():
             assert_serves(client)
     finally:
         server.stop(None).wait()
+
+
+def test_limits_come_from_the_environment_and_flags_win():
+    from chainrule.server import config as config_module
+
+    env = {"CHAINRULE_MAX_NODES": "7", "CHAINRULE_MAX_COMPUTE_SECONDS": "1.5", "CHAINRULE_REFLECTION": "off",
+           "CHAINRULE_DISABLE_PLUGINS": "acme, builtin.nn"}
+    config = config_module.from_sources(None, env=env)
+    assert (config.max_nodes, config.max_compute_seconds, config.reflection) == (7, 1.5, False)
+    assert config.disable_plugins == ["acme", "builtin.nn"]
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    config_module.add_arguments(parser)
+    assert config_module.from_sources(parser.parse_args(["--max-nodes", "9"]), env=env).max_nodes == 9
+
+
+def test_a_server_built_from_the_environment_enforces_its_limit(monkeypatch):
+    from chainrule.server import config as config_module
+
+    monkeypatch.setenv("CHAINRULE_MAX_NODES", "3")
+    server, port = create_server("127.0.0.1:0", config_module.from_sources(None))
+    server.start()
+    try:
+        g = GraphBuilder()
+        v = g.input("x")
+        for _ in range(4):
+            v = -v
+        with Client(f"127.0.0.1:{port}", timeout=10) as client:
+            with pytest.raises(ResourceExhausted, match="4 nodes; the limit is 3"):
+                client.evaluate(v, x=1.0)
+    finally:
+        server.stop(None).wait()
+
+
+@pytest.mark.parametrize("variable, value", [("CHAINRULE_MAX_NODES", "lots"), ("CHAINRULE_REFLECTION", "perhaps")])
+def test_a_bad_environment_value_is_named_without_a_traceback(variable, value):
+    import os
+
+    done = subprocess.run([sys.executable, "-m", "chainrule.server.cli", "serve", "--port", "0"],
+                          capture_output=True, text=True, timeout=60, env={**os.environ, variable: value})
+    assert done.returncode == 2
+    assert f"{variable}={value!r}" in done.stderr and "Traceback" not in done.stderr

@@ -10,6 +10,7 @@ import logging
 import threading
 import time
 
+import grpc
 import numpy as np
 import pytest
 
@@ -241,3 +242,33 @@ def test_cancelling_a_stream_frees_its_slot_without_an_internal_error(caplog):
     finally:
         server.stop(grace=None).wait()
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_an_idle_stream_is_ended_after_max_stream_seconds_and_frees_its_slot():
+    server, port = create_server("127.0.0.1:0", ServerConfig(max_concurrent=1, max_stream_seconds=0.5))
+    server.start()
+    try:
+        with Client(f"127.0.0.1:{port}", timeout=30) as c:
+            release = threading.Event()
+
+            def requests():
+                yield raw(scalar_graph(), x=1.0)
+                release.wait(20)  # a client that opens a stream and goes quiet
+
+            call = ChainruleStub(c.channel).EvaluateStream(requests(), timeout=30)
+            assert next(call).index == 0
+            started = time.monotonic()
+            while True:  # the slot is taken until the server ends the idle stream
+                try:
+                    assert c.evaluate(neuron(), input_sets(1)[0]).value > 0
+                    break
+                except ResourceExhausted:
+                    assert time.monotonic() - started < 5, "the idle stream kept its slot"
+                    time.sleep(0.02)
+            assert time.monotonic() - started >= 0.3
+            with pytest.raises(grpc.RpcError) as info:
+                next(call)
+            assert info.value.code() == grpc.StatusCode.CANCELLED
+            release.set()
+    finally:
+        server.stop(grace=None).wait()
