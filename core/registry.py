@@ -25,9 +25,6 @@ class Registry:
             )
         self._ops[op.name] = op
 
-    def remove(self, name: str) -> None:
-        self._ops.pop(name, None)
-
     def find(self, name: str) -> OpDef | None:
         return self._ops.get(name)
 

@@ -230,7 +230,7 @@ def create_running_server(
     ``export_metrics=False`` records metrics without serving them (a worker
     process whose parent serves the metrics of all workers).
     """
-    config = config or ServerConfig()
+    config = (config or ServerConfig()).validate()
     service = service or build_service(config)
     metrics = Metrics() if config.metrics_port else None
     # Outermost first: metrics count every call, refused ones too; auth refuses before parsing.

@@ -71,6 +71,25 @@ class ServerConfig:
     def address(self) -> str:
         return f"{self.host}:{self.port}"
 
+    def validate(self) -> "ServerConfig":
+        """Raise ConfigError for settings no server can run with (a zero limit, a bad port...)."""
+        problems = [
+            f"{name} must be at least {low} (got {getattr(self, name)})"
+            for name, low in (("max_concurrent", 1), ("graph_cache_size", 1), ("max_nodes", 1), ("workers", 1),
+                              ("max_message_bytes", 1024), ("max_tensor_elements", 1), ("max_memory_bytes", 1))
+            if getattr(self, name) < low
+        ]
+        problems += [f"{name} must be positive (got {getattr(self, name)})"
+                     for name in ("max_compute_seconds", "max_training_seconds", "max_stream_seconds")
+                     if not getattr(self, name) > 0]
+        problems += [f"{name} must be a port number from 0 to 65535 (got {getattr(self, name)})"
+                     for name in ("port", "metrics_port") if not 0 <= getattr(self, name) <= 65535]
+        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            problems.append(f"log_level must be DEBUG, INFO, WARNING, ERROR or CRITICAL (got {self.log_level!r})")
+        if problems:
+            raise ConfigError("; ".join(problems))
+        return self
+
     def limits(self) -> Limits:
         return Limits(max_nodes=self.max_nodes, max_tensor_elements=self.max_tensor_elements,
                       max_memory_bytes=self.max_memory_bytes)
@@ -128,7 +147,7 @@ def from_sources(args: argparse.Namespace | None = None, env: Mapping[str, str] 
         flag_value = getattr(args, name, None) if args is not None else None
         if flag_value is not None:
             setattr(config, name, _parse(name, flag_value, kind) if name in _LISTS else flag_value)
-    return config
+    return config.validate()
 
 
 def plugin_filters(config: ServerConfig) -> dict[str, Sequence[str] | None]:

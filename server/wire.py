@@ -125,23 +125,3 @@ def serialize(message: Any) -> bytes:
     if isinstance(message, (bytes, bytearray)):
         return bytes(message)
     return message.SerializeToString()
-
-
-def split_large_inputs(request: pb.EvaluateRequest) -> Outgoing:
-    """An EvaluateRequest ready to send, its large input tensors hand-encoded (``request`` is not changed)."""
-    small = pb.EvaluateRequest()
-    for field, value in request.ListFields():
-        if field.name == "inputs":
-            continue
-        if field.message_type is not None:
-            getattr(small, field.name).MergeFrom(value)  # singular messages
-        else:
-            setattr(small, field.name, value)            # strings, enums, bools
-    outgoing = Outgoing(small)
-    number = pb.EvaluateRequest.DESCRIPTOR.fields_by_name["inputs"].number
-    for name, tensor in request.inputs.items():
-        if tensor.WhichOneof("payload") == "data" and len(tensor.data) > LARGE_TENSOR_BYTES:
-            outgoing.parts += map_entry(number, name, tensor_parts(tensor.dtype, tensor.shape, tensor.data))
-        else:
-            small.inputs[name].CopyFrom(tensor)
-    return outgoing

@@ -288,3 +288,17 @@ def test_a_bad_environment_value_is_named_without_a_traceback(variable, value):
                           capture_output=True, text=True, timeout=60, env={**os.environ, variable: value})
     assert done.returncode == 2
     assert f"{variable}={value!r}" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("setting, needle", [
+    ({"max_concurrent": 0}, "max_concurrent must be at least 1"),
+    ({"graph_cache_size": 0}, "graph_cache_size must be at least 1"),
+    ({"max_compute_seconds": 0.0}, "max_compute_seconds must be positive"),
+    ({"port": 70000}, "port must be a port number"),
+    ({"log_level": "chatty"}, "log_level must be"),
+])
+def test_settings_no_server_can_run_with_are_refused(setting, needle):
+    from chainrule.server.config import ConfigError
+
+    with pytest.raises(ConfigError, match=needle):
+        create_server("127.0.0.1:0", ServerConfig(**setting))

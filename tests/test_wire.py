@@ -44,15 +44,16 @@ def test_large_parts_skip_protobuf_and_small_ones_do_not():
     assert not inline.parts and "large" in inline.message.values
 
 
-def test_split_request_keeps_every_field_and_leaves_the_original_alone():
-    request = pb.EvaluateRequest(graph_id="g1", output="f", contributions=True, unreached=pb.UNREACHED_OMIT)
-    request.return_grads.CopyFrom(pb.Selection(mode=pb.Selection.LISTED, names=["x"]))
-    request.seed.CopyFrom(array_to_tensor(np.float64(1)))
+def test_a_client_request_with_large_inputs_parses_as_protobuf_would_build_it():
+    from chainrule.client import GraphBuilder
+    from chainrule.client.request import evaluate_request
+
+    g = GraphBuilder()
+    x, y = g.input("x", shape=(50_000,)), g.input("y")
+    f = (x * y).sum().named("f")
     big = np.random.default_rng(0).normal(size=50_000)
-    request.inputs["x"].CopyFrom(array_to_tensor(big))
-    request.inputs["y"].CopyFrom(array_to_tensor(np.float64(3)))
-    before = request.SerializeToString()
-    outgoing = wire.split_large_inputs(request)
-    assert request.SerializeToString() == before  # unchanged: a retry can send it again
-    assert pb.EvaluateRequest.FromString(outgoing.serialize()) == request
-    assert wire.serialize(request) == before and wire.serialize(outgoing) == outgoing.serialize()
+    split = evaluate_request(f.graph, "f", {"x": big, "y": 2.0}, grads=["x"], seed=1.0, split=True)
+    whole = evaluate_request(f.graph, "f", {"x": big, "y": 2.0}, grads=["x"], seed=1.0, split=False)
+    assert split.parts and not whole.parts  # x travels hand-encoded in one, inside protobuf in the other
+    assert pb.EvaluateRequest.FromString(split.serialize()) == whole.message
+    assert wire.serialize(split) == split.serialize() and wire.serialize(whole.message) == whole.serialize()
