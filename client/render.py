@@ -12,7 +12,9 @@ output has a double border. A red node holds a NaN or an infinity; an orange
 border marks a node a diagnostic flag names. Scalars show as numbers to 4
 significant digits; tensors as dtype[shape], norm, and min/max/mean. When
 the evaluation asked for ``contributions=True``, an edge out of a value that
-fans out is labelled ``+= g``: its share of that value's gradient.
+fans out is labelled ``+= g``: its share of that value's gradient. A value
+used by more than eight nodes appears as a small blue reference beside each
+of them.
 """
 from __future__ import annotations
 
@@ -42,6 +44,11 @@ NONFINITE_STYLE = {"fillcolor": "#feb2b2", "color": "#c53030", "penwidth": "3"}
 FLAGGED_STYLE = {"color": "#dd6b20", "penwidth": "3"}
 OUTPUT_STYLE = {"peripheries": "2", "penwidth": "2"}
 CONTRIBUTION_STYLE = {"fontcolor": "#c53030", "color": "#c53030"}
+#: A value feeding more consumers than this is drawn once, with a small reference beside each
+#: consumer instead of an edge from afar: long crossing edges make big diagrams unreadable and
+#: make ``dot`` take minutes (a 150-node chain with one shared weight: 8.7 s, against 0.07 s).
+PROXY_FANOUT = 8
+PROXY_STYLE = {"shape": "plaintext", "fontsize": "8", "fontcolor": "#2b6cb0"}
 
 INSTALL_HINT = (
     "drawing {path} needs Graphviz's `dot` program, which was not found on PATH. "
@@ -78,6 +85,10 @@ def to_dot(result: Result, graph: Graph | pb.Graph | None = None) -> str:
         role = "constant" if not node.inputs else "operator"
         lines.append(_node(result, node.name, node.op, role, flagged, origins))
     shares = {(c.node, c.consumer, c.input_index): c.gradient for c in result.contributions}
+    fanout: dict[str, int] = {}
+    for node in message.nodes:
+        for source in node.inputs:
+            fanout[source] = fanout.get(source, 0) + 1
     for node in message.nodes:
         for pos, source in enumerate(node.inputs):
             attrs: dict[str, str] = {}
@@ -86,7 +97,11 @@ def to_dot(result: Result, graph: Graph | pb.Graph | None = None) -> str:
             share = shares.get((source, node.name, pos))
             if share is not None:
                 attrs.update(label=f"+= {_brief(share)}", **CONTRIBUTION_STYLE)
-            lines.append(f"  {_quote(source)} -> {_quote(node.name)}{_attrs(attrs)};")
+            tail = source
+            if fanout[source] > PROXY_FANOUT:  # a reference beside each consumer instead of long edges
+                tail = f"{source}@{node.name}#{pos}"
+                lines.append(f"  {_quote(tail)}{_attrs({**PROXY_STYLE, 'label': source})};")
+            lines.append(f"  {_quote(tail)} -> {_quote(node.name)}{_attrs(attrs)};")
     lines.append("}")
     return "\n".join(lines) + "\n"
 

@@ -350,3 +350,15 @@ def test_mse_network_with_batches_matches_core_training_loop(client):
     here = train(plan, {"w": w0}, optimizer=make_optimizer("adam", lr=0.1), steps=10, batches=batches)
     assert remote.params["w"].tobytes() == here.params["w"].tobytes()
     assert remote.loss == here.loss
+
+
+def test_the_server_caps_a_training_run_without_a_client_deadline():
+    server, addr = start(max_training_seconds=0.3)
+    try:
+        with Client(addr) as c:  # no timeout: only the server's cap can stop the run
+            started = time.monotonic()
+            with pytest.raises(DeadlineExceeded, match=r"time limit of 0.3 s .*max_training_seconds"):
+                c.optimize(quadratic(), {"w": np.zeros(3)}, {"c": C, "a": A}, **LONG)
+            assert time.monotonic() - started < 5
+    finally:
+        server.stop(grace=None).wait()

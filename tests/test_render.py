@@ -344,3 +344,25 @@ def test_docs_figures_are_up_to_date(tmp_path):
         else:
             assert f"figures/{path.stem}.svg" in doc
             assert (ROOT / "docs" / "figures" / f"{path.stem}.svg").exists()
+
+
+def test_a_few_hundred_nodes_with_shared_weights_render_quickly_and_readably(tmp_path):
+    """A value used everywhere is drawn as a reference beside each consumer, not as 150 long edges."""
+    from chainrule.client import GraphBuilder, LocalClient
+
+    g = GraphBuilder()
+    v, w, x = g.input("v"), g.input("w"), g.input("x")
+    for _ in range(100):
+        v = (v * w).tanh() + x
+    f = v.named("f")
+    result = LocalClient().evaluate(f, v=0.1, w=0.9, x=0.05, contributions=True)
+    text = result.to_dot()
+    assert text.count(' -> ') >= 300 and '"w@' in text  # w's uses are references
+    assert not any(line.startswith('  "w" ->') for line in text.splitlines())
+    if shutil.which("dot") is None:
+        pytest.skip("Graphviz's dot is not installed")
+    from chainrule.client.render import render
+
+    path = render(result, tmp_path / "big.svg", timeout=60)  # minutes before the references
+    root = ET.parse(path).getroot()
+    assert root.tag.endswith("svg") and len(root.findall(".//{http://www.w3.org/2000/svg}g")) > 300

@@ -272,3 +272,25 @@ def test_an_idle_stream_is_ended_after_max_stream_seconds_and_frees_its_slot():
             release.set()
     finally:
         server.stop(grace=None).wait()
+
+
+def test_the_compute_cap_applies_to_each_input_set_and_the_stream_goes_on():
+    g = GraphBuilder()
+    h = g.input("x", (200, 200))
+    for _ in range(300):
+        h = (h @ h).tanh()
+    slow = h.sum().named("f").graph.message
+    server, port = create_server("127.0.0.1:0", ServerConfig(max_compute_seconds=0.1))
+    server.start()
+    try:
+        with Client(f"127.0.0.1:{port}", timeout=30) as c:
+            stub = ChainruleStub(c.channel)
+            heavy = pb.EvaluateRequest(graph=slow, output="f")
+            heavy.inputs["x"].CopyFrom(array_to_tensor(np.eye(200) * 0.5))
+            answers = list(stub.EvaluateStream(iter([heavy, raw(scalar_graph(), x=3.0)]), timeout=30))
+            assert answers[0].WhichOneof("result") == "error"
+            assert answers[0].error.code == grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
+            assert "max_compute_seconds" in answers[0].error.message
+            assert answers[1].WhichOneof("result") == "response"  # the next set is answered normally
+    finally:
+        server.stop(grace=None).wait()
