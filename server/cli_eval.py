@@ -47,8 +47,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return 1
     np.set_printoptions(precision=10, suppress=False)
     print(f"{result.output} = {result.value}")
-    for name, grad in result.grads.items():
-        print(f"d{result.output}/d{name} = {grad}")
+    order = [d.name for d in graph.message.inputs] + graph.node_names  # as the file lists them, wherever it ran
+    for name in sorted(result.grads, key=lambda n: order.index(n) if n in order else len(order)):
+        print(f"d{result.output}/d{name} = {result.grads[name]}")
     diagnostics = str(result.diagnostics)
     if diagnostics.strip():
         print(diagnostics)
