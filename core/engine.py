@@ -111,6 +111,8 @@ def evaluate(
     gradients are then computed only along paths from them to the output,
     and other nodes get none.
     """
+    if unreached not in (UNREACHED_ZEROS, UNREACHED_OMIT):
+        raise GraphError(f"unreached: expected 'zeros' or 'omit', got {unreached!r}", field="unreached")
     out_slot = _choose_output(plan, output)
     arrays = _check_inputs(plan, inputs)
     shapes = plan.specialize([a.shape for a in arrays])
@@ -135,8 +137,6 @@ def evaluate(
             if d and grads[k] is None and (wanted is None or k in wanted):
                 spec = shapes.specs[k]
                 grads[k] = np.zeros(spec.shape, spec.dtype)  # type: ignore[union-attr]
-    elif unreached != UNREACHED_OMIT:
-        raise GraphError(f"unreached: expected 'zeros' or 'omit', got {unreached!r}", field="unreached")
     return Evaluation(plan, values, grads, out_slot, shapes.differentiable, record or [])
 
 

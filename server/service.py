@@ -87,10 +87,12 @@ class ChainruleService:
         check_requirements(graph.metadata, self.loaded)
 
     def register_graph(self, request: pb.RegisterGraphRequest) -> pb.RegisterGraphResponse:
+        """Compile and cache a graph; its id is the content hash, the same on every replica."""
         gid, plan = self.compile(request.graph)
         return pb.RegisterGraphResponse(graph_id=gid, node_count=len(plan))
 
     def plan_for(self, request: pb.EvaluateRequest) -> tuple[str, Plan]:
+        """The id and plan a request names: its graph (compiled, or from the cache) or a registered id."""
         source = request.WhichOneof("source")
         if source == "graph_id":
             plan = self._cached(request.graph_id)
@@ -107,6 +109,7 @@ class ChainruleService:
     # --- evaluation -----------------------------------------------------------------
 
     def evaluate(self, request: pb.EvaluateRequest, token: StopToken | None = None) -> pb.EvaluateResponse:
+        """One Evaluate call, answered with a complete message (for in-process callers)."""
         gid, plan = self.plan_for(request)
         evaluation = self.run(plan, request, token)
         return self.respond(gid, evaluation, request, Outgoing(pb.EvaluateResponse(), split=False)).message
@@ -118,6 +121,7 @@ class ChainruleService:
         return self.respond(gid, evaluation, request, Outgoing(pb.EvaluateResponse()))
 
     def run(self, plan: Plan, request: pb.EvaluateRequest, token: StopToken | None) -> Evaluation:
+        """Decode the request's inputs and options and run the plan; every field is checked before work."""
         if len(request.input_sets):
             raise GraphError("input_sets: several input sets go through EvaluateStream; Evaluate takes `inputs`",
                              field="input_sets")
