@@ -111,7 +111,6 @@ def main() -> None:
         registry = load_plugins(entry_points=False, only=["builtin"]).registry
         plan = compile_graph(network_graph(4096, 512, 512), registry)
         from chainrule.client.graph import Graph
-        from chainrule.server.convert import python_to_attr  # noqa: F401  (ensures server modules import)
         from chainrule.v1 import chainrule_pb2 as pb
 
         message = pb.Graph()

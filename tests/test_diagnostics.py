@@ -9,27 +9,11 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import pytest
 
-from chainrule.client import Client, GraphBuilder, LocalClient, ops
+from chainrule.client import GraphBuilder, LocalClient, ops
 from chainrule.core import compile_graph
 from chainrule.core.diagnostics import DEFAULT_THRESHOLDS, SATURATION_SAMPLE, Thresholds, diagnose, summarize
-from chainrule.server import create_server
 from chainrule.server.cli import main as cli_main
-
-
-@pytest.fixture(scope="module")
-def address():
-    server, port = create_server("127.0.0.1:0")
-    server.start()
-    yield f"127.0.0.1:{port}"
-    server.stop(grace=None).wait()
-
-
-@pytest.fixture(scope="module")
-def client(address):
-    with Client(address, timeout=30) as c:
-        yield c
 
 
 def flagged(result, kind: str) -> set[str]:

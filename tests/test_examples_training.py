@@ -16,8 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from chainrule.client import Client, LocalClient
-from chainrule.server import create_server
+from chainrule.client import LocalClient
 from chainrule.server.cli import main as chainrule
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -32,20 +31,6 @@ def load_example(name: str):
 
 four_layer = load_example("train_four_layer")
 rnn = load_example("rnn_bptt")
-
-
-@pytest.fixture(scope="module")
-def address():
-    server, port = create_server("127.0.0.1:0")
-    server.start()
-    yield f"127.0.0.1:{port}"
-    server.stop(grace=None).wait()
-
-
-@pytest.fixture(scope="module")
-def client(address):
-    with Client(address, timeout=60) as c:
-        yield c
 
 
 # --- the 4-layer network -----------------------------------------------------------------------------

@@ -15,27 +15,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from chainrule.client import Client, GraphBuilder, LocalClient
+from chainrule.client import GraphBuilder, LocalClient
 from chainrule.client.render import RenderError, render, to_dot
-from chainrule.server import create_server
 from chainrule.server.cli import main as cli_main
 
 ROOT = Path(__file__).resolve().parent.parent
 needs_dot = pytest.mark.skipif(shutil.which("dot") is None, reason="Graphviz's dot is not installed")
-
-
-@pytest.fixture(scope="module")
-def address():
-    server, port = create_server("127.0.0.1:0")
-    server.start()
-    yield f"127.0.0.1:{port}"
-    server.stop(grace=None).wait()
-
-
-@pytest.fixture(scope="module")
-def client(address):
-    with Client(address, timeout=30) as c:
-        yield c
 
 
 # --- a small DOT reader -----------------------------------------------------------------------------

@@ -30,20 +30,6 @@ def neuron():
 
 
 @pytest.fixture(scope="module")
-def address():
-    server, port = create_server("127.0.0.1:0")
-    server.start()
-    yield f"127.0.0.1:{port}"
-    server.stop(grace=None).wait()
-
-
-@pytest.fixture(scope="module")
-def client(address):
-    with Client(address, timeout=60) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
 def stub(client):
     return ChainruleStub(client.channel)
 
