@@ -21,7 +21,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterable
 
 import numpy as np
 
@@ -61,11 +61,13 @@ class RenderError(RuntimeError):
     """A diagram could not be drawn: Graphviz is missing, or ``dot`` failed."""
 
 
-def to_dot(result: Result, graph: Graph | pb.Graph | None = None) -> str:
+def to_dot(result: Result, graph: Graph | pb.Graph | None = None, *, parameters: Iterable[Any] | None = None) -> str:
     """The evaluation as Graphviz DOT text, left to right, one statement per line.
 
     ``graph`` defaults to the graph the result was evaluated from (clients attach it).
+    ``parameters`` names the inputs to draw as parameters (default: every input with a gradient).
     """
+    chosen = None if parameters is None else {getattr(p, "name", p) for p in parameters}
     message = _graph_message(result, graph)
     flagged: dict[str, list[str]] = {}
     for flag in result.diagnostics.flags:
@@ -79,7 +81,8 @@ def to_dot(result: Result, graph: Graph | pb.Graph | None = None) -> str:
         '  edge [fontname="Helvetica", fontsize=9, color="#4a5568"];',
     ]
     for decl in message.inputs:
-        role = "parameter" if decl.name in result.grad else "input"
+        has_gradient = decl.name in result.grad
+        role = "parameter" if has_gradient and (chosen is None or decl.name in chosen) else "input"
         lines.append(_node(result, decl.name, role, role, flagged, origins))
     for node in message.nodes:
         role = "constant" if not node.inputs else "operator"
@@ -107,7 +110,7 @@ def to_dot(result: Result, graph: Graph | pb.Graph | None = None) -> str:
 
 
 def render(result: Result, path: str | Path, *, graph: Graph | pb.Graph | None = None,
-           format: str | None = None, timeout: float = 300.0) -> Path:
+           parameters: Iterable[Any] | None = None, format: str | None = None, timeout: float = 300.0) -> Path:
     """Draw the evaluation to ``path``; the format comes from the suffix (.svg, .png, .pdf, or .dot for text).
 
     Raises :class:`RenderError` saying how to install Graphviz when ``dot`` is missing.
@@ -116,7 +119,7 @@ def render(result: Result, path: str | Path, *, graph: Graph | pb.Graph | None =
     fmt = (format or path.suffix.lstrip(".")).lower()
     if not fmt:
         raise RenderError(f"{path}: say the format with a suffix (.svg, .png, .pdf, .dot) or format=")
-    text = to_dot(result, graph)
+    text = to_dot(result, graph, parameters=parameters)
     if fmt in ("dot", "gv"):
         path.write_text(text, encoding="utf-8")
         return path

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping
 
 import numpy as np
 
@@ -209,17 +209,21 @@ class Result:
             ]
         return self._contributions
 
-    def to_dot(self) -> str:
-        """The circuit diagram as Graphviz DOT text: each node with its value and gradient."""
+    def to_dot(self, *, parameters: Iterable[Any] | None = None) -> str:
+        """The circuit diagram as Graphviz DOT text: each node with its value and gradient.
+
+        ``parameters`` (names or Vars) are drawn as parameters and the other graph
+        inputs as data; by default every input that got a gradient is a parameter.
+        """
         from .render import to_dot
 
-        return to_dot(self)
+        return to_dot(self, parameters=parameters)
 
-    def render(self, path: str | Path) -> Path:
+    def render(self, path: str | Path, *, parameters: Iterable[Any] | None = None) -> Path:
         """Draw the circuit diagram to ``path`` (.svg, .png, .pdf through Graphviz's ``dot``; .dot as text)."""
         from .render import render
 
-        return render(self, path)
+        return render(self, path, parameters=parameters)
 
     def __repr__(self) -> str:
         return (f"<Result output '{self.output}' = {np.array2string(self.value, threshold=6)}; "

@@ -20,6 +20,8 @@ def add_render_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", "-o", type=Path, required=True,
                         help="where to draw: .svg, .png or .pdf (needs Graphviz's dot), or .dot for the text")
     parser.add_argument("--output", default=None, help="which output to differentiate")
+    parser.add_argument("--param", action="append", default=None, metavar="NAME",
+                        help="draw this input as a parameter, the others as data (repeat; default: every input)")
     parser.add_argument("--contributions", action=argparse.BooleanOptionalAction, default=True,
                         help="label fan-out edges with their share of the gradient (default: on)")
     where = parser.add_mutually_exclusive_group()
@@ -39,7 +41,7 @@ def cmd_render(args: argparse.Namespace) -> int:
     try:
         with client:
             result = client.evaluate(graph, inputs, output=args.output, contributions=args.contributions)
-        path = result.render(args.out)
+        path = result.render(args.out, parameters=args.param)
     except (ChainruleRpcError, RenderError) as exc:
         print(f"error: {exc}")
         return 1

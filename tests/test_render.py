@@ -157,8 +157,11 @@ def test_dot_of_the_staged_circuit_shows_every_value_and_gradient(client):
         lines = label_lines(nodes[name])
         assert line_value(lines, "value") == f"{values[name]:.4g}", name
         assert line_value(lines, "grad") == f"{grads[name]:.4g}", name
-    # roles are visually distinct
+    # roles are visually distinct; which inputs are parameters is the caller's to say
     assert nodes["x"]["class"] == nodes["y"]["class"] == "parameter"
+    _, chosen, _ = parse_dot(result.to_dot(parameters=["x"]))
+    assert chosen["x"]["class"] == "parameter" and chosen["y"]["class"] == "input"
+    assert chosen["y"]["fillcolor"] != chosen["x"]["fillcolor"]
     assert {nodes[n]["class"] for n in ("sigy", "num", "den", "invden", "f")} == {"operator"}
     constants = [n for n, a in nodes.items() if a["class"] == "constant"]
     assert len(constants) == 2 and all(label_lines(nodes[c])[0].endswith("(const)") for c in constants)
@@ -304,9 +307,10 @@ def test_chainrule_render_without_contributions_and_bad_server(tmp_path, capsys)
     staged().graph.save(graph_file)
     out = tmp_path / "staged.dot"
     assert cli_main(["render", str(graph_file), "-i", "x=3", "-i", "y=-4", "-o", str(out), "--local",
-                     "--no-contributions"]) == 0
-    _, _, edges = parse_dot(out.read_text())
+                     "--no-contributions", "--param", "y"]) == 0
+    _, nodes, edges = parse_dot(out.read_text())
     assert not any("label" in a for _, _, a in edges)
+    assert nodes["y"]["class"] == "parameter" and nodes["x"]["class"] == "input"
     capsys.readouterr()
     assert cli_main(["render", str(graph_file), "-i", "x=3", "-o", str(out), "--local"]) == 1
     assert "input 'y'" in capsys.readouterr().out
