@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from chainrule.core import Graph, InputDecl, Node
+from chainrule.server import ServerConfig, create_server
 
 
 def scalar_graph(inputs, nodes, output, dtype="float64"):
@@ -11,3 +12,10 @@ def scalar_graph(inputs, nodes, output, dtype="float64"):
         tuple(Node(n[0], n[1], tuple(n[2]), dict(n[3]) if len(n) > 3 else {}) for n in nodes),
         (output,),
     )
+
+
+def start_server(config: ServerConfig | None = None):
+    """A started real server on a free loopback port, and its address; stop it with ``server.stop(None)``."""
+    server, port = create_server("127.0.0.1:0", config)
+    server.start()
+    return server, f"127.0.0.1:{port}"

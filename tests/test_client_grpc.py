@@ -21,26 +21,8 @@ from chainrule.server import ServerConfig, create_server
 from chainrule.server.wire import Outgoing
 from chainrule.v1 import chainrule_pb2 as pb
 
+from helpers import start_server as start
 from test_client_local import EXAMPLES, circuit_pg, close, staged
-
-
-def start(config: ServerConfig | None = None):
-    server, port = create_server("127.0.0.1:0", config)
-    server.start()
-    return server, f"127.0.0.1:{port}"
-
-
-@pytest.fixture(scope="module")
-def address():
-    server, addr = start()
-    yield addr
-    server.stop(grace=None).wait()
-
-
-@pytest.fixture(scope="module")
-def client(address):
-    with Client(address, timeout=30) as c:
-        yield c
 
 
 @pytest.fixture(scope="module")

@@ -22,9 +22,10 @@ from chainrule.core.optim import SGD, Adam, make_optimizer
 from chainrule.core.training import train, training
 from chainrule.plugins.manager import load_plugins
 from chainrule.client.training import optimize_request
-from chainrule.server import ServerConfig, create_server
+from chainrule.server import ServerConfig
 from chainrule.server.convert import graph_from_proto
 from chainrule.v1.chainrule_pb2_grpc import ChainruleStub
+from helpers import start_server
 
 C = np.array([1.0, -2.0, 3.0])
 A = np.array([1.0, 4.0, 10.0])
@@ -46,22 +47,7 @@ def linear():
 
 
 def start(**settings):
-    server, port = create_server("127.0.0.1:0", ServerConfig(**settings))
-    server.start()
-    return server, f"127.0.0.1:{port}"
-
-
-@pytest.fixture(scope="module")
-def address():
-    server, addr = start()
-    yield addr
-    server.stop(grace=None).wait()
-
-
-@pytest.fixture(scope="module")
-def client(address):
-    with Client(address, timeout=30) as c:
-        yield c
+    return start_server(ServerConfig(**settings))
 
 
 # --- optimizers ------------------------------------------------------------------------------------------

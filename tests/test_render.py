@@ -18,6 +18,7 @@ import pytest
 from chainrule.client import GraphBuilder, LocalClient
 from chainrule.client.render import RenderError, render, to_dot
 from chainrule.server.cli import main as cli_main
+from test_client_local import staged
 
 ROOT = Path(__file__).resolve().parent.parent
 needs_dot = pytest.mark.skipif(shutil.which("dot") is None, reason="Graphviz's dot is not installed")
@@ -126,19 +127,6 @@ def staged_by_hand(x: float = 3.0, y: float = -4.0) -> tuple[dict[str, float], d
     grads = dict(x=dx, y=dy, sigy=dsigy, num=dnum, sigx=dsigx, xpy=dxpy, xpysqr=dxpysqr, den=dden,
                  invden=dinvden, f=1.0)
     return values, grads, shares
-
-
-def staged():
-    g = GraphBuilder()
-    x, y = g.input("x"), g.input("y")
-    sigy = y.sigmoid(name="sigy")
-    num = (x + sigy).named("num")
-    sigx = x.sigmoid(name="sigx")
-    xpy = (x + y).named("xpy")
-    xpysqr = (xpy ** 2).named("xpysqr")
-    den = (sigx + xpysqr).named("den")
-    invden = (1 / den).named("invden")
-    return (num * invden).named("f")
 
 
 def test_hand_computation_matches_the_lecture_notes():
