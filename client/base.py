@@ -11,14 +11,14 @@ import threading
 import weakref
 from typing import Any, Callable, Generator, Iterable, Iterator, Mapping, Sequence
 
+from chainrule.server.incoming import Incoming
+from chainrule.server.wire import Outgoing
 from chainrule.v1 import chainrule_pb2 as pb
 
-from .errors import ChainruleRpcError, NotFound
 from . import training
+from .errors import ChainruleRpcError, NotFound
 from .graph import Graph
 from .info import OperatorInfo, ServerInfo
-from chainrule.server.wire import Outgoing
-
 from .request import Selectable, as_graph, evaluate_request, merge_inputs, resolve_target
 from .result import Result
 from .training import Progress, TrainResult
@@ -37,7 +37,7 @@ class ClientBase:
     #: Whether requests should carry large tensors hand-encoded (worth it only when serialized).
     split_large_tensors = False
 
-    def _evaluate(self, request: Outgoing, timeout: float | None) -> pb.EvaluateResponse:
+    def _evaluate(self, request: Outgoing, timeout: float | None) -> pb.EvaluateResponse | Incoming:
         raise NotImplementedError
 
     def _register(self, request: pb.RegisterGraphRequest, timeout: float | None) -> pb.RegisterGraphResponse:

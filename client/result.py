@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping
 import numpy as np
 
 from chainrule.server.convert import DTYPE_NAMES, tensor_to_array
+from chainrule.server.incoming import Incoming
 from chainrule.v1 import chainrule_pb2 as pb
 
 if TYPE_CHECKING:
@@ -32,7 +33,7 @@ def name_of(key: Any) -> str:
 class Arrays(Mapping[str, np.ndarray]):
     """Tensors by node name, decoded on first access. Keys: names or Vars."""
 
-    def __init__(self, tensors: Mapping[str, pb.Tensor], what: str, no_gradient: frozenset[str] = frozenset()) -> None:
+    def __init__(self, tensors: Mapping[str, Any], what: str, no_gradient: frozenset[str] = frozenset()) -> None:
         self._tensors = tensors
         self._what = what
         self._no_gradient = no_gradient
@@ -169,17 +170,24 @@ class Result:
     selected value; ``diagnostics`` the numerical health report.
     """
 
-    def __init__(self, response: pb.EvaluateResponse, graph: Graph | None = None) -> None:
-        self.response = response
+    def __init__(self, response: pb.EvaluateResponse | Incoming, graph: Graph | None = None) -> None:
+        self._incoming = response if isinstance(response, Incoming) else Incoming(response)
+        message = self._incoming.message  # without the large tensors read straight from the received bytes
+        self._message = message
         self.graph = graph  # the evaluated graph, which to_dot() and render() draw
-        self.output: str = response.output
-        self.graph_id: str = response.graph_id
-        self.no_gradient: tuple[str, ...] = tuple(response.no_gradient)
-        self.values = Arrays(response.values, "values")
-        self.grad = Arrays(response.gradients, "gradients", frozenset(self.no_gradient))
+        self.output: str = message.output
+        self.graph_id: str = message.graph_id
+        self.no_gradient: tuple[str, ...] = tuple(message.no_gradient)
+        self.values = Arrays(self._incoming.tensor_map("values"), "values")
+        self.grad = Arrays(self._incoming.tensor_map("gradients"), "gradients", frozenset(self.no_gradient))
         self._value: np.ndarray | None = None
         self._diagnostics: Diagnostics | None = None
         self._contributions: list[Contribution] | None = None
+
+    @property
+    def response(self) -> pb.EvaluateResponse:
+        """The whole EvaluateResponse message (its large tensors copied into it on first access)."""
+        return self._incoming.complete()
 
     @property
     def grads(self) -> Arrays:
@@ -189,13 +197,15 @@ class Result:
     @property
     def value(self) -> np.ndarray:
         if self._value is None:
-            self._value = tensor_to_array(self.response.output_value, field="output_value")
+            tensor = self._incoming.tensor("output_value")
+            self._value = tensor_to_array(self._message.output_value if tensor is None else tensor,
+                                          field="output_value")
         return self._value
 
     @property
     def diagnostics(self) -> Diagnostics:
         if self._diagnostics is None:
-            self._diagnostics = Diagnostics.from_proto(self.response.diagnostics)
+            self._diagnostics = Diagnostics.from_proto(self._message.diagnostics)
         return self._diagnostics
 
     @property
@@ -205,7 +215,7 @@ class Result:
             self._contributions = [
                 Contribution(c.node, c.consumer, c.input_index,
                              tensor_to_array(c.gradient, field=f"contributions[{i}].gradient"))
-                for i, c in enumerate(self.response.contributions)
+                for i, c in enumerate(self._message.contributions)
             ]
         return self._contributions
 

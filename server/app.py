@@ -1,6 +1,7 @@
 """The gRPC server: a thin servicer over ChainruleService, plus health and reflection."""
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -22,6 +23,7 @@ from chainrule.v1 import chainrule_pb2_grpc as pb_grpc
 from . import auth, tls, wire
 from .config import ServerConfig, plugin_filters
 from .guard import MalformedRequestInterceptor
+from .incoming import Incoming, read_message
 from .metrics import Exporter, Metrics
 from .optimize import optimize
 from .service import ChainruleService
@@ -109,8 +111,9 @@ class Servicer(pb_grpc.ChainruleServicer):
             return StopToken.after(remaining, cancelled, "the client's deadline")
         return StopToken.after(cap, cancelled, f"the server's time limit of {cap:g} s per request ({limit})")
 
-    def Evaluate(self, request: pb.EvaluateRequest, context: grpc.ServicerContext) -> pb.EvaluateResponse:
-        size = len(request.graph.nodes) if request.HasField("graph") else 0
+    def Evaluate(self, request: Incoming, context: grpc.ServicerContext) -> wire.Outgoing:
+        message = request.message
+        size = len(message.graph.nodes) if message.HasField("graph") else 0
         return self._call("Evaluate", context, lambda: self.service.evaluate_wire(request, self._token(context)), size)
 
     def RegisterGraph(self, request: pb.RegisterGraphRequest, context: grpc.ServicerContext) -> pb.RegisterGraphResponse:
@@ -166,19 +169,22 @@ class Running:
 
 def add_servicer(server: grpc.Server, servicer: Servicer) -> None:
     """Register every RPC of the service, like the generated ``add_ChainruleServicer_to_server``,
-    but with a serializer that also takes responses whose large tensors are pre-encoded."""
+    but with a serializer that also takes responses whose large tensors are pre-encoded, and
+    Evaluate's requests read by ``read_message``."""
     factories = {
         (False, False): grpc.unary_unary_rpc_method_handler,
         (False, True): grpc.unary_stream_rpc_method_handler,
         (True, False): grpc.stream_unary_rpc_method_handler,
         (True, True): grpc.stream_stream_rpc_method_handler,
     }
+    # Evaluate's large input tensors are read as views of the received bytes (see incoming.py).
+    readers = {"Evaluate": functools.partial(read_message, pb.EvaluateRequest)}
     handlers = {}
     for method in pb.DESCRIPTOR.services_by_name["Chainrule"].methods:
         factory = factories[(method.client_streaming, method.server_streaming)]
         handlers[method.name] = factory(
             getattr(servicer, method.name),
-            request_deserializer=getattr(pb, method.input_type.name).FromString,
+            request_deserializer=readers.get(method.name, getattr(pb, method.input_type.name).FromString),
             response_serializer=wire.serialize,
         )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))

@@ -22,6 +22,7 @@ from chainrule.plugins.manager import Loaded, chainrule_version
 from chainrule.v1 import chainrule_pb2 as pb
 
 from .convert import array_to_tensor, graph_from_proto, inputs_from_proto, python_to_attr, tensor_to_array
+from .incoming import Incoming
 from .wire import Outgoing
 
 
@@ -114,20 +115,25 @@ class ChainruleService:
         evaluation = self.run(plan, request, token)
         return self.respond(gid, evaluation, request, Outgoing(pb.EvaluateResponse(), split=False)).message
 
-    def evaluate_wire(self, request: pb.EvaluateRequest, token: StopToken | None = None) -> Outgoing:
-        """Like evaluate, with large tensors left for hand encoding (see wire.py): for gRPC."""
-        gid, plan = self.plan_for(request)
-        evaluation = self.run(plan, request, token)
-        return self.respond(gid, evaluation, request, Outgoing(pb.EvaluateResponse()))
+    def evaluate_wire(self, request: Incoming | pb.EvaluateRequest, token: StopToken | None = None) -> Outgoing:
+        """Like evaluate, for gRPC: large input tensors may come as views of the received bytes
+        (see incoming.py) and large output tensors are left for hand encoding (see wire.py)."""
+        incoming = request if isinstance(request, Incoming) else Incoming(request)
+        gid, plan = self.plan_for(incoming.message)
+        evaluation = self.run(plan, incoming, token)
+        return self.respond(gid, evaluation, incoming.message, Outgoing(pb.EvaluateResponse()))
 
-    def run(self, plan: Plan, request: pb.EvaluateRequest, token: StopToken | None) -> Evaluation:
+    def run(self, plan: Plan, request: Incoming | pb.EvaluateRequest, token: StopToken | None) -> Evaluation:
         """Decode the request's inputs and options and run the plan; every field is checked before work."""
+        incoming = request if isinstance(request, Incoming) else Incoming(request)
+        request = incoming.message
         if len(request.input_sets):
             raise GraphError("input_sets: several input sets go through EvaluateStream; Evaluate takes `inputs`",
                              field="input_sets")
-        inputs = inputs_from_proto(request.inputs, max_elements=self.limits.max_tensor_elements)
-        seed = (tensor_to_array(request.seed, field="seed", max_elements=self.limits.max_tensor_elements)
-                if request.HasField("seed") else None)
+        limit = self.limits.max_tensor_elements
+        inputs = inputs_from_proto(incoming.tensor_map("inputs"), max_elements=limit)
+        seed_tensor = incoming.tensor("seed")
+        seed = None if seed_tensor is None else tensor_to_array(seed_tensor, field="seed", max_elements=limit)
         unreached = UNREACHED_OMIT if request.unreached == pb.UNREACHED_OMIT else UNREACHED_ZEROS
         _selected(plan, request.return_values, "return_values")  # unknown names fail before any work
         wanted = _selected(plan, request.return_grads, "return_grads")
