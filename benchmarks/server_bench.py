@@ -25,6 +25,7 @@ import grpc
 import numpy as np
 
 from chainrule.client import Client, GraphBuilder
+from chainrule.client.graph import Graph
 from chainrule.core import compile_graph
 from chainrule.plugins.manager import load_plugins
 from chainrule.server.memory import tune_allocator
@@ -37,7 +38,12 @@ OPTIONS = [("grpc.max_receive_message_length", 256 * MiB), ("grpc.max_send_messa
 
 
 def serve_echo(reply_sizes: dict[int, int]) -> None:
-    """A bare gRPC server (run as its own process): bytes in, a reply of the mapped size out."""
+    """A bare gRPC server (run as its own process): bytes in, a reply of the mapped size out.
+
+    Its allocator is tuned as `chainrule serve` tunes its own, so that the two
+    servers differ only in what they do with the bytes.
+    """
+    tune_allocator()
     replies = {size: b"\0" * out for size, out in reply_sizes.items()}
 
     def echo(request: bytes, context: grpc.ServicerContext) -> bytes:
@@ -61,13 +67,21 @@ def start_process(args: list[str]) -> tuple[subprocess.Popen, str]:
     raise RuntimeError(f"{args} did not start")
 
 
-def timings(fn, repeats: int) -> list[float]:
-    out = []
+def interleaved_medians(repeats: int, *fns, settle: float = 0.0) -> list[float]:
+    """Median seconds per call of each function, timed in turn (a, b, a, b...) so that the
+    machine's drifts (other tenants, CPU frequency) hit every case alike.
+
+    ``settle`` seconds pass before each call: BLAS threads keep spinning for a while after
+    a matrix product, and would otherwise slow whichever process computes next.
+    """
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - start)
-    return out
+        for fn, out in zip(fns, times):
+            time.sleep(settle)
+            start = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
 
 
 def main() -> None:
@@ -101,8 +115,8 @@ def main() -> None:
     with Client(address) as client:
         result = client.evaluate(f, x=data, values=["x"], grads=["x"])
         assert np.array_equal(result.values["x"], data) and np.all(result.grad["x"] == 2.0)
-        ours = statistics.median(timings(lambda: client.evaluate(f, x=data, values=["x"], grads=["x"]), repeats))
-        bare = statistics.median(timings(lambda: echo_call(payload), repeats))
+        bare, ours = interleaved_medians(repeats, lambda: echo_call(payload),
+                                         lambda: client.evaluate(f, x=data, values=["x"], grads=["x"]))
         rows.append(("(a) 16 MiB in, value+grad out, ms", "bare echo 16+32 MiB", bare, ours, "target <= 1.5x"))
 
         # (b) 4-layer network, batch 4096.
@@ -110,7 +124,6 @@ def main() -> None:
         params = [name for name in inputs if name not in ("X", "T")]
         registry = load_plugins(entry_points=False, only=["builtin"]).registry
         plan = compile_graph(network_graph(4096, 512, 512), registry)
-        from chainrule.client.graph import Graph
         from chainrule.v1 import chainrule_pb2 as pb
 
         message = pb.Graph()
@@ -121,19 +134,23 @@ def main() -> None:
             message.nodes.add(name=plan.names[k], op=plan.ops[k].name, inputs=[plan.names[j] for j in plan.in_slots[k]])
         message.outputs.append("C")
         graph = Graph(message)
-        in_process = statistics.median(timings(lambda: plan.run(inputs, wrt=params), max(3, repeats // 2)))
-        remote = statistics.median(timings(
-            lambda: client.evaluate(graph, inputs, values="none", grads=params), max(3, repeats // 2)))
+        in_process, remote = interleaved_medians(
+            repeats, lambda: plan.run(inputs, wrt=params),
+            lambda: client.evaluate(graph, inputs, values="none", grads=params), settle=0.3)
         rows.append(("(b) 4-layer batch 4096, ms/step", "same step in-process", in_process, remote, "target <= 1.2x"))
 
         # (c) small-graph latency.
         g = GraphBuilder()
         a, b, c = g.input("a"), g.input("b"), g.input("c")
         out = ((a + b) * c).named("out")
-        whole = statistics.median(timings(lambda: client.evaluate(out, a=1.0, b=2.0, c=3.0), latency_calls))
-        client.register(out.graph)
-        by_id = statistics.median(timings(lambda: client.evaluate(out, a=1.0, b=2.0, c=3.0), latency_calls))
-        bare_small = statistics.median(timings(lambda: echo_call(small), latency_calls))
+        by_id_graph = Graph(out.graph.message)  # the same graph as another object, which the client registers
+        client.register(by_id_graph)
+        for _ in range(100):  # warm both paths
+            client.evaluate(by_id_graph, dict(a=1.0, b=2.0, c=3.0))
+            client.evaluate(out, a=1.0, b=2.0, c=3.0)
+        bare_small, whole, by_id = interleaved_medians(
+            latency_calls, lambda: echo_call(small), lambda: client.evaluate(out, a=1.0, b=2.0, c=3.0),
+            lambda: client.evaluate(by_id_graph, dict(a=1.0, b=2.0, c=3.0)))
         rows.append(("(c) 3-node graph p50, ms, sent whole", "bare echo 64 B", bare_small, whole, "target <= 2x"))
         rows.append(("(c) 3-node graph p50, ms, by id", "bare echo 64 B", bare_small, by_id, "target <= 2x"))
 

@@ -2,9 +2,9 @@
 how large each parameter's gradient is, and which nodes look sick.
 
 Always on, so it has to stay cheap: one pass over each value and gradient
-(a sum, or for graph inputs the dot product that also gives their norm; a
-NaN or an infinity anywhere makes it non-finite), then an exact search only
-when that pass found something. Saturation is measured on the sigmoid and
+(a sum, or a dot product with itself, which BLAS reads faster and which for
+graph inputs also gives their norm; a NaN or an infinity anywhere makes it
+non-finite), then an exact search only when that pass found something. Saturation is measured on the sigmoid and
 tanh values alone, on a fixed random sample of large tensors.
 
 Flags, with the defaults of :class:`Thresholds` (documented in docs/debugging.md):
@@ -170,10 +170,26 @@ def _total(items: list[Any]) -> float:
         for v in [v for v in items if type(v) is not np.float64]:
             if type(v) is np.ndarray:
                 if v.dtype.kind == "f":
-                    total += float(np.add.reduce(v, axis=None))
+                    total += _finite_probe(v)
             elif isinstance(v, (float, np.floating)):
                 total += float(v)
     return total
+
+
+def _finite_probe(array: np.ndarray) -> float:
+    """A number that is finite when every element of the float array is (barring overflow).
+
+    Large contiguous arrays go through BLAS's dot product with themselves, which
+    reads memory about twice as fast as numpy's sum; squares overflow sooner than
+    sums, but an overflow only costs the exact recheck.
+    """
+    if array.size >= 4096 and array.flags.c_contiguous and array.dtype in _BLAS_FLOATS:
+        flat = array.reshape(-1)
+        return float(np.dot(flat, flat))
+    return float(np.add.reduce(array, axis=None))
+
+
+_BLAS_FLOATS = (np.dtype(np.float64), np.dtype(np.float32))
 
 
 def _square_sum(value: Any) -> float | None:

@@ -9,6 +9,8 @@ first dotted part, so ``builtin`` means every built-in family.
 """
 from __future__ import annotations
 
+import functools
+
 import importlib
 import importlib.metadata as metadata
 import os
@@ -50,7 +52,9 @@ class Loaded:
     plugins: list[PluginInfo]
 
 
+@functools.cache
 def chainrule_version() -> str:
+    """The installed chainrule's version (read once: the metadata lookup costs about a millisecond)."""
     try:
         return metadata.version(BUILTIN_DISTRIBUTION)
     except metadata.PackageNotFoundError:

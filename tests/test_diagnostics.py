@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 
 from chainrule.client import GraphBuilder, LocalClient, ops
 from chainrule.core import compile_graph
@@ -255,6 +256,23 @@ def test_overflowing_sums_of_finite_values_are_not_reported(registry):
     d = diagnose(evaluation)
     assert d.first_nonfinite_value.node == "f"    # only the sum itself is infinite
     assert d.first_nonfinite_gradient is None
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_large_tensors_are_probed_exactly(registry, dtype):
+    """Large contiguous tensors are probed by a dot product: a NaN anywhere is found, and
+    squares that overflow (1e200² here) are rechecked rather than reported."""
+    g = GraphBuilder()
+    x = g.input("x", (100, 100), dtype=dtype)
+    f = (x * 1.0).named("y").log(name="l").sum(name="f")
+    plan = plan_for(f, registry)
+    big = np.full((100, 100), 1e200 if dtype == "float64" else 1e30, dtype=dtype)
+    healthy = diagnose(plan.run({"x": big}))   # y's squares overflow; every element is finite
+    assert healthy.first_nonfinite_value is None and healthy.first_nonfinite_gradient is None
+    poisoned = np.ones((100, 100), dtype=dtype)
+    poisoned[63, 17] = -1.0
+    origin = diagnose(plan.run({"x": poisoned})).first_nonfinite_value
+    assert (origin.node, origin.count) == ("l", 1)
 
 
 def test_summaries():
