@@ -6,6 +6,7 @@
     gradient, over a bare echo moving the same bytes each way;
 (b) the 4-layer network at batch 4096 (512 features, 512 hidden) through the
     server, returning the parameter gradients, over the same step in-process;
+    once with the inputs sent, once handed over in shared memory (same host);
 (c) p50 latency of a 3-node scalar graph through the server, sent whole and
     by registered id, over the bare echo of a small message.
 The server (`chainrule serve`) and the echo run as processes of their own.
@@ -14,9 +15,12 @@ Not a test: run on demand, never in CI.
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent import futures
 from pathlib import Path
@@ -96,9 +100,10 @@ def main() -> None:
     latency_calls = 300 if args.quick else 2000
 
     # Client and servers in separate processes, as in production (and no GIL shared between them).
+    shared_dir = tempfile.mkdtemp(prefix="chainrule-bench-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
     server, address = start_process(["-m", "chainrule.server.cli", "serve", "--port", "0",
                                      "--max-message-bytes", str(256 * MiB), "--max-memory-bytes", str(8 << 30),
-                                     "--log-level", "WARNING"])
+                                     "--log-level", "WARNING", "--shared-memory-dir", shared_dir])
     rows = []
 
     # (a) 16 MiB in, its value and gradient (2 x 16 MiB) out.
@@ -134,10 +139,14 @@ def main() -> None:
             message.nodes.add(name=plan.names[k], op=plan.ops[k].name, inputs=[plan.names[j] for j in plan.in_slots[k]])
         message.outputs.append("C")
         graph = Graph(message)
-        in_process, remote = interleaved_medians(
-            repeats, lambda: plan.run(inputs, wrt=params),
-            lambda: client.evaluate(graph, inputs, values="none", grads=params), settle=0.3)
+        with Client(address, shared_memory=True) as same_host:
+            same_host.evaluate(graph, inputs, values="none", grads=params)
+            in_process, remote, shared = interleaved_medians(
+                repeats, lambda: plan.run(inputs, wrt=params),
+                lambda: client.evaluate(graph, inputs, values="none", grads=params),
+                lambda: same_host.evaluate(graph, inputs, values="none", grads=params), settle=0.3)
         rows.append(("(b) 4-layer batch 4096, ms/step", "same step in-process", in_process, remote, "target <= 1.2x"))
+        rows.append(("(b) same, inputs in shared memory", "same step in-process", in_process, shared, "target <= 1.2x"))
 
         # (c) small-graph latency.
         g = GraphBuilder()
@@ -157,6 +166,7 @@ def main() -> None:
     for process in (server, echo):
         process.terminate()
         process.wait(30)
+    shutil.rmtree(shared_dir, ignore_errors=True)
     print(f"{'case':<42} {'reference':<22} {'ref ms':>9} {'ours ms':>9} {'ratio':>6}  target")
     for case, ref_name, ref, ours, target in rows:
         print(f"{case:<42} {ref_name:<22} {ref * 1e3:>9.3f} {ours * 1e3:>9.3f} {ours / ref:>6.2f}  {target}")

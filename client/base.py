@@ -21,6 +21,7 @@ from .graph import Graph
 from .info import OperatorInfo, ServerInfo
 from .request import Selectable, as_graph, evaluate_request, merge_inputs, resolve_target
 from .result import Result
+from .shared_memory import StagingFile
 from .training import Progress, TrainResult
 
 
@@ -58,6 +59,13 @@ class ClientBase:
                   timeout: float | None) -> Generator[pb.OptimizeProgress, None, None]:
         """The progress reports, lazily; closing the generator ends the call."""
         raise NotImplementedError
+
+    def _staging(self, timeout: float | None) -> StagingFile | None:
+        """Where one call may write its large inputs instead of sending them (shared memory), or None."""
+        return None
+
+    def _unstage(self, file: StagingFile) -> None:
+        """The call that had ``file`` has ended."""
 
     def close(self) -> None:
         """Release the connection (nothing to release in-process)."""
@@ -100,18 +108,23 @@ class ClientBase:
         feeds = merge_inputs(inputs, named_inputs)
         timeout = self.timeout if timeout is None else timeout
         graph_id = self.registered_id(graph)
-        request = evaluate_request(
-            graph, output_name, feeds, graph_id=graph_id, seed=seed, values=values, grads=grads,
-            unreached=unreached, contributions=contributions, split=self.split_large_tensors,
-        )
+        staging = self._staging(timeout)
         try:
-            response = self._evaluate(request, timeout)
-        except NotFound:
-            if graph_id is None:
-                raise
-            # The server does not know the id (restarted, evicted, another replica): register again, retry once.
-            request.message.graph_id = self.register(graph, timeout=timeout)
-            response = self._evaluate(request, timeout)
+            request = evaluate_request(
+                graph, output_name, feeds, graph_id=graph_id, seed=seed, values=values, grads=grads,
+                unreached=unreached, contributions=contributions, split=self.split_large_tensors, staging=staging,
+            )
+            try:
+                response = self._evaluate(request, timeout)
+            except NotFound:
+                if graph_id is None:
+                    raise
+                # The server does not know the id (restarted, evicted, another replica): register again, retry once.
+                request.message.graph_id = self.register(graph, timeout=timeout)
+                response = self._evaluate(request, timeout)
+        finally:
+            if staging is not None:
+                self._unstage(staging)
         return Result(response, graph)
 
     def register(self, graph: Any, *, timeout: float | None = None) -> str:

@@ -9,6 +9,8 @@ Example::
 from __future__ import annotations
 
 import functools
+import os
+import threading
 from typing import Any, Callable, Generator, Iterator, Sequence
 
 import grpc
@@ -19,7 +21,8 @@ from chainrule.v1 import chainrule_pb2 as pb, chainrule_pb2_grpc
 
 from .base import ClientBase
 from .channel import TLS, open_channel, target_for
-from .errors import from_rpc_error
+from .errors import FailedPrecondition, from_rpc_error
+from .shared_memory import SharedMemoryStaging, StagingFile
 
 #: Default send/receive limit: gRPC's own 4 MiB is too small for real tensors.
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -36,6 +39,9 @@ class Client(ClientBase):
     ``tls=True`` or a :class:`~chainrule.client.channel.TLS` makes a secure
     channel (``credentials``, ready-made gRPC credentials, also do);
     ``token`` is sent as ``authorization: Bearer <token>``.
+    ``shared_memory=True`` hands large inputs of ``evaluate`` to a server on
+    the same host through its shared-memory directory instead of sending them
+    (the server needs ``--shared-memory-dir``; see chainrule.client.shared_memory).
     """
 
     split_large_tensors = True
@@ -44,8 +50,11 @@ class Client(ClientBase):
                  options: Sequence[tuple[str, Any]] | None = None,
                  credentials: grpc.ChannelCredentials | None = None,
                  tls: bool | TLS | None = None, token: str | None = None,
-                 max_message_bytes: int = MAX_MESSAGE_BYTES) -> None:
+                 max_message_bytes: int = MAX_MESSAGE_BYTES, shared_memory: bool = False) -> None:
         super().__init__(timeout=timeout)
+        self.shared_memory = shared_memory
+        self._shared: SharedMemoryStaging | None = None
+        self._shared_lock = threading.Lock()
         self.address = target_for(address)
         given = list(options or [])
         keys = {key for key, _ in given}
@@ -64,6 +73,35 @@ class Client(ClientBase):
 
     def close(self) -> None:
         self.channel.close()
+        if self._shared is not None:
+            self._shared.close()
+
+    def _staging(self, timeout: float | None) -> StagingFile | None:
+        if not self.shared_memory:
+            return None
+        with self._shared_lock:
+            if self._shared is None:
+                self._shared = SharedMemoryStaging(self._shared_memory_dir(timeout))
+        return self._shared.acquire()
+
+    def _unstage(self, file: StagingFile) -> None:
+        assert self._shared is not None
+        self._shared.release(file)
+
+    def _shared_memory_dir(self, timeout: float | None) -> str:
+        """The server's shared-memory directory, which must exist on this host too."""
+        directory = self.server_info(timeout=timeout).shared_memory_dir
+        if not directory:
+            raise FailedPrecondition(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"the server at {self.address} does not accept shared memory (start it with --shared-memory-dir), "
+                "so shared_memory=True cannot be used", reason="SHARED_MEMORY_DISABLED")
+        if not os.path.isdir(directory):
+            raise FailedPrecondition(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"the server's shared-memory directory {directory!r} is not on this host: shared memory needs "
+                "the client and the server on the same machine", reason="SHARED_MEMORY_UNREACHABLE")
+        return directory
 
     def __repr__(self) -> str:
         return f"<Client {self.address}>"

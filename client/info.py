@@ -47,12 +47,14 @@ class OperatorInfo:
 
 @dataclass(frozen=True)
 class ServerInfo:
-    """Which server answered: chainrule's version, the process id and the worker index."""
+    """Which server answered: chainrule's version, the process id and the worker index, and the
+    directory it reads shared-memory tensors from ("" when it does not)."""
 
     version: str
     pid: int
     worker: int
+    shared_memory_dir: str = ""
 
     @classmethod
     def from_proto(cls, info: pb.ServerInfoResponse) -> "ServerInfo":
-        return cls(info.version, info.pid, info.worker)
+        return cls(info.version, info.pid, info.worker, info.shared_memory_dir)

@@ -12,13 +12,14 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from chainrule.core.errors import ChainruleError
-from chainrule.server.convert import array_to_tensor
-from chainrule.server.wire import Outgoing
+from chainrule.server.convert import array_to_tensor, dtype_code
+from chainrule.server.wire import LARGE_TENSOR_BYTES, Outgoing
 from chainrule.v1 import chainrule_pb2 as pb
 
 from .builder import GraphBuilder, Var
 from .graph import Graph
 from .result import name_of
+from .shared_memory import StagingFile, can_stage
 
 Selectable = str | Sequence[Any]  # "all", "none", or names/Vars
 
@@ -99,11 +100,13 @@ def evaluate_request(
     unreached: str = "zeros",
     contributions: bool = False,
     split: bool = False,
+    staging: StagingFile | None = None,
 ) -> Outgoing:
     """The EvaluateRequest for one call; the graph travels by id when ``graph_id`` is given.
 
     With ``split``, large inputs are encoded straight from their numpy buffers
-    (see chainrule.server.wire) instead of through protobuf.
+    (see chainrule.server.wire) instead of through protobuf; with ``staging``,
+    they are written there and the request refers to them (shared memory).
     """
     if unreached not in _UNREACHED:
         raise ValueError(f"unreached: expected 'zeros' or 'omit', got {unreached!r}")
@@ -119,8 +122,15 @@ def evaluate_request(
         if isinstance(value, pb.Tensor):
             request.inputs[name].CopyFrom(value)
             continue
+        array = to_array(name, value, spec.dtype if spec else None)
+        if staging is not None and can_stage(array, LARGE_TENSOR_BYTES):
+            tensor = request.inputs[name]
+            tensor.dtype = dtype_code(array.dtype)
+            tensor.shape[:] = array.shape
+            tensor.shared_memory.CopyFrom(staging.put(array))
+            continue
         try:
-            outgoing.put_map_tensor("inputs", name, to_array(name, value, spec.dtype if spec else None))
+            outgoing.put_map_tensor("inputs", name, array)
         except ChainruleError as exc:
             raise TypeError(f"input '{name}': {exc.message}") from None
     if seed is not None:

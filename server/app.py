@@ -207,7 +207,8 @@ def build_service(config: ServerConfig, loaded: Loaded | None = None) -> Chainru
 
         loaded, verdicts = check_and_refuse(loaded, log)
         checks = {c.op: pb.CHECK_PASSED if c.passed else pb.CHECK_FAILED for c in verdicts if c.checked}
-    return ChainruleService(loaded, config.limits(), graph_cache_size=config.graph_cache_size, checks=checks)
+    return ChainruleService(loaded, config.limits(), graph_cache_size=config.graph_cache_size, checks=checks,
+                            shared_memory_dir=config.shared_memory_dir)
 
 
 def create_server(

@@ -66,6 +66,9 @@ class ServerConfig:
     #: With a token file: health checks and reflection still answer without a token
     #: (load-balancer and Kubernetes probes cannot send one). False guards them too.
     open_health_and_reflection: bool = True
+    #: A directory (``/dev/shm/chainrule``, say) from which clients on this host may hand over
+    #: request tensors instead of sending them (see shared_memory.py); empty: not accepted.
+    shared_memory_dir: str = ""
 
     @property
     def address(self) -> str:
@@ -86,6 +89,8 @@ class ServerConfig:
                      for name in ("port", "metrics_port") if not 0 <= getattr(self, name) <= 65535]
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
             problems.append(f"log_level must be DEBUG, INFO, WARNING, ERROR or CRITICAL (got {self.log_level!r})")
+        if self.shared_memory_dir and not os.path.isdir(self.shared_memory_dir):
+            problems.append(f"shared_memory_dir {self.shared_memory_dir!r} is not a directory")
         if problems:
             raise ConfigError("; ".join(problems))
         return self

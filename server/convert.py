@@ -18,6 +18,7 @@ from chainrule.core.tensor_spec import unrepresentable
 from chainrule.v1 import chainrule_pb2 as pb
 
 from .incoming import RawTensor
+from .shared_memory import SharedMemoryDir, SharedMemoryUnavailable
 
 DTYPE_TO_NUMPY: dict[int, np.dtype] = {
     pb.DTYPE_UNSPECIFIED: np.dtype("<f8"),
@@ -49,7 +50,8 @@ def dtype_name(code: int, *, field: str) -> str:
         raise DTypeError(f"{field}: unknown dtype code {code}", field=field) from None
 
 
-def tensor_to_array(tensor: pb.Tensor | RawTensor, *, field: str, max_elements: int | None = None) -> np.ndarray:
+def tensor_to_array(tensor: pb.Tensor | RawTensor, *, field: str, max_elements: int | None = None,
+                    shared_memory: SharedMemoryDir | None = None) -> np.ndarray:
     """Decode a Tensor (a message, or one read straight from received bytes), checking dtype, shape,
     size limit and byte length. Raw data becomes a read-only view, without a copy when aligned."""
     dtype = DTYPE_TO_NUMPY.get(tensor.dtype)
@@ -79,6 +81,13 @@ def tensor_to_array(tensor: pb.Tensor | RawTensor, *, field: str, max_elements: 
         if not array.flags.aligned:  # a view of a received message (incoming.py) at an odd offset
             array = array.copy()  # numpy runs up to 15x slower on misaligned data
         return array.astype(dtype.newbyteorder("="), copy=False)
+    if payload == "shared_memory":
+        if shared_memory is None:
+            raise SharedMemoryUnavailable(
+                f"{field}: this server does not accept tensors in shared memory here (it does in request "
+                "tensors, not graph attributes, when started with --shared-memory-dir)",
+                field=f"{field}.shared_memory")
+        return shared_memory.read(tensor.shared_memory, dtype.newbyteorder("="), shape, field=field)
     if payload == "values":
         values = tensor.values.values
         if len(values) != count:
@@ -174,5 +183,7 @@ def graph_from_proto(graph: pb.Graph, *, max_elements: int | None = None) -> Gra
     return Graph(inputs, nodes, tuple(graph.outputs), dict(graph.metadata))
 
 
-def inputs_from_proto(tensors: Mapping[str, pb.Tensor], *, max_elements: int | None = None) -> dict[str, np.ndarray]:
-    return {name: tensor_to_array(t, field=f"inputs.{name}", max_elements=max_elements) for name, t in tensors.items()}
+def inputs_from_proto(tensors: Mapping[str, Any], *, max_elements: int | None = None,
+                      shared_memory: SharedMemoryDir | None = None) -> dict[str, np.ndarray]:
+    return {name: tensor_to_array(t, field=f"inputs.{name}", max_elements=max_elements, shared_memory=shared_memory)
+            for name, t in tensors.items()}

@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 from typing import Iterator
 
+import numpy as np
+
 from chainrule.core import StopToken
 from chainrule.core.errors import GraphError, MissingInputError, UnexpectedInputError
 from chainrule.core.optim import Optimizer, make_optimizer
@@ -30,6 +32,10 @@ def optimize(service: ChainruleService, request: pb.OptimizeRequest, token: Stop
     """
     _, plan = service.plan_for(request)  # type: ignore[arg-type]  (same graph/graph_id oneof as EvaluateRequest)
     limit = service.limits.max_tensor_elements
+
+    def decode(tensor: pb.Tensor, field: str) -> np.ndarray:
+        return tensor_to_array(tensor, field=field, max_elements=limit, shared_memory=service.shared_memory)
+
     params = {}
     for name in request.parameters:
         if name in params:
@@ -37,15 +43,14 @@ def optimize(service: ChainruleService, request: pb.OptimizeRequest, token: Stop
         if name not in request.initial:
             raise MissingInputError(f"initial.{name}: parameter '{name}' has no initial value", node=name,
                                     field=f"initial.{name}")
-        params[name] = tensor_to_array(request.initial[name], field=f"initial.{name}", max_elements=limit)
+        params[name] = decode(request.initial[name], f"initial.{name}")
     for name in request.initial:
         if name not in params:
             raise UnexpectedInputError(f"initial.{name}: '{name}' is not listed in parameters", node=name,
                                        field=f"initial.{name}")
-    fixed = {name: tensor_to_array(t, field=f"fixed_inputs.{name}", max_elements=limit)
-             for name, t in request.fixed_inputs.items()}
-    batches = [{name: tensor_to_array(t, field=f"batches[{i}].inputs.{name}", max_elements=limit)
-                for name, t in batch.inputs.items()} for i, batch in enumerate(request.batches)]
+    fixed = {name: decode(t, f"fixed_inputs.{name}") for name, t in request.fixed_inputs.items()}
+    batches = [{name: decode(t, f"batches[{i}].inputs.{name}") for name, t in batch.inputs.items()}
+               for i, batch in enumerate(request.batches)]
     reports = training(
         plan, params, optimizer=optimizer_from_proto(request), steps=request.steps, loss=request.loss or None,
         fixed=fixed, batches=batches, report_every=request.report_every,

@@ -23,6 +23,7 @@ from chainrule.v1 import chainrule_pb2 as pb
 
 from .convert import array_to_tensor, graph_from_proto, inputs_from_proto, python_to_attr, tensor_to_array
 from .incoming import Incoming
+from .shared_memory import SharedMemoryDir
 from .wire import Outgoing
 
 
@@ -41,8 +42,10 @@ class ChainruleService:
     """Evaluate graphs with the operators of ``loaded``, within ``limits``."""
 
     def __init__(self, loaded: Loaded, limits: Limits | None = None, *, graph_cache_size: int = 256,
-                 checks: dict[str, int] | None = None) -> None:
+                 checks: dict[str, int] | None = None, shared_memory_dir: str = "") -> None:
         self.loaded = loaded
+        #: Where same-host clients may leave request tensors (None: not accepted; see shared_memory.py).
+        self.shared_memory = SharedMemoryDir(shared_memory_dir) if shared_memory_dir else None
         self.registry = loaded.registry
         self.limits = limits or Limits()
         self.checks = checks or {}
@@ -131,9 +134,10 @@ class ChainruleService:
             raise GraphError("input_sets: several input sets go through EvaluateStream; Evaluate takes `inputs`",
                              field="input_sets")
         limit = self.limits.max_tensor_elements
-        inputs = inputs_from_proto(incoming.tensor_map("inputs"), max_elements=limit)
+        inputs = inputs_from_proto(incoming.tensor_map("inputs"), max_elements=limit, shared_memory=self.shared_memory)
         seed_tensor = incoming.tensor("seed")
-        seed = None if seed_tensor is None else tensor_to_array(seed_tensor, field="seed", max_elements=limit)
+        seed = None if seed_tensor is None else tensor_to_array(
+            seed_tensor, field="seed", max_elements=limit, shared_memory=self.shared_memory)
         unreached = UNREACHED_OMIT if request.unreached == pb.UNREACHED_OMIT else UNREACHED_ZEROS
         _selected(plan, request.return_values, "return_values")  # unknown names fail before any work
         wanted = _selected(plan, request.return_grads, "return_grads")
@@ -186,7 +190,8 @@ class ChainruleService:
         return response
 
     def server_info(self, request: pb.ServerInfoRequest | None = None, worker: int = 0) -> pb.ServerInfoResponse:
-        return pb.ServerInfoResponse(version=chainrule_version(), pid=os.getpid(), worker=worker)
+        return pb.ServerInfoResponse(version=chainrule_version(), pid=os.getpid(), worker=worker,
+                                     shared_memory_dir=self.shared_memory.path if self.shared_memory else "")
 
 
 def _selected(plan: Plan, selection: pb.Selection, field: str) -> Iterable[int]:

@@ -17,6 +17,7 @@ from chainrule.core.errors import (
 )
 
 from .service import UnknownGraphError
+from .shared_memory import SharedMemoryUnavailable
 
 DOMAIN = "chainrule.dev"
 
@@ -28,7 +29,7 @@ def code_for(exc: ChainruleError) -> grpc.StatusCode:
         return grpc.StatusCode.RESOURCE_EXHAUSTED
     if isinstance(exc, UnknownGraphError):
         return grpc.StatusCode.NOT_FOUND
-    if isinstance(exc, VersionMismatchError):
+    if isinstance(exc, (VersionMismatchError, SharedMemoryUnavailable)):
         return grpc.StatusCode.FAILED_PRECONDITION
     if isinstance(exc, DeadlineExceeded):
         return grpc.StatusCode.DEADLINE_EXCEEDED

@@ -40,16 +40,28 @@ CHECK_PASSED: CheckStatus
 CHECK_FAILED: CheckStatus
 
 class Tensor(_message.Message):
-    __slots__ = ("dtype", "shape", "data", "values")
+    __slots__ = ("dtype", "shape", "data", "values", "shared_memory")
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     VALUES_FIELD_NUMBER: _ClassVar[int]
+    SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
     dtype: DType
     shape: _containers.RepeatedScalarFieldContainer[int]
     data: bytes
     values: DoubleList
-    def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., values: _Optional[_Union[DoubleList, _Mapping]] = ...) -> None: ...
+    shared_memory: SharedMemoryRef
+    def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., values: _Optional[_Union[DoubleList, _Mapping]] = ..., shared_memory: _Optional[_Union[SharedMemoryRef, _Mapping]] = ...) -> None: ...
+
+class SharedMemoryRef(_message.Message):
+    __slots__ = ("file", "offset", "byte_length")
+    FILE_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    BYTE_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    file: str
+    offset: int
+    byte_length: int
+    def __init__(self, file: _Optional[str] = ..., offset: _Optional[int] = ..., byte_length: _Optional[int] = ...) -> None: ...
 
 class DoubleList(_message.Message):
     __slots__ = ("values",)
@@ -337,14 +349,16 @@ class ServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ServerInfoResponse(_message.Message):
-    __slots__ = ("version", "pid", "worker")
+    __slots__ = ("version", "pid", "worker", "shared_memory_dir")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
     WORKER_FIELD_NUMBER: _ClassVar[int]
+    SHARED_MEMORY_DIR_FIELD_NUMBER: _ClassVar[int]
     version: str
     pid: int
     worker: int
-    def __init__(self, version: _Optional[str] = ..., pid: _Optional[int] = ..., worker: _Optional[int] = ...) -> None: ...
+    shared_memory_dir: str
+    def __init__(self, version: _Optional[str] = ..., pid: _Optional[int] = ..., worker: _Optional[int] = ..., shared_memory_dir: _Optional[str] = ...) -> None: ...
 
 class EvaluateStreamResponse(_message.Message):
     __slots__ = ("response", "error", "index", "results")
