@@ -199,6 +199,9 @@ def _square_sum(value: Any) -> float | None:
     array = np.asarray(value)
     if array.dtype.kind != "f":
         return None
+    if array.size == 1:  # scalars: Python arithmetic is several times cheaper than a dot product
+        x = array.item()
+        return x * x
     flat = array.ravel().astype(np.float64, copy=False)
     return float(np.dot(flat, flat))
 

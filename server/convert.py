@@ -40,6 +40,7 @@ def dtype_code(dtype: np.dtype) -> int | None:
     code = DTYPE_CODES.get(dtype)
     return code if code is not None or dtype.byteorder in "=|" else DTYPE_CODES.get(dtype.newbyteorder("="))
 _BIG_ENDIAN_HOST = sys.byteorder == "big"
+_LITTLE_ENDIAN_HOST = not _BIG_ENDIAN_HOST
 DTYPE_NAMES: dict[int, str] = {code: dt.name for code, dt in DTYPE_TO_NUMPY.items()}
 
 
@@ -58,11 +59,12 @@ def tensor_to_array(tensor: pb.Tensor | RawTensor, *, field: str, max_elements: 
     if dtype is None:
         raise DTypeError(f"{field}: unknown dtype code {tensor.dtype}", field=f"{field}.dtype")
     shape = tuple(tensor.shape)
-    if any(n < 0 for n in shape):
-        raise ShapeError(f"{field}: negative dimension in shape {list(shape)}", field=f"{field}.shape")
-    problem = unrepresentable(shape, dtype.itemsize)
-    if problem:
-        raise ShapeError(f"{field}: shape {list(shape)}: {problem}", field=f"{field}.shape")
+    if shape:  # a scalar (the common case of small graphs) needs none of these checks
+        if any(n < 0 for n in shape):
+            raise ShapeError(f"{field}: negative dimension in shape {list(shape)}", field=f"{field}.shape")
+        problem = unrepresentable(shape, dtype.itemsize)
+        if problem:
+            raise ShapeError(f"{field}: shape {list(shape)}: {problem}", field=f"{field}.shape")
     count = math.prod(shape)
     if max_elements is not None and count > max_elements:
         raise LimitExceeded(
@@ -80,7 +82,7 @@ def tensor_to_array(tensor: pb.Tensor | RawTensor, *, field: str, max_elements: 
         array = np.frombuffer(tensor.data, dtype=dtype).reshape(shape)
         if not array.flags.aligned:  # a view of a received message (incoming.py) at an odd offset
             array = array.copy()  # numpy runs up to 15x slower on misaligned data
-        return array.astype(dtype.newbyteorder("="), copy=False)
+        return array if _LITTLE_ENDIAN_HOST else array.astype(dtype.newbyteorder("="))
     if payload == "shared_memory":
         if shared_memory is None:
             raise SharedMemoryUnavailable(
@@ -123,7 +125,10 @@ def fill_tensor(tensor: pb.Tensor, array: Any, *, as_values: bool = False) -> pb
     if code is None:
         raise DTypeError(f"dtype {array.dtype} cannot be sent; supported: {', '.join(NUMPY_TO_DTYPE)}")
     tensor.dtype = code
-    tensor.shape[:] = array.shape
+    if array.ndim:
+        tensor.shape[:] = array.shape
+    elif tensor.shape:
+        del tensor.shape[:]
     if as_values:
         tensor.values.values[:] = array.astype(np.float64).ravel().tolist()
     elif array.dtype.byteorder == ">" or (array.dtype.byteorder == "=" and _BIG_ENDIAN_HOST):
