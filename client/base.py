@@ -21,7 +21,7 @@ from .graph import Graph
 from .info import OperatorInfo, ServerInfo
 from .request import Selectable, as_graph, evaluate_request, merge_inputs, resolve_target
 from .result import Result
-from .shared_memory import StagingFile
+from .shared_memory import StagingFile, read_outputs
 from .training import Progress, TrainResult
 
 
@@ -122,6 +122,8 @@ class ClientBase:
                 # The server does not know the id (restarted, evicted, another replica): register again, retry once.
                 request.message.graph_id = self.register(graph, timeout=timeout)
                 response = self._evaluate(request, timeout)
+            if staging is not None:
+                response = read_outputs(response, staging)  # before the files go to the next call
         finally:
             if staging is not None:
                 self._unstage(staging)

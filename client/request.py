@@ -106,7 +106,8 @@ def evaluate_request(
 
     With ``split``, large inputs are encoded straight from their numpy buffers
     (see chainrule.server.wire) instead of through protobuf; with ``staging``,
-    they are written there and the request refers to them (shared memory).
+    they are written there and the request refers to them, and the server is
+    asked to write large outputs into its output file (shared memory).
     """
     if unreached not in _UNREACHED:
         raise ValueError(f"unreached: expected 'zeros' or 'omit', got {unreached!r}")
@@ -133,6 +134,8 @@ def evaluate_request(
             outgoing.put_map_tensor("inputs", name, array)
         except ChainruleError as exc:
             raise TypeError(f"input '{name}': {exc.message}") from None
+    if staging is not None:
+        request.shared_memory_output = staging.outputs.name
     if seed is not None:
         request.seed.CopyFrom(to_tensor("seed", seed, None))
     for field, spec in (("return_values", values), ("return_grads", grads)):

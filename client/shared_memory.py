@@ -1,12 +1,13 @@
-"""Hand large request tensors to a server on the same host through shared memory.
+"""Exchange large tensors with a server on the same host through shared memory.
 
 ``Client(address, shared_memory=True)`` asks the server (ServerInfo) for its
 shared-memory directory, then writes each large input of a call into a file
 of that directory and sends only a reference; the server reads the bytes
-before it answers (see chainrule.server.shared_memory). Files are reused from
-call to call, so their pages are allocated once, and removed when the client
-closes. Each call in flight has a file of its own, so threads may share the
-client.
+before it works, and writes the large tensors of its answer into a second
+file, which the client reads back before the call returns (see
+chainrule.server.shared_memory). Files are reused from call to call, so their
+pages are allocated once, and removed when the client closes. Each call in
+flight has files of its own, so threads may share the client.
 """
 from __future__ import annotations
 
@@ -18,44 +19,40 @@ from typing import Any
 
 import numpy as np
 
-from chainrule.server.convert import dtype_code
+from chainrule.server.convert import dtype_code, tensor_to_array
+from chainrule.server.incoming import Incoming, RawTensor
+from chainrule.server.shared_memory import SharedMemoryDir, TensorFile
 from chainrule.v1 import chainrule_pb2 as pb
-
-#: Each tensor starts at a multiple of this many bytes in its file.
-ALIGNMENT = 64
 
 
 class StagingFile:
-    """One file of the shared-memory directory, written by one call at a time."""
+    """A call's two files in the shared-memory directory: one for its inputs, one the server
+    writes the large tensors of its response into."""
 
     def __init__(self, directory: str, name: str) -> None:
-        self.name = name
-        self.path = os.path.join(directory, name)
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        self.size = 0
-        self.used = 0
+        self.inputs = _create(directory, name + "-in")
+        self.outputs = _create(directory, name + "-out")
+        self.reader = SharedMemoryDir(directory)
 
     def put(self, array: np.ndarray) -> pb.SharedMemoryRef:
-        """Write ``array`` (little-endian, C order) after what this call wrote so far."""
-        array = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
-        data = memoryview(array.reshape(-1)).cast("B")
-        offset = -(-self.used // ALIGNMENT) * ALIGNMENT
-        end = offset + len(data)
-        if end > self.size:  # grow; pages written once stay allocated for the next calls
-            os.ftruncate(self.fd, end)
-            self.size = end
-        done = 0
-        while done < len(data):
-            done += os.pwrite(self.fd, data[done:], offset + done)
-        self.used = end
-        return pb.SharedMemoryRef(file=self.name, offset=offset, byte_length=len(data))
+        """Write one input; the request refers to it with the returned reference."""
+        return self.inputs.put(array)
+
+    def reset(self) -> None:
+        self.inputs.used = 0
 
     def close(self) -> None:
-        os.close(self.fd)
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
+        for file in (self.inputs, self.outputs):
+            file.close()
+            try:
+                os.unlink(os.path.join(self.reader.path, file.name))
+            except FileNotFoundError:
+                pass
+
+
+def _create(directory: str, name: str) -> TensorFile:
+    fd = os.open(os.path.join(directory, name), os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    return TensorFile(fd, name)
 
 
 class SharedMemoryStaging:
@@ -77,7 +74,7 @@ class SharedMemoryStaging:
             else:
                 file = StagingFile(self.directory, f"{self._prefix}-{len(self._all)}")
                 self._all.append(file)
-        file.used = 0
+        file.reset()
         return file
 
     def release(self, file: StagingFile) -> None:
@@ -98,3 +95,22 @@ def _close_all(files: list[StagingFile]) -> None:
 def can_stage(array: Any, threshold: int) -> bool:
     """Whether an input is worth handing over in shared memory: large, and of a dtype the wire knows."""
     return isinstance(array, np.ndarray) and array.nbytes > threshold and dtype_code(array.dtype) is not None
+
+
+def read_outputs(response: Any, staging: StagingFile) -> Incoming:
+    """The response with every tensor the server wrote into ``staging``'s output file read back
+    into memory of our own (the file is reused by the next call)."""
+    incoming = response if isinstance(response, Incoming) else Incoming(response)
+    message = incoming.message
+    for field in ("values", "gradients"):
+        for key, tensor in getattr(message, field).items():
+            if tensor.WhichOneof("payload") == "shared_memory":
+                incoming.raw_maps.setdefault(field, {})[key] = _read(tensor, staging, f"{field}.{key}")
+    if message.output_value.WhichOneof("payload") == "shared_memory":
+        incoming.raw_singles["output_value"] = _read(message.output_value, staging, "output_value")
+    return incoming
+
+
+def _read(tensor: pb.Tensor, staging: StagingFile, field: str) -> RawTensor:
+    array = tensor_to_array(tensor, field=field, shared_memory=staging.reader)
+    return RawTensor(tensor.dtype, tuple(tensor.shape), memoryview(array.reshape(-1)).cast("B"))

@@ -20,6 +20,7 @@ Flags, with the defaults of :class:`Thresholds` (documented in docs/debugging.md
 """
 from __future__ import annotations
 
+import functools
 import math
 import weakref
 from dataclasses import dataclass, field
@@ -310,6 +311,15 @@ def _facts(plan: Plan) -> _PlanFacts:
     return facts
 
 
+@functools.lru_cache(maxsize=64)
+def _sample_indices(size: int) -> np.ndarray:
+    """SATURATION_SAMPLE random positions below ``size``, drawn once per size and sorted, so
+    that gathering them walks memory forwards (random order cost ~4 ms per 16 MiB tensor)."""
+    indices = np.sort(np.random.default_rng(0).integers(0, size, SATURATION_SAMPLE))
+    indices.flags.writeable = False
+    return indices
+
+
 def _saturation_flags(plan: Plan, values: list[Any], thresholds: Thresholds) -> list[Flag]:
     """σ(1-σ) < t  ⟺  |σ - 1/2| > sqrt(1/4 - t);  1 - tanh² < t  ⟺  |tanh| > sqrt(1 - t)."""
     t = thresholds.saturated_local_grad
@@ -337,7 +347,7 @@ def _saturation_flags(plan: Plan, values: list[Any], thresholds: Thresholds) -> 
         center, bound, local = rules[op]
         sample = array.ravel()
         if sample.size > SATURATION_SAMPLE:  # a fixed random sample: no aliasing with the tensor's layout
-            sample = sample[np.random.default_rng(0).integers(0, sample.size, SATURATION_SAMPLE)]
+            sample = sample[_sample_indices(sample.size)]
         fraction = np.count_nonzero(np.abs(sample - center) > bound) / sample.size
         if fraction >= thresholds.saturated_fraction:
             what = f"its value {number(array.item())} sits" if array.size == 1 else \

@@ -54,14 +54,13 @@ class Incoming:
     ``tensor(field)`` give a Tensor field's contents whichever way it was read.
     """
 
-    __slots__ = ("message", "raw_maps", "raw_singles", "_data")
+    __slots__ = ("message", "raw_maps", "raw_singles")
 
     def __init__(self, message: Any, raw_maps: dict[str, dict[str, RawTensor]] | None = None,
-                 raw_singles: dict[str, RawTensor] | None = None, data: bytes | None = None) -> None:
+                 raw_singles: dict[str, RawTensor] | None = None) -> None:
         self.message = message
         self.raw_maps = raw_maps or {}
         self.raw_singles = raw_singles or {}
-        self._data = data
 
     def tensor_map(self, field: str) -> Mapping[str, Any]:
         """The entries of a ``map<string, Tensor>`` field: Tensor messages and RawTensors by key."""
@@ -81,11 +80,21 @@ class Incoming:
         return getattr(self.message, field) if self.message.HasField(field) else None
 
     def complete(self) -> Any:
-        """The whole message as protobuf would parse it; parsed again, with copies, when needed."""
-        if self.raw_maps or self.raw_singles:
-            self.message = type(self.message).FromString(self._data)
-            self.raw_maps, self.raw_singles, self._data = {}, {}, None
+        """The whole message, as protobuf would have parsed it: the raw tensors copied into it."""
+        for field, entries in self.raw_maps.items():
+            for key, raw in entries.items():
+                _fill(getattr(self.message, field)[key], raw)
+        for field, raw in self.raw_singles.items():
+            _fill(getattr(self.message, field), raw)
+        self.raw_maps, self.raw_singles = {}, {}
         return self.message
+
+
+def _fill(tensor: Any, raw: RawTensor) -> None:
+    tensor.Clear()
+    tensor.dtype = raw.dtype
+    tensor.shape[:] = raw.shape
+    tensor.data = bytes(raw.data)
 
 
 def read_message(message_type: Any, data: bytes) -> Incoming:
@@ -105,7 +114,7 @@ def read_message(message_type: Any, data: bytes) -> Incoming:
             return Incoming(message_type.FromString(data))  # a key sent twice: protobuf's "last one wins"
     if any(message.HasField(field) for field in raw_singles):
         return Incoming(message_type.FromString(data))  # a tensor field sent twice: protobuf merges them
-    return Incoming(message, raw_maps, raw_singles, data)
+    return Incoming(message, raw_maps, raw_singles)
 
 
 _FIELDS_CACHE: dict[str, tuple[dict[int, str], dict[int, str]]] = {}

@@ -23,7 +23,7 @@ from chainrule.v1 import chainrule_pb2 as pb
 
 from .convert import array_to_tensor, graph_from_proto, inputs_from_proto, python_to_attr, tensor_to_array
 from .incoming import Incoming
-from .shared_memory import SharedMemoryDir
+from .shared_memory import SharedMemoryDir, SharedMemoryUnavailable, TensorFile
 from .wire import Outgoing
 
 
@@ -114,17 +114,33 @@ class ChainruleService:
 
     def evaluate(self, request: pb.EvaluateRequest, token: StopToken | None = None) -> pb.EvaluateResponse:
         """One Evaluate call, answered with a complete message (for in-process callers)."""
-        gid, plan = self.plan_for(request)
-        evaluation = self.run(plan, request, token)
-        return self.respond(gid, evaluation, request, Outgoing(pb.EvaluateResponse(), split=False)).message
+        return self.evaluate_wire(request, token, split=False).message
 
-    def evaluate_wire(self, request: Incoming | pb.EvaluateRequest, token: StopToken | None = None) -> Outgoing:
-        """Like evaluate, for gRPC: large input tensors may come as views of the received bytes
-        (see incoming.py) and large output tensors are left for hand encoding (see wire.py)."""
+    def evaluate_wire(self, request: Incoming | pb.EvaluateRequest, token: StopToken | None = None, *,
+                      split: bool = True) -> Outgoing:
+        """One Evaluate call, for gRPC: large input tensors may come as views of the received bytes
+        (see incoming.py); large output tensors are left for hand encoding (see wire.py) unless
+        ``split`` is False, or written into the client's shared-memory file when it names one."""
         incoming = request if isinstance(request, Incoming) else Incoming(request)
-        gid, plan = self.plan_for(incoming.message)
-        evaluation = self.run(plan, incoming, token)
-        return self.respond(gid, evaluation, incoming.message, Outgoing(pb.EvaluateResponse()))
+        message = incoming.message
+        output_file = self._output_file(message.shared_memory_output)  # checked before any work
+        try:
+            gid, plan = self.plan_for(message)
+            evaluation = self.run(plan, incoming, token)
+            return self.respond(gid, evaluation, message, Outgoing(pb.EvaluateResponse(), split=split,
+                                                                   stage=output_file))
+        finally:
+            if output_file is not None:
+                output_file.close()
+
+    def _output_file(self, name: str) -> TensorFile | None:
+        if not name:
+            return None
+        if self.shared_memory is None:
+            raise SharedMemoryUnavailable(
+                "shared_memory_output: this server does not write tensors to shared memory "
+                "(start it with --shared-memory-dir)", field="shared_memory_output")
+        return self.shared_memory.open_output(name, field="shared_memory_output")
 
     def run(self, plan: Plan, request: Incoming | pb.EvaluateRequest, token: StopToken | None) -> Evaluation:
         """Decode the request's inputs and options and run the plan; every field is checked before work."""

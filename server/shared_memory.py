@@ -25,6 +25,10 @@ import stat
 import numpy as np
 
 from chainrule.core.errors import BadTensorError, ChainruleError
+from chainrule.v1 import chainrule_pb2 as pb
+
+#: Each tensor written into a file starts at a multiple of this many bytes.
+ALIGNMENT = 64
 
 _FILE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,254}")
 
@@ -40,6 +44,21 @@ class SharedMemoryDir:
 
     def __init__(self, path: str) -> None:
         self.path = os.path.abspath(path)
+
+    def open_output(self, name: str, *, field: str) -> "TensorFile":
+        """The existing file ``name``, for writing a response's tensors into (checked before any work)."""
+        if not _FILE_NAME.fullmatch(name):
+            raise BadTensorError(f"{field}: file {name!r} is not a plain file name (letters, digits, '.', '_', '-')",
+                                 field=field)
+        try:
+            fd = os.open(os.path.join(self.path, name), os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as exc:
+            raise BadTensorError(f"{field}: cannot open {name!r} in the shared-memory directory: {exc.strerror}",
+                                 field=field) from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise BadTensorError(f"{field}: {name!r} is not a regular file", field=field)
+        return TensorFile(fd, name)
 
     def read(self, ref: object, dtype: np.dtype, shape: tuple[int, ...], *, field: str) -> np.ndarray:
         """The array of ``shape`` and ``dtype`` whose bytes ``ref`` (a SharedMemoryRef) points to."""
@@ -83,3 +102,31 @@ def _read_exactly(fd: int, buffer: memoryview, offset: int, name: str, where: st
         if got == 0:  # the file shrank since it was checked
             raise BadTensorError(f"{where}: {name!r} ended after {offset + done} bytes", field=f"{where}.offset")
         done += got
+
+
+class TensorFile:
+    """An open file that tensors are written into one after another, each aligned."""
+
+    def __init__(self, fd: int, name: str) -> None:
+        self.fd = fd
+        self.name = name
+        self.size = os.fstat(fd).st_size
+        self.used = 0
+
+    def put(self, array: np.ndarray) -> pb.SharedMemoryRef:
+        """Write ``array`` (little-endian, C order) after the tensors written so far."""
+        array = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
+        data = memoryview(array.reshape(-1)).cast("B")
+        offset = -(-self.used // ALIGNMENT) * ALIGNMENT
+        end = offset + len(data)
+        if end > self.size:  # grow; pages written once stay allocated for the next calls
+            os.ftruncate(self.fd, end)
+            self.size = end
+        done = 0
+        while done < len(data):
+            done += os.pwrite(self.fd, data[done:], offset + done)
+        self.used = end
+        return pb.SharedMemoryRef(file=self.name, offset=offset, byte_length=len(data))
+
+    def close(self) -> None:
+        os.close(self.fd)

@@ -118,16 +118,24 @@ class Outgoing:
     hand-encoded part comes first, so a reader finds the large tensors at once.
     """
 
-    __slots__ = ("message", "parts", "split", "_size")
+    __slots__ = ("message", "parts", "split", "stage", "_size")
 
-    def __init__(self, message: Any, *, split: bool = True) -> None:
+    def __init__(self, message: Any, *, split: bool = True, stage: Any = None) -> None:
         self.message = message
         self.parts: list[Any] = []
         self.split = split
+        #: A file (shared_memory.TensorFile) that takes the large tensors instead: the message refers to them.
+        self.stage = stage
         self._size = 0
 
     def _large(self, array: np.ndarray) -> bool:
-        return self.split and array.nbytes > LARGE_TENSOR_BYTES and dtype_code(array.dtype) is not None
+        return ((self.split or self.stage is not None) and array.nbytes > LARGE_TENSOR_BYTES
+                and dtype_code(array.dtype) is not None)
+
+    def _stage(self, tensor: Any, array: np.ndarray) -> None:
+        tensor.dtype = dtype_code(array.dtype)
+        tensor.shape[:] = array.shape
+        tensor.shared_memory.CopyFrom(self.stage.put(array))
 
     def _append(self, prefix: Callable[[int], bytes], array: np.ndarray) -> None:
         parts = aligned_tensor(prefix, *_as_payload(array), self._size)
@@ -137,7 +145,9 @@ class Outgoing:
     def put_map_tensor(self, field: str, key: str, array: Any) -> None:
         """``message.<field>[key] = array`` for a ``map<string, Tensor>`` field."""
         array = np.asarray(array)
-        if self._large(array):
+        if self._large(array) and self.stage is not None:
+            self._stage(getattr(self.message, field)[key], array)
+        elif self._large(array):
             self._append(map_entry_prefix(self.message.DESCRIPTOR.fields_by_name[field].number, key), array)
         else:
             fill_tensor(getattr(self.message, field)[key], array)
@@ -145,7 +155,9 @@ class Outgoing:
     def put_tensor(self, field: str, array: Any) -> None:
         """``message.<field> = array`` for a singular Tensor field."""
         array = np.asarray(array)
-        if self._large(array):
+        if self._large(array) and self.stage is not None:
+            self._stage(getattr(self.message, field), array)
+        elif self._large(array):
             self._append(field_prefix(self.message.DESCRIPTOR.fields_by_name[field].number), array)
         else:
             fill_tensor(getattr(self.message, field), array)

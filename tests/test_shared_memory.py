@@ -46,7 +46,9 @@ def test_inputs_in_shared_memory_give_the_same_result_as_sent_ones(shm_address, 
     with Client(shm_address, shared_memory=True) as shared, Client(shm_address) as sent:
         via_files = shared.evaluate(f, x=X, w=W)
         via_grpc = sent.evaluate(f, x=X, w=W)
-        assert [n for n in os.listdir(shm_dir) if n.startswith("chainrule-client-")]  # the client's file
+        files = sorted(n for n in os.listdir(shm_dir) if n.startswith("chainrule-client-"))
+        assert len(files) == 2 and files[0].endswith("-in") and files[1].endswith("-out")
+        assert os.path.getsize(os.path.join(shm_dir, files[1])) >= X.nbytes  # the server wrote values there
         again = shared.evaluate(f, x=2 * X, w=W)  # the file is reused with new contents
     assert via_files.value == via_grpc.value
     for name in ("x", "w", "h"):
@@ -140,3 +142,39 @@ def test_a_directory_missing_on_the_clients_host_is_named():
         assert caught.value.reason == "SHARED_MEMORY_UNREACHABLE"
     finally:
         server.stop(None)
+
+
+def test_the_server_writes_large_outputs_into_the_named_file(shm_address, shm_dir):
+    write_file(shm_dir, "answers", b"")
+    request = pb.EvaluateRequest(graph=network().graph.message, shared_memory_output="answers")
+    request.inputs["x"].CopyFrom(array_to_tensor(X))
+    request.inputs["w"].CopyFrom(array_to_tensor(W))
+    with grpc.insecure_channel(shm_address) as channel:
+        data = channel.unary_unary("/chainrule.v1.Chainrule/Evaluate")(request.SerializeToString())
+    response = pb.EvaluateResponse.FromString(data)
+    h = response.values["h"]
+    assert h.WhichOneof("payload") == "shared_memory" and h.shared_memory.file == "answers"
+    assert response.values["f"].WhichOneof("payload") == "data"  # small tensors stay in the message
+    with open(os.path.join(shm_dir, "answers"), "rb") as f:
+        f.seek(h.shared_memory.offset)
+        written = np.frombuffer(f.read(h.shared_memory.byte_length)).reshape(tuple(h.shape))
+    assert np.allclose(written, np.tanh(X @ W))
+
+
+@pytest.mark.parametrize("name, message", [("nothere", "cannot open 'nothere'"), ("../x", "not a plain file name")])
+def test_a_bad_output_file_is_refused_before_any_work(shm_address, name, message):
+    request = pb.EvaluateRequest(graph=network().graph.message, shared_memory_output=name)
+    with Client(shm_address) as client, grpc.insecure_channel(shm_address) as channel:
+        with pytest.raises(grpc.RpcError) as caught:
+            channel.unary_unary("/chainrule.v1.Chainrule/Evaluate")(request.SerializeToString())
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert message in caught.value.details() and "shared_memory_output" in caught.value.details()
+        assert client.evaluate(network(), x=X, w=W).value.shape == ()
+
+
+def test_an_output_file_on_a_server_without_the_directory_is_a_failed_precondition(address):
+    request = pb.EvaluateRequest(graph=network().graph.message, shared_memory_output="answers")
+    with grpc.insecure_channel(address) as channel:
+        with pytest.raises(grpc.RpcError) as caught:
+            channel.unary_unary("/chainrule.v1.Chainrule/Evaluate")(request.SerializeToString())
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION

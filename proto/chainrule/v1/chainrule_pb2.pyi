@@ -164,7 +164,7 @@ class Selection(_message.Message):
     def __init__(self, mode: _Optional[_Union[Selection.Mode, str]] = ..., names: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class EvaluateRequest(_message.Message):
-    __slots__ = ("graph", "graph_id", "inputs", "output", "seed", "return_values", "return_grads", "unreached", "contributions", "input_sets")
+    __slots__ = ("graph", "graph_id", "inputs", "output", "seed", "return_values", "return_grads", "unreached", "contributions", "input_sets", "shared_memory_output")
     class InputsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -182,6 +182,7 @@ class EvaluateRequest(_message.Message):
     UNREACHED_FIELD_NUMBER: _ClassVar[int]
     CONTRIBUTIONS_FIELD_NUMBER: _ClassVar[int]
     INPUT_SETS_FIELD_NUMBER: _ClassVar[int]
+    SHARED_MEMORY_OUTPUT_FIELD_NUMBER: _ClassVar[int]
     graph: Graph
     graph_id: str
     inputs: _containers.MessageMap[str, Tensor]
@@ -192,7 +193,8 @@ class EvaluateRequest(_message.Message):
     unreached: Unreached
     contributions: bool
     input_sets: _containers.RepeatedCompositeFieldContainer[Batch]
-    def __init__(self, graph: _Optional[_Union[Graph, _Mapping]] = ..., graph_id: _Optional[str] = ..., inputs: _Optional[_Mapping[str, Tensor]] = ..., output: _Optional[str] = ..., seed: _Optional[_Union[Tensor, _Mapping]] = ..., return_values: _Optional[_Union[Selection, _Mapping]] = ..., return_grads: _Optional[_Union[Selection, _Mapping]] = ..., unreached: _Optional[_Union[Unreached, str]] = ..., contributions: _Optional[bool] = ..., input_sets: _Optional[_Iterable[_Union[Batch, _Mapping]]] = ...) -> None: ...
+    shared_memory_output: str
+    def __init__(self, graph: _Optional[_Union[Graph, _Mapping]] = ..., graph_id: _Optional[str] = ..., inputs: _Optional[_Mapping[str, Tensor]] = ..., output: _Optional[str] = ..., seed: _Optional[_Union[Tensor, _Mapping]] = ..., return_values: _Optional[_Union[Selection, _Mapping]] = ..., return_grads: _Optional[_Union[Selection, _Mapping]] = ..., unreached: _Optional[_Union[Unreached, str]] = ..., contributions: _Optional[bool] = ..., input_sets: _Optional[_Iterable[_Union[Batch, _Mapping]]] = ..., shared_memory_output: _Optional[str] = ...) -> None: ...
 
 class EvaluateResponse(_message.Message):
     __slots__ = ("output_value", "output", "values", "gradients", "no_gradient", "diagnostics", "graph_id", "contributions")
