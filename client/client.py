@@ -39,9 +39,10 @@ class Client(ClientBase):
     ``tls=True`` or a :class:`~chainrule.client.channel.TLS` makes a secure
     channel (``credentials``, ready-made gRPC credentials, also do);
     ``token`` is sent as ``authorization: Bearer <token>``.
-    ``shared_memory=True`` hands large inputs of ``evaluate`` to a server on
-    the same host through its shared-memory directory instead of sending them
-    (the server needs ``--shared-memory-dir``; see chainrule.client.shared_memory).
+    ``shared_memory=True`` exchanges the large inputs and outputs of
+    ``evaluate`` with a server on the same host through files of its
+    shared-memory directory instead of sending them (the server needs
+    ``--shared-memory-dir``; see chainrule.client.shared_memory).
     """
 
     split_large_tensors = True

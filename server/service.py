@@ -44,7 +44,7 @@ class ChainruleService:
     def __init__(self, loaded: Loaded, limits: Limits | None = None, *, graph_cache_size: int = 256,
                  checks: dict[str, int] | None = None, shared_memory_dir: str = "") -> None:
         self.loaded = loaded
-        #: Where same-host clients may leave request tensors (None: not accepted; see shared_memory.py).
+        #: Where same-host clients exchange large tensors with us (None: not accepted; see shared_memory.py).
         self.shared_memory = SharedMemoryDir(shared_memory_dir) if shared_memory_dir else None
         self.registry = loaded.registry
         self.limits = limits or Limits()

@@ -178,3 +178,17 @@ def test_an_output_file_on_a_server_without_the_directory_is_a_failed_preconditi
         with pytest.raises(grpc.RpcError) as caught:
             channel.unary_unary("/chainrule.v1.Chainrule/Evaluate")(request.SerializeToString())
     assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_threads_share_a_shared_memory_client(shm_address):
+    from concurrent.futures import ThreadPoolExecutor
+
+    f = network()
+    expected = {k: float(np.tanh(k * X @ W).sum() * 0.5) for k in range(1, 9)}
+    with Client(shm_address, shared_memory=True) as client:
+        def call(k: int) -> tuple[int, float, bool]:
+            result = client.evaluate(f, x=k * X, w=W)
+            return k, float(result.value), np.array_equal(result.values["x"], k * X)
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(call, [k for k in range(1, 9) for _ in range(5)]))
+    assert all(same and np.isclose(value, expected[k]) for k, value, same in answers)
