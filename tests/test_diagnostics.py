@@ -275,6 +275,25 @@ def test_large_tensors_are_probed_exactly(registry, dtype):
     assert (origin.node, origin.count) == ("l", 1)
 
 
+def test_memory_shared_by_several_slots_is_read_once_and_still_judged(registry):
+    """`x + c` hands x the very gradient array it got, and a reshape's value is a view of
+    its input: diagnostics read such memory once, and an infinity in it is still found."""
+    g = GraphBuilder()
+    x = g.input("x", (64, 128))
+    c = g.input("c")
+    y = (x + c).named("y")
+    f = y.reshape((128, 64), name="r").log(name="l").sum(name="f")
+    plan = plan_for(f, registry)
+    x_val = np.ones((64, 128))
+    x_val[5, 7] = 0.0
+    evaluation = plan.run({"x": x_val, "c": np.float64(0.0)})
+    assert evaluation.grad("x") is evaluation.grad("y")
+    assert np.shares_memory(evaluation.value("r"), evaluation.value("y"))
+    d = diagnose(evaluation)
+    assert (d.first_nonfinite_value.node, d.first_nonfinite_value.count) == ("l", 1)
+    assert (d.first_nonfinite_gradient.node, d.first_nonfinite_gradient.count) == ("r", 1)  # 1/0 from log's rule
+
+
 def test_summaries():
     assert summarize(np.float64(-4.0)) == "-4"
     assert summarize(np.array([[1.0, np.nan], [3.0, -1.0]])) == (
