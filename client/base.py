@@ -91,6 +91,7 @@ class ClientBase:
         grads: Selectable = "all",
         unreached: str = "zeros",
         contributions: bool = False,
+        diagnostics: bool = True,
         **named_inputs: Any,
     ) -> Result:
         """Run ``target`` forward, then backward from its output; return a :class:`Result`.
@@ -102,7 +103,9 @@ class ClientBase:
         goes in the mapping.
         ``values``/``grads``: "all", "none" or a list of names/Vars;
         ``grads="none"`` runs forward only. ``unreached``: "zeros" or "omit".
-        A non-scalar output needs ``seed`` of its shape.
+        A non-scalar output needs ``seed`` of its shape. ``diagnostics=False``
+        spares the server the numerical health check (about one read of every
+        tensor); ``Result.diagnostics`` is then None.
         """
         graph, output_name = resolve_target(target, output)
         feeds = merge_inputs(inputs, named_inputs)
@@ -112,7 +115,8 @@ class ClientBase:
         try:
             request = evaluate_request(
                 graph, output_name, feeds, graph_id=graph_id, seed=seed, values=values, grads=grads,
-                unreached=unreached, contributions=contributions, split=self.split_large_tensors, staging=staging,
+                unreached=unreached, contributions=contributions, diagnostics=diagnostics,
+                split=self.split_large_tensors, staging=staging,
             )
             try:
                 response = self._evaluate(request, timeout)
@@ -127,7 +131,7 @@ class ClientBase:
         finally:
             if staging is not None:
                 self._unstage(staging)
-        return Result(response, graph)
+        return Result(response, graph, diagnosed=diagnostics)
 
     def register(self, graph: Any, *, timeout: float | None = None) -> str:
         """Register a Graph (or a builder's graph); later evaluations of it send only the id."""
@@ -170,6 +174,7 @@ class ClientBase:
         grads: Selectable = "all",
         unreached: str = "zeros",
         contributions: bool = False,
+        diagnostics: bool = True,
         batch: int = 16,
         errors: str = "raise",
     ) -> list[Result | ChainruleRpcError]:
@@ -187,7 +192,7 @@ class ClientBase:
         return training.evaluate_many(
             self, target, input_sets, inputs, output=output, seed=seed,
             timeout=self.timeout if timeout is None else timeout, values=values, grads=grads,
-            unreached=unreached, contributions=contributions, batch=batch, errors=errors,
+            unreached=unreached, contributions=contributions, diagnostics=diagnostics, batch=batch, errors=errors,
         )
 
     def optimize(

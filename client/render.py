@@ -30,7 +30,7 @@ from chainrule.v1 import chainrule_pb2 as pb
 
 if TYPE_CHECKING:
     from .graph import Graph
-    from .result import Result
+    from .result import Flag, Result
 
 #: Node styles by role (Graphviz attributes).
 STYLES: dict[str, dict[str, str]] = {
@@ -70,7 +70,7 @@ def to_dot(result: Result, graph: Graph | pb.Graph | None = None, *, parameters:
     chosen = None if parameters is None else {getattr(p, "name", p) for p in parameters}
     message = _graph_message(result, graph)
     flagged: dict[str, list[str]] = {}
-    for flag in result.diagnostics.flags:
+    for flag in _flags(result):
         flagged.setdefault(flag.node, []).append(flag.kind)
     origins = _origins(result)
     lines = [
@@ -149,6 +149,8 @@ def _origins(result: Result) -> dict[str, str]:
     """Nodes where the diagnostics say values or gradients first stopped being finite."""
     d = result.diagnostics
     marks: dict[str, str] = {}
+    if d is None:
+        return marks
     if d.first_nonfinite_gradient is not None:
         marks[d.first_nonfinite_gradient.node] = "first non-finite gradient"
     if d.first_nonfinite_value is not None:
@@ -158,8 +160,12 @@ def _origins(result: Result) -> dict[str, str]:
 
 def _title(result: Result) -> str:
     lines = [f"{result.output} = {_brief(result.value)}"]
-    lines.extend(f"{f.kind} at {f.node}" for f in result.diagnostics.flags)
+    lines.extend(f"{f.kind} at {f.node}" for f in _flags(result))
     return "\n".join(lines)
+
+
+def _flags(result: Result) -> list[Flag]:
+    return result.diagnostics.flags if result.diagnostics is not None else []
 
 
 def _node(result: Result, name: str, op: str, role: str, flagged: dict[str, list[str]],

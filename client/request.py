@@ -99,6 +99,7 @@ def evaluate_request(
     grads: Selectable = "all",
     unreached: str = "zeros",
     contributions: bool = False,
+    diagnostics: bool = True,
     split: bool = False,
     staging: StagingFile | None = None,
 ) -> Outgoing:
@@ -111,7 +112,8 @@ def evaluate_request(
     """
     if unreached not in _UNREACHED:
         raise ValueError(f"unreached: expected 'zeros' or 'omit', got {unreached!r}")
-    request = pb.EvaluateRequest(output=output, unreached=_UNREACHED[unreached], contributions=contributions)
+    request = pb.EvaluateRequest(output=output, unreached=_UNREACHED[unreached], contributions=contributions,
+                                 diagnostics=pb.DIAGNOSTICS_FULL if diagnostics else pb.DIAGNOSTICS_OFF)
     outgoing = Outgoing(request, split=split)
     if graph_id:
         request.graph_id = graph_id

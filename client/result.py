@@ -167,10 +167,12 @@ class Result:
 
     ``value`` is the differentiated output's value; ``grad[x]`` the gradient
     of that output with respect to ``x`` (a Var or a name); ``values`` every
-    selected value; ``diagnostics`` the numerical health report.
+    selected value; ``diagnostics`` the numerical health report (None when the
+    call turned it off: ``diagnosed=False``).
     """
 
-    def __init__(self, response: pb.EvaluateResponse | Incoming, graph: Graph | None = None) -> None:
+    def __init__(self, response: pb.EvaluateResponse | Incoming, graph: Graph | None = None, *,
+                 diagnosed: bool = True) -> None:
         self._incoming = response if isinstance(response, Incoming) else Incoming(response)
         message = self._incoming.message  # without the large tensors read straight from the received bytes
         self._message = message
@@ -181,6 +183,7 @@ class Result:
         self.values = Arrays(self._incoming.tensor_map("values"), "values")
         self.grad = Arrays(self._incoming.tensor_map("gradients"), "gradients", frozenset(self.no_gradient))
         self._value: np.ndarray | None = None
+        self._diagnosed = diagnosed
         self._diagnostics: Diagnostics | None = None
         self._contributions: list[Contribution] | None = None
 
@@ -203,8 +206,8 @@ class Result:
         return self._value
 
     @property
-    def diagnostics(self) -> Diagnostics:
-        if self._diagnostics is None:
+    def diagnostics(self) -> Diagnostics | None:
+        if self._diagnostics is None and self._diagnosed:
             self._diagnostics = Diagnostics.from_proto(self._message.diagnostics)
         return self._diagnostics
 

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 def evaluate_many(
     client: "ClientBase", target: Any, input_sets: Iterable[Mapping[Any, Any]], inputs: Mapping[Any, Any] | None,
     *, output: Any, seed: Any, timeout: float | None, values: Selectable, grads: Selectable, unreached: str,
-    contributions: bool, batch: int, errors: str,
+    contributions: bool, diagnostics: bool, batch: int, errors: str,
 ) -> list[Result | ChainruleRpcError]:
     """See :meth:`ClientBase.evaluate_many`."""
     if batch < 1:
@@ -42,7 +42,7 @@ def evaluate_many(
         raise ValueError(f"errors: expected 'raise' or 'return', got {errors!r}")
     graph, output_name = resolve_target(target, output)
     options = evaluate_request(graph, output_name, {}, seed=seed, values=values, grads=grads,
-                               unreached=unreached, contributions=contributions).message
+                               unreached=unreached, contributions=contributions, diagnostics=diagnostics).message
     options.ClearField("graph")  # the graph goes with the first message only
     common = _tensors(graph, inputs or {})
     results: list[Result | ChainruleRpcError] = []
@@ -51,7 +51,7 @@ def evaluate_many(
         for response in responses:
             for item in response.results or [response]:
                 if item.WhichOneof("result") == "response":
-                    results.append(Result(item.response, graph))
+                    results.append(Result(item.response, graph, diagnosed=diagnostics))
                     continue
                 error = from_status(item.error)
                 error.index = item.index  # type: ignore[attr-defined]  (which input set failed)

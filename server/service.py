@@ -186,7 +186,9 @@ class ChainruleService:
         for c in evaluation.contributions:
             response.contributions.add(node=c.node, consumer=c.consumer, input_index=c.input_index,
                                        gradient=array_to_tensor(c.gradient))
-        write_diagnostics(response.diagnostics, diagnose(evaluation))
+        if request.diagnostics != pb.DIAGNOSTICS_OFF:
+            response.diagnostics.SetInParent()  # present even when all is well: "diagnosed, nothing found"
+            write_diagnostics(response.diagnostics, diagnose(evaluation))
         return outgoing
 
     # --- operators ------------------------------------------------------------------

@@ -229,6 +229,27 @@ def test_local_and_remote_diagnostics_are_identical(client):
     assert remote.response.diagnostics == here.response.diagnostics
 
 
+@pytest.mark.parametrize("where", ["server", "local"])
+def test_diagnostics_can_be_turned_off_per_call(client, where):
+    """diagnostics=False: the same values and gradients, no diagnostics in the response (not an
+    empty report, which would claim all is finite); a diagnosed healthy call carries an empty one."""
+    caller = client if where == "server" else LocalClient()
+    f = log_of_negative()
+    full, bare = caller.evaluate(f, x=1.0), caller.evaluate(f, x=1.0, diagnostics=False)
+    assert full.diagnostics.first_nonfinite_value.node == "l"
+    assert bare.diagnostics is None and not bare.response.HasField("diagnostics")
+    assert np.isnan(bare.value) and set(bare.grad) == set(full.grad)
+    for name in full.grad:
+        np.testing.assert_array_equal(bare.grad[name], full.grad[name])
+    healthy = caller.evaluate(f, x=7.0)
+    assert healthy.response.HasField("diagnostics") and healthy.diagnostics.finite
+    assert "first non-finite" not in bare.to_dot()  # diagrams draw without diagnostics
+    many = caller.evaluate_many(f, [{"x": 1.0}, {"x": 7.0}], diagnostics=False)
+    assert [r.diagnostics for r in many] == [None, None]
+    assert not any(r.response.HasField("diagnostics") for r in many)
+    assert caller.evaluate_many(f, [{"x": 1.0}])[0].diagnostics.first_nonfinite_value.node == "l"
+
+
 # --- the core function: thresholds, summaries, overflow ---------------------------------------------
 
 def plan_for(var, registry):

@@ -22,6 +22,11 @@ class Unreached(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     UNREACHED_ZEROS: _ClassVar[Unreached]
     UNREACHED_OMIT: _ClassVar[Unreached]
 
+class DiagnosticsMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DIAGNOSTICS_FULL: _ClassVar[DiagnosticsMode]
+    DIAGNOSTICS_OFF: _ClassVar[DiagnosticsMode]
+
 class CheckStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     CHECK_NOT_RUN: _ClassVar[CheckStatus]
@@ -35,6 +40,8 @@ INT32: DType
 BOOL: DType
 UNREACHED_ZEROS: Unreached
 UNREACHED_OMIT: Unreached
+DIAGNOSTICS_FULL: DiagnosticsMode
+DIAGNOSTICS_OFF: DiagnosticsMode
 CHECK_NOT_RUN: CheckStatus
 CHECK_PASSED: CheckStatus
 CHECK_FAILED: CheckStatus
@@ -164,7 +171,7 @@ class Selection(_message.Message):
     def __init__(self, mode: _Optional[_Union[Selection.Mode, str]] = ..., names: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class EvaluateRequest(_message.Message):
-    __slots__ = ("graph", "graph_id", "inputs", "output", "seed", "return_values", "return_grads", "unreached", "contributions", "input_sets", "shared_memory_output")
+    __slots__ = ("graph", "graph_id", "inputs", "output", "seed", "return_values", "return_grads", "unreached", "contributions", "input_sets", "shared_memory_output", "diagnostics")
     class InputsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -183,6 +190,7 @@ class EvaluateRequest(_message.Message):
     CONTRIBUTIONS_FIELD_NUMBER: _ClassVar[int]
     INPUT_SETS_FIELD_NUMBER: _ClassVar[int]
     SHARED_MEMORY_OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    DIAGNOSTICS_FIELD_NUMBER: _ClassVar[int]
     graph: Graph
     graph_id: str
     inputs: _containers.MessageMap[str, Tensor]
@@ -194,7 +202,8 @@ class EvaluateRequest(_message.Message):
     contributions: bool
     input_sets: _containers.RepeatedCompositeFieldContainer[Batch]
     shared_memory_output: str
-    def __init__(self, graph: _Optional[_Union[Graph, _Mapping]] = ..., graph_id: _Optional[str] = ..., inputs: _Optional[_Mapping[str, Tensor]] = ..., output: _Optional[str] = ..., seed: _Optional[_Union[Tensor, _Mapping]] = ..., return_values: _Optional[_Union[Selection, _Mapping]] = ..., return_grads: _Optional[_Union[Selection, _Mapping]] = ..., unreached: _Optional[_Union[Unreached, str]] = ..., contributions: _Optional[bool] = ..., input_sets: _Optional[_Iterable[_Union[Batch, _Mapping]]] = ..., shared_memory_output: _Optional[str] = ...) -> None: ...
+    diagnostics: DiagnosticsMode
+    def __init__(self, graph: _Optional[_Union[Graph, _Mapping]] = ..., graph_id: _Optional[str] = ..., inputs: _Optional[_Mapping[str, Tensor]] = ..., output: _Optional[str] = ..., seed: _Optional[_Union[Tensor, _Mapping]] = ..., return_values: _Optional[_Union[Selection, _Mapping]] = ..., return_grads: _Optional[_Union[Selection, _Mapping]] = ..., unreached: _Optional[_Union[Unreached, str]] = ..., contributions: _Optional[bool] = ..., input_sets: _Optional[_Iterable[_Union[Batch, _Mapping]]] = ..., shared_memory_output: _Optional[str] = ..., diagnostics: _Optional[_Union[DiagnosticsMode, str]] = ...) -> None: ...
 
 class EvaluateResponse(_message.Message):
     __slots__ = ("output_value", "output", "values", "gradients", "no_gradient", "diagnostics", "graph_id", "contributions")
