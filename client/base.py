@@ -37,6 +37,8 @@ class ClientBase:
 
     #: Whether requests should carry large tensors hand-encoded (worth it only when serialized).
     split_large_tensors = False
+    #: Whether requests should keep large tensors as arrays (for a receiver in this process).
+    keep_large_tensors = False
 
     def _evaluate(self, request: Outgoing, timeout: float | None) -> pb.EvaluateResponse | Incoming:
         raise NotImplementedError
@@ -116,7 +118,7 @@ class ClientBase:
             request = evaluate_request(
                 graph, output_name, feeds, graph_id=graph_id, seed=seed, values=values, grads=grads,
                 unreached=unreached, contributions=contributions, diagnostics=diagnostics,
-                split=self.split_large_tensors, staging=staging,
+                split=self.split_large_tensors, keep=self.keep_large_tensors, staging=staging,
             )
             try:
                 response = self._evaluate(request, timeout)

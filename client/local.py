@@ -14,6 +14,7 @@ from chainrule.core import Limits, StopToken
 from chainrule.core.errors import ChainruleError
 from chainrule.plugins.manager import Loaded, load_plugins
 from chainrule.server.config import ServerConfig
+from chainrule.server.incoming import Incoming
 from chainrule.server.optimize import optimize
 from chainrule.server.service import ChainruleService
 from chainrule.server.status import status_for
@@ -44,9 +45,14 @@ class LocalClient(ClientBase):
         except ChainruleError as exc:
             raise from_status(status_for(exc)) from exc
 
-    def _evaluate(self, request: Outgoing, timeout: float | None) -> pb.EvaluateResponse:
+    #: Large tensors go to the service and come back as the arrays themselves (read-only views):
+    #: the same checks as over the wire, without copying 16 MiB through protobuf each way.
+    keep_large_tensors = True
+
+    def _evaluate(self, request: Outgoing, timeout: float | None) -> Incoming:
         token = None if timeout is None else StopToken.after(timeout, what="the timeout")
-        return self._call(lambda: self.service.evaluate(request.message, token))
+        return self._call(lambda: self.service.evaluate_wire(request.incoming(), token, split=False,
+                                                             keep=True).incoming())
 
     def _register(self, request: pb.RegisterGraphRequest, timeout: float | None) -> pb.RegisterGraphResponse:
         return self._call(lambda: self.service.register_graph(request))

@@ -101,12 +101,14 @@ def evaluate_request(
     contributions: bool = False,
     diagnostics: bool = True,
     split: bool = False,
+    keep: bool = False,
     staging: StagingFile | None = None,
 ) -> Outgoing:
     """The EvaluateRequest for one call; the graph travels by id when ``graph_id`` is given.
 
     With ``split``, large inputs are encoded straight from their numpy buffers
-    (see chainrule.server.wire) instead of through protobuf; with ``staging``,
+    (see chainrule.server.wire) instead of through protobuf; with ``keep``, they
+    stay arrays for a receiver in this process (``Outgoing.incoming``); with ``staging``,
     they are written there and the request refers to them, and the server is
     asked to write large outputs into its output file (shared memory).
     """
@@ -114,7 +116,7 @@ def evaluate_request(
         raise ValueError(f"unreached: expected 'zeros' or 'omit', got {unreached!r}")
     request = pb.EvaluateRequest(output=output, unreached=_UNREACHED[unreached], contributions=contributions,
                                  diagnostics=pb.DIAGNOSTICS_FULL if diagnostics else pb.DIAGNOSTICS_OFF)
-    outgoing = Outgoing(request, split=split)
+    outgoing = Outgoing(request, split=split, keep=keep)
     if graph_id:
         request.graph_id = graph_id
     else:

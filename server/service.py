@@ -117,10 +117,11 @@ class ChainruleService:
         return self.evaluate_wire(request, token, split=False).message
 
     def evaluate_wire(self, request: Incoming | pb.EvaluateRequest, token: StopToken | None = None, *,
-                      split: bool = True) -> Outgoing:
+                      split: bool = True, keep: bool = False) -> Outgoing:
         """One Evaluate call, for gRPC: large input tensors may come as views of the received bytes
         (see incoming.py); large output tensors are left for hand encoding (see wire.py) unless
-        ``split`` is False, or written into the client's shared-memory file when it names one."""
+        ``split`` is False, kept as arrays with ``keep`` (for an in-process caller), or written
+        into the client's shared-memory file when it names one."""
         incoming = request if isinstance(request, Incoming) else Incoming(request)
         message = incoming.message
         output_file = self._output_file(message.shared_memory_output)  # checked before any work
@@ -128,7 +129,7 @@ class ChainruleService:
             gid, plan = self.plan_for(message)
             evaluation = self.run(plan, incoming, token)
             return self.respond(gid, evaluation, message, Outgoing(pb.EvaluateResponse(), split=split,
-                                                                   stage=output_file))
+                                                                   keep=keep, stage=output_file))
         finally:
             if output_file is not None:
                 output_file.close()

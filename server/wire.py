@@ -17,6 +17,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .convert import dtype_code, fill_tensor
+from .incoming import Incoming, RawTensor
 
 #: Tensors with more payload bytes than this are encoded by hand.
 LARGE_TENSOR_BYTES = 1 << 16
@@ -114,22 +115,26 @@ class Outgoing:
 
     ``put_tensor``/``put_map_tensor`` place a large array in the hand-encoded
     part and a small one in the message; with ``split=False`` everything goes
-    in the message (for in-process callers that never serialize). The
-    hand-encoded part comes first, so a reader finds the large tensors at once.
+    in the message. The hand-encoded part comes first, so a reader finds the
+    large tensors at once. With ``keep=True`` (for an in-process receiver) large
+    arrays are kept as they are, and :meth:`incoming` hands them over uncopied.
     """
 
-    __slots__ = ("message", "parts", "split", "stage", "_size")
+    __slots__ = ("message", "parts", "split", "stage", "keep", "kept_maps", "kept_singles", "_size")
 
-    def __init__(self, message: Any, *, split: bool = True, stage: Any = None) -> None:
+    def __init__(self, message: Any, *, split: bool = True, stage: Any = None, keep: bool = False) -> None:
         self.message = message
         self.parts: list[Any] = []
         self.split = split
         #: A file (shared_memory.TensorFile) that takes the large tensors instead: the message refers to them.
         self.stage = stage
+        self.keep = keep
+        self.kept_maps: dict[str, dict[str, RawTensor]] = {}
+        self.kept_singles: dict[str, RawTensor] = {}
         self._size = 0
 
     def _large(self, array: np.ndarray) -> bool:
-        return ((self.split or self.stage is not None) and array.nbytes > LARGE_TENSOR_BYTES
+        return ((self.split or self.keep or self.stage is not None) and array.nbytes > LARGE_TENSOR_BYTES
                 and dtype_code(array.dtype) is not None)
 
     def _stage(self, tensor: Any, array: np.ndarray) -> None:
@@ -147,6 +152,8 @@ class Outgoing:
         array = np.asarray(array)
         if self._large(array) and self.stage is not None:
             self._stage(getattr(self.message, field)[key], array)
+        elif self._large(array) and self.keep:
+            self.kept_maps.setdefault(field, {})[key] = _kept(array)
         elif self._large(array):
             self._append(map_entry_prefix(self.message.DESCRIPTOR.fields_by_name[field].number, key), array)
         else:
@@ -157,6 +164,8 @@ class Outgoing:
         array = np.asarray(array)
         if self._large(array) and self.stage is not None:
             self._stage(getattr(self.message, field), array)
+        elif self._large(array) and self.keep:
+            self.kept_singles[field] = _kept(array)
         elif self._large(array):
             self._append(field_prefix(self.message.DESCRIPTOR.fields_by_name[field].number), array)
         else:
@@ -169,7 +178,22 @@ class Outgoing:
 
     def parse(self) -> Any:
         """The complete message."""
+        if self.kept_maps or self.kept_singles:
+            return self.incoming().complete()
         return self.message if not self.parts else type(self.message).FromString(self.serialize())
+
+    def incoming(self) -> Incoming:
+        """What a receiver in this process reads: the message, and the kept arrays as read-only
+        views (the receiver's numpy arrays then share their memory; nothing is copied)."""
+        if self.parts:
+            return Incoming(type(self.message).FromString(self.serialize()))
+        return Incoming(self.message, {field: dict(entries) for field, entries in self.kept_maps.items()},
+                        dict(self.kept_singles))
+
+
+def _kept(array: np.ndarray) -> RawTensor:
+    code, shape, payload = _as_payload(array)
+    return RawTensor(code, shape, payload.toreadonly())
 
 
 def serialize(message: Any) -> bytes:

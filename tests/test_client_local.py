@@ -300,3 +300,57 @@ def test_operators_and_server_info(client):
     assert infos["sum"].attrs["keepdims"].default is False and infos["add"].arity == 2
     assert infos["add"].plugin.startswith("builtin")
     assert client.server_info().pid > 0
+
+
+# --- large tensors are handed over, not copied --------------------------------------------------------
+
+def test_large_tensors_are_handed_over_as_read_only_views(client):
+    """LocalClient passes large arrays to the service and back without protobuf copies: a result
+    shares memory with the caller's input and is read-only, as a received one is."""
+    n = 50_000  # 400 KB: above the 64 KiB hand-over threshold
+    g = GraphBuilder()
+    x = g.input("x", (n,))
+    f = (x * x).named("y").sum(name="f")
+    data = np.linspace(-1.0, 1.0, n)
+    kept = data.copy()
+    result = client.evaluate(f, x=data)
+    assert np.shares_memory(result.values["x"], data)
+    assert not result.values["x"].flags.writeable and not result.grad["y"].flags.writeable
+    np.testing.assert_array_equal(result.grad["x"], 2 * data)
+    np.testing.assert_array_equal(result.values["y"], data * data)
+    np.testing.assert_array_equal(data, kept)
+    whole = result.response  # the complete message, as gRPC would have delivered it
+    assert len(whole.values["x"].data) == 8 * n and whole.values["x"].shape == [n]
+
+
+def test_a_rule_writing_into_its_input_cannot_touch_the_callers_array():
+    """A plugin's forward rule that writes into its input fails (INTERNAL, the node named) and
+    leaves the caller's array as it was: the hand-over is read-only."""
+    from chainrule.client import Internal
+    from chainrule.plugins import OperatorSet
+    from chainrule.plugins.manager import load_plugins
+
+    ops_set = OperatorSet()
+
+    @ops_set.operator("test.scribble")
+    def scribble(x):
+        "Adds one to its input in place (a bug)."
+        x += 1.0
+        return x
+
+    @scribble.vjp
+    def _(g, out, x):
+        return (g,)
+
+    class Plugin:
+        register_operators = staticmethod(ops_set.hookimpl())
+
+    local = LocalClient(load_plugins(entry_points=False, extra=[("test", Plugin())]))
+    g = GraphBuilder()
+    x = g.input("x", (20_000,))
+    y = g.op("test.scribble", x, name="s")
+    data = np.zeros(20_000)
+    with pytest.raises(Internal) as info:
+        local.evaluate(y.sum(name="f"), x=data)
+    assert info.value.node == "s" and "read-only" in info.value.message
+    assert not data.any()
