@@ -172,6 +172,8 @@ class Outgoing:
             fill_tensor(getattr(self.message, field), array)
 
     def serialize(self) -> bytes:
+        if self.kept_maps or self.kept_singles:  # kept for an in-process receiver, yet sent after all
+            return self.parse().SerializeToString()
         if not self.parts:
             return self.message.SerializeToString()
         return b"".join([*self.parts, self.message.SerializeToString()])

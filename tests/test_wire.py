@@ -18,6 +18,25 @@ ARRAYS = [
 
 
 @pytest.mark.parametrize("array", ARRAYS, ids=lambda a: f"{np.asarray(a).dtype}{np.shape(a)}")
+def test_kept_tensors_are_handed_over_as_views_and_complete_as_protobuf_would(array):
+    """keep=True (LocalClient): the receiver reads the arrays themselves, read-only; completing
+    or serializing the message still gives exactly protobuf's message."""
+    outgoing = wire.Outgoing(pb.EvaluateResponse(output="f"), split=False, keep=True)
+    outgoing.put_tensor("output_value", array)
+    outgoing.put_map_tensor("values", "x", array)
+    expected = pb.EvaluateResponse(output="f", output_value=array_to_tensor(array))
+    expected.values["x"].CopyFrom(array_to_tensor(array))
+    got = tensor_to_array(outgoing.incoming().tensor_map("values")["x"], field="x")
+    assert got.dtype == np.asarray(array).dtype and np.array_equal(got, array)
+    if np.asarray(array).nbytes > wire.LARGE_TENSOR_BYTES:
+        assert not got.flags.writeable
+        if np.asarray(array).flags.c_contiguous:
+            assert np.shares_memory(got, array)
+    assert pb.EvaluateResponse.FromString(outgoing.serialize()) == expected
+    assert outgoing.parse() == expected
+
+
+@pytest.mark.parametrize("array", ARRAYS, ids=lambda a: f"{np.asarray(a).dtype}{np.shape(a)}")
 def test_outgoing_response_equals_protobuf_encoding(array):
     outgoing = wire.Outgoing(pb.EvaluateResponse(output="f", graph_id="abc"))
     outgoing.put_tensor("output_value", array)
@@ -39,6 +58,9 @@ def test_large_parts_skip_protobuf_and_small_ones_do_not():
     assert not outgoing.parts and "small" in outgoing.message.values
     outgoing.put_map_tensor("values", "large", np.ones(wire.LARGE_TENSOR_BYTES))
     assert outgoing.parts and "large" not in outgoing.message.values
+    kept = wire.Outgoing(pb.EvaluateResponse(), split=False, keep=True)
+    kept.put_map_tensor("values", "large", np.ones(wire.LARGE_TENSOR_BYTES))
+    assert not kept.parts and "large" not in kept.message.values and "large" in kept.kept_maps["values"]
     inline = wire.Outgoing(pb.EvaluateResponse(), split=False)
     inline.put_map_tensor("values", "large", np.ones(wire.LARGE_TENSOR_BYTES))
     assert not inline.parts and "large" in inline.message.values
