@@ -46,9 +46,13 @@ def evaluate_stream(service: ChainruleService, requests: Iterable[pb.EvaluateReq
                 graph = exc  # later requests without a graph fail the same way
         elif graph is None:
             graph = GraphError("the first request of a stream needs a graph or a graph_id", field="graph")
+        # Answers travel inside the stream's messages: refuse rather than ignore an output file.
+        this = graph if not request.shared_memory_output else GraphError(
+            "shared_memory_output: EvaluateStream answers in its messages; only Evaluate writes outputs "
+            "to shared memory", field="shared_memory_output")
         if not request.input_sets:
             answer = pb.EvaluateStreamResponse(index=index)
-            _answer(service, graph, request, answer, _item_token(call, item_seconds), request_id)
+            _answer(service, this, request, answer, _item_token(call, item_seconds), request_id)
             index += 1
             yield answer
             continue
@@ -59,7 +63,7 @@ def evaluate_stream(service: ChainruleService, requests: Iterable[pb.EvaluateReq
             item.CopyFrom(template)
             item.inputs.MergeFrom(input_set.inputs)
             answer = response.results.add(index=index)
-            _answer(service, graph, item, answer, _item_token(call, item_seconds), request_id)
+            _answer(service, this, item, answer, _item_token(call, item_seconds), request_id)
             index += 1
         yield response
 

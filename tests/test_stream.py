@@ -172,6 +172,21 @@ def test_a_request_with_input_sets_is_answered_by_one_message_with_a_result_per_
     assert [r.response.output_value for r in answers[0].results] == expected
 
 
+def test_an_output_file_is_refused_per_request_and_the_stream_goes_on(stub):
+    """Answers travel in the stream's messages; a request naming a shared-memory output file
+    is told so instead of having the file silently ignored."""
+    refused = raw(scalar_graph(), x=2.0)
+    refused.shared_memory_output = "chainrule-out"
+    refused_sets = raw(x=0.0)
+    refused_sets.shared_memory_output = "chainrule-out"
+    refused_sets.input_sets.add().inputs["x"].CopyFrom(array_to_tensor(np.array(1.0)))
+    answers = list(stub.EvaluateStream(iter([refused, refused_sets, raw(x=3.0)]), timeout=30))
+    errors = [from_status(answers[0].error), from_status(answers[1].results[0].error)]
+    assert all(isinstance(e, InvalidArgument) and e.field == "shared_memory_output" for e in errors)
+    assert "only Evaluate" in errors[0].message
+    assert answers[2].response.output_value == array_to_tensor(np.array(9.0))  # the first graph still holds
+
+
 # --- admission control: a stream holds one slot for its whole length -----------------------------------
 
 def test_a_stream_takes_a_slot_until_it_ends():
