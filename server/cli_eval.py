@@ -14,6 +14,8 @@ def add_eval_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--input", "-i", action="append", default=[], metavar="NAME=VALUE",
                         help="a number, a JSON list, or @file.npy; repeat per input")
     parser.add_argument("--output", default=None, help="which output to differentiate")
+    parser.add_argument("--no-diagnostics", dest="diagnostics", action="store_false",
+                        help="skip the numerical health report (one read of every tensor fewer)")
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--server", default=None, help="address of a chainrule server (default 127.0.0.1:50051)")
     where.add_argument("--local", action="store_true", help="evaluate in-process, without a server")
@@ -41,7 +43,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     client = LocalClient() if args.local else Client(args.server or "127.0.0.1:50051")
     try:
         with client:
-            result = client.evaluate(graph, inputs, output=args.output)
+            result = client.evaluate(graph, inputs, output=args.output, diagnostics=args.diagnostics)
     except ChainruleRpcError as exc:
         print(f"error: {exc}")
         return 1
@@ -50,7 +52,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     order = [d.name for d in graph.message.inputs] + graph.node_names  # as the file lists them, wherever it ran
     for name in sorted(result.grads, key=lambda n: order.index(n) if n in order else len(order)):
         print(f"d{result.output}/d{name} = {result.grads[name]}")
-    diagnostics = str(result.diagnostics)
+    diagnostics = "" if result.diagnostics is None else str(result.diagnostics)
     if diagnostics.strip():
         print(diagnostics)
     return 0

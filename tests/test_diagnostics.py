@@ -332,3 +332,11 @@ def test_chainrule_eval_prints_the_diagnostics(address, tmp_path, capsys):
     assert "first non-finite value: 'l' (log): 1 non-finite element(s)" in out
     assert "its inputs: d = -4" in out
     assert "gradient norms:" in out
+
+
+def test_chainrule_eval_can_skip_the_diagnostics(address, tmp_path, capsys):
+    path = tmp_path / "nan.json"
+    log_of_negative().graph.save(path)
+    assert cli_main(["eval", str(path), "--input", "x=1", "--server", address, "--no-diagnostics"]) == 0
+    out = capsys.readouterr().out
+    assert "= nan" in out and "non-finite" not in out and "gradient norms" not in out and "None" not in out
