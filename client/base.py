@@ -11,12 +11,14 @@ import threading
 import weakref
 from typing import Any, Callable, Generator, Iterable, Iterator, Mapping, Sequence
 
+from chainrule.core.errors import ChainruleError
 from chainrule.server.incoming import Incoming
+from chainrule.server.status import status_for
 from chainrule.server.wire import Outgoing
 from chainrule.v1 import chainrule_pb2 as pb
 
 from . import training
-from .errors import ChainruleRpcError, NotFound
+from .errors import ChainruleRpcError, NotFound, from_status
 from .graph import Graph
 from .info import OperatorInfo, ServerInfo
 from .request import Selectable, as_graph, evaluate_request, merge_inputs, resolve_target
@@ -66,8 +68,8 @@ class ClientBase:
         """Where one call may write its large inputs instead of sending them (shared memory), or None."""
         return None
 
-    def _unstage(self, file: StagingFile) -> None:
-        """The call that had ``file`` has ended."""
+    def _unstage(self, file: StagingFile, *, reusable: bool) -> None:
+        """The call that had ``file`` has ended (and failed, when not ``reusable``)."""
 
     def close(self) -> None:
         """Release the connection (nothing to release in-process)."""
@@ -114,6 +116,7 @@ class ClientBase:
         timeout = self.timeout if timeout is None else timeout
         graph_id = self.registered_id(graph)
         staging = self._staging(timeout)
+        succeeded = False
         try:
             request = evaluate_request(
                 graph, output_name, feeds, graph_id=graph_id, seed=seed, values=values, grads=grads,
@@ -130,9 +133,12 @@ class ClientBase:
                 response = self._evaluate(request, timeout)
             if staging is not None:
                 response = read_outputs(response, staging)  # before the files go to the next call
+            succeeded = True
+        except ChainruleError as exc:  # from our own side of shared memory: a full /dev/shm, say
+            raise from_status(status_for(exc)) from None
         finally:
-            if staging is not None:
-                self._unstage(staging)
+            if staging is not None:  # after a failure the server may still be writing into the files
+                self._unstage(staging, reusable=succeeded)
         return Result(response, graph, diagnosed=diagnostics)
 
     def register(self, graph: Any, *, timeout: float | None = None) -> str:

@@ -17,6 +17,7 @@ import grpc
 
 from chainrule.server import wire
 from chainrule.server.incoming import Incoming, read_message
+from chainrule.server.shared_memory import directory_problem
 from chainrule.v1 import chainrule_pb2 as pb, chainrule_pb2_grpc
 
 from .base import ClientBase
@@ -42,7 +43,8 @@ class Client(ClientBase):
     ``shared_memory=True`` exchanges the large inputs and outputs of
     ``evaluate`` with a server on the same host through files of its
     shared-memory directory instead of sending them (the server needs
-    ``--shared-memory-dir``; see chainrule.client.shared_memory).
+    ``--shared-memory-dir`` and the client must run as its user, on its host,
+    with this one address; see chainrule.client.shared_memory).
     """
 
     split_large_tensors = True
@@ -53,6 +55,8 @@ class Client(ClientBase):
                  tls: bool | TLS | None = None, token: str | None = None,
                  max_message_bytes: int = MAX_MESSAGE_BYTES, shared_memory: bool = False) -> None:
         super().__init__(timeout=timeout)
+        if shared_memory and "," in target_for(address):  # each server would need our files on its host
+            raise ValueError(f"shared_memory=True needs a single server on this host, not several: {address!r}")
         self.shared_memory = shared_memory
         self._shared: SharedMemoryStaging | None = None
         self._shared_lock = threading.Lock()
@@ -85,9 +89,9 @@ class Client(ClientBase):
                 self._shared = SharedMemoryStaging(self._shared_memory_dir(timeout))
         return self._shared.acquire()
 
-    def _unstage(self, file: StagingFile) -> None:
+    def _unstage(self, file: StagingFile, *, reusable: bool) -> None:
         assert self._shared is not None
-        self._shared.release(file)
+        self._shared.release(file, reusable=reusable)
 
     def _shared_memory_dir(self, timeout: float | None) -> str:
         """The server's shared-memory directory, which must exist on this host too."""
@@ -102,6 +106,12 @@ class Client(ClientBase):
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"the server's shared-memory directory {directory!r} is not on this host: shared memory needs "
                 "the client and the server on the same machine", reason="SHARED_MEMORY_UNREACHABLE")
+        problem = directory_problem(directory)
+        if problem:  # another user's directory: the server could not read our files, and should not
+            raise FailedPrecondition(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"{problem}: shared memory needs the client to run as the server's user",
+                reason="SHARED_MEMORY_FORBIDDEN")
         return directory
 
     def __repr__(self) -> str:

@@ -149,10 +149,15 @@ def _choose_output(plan: Plan, output: str | None) -> int:
     return plan.outputs[0]
 
 
-def _check_inputs(plan: Plan, inputs: Mapping[str, Any]) -> list[np.ndarray]:
-    extra = sorted(set(inputs) - set(plan.names[: plan.n_inputs]))
+def check_input_names(plan: Plan, names: Iterable[str]) -> None:
+    """Refuse a name the graph does not declare (before anything is decoded or read for it)."""
+    extra = sorted(set(names) - set(plan.names[: plan.n_inputs]))
     if extra:
         raise UnexpectedInputError(f"input '{extra[0]}' is not declared by the graph", node=extra[0], field=f"inputs.{extra[0]}")
+
+
+def _check_inputs(plan: Plan, inputs: Mapping[str, Any]) -> list[np.ndarray]:
+    check_input_names(plan, inputs)
     arrays = []
     for k in range(plan.n_inputs):
         name = plan.names[k]

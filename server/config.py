@@ -12,6 +12,8 @@ from typing import Mapping, Sequence
 
 from chainrule.core import Limits
 
+from .shared_memory import directory_problem
+
 MiB = 1 << 20
 
 
@@ -66,8 +68,9 @@ class ServerConfig:
     #: With a token file: health checks and reflection still answer without a token
     #: (load-balancer and Kubernetes probes cannot send one). False guards them too.
     open_health_and_reflection: bool = True
-    #: A directory (``/dev/shm/chainrule``, say) from which clients on this host may hand over
-    #: request tensors instead of sending them (see shared_memory.py); empty: not accepted.
+    #: A directory (``/dev/shm/chainrule``, say) through which clients on this host, running as
+    #: this user, may exchange tensors instead of sending them (see shared_memory.py); created
+    #: (mode 0700) if missing; it must be this user's and closed to others. Empty: not accepted.
     shared_memory_dir: str = ""
 
     @property
@@ -89,8 +92,10 @@ class ServerConfig:
                      for name in ("port", "metrics_port") if not 0 <= getattr(self, name) <= 65535]
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
             problems.append(f"log_level must be DEBUG, INFO, WARNING, ERROR or CRITICAL (got {self.log_level!r})")
-        if self.shared_memory_dir and not os.path.isdir(self.shared_memory_dir):
-            problems.append(f"shared_memory_dir {self.shared_memory_dir!r} is not a directory")
+        if self.shared_memory_dir:
+            problem = directory_problem(self.shared_memory_dir)
+            if problem:
+                problems.append(problem)
         if problems:
             raise ConfigError("; ".join(problems))
         return self

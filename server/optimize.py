@@ -19,6 +19,7 @@ from chainrule.v1 import chainrule_pb2 as pb
 
 from .convert import array_to_tensor, tensor_to_array
 from .service import ChainruleService
+from .shared_memory import check_total
 
 log = logging.getLogger("chainrule.server.optimize")
 
@@ -32,6 +33,10 @@ def optimize(service: ChainruleService, request: pb.OptimizeRequest, token: Stop
     """
     _, plan = service.plan_for(request)  # type: ignore[arg-type]  (same graph/graph_id oneof as EvaluateRequest)
     limit = service.limits.max_tensor_elements
+
+    check_total([*request.initial.values(), *request.fixed_inputs.values(),
+                 *(t for batch in request.batches for t in batch.inputs.values())],
+                service.limits.max_memory_bytes, "initial, fixed_inputs and batches")
 
     def decode(tensor: pb.Tensor, field: str) -> np.ndarray:
         return tensor_to_array(tensor, field=field, max_elements=limit, shared_memory=service.shared_memory)

@@ -16,14 +16,14 @@ import numpy as np
 
 from chainrule.core import Graph, Limits, Plan, StopToken, compile_graph
 from chainrule.core.diagnostics import Diagnostics, diagnose
-from chainrule.core.engine import UNREACHED_OMIT, UNREACHED_ZEROS, Evaluation
+from chainrule.core.engine import UNREACHED_OMIT, UNREACHED_ZEROS, Evaluation, check_input_names
 from chainrule.core.errors import ChainruleError, GraphError
 from chainrule.plugins.manager import Loaded, chainrule_version
 from chainrule.v1 import chainrule_pb2 as pb
 
 from .convert import array_to_tensor, graph_from_proto, inputs_from_proto, python_to_attr, tensor_to_array
 from .incoming import Incoming
-from .shared_memory import SharedMemoryDir, SharedMemoryUnavailable, TensorFile
+from .shared_memory import SharedMemoryDir, SharedMemoryUnavailable, TensorFile, check_total
 from .wire import Outgoing
 
 
@@ -45,7 +45,7 @@ class ChainruleService:
                  checks: dict[str, int] | None = None, shared_memory_dir: str = "") -> None:
         self.loaded = loaded
         #: Where same-host clients exchange large tensors with us (None: not accepted; see shared_memory.py).
-        self.shared_memory = SharedMemoryDir(shared_memory_dir) if shared_memory_dir else None
+        self.shared_memory = SharedMemoryDir(shared_memory_dir, create=True) if shared_memory_dir else None
         self.registry = loaded.registry
         self.limits = limits or Limits()
         self.checks = checks or {}
@@ -151,8 +151,10 @@ class ChainruleService:
             raise GraphError("input_sets: several input sets go through EvaluateStream; Evaluate takes `inputs`",
                              field="input_sets")
         limit = self.limits.max_tensor_elements
-        inputs = inputs_from_proto(incoming.tensor_map("inputs"), max_elements=limit, shared_memory=self.shared_memory)
-        seed_tensor = incoming.tensor("seed")
+        tensors, seed_tensor = incoming.tensor_map("inputs"), incoming.tensor("seed")
+        check_input_names(plan, tensors)  # nothing is read from shared memory for a name the graph lacks
+        check_total([*tensors.values(), seed_tensor], self.limits.max_memory_bytes, "inputs")
+        inputs = inputs_from_proto(tensors, max_elements=limit, shared_memory=self.shared_memory)
         seed = None if seed_tensor is None else tensor_to_array(
             seed_tensor, field="seed", max_elements=limit, shared_memory=self.shared_memory)
         unreached = UNREACHED_OMIT if request.unreached == pb.UNREACHED_OMIT else UNREACHED_ZEROS

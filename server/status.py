@@ -17,7 +17,7 @@ from chainrule.core.errors import (
 )
 
 from .service import UnknownGraphError
-from .shared_memory import SharedMemoryUnavailable
+from .shared_memory import SharedMemoryFull, SharedMemoryUnavailable
 
 DOMAIN = "chainrule.dev"
 
@@ -25,7 +25,7 @@ DOMAIN = "chainrule.dev"
 def code_for(exc: ChainruleError) -> grpc.StatusCode:
     if isinstance(exc, GraphError):
         return grpc.StatusCode.INVALID_ARGUMENT
-    if isinstance(exc, LimitExceeded):
+    if isinstance(exc, (LimitExceeded, SharedMemoryFull)):
         return grpc.StatusCode.RESOURCE_EXHAUSTED
     if isinstance(exc, UnknownGraphError):
         return grpc.StatusCode.NOT_FOUND
