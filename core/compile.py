@@ -22,7 +22,7 @@ from .graph import Graph
 from .limits import Limits
 from .operator import OpDef, check_attrs
 from .registry import Registry
-from .tensor_spec import TensorSpec, unrepresentable
+from .tensor_spec import TensorSpec, shape_text, unrepresentable
 
 if TYPE_CHECKING:
     from .engine import Evaluation
@@ -246,7 +246,7 @@ def compile_graph(graph: Graph, registry: Registry, limits: Limits | None = None
         input_dtypes.append(parse_dtype(decl.dtype, field=f"{field}.dtype ('{decl.name}')"))
         shape = tuple(decl.shape)
         if any((not isinstance(n, (int, np.integer))) or n < -1 for n in shape):
-            raise ShapeError(f"input '{decl.name}': invalid shape {list(shape)} (sizes are >= 0, or -1 for any)",
+            raise ShapeError(f"input '{decl.name}': invalid shape {shape_text(shape)} (sizes are >= 0, or -1 for any)",
                              node=decl.name, field=f"{field}.shape")
         input_shapes.append(tuple(int(n) for n in shape))
     n_inputs = len(graph.inputs)

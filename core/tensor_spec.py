@@ -12,6 +12,15 @@ MAX_RANK = 32
 _MAX_BYTES = int(np.iinfo(np.intp).max)
 
 
+def shape_text(shape: tuple[int, ...] | list[int]) -> str:
+    """A shape for an error message: whole up to MAX_RANK dimensions, else its start and its rank,
+    since a request may carry millions and the message must fit in gRPC's 8 KiB of trailers."""
+    shape = list(shape)
+    if len(shape) <= MAX_RANK:
+        return str(shape)
+    return f"[{', '.join(map(str, shape[:4]))}, ... ({len(shape)} dimensions)]"
+
+
 def unrepresentable(shape: tuple[int, ...], itemsize: int) -> str | None:
     """Why numpy could not create an array of ``shape`` (even an empty one), or None.
 

@@ -14,7 +14,7 @@ import numpy as np
 
 from chainrule.core import Graph, InputDecl, Node
 from chainrule.core.errors import BadAttributeError, BadTensorError, DTypeError, LimitExceeded, ShapeError
-from chainrule.core.tensor_spec import unrepresentable
+from chainrule.core.tensor_spec import shape_text, unrepresentable
 from chainrule.v1 import chainrule_pb2 as pb
 
 from .incoming import RawTensor
@@ -54,17 +54,26 @@ def dtype_name(code: int, *, field: str) -> str:
 def tensor_to_array(tensor: pb.Tensor | RawTensor, *, field: str, max_elements: int | None = None,
                     shared_memory: SharedMemoryDir | None = None) -> np.ndarray:
     """Decode a Tensor (a message, or one read straight from received bytes), checking dtype, shape,
-    size limit and byte length. Raw data becomes a read-only view, without a copy when aligned."""
+    size limit and byte length. Raw data becomes a view, without a copy when aligned. The array is
+    read-only however it was made, so that an operator writing into its input fails alike for every
+    sender, whatever the byte offsets of its message."""
+    array = _decode(tensor, field, max_elements, shared_memory)
+    array.flags.writeable = False
+    return array
+
+
+def _decode(tensor: pb.Tensor | RawTensor, field: str, max_elements: int | None,
+            shared_memory: SharedMemoryDir | None) -> np.ndarray:
     dtype = DTYPE_TO_NUMPY.get(tensor.dtype)
     if dtype is None:
         raise DTypeError(f"{field}: unknown dtype code {tensor.dtype}", field=f"{field}.dtype")
     shape = tuple(tensor.shape)
     if shape:  # a scalar (the common case of small graphs) needs none of these checks
         if any(n < 0 for n in shape):
-            raise ShapeError(f"{field}: negative dimension in shape {list(shape)}", field=f"{field}.shape")
+            raise ShapeError(f"{field}: negative dimension in shape {shape_text(shape)}", field=f"{field}.shape")
         problem = unrepresentable(shape, dtype.itemsize)
         if problem:
-            raise ShapeError(f"{field}: shape {list(shape)}: {problem}", field=f"{field}.shape")
+            raise ShapeError(f"{field}: shape {shape_text(shape)}: {problem}", field=f"{field}.shape")
     count = math.prod(shape)
     if max_elements is not None and count > max_elements:
         raise LimitExceeded(

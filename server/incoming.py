@@ -24,12 +24,14 @@ from typing import Any, Mapping
 
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 
+from chainrule.core.tensor_spec import MAX_RANK
+
 #: Tensor fields shorter than this are left to protobuf (small ones gain nothing).
 LARGE_FIELD_BYTES = 1 << 16
 #: The walk stops after this many small fields in a row: the rest goes to protobuf in one piece.
 SMALL_FIELDS_IN_A_ROW = 64
 
-_INT64_SIGN, _UINT64 = 1 << 63, 1 << 64
+_INT32_SIGN, _INT64_SIGN, _UINT64 = 1 << 31, 1 << 63, 1 << 64
 
 
 class RawTensor:
@@ -152,13 +154,13 @@ def _walk(data: bytes, maps: Mapping[int, str], singles: Mapping[int, str]
         if small_run >= SMALL_FIELDS_IN_A_ROW:
             break
         field_start = pos
-        key, pos = _varint(data, pos)
+        key, pos = _varint32(data, pos)
         number, wire_type = key >> 3, key & 7
         if wire_type != 2:
             pos = _skip(data, pos, wire_type)
             small_run += 1
             continue
-        length, pos = _varint(data, pos)
+        length, pos = _varint32(data, pos)
         field_end = pos + length
         if field_end > end:
             raise _Irregular
@@ -197,12 +199,12 @@ def _map_entry(data: bytes, view: memoryview, pos: int, end: int) -> tuple[str, 
     key: str | None = None
     tensor: RawTensor | None = None
     while pos < end:
-        tag, pos = _varint(data, pos)
+        tag, pos = _varint32(data, pos)
         if tag == 0x0A and key is None:  # field 1 (key), length-delimited
-            length, pos = _varint(data, pos)
+            length, pos = _varint32(data, pos)
             key = bytes(view[pos:pos + length]).decode("utf-8")
         elif tag == 0x12 and tensor is None:  # field 2 (value)
-            length, pos = _varint(data, pos)
+            length, pos = _varint32(data, pos)
             tensor = _tensor(data, view, pos, pos + length)
         else:
             raise _Irregular
@@ -218,15 +220,19 @@ def _tensor(data: bytes, view: memoryview, pos: int, end: int) -> RawTensor:
     shape: list[int] = []
     payload: memoryview | None = None
     while pos < end:
-        tag, pos = _varint(data, pos)
+        tag, pos = _varint32(data, pos)
         if tag == 0x08 and dtype is None:  # dtype, an enum: int32 on the wire, negative ones take 10 bytes
             value, pos = _varint(data, pos)
             dtype = value - _UINT64 if value >= _INT64_SIGN else value
+            if not -_INT32_SIGN <= dtype < _INT32_SIGN:  # protobuf would truncate it to 32 bits
+                raise _Irregular
         elif tag == 0x10:  # one shape element, unpacked
             value, pos = _varint(data, pos)
             shape.append(value - _UINT64 if value >= _INT64_SIGN else value)
         elif tag == 0x12:  # shape elements, packed
-            length, pos = _varint(data, pos)
+            length, pos = _varint32(data, pos)
+            if length > 10 * MAX_RANK:  # more dimensions than any tensor may have (10 bytes each at most)
+                raise _Irregular
             stop = pos + length
             while pos < stop:
                 value, pos = _varint(data, pos)
@@ -234,14 +240,24 @@ def _tensor(data: bytes, view: memoryview, pos: int, end: int) -> RawTensor:
             if pos != stop:
                 raise _Irregular
         elif tag == 0x1A and payload is None:  # data
-            length, pos = _varint(data, pos)
+            length, pos = _varint32(data, pos)
             payload = view[pos:pos + length]
             pos += length
         else:
             raise _Irregular
+        if len(shape) > MAX_RANK:  # no fast path to walk millions of dimensions for: protobuf reads them
+            raise _Irregular
     if pos != end or payload is None:
         raise _Irregular
     return RawTensor(dtype or 0, tuple(shape), payload)
+
+
+def _varint32(data: bytes, pos: int) -> tuple[int, int]:
+    """A tag or a length: protobuf refuses more than 5 bytes or 32 bits, so those are irregular."""
+    value, end = _varint(data, pos)
+    if end - pos > 5 or value > 0xFFFFFFFF:
+        raise _Irregular
+    return value, end
 
 
 def _varint(data: bytes, pos: int) -> tuple[int, int]:

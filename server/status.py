@@ -44,11 +44,25 @@ def _pack(message) -> any_pb2.Any:
     return detail
 
 
+#: Most UTF-8 bytes of a message, and of a name in the details. The status travels in trailers, which
+#: gRPC caps at 8 KiB (the message percent-encoded, the details in base64), and a request may name a
+#: node or an input with a megabyte of characters.
+MAX_MESSAGE_BYTES, MAX_NAME_BYTES = 600, 300
+
+
+def _clip(text: str, limit: int = MAX_NAME_BYTES) -> str:
+    data = text.encode()
+    if len(data) <= limit:
+        return text
+    return f"{data[:limit - 40].decode('utf-8', 'ignore')}… ({len(text)} characters in all)"
+
+
 def status_for(exc: ChainruleError, request_id: str = "") -> status_pb2.Status:
     """The google.rpc.Status describing ``exc``."""
     code = code_for(exc)
-    message = exc.message
-    metadata = {key: str(value) for key, value in (("node", exc.node), ("op", exc.op), ("field", exc.field)) if value}
+    message = _clip(exc.message, MAX_MESSAGE_BYTES)
+    metadata = {key: _clip(str(value)) for key, value in (("node", exc.node), ("op", exc.op), ("field", exc.field))
+                if value}
     if isinstance(exc, LimitExceeded):
         metadata.update(limit=exc.limit, requested=str(exc.requested), allowed=str(exc.allowed))
     if isinstance(exc, OperatorFailure):
@@ -59,7 +73,8 @@ def status_for(exc: ChainruleError, request_id: str = "") -> status_pb2.Status:
         metadata["request_id"] = request_id
     details = [_pack(error_details_pb2.ErrorInfo(reason=exc.reason, domain=DOMAIN, metadata=metadata))]
     if code == grpc.StatusCode.INVALID_ARGUMENT:
-        violation = error_details_pb2.BadRequest.FieldViolation(field=exc.field or exc.node or "", description=exc.message)
+        violation = error_details_pb2.BadRequest.FieldViolation(field=_clip(exc.field or exc.node or ""),
+                                                                description=message)
         details.append(_pack(error_details_pb2.BadRequest(field_violations=[violation])))
     return status_pb2.Status(code=code.value[0], message=message, details=details)
 

@@ -129,3 +129,67 @@ def test_raw_tensors_are_checked_like_messages():
     raw = RawTensor(pb.FLOAT64, (10, 10), memoryview(BIG.tobytes())[:100 * 8 - 1])
     with pytest.raises(Exception, match="x: data has 799 bytes"):
         tensor_to_array(raw, field="x")
+
+
+def varint(value: int, width: int = 0) -> bytes:
+    """``value`` as a varint, padded with continuation bytes to ``width`` bytes (protobuf writes the shortest)."""
+    out = bytearray()
+    while True:
+        out.append(value & 0x7F)
+        value >>= 7
+        if not value and len(out) >= width:
+            break
+        out[-1] |= 0x80
+    return bytes(out)
+
+
+def tensor_bytes(dtype: bytes = b"\x08\x01", shape: bytes = b"", length_width: int = 0) -> bytes:
+    """A Tensor message whose parts are spelt as given (field 1 dtype, 2 packed shape, 3 data)."""
+    payload = BIG.tobytes()
+    return dtype + shape + b"\x1a" + varint(len(payload), length_width) + payload
+
+
+def packed(*dims: int) -> bytes:
+    body = b"".join(varint(n) for n in dims)
+    return b"\x12" + varint(len(body)) + body
+
+
+def as_value(tensor: bytes, key: bytes = b"x") -> bytes:
+    body = b"\x0a" + varint(len(key)) + key + b"\x12" + varint(len(tensor)) + tensor
+    return b"\x1a" + varint(len(body)) + body  # EvaluateResponse.values
+
+
+def test_a_dtype_beyond_32_bits_reads_as_protobuf_truncates_it():
+    data = as_value(tensor_bytes(dtype=b"\x08" + varint((1 << 63) + 1), shape=packed(21000)))
+    message = read_message(pb.EvaluateResponse, data)
+    assert message.complete() == pb.EvaluateResponse.FromString(data)
+    assert decoded(message, "values")["x"].dtype == np.float64  # 2**63 + 1 is FLOAT64 (1) to protobuf
+
+
+@pytest.mark.parametrize("width", [6, 10])
+def test_an_overlong_length_fails_as_protobuf_fails(width):
+    data = as_value(tensor_bytes(shape=packed(21000), length_width=width))
+    with pytest.raises(DecodeError):
+        pb.EvaluateResponse.FromString(data)
+    with pytest.raises(DecodeError):
+        read_message(pb.EvaluateResponse, data)
+
+
+def test_a_shape_of_more_dimensions_than_any_tensor_has_is_left_to_protobuf():
+    """No pure-Python walk over a million shape elements: protobuf reads them, and the rank check refuses."""
+    data = as_value(tensor_bytes(shape=packed(*[1] * 100_000, 21000)))
+    message = read_message(pb.EvaluateResponse, data)
+    assert not message.raw_maps and message.message == pb.EvaluateResponse.FromString(data)
+    with pytest.raises(Exception, match=r"x: shape \[1, 1, 1, 1, \.\.\. \(100001 dimensions\)\]"):
+        decoded(message, "values")
+
+
+@pytest.mark.parametrize("tensor", [
+    RawTensor(pb.FLOAT64, BIG.shape, memoryview(b"\x00" * 3 + BIG.tobytes())[3:]),  # misaligned: copied
+    array_to_tensor(np.arange(4.0), as_values=True),
+    pb.Tensor(dtype=pb.FLOAT64, shape=[0, 3]),
+    array_to_tensor(BIG),
+], ids=["misaligned", "values", "empty", "data"])
+def test_every_decoded_tensor_is_read_only_however_it_came(tensor):
+    """An operator that writes into its input fails alike for every sender, whatever the byte offsets."""
+    assert not tensor_to_array(tensor, field="x").flags.writeable

@@ -229,6 +229,18 @@ def test_input_sets_belong_to_the_stream(server_address):
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
+@pytest.mark.parametrize("name, tensor, reason, shown", [
+    ("é" * 100_000, array_to_tensor(np.zeros(3)), "UNEXPECTED_INPUT", "characters in all"),
+    ("v", pb.Tensor(dtype=pb.FLOAT64, shape=[1] * 1000), "SHAPE_MISMATCH", "... (1000 dimensions)"),
+], ids=["long name", "long shape"])
+def test_an_error_about_a_huge_name_or_shape_still_fits_in_the_trailers(client, name, tensor, reason, shown):
+    """gRPC caps trailers at 8 KiB: the message is clipped, not replaced by a transport error."""
+    with pytest.raises(InvalidArgument) as info:
+        client.evaluate(graph_with_vector_input(), {"v": np.zeros(3), name: tensor} if name != "v" else {"v": tensor})
+    assert info.value.reason == reason and shown in info.value.message and len(info.value.message.encode()) < 700
+    assert client.evaluate(graph_with_vector_input(), v=np.ones(3)).value.shape == ()
+
+
 def test_the_server_caps_compute_time_without_a_client_deadline():
     server, port = create_server("127.0.0.1:0", ServerConfig(max_compute_seconds=0.2))
     server.start()
