@@ -10,11 +10,13 @@ from __future__ import annotations
 
 from typing import Any, Callable, Generator, Iterator
 
+import numpy as np
+
 from chainrule.core import Limits, StopToken
 from chainrule.core.errors import ChainruleError
 from chainrule.plugins.manager import Loaded, load_plugins
 from chainrule.server.config import ServerConfig
-from chainrule.server.incoming import Incoming
+from chainrule.server.incoming import Incoming, RawTensor
 from chainrule.server.optimize import optimize
 from chainrule.server.service import ChainruleService
 from chainrule.server.status import status_for
@@ -51,8 +53,9 @@ class LocalClient(ClientBase):
 
     def _evaluate(self, request: Outgoing, timeout: float | None) -> Incoming:
         token = None if timeout is None else StopToken.after(timeout, what="the timeout")
-        return self._call(lambda: self.service.evaluate_wire(request.incoming(), token, split=False,
-                                                             keep=True).incoming())
+        response = self._call(lambda: self.service.evaluate_wire(request.incoming(), token, split=False,
+                                                                 keep=True).incoming())
+        return _detached(response, request)
 
     def _register(self, request: pb.RegisterGraphRequest, timeout: float | None) -> pb.RegisterGraphResponse:
         return self._call(lambda: self.service.register_graph(request))
@@ -80,3 +83,22 @@ class LocalClient(ClientBase):
             yield from responses
         except ChainruleError as exc:
             raise from_status(status_for(exc)) from exc
+
+
+def _detached(response: Incoming, request: Outgoing) -> Incoming:
+    """The response with every tensor that may share memory with the caller's inputs copied.
+
+    An input's own value, or a reshape of it, would otherwise be a view of the
+    caller's array; a Result must stay what the call returned, as over gRPC,
+    whatever the caller later writes into its arrays.
+    """
+    kept = [*request.kept_singles.values(), *(t for entries in request.kept_maps.values() for t in entries.values())]
+    if not kept:
+        return response
+    sources = [np.asarray(raw.data) for raw in kept]
+    for tensors in (*response.raw_maps.values(), response.raw_singles):
+        for key, raw in list(tensors.items()):
+            data = np.asarray(raw.data)
+            if any(np.may_share_memory(data, source) for source in sources):
+                tensors[key] = RawTensor(raw.dtype, raw.shape, memoryview(data.copy()).toreadonly())
+    return response

@@ -304,22 +304,27 @@ def test_operators_and_server_info(client):
 
 # --- large tensors are handed over, not copied --------------------------------------------------------
 
-def test_large_tensors_are_handed_over_as_read_only_views(client):
-    """LocalClient passes large arrays to the service and back without protobuf copies: a result
-    shares memory with the caller's input and is read-only, as a received one is."""
+def test_large_tensors_are_handed_over_and_results_never_alias_the_callers_arrays(client):
+    """LocalClient passes large arrays to the service without protobuf copies, and a result stays
+    what the call returned, as over gRPC: values that share memory with an input (the input's own,
+    a reshape of it, here the output itself) come back as copies, read-only like received ones."""
     n = 50_000  # 400 KB: above the 64 KiB hand-over threshold
     g = GraphBuilder()
     x = g.input("x", (n,))
-    f = (x * x).named("y").sum(name="f")
+    z = x.reshape((n // 10, 10)).named("z")  # a view of x inside the engine
     data = np.linspace(-1.0, 1.0, n)
     kept = data.copy()
-    result = client.evaluate(f, x=data)
-    assert np.shares_memory(result.values["x"], data)
-    assert not result.values["x"].flags.writeable and not result.grad["y"].flags.writeable
-    np.testing.assert_array_equal(result.grad["x"], 2 * data)
-    np.testing.assert_array_equal(result.values["y"], data * data)
-    np.testing.assert_array_equal(data, kept)
-    whole = result.response  # the complete message, as gRPC would have delivered it
+    result = client.evaluate(z, x=data, seed=np.ones((n // 10, 10)))
+    squares = client.evaluate((x * x).named("y").sum(name="f"), x=data)
+    data[:] = -7.0  # the caller reuses its buffer
+    np.testing.assert_array_equal(result.values["x"], kept)
+    np.testing.assert_array_equal(result.value, kept.reshape(n // 10, 10))
+    np.testing.assert_array_equal(result.response.values["z"].data, kept.tobytes())
+    np.testing.assert_array_equal(squares.grad["x"], 2 * kept)
+    np.testing.assert_array_equal(squares.values["y"], kept * kept)
+    assert not any(np.shares_memory(a, data) for a in (result.values["x"], result.value, squares.values["x"]))
+    assert not result.values["x"].flags.writeable and not squares.grad["y"].flags.writeable
+    whole = squares.response  # the complete message, as gRPC would have delivered it
     assert len(whole.values["x"].data) == 8 * n and whole.values["x"].shape == [n]
 
 
