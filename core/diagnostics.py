@@ -46,8 +46,10 @@ class Thresholds:
 
 DEFAULT_THRESHOLDS = Thresholds()
 
-#: Tensors larger than this have their saturated fraction estimated from this many elements.
+#: Tensors of more than SATURATION_EXACT elements have their saturated fraction estimated from
+#: SATURATION_SAMPLE of them; smaller ones are judged whole.
 SATURATION_SAMPLE = 1 << 16
+SATURATION_EXACT = 4 * SATURATION_SAMPLE
 
 
 @dataclass
@@ -157,7 +159,7 @@ def diagnose(evaluation: Evaluation, thresholds: Thresholds = DEFAULT_THRESHOLDS
             if not (math.isfinite(_total(grads[n_in:])) and all(_finite(s) for s in grad_sq)):
                 diagnostics.first_nonfinite_gradient = _first_nonfinite_gradient(plan, values, grads)
             diagnostics.grad_norms = [
-                GradNorm(plan.names[k], math.sqrt(sq), _norm_of(values[k], value_sq[k]))
+                GradNorm(plan.names[k], _norm_of(grads[k], sq), _norm_of(values[k], value_sq[k]))
                 for k, sq in enumerate(grad_sq) if sq is not None
             ]
             diagnostics.flags.extend(_gradient_flags(evaluation, diagnostics.grad_norms, thresholds))
@@ -167,11 +169,11 @@ def diagnose(evaluation: Evaluation, thresholds: Thresholds = DEFAULT_THRESHOLDS
 
 def _total(items: list[Any]) -> float:
     """Sum of every float element: finite exactly when all are (barring overflow, rechecked exactly)."""
-    scalars = [v for v in items if type(v) is np.float64]  # the common case of many scalar nodes, vectorised
+    scalars = [v for v in items if type(v) in _FLOAT_SCALARS]  # the common case of many scalar nodes, vectorised
     total = float(np.fromiter(scalars, np.float64, len(scalars)).sum())
     if len(scalars) < len(items):
         seen: set[Any] = set()
-        for v in [v for v in items if type(v) is not np.float64]:
+        for v in [v for v in items if type(v) not in _FLOAT_SCALARS]:
             if type(v) is np.ndarray:
                 if v.dtype.kind == "f" and _first_read(v, seen):
                     total += _finite_probe(v)
@@ -180,12 +182,16 @@ def _total(items: list[Any]) -> float:
     return total
 
 
+#: Scalar node values taken in bulk (one vectorised pass instead of a numpy call per node).
+_FLOAT_SCALARS = frozenset({np.float64, np.float32})
+
+
 def _first_read(array: np.ndarray, seen: set[Any]) -> bool:
     """False when an array over exactly the same memory was already read (always True for
     small arrays, which are cheaper to read again than to recognise)."""
     if array.size < 4096:
         return True
-    key = (array.__array_interface__["data"][0], array.shape, array.strides, array.dtype.char)
+    key = (array.__array_interface__["data"][0], array.shape, array.strides, array.dtype.str)  # byte order too
     if key in seen:
         return False
     seen.add(key)
@@ -226,10 +232,21 @@ def _finite(square_sum: float | None) -> bool:
     return square_sum is None or math.isfinite(square_sum)
 
 
+#: Below this, a sum of squares may have lost elements to underflow (1e-170 squared is 0).
+_TINY_SQUARE_SUM = 1e-280
+
+
 def _norm_of(value: Any, square_sum: float | None) -> float:
-    if square_sum is not None and math.isfinite(square_sum):
+    """The Euclidean norm from the sum of squares already taken; where the squares overflowed or
+    underflowed (elements beyond 1e154 or below 1e-140), computed again scaled by the largest."""
+    if square_sum is not None and math.isfinite(square_sum) and square_sum > _TINY_SQUARE_SUM:
         return math.sqrt(square_sum)
-    return float(np.linalg.norm(np.ravel(value).astype(np.float64)))
+    array = np.abs(np.ravel(value).astype(np.float64))
+    largest = float(array.max()) if array.size else 0.0
+    if largest == 0.0 or not math.isfinite(largest):  # all zero, or an infinity or NaN among them
+        return largest
+    scaled = array / largest
+    return largest * math.sqrt(float(np.dot(scaled, scaled)))
 
 
 def _count_nonfinite(value: Any) -> int:
@@ -326,21 +343,36 @@ def _facts(plan: Plan) -> _PlanFacts:
     return facts
 
 
-#: The sample is this many runs of consecutive elements, at random places.
+#: The sample is this many runs of consecutive elements, one in each equal part of the tensor.
 SATURATION_RUNS = 64
 
 
 @functools.lru_cache(maxsize=64)
 def _sample_indices(size: int) -> np.ndarray:
-    """SATURATION_SAMPLE positions below ``size``, drawn once per size: SATURATION_RUNS runs of
-    consecutive elements starting at random places, in increasing order. Runs read whole cache
-    lines (scattered single elements cost ~0.5 ms per 16 MiB tensor, runs ~0.05 ms); random
-    starts keep the sample from aliasing with the tensor's layout (rows of a batch, say)."""
+    """SATURATION_SAMPLE positions below ``size`` (over SATURATION_EXACT), drawn once per size:
+    one run of consecutive elements at a random place in each SATURATION_RUNS-th of the tensor,
+    in increasing order. Runs read whole cache lines (scattered single elements cost ~0.5 ms per
+    16 MiB tensor, runs ~0.05 ms); one per part covers the tensor evenly (a saturated block
+    is seen in proportion to its size), and random places keep the sample from aliasing with
+    the tensor's layout (rows of a batch, say)."""
     run = SATURATION_SAMPLE // SATURATION_RUNS
-    starts = np.sort(np.random.default_rng(0).integers(0, size - run + 1, SATURATION_RUNS))
+    part = size // SATURATION_RUNS
+    offsets = np.random.default_rng(0).integers(0, part - run + 1, SATURATION_RUNS)
+    starts = np.arange(SATURATION_RUNS) * part + offsets
     indices = (starts[:, None] + np.arange(run)).reshape(-1)
     indices.flags.writeable = False
     return indices
+
+
+def _saturation_sample(array: np.ndarray) -> np.ndarray:
+    """The elements a tensor's saturation is judged on: all of them up to SATURATION_EXACT,
+    else the sample, gathered without copying the whole tensor (which order does not matter)."""
+    if array.size <= SATURATION_EXACT:
+        return array.ravel()
+    indices = _sample_indices(array.size)
+    if array.flags.c_contiguous or array.flags.f_contiguous:
+        return array.ravel(order="K")[indices]  # a view for a transpose, too
+    return array[np.unravel_index(indices, array.shape)]
 
 
 def _saturation_flags(plan: Plan, values: list[Any], thresholds: Thresholds) -> list[Flag]:
@@ -349,7 +381,7 @@ def _saturation_flags(plan: Plan, values: list[Any], thresholds: Thresholds) -> 
     rules = {"sigmoid": (0.5, math.sqrt(max(0.25 - t, 0.0)), "σ(1-σ)"),
              "tanh": (0.0, math.sqrt(max(1.0 - t, 0.0)), "1-tanh²")}
     slots = _facts(plan).saturating
-    scalar = [k for k in slots if type(values[k]) is np.float64]
+    scalar = [k for k in slots if type(values[k]) in _FLOAT_SCALARS]
     flags: list[Flag] = []
     if scalar:  # the common case of many scalar units: one vectorised test
         v = np.fromiter((values[k] for k in scalar), np.float64, len(scalar))
@@ -361,16 +393,14 @@ def _saturation_flags(plan: Plan, values: list[Any], thresholds: Thresholds) -> 
             flags.append(Flag("SATURATED", plan.names[scalar[i]], f"{op}: its value {number(v[i])} sits where the "
                               f"local gradient {rules[op][2]} < {t:g}, so almost no gradient flows back through it"))
     for k in slots:
-        if type(values[k]) is np.float64:
+        if type(values[k]) in _FLOAT_SCALARS:
             continue
         array = np.asarray(values[k])
         if array.dtype.kind != "f" or array.size == 0:
             continue
         op = plan.ops[k].name  # type: ignore[union-attr]
         center, bound, local = rules[op]
-        sample = array.ravel()
-        if sample.size > SATURATION_SAMPLE:  # a fixed random sample: no aliasing with the tensor's layout
-            sample = sample[_sample_indices(sample.size)]
+        sample = _saturation_sample(array).astype(np.float64, copy=False)  # float16 cannot hold the bounds
         fraction = np.count_nonzero(np.abs(sample - center) > bound) / sample.size
         if fraction >= thresholds.saturated_fraction:
             what = f"its value {number(array.item())} sits" if array.size == 1 else \

@@ -13,7 +13,9 @@ import pytest
 
 from chainrule.client import GraphBuilder, LocalClient, ops
 from chainrule.core import compile_graph
-from chainrule.core.diagnostics import DEFAULT_THRESHOLDS, SATURATION_SAMPLE, Thresholds, diagnose, summarize
+from chainrule.core.diagnostics import (
+    DEFAULT_THRESHOLDS, SATURATION_EXACT, SATURATION_SAMPLE, Thresholds, diagnose, summarize,
+)
 from chainrule.server.cli import main as cli_main
 
 
@@ -160,17 +162,16 @@ def test_saturated_sigmoid_and_tanh_units(client):
 
 
 def test_saturation_of_large_tensors_is_estimated_from_a_sample():
-    n = 4 * SATURATION_SAMPLE
+    n = 16 * SATURATION_SAMPLE
     g = GraphBuilder()
     z = g.input("z", (n,))
     f = z.sigmoid(name="s").sum(name="f")
     local = LocalClient()
     z_val = np.zeros(n)
-    z_val[: int(0.7 * n)] = 40.0
-    assert flagged(local.evaluate(f, z=z_val), "SATURATED") == {"s"}
-    z_val[:] = 0.0
-    z_val[: int(0.3 * n)] = 40.0
-    assert flagged(local.evaluate(f, z=z_val), "SATURATED") == set()
+    for share, expected in ((0.7, {"s"}), (0.3, set()), (0.55, {"s"}), (0.45, set())):
+        z_val[:] = 0.0
+        z_val[: int(share * n)] = 40.0  # one saturated block: one run in each 64th of the tensor sees it fairly
+        assert flagged(local.evaluate(f, z=z_val), "SATURATED") == expected, share
     # a column layout does not fool the sample: every 4th element saturated (25%), then 3 of 4 (75%)
     z_val = np.zeros((n // 4, 4))
     z_val[:, 0] = 40.0
@@ -180,6 +181,35 @@ def test_saturation_of_large_tensors_is_estimated_from_a_sample():
     assert flagged(local.evaluate(f2, z=z_val), "SATURATED") == set()
     z_val[:, 1:] = -40.0
     assert flagged(local.evaluate(f2, z=z_val), "SATURATED") == {"s"}
+
+
+def test_saturation_up_to_four_samples_is_counted_exactly():
+    n = SATURATION_EXACT
+    g = GraphBuilder()
+    z = g.input("z", (n,))
+    f = z.tanh(name="t").sum(name="f")
+    z_val = np.zeros(n)
+    z_val[n // 2 - 1:] = 40.0  # one element over half, all at the end
+    assert flagged(LocalClient().evaluate(f, z=z_val), "SATURATED") == {"t"}
+    z_val[n // 2 - 1] = 0.0  # exactly half: the default threshold is "at least 50%"
+    assert flagged(LocalClient().evaluate(f, z=z_val), "SATURATED") == {"t"}
+    z_val[n // 2] = 0.0
+    assert flagged(LocalClient().evaluate(f, z=z_val), "SATURATED") == set()
+
+
+def test_norms_beyond_the_range_of_their_squares_are_exact():
+    """Squares of 1e160 overflow and of 1e-170 underflow; the norms and the flags must not."""
+    g = GraphBuilder()
+    x, w = g.input("x", (3,)), g.input("w", (3,))
+    f = (x * w).sum(name="f")
+    r = LocalClient().evaluate(f, x=np.full(3, 1e160), w=np.full(3, 1e-170))
+    norms = r.diagnostics.grad_norms
+    assert math.isclose(norms["w"].grad_norm, math.sqrt(3) * 1e160, rel_tol=1e-12)  # dF/dw = x
+    assert math.isclose(norms["x"].grad_norm, math.sqrt(3) * 1e-170, rel_tol=1e-12)  # dF/dx = w
+    assert math.isclose(norms["x"].value_norm, math.sqrt(3) * 1e160, rel_tol=1e-12)
+    assert math.isclose(norms["w"].value_norm, math.sqrt(3) * 1e-170, rel_tol=1e-12)
+    assert flagged(r, "EXPLODING") == {"w"} and flagged(r, "VANISHING") == {"x"}
+    assert r.diagnostics.finite
 
 
 def test_unreached_input_is_not_flagged_but_a_dead_relu_is(client):
