@@ -112,7 +112,7 @@ class ClientBase:
         tensor); ``Result.diagnostics`` is then None.
         """
         graph, output_name = resolve_target(target, output)
-        feeds = merge_inputs(inputs, named_inputs)
+        feeds = merge_inputs(inputs, named_inputs, graph.builder)
         timeout = self.timeout if timeout is None else timeout
         graph_id = self.registered_id(graph)
         staging = self._staging(timeout)
@@ -128,8 +128,10 @@ class ClientBase:
             except NotFound:
                 if graph_id is None:
                     raise
-                # The server does not know the id (restarted, evicted, another replica): register again, retry once.
-                request.message.graph_id = self.register(graph, timeout=timeout)
+                # The server does not know the id (restarted, evicted it, or another replica): resend the
+                # call with the graph itself, which that very server compiles and keeps under the same id
+                # (a separate RegisterGraph could reach another replica behind a balancer).
+                request.message.graph.CopyFrom(graph.message)
                 response = self._evaluate(request, timeout)
             if staging is not None:
                 response = read_outputs(response, staging)  # before the files go to the next call

@@ -109,6 +109,19 @@ class Var:
     def __bool__(self) -> bool:
         raise TypeError("a Var has no truth value before evaluation")
 
+    def __eq__(self, other: object) -> bool:
+        """Identity between Vars; against anything else an error, not a silent False: there are no
+        comparison operators, so ``ops.where(x == 0, ...)`` would otherwise get a constant mask."""
+        if isinstance(other, Var):
+            return self is other
+        raise TypeError(f"a Var cannot be compared with {type(other).__name__}: comparisons build no node here "
+                        "(give a bool mask as an input for ops.where; Vars compare by identity)")
+
+    def __ne__(self, other: object) -> bool:
+        return not self.__eq__(other)
+
+    __hash__ = object.__hash__
+
     # --- arithmetic (operands may be Vars, Python numbers or numpy arrays) -----------
 
     def __add__(self, other: Any) -> "Var":
@@ -355,7 +368,7 @@ class GraphBuilder:
                 node = message.nodes.add(name=v.name, op=v.op, inputs=[a.name for a in v.inputs])
                 for attr_name, value in v.attrs.items():
                     node.attrs[attr_name].CopyFrom(value)
-            graph = Graph(message)
+            graph = Graph(message, builder=self)
             self._cache = (key, graph)
             return graph
 

@@ -6,7 +6,7 @@ are thin wrappers around ``google.protobuf.json_format``.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from google.protobuf import json_format
 
@@ -28,8 +28,11 @@ class Graph:
     clients remember the id per Graph object.
     """
 
-    def __init__(self, message: pb.Graph) -> None:
+    def __init__(self, message: pb.Graph, builder: Any = None) -> None:
         self.message = message
+        #: The GraphBuilder this graph came from (None for a loaded or hand-made one): results of
+        #: it refuse Vars of other builders, whose names could match other nodes here.
+        self.builder = builder
         self._inputs: dict[str, InputSpec] | None = None
 
     @property

@@ -48,11 +48,11 @@ def resolve_target(target: Any, output: Any = None) -> tuple[Graph, str]:
     return as_graph(target), "" if output is None else name_of(output)
 
 
-def merge_inputs(inputs: Mapping[Any, Any] | None, named: Mapping[str, Any]) -> dict[str, Any]:
-    """One name -> value dict from the positional mapping (names or Vars) and keyword inputs."""
+def merge_inputs(inputs: Mapping[Any, Any] | None, named: Mapping[str, Any], owner: Any = None) -> dict[str, Any]:
+    """One name -> value dict from the positional mapping (names or Vars of ``owner``) and keyword inputs."""
     merged: dict[str, Any] = {}
     for key, value in list((inputs or {}).items()) + list(named.items()):
-        name = name_of(key)
+        name = name_of(key, owner)
         if name in merged:
             raise TypeError(f"input '{name}' is given twice")
         merged[name] = value
@@ -60,10 +60,17 @@ def merge_inputs(inputs: Mapping[Any, Any] | None, named: Mapping[str, Any]) -> 
 
 
 def to_array(name: str, value: Any, declared: str | None) -> np.ndarray:
-    """One input as an array, converted to the declared dtype when that is a same-kind cast."""
+    """One input as an array, converted to the declared dtype when that is a same-kind cast
+    that keeps every value (2**40 does not fit an int32, 1e300 a float32: a TypeError says so)."""
     array = np.asarray(value)
     if declared is not None and array.dtype != declared and np.can_cast(array.dtype, declared, "same_kind"):
-        array = array.astype(declared)
+        with np.errstate(all="ignore"):
+            cast = array.astype(declared)
+            kept = (np.array_equal(cast, array) if array.dtype.kind in "iub" else
+                    np.array_equal(np.isfinite(cast), np.isfinite(array)))  # float narrowing only rounds
+        if not kept:
+            raise TypeError(f"input '{name}': its {array.dtype} values do not fit the declared {declared}")
+        array = cast
     return array
 
 

@@ -20,12 +20,18 @@ if TYPE_CHECKING:
     from .graph import Graph
 
 
-def name_of(key: Any) -> str:
-    """The name of a node given by name or as a builder Var."""
+def name_of(key: Any, owner: Any = None) -> str:
+    """The name of a node given by name or as a builder Var. With ``owner`` (the GraphBuilder of
+    the graph concerned), a Var of another builder is refused: automatic names such as ``mul_2``
+    repeat from builder to builder, so its name would silently pick another node."""
     if isinstance(key, str):
         return key
     name = getattr(key, "name", None)
     if isinstance(name, str):
+        builder = getattr(key, "builder", None)
+        if owner is not None and builder is not None and builder is not owner:
+            raise KeyError(f"the Var '{name}' belongs to another GraphBuilder than this graph's; "
+                           "use a Var of this graph, or a name")
         return name
     raise TypeError(f"expected a node name or a Var, got {type(key).__name__}")
 
@@ -33,14 +39,16 @@ def name_of(key: Any) -> str:
 class Arrays(Mapping[str, np.ndarray]):
     """Tensors by node name, decoded on first access. Keys: names or Vars."""
 
-    def __init__(self, tensors: Mapping[str, Any], what: str, no_gradient: frozenset[str] = frozenset()) -> None:
+    def __init__(self, tensors: Mapping[str, Any], what: str, no_gradient: frozenset[str] = frozenset(),
+                 owner: Any = None) -> None:
         self._tensors = tensors
         self._what = what
         self._no_gradient = no_gradient
+        self._owner = owner  # the GraphBuilder of the evaluated graph, when it came from one
         self._decoded: dict[str, np.ndarray] = {}
 
     def __getitem__(self, key: Any) -> np.ndarray:
-        name = name_of(key)
+        name = name_of(key, self._owner)
         array = self._decoded.get(name)
         if array is None:
             tensor = self._tensors.get(name)
@@ -51,14 +59,14 @@ class Arrays(Mapping[str, np.ndarray]):
 
     def _missing(self, name: str) -> str:
         if name in self._no_gradient:
-            return (f"node '{name}' has no gradient: it is integer- or bool-typed "
-                    "(labels, indices and masks are not differentiable)")
+            return (f"node '{name}' has no gradient: it is a constant, or integer- or bool-typed "
+                    "(literals, labels, indices and masks are not differentiable)")
         return (f"no {self._what[:-1]} for '{name}' in this result: no such node or input, "
                 f"or it was not selected (or omitted as unreached)")
 
     def __contains__(self, key: object) -> bool:
         try:
-            return name_of(key) in self._tensors
+            return name_of(key, self._owner) in self._tensors
         except TypeError:
             return False
 
@@ -180,8 +188,9 @@ class Result:
         self.output: str = message.output
         self.graph_id: str = message.graph_id
         self.no_gradient: tuple[str, ...] = tuple(message.no_gradient)
-        self.values = Arrays(self._incoming.tensor_map("values"), "values")
-        self.grad = Arrays(self._incoming.tensor_map("gradients"), "gradients", frozenset(self.no_gradient))
+        owner = getattr(graph, "builder", None)
+        self.values = Arrays(self._incoming.tensor_map("values"), "values", owner=owner)
+        self.grad = Arrays(self._incoming.tensor_map("gradients"), "gradients", frozenset(self.no_gradient), owner)
         self._value: np.ndarray | None = None
         self._diagnosed = diagnosed
         self._diagnostics: Diagnostics | None = None

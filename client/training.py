@@ -46,7 +46,8 @@ def evaluate_many(
     options.ClearField("graph")  # the graph goes with the first message only
     common = _tensors(graph, inputs or {})
     results: list[Result | ChainruleRpcError] = []
-    requests = _stream_requests(graph, options, common, input_sets, batch)
+    unsendable: list[Exception] = []  # an input set that could not be encoded (gRPC would report "UNKNOWN")
+    requests = _until_unsendable(_stream_requests(graph, options, common, input_sets, batch), unsendable)
     with closing(client._evaluate_stream(requests, timeout)) as responses:  # closing early ends the call
         for response in responses:
             for item in response.results or [response]:
@@ -58,7 +59,19 @@ def evaluate_many(
                 if errors == "raise":
                     raise error
                 results.append(error)
+    if unsendable:
+        raise unsendable[0]
     return results
+
+
+def _until_unsendable(requests: Iterator[pb.EvaluateRequest], unsendable: list[Exception]
+                      ) -> Iterator[pb.EvaluateRequest]:
+    """The requests, ending the stream at the first that cannot be built; the error is kept in
+    ``unsendable`` for the caller to raise (gRPC would turn it into an anonymous UNKNOWN status)."""
+    try:
+        yield from requests
+    except (TypeError, ValueError, KeyError) as exc:
+        unsendable.append(exc)
 
 
 def _stream_requests(graph: Graph, options: pb.EvaluateRequest, common: Mapping[str, pb.Tensor],
@@ -93,7 +106,7 @@ def _tensors(graph: Graph, values: Mapping[Any, Any]) -> dict[str, pb.Tensor]:
     declared = graph.inputs
     tensors = {}
     for key, value in values.items():
-        name = name_of(key)
+        name = name_of(key, graph.builder)
         spec = declared.get(name)
         tensors[name] = to_tensor(name, value, spec.dtype if spec else None)
     return tensors

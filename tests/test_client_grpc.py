@@ -244,10 +244,12 @@ def test_client_re_registers_when_the_server_forgot_the_id(monkeypatch):
             registered = spy(monkeypatch, c, "_register")
             sent = spy(monkeypatch, c, "_evaluate")
             r = c.evaluate(first, x=1.0, y=3.0, z=-3.0)
-            assert close(r.value, -12) and close(r.grad["z"], 4)
-            assert len(registered) == 1 and len(sent) == 2      # NOT_FOUND, register, retry
-            assert [s.message.graph_id for s in sent] == [gid, gid]
+            assert close(r.value, -12) and close(r.grad["z"], 4) and r.graph_id == gid
+            assert not registered and len(sent) == 2             # NOT_FOUND, then the graph itself
+            assert sent[1].message.WhichOneof("source") == "graph"
             assert c.registered_id(first.graph) == gid
+            c.evaluate(first, x=1.0, y=3.0, z=-3.0)             # the server kept it: by id again, at once
+            assert len(sent) == 3 and sent[2].message.graph_id == gid
     finally:
         server.stop(grace=None).wait()
 

@@ -195,8 +195,14 @@ def test_grad_accepts_vars_and_names_and_explains_missing_keys(client):
     np.testing.assert_array_equal(r.grad["x"], r.grad[x])
     assert r.no_gradient == ("labels",)
     assert "labels" not in r.grad and x in r.grad
-    with pytest.raises(KeyError, match="'labels' has no gradient: it is integer"):
+    with pytest.raises(KeyError, match="'labels' has no gradient: it is a constant, or integer"):
         r.grad[labels]
+    other = GraphBuilder()
+    stranger = other.input("x", (3,))  # same name, another graph: never silently this graph's x
+    with pytest.raises(KeyError, match="belongs to another GraphBuilder"):
+        r.grad[stranger]
+    with pytest.raises(KeyError, match="belongs to another GraphBuilder"):
+        client.evaluate(f, {stranger: [1.0, 2.0, 3.0]}, labels=np.array([1, 0, 2]))
     with pytest.raises(KeyError, match="no gradient for 'nope'"):
         r.grad["nope"]
     assert r.values["labels"].dtype == np.int64

@@ -76,6 +76,28 @@ def test_calls_spread_over_all_servers_and_survive_one_stopping(servers):
     assert set(after) == {0, 2}  # the other two share the calls from then on
 
 
+def test_a_registered_graph_evaluates_on_replicas_that_never_saw_it():
+    """Each replica has its own cache: an id registered through one is unknown to the other, and
+    the client's retry must reach the replica that answered NOT_FOUND, not register elsewhere."""
+    config = ServerConfig(log_level="WARNING")
+    started = []
+    for index in range(2):
+        running, port = create_running_server("127.0.0.1:0", config, service=build_service(config), worker=index)
+        running.server.start()
+        started.append((running, f"127.0.0.1:{port}"))
+    try:
+        g = GraphBuilder()
+        x, y = g.input("x"), g.input("y")
+        f = (x * y + x).named("f")
+        with Client([address for _, address in started], timeout=10) as client:
+            client.register(f)
+            results = [client.evaluate(f, x=2.0, y=float(k)) for k in range(20)]
+        assert [r.value for r in results] == [2.0 * k + 2.0 for k in range(20)]
+    finally:
+        for running, _ in started:
+            running.server.stop(None).wait()
+
+
 def test_a_list_of_host_names_asks_for_a_dns_target():
     assert target_for(["10.0.0.1:50051", "10.0.0.2:50051"]) == "ipv4:10.0.0.1:50051,10.0.0.2:50051"
     assert target_for(["[::1]:1", "[::1]:2"]) == "ipv6:[::1]:1,[::1]:2"
