@@ -285,3 +285,12 @@ def test_build_is_cached_until_the_builder_changes():
     assert other.graph.outputs == ["f", other.name]  # marked outputs first, then the evaluated one
     with pytest.raises(ValueError, match="no outputs"):
         GraphBuilder().build()
+
+
+def test_comparing_a_var_with_a_value_is_an_error_not_a_silent_false():
+    g = GraphBuilder()
+    x, y = g.input("x"), g.input("y")
+    for compare in (lambda: x == 0, lambda: x != 0.0, lambda: np.float64(0) == x, lambda: x == np.zeros(3)):
+        with pytest.raises(TypeError, match="comparisons build no node"):
+            compare()
+    assert x == x and x != y and {x: 1, y: 2}[y] == 2 and y in [x, y]  # identity, as keys and in lists

@@ -365,3 +365,27 @@ def test_a_rule_writing_into_its_input_cannot_touch_the_callers_array():
         local.evaluate(y.sum(name="f"), x=data)
     assert info.value.node == "s" and "read-only" in info.value.message
     assert not data.any()
+
+
+@pytest.mark.parametrize("declared, value", [("int32", np.int64(2**40)), ("int64", np.uint64(2**63 + 5)),
+                                             ("float32", 1e300), ("int32", [1, 2**31])])
+def test_an_input_that_does_not_fit_its_declared_dtype_is_refused_not_wrapped(client, declared, value):
+    g = GraphBuilder()
+    x = g.input("x", dtype=declared) if np.ndim(value) == 0 else g.input("x", (2,), dtype=declared)
+    f = (x * 1).named("f")
+    with pytest.raises(TypeError, match=f"input 'x': its .* values do not fit the declared {declared}"):
+        client.evaluate(f, x=value)
+    fits = np.ones(np.shape(value), np.int64) if declared != "float32" else 2.5
+    assert client.evaluate(f, x=fits, grads="none").value.dtype == declared  # values that fit are cast
+
+
+def test_evaluate_many_raises_an_unencodable_sets_own_error(client, address):
+    g = GraphBuilder()
+    a = g.input("a")
+    f = (a * 2.0).named("f")
+    from chainrule.client import Client
+    with Client(address) as remote:
+        for c in (client, remote):  # the same TypeError through both, not gRPC's "Exception iterating requests"
+            with pytest.raises(TypeError, match="input 'a'"):
+                c.evaluate_many(f, [{"a": 1.0}, {"a": "x"}], errors="return")
+            assert [r.value for r in c.evaluate_many(f, [{"a": 1.0}, {"a": 2.0}])] == [2.0, 4.0]
