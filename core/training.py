@@ -38,7 +38,8 @@ class Report:
     grad_norms: dict[str, float]
     #: Seconds since the run started.
     elapsed: float
-    #: Loss at every step since the previous report, oldest first (each before its update).
+    #: Loss at every step since the previous report, oldest first (each before its update); at most
+    #: MAX_LOSSES_PER_REPORT, a report coming early rather than holding more.
     losses: tuple[float, ...] = ()
     done: bool = False
     #: The trained parameters (final report only).
@@ -58,6 +59,11 @@ class Feeds:
         inputs = dict(self.batches[step % len(self.batches)])
         inputs.update(params)
         return inputs
+
+
+#: Most losses one report carries (512 KiB of doubles): a run of millions of steps between
+#: reports would otherwise pile its history up in memory, and into a final message too big to send.
+MAX_LOSSES_PER_REPORT = 1 << 16
 
 
 def training(
@@ -113,7 +119,8 @@ def training(
                          done=True, params=params, target_reached=True)
             return
         params = optimizer.step(params, grads)
-        if (k + 1) % every == 0 and k + 1 < steps and time.perf_counter() - last >= report_seconds:
+        due = (k + 1) % every == 0 and time.perf_counter() - last >= report_seconds
+        if k + 1 < steps and (due or len(losses) >= MAX_LOSSES_PER_REPORT):
             last = time.perf_counter()
             yield Report(k + 1, value, _norms(grads), last - started, tuple(losses))
             losses = []

@@ -135,7 +135,7 @@ class Servicer(pb_grpc.ChainruleServicer):
         context.add_callback(limit.cancel)
         return self._stream("EvaluateStream", context, lambda request_id: evaluate_stream(
             self.service, client_requests(requests), call_token(context, self.config.max_stream_seconds),
-            self.config.max_compute_seconds, request_id))
+            self.config.max_compute_seconds, request_id, max_reply_bytes=self.config.max_message_bytes // 2))
 
     def Optimize(self, request: pb.OptimizeRequest, context: grpc.ServicerContext) -> Iterator[pb.OptimizeProgress]:
         size = len(request.graph.nodes) if request.HasField("graph") else 0

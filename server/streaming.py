@@ -28,11 +28,15 @@ log = logging.getLogger("chainrule.server.streaming")
 
 
 def evaluate_stream(service: ChainruleService, requests: Iterable[pb.EvaluateRequest], call: StopToken | None = None,
-                    item_seconds: float | None = None, request_id: str = "") -> Iterator[pb.EvaluateStreamResponse]:
+                    item_seconds: float | None = None, request_id: str = "",
+                    max_reply_bytes: int | None = None) -> Iterator[pb.EvaluateStreamResponse]:
     """Answer each request (or each of its input sets) in order.
 
-    ``call`` stops the whole stream (client deadline, cancellation);
-    ``item_seconds`` caps the compute time of each input set.
+    ``call`` stops the whole stream (client deadline, cancellation), checked
+    before every input set; ``item_seconds`` caps the compute time of each
+    input set. The answers to one message's sets go out in one reply, or in
+    several consecutive ones once a reply holds ``max_reply_bytes``, so that
+    no reply passes the message limit and none piles up in memory.
     """
     index = 0
     graph: tuple[str, Plan] | ChainruleError | None = None
@@ -58,12 +62,19 @@ def evaluate_stream(service: ChainruleService, requests: Iterable[pb.EvaluateReq
             continue
         template = _options_of(request)
         response = pb.EvaluateStreamResponse(index=index)
+        reply_bytes = 0
         for input_set in request.input_sets:
+            if call is not None:
+                call.check()  # many small sets in one message must not outlive the call
+            if max_reply_bytes is not None and reply_bytes >= max_reply_bytes:
+                yield response  # full: the next sets' answers follow in another reply
+                response, reply_bytes = pb.EvaluateStreamResponse(index=index), 0
             item = pb.EvaluateRequest()
             item.CopyFrom(template)
             item.inputs.MergeFrom(input_set.inputs)
             answer = response.results.add(index=index)
             _answer(service, this, item, answer, _item_token(call, item_seconds), request_id)
+            reply_bytes += answer.ByteSize()
             index += 1
         yield response
 

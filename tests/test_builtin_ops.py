@@ -181,7 +181,7 @@ CASES = [
     case("mse", N(2, 3), N(2, 3)),
     case("mse", N(2, 3), N(3)),
     case("mse", N(), N()),
-    case("mse", N(2, 1), N(1, 3)),
+    case("mse", N(2, 3), N(1, 3)),
 
     # selection
     case("where", M(2, 3), N(2, 3), N(3)),
@@ -565,3 +565,29 @@ def test_sigmoid_neuron_through_the_engine():
     np.testing.assert_allclose(result.grad("x"), [0.3932238664829637, -0.5898357997244456], rtol=1e-14)
     np.testing.assert_allclose(result.grad("w"), [-0.19661193324148185, -0.3932238664829637, 0.19661193324148185],
                                rtol=1e-14)
+
+
+def test_mse_refuses_operands_that_broadcast_past_both():
+    """[n,1] against [1,n] would build an n×n difference behind a scalar result, which no memory
+    budget would see (inference says "a scalar"): refused at compile, naming both shapes."""
+    from chainrule.client import GraphBuilder, InvalidArgument, LocalClient, ops
+
+    g = GraphBuilder()
+    p, t = g.input("p", (8000, 1)), g.input("t", (1, 8000))
+    with pytest.raises(InvalidArgument, match=r"prediction \[8000, 1\] and target \[1, 8000\] broadcast to "
+                                              r"\[8000, 8000\], larger than either") as info:
+        LocalClient().evaluate(ops.mse(p, t, name="loss"), p=np.zeros((8000, 1)), t=np.zeros((1, 8000)))
+    assert info.value.node == "loss" and info.value.reason == "SHAPE_MISMATCH"
+
+
+def test_axis_lists_longer_than_any_rank_are_refused_at_once():
+    from chainrule.client import GraphBuilder, InvalidArgument, LocalClient
+
+    g = GraphBuilder()
+    x = g.input("x", (2,))
+    for build, message in ((lambda: x.expand_dims(list(range(1, 100_001))), "at most 32"),
+                           (lambda: x.sum(axis=[0] * 100_000), "100000 axes given; a tensor has at most 32")):
+        g = GraphBuilder()
+        x = g.input("x", (2,))
+        with pytest.raises(InvalidArgument, match=message):
+            LocalClient().evaluate(build().sum(name="f"), x=np.ones(2))

@@ -199,6 +199,36 @@ def test_tensor_limits_apply():
         server.stop(grace=None).wait()
 
 
+def test_a_long_history_comes_in_reports_of_bounded_size(monkeypatch):
+    """Millions of steps between reports would pile up their losses into one final message too big
+    to send: a report comes early instead, and the history stays whole across reports."""
+    import chainrule.core.training as core_training
+
+    monkeypatch.setattr(core_training, "MAX_LOSSES_PER_REPORT", 16)
+    plan = compile_graph(graph_from_proto(quadratic().graph.message), load_plugins().registry)
+    reports = list(training(plan, {"w": np.zeros(3)}, fixed={"c": C, "a": A}, optimizer=SGD(0.05), steps=50,
+                            report_every=1000, report_seconds=3600))
+    assert [r.step for r in reports] == [16, 32, 48, 50] and all(len(r.losses) <= 16 for r in reports)
+    assert sum(len(r.losses) for r in reports) == 50 and reports[-1].done
+
+
+def test_batches_are_refused_before_decoding_when_they_would_not_fit_the_budget():
+    """A scalar batch is a few bytes on the wire and a kilobyte decoded: counted before any is."""
+    server, addr = start(max_memory_bytes=1 << 20)
+    try:
+        g = GraphBuilder()
+        w, x = g.input("w"), g.input("x")
+        loss = ((w * x) ** 2).named("loss")
+        with Client(addr, timeout=30) as c:
+            with pytest.raises(ResourceExhausted, match="would take about .* once decoded") as info:
+                c.optimize(loss, {"w": 1.0}, batches=[{"x": float(k)} for k in range(1000)], steps=1,
+                           progress=False)
+            assert info.value.metadata["limit"] == "max_memory_bytes"
+            assert c.optimize(loss, {"w": 1.0}, batches=[{"x": 1.0}] * 10, steps=3, progress=False).loss >= 0
+    finally:
+        server.stop(grace=None).wait()
+
+
 # --- cancellation and deadlines stop the server's work ---------------------------------------------------
 
 class Stop(Exception):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from contextlib import contextmanager
 
 import grpc
 import numpy as np
@@ -185,6 +186,51 @@ def test_an_output_file_is_refused_per_request_and_the_stream_goes_on(stub):
     assert all(isinstance(e, InvalidArgument) and e.field == "shared_memory_output" for e in errors)
     assert "only Evaluate" in errors[0].message
     assert answers[2].response.output_value == array_to_tensor(np.array(9.0))  # the first graph still holds
+
+
+@contextmanager
+def client_of(**settings):
+    """A Client of a server of its own, started with ``settings``."""
+    server, port = create_server("127.0.0.1:0", ServerConfig(**settings))
+    server.start()
+    try:
+        with Client(f"127.0.0.1:{port}", timeout=30) as c:
+            yield c
+    finally:
+        server.stop(None)
+
+
+def test_answers_too_many_for_one_reply_come_in_several():
+    """A message's sets are answered in one reply until it holds half the message limit, then in
+    the next: no reply passes the limit, and none piles up in the server's memory."""
+    with client_of(max_message_bytes=64 * 1024) as c:
+        g = GraphBuilder()
+        x = g.input("x")
+        f = (x * x).named("f")
+        sets = [{"x": float(v)} for v in range(2000)]  # about 200 bytes of answer each: 400 KB in all
+        request = raw(f.graph.message)
+        for s in sets:
+            request.input_sets.add().inputs["x"].CopyFrom(array_to_tensor(np.array(s["x"])))
+        replies = list(ChainruleStub(c.channel).EvaluateStream(iter([request]), timeout=30))
+        assert len(replies) > 4 and all(r.ByteSize() < 64 * 1024 for r in replies)
+        assert [r.index for r in replies] == [r.results[0].index for r in replies]
+        assert [item.index for r in replies for item in r.results] == list(range(2000))
+        results = c.evaluate_many(f, sets, batch=2000)  # the client reads them as one answer
+        assert [float(r.value) for r in results] == [float(v) ** 2 for v in range(2000)]
+
+
+def test_a_deadline_ends_a_message_of_many_sets_and_frees_the_slot():
+    with client_of(max_concurrent=1) as c:
+        request = raw(scalar_graph())
+        for _ in range(50_000):  # seconds of work for the server, a few MB on the wire
+            request.input_sets.add().inputs["x"].CopyFrom(array_to_tensor(np.array(1.0)))
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as info:
+            list(ChainruleStub(c.channel).EvaluateStream(iter([request]), timeout=0.5))
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        time.sleep(0.3)  # the server notices at its next set
+        assert c.evaluate(neuron(), input_sets(1)[0]).value > 0  # the only slot is free again
+        assert time.monotonic() - started < 5
 
 
 # --- admission control: a stream holds one slot for its whole length -----------------------------------

@@ -101,7 +101,13 @@ def _mse_vjp(g, out, prediction, target):
 
 
 def _mse_infer(prediction: TensorSpec, target: TensorSpec) -> TensorSpec:
-    broadcast_shapes(prediction.shape, target.shape)
+    """A scalar, from operands of which one broadcasts to the other: the difference the rule builds
+    is then no larger than an operand, which the memory budget has already counted. (A [n,1] against
+    a [1,n] would make an n×n temporary behind a scalar result, and is almost always a mistake.)"""
+    shape = broadcast_shapes(prediction.shape, target.shape)
+    if shape not in (tuple(prediction.shape), tuple(target.shape)):
+        raise OpError(f"prediction {list(prediction.shape)} and target {list(target.shape)} broadcast to "
+                      f"{list(shape)}, larger than either; give them the same shape")
     return TensorSpec((), float_result(np.result_type(prediction.dtype, target.dtype)))
 
 
@@ -123,7 +129,7 @@ def _cross_entropy_sample(rng):
 
 
 def _mse_sample(rng):
-    a, b = _pick(rng, [((2, 3), (2, 3)), ((2, 3), (3,)), ((), ()), ((4, 1), (1, 2))])
+    a, b = _pick(rng, [((2, 3), (2, 3)), ((2, 3), (3,)), ((), ()), ((4, 2), (1, 2))])
     return [np.asarray(rng.standard_normal(a)), np.asarray(rng.standard_normal(b))], {}
 
 

@@ -17,6 +17,7 @@ import numpy as np
 
 from chainrule.core import Attr, OpDef, OpError, TensorSpec
 from chainrule.core.dtypes import float_result
+from chainrule.core.tensor_spec import MAX_RANK
 from chainrule.plugins.authoring import table_hookimpl
 
 from .elementwise import as_float, writable
@@ -31,13 +32,15 @@ def normalize_axes(axis: Sequence[int] | None, ndim: int, *, field: str = "attrs
     """
     if axis is None:
         return tuple(range(ndim))
-    axes: list[int] = []
+    if len(axis) > MAX_RANK:  # some axis repeats or is out of range; said before any long scan
+        raise OpError(f"{len(axis)} axes given; a tensor has at most {MAX_RANK}", reason="BAD_ATTRIBUTE", field=field)
+    axes: set[int] = set()
     for a in axis:
         if not -ndim <= a < ndim:
             raise OpError(f"axis {a} is out of range for a tensor of rank {ndim}", reason="BAD_ATTRIBUTE", field=field)
         if a % ndim in axes:
             raise OpError(f"axis {a} is given twice (rank {ndim})", reason="BAD_ATTRIBUTE", field=field)
-        axes.append(a % ndim)
+        axes.add(a % ndim)
     return tuple(sorted(axes))
 
 

@@ -13,6 +13,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from chainrule.core import VARIADIC, Attr, OpDef, OpError, TensorSpec, unbroadcast
+from chainrule.core.tensor_spec import MAX_RANK
 from chainrule.plugins.authoring import table_hookimpl
 
 from .reduce import normalize_axes
@@ -143,6 +144,9 @@ def _squeeze_infer(x: TensorSpec, *, axis=None) -> TensorSpec:
 
 def _expand_dims_infer(x: TensorSpec, *, axis) -> TensorSpec:
     ndim = len(x.shape) + len(axis)
+    if ndim > MAX_RANK:
+        raise OpError(f"expand_dims would make {ndim} dimensions; at most {MAX_RANK} are supported",
+                      reason="BAD_ATTRIBUTE", field="attrs.axis")
     axes = normalize_axes(axis, ndim)
     rest = iter(x.shape)
     return TensorSpec(tuple(1 if i in axes else next(rest) for i in range(ndim)), x.dtype)

@@ -107,7 +107,8 @@ class ChainruleServicer:
 
     def EvaluateStream(self, request_iterator, context):
         """Evaluates a stream of requests, answering each in order with one
-        EvaluateStreamResponse. A failed item is answered with its error and the
+        EvaluateStreamResponse (a request with many input sets: with one or more,
+        see EvaluateRequest.input_sets). A failed item is answered with its error and the
         stream goes on; only a failure of the stream itself ends the call.
         A request that sets neither graph nor graph_id runs the graph of the
         previous request of the stream (compiled once); a request may carry
