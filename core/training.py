@@ -95,9 +95,9 @@ def training(
     if not report_seconds >= 0:
         raise GraphError(f"report_interval_seconds: must be >= 0, got {report_seconds}",
                          field="report_interval_seconds")
-    feeds = check_feeds(plan, params, fixed or {}, batches)
+    feeds = check_feeds(plan, params, fixed or {}, batches, token)
     out = _loss_slot(plan, loss)
-    _check_loss_shapes(plan, out, params, feeds)
+    _check_loss_shapes(plan, out, params, feeds, token)
     names, loss_name = feeds.parameters, plan.names[out]
     slots = [plan.slot(name, field="parameters") for name in names]
     params = {name: params[name] for name in names}
@@ -148,8 +148,10 @@ def train(plan: Plan, params: Arrays, *, on_progress: Callable[[Report], None] |
 
 # --- checks before the first step ---------------------------------------------------------
 
-def check_feeds(plan: Plan, params: Arrays, fixed: Arrays, batches: Sequence[Arrays]) -> Feeds:
-    """Every declared input fed exactly once per step with the declared dtype and shape."""
+def check_feeds(plan: Plan, params: Arrays, fixed: Arrays, batches: Sequence[Arrays],
+                token: StopToken | None = None) -> Feeds:
+    """Every declared input fed exactly once per step with the declared dtype and shape
+    (``token`` is checked every 1,024 batches: a request may carry a million)."""
     declared = {plan.names[k]: k for k in range(plan.n_inputs)}
     if not params:
         raise GraphError("parameters: name at least one graph input to train", field="parameters")
@@ -163,7 +165,9 @@ def check_feeds(plan: Plan, params: Arrays, fixed: Arrays, batches: Sequence[Arr
             raise DTypeError(f"parameter '{name}' has dtype {np.asarray(value).dtype.name}; only float inputs can be "
                              "trained", node=name, field=f"initial.{name}")
     sources = [("fixed_inputs", fixed)] + [(f"batches[{i}].inputs", b) for i, b in enumerate(batches)]
-    for where, feed in sources:
+    for i, (where, feed) in enumerate(sources):
+        if token is not None and i % 1024 == 0:
+            token.check()
         for name, value in feed.items():
             if name not in declared:
                 raise UnexpectedInputError(f"{where}.{name}: the graph declares no input '{name}'",
@@ -207,9 +211,11 @@ def _loss_slot(plan: Plan, loss: str | None) -> int:
     return plan.outputs[0]
 
 
-def _check_loss_shapes(plan: Plan, out: int, params: Arrays, feeds: Feeds) -> None:
+def _check_loss_shapes(plan: Plan, out: int, params: Arrays, feeds: Feeds, token: StopToken | None) -> None:
     """Infer shapes for every batch (checking the limits) and that the loss is a float scalar."""
-    for batch in feeds.batches:
+    for i, batch in enumerate(feeds.batches):
+        if token is not None and i % 1024 == 0:
+            token.check()
         inputs = {**batch, **params}
         shapes = plan.specialize([np.shape(inputs[plan.names[k]]) for k in range(plan.n_inputs)])
         spec = shapes.specs[out]
