@@ -8,6 +8,7 @@ runs (server or in-process). Values keep their dtype (float32 stays float32).
 """
 from __future__ import annotations
 
+import math
 from typing import Mapping, Protocol
 
 import numpy as np
@@ -71,8 +72,8 @@ class Adam:
         self.lr = _check_rate(lr)
         self.beta1 = _check_unit("beta1", beta1)
         self.beta2 = _check_unit("beta2", beta2)
-        if not eps > 0:
-            raise _invalid("epsilon", f"must be > 0, got {eps}")
+        if not 0 < eps < math.inf:
+            raise _invalid("epsilon", f"must be > 0 and finite, got {eps}")
         self.eps = float(eps)
         self.t = 0
         self.m: dict[str, np.ndarray] = {}

@@ -95,6 +95,9 @@ def training(
     if not report_seconds >= 0:
         raise GraphError(f"report_interval_seconds: must be >= 0, got {report_seconds}",
                          field="report_interval_seconds")
+    if target_loss is not None and math.isnan(target_loss):  # no loss is ever <= NaN: it would never stop early
+        raise GraphError("target_loss: NaN can never be reached; leave it unset to run every step",
+                         field="target_loss")
     feeds = check_feeds(plan, params, fixed or {}, batches, token)
     out = _loss_slot(plan, loss)
     _check_loss_shapes(plan, out, params, feeds, token)

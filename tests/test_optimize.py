@@ -161,6 +161,8 @@ def test_same_run_bitwise_identical_through_local_client(client):
     (dict(data={"c": C, "a": A[:2]}), "fixed_inputs.a", "shape"),
     (dict(data={"c": C}, batches=[{"a": A}, {"a": np.zeros(4)}]), "batches[1].inputs.a", "shape"),
     (dict(loss="d"), "loss", "scalar"),
+    (dict(target_loss=float("nan")), "target_loss", "NaN can never be reached"),
+    (dict(optimizer="adam", eps=float("inf")), "optimizer.epsilon", "finite"),
 ])
 def test_bad_requests_fail_before_any_step(client, change, field, text):
     run = dict(params={"w": np.zeros(3)}, data={"c": C, "a": A}, steps=5, progress=False)
