@@ -35,6 +35,10 @@ class Graph:
         self.builder = builder
         self._inputs: dict[str, InputSpec] | None = None
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled and deep-copied without its builder (which holds a lock): the copy is a plain graph."""
+        return {**self.__dict__, "builder": None}
+
     @property
     def outputs(self) -> list[str]:
         """The names of the graph's outputs, in order."""

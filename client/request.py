@@ -63,15 +63,17 @@ def to_array(name: str, value: Any, declared: str | None) -> np.ndarray:
     """One input as an array, converted to the declared dtype when that is a same-kind cast
     that keeps every value (2**40 does not fit an int32, 1e300 a float32: a TypeError says so)."""
     array = np.asarray(value)
-    if declared is not None and array.dtype != declared and np.can_cast(array.dtype, declared, "same_kind"):
-        with np.errstate(all="ignore"):
-            cast = array.astype(declared)
-            kept = (np.array_equal(cast, array) if array.dtype.kind in "iub" else
-                    np.array_equal(np.isfinite(cast), np.isfinite(array)))  # float narrowing only rounds
-        if not kept:
-            raise TypeError(f"input '{name}': its {array.dtype} values do not fit the declared {declared}")
-        array = cast
-    return array
+    if declared is None or array.dtype == declared or not np.can_cast(array.dtype, declared, "same_kind"):
+        return array
+    with np.errstate(over="ignore"):
+        cast = array.astype(declared)
+    if cast.dtype.kind == "f":  # a float target rounds, as floats do; only an overflow to inf loses a value
+        kept = np.isfinite(cast).all() or np.array_equal(np.isfinite(cast), np.isfinite(array))
+    else:  # an integer target must hold every value exactly
+        kept = np.array_equal(cast, array)
+    if not kept:
+        raise TypeError(f"input '{name}': its {array.dtype} values do not fit the declared {declared}")
+    return cast
 
 
 def to_tensor(name: str, value: Any, declared: str | None) -> pb.Tensor:

@@ -67,7 +67,7 @@ class Arrays(Mapping[str, np.ndarray]):
     def __contains__(self, key: object) -> bool:
         try:
             return name_of(key, self._owner) in self._tensors
-        except TypeError:
+        except (TypeError, KeyError):  # not a name, or a Var of another graph: not in this result
             return False
 
     def __iter__(self) -> Iterator[str]:

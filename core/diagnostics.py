@@ -46,10 +46,9 @@ class Thresholds:
 
 DEFAULT_THRESHOLDS = Thresholds()
 
-#: Tensors of more than SATURATION_EXACT elements have their saturated fraction estimated from
-#: SATURATION_SAMPLE of them; smaller ones are judged whole.
+#: Tensors of more than this many elements have their saturated fraction estimated from a sample
+#: of this many; smaller ones are judged whole.
 SATURATION_SAMPLE = 1 << 16
-SATURATION_EXACT = 4 * SATURATION_SAMPLE
 
 
 @dataclass
@@ -232,14 +231,16 @@ def _finite(square_sum: float | None) -> bool:
     return square_sum is None or math.isfinite(square_sum)
 
 
-#: Below this, a sum of squares may have lost elements to underflow (1e-170 squared is 0).
+#: Below this (and above 0), a sum of squares may have lost elements to underflow.
 _TINY_SQUARE_SUM = 1e-280
 
 
 def _norm_of(value: Any, square_sum: float | None) -> float:
-    """The Euclidean norm from the sum of squares already taken; where the squares overflowed or
-    underflowed (elements beyond 1e154 or below 1e-140), computed again scaled by the largest."""
-    if square_sum is not None and math.isfinite(square_sum) and square_sum > _TINY_SQUARE_SUM:
+    """The Euclidean norm from the sum of squares already taken; where the squares overflowed
+    (elements beyond 1e154) or partly underflowed, computed again scaled by the largest. A sum of
+    exactly 0 is taken as a zero tensor, the common case (zero biases, unreached gradients), not
+    read again: a tensor whose every element is below 1e-162 then reads 0, which changes no flag."""
+    if square_sum is not None and math.isfinite(square_sum) and (square_sum > _TINY_SQUARE_SUM or square_sum == 0):
         return math.sqrt(square_sum)
     array = np.abs(np.ravel(value).astype(np.float64))
     largest = float(array.max()) if array.size else 0.0
@@ -349,7 +350,7 @@ SATURATION_RUNS = 64
 
 @functools.lru_cache(maxsize=64)
 def _sample_indices(size: int) -> np.ndarray:
-    """SATURATION_SAMPLE positions below ``size`` (over SATURATION_EXACT), drawn once per size:
+    """SATURATION_SAMPLE positions below ``size`` (over SATURATION_SAMPLE), drawn once per size:
     one run of consecutive elements at a random place in each SATURATION_RUNS-th of the tensor,
     in increasing order. Runs read whole cache lines (scattered single elements cost ~0.5 ms per
     16 MiB tensor, runs ~0.05 ms); one per part covers the tensor evenly (a saturated block
@@ -365,9 +366,9 @@ def _sample_indices(size: int) -> np.ndarray:
 
 
 def _saturation_sample(array: np.ndarray) -> np.ndarray:
-    """The elements a tensor's saturation is judged on: all of them up to SATURATION_EXACT,
+    """The elements a tensor's saturation is judged on: all of them up to SATURATION_SAMPLE,
     else the sample, gathered without copying the whole tensor (which order does not matter)."""
-    if array.size <= SATURATION_EXACT:
+    if array.size <= SATURATION_SAMPLE:
         return array.ravel()
     indices = _sample_indices(array.size)
     if array.flags.c_contiguous or array.flags.f_contiguous:
@@ -400,7 +401,9 @@ def _saturation_flags(plan: Plan, values: list[Any], thresholds: Thresholds) -> 
             continue
         op = plan.ops[k].name  # type: ignore[union-attr]
         center, bound, local = rules[op]
-        sample = _saturation_sample(array).astype(np.float64, copy=False)  # float16 cannot hold the bounds
+        sample = _saturation_sample(array)
+        if sample.dtype.itemsize < 4:  # float16 cannot hold the bounds (0.49995 rounds to 0.5)
+            sample = sample.astype(np.float64)
         fraction = np.count_nonzero(np.abs(sample - center) > bound) / sample.size
         if fraction >= thresholds.saturated_fraction:
             what = f"its value {number(array.item())} sits" if array.size == 1 else \

@@ -51,6 +51,15 @@ def dtype_name(code: int, *, field: str) -> str:
         raise DTypeError(f"{field}: unknown dtype code {code}", field=field) from None
 
 
+def check_element_count(shape: tuple[int, ...], count: int, max_elements: int | None, field: str) -> None:
+    """RESOURCE_EXHAUSTED (max_tensor_elements) for a tensor of more elements than one may have."""
+    if max_elements is not None and count > max_elements:
+        raise LimitExceeded(
+            f"{field}: shape {shape_text(shape)} has {count} elements; the limit per tensor is {max_elements}",
+            limit="max_tensor_elements", requested=count, allowed=max_elements, field=field,
+        )
+
+
 def tensor_to_array(tensor: pb.Tensor | RawTensor, *, field: str, max_elements: int | None = None,
                     shared_memory: SharedMemoryDir | None = None) -> np.ndarray:
     """Decode a Tensor (a message, or one read straight from received bytes), checking dtype, shape,
@@ -75,11 +84,7 @@ def _decode(tensor: pb.Tensor | RawTensor, field: str, max_elements: int | None,
         if problem:
             raise ShapeError(f"{field}: shape {shape_text(shape)}: {problem}", field=f"{field}.shape")
     count = math.prod(shape)
-    if max_elements is not None and count > max_elements:
-        raise LimitExceeded(
-            f"{field}: shape {list(shape)} has {count} elements; the limit per tensor is {max_elements}",
-            limit="max_tensor_elements", requested=count, allowed=max_elements, field=field,
-        )
+    check_element_count(shape, count, max_elements, field)
     payload = "data" if isinstance(tensor, RawTensor) else tensor.WhichOneof("payload")
     if payload == "data":
         expected = count * dtype.itemsize

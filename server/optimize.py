@@ -18,7 +18,7 @@ from chainrule.core.optim import Optimizer, make_optimizer
 from chainrule.core.training import Report, training
 from chainrule.v1 import chainrule_pb2 as pb
 
-from .convert import array_to_tensor, tensor_to_array
+from .convert import DTYPE_TO_NUMPY, array_to_tensor, check_element_count, tensor_to_array
 from .service import ChainruleService
 from .shared_memory import check_total
 
@@ -35,10 +35,11 @@ def optimize(service: ChainruleService, request: pb.OptimizeRequest, token: Stop
     _, plan = service.plan_for(request)  # type: ignore[arg-type]  (same graph/graph_id oneof as EvaluateRequest)
     limit = service.limits.max_tensor_elements
 
-    tensors = [*request.initial.values(), *request.fixed_inputs.values(),
-               *(t for batch in request.batches for t in batch.inputs.values())]
-    check_total(tensors, service.limits.max_memory_bytes, "initial, fixed_inputs and batches")
-    _check_decoded_size(request, tensors, service.limits.max_memory_bytes)
+    tensors = {**{f"initial.{k}": t for k, t in request.initial.items()},
+               **{f"fixed_inputs.{k}": t for k, t in request.fixed_inputs.items()},
+               **{f"batches[{i}].inputs.{k}": t for i, b in enumerate(request.batches) for k, t in b.inputs.items()}}
+    check_total(tensors.values(), service.limits.max_memory_bytes, "initial, fixed_inputs and batches")
+    _check_decoded_size(tensors, len(request.batches), limit, service.limits.max_memory_bytes)
 
     def decode(tensor: pb.Tensor, field: str) -> np.ndarray:
         return tensor_to_array(tensor, field=field, max_elements=limit, shared_memory=service.shared_memory)
@@ -72,22 +73,28 @@ def optimize(service: ChainruleService, request: pb.OptimizeRequest, token: Stop
         yield progress_message(report)
 
 
-#: What one decoded tensor or batch costs in Python objects beyond its elements (numpy array, dict
-#: entries, the per-step feed): measured near 1.2 KiB per scalar batch, rounded up.
-OBJECT_BYTES = 2048
+#: What one decoded tensor, and one batch, cost in Python objects beyond the elements (numpy array,
+#: dict entries, the per-step feed): a batch of two scalars measures about 690 bytes.
+TENSOR_OBJECT_BYTES = BATCH_OBJECT_BYTES = 256
 
 
-def _check_decoded_size(request: pb.OptimizeRequest, tensors: list[pb.Tensor], allowed: int) -> None:
-    """Refuse, before decoding, a request whose tensors and batches would take more than the memory
-    budget once decoded: a scalar batch is a few bytes on the wire and a kilobyte in memory."""
-    elements = sum(max(math.prod(t.shape), 0) * 8 for t in tensors)  # at most 8 bytes an element
-    estimate = elements + OBJECT_BYTES * (len(tensors) + len(request.batches))
+def _check_decoded_size(tensors: dict[str, pb.Tensor], batches: int, max_elements: int, allowed: int) -> None:
+    """Refuse, before decoding, tensors and batches that would take more than the memory budget
+    once decoded (a scalar batch is a few bytes on the wire and several hundred in memory); a
+    tensor over the per-tensor limit is named on its own first."""
+    elements_bytes = 0
+    for field, tensor in tensors.items():
+        shape = tuple(tensor.shape)
+        count = math.prod(shape) if all(n >= 0 for n in shape) else 0  # a bad shape is refused when decoded
+        check_element_count(shape, count, max_elements, field)
+        dtype = DTYPE_TO_NUMPY.get(tensor.dtype)
+        elements_bytes += count * (dtype.itemsize if dtype is not None else 8)
+    estimate = elements_bytes + TENSOR_OBJECT_BYTES * len(tensors) + BATCH_OBJECT_BYTES * batches
     if estimate > allowed:
         raise LimitExceeded(
-            f"initial, fixed_inputs and batches: {len(tensors)} tensors in {len(request.batches)} batches and "
-            f"the rest would take about {estimate} bytes once decoded; the memory budget per request is "
-            f"{allowed} (max_memory_bytes)", limit="max_memory_bytes", requested=estimate, allowed=allowed,
-            field="batches")
+            f"batches: {len(tensors)} tensors in {batches} batches and the rest would take about {estimate} "
+            f"bytes once decoded; the memory budget per request is {allowed} (max_memory_bytes)",
+            limit="max_memory_bytes", requested=estimate, allowed=allowed, field="batches")
 
 
 def optimizer_from_proto(request: pb.OptimizeRequest) -> Optimizer:

@@ -294,3 +294,15 @@ def test_comparing_a_var_with_a_value_is_an_error_not_a_silent_false():
         with pytest.raises(TypeError, match="comparisons build no node"):
             compare()
     assert x == x and x != y and {x: 1, y: 2}[y] == 2 and y in [x, y]  # identity, as keys and in lists
+
+
+def test_a_built_graph_pickles_and_deep_copies_as_a_plain_graph():
+    import copy
+    import pickle
+
+    g = GraphBuilder()
+    x = g.input("x")
+    graph = (x * 2.0).named("f").graph
+    for twin in (pickle.loads(pickle.dumps(graph)), copy.deepcopy(graph)):
+        assert twin.message == graph.message and twin.builder is None
+    assert graph.builder is g  # the original keeps its builder

@@ -379,6 +379,22 @@ def test_an_input_that_does_not_fit_its_declared_dtype_is_refused_not_wrapped(cl
     assert client.evaluate(f, x=fits, grads="none").value.dtype == declared  # values that fit are cast
 
 
+@pytest.mark.parametrize("value", [1700000001, np.int64(16777217), 2.5, np.float64(1e-50), [1, 2]])
+def test_values_a_float_input_can_hold_are_rounded_as_floats_are(client, value):
+    g = GraphBuilder()
+    x = g.input("x", dtype="float32") if np.ndim(value) == 0 else g.input("x", (2,), dtype="float32")
+    r = client.evaluate((x * 1.0).named("f"), x=value, grads="none")
+    assert np.array_equal(r.value, np.asarray(value, dtype=np.float32))
+
+
+def test_a_var_of_another_graph_is_simply_not_in_a_result(client):
+    g = GraphBuilder()
+    x = g.input("x")
+    r = client.evaluate((x * 2.0).named("f"), x=1.0)
+    stranger = GraphBuilder().input("x")
+    assert x in r.values and stranger not in r.values and stranger not in r.grad
+
+
 def test_evaluate_many_raises_an_unencodable_sets_own_error(client, address):
     g = GraphBuilder()
     a = g.input("a")

@@ -223,9 +223,9 @@ def test_batches_are_refused_before_decoding_when_they_would_not_fit_the_budget(
         loss = ((w * x) ** 2).named("loss")
         with Client(addr, timeout=30) as c:
             with pytest.raises(ResourceExhausted, match="would take about .* once decoded") as info:
-                c.optimize(loss, {"w": 1.0}, batches=[{"x": float(k)} for k in range(1000)], steps=1,
+                c.optimize(loss, {"w": 1.0}, batches=[{"x": float(k)} for k in range(4000)], steps=1,
                            progress=False)
-            assert info.value.metadata["limit"] == "max_memory_bytes"
+            assert info.value.metadata["limit"] == "max_memory_bytes" and info.value.field == "batches"
             assert c.optimize(loss, {"w": 1.0}, batches=[{"x": 1.0}] * 10, steps=3, progress=False).loss >= 0
     finally:
         server.stop(grace=None).wait()
