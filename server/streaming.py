@@ -51,12 +51,12 @@ def evaluate_stream(service: ChainruleService, requests: Iterable[pb.EvaluateReq
         elif graph is None:
             graph = GraphError("the first request of a stream needs a graph or a graph_id", field="graph")
         # Answers travel inside the stream's messages: refuse rather than ignore an output file.
-        this = graph if not request.shared_memory_output else GraphError(
+        graph_or_refusal = graph if not request.shared_memory_output else GraphError(
             "shared_memory_output: EvaluateStream answers in its messages; only Evaluate writes outputs "
             "to shared memory", field="shared_memory_output")
         if not request.input_sets:
             answer = pb.EvaluateStreamResponse(index=index)
-            _answer(service, this, request, answer, _item_token(call, item_seconds), request_id)
+            _answer(service, graph_or_refusal, request, answer, _item_token(call, item_seconds), request_id)
             index += 1
             yield answer
             continue
@@ -73,7 +73,7 @@ def evaluate_stream(service: ChainruleService, requests: Iterable[pb.EvaluateReq
             item.CopyFrom(template)
             item.inputs.MergeFrom(input_set.inputs)
             answer = response.results.add(index=index)
-            _answer(service, this, item, answer, _item_token(call, item_seconds), request_id)
+            _answer(service, graph_or_refusal, item, answer, _item_token(call, item_seconds), request_id)
             reply_bytes += answer.ByteSize()
             index += 1
         yield response
