@@ -55,12 +55,12 @@ class Client(ClientBase):
                  tls: bool | TLS | None = None, token: str | None = None,
                  max_message_bytes: int = MAX_MESSAGE_BYTES, shared_memory: bool = False) -> None:
         super().__init__(timeout=timeout)
-        if shared_memory and "," in target_for(address):  # each server would need our files on its host
+        self.address = target_for(address)
+        if shared_memory and "," in self.address:  # each server would need our files on its host
             raise ValueError(f"shared_memory=True needs a single server on this host, not several: {address!r}")
         self.shared_memory = shared_memory
         self._shared: SharedMemoryStaging | None = None
         self._shared_lock = threading.Lock()
-        self.address = target_for(address)
         given = list(options or [])
         keys = {key for key, _ in given}
         defaults = [("grpc.max_send_message_length", max_message_bytes),

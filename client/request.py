@@ -86,15 +86,15 @@ def to_tensor(name: str, value: Any, declared: str | None) -> pb.Tensor:
         raise TypeError(f"input '{name}': {exc.message}") from None
 
 
-def selection(spec: Selectable | None, field: str) -> pb.Selection | None:
-    """``"all"`` (None), ``"none"`` or a list of names/Vars as a Selection message."""
+def selection(spec: Selectable | None, field: str, owner: Any = None) -> pb.Selection | None:
+    """``"all"`` (None), ``"none"`` or a list of names/Vars (of ``owner``) as a Selection message."""
     if spec is None or (isinstance(spec, str) and spec == "all"):
         return None
     if isinstance(spec, str):
         if spec == "none":
             return pb.Selection(mode=pb.Selection.NONE)
         raise ValueError(f"{field}: expected 'all', 'none' or a list of names, got {spec!r}")
-    return pb.Selection(mode=pb.Selection.LISTED, names=[name_of(k) for k in spec])
+    return pb.Selection(mode=pb.Selection.LISTED, names=[name_of(k, owner) for k in spec])
 
 
 def evaluate_request(
@@ -152,7 +152,7 @@ def evaluate_request(
     if seed is not None:
         request.seed.CopyFrom(to_tensor("seed", seed, None))
     for field, spec in (("return_values", values), ("return_grads", grads)):
-        chosen = selection(spec, field)
+        chosen = selection(spec, field, graph.builder)
         if chosen is not None:
             getattr(request, field).CopyFrom(chosen)
     return outgoing

@@ -35,10 +35,8 @@ def optimize(service: ChainruleService, request: pb.OptimizeRequest, token: Stop
     _, plan = service.plan_for(request)  # type: ignore[arg-type]  (same graph/graph_id oneof as EvaluateRequest)
     limit = service.limits.max_tensor_elements
 
-    tensors = {**{f"initial.{k}": t for k, t in request.initial.items()},
-               **{f"fixed_inputs.{k}": t for k, t in request.fixed_inputs.items()},
-               **{f"batches[{i}].inputs.{k}": t for i, b in enumerate(request.batches) for k, t in b.inputs.items()}}
-    check_total(tensors.values(), service.limits.max_memory_bytes, "initial, fixed_inputs and batches")
+    tensors = _request_tensors(request)
+    check_total((t for _, _, t in tensors), service.limits.max_memory_bytes, "initial, fixed_inputs and batches")
     _check_decoded_size(tensors, len(request.batches), limit, service.limits.max_memory_bytes)
 
     def decode(tensor: pb.Tensor, field: str) -> np.ndarray:
@@ -78,15 +76,24 @@ def optimize(service: ChainruleService, request: pb.OptimizeRequest, token: Stop
 TENSOR_OBJECT_BYTES = BATCH_OBJECT_BYTES = 256
 
 
-def _check_decoded_size(tensors: dict[str, pb.Tensor], batches: int, max_elements: int, allowed: int) -> None:
+def _request_tensors(request: pb.OptimizeRequest) -> list[tuple[str, str, pb.Tensor]]:
+    """Every tensor of the request as (where, name, tensor); a field path is spelt only for an error."""
+    return [*(("initial.", k, t) for k, t in request.initial.items()),
+            *(("fixed_inputs.", k, t) for k, t in request.fixed_inputs.items()),
+            *((f"batches[{i}].inputs.", k, t) for i, b in enumerate(request.batches) for k, t in b.inputs.items())]
+
+
+def _check_decoded_size(tensors: list[tuple[str, str, pb.Tensor]], batches: int, max_elements: int,
+                        allowed: int) -> None:
     """Refuse, before decoding, tensors and batches that would take more than the memory budget
     once decoded (a scalar batch is a few bytes on the wire and several hundred in memory); a
     tensor over the per-tensor limit is named on its own first."""
     elements_bytes = 0
-    for field, tensor in tensors.items():
+    for where, name, tensor in tensors:
         shape = tuple(tensor.shape)
         count = math.prod(shape) if all(n >= 0 for n in shape) else 0  # a bad shape is refused when decoded
-        check_element_count(shape, count, max_elements, field)
+        if count > max_elements:
+            check_element_count(shape, count, max_elements, where + name)
         dtype = DTYPE_TO_NUMPY.get(tensor.dtype)
         elements_bytes += count * (dtype.itemsize if dtype is not None else 8)
     estimate = elements_bytes + TENSOR_OBJECT_BYTES * len(tensors) + BATCH_OBJECT_BYTES * batches

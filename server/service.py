@@ -152,8 +152,9 @@ class ChainruleService:
                              field="input_sets")
         limit = self.limits.max_tensor_elements
         tensors, seed_tensor = incoming.tensor_map("inputs"), incoming.tensor("seed")
-        check_input_names(plan, tensors)  # nothing is read from shared memory for a name the graph lacks
-        check_total([*tensors.values(), seed_tensor], self.limits.max_memory_bytes, "inputs")
+        if self.shared_memory is not None:  # a reference costs its sender a few bytes, its read costs us all
+            check_input_names(plan, tensors)  # (the engine checks names again, for every other caller)
+            check_total([*tensors.values(), seed_tensor], self.limits.max_memory_bytes, "inputs")
         inputs = inputs_from_proto(tensors, max_elements=limit, shared_memory=self.shared_memory)
         seed = None if seed_tensor is None else tensor_to_array(
             seed_tensor, field="seed", max_elements=limit, shared_memory=self.shared_memory)

@@ -203,6 +203,8 @@ def test_grad_accepts_vars_and_names_and_explains_missing_keys(client):
         r.grad[stranger]
     with pytest.raises(KeyError, match="belongs to another GraphBuilder"):
         client.evaluate(f, {stranger: [1.0, 2.0, 3.0]}, labels=np.array([1, 0, 2]))
+    with pytest.raises(KeyError, match="belongs to another GraphBuilder"):
+        client.evaluate(f, x=[1.0, 2.0, 3.0], labels=np.array([1, 0, 2]), grads=[stranger])
     with pytest.raises(KeyError, match="no gradient for 'nope'"):
         r.grad["nope"]
     assert r.values["labels"].dtype == np.int64
