@@ -21,7 +21,7 @@ import time
 
 import numpy as np
 
-from chainrule.core import Graph, InputDecl, Node, compile_graph
+from chainrule.core import Graph, InputDecl, Node, compile_graph, evaluate
 from chainrule.plugins.manager import load_plugins
 
 
@@ -180,10 +180,10 @@ def main() -> None:
     n = 10_000
     plan = compile_graph(chain_graph(n), registry)
     scalars = {"x": np.float64(0.3), "a": np.float64(0.1), "b": np.float64(0.9)}
-    ev = plan.run(scalars)
+    ev = evaluate(plan, scalars)
     reference = chain_pure_python(n, 0.3, 0.1, 0.9)
     assert abs(float(ev.grad("a")) - reference[2]) < 1e-9 and abs(float(ev.grad("b")) - reference[3]) < 1e-9
-    ours = best_of(lambda: plan.run(scalars), repeats) / n * 1e6
+    ours = best_of(lambda: evaluate(plan, scalars), repeats) / n * 1e6
     pure = best_of(lambda: chain_pure_python(n, 0.3, 0.1, 0.9), repeats) / n * 1e6
     rows.append(("(a) scalar chain, us/op", "pure Python tape", pure, "chainrule", ours, "target <= 3 us/op"))
     try:
@@ -201,14 +201,14 @@ def main() -> None:
     ):
         inputs = network_inputs(batch, features, hidden)
         plan = compile_graph(network_graph(batch, features, hidden), registry)
-        ev = plan.run(inputs)
+        ev = evaluate(plan, inputs)
         expected = network_numpy(**inputs)
         np.testing.assert_allclose(ev.grad("W1"), expected[1], rtol=1e-9, atol=1e-12)
         reps = repeats * (20 if batch < 100 else 1)
         params = [name for name in inputs if name not in ("X", "T")]
         ref = best_of(lambda: network_numpy(**inputs), reps)
-        every = best_of(lambda: plan.run(inputs), reps)
-        wrt = best_of(lambda: plan.run(inputs, wrt=params), reps)
+        every = best_of(lambda: evaluate(plan, inputs), reps)
+        wrt = best_of(lambda: evaluate(plan, inputs, wrt=params), reps)
         rows.append((f"(b) 4-layer {label}, ms, every grad", "hand-written numpy", ref * 1e3, "chainrule", every * 1e3, ""))
         rows.append((f"(b) 4-layer {label}, ms, wrt=params", "hand-written numpy", ref * 1e3, "chainrule", wrt * 1e3, target))
         try:
@@ -223,11 +223,11 @@ def main() -> None:
     rng = np.random.default_rng(1)
     vectors = {name: rng.normal(size=size) for name in "abc"}
     plan = compile_graph(elementwise_graph(size), registry)
-    ev = plan.run(vectors)
+    ev = evaluate(plan, vectors)
     expected = elementwise_numpy(**vectors)
     np.testing.assert_allclose(ev.grad("a"), expected[1], rtol=1e-12)
     ref = best_of(lambda: elementwise_numpy(**vectors), repeats)
-    ours = best_of(lambda: plan.run(vectors), repeats)
+    ours = best_of(lambda: evaluate(plan, vectors), repeats)
     rows.append(("(c) sum(sigmoid(a*b+c)), 1e7, ms", "hand-written numpy", ref * 1e3, "chainrule", ours * 1e3, "target <= 1.0x"))
 
     print(f"{'case':<44} {'reference':<24} {'ref':>10} {'measured':>10} {'ratio':>7}  target")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from chainrule.core import Graph, InputDecl, Limits, Node, compile_graph
+from chainrule.core import Graph, InputDecl, Limits, Node, compile_graph, evaluate
 from chainrule.core.diagnostics import diagnose
 from chainrule.plugins.manager import load_plugins
 
@@ -31,8 +31,8 @@ def big_graph(n: int) -> Graph:
 def measure(label: str, graph: Graph, inputs: dict[str, np.ndarray], repeats: int) -> None:
     registry = load_plugins(entry_points=False, only=["builtin"]).registry
     plan = compile_graph(graph, registry, Limits(max_tensor_elements=10**8, max_memory_bytes=10**10))
-    evaluation = plan.run(inputs)
-    run = best_of(lambda: plan.run(inputs), repeats)
+    evaluation = evaluate(plan, inputs)
+    run = best_of(lambda: evaluate(plan, inputs), repeats)
     diag = best_of(lambda: diagnose(evaluation), repeats)
     print(f"{label}: run {run * 1e3:.1f} ms, diagnose {diag * 1e3:.2f} ms ({diag / run:.0%} of the run); "
           f"{len(diagnose(evaluation).flags)} flag(s)")

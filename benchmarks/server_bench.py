@@ -33,9 +33,11 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from chainrule.client import Client, GraphBuilder, LocalClient
+from chainrule.client import Client, GraphBuilder
+
+from chainrule.server import LocalClient
 from chainrule.client.graph import Graph
-from chainrule.core import compile_graph
+from chainrule.core import compile_graph, evaluate
 from chainrule.plugins.manager import load_plugins
 from chainrule.server.memory import tune_allocator
 from chainrule.v1 import chainrule_pb2 as pb
@@ -150,7 +152,7 @@ def main() -> None:
         for c in (client, same_host, local):
             c.evaluate(graph, inputs, values="none", grads=params)
         in_process, in_process_call, remote, undiagnosed, shared = interleaved_medians(
-            repeats, lambda: plan.run(inputs, wrt=params),
+            repeats, lambda: evaluate(plan, inputs, wrt=params),
             lambda: local.evaluate(graph, inputs, values="none", grads=params),
             lambda: client.evaluate(graph, inputs, values="none", grads=params),
             lambda: client.evaluate(graph, inputs, values="none", grads=params, diagnostics=False),

@@ -24,11 +24,13 @@ from pathlib import Path
 
 import numpy as np
 
-from chainrule.client import Client, GraphBuilder, LocalClient
-from chainrule.core import compile_graph
+from chainrule.client import Client, GraphBuilder
+
+from chainrule.server import LocalClient
+from chainrule.core import compile_graph, evaluate
 from chainrule.core.optim import make_optimizer
 from chainrule.plugins.manager import load_plugins
-from chainrule.server.convert import graph_from_proto
+from chainrule.wire.convert import graph_from_proto
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 from train_four_layer import four_layer_network, init_params, make_data  # noqa: E402
@@ -105,7 +107,7 @@ def in_process_loop(loss, params, data, steps: int):
         optimizer = make_optimizer("adam", lr=0.01)
         values = dict(params)
         for _ in range(steps):
-            evaluation = plan.run({**data, **values}, output=loss.name, wrt=names)
+            evaluation = evaluate(plan, {**data, **values}, output=loss.name, wrt=names)
             values = optimizer.step(values, {n: evaluation.grad(n) for n in names})
 
     return run

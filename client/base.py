@@ -1,4 +1,4 @@
-"""The API both clients share; subclasses supply only the transport.
+"""The API both clients share; each supplies only its transport (see transport.py).
 
 ``Client`` sends requests over gRPC, ``LocalClient`` hands them to the
 service in-process. Everything else (building requests, remembering graph
@@ -9,70 +9,38 @@ from __future__ import annotations
 
 import threading
 import weakref
-from typing import Any, Callable, Generator, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from chainrule.core.errors import ChainruleError
-from chainrule.server.incoming import Incoming
-from chainrule.server.status import status_for
-from chainrule.server.wire import Outgoing
 from chainrule.v1 import chainrule_pb2 as pb
+from chainrule.wire.outgoing import SharedMemory
+from chainrule.wire.status import status_for
 
-from . import training
+from . import streams, training
 from .errors import ChainruleRpcError, NotFound, from_status
 from .graph import Graph
 from .info import OperatorInfo, ServerInfo
 from .request import Selectable, as_graph, evaluate_request, merge_inputs, resolve_target
 from .result import Result
-from .shared_memory import StagingFile, read_outputs
+from .shared_memory import read_outputs
 from .training import Progress, TrainResult
+from .transport import Transport
 
 
 class ClientBase:
-    """Evaluate graphs, register them, list operators. A context manager."""
+    """Evaluate graphs, register them, list operators, stream and train, over ``transport``.
+    A context manager."""
 
-    def __init__(self, *, timeout: float | None = None) -> None:
+    def __init__(self, transport: Transport, *, timeout: float | None = None) -> None:
+        #: How this client reaches its service (see transport.py).
+        self.transport = transport
         self.timeout = timeout
         self._ids: weakref.WeakKeyDictionary[Graph, str] = weakref.WeakKeyDictionary()
         self._ids_lock = threading.Lock()
 
-    # --- transport (subclasses); each raises a ChainruleRpcError on failure -------------------
-
-    #: Whether requests should carry large tensors hand-encoded (worth it only when serialized).
-    split_large_tensors = False
-    #: Whether requests should keep large tensors as arrays (for a receiver in this process).
-    keep_large_tensors = False
-
-    def _evaluate(self, request: Outgoing, timeout: float | None) -> pb.EvaluateResponse | Incoming:
-        raise NotImplementedError
-
-    def _register(self, request: pb.RegisterGraphRequest, timeout: float | None) -> pb.RegisterGraphResponse:
-        raise NotImplementedError
-
-    def _list_operators(self, timeout: float | None) -> pb.ListOperatorsResponse:
-        raise NotImplementedError
-
-    def _server_info(self, timeout: float | None) -> pb.ServerInfoResponse:
-        raise NotImplementedError
-
-    def _evaluate_stream(self, requests: Iterator[pb.EvaluateRequest],
-                         timeout: float | None) -> Generator[pb.EvaluateStreamResponse, None, None]:
-        """The answers, lazily; closing the generator ends the call."""
-        raise NotImplementedError
-
-    def _optimize(self, request: pb.OptimizeRequest,
-                  timeout: float | None) -> Generator[pb.OptimizeProgress, None, None]:
-        """The progress reports, lazily; closing the generator ends the call."""
-        raise NotImplementedError
-
-    def _staging(self, timeout: float | None) -> StagingFile | None:
-        """Where one call may write its large inputs instead of sending them (shared memory), or None."""
-        return None
-
-    def _unstage(self, file: StagingFile, *, reusable: bool) -> None:
-        """The call that had ``file`` has ended (and failed, when not ``reusable``)."""
-
     def close(self) -> None:
         """Release the connection (nothing to release in-process)."""
+        self.transport.close()
 
     def __enter__(self) -> "ClientBase":
         return self
@@ -115,16 +83,19 @@ class ClientBase:
         feeds = merge_inputs(inputs, named_inputs, graph.builder)
         timeout = self.timeout if timeout is None else timeout
         graph_id = self.registered_id(graph)
-        staging = self._staging(timeout)
+        transport = self.transport
+        staging = transport.staging(timeout)
         succeeded = False
         try:
             request = evaluate_request(
                 graph, output_name, feeds, graph_id=graph_id, seed=seed, values=values, grads=grads,
                 unreached=unreached, contributions=contributions, diagnostics=diagnostics,
-                split=self.split_large_tensors, keep=self.keep_large_tensors, staging=staging,
+                carrier=transport.carrier() if staging is None else SharedMemory(staging),
             )
+            if staging is not None:  # the server writes the large tensors of its answer there too
+                request.message.shared_memory_output = staging.outputs.name
             try:
-                response = self._evaluate(request, timeout)
+                response = transport.evaluate(request, timeout)
             except NotFound:
                 if graph_id is None:
                     raise
@@ -132,7 +103,7 @@ class ClientBase:
                 # call with the graph itself, which that very server compiles and keeps under the same id
                 # (a separate RegisterGraph could reach another replica behind a balancer).
                 request.message.graph.CopyFrom(graph.message)
-                response = self._evaluate(request, timeout)
+                response = transport.evaluate(request, timeout)
             if staging is not None:
                 response = read_outputs(response, staging)  # before the files go to the next call
             succeeded = True
@@ -140,14 +111,14 @@ class ClientBase:
             raise from_status(status_for(exc)) from None
         finally:
             if staging is not None:  # after a failure the server may still be writing into the files
-                self._unstage(staging, reusable=succeeded)
+                transport.unstage(staging, reusable=succeeded)
         return Result(response, graph, diagnosed=diagnostics)
 
     def register(self, graph: Any, *, timeout: float | None = None) -> str:
         """Register a Graph (or a builder's graph); later evaluations of it send only the id."""
         graph = as_graph(graph)
-        response = self._register(pb.RegisterGraphRequest(graph=graph.message),
-                                  self.timeout if timeout is None else timeout)
+        response = self.transport.register(pb.RegisterGraphRequest(graph=graph.message),
+                                           self.timeout if timeout is None else timeout)
         with self._ids_lock:
             self._ids[graph] = response.graph_id
         return response.graph_id
@@ -164,11 +135,11 @@ class ClientBase:
 
     def operators(self, *, timeout: float | None = None) -> list[OperatorInfo]:
         """Every operator the server can run, sorted by name."""
-        response = self._list_operators(self.timeout if timeout is None else timeout)
+        response = self.transport.list_operators(self.timeout if timeout is None else timeout)
         return [OperatorInfo.from_proto(op) for op in response.operators]
 
     def server_info(self, *, timeout: float | None = None) -> ServerInfo:
-        return ServerInfo.from_proto(self._server_info(self.timeout if timeout is None else timeout))
+        return ServerInfo.from_proto(self.transport.server_info(self.timeout if timeout is None else timeout))
 
     def evaluate_many(
         self,
@@ -199,8 +170,8 @@ class ClientBase:
         attribute says which set) and stops the call; ``"return"`` puts each
         failed set's error in the list in place of its Result.
         """
-        return training.evaluate_many(
-            self, target, input_sets, inputs, output=output, seed=seed,
+        return streams.evaluate_many(
+            self.transport, target, input_sets, inputs, output=output, seed=seed,
             timeout=self.timeout if timeout is None else timeout, values=values, grads=grads,
             unreached=unreached, contributions=contributions, diagnostics=diagnostics, batch=batch, errors=errors,
         )
@@ -244,5 +215,5 @@ class ClientBase:
             graph, loss_name, params, data=data, batches=batches, optimizer=optimizer, lr=lr, momentum=momentum,
             beta1=beta1, beta2=beta2, eps=eps, steps=steps, target_loss=target_loss, report_every=report_every,
         )
-        return training.optimize(self, request, self.timeout if timeout is None else timeout,
-                        progress=progress, callback=callback)
+        return training.optimize(self.transport, request, self.timeout if timeout is None else timeout,
+                                 progress=progress, callback=callback)

@@ -19,7 +19,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from chainrule.server.convert import array_to_tensor, python_to_attr
+from chainrule.wire.convert import array_to_tensor, python_to_attr
 from chainrule.v1 import chainrule_pb2 as pb
 
 from . import dtypes

@@ -15,15 +15,17 @@ from typing import Any, Callable, Generator, Iterator, Sequence
 
 import grpc
 
-from chainrule.server import wire
-from chainrule.server.incoming import Incoming, read_message
-from chainrule.server.shared_memory import directory_problem
 from chainrule.v1 import chainrule_pb2 as pb, chainrule_pb2_grpc
+from chainrule.wire import outgoing
+from chainrule.wire.incoming import Incoming, read_message
+from chainrule.wire.outgoing import Carrier, HandEncoded, Outgoing
+from chainrule.wire.shared_memory import directory_problem
 
 from .base import ClientBase
 from .channel import TLS, open_channel, target_for
 from .errors import FailedPrecondition, from_rpc_error
 from .shared_memory import SharedMemoryStaging, StagingFile
+from .transport import Transport
 
 #: Default send/receive limit: gRPC's own 4 MiB is too small for real tensors.
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -47,14 +49,37 @@ class Client(ClientBase):
     with this one address; see chainrule.client.shared_memory).
     """
 
-    split_large_tensors = True
+    transport: "GrpcTransport"
 
     def __init__(self, address: str | Sequence[str], *, timeout: float | None = None,
                  options: Sequence[tuple[str, Any]] | None = None,
                  credentials: grpc.ChannelCredentials | None = None,
                  tls: bool | TLS | None = None, token: str | None = None,
                  max_message_bytes: int = MAX_MESSAGE_BYTES, shared_memory: bool = False) -> None:
-        super().__init__(timeout=timeout)
+        super().__init__(GrpcTransport(address, options=options, credentials=credentials, tls=tls, token=token,
+                                       max_message_bytes=max_message_bytes, shared_memory=shared_memory),
+                         timeout=timeout)
+
+    @property
+    def address(self) -> str:
+        """The gRPC target this client calls."""
+        return self.transport.address
+
+    @property
+    def channel(self) -> grpc.Channel:
+        return self.transport.channel
+
+    def __repr__(self) -> str:
+        return f"<Client {self.address}>"
+
+
+class GrpcTransport(Transport):
+    """The calls over a gRPC channel: large tensors hand-encoded (or in shared memory) on the way
+    out, read as views of the received bytes on the way back."""
+
+    def __init__(self, address: str | Sequence[str], *, options: Sequence[tuple[str, Any]] | None,
+                 credentials: grpc.ChannelCredentials | None, tls: bool | TLS | None, token: str | None,
+                 max_message_bytes: int, shared_memory: bool) -> None:
         self.address = target_for(address)
         if shared_memory and "," in self.address:  # each server would need our files on its host
             raise ValueError(f"shared_memory=True needs a single server on this host, not several: {address!r}")
@@ -68,20 +93,23 @@ class Client(ClientBase):
         channel_options = given + [(k, v) for k, v in defaults if k not in keys]
         self.channel = open_channel(address, options=channel_options, credentials=credentials, tls=tls, token=token)
         self._stub = chainrule_pb2_grpc.ChainruleStub(self.channel)
-        # Evaluate with large inputs hand-encoded (see chainrule.server.wire): one copy, not three;
-        # large outputs read as views of the received bytes (chainrule.server.incoming): no copy.
-        self._evaluate_call = self.channel.unary_unary(
+        # Evaluate with large inputs hand-encoded (see chainrule.wire.outgoing): one copy, not three;
+        # large outputs read as views of the received bytes (chainrule.wire.incoming): no copy.
+        self.evaluate_call = self.channel.unary_unary(
             "/chainrule.v1.Chainrule/Evaluate",
-            request_serializer=wire.serialize,
+            request_serializer=outgoing.serialize,
             response_deserializer=functools.partial(read_message, pb.EvaluateResponse),
         )
+
+    def carrier(self) -> Carrier:
+        return HandEncoded()
 
     def close(self) -> None:
         self.channel.close()
         if self._shared is not None:
             self._shared.close()
 
-    def _staging(self, timeout: float | None) -> StagingFile | None:
+    def staging(self, timeout: float | None) -> StagingFile | None:
         if not self.shared_memory:
             return None
         with self._shared_lock:
@@ -89,13 +117,13 @@ class Client(ClientBase):
                 self._shared = SharedMemoryStaging(self._shared_memory_dir(timeout))
         return self._shared.acquire()
 
-    def _unstage(self, file: StagingFile, *, reusable: bool) -> None:
-        assert self._shared is not None
-        self._shared.release(file, reusable=reusable)
+    def unstage(self, file: StagingFile, *, reusable: bool) -> None:
+        if self._shared is not None:
+            self._shared.release(file, reusable=reusable)
 
     def _shared_memory_dir(self, timeout: float | None) -> str:
         """The server's shared-memory directory, which must exist on this host too."""
-        directory = self.server_info(timeout=timeout).shared_memory_dir
+        directory = self.server_info(timeout).shared_memory_dir
         if not directory:
             raise FailedPrecondition(
                 grpc.StatusCode.FAILED_PRECONDITION,
@@ -114,33 +142,30 @@ class Client(ClientBase):
                 reason="SHARED_MEMORY_FORBIDDEN")
         return directory
 
-    def __repr__(self) -> str:
-        return f"<Client {self.address}>"
-
     def _call(self, method: Callable[..., Any], request: Any, timeout: float | None) -> Any:
         try:
             return method(request, timeout=timeout)
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None
 
-    def _evaluate(self, request: wire.Outgoing, timeout: float | None) -> Incoming:
-        return self._call(self._evaluate_call, request, timeout)
+    def evaluate(self, request: Outgoing, timeout: float | None) -> Incoming:
+        return self._call(self.evaluate_call, request, timeout)
 
-    def _register(self, request: pb.RegisterGraphRequest, timeout: float | None) -> pb.RegisterGraphResponse:
+    def register(self, request: pb.RegisterGraphRequest, timeout: float | None) -> pb.RegisterGraphResponse:
         return self._call(self._stub.RegisterGraph, request, timeout)
 
-    def _list_operators(self, timeout: float | None) -> pb.ListOperatorsResponse:
+    def list_operators(self, timeout: float | None) -> pb.ListOperatorsResponse:
         return self._call(self._stub.ListOperators, pb.ListOperatorsRequest(), timeout)
 
-    def _server_info(self, timeout: float | None) -> pb.ServerInfoResponse:
+    def server_info(self, timeout: float | None) -> pb.ServerInfoResponse:
         return self._call(self._stub.ServerInfo, pb.ServerInfoRequest(), timeout)
 
-    def _evaluate_stream(self, requests: Iterator[pb.EvaluateRequest],
-                         timeout: float | None) -> Generator[pb.EvaluateStreamResponse, None, None]:
+    def evaluate_stream(self, requests: Iterator[pb.EvaluateRequest],
+                        timeout: float | None) -> Generator[pb.EvaluateStreamResponse, None, None]:
         return self._follow(self._stub.EvaluateStream(requests, timeout=timeout))
 
-    def _optimize(self, request: pb.OptimizeRequest,
-                  timeout: float | None) -> Generator[pb.OptimizeProgress, None, None]:
+    def optimize(self, request: pb.OptimizeRequest,
+                 timeout: float | None) -> Generator[pb.OptimizeProgress, None, None]:
         return self._follow(self._stub.Optimize(request, timeout=timeout))
 
     @staticmethod

@@ -14,8 +14,7 @@ import grpc
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-#: Initial-metadata key under which the server sends each call's request id.
-REQUEST_ID_KEY = "chainrule-request-id"
+from chainrule.wire.status import REQUEST_ID_KEY
 
 
 class ChainruleRpcError(Exception):

@@ -10,7 +10,7 @@ from typing import Any, NamedTuple
 
 from google.protobuf import json_format
 
-from chainrule.server.convert import DTYPE_NAMES
+from chainrule.wire.convert import DTYPE_NAMES
 from chainrule.v1 import chainrule_pb2 as pb
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from chainrule.server.convert import attr_to_python
+from chainrule.wire.convert import attr_to_python
 from chainrule.v1 import chainrule_pb2 as pb
 
 _CHECK = {pb.CHECK_NOT_RUN: "not run", pb.CHECK_PASSED: "passed", pb.CHECK_FAILED: "failed"}

@@ -12,14 +12,13 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from chainrule.core.errors import ChainruleError
-from chainrule.server.convert import array_to_tensor, dtype_code
-from chainrule.server.wire import LARGE_TENSOR_BYTES, Outgoing
 from chainrule.v1 import chainrule_pb2 as pb
+from chainrule.wire.convert import array_to_tensor
+from chainrule.wire.outgoing import Carrier, Outgoing
 
 from .builder import GraphBuilder, Var
 from .graph import Graph
 from .result import name_of
-from .shared_memory import StagingFile, can_stage
 
 Selectable = str | Sequence[Any]  # "all", "none", or names/Vars
 
@@ -86,6 +85,17 @@ def to_tensor(name: str, value: Any, declared: str | None) -> pb.Tensor:
         raise TypeError(f"input '{name}': {exc.message}") from None
 
 
+def input_tensors(graph: Graph, values: Mapping[Any, Any]) -> dict[str, pb.Tensor]:
+    """Inputs keyed by name or Var (of ``graph``), encoded as Tensor messages of their declared dtypes."""
+    declared = graph.inputs
+    tensors = {}
+    for key, value in values.items():
+        name = name_of(key, graph.builder)
+        spec = declared.get(name)
+        tensors[name] = to_tensor(name, value, spec.dtype if spec else None)
+    return tensors
+
+
 def selection(spec: Selectable | None, field: str, owner: Any = None) -> pb.Selection | None:
     """``"all"`` (None), ``"none"`` or a list of names/Vars (of ``owner``) as a Selection message."""
     if spec is None or (isinstance(spec, str) and spec == "all"):
@@ -109,23 +119,19 @@ def evaluate_request(
     unreached: str = "zeros",
     contributions: bool = False,
     diagnostics: bool = True,
-    split: bool = False,
-    keep: bool = False,
-    staging: StagingFile | None = None,
+    carrier: Carrier | None = None,
 ) -> Outgoing:
     """The EvaluateRequest for one call; the graph travels by id when ``graph_id`` is given.
 
-    With ``split``, large inputs are encoded straight from their numpy buffers
-    (see chainrule.server.wire) instead of through protobuf; with ``keep``, they
-    stay arrays for a receiver in this process (``Outgoing.incoming``); with ``staging``,
-    they are written there and the request refers to them, and the server is
-    asked to write large outputs into its output file (shared memory).
+    Large inputs travel as ``carrier`` decides (see chainrule.wire.outgoing):
+    hand-encoded for gRPC, kept as arrays in-process, written into shared
+    memory; by default inside the message.
     """
     if unreached not in _UNREACHED:
         raise ValueError(f"unreached: expected 'zeros' or 'omit', got {unreached!r}")
     request = pb.EvaluateRequest(output=output, unreached=_UNREACHED[unreached], contributions=contributions,
                                  diagnostics=pb.DIAGNOSTICS_FULL if diagnostics else pb.DIAGNOSTICS_OFF)
-    outgoing = Outgoing(request, split=split, keep=keep)
+    outgoing = Outgoing(request, carrier)
     if graph_id:
         request.graph_id = graph_id
     else:
@@ -137,18 +143,10 @@ def evaluate_request(
             request.inputs[name].CopyFrom(value)
             continue
         array = to_array(name, value, spec.dtype if spec else None)
-        if staging is not None and can_stage(array, LARGE_TENSOR_BYTES):
-            tensor = request.inputs[name]
-            tensor.dtype = dtype_code(array.dtype)
-            tensor.shape[:] = array.shape
-            tensor.shared_memory.CopyFrom(staging.put(array))
-            continue
         try:
             outgoing.put_map_tensor("inputs", name, array)
         except ChainruleError as exc:
             raise TypeError(f"input '{name}': {exc.message}") from None
-    if staging is not None:
-        request.shared_memory_output = staging.outputs.name
     if seed is not None:
         request.seed.CopyFrom(to_tensor("seed", seed, None))
     for field, spec in (("return_values", values), ("return_grads", grads)):

@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping
 
 import numpy as np
 
-from chainrule.server.convert import DTYPE_NAMES, tensor_to_array
-from chainrule.server.incoming import Incoming
+from chainrule.wire.convert import DTYPE_NAMES, tensor_to_array
+from chainrule.wire.incoming import Incoming
 from chainrule.v1 import chainrule_pb2 as pb
 
 if TYPE_CHECKING:

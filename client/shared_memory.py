@@ -5,7 +5,7 @@ shared-memory directory, then writes each large input of a call into a file
 of that directory and sends only a reference; the server reads the bytes
 before it works, and writes the large tensors of its answer into a second
 file, which the client reads back before the call returns (see
-chainrule.server.shared_memory for the rules both sides keep). Files are
+chainrule.wire.shared_memory for the rules both sides keep). Files are
 reused from call to call, so their pages are allocated once, and removed
 when the client closes. Each call in flight has files of its own, so threads
 may share the client; a call that fails drops its files, since the server
@@ -21,9 +21,9 @@ from typing import Any
 import numpy as np
 
 from chainrule.core.errors import BadTensorError
-from chainrule.server.convert import dtype_code, tensor_to_array
-from chainrule.server.incoming import Incoming, RawTensor
-from chainrule.server.shared_memory import SharedMemoryDir, new_file_name
+from chainrule.wire.convert import tensor_to_array
+from chainrule.wire.incoming import Incoming, RawTensor
+from chainrule.wire.shared_memory import SharedMemoryDir, new_file_name
 from chainrule.v1 import chainrule_pb2 as pb
 
 
@@ -94,11 +94,6 @@ def _close_all(files: list[StagingFile], directory: SharedMemoryDir, creator: in
         file.close(remove=os.getpid() == creator)
     files.clear()
     directory.close()
-
-
-def can_stage(array: Any, threshold: int) -> bool:
-    """Whether an input is worth handing over in shared memory: large, and of a dtype the wire knows."""
-    return isinstance(array, np.ndarray) and array.nbytes > threshold and dtype_code(array.dtype) is not None
 
 
 def read_outputs(response: Any, staging: StagingFile) -> Incoming:

@@ -1,14 +1,14 @@
 """Compile a Graph into a flat Plan: resolve, check, order, infer shapes.
 
-Compilation is done once per graph; :meth:`Plan.run` then evaluates it many
-times. All walks are iterative (Kahn's algorithm for the order), so graphs of
+Compilation is done once per graph; ``engine.evaluate(plan, ...)`` then runs it
+many times (the engine imports the plan, never the other way round). All walks are iterative (Kahn's algorithm for the order), so graphs of
 millions of nodes never meet Python's recursion limit.
 """
 from __future__ import annotations
 
 import threading
 from collections import deque
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -23,9 +23,6 @@ from .limits import Limits
 from .operator import OpDef, check_attrs
 from .registry import Registry
 from .tensor_spec import TensorSpec, shape_text, unrepresentable
-
-if TYPE_CHECKING:
-    from .engine import Evaluation
 
 _SPEC_CACHE_SIZE = 32
 
@@ -162,12 +159,6 @@ class Plan:
                 self._shapes.pop(next(iter(self._shapes)))
             self._shapes[key] = shapes
         return shapes
-
-    def run(self, inputs: Mapping[str, Any], **options: Any) -> "Evaluation":
-        """Evaluate the plan; see :func:`chainrule.core.engine.evaluate` for the options."""
-        from .engine import evaluate
-
-        return evaluate(self, inputs, **options)
 
 
 def check_memory(limits: Limits, total: int, what: str = "values and gradients", node: str | None = None,

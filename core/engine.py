@@ -18,7 +18,7 @@ from .broadcast import unbroadcast
 from .compile import Plan, Shapes, check_memory, node_error
 from .dtypes import is_differentiable
 from .errors import (
-    BadTensorError, Cancelled, DeadlineExceeded, DTypeError, GraphError, LimitExceeded, MissingInputError,
+    BadTensorError, CancelledError, DeadlineError, DTypeError, GraphError, LimitExceeded, MissingInputError,
     OpError, OperatorFailure, OutputError, SeedError, ShapeError, UnexpectedInputError, where,
 )
 from .tensor_spec import TensorSpec
@@ -45,9 +45,9 @@ class StopToken:
 
     def check(self) -> None:
         if self.event is not None and self.event.is_set():
-            raise Cancelled("the call was cancelled; work stopped")
+            raise CancelledError("the call was cancelled; work stopped")
         if self.deadline is not None and time.monotonic() > self.deadline:
-            raise DeadlineExceeded(f"{self.what} passed; work stopped")
+            raise DeadlineError(f"{self.what} passed; work stopped")
 
 
 @dataclass

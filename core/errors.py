@@ -10,10 +10,11 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = [
-    "ArityError", "BadAttributeError", "BadTensorError", "Cancelled", "ChainruleError", "CycleError", "DTypeError",
-    "DeadlineExceeded", "DuplicateNodeError", "DuplicateOperatorError", "GraphError", "InvalidOperatorError",
-    "LimitExceeded", "MissingInputError", "OpError", "OperatorFailure", "OutputError", "PluginError", "SeedError",
-    "ShapeError", "UnexpectedInputError", "UnknownNodeError", "UnknownOperatorError", "VersionMismatchError", "where",
+    "ArityError", "BadAttributeError", "BadTensorError", "CancelledError", "ChainruleError", "CycleError",
+    "DTypeError", "DeadlineError", "DuplicateNodeError", "DuplicateOperatorError", "GraphError",
+    "InvalidOperatorError", "LimitExceeded", "MissingInputError", "OpError", "OperatorFailure", "OutputError",
+    "PluginError", "SeedError", "ShapeError", "SharedMemoryFull", "SharedMemoryUnavailable", "UnexpectedInputError",
+    "UnknownGraphError", "UnknownNodeError", "UnknownOperatorError", "VersionMismatchError", "where",
 ]
 
 
@@ -133,12 +134,36 @@ class LimitExceeded(ChainruleError):
 
 # --- stopping work ----------------------------------------------------------------
 
-class DeadlineExceeded(ChainruleError):
+class DeadlineError(ChainruleError):
+    """Work stopped: the caller's deadline or one of the server's time limits passed (the message says which)."""
+
     reason = "DEADLINE_EXCEEDED"
 
 
-class Cancelled(ChainruleError):
+class CancelledError(ChainruleError):
+    """Work stopped: the caller cancelled the call."""
+
     reason = "CANCELLED"
+
+
+# --- the service's own refusals ------------------------------------------------------
+
+class UnknownGraphError(ChainruleError):
+    """An Evaluate named a graph id this server has not registered (NOT_FOUND)."""
+
+    reason = "UNKNOWN_GRAPH"
+
+
+class SharedMemoryUnavailable(ChainruleError):
+    """A tensor came in shared memory, but this server does not accept it (FAILED_PRECONDITION)."""
+
+    reason = "SHARED_MEMORY_DISABLED"
+
+
+class SharedMemoryFull(ChainruleError):
+    """The directory's filesystem has no room left for a call's tensors (RESOURCE_EXHAUSTED)."""
+
+    reason = "SHARED_MEMORY_FULL"
 
 
 # --- plugin faults ---------------------------------------------------------------

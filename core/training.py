@@ -19,7 +19,7 @@ import numpy as np
 
 from .compile import Plan
 from .dtypes import is_differentiable
-from .engine import StopToken
+from .engine import StopToken, evaluate
 from .errors import DTypeError, GraphError, MissingInputError, OutputError, ShapeError, UnexpectedInputError
 from .optim import Optimizer
 
@@ -111,7 +111,7 @@ def training(
     for k in range(steps):
         if token is not None:
             token.check()
-        evaluation = plan.run(feeds.step_inputs(k, params), output=loss_name, wrt=names, token=token)
+        evaluation = evaluate(plan, feeds.step_inputs(k, params), output=loss_name, wrt=names, token=token)
         value = float(evaluation.values[out])
         if not math.isfinite(value):
             raise _diverged(loss_name, value, k, losses)
@@ -129,7 +129,7 @@ def training(
             losses = []
     if token is not None:
         token.check()
-    final = plan.run(feeds.step_inputs(steps - 1, params), output=loss_name, gradients=False, token=token)
+    final = evaluate(plan, feeds.step_inputs(steps - 1, params), output=loss_name, gradients=False, token=token)
     value = float(final.values[out])
     yield Report(steps, value, _norms(grads), time.perf_counter() - started, tuple(losses),
                  done=True, params=params, target_reached=target_loss is not None and value <= target_loss)

@@ -19,7 +19,9 @@ import argparse
 
 import numpy as np
 
-from chainrule.client import Client, GraphBuilder, LocalClient, Result, Var
+from chainrule.client import Client, GraphBuilder, Result, Var
+
+from chainrule.server import LocalClient
 
 STEPS, HIDDEN, FEATURES = 4, 3, 2
 

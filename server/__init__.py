@@ -1,26 +1,15 @@
-"""chainrule.server: the gRPC service, its configuration and the command line.
+"""chainrule.server: the service, served over gRPC or called in-process.
 
-The names below load on first use, so the client (which shares the wire
-codecs in ``convert`` and ``wire``) does not import the gRPC servicer.
+* ``service/``: what a call computes, free of gRPC and of any transport;
+* ``servicer.py`` and ``grpc_server.py``: the gRPC server, only serving;
+* ``local.py``: :class:`LocalClient`, the client API over the service in this process;
+* ``cli/``: the ``chainrule`` command line.
+
+    from chainrule.server import LocalClient, ServerConfig, create_server
 """
-from __future__ import annotations
+from .config import ServerConfig
+from .grpc_server import ChainruleServer, build_service, create_server
+from .local import LocalClient
+from .service import ChainruleService
 
-from typing import Any
-
-__all__ = ["ChainruleService", "ServerConfig", "Servicer", "create_running_server", "create_server"]
-
-
-def __getattr__(name: str) -> Any:
-    if name in ("Servicer", "create_running_server", "create_server"):
-        from . import app
-
-        return getattr(app, name)
-    if name == "ServerConfig":
-        from .config import ServerConfig
-
-        return ServerConfig
-    if name == "ChainruleService":
-        from .service import ChainruleService
-
-        return ChainruleService
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__all__ = ["ChainruleServer", "ChainruleService", "LocalClient", "ServerConfig", "build_service", "create_server"]

@@ -11,8 +11,7 @@ from dataclasses import dataclass, field, fields
 from typing import Mapping, Sequence
 
 from chainrule.core import Limits
-
-from .shared_memory import directory_problem
+from chainrule.wire.shared_memory import directory_problem
 
 MiB = 1 << 20
 

@@ -13,10 +13,10 @@ from typing import Any, Callable, Iterator
 
 import grpc
 from google.protobuf.message import DecodeError
+from grpc_status import rpc_status
 
 from chainrule.core.errors import GraphError
-
-from .status import status_for, to_grpc_status
+from chainrule.wire.status import status_for
 
 
 class Malformed:
@@ -73,7 +73,7 @@ def _tolerant(parse: Callable[[bytes], Any], method: str) -> Callable[[bytes], A
 def _checking(behavior: Callable[..., Any]) -> Callable[..., Any]:
     def checked(request: Any, context: grpc.ServicerContext) -> Any:
         if isinstance(request, Malformed):
-            context.abort_with_status(to_grpc_status(status_for(request.error)))
+            context.abort_with_status(rpc_status.to_status(status_for(request.error)))
         return behavior(request, context)
 
     return checked

@@ -23,10 +23,10 @@ import grpc
 
 from chainrule.core.errors import ChainruleError
 from chainrule.v1 import chainrule_pb2 as pb
+from chainrule.wire.outgoing import Outgoing
 
 from .guard import behavior_field
 from .service import ChainruleService
-from .wire import Outgoing
 
 #: Request latency buckets (seconds): sub-millisecond cache hits up to the compute cap.
 BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -159,10 +159,14 @@ class Exporter:
 
         self._httpd, self._thread = start_http_server(port, addr=host, registry=registry)
         self.port: int = self._httpd.server_port
+        self._closed = False
 
     def close(self) -> None:
-        self._httpd.shutdown()
-        self._httpd.server_close()
+        """Stop serving (again: nothing happens)."""
+        if not self._closed:
+            self._closed = True
+            self._httpd.shutdown()
+            self._httpd.server_close()
 
 
 def multiprocess_exporter(host: str, port: int) -> Exporter:

@@ -29,6 +29,7 @@ from multiprocessing.synchronize import Semaphore
 
 from .auth import read_tokens
 from .config import ServerConfig
+from .grpc_server import create_server
 from .tls import read_pems
 
 log = logging.getLogger("chainrule.server")
@@ -51,20 +52,18 @@ def reserve_port(host: str, port: int) -> socket.socket:
 
 def _worker(config: ServerConfig, index: int, ready: Semaphore) -> None:
     """Body of one worker process: serve until SIGTERM/SIGINT, then drain."""
-    from .app import create_running_server
-
     stopping = threading.Event()
     for signum in STOP_SIGNALS:
         signal.signal(signum, lambda *_: stopping.set())
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # blocked by the parent around the fork
-    running, _ = create_running_server(config=config, worker=index, options=[("grpc.so_reuseport", 1)],
-                                       export_metrics=False)
-    running.server.start()
+    server, _ = create_server(config=config, worker=index, options=[("grpc.so_reuseport", 1)],
+                              export_metrics=False)
+    server.start()
     log.info("worker %d (pid %d) serving on %s", index, os.getpid(), config.address)
     ready.release()
     while not stopping.wait(0.5):
         pass
-    running.drain(config.grace_seconds).wait()
+    server.drain(config.grace_seconds).wait()
     log.info("worker %d (pid %d) stopped", index, os.getpid())
 
 

@@ -20,7 +20,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 from chainrule.client import TLS, Client, GraphBuilder, Unauthenticated, Unavailable
 from chainrule.client.channel import BearerToken
 from chainrule.server import ServerConfig
-from chainrule.server.app import create_running_server
+from chainrule.server import create_server
 from chainrule.server.auth import accepted, bearer_token, read_tokens
 from chainrule.server.service import graph_id
 from chainrule.v1 import chainrule_pb2 as pb
@@ -61,8 +61,8 @@ def pki(tmp_path_factory) -> Path:
 
 
 def serve(**settings):
-    running, port = create_running_server("127.0.0.1:0", ServerConfig(log_level="WARNING", **settings))
-    running.server.start()
+    running, port = create_server("127.0.0.1:0", ServerConfig(log_level="WARNING", **settings))
+    running.start()
     return running, f"127.0.0.1:{port}"
 
 
@@ -73,7 +73,7 @@ def server(request, pki):
                 for k, v in request.param.items()}
     running, address = serve(**settings)
     yield address
-    running.server.stop(None).wait()
+    running.stop(None).wait()
 
 
 def double(client: Client) -> float:

@@ -12,7 +12,9 @@ import math
 import numpy as np
 import pytest
 
-from chainrule.core import Graph, OpError, Registry, ShapeError, TensorSpec, check_attrs, compile_graph, unbroadcast
+from chainrule.core import (
+    Graph, OpError, Registry, ShapeError, TensorSpec, check_attrs, compile_graph, evaluate, unbroadcast,
+)
 from chainrule.plugins.builtin import arith, elementwise, linalg, nn, reduce, select, shape
 from chainrule.plugins.testing import assert_vjp, check_operator, check_vjp
 
@@ -464,7 +466,7 @@ def test_matmul_skips_the_gradient_nobody_needs():
     assert db is None and da.shape == (3,)
     graph = Graph.build([("x", "float64", (2, 3)), ("w", "float64", (3, 4))],
                         [("h", "matmul", ("x", "w")), ("loss", "sum", ("h",))], "loss")
-    result = compile_graph(graph, Registry(OPS.values())).run({"x": a, "w": b}, wrt=["w"])
+    result = evaluate(compile_graph(graph, Registry(OPS.values())), {"x": a, "w": b}, wrt=["w"])
     np.testing.assert_array_equal(result.grad("w"), np.full((3, 4), 2.0))
 
 
@@ -560,7 +562,7 @@ def test_sigmoid_neuron_through_the_engine():
         ],
         "f",
     )
-    result = compile_graph(graph, Registry(OPS.values())).run({"w": np.array([2.0, -3.0, -3.0]), "x": np.array([-1.0, -2.0])})
+    result = evaluate(compile_graph(graph, Registry(OPS.values())), {"w": np.array([2.0, -3.0, -3.0]), "x": np.array([-1.0, -2.0])})
     assert float(result.output_value) == pytest.approx(0.7310585786300049, abs=1e-15)
     np.testing.assert_allclose(result.grad("x"), [0.3932238664829637, -0.5898357997244456], rtol=1e-14)
     np.testing.assert_allclose(result.grad("w"), [-0.19661193324148185, -0.3932238664829637, 0.19661193324148185],
@@ -570,7 +572,8 @@ def test_sigmoid_neuron_through_the_engine():
 def test_mse_refuses_operands_that_broadcast_past_both():
     """[n,1] against [1,n] would build an n×n difference behind a scalar result, which no memory
     budget would see (inference says "a scalar"): refused at compile, naming both shapes."""
-    from chainrule.client import GraphBuilder, InvalidArgument, LocalClient, ops
+    from chainrule.client import GraphBuilder, InvalidArgument, ops
+    from chainrule.server import LocalClient
 
     g = GraphBuilder()
     p, t = g.input("p", (8000, 1)), g.input("t", (1, 8000))
@@ -581,7 +584,8 @@ def test_mse_refuses_operands_that_broadcast_past_both():
 
 
 def test_axis_lists_longer_than_any_rank_are_refused_at_once():
-    from chainrule.client import GraphBuilder, InvalidArgument, LocalClient
+    from chainrule.client import GraphBuilder, InvalidArgument
+    from chainrule.server import LocalClient
 
     g = GraphBuilder()
     x = g.input("x", (2,))

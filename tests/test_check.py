@@ -18,7 +18,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from chainrule.client import Client, GraphBuilder, InvalidArgument, LocalClient
+from chainrule.client import Client, GraphBuilder, InvalidArgument
+
+from chainrule.server import LocalClient
 from chainrule.core.errors import DuplicateOperatorError, PluginError
 from chainrule.plugins.checking import check_registry
 from chainrule.plugins.manager import load_plugins

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from chainrule.client import Graph, GraphBuilder, ops
-from chainrule.server.convert import attr_to_python, tensor_to_array
+from chainrule.wire.convert import attr_to_python, tensor_to_array
 from chainrule.v1 import chainrule_pb2 as pb
 
 

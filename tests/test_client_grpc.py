@@ -13,12 +13,15 @@ import numpy as np
 import pytest
 
 from chainrule.client import (
-    Client, DeadlineExceeded, Graph, GraphBuilder, Internal, InvalidArgument, LocalClient, NotFound, ResourceExhausted,
-    Unavailable, ops,
+
+    Client, DeadlineExceeded, Graph, GraphBuilder, Internal, InvalidArgument, NotFound, ResourceExhausted, Unavailable, ops,
+
 )
+
+from chainrule.server import LocalClient
 from chainrule.client.request import evaluate_request
 from chainrule.server import ServerConfig, create_server
-from chainrule.server.wire import Outgoing
+from chainrule.wire.outgoing import HandEncoded, Outgoing
 from chainrule.v1 import chainrule_pb2 as pb
 
 from helpers import start_server as start
@@ -180,8 +183,8 @@ def test_a_call_that_ends_early_stops_the_work_on_the_server(how):
                 with pytest.raises(DeadlineExceeded):
                     c.evaluate(f, inputs, timeout=0.05, grads="none")
             else:
-                call = c._evaluate_call.future(
-                    evaluate_request(f.graph, f.name, inputs, grads="none", split=True), timeout=30)
+                call = c.transport.evaluate_call.future(
+                    evaluate_request(f.graph, f.name, inputs, grads="none", carrier=HandEncoded()), timeout=30)
                 time.sleep(0.1)
                 call.cancel()
                 assert call.cancelled()
@@ -204,13 +207,13 @@ def test_unreachable_server_is_unavailable():
 def spy(monkeypatch, client: Client, method: str) -> list:
     """Record the requests a client's transport method sends."""
     calls: list = []
-    original = getattr(client, method)
+    original = getattr(client.transport, method)
 
     def record(request, timeout):
         calls.append(request)
         return original(request, timeout)
 
-    monkeypatch.setattr(client, method, record)
+    monkeypatch.setattr(client.transport, method, record)
     return calls
 
 
@@ -219,7 +222,7 @@ def test_register_then_evaluate_by_id(address, monkeypatch):
         f = circuit_pg()
         gid = c.register(f)
         assert len(gid) == 64
-        sent = spy(monkeypatch, c, "_evaluate")
+        sent = spy(monkeypatch, c, "evaluate")
         r = c.evaluate(f, x=1.0, y=3.0, z=-3.0)
         assert close(r.value, -12) and close(r.grad["x"], -3) and r.graph_id == gid
         assert sent[0].message.WhichOneof("source") == "graph_id" and sent[0].message.graph_id == gid
@@ -228,7 +231,7 @@ def test_register_then_evaluate_by_id(address, monkeypatch):
 
 def test_unknown_id_is_not_found(client):
     with pytest.raises(NotFound) as info:
-        client._evaluate(Outgoing(pb.EvaluateRequest(graph_id="f" * 64)), None)
+        client.transport.evaluate(Outgoing(pb.EvaluateRequest(graph_id="f" * 64)), None)
     assert info.value.reason == "UNKNOWN_GRAPH" and info.value.field == "graph_id"
     assert_serves(client)
 
@@ -241,8 +244,8 @@ def test_client_re_registers_when_the_server_forgot_the_id(monkeypatch):
             first, second = circuit_pg(), staged()
             gid = c.register(first)
             c.register(second)
-            registered = spy(monkeypatch, c, "_register")
-            sent = spy(monkeypatch, c, "_evaluate")
+            registered = spy(monkeypatch, c, "register")
+            sent = spy(monkeypatch, c, "evaluate")
             r = c.evaluate(first, x=1.0, y=3.0, z=-3.0)
             assert close(r.value, -12) and close(r.grad["z"], 4) and r.graph_id == gid
             assert not registered and len(sent) == 2             # NOT_FOUND, then the graph itself

@@ -4,8 +4,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from chainrule.client import GraphBuilder, InvalidArgument, LocalClient, NotFound, ops
-from chainrule.server.wire import Outgoing
+from chainrule.client import GraphBuilder, InvalidArgument, NotFound, ops
+
+from chainrule.server import LocalClient
+from chainrule.wire.outgoing import Outgoing
 from chainrule.v1 import chainrule_pb2 as pb
 
 TOL = 1e-12
@@ -298,7 +300,7 @@ def test_errors_are_typed_like_the_servers(client):
     assert (e.reason, e.node, e.op) == ("UNKNOWN_OPERATOR", "h", "no.such_op")
     assert "h" in e.message and e.code.name == "INVALID_ARGUMENT"
     with pytest.raises(NotFound) as info:   # the transport's answer to an unknown id (evaluate() recovers from it)
-        client._evaluate(Outgoing(pb.EvaluateRequest(graph_id="0" * 64)), None)
+        client.transport.evaluate(Outgoing(pb.EvaluateRequest(graph_id="0" * 64)), None)
     assert info.value.reason == "UNKNOWN_GRAPH" and info.value.field == "graph_id"
 
 

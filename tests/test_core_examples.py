@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from chainrule.core import Graph, InputDecl, Node, compile_graph
+from chainrule.core import Graph, InputDecl, Node, compile_graph, evaluate
 
 from helpers import scalar_graph
 
@@ -16,7 +16,7 @@ TOL = 1e-12
 
 def run(registry, graph, **inputs):
     plan = compile_graph(graph, registry)
-    return plan.run({k: np.float64(v) if np.ndim(v) == 0 else np.asarray(v, np.float64) for k, v in inputs.items()})
+    return evaluate(plan, {k: np.float64(v) if np.ndim(v) == 0 else np.asarray(v, np.float64) for k, v in inputs.items()})
 
 
 @pytest.mark.parametrize(
@@ -95,7 +95,7 @@ def test_staged_circuit_with_fan_out(registry):
 
 def test_max_gate_routes_the_gradient(registry):
     graph = scalar_graph(["x", "y"], [("f", "maximum", ("x", "y"))], "f")
-    ev = compile_graph(graph, registry).run({"x": np.float64(4.0), "y": np.float64(2.0)}, seed=np.float64(2.0))
+    ev = evaluate(compile_graph(graph, registry), {"x": np.float64(4.0), "y": np.float64(2.0)}, seed=np.float64(2.0))
     assert ev.grad("x") == 2.0
     assert ev.grad("y") == 0.0
 
@@ -137,7 +137,7 @@ def test_four_layer_network_learns(registry):
     plan = compile_graph(four_layer_network(32), registry)
     losses = []
     for _ in range(3000):
-        ev = plan.run({"X": X, "T": T, **params})
+        ev = evaluate(plan, {"X": X, "T": T, **params})
         losses.append(float(ev.output_value))
         for name in params:
             params[name] = params[name] - 2.0 * ev.grad(name)

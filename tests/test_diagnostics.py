@@ -11,8 +11,10 @@ import math
 import numpy as np
 import pytest
 
-from chainrule.client import GraphBuilder, LocalClient, ops
-from chainrule.core import compile_graph
+from chainrule.client import GraphBuilder, ops
+
+from chainrule.server import LocalClient
+from chainrule.core import compile_graph, evaluate
 from chainrule.core.diagnostics import (
     DEFAULT_THRESHOLDS, SATURATION_SAMPLE, Thresholds, diagnose, summarize,
 )
@@ -283,14 +285,14 @@ def test_diagnostics_can_be_turned_off_per_call(client, where):
 # --- the core function: thresholds, summaries, overflow ---------------------------------------------
 
 def plan_for(var, registry):
-    from chainrule.server.convert import graph_from_proto
+    from chainrule.wire.convert import graph_from_proto
 
     return compile_graph(graph_from_proto(var.graph.message), registry)
 
 
 def test_thresholds_are_parameters(registry):
     plan = plan_for(sigmoid_stack(4), registry)
-    evaluation = plan.run({"x": np.array(1.0), **{f"w{i}": np.array(1.0) for i in range(4)}})
+    evaluation = evaluate(plan, {"x": np.array(1.0), **{f"w{i}": np.array(1.0) for i in range(4)}})
     assert not diagnose(evaluation).flags
     strict = diagnose(evaluation, Thresholds(vanishing=0.02))
     assert {f.node for f in strict.flags} == {"x", "w0", "w1"}   # 0.0022, 0.0022, 0.008 < 0.02 < 0.034, 0.15
@@ -303,7 +305,7 @@ def test_overflowing_sums_of_finite_values_are_not_reported(registry):
     x = g.input("x", (2,))
     f = (x * 1.0).named("y").sum(name="f")
     plan = plan_for(f, registry)
-    evaluation = plan.run({"x": np.array([1.5e308, 1.5e308])})   # sum overflows; every element is finite
+    evaluation = evaluate(plan, {"x": np.array([1.5e308, 1.5e308])})   # sum overflows; every element is finite
     d = diagnose(evaluation)
     assert d.first_nonfinite_value.node == "f"    # only the sum itself is infinite
     assert d.first_nonfinite_gradient is None
@@ -318,11 +320,11 @@ def test_large_tensors_are_probed_exactly(registry, dtype):
     f = (x * 1.0).named("y").log(name="l").sum(name="f")
     plan = plan_for(f, registry)
     big = np.full((100, 100), 1e200 if dtype == "float64" else 1e30, dtype=dtype)
-    healthy = diagnose(plan.run({"x": big}))   # y's squares overflow; every element is finite
+    healthy = diagnose(evaluate(plan, {"x": big}))   # y's squares overflow; every element is finite
     assert healthy.first_nonfinite_value is None and healthy.first_nonfinite_gradient is None
     poisoned = np.ones((100, 100), dtype=dtype)
     poisoned[63, 17] = -1.0
-    origin = diagnose(plan.run({"x": poisoned})).first_nonfinite_value
+    origin = diagnose(evaluate(plan, {"x": poisoned})).first_nonfinite_value
     assert (origin.node, origin.count) == ("l", 1)
 
 
@@ -337,7 +339,7 @@ def test_memory_shared_by_several_slots_is_read_once_and_still_judged(registry):
     plan = plan_for(f, registry)
     x_val = np.ones((64, 128))
     x_val[5, 7] = 0.0
-    evaluation = plan.run({"x": x_val, "c": np.float64(0.0)})
+    evaluation = evaluate(plan, {"x": x_val, "c": np.float64(0.0)})
     assert evaluation.grad("x") is evaluation.grad("y")
     assert np.shares_memory(evaluation.value("r"), evaluation.value("y"))
     d = diagnose(evaluation)

@@ -36,7 +36,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from chainrule.client import ChainruleRpcError, GraphBuilder, LocalClient
+from chainrule.client import ChainruleRpcError, GraphBuilder
+
+from chainrule.server import LocalClient
 from chainrule.core import Attr, OpDef
 from chainrule.core.errors import PluginError
 from chainrule.plugins import OperatorSet, float_like_input, hookimpl, same_as_input

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from chainrule.client import LocalClient
+from chainrule.server import LocalClient
 from chainrule.server.cli import main as chainrule
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"

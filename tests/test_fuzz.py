@@ -16,7 +16,8 @@ from hypothesis import HealthCheck, given, settings
 
 from chainrule.client.errors import from_rpc_error
 from chainrule.server import ServerConfig
-from chainrule.server.app import SERVICE_NAME, create_running_server
+from chainrule.server.grpc_server import create_server
+from chainrule.server.servicer import SERVICE_NAME
 from chainrule.v1 import chainrule_pb2 as pb
 
 from hostile import EVALUATE, REGISTER, Tally, check_valid_answer, hostile_messages, raw_call, send, valid_request
@@ -33,11 +34,11 @@ FUZZ = settings(max_examples=300, deadline=None, derandomize=True, database=None
 
 @pytest.fixture(scope="module")
 def channel():
-    running, port = create_running_server("127.0.0.1:0", CONFIG)
-    running.server.start()
+    running, port = create_server("127.0.0.1:0", CONFIG)
+    running.start()
     with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
         yield ch
-    running.server.stop(None).wait()
+    running.stop(None).wait()
 
 
 def test_hostile_requests_get_client_error_codes_and_the_server_keeps_serving(channel):

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 from google.protobuf.message import DecodeError
 
-from chainrule.server import incoming, wire
-from chainrule.server.convert import array_to_tensor, tensor_to_array
-from chainrule.server.incoming import RawTensor, read_message
+from chainrule.wire import incoming, outgoing as wire
+from chainrule.wire.convert import array_to_tensor, tensor_to_array
+from chainrule.wire.incoming import RawTensor, read_message
 from chainrule.v1 import chainrule_pb2 as pb
 
 RNG = np.random.default_rng(7)
@@ -17,7 +17,7 @@ BIG_I64 = np.arange(3 * 40 * 100, dtype=np.int64).reshape(3, 40, 100)
 
 
 def response_with(arrays: dict[str, np.ndarray], *, split: bool = True) -> wire.Outgoing:
-    outgoing = wire.Outgoing(pb.EvaluateResponse(output="f", graph_id="id"), split=split)
+    outgoing = wire.Outgoing(pb.EvaluateResponse(output="f", graph_id="id"), wire.HandEncoded() if split else None)
     for name, array in arrays.items():
         outgoing.put_map_tensor("values", name, array)
         outgoing.put_map_tensor("gradients", name, -array)

@@ -13,7 +13,7 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from chainrule.client import LocalClient
+from chainrule.server import LocalClient
 from chainrule.v1 import chainrule_pb2 as pb
 
 from serving import ServerProcess, free_port, scrape, slow_graph

@@ -12,7 +12,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from chainrule.server import ServerConfig
-from chainrule.server.app import create_running_server
+from chainrule.server import create_server
 from chainrule.v1 import chainrule_pb2 as pb
 
 from serving import free_port, scrape
@@ -33,8 +33,8 @@ def circuit(x: float) -> pb.EvaluateRequest:
 
 @pytest.fixture()
 def server():
-    running, port = create_running_server("127.0.0.1:0", ServerConfig(metrics_port=free_port(), log_level="WARNING"))
-    running.server.start()
+    running, port = create_server("127.0.0.1:0", ServerConfig(metrics_port=free_port(), log_level="WARNING"))
+    running.start()
     yield running, f"127.0.0.1:{port}"
     running.drain(0).wait()
 
@@ -67,8 +67,8 @@ def test_calls_are_counted_timed_and_measured(server):
 
 
 def test_metrics_are_off_without_a_port():
-    running, _ = create_running_server("127.0.0.1:0", ServerConfig(log_level="WARNING"))
+    running, _ = create_server("127.0.0.1:0", ServerConfig(log_level="WARNING"))
     try:
         assert running.metrics is None
     finally:
-        running.server.stop(None).wait()
+        running.stop(None).wait()

@@ -19,7 +19,7 @@ import pytest
 
 from chainrule.client.errors import from_rpc_error
 from chainrule.server import ServerConfig
-from chainrule.server.app import create_running_server
+from chainrule.server import create_server
 from chainrule.v1 import chainrule_pb2 as pb
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -79,13 +79,13 @@ def test_the_scan_would_catch_each_pattern(tmp_path):
 
 @pytest.fixture(scope="module")
 def evaluate():
-    running, port = create_running_server("127.0.0.1:0", ServerConfig(log_level="WARNING"))
-    running.server.start()
+    running, port = create_server("127.0.0.1:0", ServerConfig(log_level="WARNING"))
+    running.start()
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         yield channel.unary_unary("/chainrule.v1.Chainrule/Evaluate",
                                   request_serializer=pb.EvaluateRequest.SerializeToString,
                                   response_deserializer=pb.EvaluateResponse.FromString)
-    running.server.stop(None).wait()
+    running.stop(None).wait()
 
 
 def neg_graph(dtype: int = pb.FLOAT64) -> pb.Graph:

@@ -15,15 +15,19 @@ import numpy as np
 import pytest
 
 from chainrule.client import (
-    Client, DeadlineExceeded, GraphBuilder, InvalidArgument, LocalClient, Progress, ResourceExhausted, ops,
+
+    Client, DeadlineExceeded, GraphBuilder, InvalidArgument, Progress, ResourceExhausted, ops,
+
 )
+
+from chainrule.server import LocalClient
 from chainrule.core import compile_graph
 from chainrule.core.optim import SGD, Adam, make_optimizer
 from chainrule.core.training import train, training
 from chainrule.plugins.manager import load_plugins
 from chainrule.client.training import optimize_request
 from chainrule.server import ServerConfig
-from chainrule.server.convert import graph_from_proto
+from chainrule.wire.convert import graph_from_proto
 from chainrule.v1.chainrule_pb2_grpc import ChainruleStub
 from helpers import start_server
 
@@ -252,7 +256,7 @@ class StepLog(logging.Handler):
 def one_slot():
     """A server admitting one call at a time, and a log of the optimization steps it runs."""
     server, addr = start(max_concurrent=1)
-    logger = logging.getLogger("chainrule.server.optimize")
+    logger = logging.getLogger("chainrule.server.service.optimize")
     steps, level = StepLog(), logger.level
     logger.addHandler(steps)
     logger.setLevel(logging.DEBUG)

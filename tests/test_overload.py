@@ -14,7 +14,7 @@ import pytest
 
 from chainrule.client import ChainruleRpcError, Client, GraphBuilder, ResourceExhausted
 from chainrule.server import ServerConfig
-from chainrule.server.app import create_running_server
+from chainrule.server import create_server
 
 from serving import slow_graph
 
@@ -23,10 +23,10 @@ M = 2
 
 @pytest.fixture(scope="module")
 def address():
-    running, port = create_running_server("127.0.0.1:0", ServerConfig(max_concurrent=M, log_level="WARNING"))
-    running.server.start()
+    running, port = create_server("127.0.0.1:0", ServerConfig(max_concurrent=M, log_level="WARNING"))
+    running.start()
     yield f"127.0.0.1:{port}"
-    running.server.stop(None).wait()
+    running.stop(None).wait()
 
 
 def test_the_excess_of_4m_parallel_calls_is_refused_at_once_and_none_hangs(address):

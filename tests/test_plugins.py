@@ -6,7 +6,7 @@ import types
 import numpy as np
 import pytest
 
-from chainrule.core import Attr, OpDef, compile_graph
+from chainrule.core import Attr, OpDef, compile_graph, evaluate
 from chainrule.core.errors import DuplicateOperatorError, InvalidOperatorError, PluginError
 from chainrule.plugins import OperatorSet, hookimpl, same_as_input
 from chainrule.plugins.manager import load_plugins
@@ -44,7 +44,7 @@ def test_a_plugin_operator_is_usable_end_to_end():
     assert op.plugin == "cubes" and op.arity == 1 and op.doc == "scale * x^3."
     assert op.attrs["scale"] == Attr("float", 1.0)
     plan = compile_graph(scalar_graph(["x"], [("c", "test.cube", ("x",), {"scale": 2.0})], "c"), loaded.registry)
-    ev = plan.run({"x": np.float64(3.0)})
+    ev = evaluate(plan, {"x": np.float64(3.0)})
     assert ev.output_value == 54.0 and ev.grad("x") == 54.0
     assert "cubes" in [p.name for p in loaded.plugins]
 

@@ -15,7 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from chainrule.client import GraphBuilder, LocalClient
+from chainrule.client import GraphBuilder
+
+from chainrule.server import LocalClient
 from chainrule.client.render import RenderError, render, to_dot
 from chainrule.server.cli import main as cli_main
 from test_client_local import staged
@@ -325,7 +327,8 @@ def test_docs_figures_are_up_to_date(tmp_path):
 
 def test_a_few_hundred_nodes_with_shared_weights_render_quickly_and_readably(tmp_path):
     """A value used everywhere is drawn as a reference beside each consumer, not as 150 long edges."""
-    from chainrule.client import GraphBuilder, LocalClient
+    from chainrule.client import GraphBuilder
+    from chainrule.server import LocalClient
 
     g = GraphBuilder()
     v, w, x = g.input("v"), g.input("w"), g.input("x")

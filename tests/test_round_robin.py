@@ -16,7 +16,7 @@ import pytest
 from chainrule.client import Client, GraphBuilder
 from chainrule.client.channel import target_for
 from chainrule.server import ServerConfig
-from chainrule.server.app import build_service, connection_age_options, create_running_server
+from chainrule.server.grpc_server import build_service, connection_age_options, create_server
 
 
 @pytest.fixture()
@@ -25,12 +25,12 @@ def servers():
     service = build_service(config)  # one plugin load; each server is still its own gRPC server and port
     started = []
     for index in range(3):
-        running, port = create_running_server("127.0.0.1:0", config, service=service, worker=index)
-        running.server.start()
+        running, port = create_server("127.0.0.1:0", config, service=service, worker=index)
+        running.start()
         started.append((running, f"127.0.0.1:{port}"))
     yield started
     for running, _ in started:
-        running.server.stop(None).wait()
+        running.stop(None).wait()
 
 
 def test_calls_spread_over_all_servers_and_survive_one_stopping(servers):
@@ -82,8 +82,8 @@ def test_a_registered_graph_evaluates_on_replicas_that_never_saw_it():
     config = ServerConfig(log_level="WARNING")
     started = []
     for index in range(2):
-        running, port = create_running_server("127.0.0.1:0", config, service=build_service(config), worker=index)
-        running.server.start()
+        running, port = create_server("127.0.0.1:0", config, service=build_service(config), worker=index)
+        running.start()
         started.append((running, f"127.0.0.1:{port}"))
     try:
         g = GraphBuilder()
@@ -95,7 +95,7 @@ def test_a_registered_graph_evaluates_on_replicas_that_never_saw_it():
         assert [r.value for r in results] == [2.0 * k + 2.0 for k in range(20)]
     finally:
         for running, _ in started:
-            running.server.stop(None).wait()
+            running.stop(None).wait()
 
 
 def test_a_list_of_host_names_asks_for_a_dns_target():
@@ -110,8 +110,8 @@ def test_connections_are_recycled_at_max_age_without_failed_calls():
     config = ServerConfig(max_connection_age_seconds=0.2, grace_seconds=5, log_level="WARNING")
     assert dict(connection_age_options(config)) == {"grpc.max_connection_age_ms": 200,
                                                     "grpc.max_connection_age_grace_ms": 5000}
-    running, port = create_running_server("127.0.0.1:0", config)
-    running.server.start()
+    running, port = create_server("127.0.0.1:0", config)
+    running.start()
     try:
         g = GraphBuilder()
         f = g.input("x") * 2.0
@@ -123,4 +123,4 @@ def test_connections_are_recycled_at_max_age_without_failed_calls():
                 calls += 1
         assert calls > 10
     finally:
-        running.server.stop(None).wait()
+        running.stop(None).wait()

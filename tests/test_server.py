@@ -15,7 +15,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from chainrule.client import Client, GraphBuilder, InvalidArgument, ResourceExhausted
 from chainrule.server import ServerConfig, create_server
-from chainrule.server.convert import array_to_tensor
+from chainrule.wire.convert import array_to_tensor
 from chainrule.v1 import chainrule_pb2 as pb
 
 MiB = 1 << 20

@@ -15,9 +15,9 @@ from chainrule.client.errors import FailedPrecondition, InvalidArgument, Resourc
 from chainrule.client.shared_memory import SharedMemoryStaging, read_outputs
 from chainrule.core.errors import BadTensorError
 from chainrule.server.config import ConfigError, ServerConfig
-from chainrule.server.convert import array_to_tensor
-from chainrule.server.shared_memory import SharedMemoryFull, TensorFile
-from chainrule.server.status import status_for
+from chainrule.wire.convert import array_to_tensor
+from chainrule.wire.shared_memory import SharedMemoryFull, TensorFile
+from chainrule.wire.status import status_for
 from chainrule.v1 import chainrule_pb2 as pb
 
 from helpers import start_server

@@ -17,7 +17,7 @@ import pytest
 from chainrule.client import Client, FailedPrecondition, GraphBuilder, InvalidArgument
 from chainrule.plugins.manager import chainrule_version, load_plugins
 from chainrule.server import ServerConfig, create_server
-from chainrule.server.app import build_service
+from chainrule.server.grpc_server import build_service
 
 ACME = Path(__file__).resolve().parents[1] / "examples" / "chainrule-acme" / "chainrule_acme" / "__init__.py"
 INSTALLED = f"installed: chainrule {chainrule_version()}, chainrule-acme 0.2.0"

@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from chainrule.server import wire
-from chainrule.server.convert import array_to_tensor, tensor_to_array
+from chainrule.wire import outgoing as wire
+from chainrule.wire.convert import array_to_tensor, tensor_to_array
 from chainrule.v1 import chainrule_pb2 as pb
 
 ARRAYS = [
@@ -19,9 +19,9 @@ ARRAYS = [
 
 @pytest.mark.parametrize("array", ARRAYS, ids=lambda a: f"{np.asarray(a).dtype}{np.shape(a)}")
 def test_kept_tensors_are_handed_over_as_views_and_complete_as_protobuf_would(array):
-    """keep=True (LocalClient): the receiver reads the arrays themselves, read-only; completing
+    """InProcess (LocalClient): the receiver reads the arrays themselves, read-only; completing
     or serializing the message still gives exactly protobuf's message."""
-    outgoing = wire.Outgoing(pb.EvaluateResponse(output="f"), split=False, keep=True)
+    outgoing = wire.Outgoing(pb.EvaluateResponse(output="f"), wire.InProcess())
     outgoing.put_tensor("output_value", array)
     outgoing.put_map_tensor("values", "x", array)
     expected = pb.EvaluateResponse(output="f", output_value=array_to_tensor(array))
@@ -38,7 +38,7 @@ def test_kept_tensors_are_handed_over_as_views_and_complete_as_protobuf_would(ar
 
 @pytest.mark.parametrize("array", ARRAYS, ids=lambda a: f"{np.asarray(a).dtype}{np.shape(a)}")
 def test_outgoing_response_equals_protobuf_encoding(array):
-    outgoing = wire.Outgoing(pb.EvaluateResponse(output="f", graph_id="abc"))
+    outgoing = wire.Outgoing(pb.EvaluateResponse(output="f", graph_id="abc"), wire.HandEncoded())
     outgoing.put_tensor("output_value", array)
     outgoing.put_map_tensor("values", "x", array)
     outgoing.put_map_tensor("gradients", "x", -np.asarray(array))
@@ -52,18 +52,18 @@ def test_outgoing_response_equals_protobuf_encoding(array):
     assert got.dtype == np.asarray(array).dtype and np.array_equal(got, array)
 
 
-def test_large_parts_skip_protobuf_and_small_ones_do_not():
-    outgoing = wire.Outgoing(pb.EvaluateResponse())
+def test_each_carrier_takes_large_tensors_its_own_way_and_leaves_small_ones_in_the_message():
+    outgoing = wire.Outgoing(pb.EvaluateResponse(), wire.HandEncoded())
     outgoing.put_map_tensor("values", "small", np.ones(3))
-    assert not outgoing.parts and "small" in outgoing.message.values
+    assert not outgoing.carrier.parts and "small" in outgoing.message.values
     outgoing.put_map_tensor("values", "large", np.ones(wire.LARGE_TENSOR_BYTES))
-    assert outgoing.parts and "large" not in outgoing.message.values
-    kept = wire.Outgoing(pb.EvaluateResponse(), split=False, keep=True)
+    assert outgoing.carrier.parts and "large" not in outgoing.message.values
+    kept = wire.Outgoing(pb.EvaluateResponse(), wire.InProcess())
     kept.put_map_tensor("values", "large", np.ones(wire.LARGE_TENSOR_BYTES))
-    assert not kept.parts and "large" not in kept.message.values and "large" in kept.kept_maps["values"]
-    inline = wire.Outgoing(pb.EvaluateResponse(), split=False)
+    assert "large" not in kept.message.values and "large" in kept.carrier.maps["values"]
+    inline = wire.Outgoing(pb.EvaluateResponse())  # the default carrier: plain protobuf
     inline.put_map_tensor("values", "large", np.ones(wire.LARGE_TENSOR_BYTES))
-    assert not inline.parts and "large" in inline.message.values
+    assert "large" in inline.message.values and inline.serialize() == inline.message.SerializeToString()
 
 
 def test_a_client_request_with_large_inputs_parses_as_protobuf_would_build_it():
@@ -74,8 +74,8 @@ def test_a_client_request_with_large_inputs_parses_as_protobuf_would_build_it():
     x, y = g.input("x", shape=(50_000,)), g.input("y")
     f = (x * y).sum().named("f")
     big = np.random.default_rng(0).normal(size=50_000)
-    split = evaluate_request(f.graph, "f", {"x": big, "y": 2.0}, grads=["x"], seed=1.0, split=True)
-    whole = evaluate_request(f.graph, "f", {"x": big, "y": 2.0}, grads=["x"], seed=1.0, split=False)
-    assert split.parts and not whole.parts  # x travels hand-encoded in one, inside protobuf in the other
+    split = evaluate_request(f.graph, "f", {"x": big, "y": 2.0}, grads=["x"], seed=1.0, carrier=wire.HandEncoded())
+    whole = evaluate_request(f.graph, "f", {"x": big, "y": 2.0}, grads=["x"], seed=1.0)
+    assert split.carrier.parts and "x" not in split.message.inputs and "x" in whole.message.inputs
     assert pb.EvaluateRequest.FromString(split.serialize()) == whole.message
     assert wire.serialize(split) == split.serialize() and wire.serialize(whole.message) == whole.serialize()

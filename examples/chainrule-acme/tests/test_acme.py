@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 import chainrule_acme
-from chainrule.client import GraphBuilder, InvalidArgument, LocalClient
+from chainrule.client import GraphBuilder, InvalidArgument
+from chainrule.server import LocalClient
 from chainrule.plugins.manager import load_plugins
 from chainrule.plugins.testing import assert_vjp, check_operator
 

@@ -7,6 +7,11 @@ from pathlib import Path
 
 import numpy as np
 
+from chainrule.client import Client, Graph
+from chainrule.client.errors import ChainruleRpcError
+
+from ..local import LocalClient
+
 
 def add_eval_parser(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("eval", help="evaluate a graph file and print its value and every gradient")
@@ -35,8 +40,6 @@ def parse_input(text: str) -> tuple[str, np.ndarray]:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from chainrule.client import Client, Graph, LocalClient
-    from chainrule.client.errors import ChainruleRpcError
 
     graph = Graph.from_json(args.graph.read_text())
     inputs = dict(parse_input(text) for text in args.input)

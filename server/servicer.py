@@ -1,4 +1,10 @@
-"""The gRPC server: a thin servicer over ChainruleService, plus health and reflection."""
+"""The gRPC servicer: calls in, ChainruleService calls, statuses out; nothing else.
+
+Admission control, the request id, deadlines turned into StopTokens and
+errors turned into ``google.rpc.Status`` live here; what a call computes lives
+in ``chainrule.server.service``; how the server is built and started lives in
+``grpc_server.py``.
+"""
 from __future__ import annotations
 
 import functools
@@ -6,34 +12,27 @@ import logging
 import threading
 import time
 import uuid
-from concurrent import futures
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_status import rpc_status
 
 from chainrule.core import StopToken
-from chainrule.core.errors import ChainruleError, LimitExceeded, OperatorFailure
-from chainrule.plugins.manager import Loaded, load_plugins
+from chainrule.core.errors import CancelledError, ChainruleError, LimitExceeded, OperatorFailure
 from chainrule.v1 import chainrule_pb2 as pb
 from chainrule.v1 import chainrule_pb2_grpc as pb_grpc
+from chainrule.wire import outgoing
+from chainrule.wire.incoming import Incoming, read_message
+from chainrule.wire.outgoing import Carrier, HandEncoded, Outgoing, SharedMemory
+from chainrule.wire.status import REQUEST_ID_KEY, code_for, code_name, internal_status, status_for
 
-from . import auth, tls, wire
-from .config import ServerConfig, plugin_filters
-from .guard import MalformedRequestInterceptor
-from .incoming import Incoming, read_message
-from .metrics import Exporter, Metrics
-from .optimize import optimize
-from .service import ChainruleService
-from .streaming import call_token, client_requests, evaluate_stream
-from .status import code_for, internal_status, status_for, to_grpc_status
+from .config import ServerConfig
+from .service import ChainruleService, evaluate_stream, optimize
 
 log = logging.getLogger("chainrule.server")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Chainrule"].full_name
-REQUEST_ID_KEY = "chainrule-request-id"
 
 
 class Servicer(pb_grpc.ChainruleServicer):
@@ -87,14 +86,14 @@ class Servicer(pb_grpc.ChainruleServicer):
             outcome = "CANCELLED"
             raise
         except ChainruleError as exc:
-            outcome = code_for(exc).name
+            outcome = code_name(code_for(exc))
             if isinstance(exc, OperatorFailure):
                 log.error("request %s: %s", request_id, exc.message, exc_info=exc)
-            context.abort_with_status(_with_request_id(to_grpc_status(status_for(exc, request_id)), request_id))
+            context.abort_with_status(_with_request_id(rpc_status.to_status(status_for(exc, request_id)), request_id))
         except Exception:
             outcome = "INTERNAL"
             log.exception("request %s: unexpected error in %s", request_id, method)
-            context.abort_with_status(_with_request_id(to_grpc_status(internal_status(request_id)), request_id))
+            context.abort_with_status(_with_request_id(rpc_status.to_status(internal_status(request_id)), request_id))
         finally:
             if admitted:
                 self._slots.release()
@@ -111,10 +110,28 @@ class Servicer(pb_grpc.ChainruleServicer):
             return StopToken.after(remaining, cancelled, "the client's deadline")
         return StopToken.after(cap, cancelled, f"the server's time limit of {cap:g} s per request ({limit})")
 
-    def Evaluate(self, request: Incoming, context: grpc.ServicerContext) -> wire.Outgoing:
+    def Evaluate(self, request: Incoming, context: grpc.ServicerContext) -> Outgoing:
         message = request.message
         size = len(message.graph.nodes) if message.HasField("graph") else 0
-        return self._call("Evaluate", context, lambda: self.service.evaluate_wire(request, self._token(context)), size)
+
+        def work() -> Outgoing:
+            with self._response_carrier(message.shared_memory_output) as carrier:
+                return self.service.evaluate(request, self._token(context), carrier)
+
+        return self._call("Evaluate", context, work, size)
+
+    @contextmanager
+    def _response_carrier(self, output_file: str) -> Iterator[Carrier]:
+        """Large response tensors hand-encoded into the reply, or written into the shared-memory
+        file a same-host client named (opened and checked before any work)."""
+        if not output_file:
+            yield HandEncoded()
+            return
+        file = self.service.open_output_file(output_file)
+        try:
+            yield SharedMemory(file)
+        finally:
+            file.close()
 
     def RegisterGraph(self, request: pb.RegisterGraphRequest, context: grpc.ServicerContext) -> pb.RegisterGraphResponse:
         return self._call("RegisterGraph", context, lambda: self.service.register_graph(request), len(request.graph.nodes))
@@ -148,25 +165,6 @@ def _with_request_id(status: grpc.Status, request_id: str) -> grpc.Status:
     return status._replace(trailing_metadata=(*status.trailing_metadata, (REQUEST_ID_KEY, request_id)))
 
 
-class Running:
-    """A created server with its health servicer, so it can be drained gracefully."""
-
-    def __init__(self, server: grpc.Server, health_servicer: health.HealthServicer, service: ChainruleService,
-                 metrics: Exporter | None = None) -> None:
-        self.server = server
-        self.health = health_servicer
-        self.service = service
-        #: The Prometheus endpoint (``metrics.port``), when metrics are on and exported by this process.
-        self.metrics = metrics
-
-    def drain(self, grace: float) -> threading.Event:
-        """Report NOT_SERVING, refuse new calls, let in-flight ones finish within ``grace``."""
-        self.health.enter_graceful_shutdown()
-        if self.metrics is not None:
-            self.metrics.close()
-        return self.server.stop(grace)
-
-
 def add_servicer(server: grpc.Server, servicer: Servicer) -> None:
     """Register every RPC of the service, like the generated ``add_ChainruleServicer_to_server``,
     but with a serializer that also takes responses whose large tensors are pre-encoded, and
@@ -185,93 +183,26 @@ def add_servicer(server: grpc.Server, servicer: Servicer) -> None:
         handlers[method.name] = factory(
             getattr(servicer, method.name),
             request_deserializer=readers.get(method.name, getattr(pb, method.input_type.name).FromString),
-            response_serializer=wire.serialize,
+            response_serializer=outgoing.serialize,
         )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     server.add_registered_method_handlers(SERVICE_NAME, handlers)
 
 
-def connection_age_options(config: ServerConfig) -> list[tuple[str, int]]:
-    """Close connections after ``max_connection_age_seconds`` (GOAWAY; calls in flight get the grace period)."""
-    if config.max_connection_age_seconds <= 0:
-        return []
-    return [("grpc.max_connection_age_ms", int(config.max_connection_age_seconds * 1000)),
-            ("grpc.max_connection_age_grace_ms", int(config.grace_seconds * 1000))]
+def call_token(context: grpc.ServicerContext, max_seconds: float) -> StopToken:
+    """Stops when the client's deadline passes, it cancels, or the stream has lived ``max_seconds``
+    (a stream holds an admission slot, so an idle one must not hold it for ever)."""
+    remaining = context.time_remaining()
+    cancelled = threading.Event()
+    context.add_callback(cancelled.set)
+    if remaining is not None and remaining <= max_seconds:
+        return StopToken.after(remaining, cancelled, "the client's deadline")
+    return StopToken.after(max_seconds, cancelled, f"the server's time limit of {max_seconds:g} s per stream (max_stream_seconds)")
 
 
-def build_service(config: ServerConfig, loaded: Loaded | None = None) -> ChainruleService:
-    loaded = loaded or load_plugins(**plugin_filters(config))
-    checks = None
-    if config.check_operators:  # refuse operators whose vjp disagrees with finite differences
-        from chainrule.plugins.checking import check_and_refuse
-
-        loaded, verdicts = check_and_refuse(loaded, log)
-        checks = {c.op: pb.CHECK_PASSED if c.passed else pb.CHECK_FAILED for c in verdicts if c.checked}
-    return ChainruleService(loaded, config.limits(), graph_cache_size=config.graph_cache_size, checks=checks,
-                            shared_memory_dir=config.shared_memory_dir)
-
-
-def create_server(
-    address: str | None = None,
-    config: ServerConfig | None = None,
-    *,
-    service: ChainruleService | None = None,
-    worker: int = 0,
-) -> tuple[grpc.Server, int]:
-    """Build (not start) a server on ``address`` (port 0 picks a free port); returns it and its port."""
-    running, port = create_running_server(address, config, service=service, worker=worker)
-    return running.server, port
-
-
-def create_running_server(
-    address: str | None = None,
-    config: ServerConfig | None = None,
-    *,
-    service: ChainruleService | None = None,
-    worker: int = 0,
-    options: list[tuple[str, Any]] | None = None,
-    export_metrics: bool = True,
-) -> tuple[Running, int]:
-    """Like create_server, returning a Running handle (for graceful drains).
-
-    ``export_metrics=False`` records metrics without serving them (a worker
-    process whose parent serves the metrics of all workers).
-    """
-    config = (config or ServerConfig()).validate()
-    service = service or build_service(config)
-    metrics = Metrics() if config.metrics_port else None
-    # Outermost first: metrics count every call, refused ones too; auth refuses before parsing.
-    interceptors = [i for i in (metrics and metrics.interceptor(service),
-                                auth.interceptor_for(config.token_file, config.open_health_and_reflection),
-                                MalformedRequestInterceptor(SERVICE_NAME)) if i]
-    # Threads beyond max_concurrent let refusals be answered at once; gRPC's own
-    # limit is only a backstop (it counts calls until their clean-up ends).
-    spare = max(4, config.max_concurrent // 2)
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=config.max_concurrent + spare, thread_name_prefix="chainrule"),
-        maximum_concurrent_rpcs=2 * config.max_concurrent + spare,
-        interceptors=interceptors,
-        options=[
-            ("grpc.max_receive_message_length", config.max_message_bytes),
-            ("grpc.max_send_message_length", config.max_message_bytes),
-            *connection_age_options(config),
-            *(options or []),
-        ],
-    )
-    add_servicer(server, Servicer(service, config, worker))
-    health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    for name in ("", SERVICE_NAME):
-        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    if config.reflection:
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server,
-        )
-    credentials = tls.server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
-    bind = address or config.address
+def client_requests(requests: Iterator[pb.EvaluateRequest]) -> Iterator[pb.EvaluateRequest]:
+    """The request stream, with a client gone mid-stream reported as CANCELLED (not an internal error)."""
     try:
-        port = server.add_secure_port(bind, credentials) if credentials else server.add_insecure_port(bind)
-    except RuntimeError as exc:  # grpc raises RuntimeError when the address is taken or invalid
-        raise OSError(f"could not bind {bind}: {exc}") from None
-    exporter = Exporter(metrics.registry, config.host, config.metrics_port) if metrics and export_metrics else None
-    return Running(server, health_servicer, service, exporter), port
+        yield from requests
+    except grpc.RpcError:
+        raise CancelledError("the client cancelled the stream; work stopped") from None

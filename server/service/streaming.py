@@ -10,21 +10,18 @@ cancelled call or a passed call deadline ends it. The server's compute cap
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from typing import Iterable, Iterator
 
-import grpc
-
 from chainrule.core import Plan, StopToken
-from chainrule.core.errors import Cancelled, ChainruleError, GraphError, OperatorFailure
+from chainrule.core.errors import CancelledError, ChainruleError, GraphError, OperatorFailure
 from chainrule.v1 import chainrule_pb2 as pb
+from chainrule.wire.outgoing import Outgoing
+from chainrule.wire.status import status_for
 
 from .service import ChainruleService
-from .status import status_for
-from .wire import Outgoing
 
-log = logging.getLogger("chainrule.server.streaming")
+log = logging.getLogger("chainrule.server.service.streaming")
 
 
 def evaluate_stream(service: ChainruleService, requests: Iterable[pb.EvaluateRequest], call: StopToken | None = None,
@@ -86,10 +83,10 @@ def _answer(service: ChainruleService, graph: tuple[str, Plan] | ChainruleError,
     if not isinstance(graph, ChainruleError):
         gid, plan = graph
         try:
-            # Written in place; no hand-encoded parts (split=False) since this message nests.
-            service.respond(gid, service.run(plan, request, token), request, Outgoing(answer.response, split=False))
+            # Written in place, every tensor inside: this message nests in the stream's reply.
+            service.respond(gid, service.run(plan, request, token), request, Outgoing(answer.response))
             return
-        except Cancelled:
+        except CancelledError:
             raise
         except ChainruleError as exc:
             if isinstance(exc, OperatorFailure):
@@ -119,24 +116,3 @@ def _item_token(call: StopToken | None, seconds: float | None) -> StopToken | No
     if call.deadline is not None and call.deadline < deadline:
         return call
     return StopToken(deadline, call.event, cap)
-
-
-# --- gRPC glue ------------------------------------------------------------------------------
-
-def call_token(context: grpc.ServicerContext, max_seconds: float) -> StopToken:
-    """Stops when the client's deadline passes, it cancels, or the stream has lived ``max_seconds``
-    (a stream holds an admission slot, so an idle one must not hold it for ever)."""
-    remaining = context.time_remaining()
-    cancelled = threading.Event()
-    context.add_callback(cancelled.set)
-    if remaining is not None and remaining <= max_seconds:
-        return StopToken.after(remaining, cancelled, "the client's deadline")
-    return StopToken.after(max_seconds, cancelled, f"the server's time limit of {max_seconds:g} s per stream (max_stream_seconds)")
-
-
-def client_requests(requests: Iterator[pb.EvaluateRequest]) -> Iterator[pb.EvaluateRequest]:
-    """The request stream, with a client gone mid-stream reported as Cancelled (not an internal error)."""
-    try:
-        yield from requests
-    except grpc.RpcError:
-        raise Cancelled("the client cancelled the stream; work stopped") from None

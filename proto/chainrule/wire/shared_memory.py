@@ -37,7 +37,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from chainrule.core.errors import BadTensorError, ChainruleError, LimitExceeded
+from chainrule.core.errors import BadTensorError, ChainruleError, LimitExceeded, SharedMemoryFull, SharedMemoryUnavailable
 from chainrule.v1 import chainrule_pb2 as pb
 
 #: Each tensor written into a file starts at a multiple of this many bytes.
@@ -51,18 +51,6 @@ _NAME_RULE = "'chainrule-', 32 lowercase hex digits of a random token, and optio
 def new_file_name(suffix: str) -> str:
     """A name no other caller can guess: "chainrule-<32 hex digits>-<suffix>"."""
     return f"chainrule-{secrets.token_hex(16)}-{suffix}"
-
-
-class SharedMemoryUnavailable(ChainruleError):
-    """A tensor came in shared memory, but this server does not accept it (FAILED_PRECONDITION)."""
-
-    reason = "SHARED_MEMORY_DISABLED"
-
-
-class SharedMemoryFull(ChainruleError):
-    """The directory's filesystem has no room left for a call's tensors (RESOURCE_EXHAUSTED)."""
-
-    reason = "SHARED_MEMORY_FULL"
 
 
 def directory_problem(path: str) -> str | None:

@@ -15,6 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
+from chainrule.client import Client, Graph
+from chainrule.client.errors import ChainruleRpcError
+
+from ..local import LocalClient
+
 
 def add_train_parser(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("train", help="train a graph's parameters on a data file; write them to .npz")
@@ -52,8 +57,6 @@ def load_npz(path: Path, what: str) -> dict[str, np.ndarray]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from chainrule.client import Client, Graph, LocalClient
-    from chainrule.client.errors import ChainruleRpcError
 
     graph = Graph.from_json(args.graph.read_text())
     data = load_npz(args.data, "--data")

@@ -8,7 +8,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .cli_eval import parse_input
+from chainrule.client import Client, Graph
+from chainrule.client.errors import ChainruleRpcError
+from chainrule.client.render import RenderError
+
+from ..local import LocalClient
+from .eval import parse_input
 
 
 def add_render_parser(commands: argparse._SubParsersAction) -> None:
@@ -31,9 +36,6 @@ def add_render_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def cmd_render(args: argparse.Namespace) -> int:
-    from chainrule.client import Client, Graph, LocalClient
-    from chainrule.client.errors import ChainruleRpcError
-    from chainrule.client.render import RenderError
 
     graph = Graph.from_json(args.graph.read_text())
     inputs = dict(parse_input(text) for text in args.input)

@@ -1,6 +1,6 @@
-"""``chainrule plugins [--json]`` and ``chainrule check [--plugin NAME] [--op NAME]``.
+"""``chainrule ops [--json]``, ``chainrule plugins [--json]`` and ``chainrule check [--plugin NAME] [--op NAME]``.
 
-Both load plugins like ``serve`` does, so CHAINRULE_PLUGINS,
+All three load plugins like ``serve`` does, so CHAINRULE_PLUGINS,
 CHAINRULE_DISABLE_PLUGINS and CHAINRULE_PREFER apply.
 """
 from __future__ import annotations
@@ -10,8 +10,15 @@ import json
 import sys
 from typing import Sequence
 
+from chainrule.plugins.checking import check_registry
+from chainrule.plugins.manager import load_plugins, parse_names
+
 
 def add_plugin_parsers(commands: argparse._SubParsersAction) -> None:
+    ops = commands.add_parser("ops", help="list the operators the installed plugins provide")
+    ops.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    ops.set_defaults(run=cmd_ops)
+
     plugins = commands.add_parser("plugins", help="list the installed plugins: distribution, version, operators")
     plugins.add_argument("--json", action="store_true", help="print JSON instead of a table")
     plugins.add_argument("--prefer", default=None, metavar="NAMES", help="plugins that win a name conflict (env CHAINRULE_PREFER)")
@@ -26,8 +33,6 @@ def add_plugin_parsers(commands: argparse._SubParsersAction) -> None:
 
 
 def _load(args: argparse.Namespace):
-    from chainrule.plugins.manager import load_plugins, parse_names
-
     return load_plugins(prefer=parse_names(args.prefer))
 
 
@@ -47,8 +52,6 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from chainrule.plugins.checking import check_registry
-
     loaded = _load(args)
     try:
         checks = check_registry(loaded.registry, args.op, plugins=args.plugin)
@@ -81,3 +84,28 @@ def _print_table(rows: Sequence[Sequence[str]]) -> None:
     widths = [max(len(row[k]) for row in rows) for k in range(len(rows[0]) - 1)]
     for row in rows:
         print("  ".join([cell.ljust(w) for cell, w in zip(row, widths)] + [row[-1]]).rstrip())
+
+
+def cmd_ops(args: argparse.Namespace) -> int:
+    registry = load_plugins().registry
+    rows = [
+        {
+            "name": op.name,
+            "arity": "variadic" if op.variadic else op.arity,
+            "attrs": {name: {"type": a.kind, "required": a.required,
+                             **({} if a.required or a.default is None or a.kind == "tensor" else {"default": a.default})}
+                      for name, a in op.attrs.items()},
+            "plugin": op.plugin, "distribution": op.distribution, "version": op.version, "doc": op.doc,
+        }
+        for op in registry
+    ]
+    if args.json:
+        json.dump(rows, sys.stdout, indent=2)
+        print()
+        return 0
+    width = max((len(r["name"]) for r in rows), default=4)
+    pwidth = max((len(r["plugin"]) for r in rows), default=6)
+    for r in rows:
+        attrs = ", ".join(f"{k}:{v['type']}" for k, v in r["attrs"].items())
+        print(f"{r['name']:<{width}}  {r['plugin']:<{pwidth}}  {attrs:<28}  {r['doc']}")
+    return 0

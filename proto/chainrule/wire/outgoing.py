@@ -110,92 +110,146 @@ def field_prefix(field: int) -> Callable[[int], bytes]:
     return lambda length: _key(field, _WIRE_BYTES) + _varint(length)
 
 
-class Outgoing:
-    """A message plus hand-encoded fields, serialized into one bytes object on demand.
+class Carrier:
+    """How the large tensors of one outgoing message travel: the base class keeps every
+    tensor inside the message (plain protobuf, for messages that nest in another one).
 
-    ``put_tensor``/``put_map_tensor`` place a large array in the hand-encoded
-    part and a small one in the message; with ``split=False`` everything goes
-    in the message. The hand-encoded part comes first, so a reader finds the
-    large tensors at once. With ``keep=True`` (for an in-process receiver) large
-    arrays are kept as they are, and :meth:`incoming` hands them over uncopied.
+    A carrier holds the state of one message; make a new one per message.
     """
 
-    __slots__ = ("message", "parts", "split", "stage", "keep", "kept_maps", "kept_singles", "_size")
+    def takes(self, array: np.ndarray) -> bool:
+        """Whether ``array`` travels outside the message's own protobuf fields."""
+        return False
 
-    def __init__(self, message: Any, *, split: bool = True, stage: Any = None, keep: bool = False) -> None:
-        self.message = message
+    def put(self, message: Any, field: str, key: str | None, array: np.ndarray) -> None:
+        """Carry ``array`` as ``message.<field>[key]`` (``key`` None: a singular field)."""
+        raise NotImplementedError  # only called when takes() said yes
+
+    def serialize(self, message: Any) -> bytes:
+        return message.SerializeToString()
+
+    def received(self, message: Any) -> Incoming:
+        """What a receiver in this process reads."""
+        return Incoming(message)
+
+
+def _large(array: np.ndarray) -> bool:
+    return array.nbytes > LARGE_TENSOR_BYTES and dtype_code(array.dtype) is not None
+
+
+class HandEncoded(Carrier):
+    """For gRPC: large tensors encoded straight from their buffers, ahead of the message (one copy)."""
+
+    def __init__(self) -> None:
         self.parts: list[Any] = []
-        self.split = split
-        #: A file (shared_memory.TensorFile) that takes the large tensors instead: the message refers to them.
-        self.stage = stage
-        self.keep = keep
-        self.kept_maps: dict[str, dict[str, RawTensor]] = {}
-        self.kept_singles: dict[str, RawTensor] = {}
         self._size = 0
 
-    def _large(self, array: np.ndarray) -> bool:
-        return ((self.split or self.keep or self.stage is not None) and array.nbytes > LARGE_TENSOR_BYTES
-                and dtype_code(array.dtype) is not None)
+    def takes(self, array: np.ndarray) -> bool:
+        return _large(array)
 
-    def _stage(self, tensor: Any, array: np.ndarray) -> None:
-        tensor.dtype = dtype_code(array.dtype)
-        tensor.shape[:] = array.shape
-        tensor.shared_memory.CopyFrom(self.stage.put(array))
-
-    def _append(self, prefix: Callable[[int], bytes], array: np.ndarray) -> None:
+    def put(self, message: Any, field: str, key: str | None, array: np.ndarray) -> None:
+        number = message.DESCRIPTOR.fields_by_name[field].number
+        prefix = field_prefix(number) if key is None else map_entry_prefix(number, key)
         parts = aligned_tensor(prefix, *_as_payload(array), self._size)
         self.parts += parts
         self._size += sum(len(p) if isinstance(p, bytes) else p.nbytes for p in parts)
 
+    def serialize(self, message: Any) -> bytes:
+        if not self.parts:
+            return message.SerializeToString()
+        return b"".join([*self.parts, message.SerializeToString()])
+
+    def received(self, message: Any) -> Incoming:
+        return Incoming(type(message).FromString(self.serialize(message)) if self.parts else message)
+
+
+class InProcess(Carrier):
+    """For a receiver in this process (LocalClient): large tensors stay arrays, handed over as
+    read-only views through the same checks as received bytes; nothing is copied."""
+
+    def __init__(self) -> None:
+        self.maps: dict[str, dict[str, RawTensor]] = {}
+        self.singles: dict[str, RawTensor] = {}
+
+    def takes(self, array: np.ndarray) -> bool:
+        return _large(array)
+
+    def put(self, message: Any, field: str, key: str | None, array: np.ndarray) -> None:
+        code, shape, payload = _as_payload(array)
+        raw = RawTensor(code, shape, payload.toreadonly())
+        if key is None:
+            self.singles[field] = raw
+        else:
+            self.maps.setdefault(field, {})[key] = raw
+
+    def kept(self) -> list[RawTensor]:
+        """Every tensor kept as an array."""
+        return [*self.singles.values(), *(raw for entries in self.maps.values() for raw in entries.values())]
+
+    def serialize(self, message: Any) -> bytes:  # kept for an in-process receiver, yet sent after all
+        return self.received(message).complete().SerializeToString()
+
+    def received(self, message: Any) -> Incoming:
+        return Incoming(message, {field: dict(entries) for field, entries in self.maps.items()}, dict(self.singles))
+
+
+class SharedMemory(Carrier):
+    """For a peer on this host: large tensors written into a shared-memory file
+    (``shared_memory.TensorFile`` or a client's staging file), the message referring to them."""
+
+    def __init__(self, file: Any) -> None:
+        self.file = file
+
+    def takes(self, array: np.ndarray) -> bool:
+        return _large(array)
+
+    def put(self, message: Any, field: str, key: str | None, array: np.ndarray) -> None:
+        tensor = getattr(message, field) if key is None else getattr(message, field)[key]
+        tensor.dtype = dtype_code(array.dtype)
+        tensor.shape[:] = array.shape
+        tensor.shared_memory.CopyFrom(self.file.put(array))
+
+
+class Outgoing:
+    """A message whose large tensors travel as its :class:`Carrier` decides.
+
+    ``put_tensor``/``put_map_tensor`` place an array in the message, or give it
+    to the carrier when the carrier takes it; the sender never branches on the
+    transport.
+    """
+
+    __slots__ = ("message", "carrier")
+
+    def __init__(self, message: Any, carrier: Carrier | None = None) -> None:
+        self.message = message
+        self.carrier = carrier if carrier is not None else Carrier()
+
     def put_map_tensor(self, field: str, key: str, array: Any) -> None:
         """``message.<field>[key] = array`` for a ``map<string, Tensor>`` field."""
         array = np.asarray(array)
-        if self._large(array) and self.stage is not None:
-            self._stage(getattr(self.message, field)[key], array)
-        elif self._large(array) and self.keep:
-            self.kept_maps.setdefault(field, {})[key] = _kept(array)
-        elif self._large(array):
-            self._append(map_entry_prefix(self.message.DESCRIPTOR.fields_by_name[field].number, key), array)
+        if self.carrier.takes(array):
+            self.carrier.put(self.message, field, key, array)
         else:
             fill_tensor(getattr(self.message, field)[key], array)
 
     def put_tensor(self, field: str, array: Any) -> None:
         """``message.<field> = array`` for a singular Tensor field."""
         array = np.asarray(array)
-        if self._large(array) and self.stage is not None:
-            self._stage(getattr(self.message, field), array)
-        elif self._large(array) and self.keep:
-            self.kept_singles[field] = _kept(array)
-        elif self._large(array):
-            self._append(field_prefix(self.message.DESCRIPTOR.fields_by_name[field].number), array)
+        if self.carrier.takes(array):
+            self.carrier.put(self.message, field, None, array)
         else:
             fill_tensor(getattr(self.message, field), array)
 
     def serialize(self) -> bytes:
-        if self.kept_maps or self.kept_singles:  # kept for an in-process receiver, yet sent after all
-            return self.parse().SerializeToString()
-        if not self.parts:
-            return self.message.SerializeToString()
-        return b"".join([*self.parts, self.message.SerializeToString()])
-
-    def parse(self) -> Any:
-        """The complete message."""
-        if self.kept_maps or self.kept_singles:
-            return self.incoming().complete()
-        return self.message if not self.parts else type(self.message).FromString(self.serialize())
+        return self.carrier.serialize(self.message)
 
     def incoming(self) -> Incoming:
-        """What a receiver in this process reads: the message, and the kept arrays as read-only
-        views (the receiver's numpy arrays then share their memory; nothing is copied)."""
-        if self.parts:
-            return Incoming(type(self.message).FromString(self.serialize()))
-        return Incoming(self.message, {field: dict(entries) for field, entries in self.kept_maps.items()},
-                        dict(self.kept_singles))
+        """What a receiver in this process reads (kept arrays as read-only views, nothing copied)."""
+        return self.carrier.received(self.message)
 
-
-def _kept(array: np.ndarray) -> RawTensor:
-    code, shape, payload = _as_payload(array)
-    return RawTensor(code, shape, payload.toreadonly())
+    def parse(self) -> Any:
+        """The complete message, every tensor inside it."""
+        return self.incoming().complete()
 
 
 def serialize(message: Any) -> bytes:

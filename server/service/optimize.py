@@ -17,12 +17,12 @@ from chainrule.core.errors import GraphError, LimitExceeded, MissingInputError, 
 from chainrule.core.optim import Optimizer, make_optimizer
 from chainrule.core.training import Report, training
 from chainrule.v1 import chainrule_pb2 as pb
+from chainrule.wire.convert import DTYPE_TO_NUMPY, array_to_tensor, check_element_count, tensor_to_array
+from chainrule.wire.shared_memory import check_total
 
-from .convert import DTYPE_TO_NUMPY, array_to_tensor, check_element_count, tensor_to_array
 from .service import ChainruleService
-from .shared_memory import check_total
 
-log = logging.getLogger("chainrule.server.optimize")
+log = logging.getLogger("chainrule.server.service.optimize")
 
 
 def optimize(service: ChainruleService, request: pb.OptimizeRequest, token: StopToken | None = None,

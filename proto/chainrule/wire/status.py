@@ -1,4 +1,4 @@
-"""Map chainrule errors to gRPC status codes with rich details.
+"""Map chainrule errors to ``google.rpc.Status`` messages with rich details (no gRPC needed).
 
 Every error becomes a ``google.rpc.Status`` whose message names the node,
 operator or field, with ``ErrorInfo`` (a stable reason code plus the node,
@@ -7,35 +7,39 @@ operator and limit figures as metadata) and, for invalid requests,
 """
 from __future__ import annotations
 
-import grpc
 from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
-from grpc_status import rpc_status
 
 from chainrule.core.errors import (
-    Cancelled, ChainruleError, DeadlineExceeded, GraphError, LimitExceeded, OperatorFailure, VersionMismatchError,
+    CancelledError, ChainruleError, DeadlineError, GraphError, LimitExceeded, OperatorFailure, SharedMemoryFull,
+    SharedMemoryUnavailable, UnknownGraphError, VersionMismatchError,
 )
 
-from .service import UnknownGraphError
-from .shared_memory import SharedMemoryFull, SharedMemoryUnavailable
-
 DOMAIN = "chainrule.dev"
+#: Metadata key of the request id a server gives every call (trailers of unary calls, headers of streams).
+REQUEST_ID_KEY = "chainrule-request-id"
 
 
-def code_for(exc: ChainruleError) -> grpc.StatusCode:
+def code_for(exc: ChainruleError) -> int:
+    """The status code (``google.rpc.Code``, the numbers gRPC uses) that ``exc`` is answered with."""
     if isinstance(exc, GraphError):
-        return grpc.StatusCode.INVALID_ARGUMENT
+        return code_pb2.INVALID_ARGUMENT
     if isinstance(exc, (LimitExceeded, SharedMemoryFull)):
-        return grpc.StatusCode.RESOURCE_EXHAUSTED
+        return code_pb2.RESOURCE_EXHAUSTED
     if isinstance(exc, UnknownGraphError):
-        return grpc.StatusCode.NOT_FOUND
+        return code_pb2.NOT_FOUND
     if isinstance(exc, (VersionMismatchError, SharedMemoryUnavailable)):
-        return grpc.StatusCode.FAILED_PRECONDITION
-    if isinstance(exc, DeadlineExceeded):
-        return grpc.StatusCode.DEADLINE_EXCEEDED
-    if isinstance(exc, Cancelled):
-        return grpc.StatusCode.CANCELLED
-    return grpc.StatusCode.INTERNAL
+        return code_pb2.FAILED_PRECONDITION
+    if isinstance(exc, DeadlineError):
+        return code_pb2.DEADLINE_EXCEEDED
+    if isinstance(exc, CancelledError):
+        return code_pb2.CANCELLED
+    return code_pb2.INTERNAL
+
+
+def code_name(code: int) -> str:
+    """``INVALID_ARGUMENT`` for 3, as gRPC spells its codes."""
+    return code_pb2.Code.Name(code)
 
 
 def _pack(message) -> any_pb2.Any:
@@ -72,11 +76,11 @@ def status_for(exc: ChainruleError, request_id: str = "") -> status_pb2.Status:
     if request_id:
         metadata["request_id"] = request_id
     details = [_pack(error_details_pb2.ErrorInfo(reason=exc.reason, domain=DOMAIN, metadata=metadata))]
-    if code == grpc.StatusCode.INVALID_ARGUMENT:
+    if code == code_pb2.INVALID_ARGUMENT:
         violation = error_details_pb2.BadRequest.FieldViolation(field=_clip(exc.field or exc.node or ""),
                                                                 description=message)
         details.append(_pack(error_details_pb2.BadRequest(field_violations=[violation])))
-    return status_pb2.Status(code=code.value[0], message=message, details=details)
+    return status_pb2.Status(code=code, message=message, details=details)
 
 
 def internal_status(request_id: str) -> status_pb2.Status:
@@ -86,7 +90,3 @@ def internal_status(request_id: str) -> status_pb2.Status:
         code=code_pb2.INTERNAL, message=f"internal error; the server log has the details under request id {request_id}",
         details=[_pack(info)],
     )
-
-
-def to_grpc_status(status: status_pb2.Status) -> grpc.Status:
-    return rpc_status.to_status(status)

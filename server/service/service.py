@@ -1,8 +1,10 @@
 """The service's domain logic: protobuf requests in, protobuf responses out.
 
-No gRPC here: the gRPC servicer (``app.py``) and the in-process
-``LocalClient`` both call this class, so both give identical results. Errors
-are raised as typed ChainruleErrors; ``status.py`` maps them to gRPC codes.
+No gRPC here, and no choice of transport: the gRPC servicer
+(``chainrule.server.servicer``) and the in-process ``LocalClient`` both call
+this class, each handing it the :class:`~chainrule.wire.outgoing.Carrier` its
+transport needs, so both give identical results. Errors are raised as typed
+ChainruleErrors; ``chainrule.wire.status`` maps them to gRPC statuses.
 """
 from __future__ import annotations
 
@@ -17,20 +19,16 @@ import numpy as np
 from chainrule.core import Graph, Limits, Plan, StopToken, compile_graph
 from chainrule.core.diagnostics import Diagnostics, diagnose
 from chainrule.core.engine import UNREACHED_OMIT, UNREACHED_ZEROS, Evaluation, check_input_names
-from chainrule.core.errors import ChainruleError, GraphError
+from chainrule.core.engine import evaluate as evaluate_plan
+from chainrule.core.errors import GraphError, SharedMemoryUnavailable, UnknownGraphError
 from chainrule.plugins.manager import Loaded, chainrule_version
 from chainrule.v1 import chainrule_pb2 as pb
+from chainrule.wire.convert import array_to_tensor, graph_from_proto, inputs_from_proto, python_to_attr, tensor_to_array
+from chainrule.wire.incoming import Incoming
+from chainrule.wire.outgoing import Carrier, Outgoing
+from chainrule.wire.shared_memory import SharedMemoryDir, TensorFile, check_total
 
-from .convert import array_to_tensor, graph_from_proto, inputs_from_proto, python_to_attr, tensor_to_array
-from .incoming import Incoming
-from .shared_memory import SharedMemoryDir, SharedMemoryUnavailable, TensorFile, check_total
-from .wire import Outgoing
-
-
-class UnknownGraphError(ChainruleError):
-    """An Evaluate named a graph id this server has not registered (NOT_FOUND)."""
-
-    reason = "UNKNOWN_GRAPH"
+from .requirements import check_requirements
 
 
 def graph_id(graph: pb.Graph) -> str:
@@ -85,9 +83,7 @@ class ChainruleService:
             return plan
 
     def _check_requirements(self, graph: Graph) -> None:
-        """Hook for version pins in graph metadata (see requirements.py)."""
-        from .requirements import check_requirements
-
+        """Version pins in graph metadata (see requirements.py)."""
         check_requirements(graph.metadata, self.loaded)
 
     def register_graph(self, request: pb.RegisterGraphRequest) -> pb.RegisterGraphResponse:
@@ -112,31 +108,18 @@ class ChainruleService:
 
     # --- evaluation -----------------------------------------------------------------
 
-    def evaluate(self, request: pb.EvaluateRequest, token: StopToken | None = None) -> pb.EvaluateResponse:
-        """One Evaluate call, answered with a complete message (for in-process callers)."""
-        return self.evaluate_wire(request, token, split=False).message
-
-    def evaluate_wire(self, request: Incoming | pb.EvaluateRequest, token: StopToken | None = None, *,
-                      split: bool = True, keep: bool = False) -> Outgoing:
-        """One Evaluate call, for gRPC: large input tensors may come as views of the received bytes
-        (see incoming.py); large output tensors are left for hand encoding (see wire.py) unless
-        ``split`` is False, kept as arrays with ``keep`` (for an in-process caller), or written
-        into the client's shared-memory file when it names one."""
+    def evaluate(self, request: Incoming | pb.EvaluateRequest, token: StopToken | None = None,
+                 carrier: Carrier | None = None) -> Outgoing:
+        """One Evaluate call. Large input tensors may come as views of received bytes (see
+        chainrule.wire.incoming); the response's large tensors travel as ``carrier`` decides
+        (the caller's choice of transport; by default all inside the message)."""
         incoming = request if isinstance(request, Incoming) else Incoming(request)
-        message = incoming.message
-        output_file = self._output_file(message.shared_memory_output)  # checked before any work
-        try:
-            gid, plan = self.plan_for(message)
-            evaluation = self.run(plan, incoming, token)
-            return self.respond(gid, evaluation, message, Outgoing(pb.EvaluateResponse(), split=split,
-                                                                   keep=keep, stage=output_file))
-        finally:
-            if output_file is not None:
-                output_file.close()
+        gid, plan = self.plan_for(incoming.message)
+        evaluation = self.run(plan, incoming, token)
+        return self.respond(gid, evaluation, incoming.message, Outgoing(pb.EvaluateResponse(), carrier))
 
-    def _output_file(self, name: str) -> TensorFile | None:
-        if not name:
-            return None
+    def open_output_file(self, name: str) -> TensorFile:
+        """The shared-memory file a same-host client named for its outputs (checked before any work)."""
         if self.shared_memory is None:
             raise SharedMemoryUnavailable(
                 "shared_memory_output: this server does not write tensors to shared memory "
@@ -162,8 +145,8 @@ class ChainruleService:
         _selected(plan, request.return_values, "return_values")  # unknown names fail before any work
         wanted = _selected(plan, request.return_grads, "return_grads")
         listed = request.return_grads.mode == pb.Selection.LISTED
-        return plan.run(
-            inputs, output=request.output or None, seed=seed,
+        return evaluate_plan(
+            plan, inputs, output=request.output or None, seed=seed,
             gradients=request.return_grads.mode != pb.Selection.NONE,
             # Gradients nobody asked for are not computed (dL/dX of a data batch, say).
             wrt=[plan.names[k] for k in wanted] if listed else None,
@@ -171,7 +154,7 @@ class ChainruleService:
         )
 
     def respond(self, gid: str, evaluation: Evaluation, request: pb.EvaluateRequest, outgoing: Outgoing) -> Outgoing:
-        """Fill ``outgoing`` with the response: small tensors in its message, large ones hand-encoded."""
+        """Fill ``outgoing`` with the response; its carrier decides where each tensor travels."""
         plan = evaluation.plan
         response = outgoing.message
         response.output = evaluation.output_name

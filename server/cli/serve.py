@@ -1,0 +1,53 @@
+"""``chainrule serve``: run the gRPC server until SIGTERM or SIGINT, then drain it."""
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+
+from .. import config as config_module
+from ..grpc_server import create_server
+from ..memory import tune_allocator
+from ..workers import serve_workers
+
+
+def add_serve_parser(commands: argparse._SubParsersAction) -> None:
+    serve = commands.add_parser("serve", help="run the gRPC server")
+    config_module.add_arguments(serve)
+    serve.set_defaults(run=cmd_serve)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    config = config_module.from_sources(args)
+    if config.tune_malloc:
+        tune_allocator()
+    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log = logging.getLogger("chainrule.server")
+    if config.workers > 1:
+        return serve_workers(config)
+    try:
+        server, port = create_server(config=config)
+    except (OSError, ValueError) as exc:  # a port in use, an unreadable certificate or token file
+        print(f"chainrule: error: {exc}", file=sys.stderr)
+        return 2
+    server.start()
+    log.info("serving %d operators on %s:%d", len(server.service.registry), config.host, port)
+    if server.metrics is not None:
+        log.info("metrics on http://%s:%d/metrics", config.host, server.metrics.port)
+    print(f"chainrule listening on {config.host}:{port}", flush=True)
+
+    stopping = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        log.info("received %s: draining for up to %.0fs", signal.Signals(signum).name, config.grace_seconds)
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    while not stopping.wait(0.5):
+        pass
+    server.drain(config.grace_seconds).wait()
+    log.info("stopped")
+    return 0

@@ -1,0 +1,133 @@
+"""Build a chainrule gRPC server: the servicer, health, reflection, interceptors, credentials, a port.
+
+``create_server`` returns a :class:`ChainruleServer` that is built but not yet
+started, and the port it bound (port 0 picks a free one), as gRPC's own
+examples do: tests start it on a loopback port, ``chainrule serve`` starts it
+and drains it on a signal.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent import futures
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from chainrule.plugins.manager import Loaded, load_plugins
+from chainrule.v1 import chainrule_pb2 as pb
+
+from . import auth, tls
+from .config import ServerConfig, plugin_filters
+from .guard import MalformedRequestInterceptor
+from .metrics import Exporter, Metrics
+from .service import ChainruleService
+from .servicer import SERVICE_NAME, Servicer, add_servicer
+
+log = logging.getLogger("chainrule.server")
+
+
+class ChainruleServer:
+    """A built gRPC server with its health service: start it, stop it, or drain it gracefully."""
+
+    def __init__(self, server: grpc.Server, health_servicer: health.HealthServicer, service: ChainruleService,
+                 metrics: Exporter | None = None) -> None:
+        #: The underlying ``grpc.Server``.
+        self.grpc_server = server
+        self.health = health_servicer
+        self.service = service
+        #: The Prometheus endpoint (``metrics.port``), when metrics are on and exported by this process.
+        self.metrics = metrics
+
+    def start(self) -> None:
+        self.grpc_server.start()
+
+    def stop(self, grace: float | None) -> threading.Event:
+        """Stop at once (``grace`` None) or after ``grace`` seconds; the event is set once stopped."""
+        if self.metrics is not None:
+            self.metrics.close()
+        return self.grpc_server.stop(grace)
+
+    def drain(self, grace: float) -> threading.Event:
+        """Report NOT_SERVING, refuse new calls, let in-flight ones finish within ``grace``."""
+        self.health.enter_graceful_shutdown()
+        return self.stop(grace)
+
+    def wait_for_termination(self, timeout: float | None = None) -> bool:
+        return self.grpc_server.wait_for_termination(timeout)
+
+
+def connection_age_options(config: ServerConfig) -> list[tuple[str, int]]:
+    """Close connections after ``max_connection_age_seconds`` (GOAWAY; calls in flight get the grace period)."""
+    if config.max_connection_age_seconds <= 0:
+        return []
+    return [("grpc.max_connection_age_ms", int(config.max_connection_age_seconds * 1000)),
+            ("grpc.max_connection_age_grace_ms", int(config.grace_seconds * 1000))]
+
+
+def build_service(config: ServerConfig, loaded: Loaded | None = None) -> ChainruleService:
+    """The service ``config`` describes: its plugins (checked when it asks), limits and caches."""
+    loaded = loaded or load_plugins(**plugin_filters(config))
+    checks = None
+    if config.check_operators:  # refuse operators whose vjp disagrees with finite differences
+        from chainrule.plugins.checking import check_and_refuse
+
+        loaded, verdicts = check_and_refuse(loaded, log)
+        checks = {c.op: pb.CHECK_PASSED if c.passed else pb.CHECK_FAILED for c in verdicts if c.checked}
+    return ChainruleService(loaded, config.limits(), graph_cache_size=config.graph_cache_size, checks=checks,
+                            shared_memory_dir=config.shared_memory_dir)
+
+
+def create_server(
+    address: str | None = None,
+    config: ServerConfig | None = None,
+    *,
+    service: ChainruleService | None = None,
+    worker: int = 0,
+    options: list[tuple[str, Any]] | None = None,
+    export_metrics: bool = True,
+) -> tuple[ChainruleServer, int]:
+    """Build (not start) a server on ``address`` (default: the config's; port 0 picks a free
+    port); returns it and its port. ``service`` defaults to one built from ``config``;
+    ``export_metrics=False`` records metrics without serving them (a worker process whose
+    parent serves the metrics of all workers)."""
+    config = (config or ServerConfig()).validate()
+    service = service or build_service(config)
+    metrics = Metrics() if config.metrics_port else None
+    # Outermost first: metrics count every call, refused ones too; auth refuses before parsing.
+    interceptors = [i for i in (metrics and metrics.interceptor(service),
+                                auth.interceptor_for(config.token_file, config.open_health_and_reflection),
+                                MalformedRequestInterceptor(SERVICE_NAME)) if i]
+    # Threads beyond max_concurrent let refusals be answered at once; gRPC's own
+    # limit is only a backstop (it counts calls until their clean-up ends).
+    spare = max(4, config.max_concurrent // 2)
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=config.max_concurrent + spare, thread_name_prefix="chainrule"),
+        maximum_concurrent_rpcs=2 * config.max_concurrent + spare,
+        interceptors=interceptors,
+        options=[
+            ("grpc.max_receive_message_length", config.max_message_bytes),
+            ("grpc.max_send_message_length", config.max_message_bytes),
+            *connection_age_options(config),
+            *(options or []),
+        ],
+    )
+    add_servicer(server, Servicer(service, config, worker))
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in ("", SERVICE_NAME):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    if config.reflection:
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server,
+        )
+    credentials = tls.server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
+    bind = address or config.address
+    try:
+        port = server.add_secure_port(bind, credentials) if credentials else server.add_insecure_port(bind)
+    except RuntimeError as exc:  # grpc raises RuntimeError when the address is taken or invalid
+        raise OSError(f"could not bind {bind}: {exc}") from None
+    exporter = Exporter(metrics.registry, config.host, config.metrics_port) if metrics and export_metrics else None
+    return ChainruleServer(server, health_servicer, service, exporter), port
