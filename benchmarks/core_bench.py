@@ -21,7 +21,7 @@ import time
 
 import numpy as np
 
-from chainrule.core import Graph, InputDecl, Node, compile_graph, evaluate
+from chainrule.core import GraphIR, InputDecl, Node, compile_graph, evaluate
 from chainrule.plugins.manager import load_plugins
 
 
@@ -40,14 +40,14 @@ def best_of(fn, repeats: int) -> float:
 CHAIN_OPS = ("add", "mul", "tanh")
 
 
-def chain_graph(n: int) -> Graph:
+def chain_graph(n: int) -> GraphIR:
     nodes, previous = [], "x"
     for i in range(n):
         op = CHAIN_OPS[i % 3]
         inputs = (previous,) if op == "tanh" else (previous, "a" if op == "add" else "b")
         nodes.append(Node(f"n{i}", op, inputs))
         previous = f"n{i}"
-    return Graph((InputDecl("x"), InputDecl("a"), InputDecl("b")), tuple(nodes), (previous,))
+    return GraphIR((InputDecl("x"), InputDecl("a"), InputDecl("b")), tuple(nodes), (previous,))
 
 
 def chain_pure_python(n: int, x: float, a: float, b: float) -> tuple[float, float, float, float]:
@@ -84,8 +84,8 @@ def chain_torch(n: int, x: float, a: float, b: float):
 
 # --- (b) 4-layer network ------------------------------------------------------------------
 
-def network_graph(batch: int, features: int, hidden: int) -> Graph:
-    return Graph(
+def network_graph(batch: int, features: int, hidden: int) -> GraphIR:
+    return GraphIR(
         (
             InputDecl("X", "float64", (batch, features)), InputDecl("T", "float64", (batch, 1)),
             InputDecl("W1", "float64", (features, hidden)), InputDecl("b1", "float64", (hidden,)),
@@ -152,8 +152,8 @@ def network_inputs(batch: int, features: int, hidden: int) -> dict[str, np.ndarr
 
 # --- (c) big elementwise ------------------------------------------------------------------
 
-def elementwise_graph(n: int) -> Graph:
-    return Graph(
+def elementwise_graph(n: int) -> GraphIR:
+    return GraphIR(
         tuple(InputDecl(name, "float64", (n,)) for name in "abc"),
         (Node("ab", "mul", ("a", "b")), Node("u", "add", ("ab", "c")), Node("s", "sigmoid", ("u",)), Node("f", "sum", ("s",))),
         ("f",),

@@ -11,16 +11,16 @@ from __future__ import annotations
 
 import numpy as np
 
-from chainrule.core import Graph, InputDecl, Limits, Node, compile_graph, evaluate
+from chainrule.core import GraphIR, InputDecl, Limits, Node, compile_graph, evaluate
 from chainrule.core.diagnostics import diagnose
 from chainrule.plugins.manager import load_plugins
 
 from core_bench import best_of, chain_graph
 
 
-def big_graph(n: int) -> Graph:
+def big_graph(n: int) -> GraphIR:
     vector = ("float64", (n,))
-    return Graph(
+    return GraphIR(
         tuple(InputDecl(name, *vector) for name in "abc"),
         (Node("m", "mul", ("a", "b")), Node("z", "add", ("m", "c")), Node("s", "sigmoid", ("z",)),
          Node("t", "tanh", ("z",)), Node("u", "add", ("s", "t")), Node("f", "sum", ("u",))),
@@ -28,7 +28,7 @@ def big_graph(n: int) -> Graph:
     )
 
 
-def measure(label: str, graph: Graph, inputs: dict[str, np.ndarray], repeats: int) -> None:
+def measure(label: str, graph: GraphIR, inputs: dict[str, np.ndarray], repeats: int) -> None:
     registry = load_plugins(entry_points=False, only=["builtin"]).registry
     plan = compile_graph(graph, registry, Limits(max_tensor_elements=10**8, max_memory_bytes=10**10))
     evaluation = evaluate(plan, inputs)

@@ -5,17 +5,17 @@ No gRPC and no pluggy here: the core is plain Python and numpy.
 from .broadcast import broadcast_shapes, unbroadcast
 from .compile import Plan, compile_graph
 from .dtypes import SUPPORTED as SUPPORTED_DTYPES, is_differentiable, parse_dtype
-from .engine import UNREACHED_OMIT, UNREACHED_ZEROS, Contribution, Evaluation, StopToken, evaluate
+from .engine import UNREACHED_OMIT, UNREACHED_ZEROS, ContributionRecord, Evaluation, StopToken, evaluate
 from .errors import *  # noqa: F401,F403  (the typed errors are part of the API)
 from .errors import ChainruleError, GraphError, OpError
-from .graph import Graph, InputDecl, Node
+from .graph import GraphIR, InputDecl, Node
 from .limits import Limits
 from .operator import ATTR_KINDS, VARIADIC, Attr, OpDef, check_attrs, coerce_attr, validate_opdef
 from .registry import Registry
 from .tensor_spec import TensorSpec
 
 __all__ = [
-    "ATTR_KINDS", "Attr", "ChainruleError", "Contribution", "Evaluation", "Graph", "GraphError", "InputDecl",
+    "ATTR_KINDS", "Attr", "ChainruleError", "ContributionRecord", "Evaluation", "GraphIR", "GraphError", "InputDecl",
     "Limits", "Node", "OpDef", "OpError", "Plan", "Registry", "StopToken", "SUPPORTED_DTYPES", "TensorSpec",
     "UNREACHED_OMIT", "UNREACHED_ZEROS", "VARIADIC", "broadcast_shapes", "check_attrs", "coerce_attr",
     "compile_graph", "evaluate", "is_differentiable", "parse_dtype", "unbroadcast", "validate_opdef",

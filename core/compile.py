@@ -1,4 +1,4 @@
-"""Compile a Graph into a flat Plan: resolve, check, order, infer shapes.
+"""Compile a GraphIR into a flat Plan: resolve, check, order, infer shapes.
 
 Compilation is done once per graph; ``engine.evaluate(plan, ...)`` then runs it
 many times (the engine imports the plan, never the other way round). All walks are iterative (Kahn's algorithm for the order), so graphs of
@@ -18,7 +18,7 @@ from .errors import (
     GraphError, LimitExceeded, OpError, OperatorFailure, OutputError, ShapeError, UnknownNodeError,
     UnknownOperatorError, where,
 )
-from .graph import Graph
+from .graph import GraphIR
 from .limits import Limits
 from .operator import OpDef, check_attrs
 from .registry import Registry
@@ -216,7 +216,7 @@ def node_error(exc: ChainruleError, node: str, op: OpDef) -> GraphError:
     return cls(f"{where(node, op.name)}{exc.message}", node=node, op=op.name, field=exc.field, reason=exc.reason)
 
 
-def compile_graph(graph: Graph, registry: Registry, limits: Limits | None = None) -> Plan:
+def compile_graph(graph: GraphIR, registry: Registry, limits: Limits | None = None) -> Plan:
     """Check ``graph`` against ``registry`` and build its Plan, or raise a GraphError subclass."""
     limits = limits or Limits()
     n_total = len(graph.nodes)
@@ -307,7 +307,7 @@ def _check_name(name: str, seen: dict[str, int], field: str) -> None:
         raise DuplicateNodeError(f"node '{name}': the name is used twice", node=name, field=field)
 
 
-def _topological_order(graph: Graph, node_inputs: list[tuple[int, ...]], n_inputs: int) -> list[int]:
+def _topological_order(graph: GraphIR, node_inputs: list[tuple[int, ...]], n_inputs: int) -> list[int]:
     """Node indices in an order where every node follows its inputs (Kahn).
 
     Keeps the given order when it is already topological (the common case, and

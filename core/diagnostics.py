@@ -82,7 +82,7 @@ class Flag:
 
 
 @dataclass
-class Diagnostics:
+class DiagnosticReport:
     first_nonfinite_value: NonFinite | None = None
     first_nonfinite_gradient: NonFinite | None = None
     grad_norms: list[GradNorm] = field(default_factory=list)
@@ -144,11 +144,11 @@ def summarize(value: Any) -> str:
 
 # --- the pass ------------------------------------------------------------------------------------
 
-def diagnose(evaluation: Evaluation, thresholds: Thresholds = DEFAULT_THRESHOLDS) -> Diagnostics:
+def diagnose(evaluation: Evaluation, thresholds: Thresholds = DEFAULT_THRESHOLDS) -> DiagnosticReport:
     """First non-finite value and gradient, every parameter's gradient norm, and the flags."""
     plan, values, grads = evaluation.plan, evaluation.values, evaluation.grads
     n_in = plan.n_inputs
-    diagnostics = Diagnostics()
+    diagnostics = DiagnosticReport()
     with np.errstate(all="ignore"):
         value_sq = [_square_sum(values[k]) for k in range(n_in)]
         if not (math.isfinite(_total(values[n_in:])) and all(_finite(s) for s in value_sq)):

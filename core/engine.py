@@ -51,7 +51,7 @@ class StopToken:
 
 
 @dataclass
-class Contribution:
+class ContributionRecord:
     """One consumer's share of a fanned-out node's gradient (the ``+=`` made visible)."""
 
     node: str
@@ -69,7 +69,7 @@ class Evaluation:
     grads: list[Any] | None
     output: int
     differentiable: list[bool]
-    contributions: list[Contribution] = field(default_factory=list)
+    contributions: list[ContributionRecord] = field(default_factory=list)
 
     @property
     def output_name(self) -> str:
@@ -125,7 +125,7 @@ def evaluate(
         if not gradients:
             return Evaluation(plan, values, None, out_slot, shapes.differentiable)
         seed_array = _seed(plan, shapes, out_slot, seed)
-        record: list[Contribution] | None = [] if contributions else None
+        record: list[ContributionRecord] | None = [] if contributions else None
         if wrt is None:
             edges, wanted = shapes.grad_edges, None
         else:
@@ -248,7 +248,7 @@ def _seed(plan: Plan, shapes: Shapes, out_slot: int, seed: Any) -> np.ndarray:
 
 def _backward(
     plan: Plan, shapes: Shapes, edges: list[tuple[tuple[int, int], ...]], values: list[Any], out_slot: int,
-    seed: np.ndarray, token: StopToken | None, record: list[Contribution] | None,
+    seed: np.ndarray, token: StopToken | None, record: list[ContributionRecord] | None,
 ) -> list[Any]:
     vjps, selective, ins, attrs = plan.vjps, plan.selective, plan.in_slots, plan.attrs
     shape_of, dtype_of, scalar_type = shapes.shape_of, shapes.dtype_of, shapes.scalar_type
@@ -293,7 +293,7 @@ def _backward(
             elif t is not scalar_type[j]:
                 gj = _fit_grad(plan, k, pos, gj, shapes.specs[j])
             if record is not None and plan.consumers[j] > 1:
-                record.append(Contribution(plan.names[j], plan.names[k], pos, gj))
+                record.append(ContributionRecord(plan.names[j], plan.names[k], pos, gj))
             current = grads[j]
             if current is None:
                 grads[j] = gj

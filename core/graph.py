@@ -30,8 +30,11 @@ class Node:
 
 
 @dataclass(frozen=True)
-class Graph:
-    """A computation: inputs, nodes (in any order) and named outputs."""
+class GraphIR:
+    """A computation: inputs, nodes (in any order) and named outputs.
+
+    The core's own form of a graph; the client's ``Graph`` wraps the protobuf message.
+    """
 
     inputs: tuple[InputDecl, ...]
     nodes: tuple[Node, ...]
@@ -45,7 +48,7 @@ class Graph:
         nodes: Sequence[Node | tuple],
         outputs: Sequence[str] | str,
         metadata: Mapping[str, str] | None = None,
-    ) -> "Graph":
+    ) -> "GraphIR":
         """Convenience constructor accepting tuples: ``("x", "float64", ())`` and
         ``("p", "add", ("x", "y"), {attrs})``."""
         decls = tuple(d if isinstance(d, InputDecl) else InputDecl(d[0], *d[1:]) for d in inputs)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from chainrule.core import (
-    Graph, OpError, Registry, ShapeError, TensorSpec, check_attrs, compile_graph, evaluate, unbroadcast,
+    GraphIR, OpError, Registry, ShapeError, TensorSpec, check_attrs, compile_graph, evaluate, unbroadcast,
 )
 from chainrule.plugins.builtin import arith, elementwise, linalg, nn, reduce, select, shape
 from chainrule.plugins.testing import assert_vjp, check_operator, check_vjp
@@ -464,14 +464,14 @@ def test_matmul_skips_the_gradient_nobody_needs():
     assert da is None and db.shape == (3, 4)
     da, db = op.vjp(np.array(1.0), np.array(3.0), np.ones(3), np.ones(3), needs=(True, False))
     assert db is None and da.shape == (3,)
-    graph = Graph.build([("x", "float64", (2, 3)), ("w", "float64", (3, 4))],
+    graph = GraphIR.build([("x", "float64", (2, 3)), ("w", "float64", (3, 4))],
                         [("h", "matmul", ("x", "w")), ("loss", "sum", ("h",))], "loss")
     result = evaluate(compile_graph(graph, Registry(OPS.values())), {"x": a, "w": b}, wrt=["w"])
     np.testing.assert_array_equal(result.grad("w"), np.full((3, 4), 2.0))
 
 
 def test_matmul_mismatch_in_a_graph_names_the_node():
-    graph = Graph.build([("a", "float64", (2, 4)), ("b", "float64", (3, 5))], [("h", "matmul", ("a", "b"))], "h")
+    graph = GraphIR.build([("a", "float64", (2, 4)), ("b", "float64", (3, 5))], [("h", "matmul", ("a", "b"))], "h")
     with pytest.raises(ShapeError, match=r"node 'h' \(matmul\): inner dimensions 4 and 3"):
         compile_graph(graph, Registry(OPS.values()))
 
@@ -550,7 +550,7 @@ def test_tables_fill_a_registry_and_follow_the_contract():
 
 def test_sigmoid_neuron_through_the_engine():
     """Worked example 3 of the lecture notes, built from slice, matmul, add, sum and sigmoid."""
-    graph = Graph.build(
+    graph = GraphIR.build(
         [("w", "float64", (3,)), ("x", "float64", (2,))],
         [
             ("w01", "slice", ("w",), {"starts": [0], "ends": [2]}),

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from chainrule.core import Graph, InputDecl, Node, compile_graph, evaluate
+from chainrule.core import GraphIR, InputDecl, Node, compile_graph, evaluate
 
 from helpers import scalar_graph
 
@@ -36,7 +36,7 @@ def test_add_then_multiply(registry, x, y, z, p, g, dz, dp, dx, dy):
 
 
 def test_sigmoid_neuron(registry):
-    graph = Graph(
+    graph = GraphIR(
         (InputDecl("w", "float64", (3,)), InputDecl("x", "float64", (2,))),
         (
             Node("w01", "slice", ("w",), {"starts": [0], "ends": [2]}),
@@ -57,9 +57,9 @@ def test_sigmoid_neuron(registry):
     np.testing.assert_allclose(ev.grad("w"), [-0.19661193324148185, -0.3932238664829637, 0.19661193324148185], rtol=0, atol=TOL)
 
 
-def staged_circuit() -> Graph:
+def staged_circuit() -> GraphIR:
     """f(x, y) = (x + sigmoid(y)) / (sigmoid(x) + (x + y)^2), staged as in the notes."""
-    return Graph(
+    return GraphIR(
         (InputDecl("x"), InputDecl("y")),
         (
             Node("sigy", "sigmoid", ("y",)),
@@ -107,9 +107,9 @@ def test_fan_out_accumulates(registry):
         assert ev.grad("x") == pytest.approx(2 * x + 1, abs=TOL)
 
 
-def four_layer_network(batch: int, features: int = 4, hidden: int = 4) -> Graph:
+def four_layer_network(batch: int, features: int = 4, hidden: int = 4) -> GraphIR:
     """4 inputs, two sigmoid hidden layers, one sigmoid output, squared error."""
-    return Graph(
+    return GraphIR(
         (
             InputDecl("X", "float64", (batch, features)), InputDecl("T", "float64", (batch, 1)),
             InputDecl("W1", "float64", (features, hidden)), InputDecl("b1", "float64", (hidden,)),

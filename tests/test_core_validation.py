@@ -4,14 +4,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from chainrule.core import Graph, InputDecl, Limits, Node, compile_graph, evaluate
+from chainrule.core import GraphIR, InputDecl, Limits, Node, compile_graph, evaluate
 from chainrule.core import errors as E
 
 from helpers import scalar_graph
 
 
 def compile_(registry, inputs, nodes, outputs, **limits):
-    graph = Graph(tuple(InputDecl(*i) for i in inputs), tuple(Node(*n) for n in nodes), tuple(outputs))
+    graph = GraphIR(tuple(InputDecl(*i) for i in inputs), tuple(Node(*n) for n in nodes), tuple(outputs))
     return compile_graph(graph, registry, Limits(**limits) if limits else None)
 
 
@@ -89,7 +89,7 @@ def test_duplicate_node_name(registry):
 
 def test_non_scalar_output_needs_a_seed(registry):
     plan = compile_graph(
-        Graph((InputDecl("v", "float64", (3,)),), (Node("e", "exp", ("v",)),), ("e",)), registry
+        GraphIR((InputDecl("v", "float64", (3,)),), (Node("e", "exp", ("v",)),), ("e",)), registry
     )
     with pytest.raises(E.SeedError, match="output 'e' has shape \\[3\\]") as info:
         evaluate(plan, {"v": np.zeros(3)})
@@ -99,7 +99,7 @@ def test_non_scalar_output_needs_a_seed(registry):
 
 
 def test_several_outputs_need_a_choice(registry):
-    graph = Graph((InputDecl("x"),), (Node("a", "neg", ("x",)), Node("b", "exp", ("x",))), ("a", "b"))
+    graph = GraphIR((InputDecl("x"),), (Node("a", "neg", ("x",)), Node("b", "exp", ("x",))), ("a", "b"))
     plan = compile_graph(graph, registry)
     with pytest.raises(E.OutputError, match="several outputs"):
         evaluate(plan, {"x": np.float64(1)})
@@ -131,7 +131,7 @@ def test_nodes_in_any_order_are_sorted(registry):
 
 
 def test_unreached_nodes_get_zeros_or_nothing_and_integers_no_gradient(registry):
-    graph = Graph(
+    graph = GraphIR(
         (InputDecl("x"), InputDecl("k", "int64", ())),
         (Node("f", "exp", ("x",)), Node("unused", "sin", ("x",)), Node("kk", "add", ("k", "k"))),
         ("f",),
@@ -146,14 +146,14 @@ def test_unreached_nodes_get_zeros_or_nothing_and_integers_no_gradient(registry)
 def test_a_million_node_chain(registry):
     n = 1_000_000
     nodes = tuple(Node(f"n{i}", "neg", (f"n{i - 1}" if i else "x",)) for i in range(n))
-    plan = compile_graph(Graph((InputDecl("x"),), nodes, (f"n{n - 1}",)), registry)
+    plan = compile_graph(GraphIR((InputDecl("x"),), nodes, (f"n{n - 1}",)), registry)
     ev = evaluate(plan, {"x": np.float64(2.0)})
     assert ev.output_value == 2.0  # an even number of negations
     assert ev.grad("x") == 1.0 and ev.grad("n0") == -1.0
 
 
 def test_float32_stays_float32(registry):
-    graph = Graph((InputDecl("x", "float32", (3,)),), (Node("s", "sigmoid", ("x",)), Node("t", "sum", ("s",))), ("t",))
+    graph = GraphIR((InputDecl("x", "float32", (3,)),), (Node("s", "sigmoid", ("x",)), Node("t", "sum", ("s",))), ("t",))
     ev = evaluate(compile_graph(graph, registry), {"x": np.array([0.0, 1.0, -1.0], np.float32)})
     assert ev.value("s").dtype == np.float32 and ev.grad("x").dtype == np.float32
 
@@ -165,7 +165,7 @@ def test_operators_without_infer_are_checked_as_values_appear(registry):
         return np.zeros(1000)  # no infer rule: the size is known only once it exists
 
     ops = Registry([*registry, OpDef("test.grow", 1, grow, lambda g, out, x: (None,))])
-    graph = Graph((InputDecl("x"),), (Node("big", "test.grow", ("x",)), Node("s", "sum", ("big",))), ("s",))
+    graph = GraphIR((InputDecl("x"),), (Node("big", "test.grow", ("x",)), Node("s", "sum", ("big",))), ("s",))
     plan = compile_graph(graph, ops, Limits(max_memory_bytes=10_000))
     with pytest.raises(E.LimitExceeded) as info:
         evaluate(plan, {"x": np.float64(1)})

@@ -16,8 +16,8 @@ from typing import Iterable
 
 import numpy as np
 
-from chainrule.core import Graph, Limits, Plan, StopToken, compile_graph
-from chainrule.core.diagnostics import Diagnostics, diagnose
+from chainrule.core import GraphIR, Limits, Plan, StopToken, compile_graph
+from chainrule.core.diagnostics import DiagnosticReport, diagnose
 from chainrule.core.engine import UNREACHED_OMIT, UNREACHED_ZEROS, Evaluation, check_input_names
 from chainrule.core.engine import evaluate as evaluate_plan
 from chainrule.core.errors import GraphError, SharedMemoryUnavailable, UnknownGraphError
@@ -82,7 +82,7 @@ class ChainruleService:
                 self._plans.move_to_end(gid)
             return plan
 
-    def _check_requirements(self, graph: Graph) -> None:
+    def _check_requirements(self, graph: GraphIR) -> None:
         """Version pins in graph metadata (see requirements.py)."""
         check_requirements(graph.metadata, self.loaded)
 
@@ -209,7 +209,7 @@ def _selected(plan: Plan, selection: pb.Selection, field: str) -> Iterable[int]:
     return range(len(plan.names))
 
 
-def write_diagnostics(message: pb.Diagnostics, diagnostics: Diagnostics) -> None:
+def write_diagnostics(message: pb.Diagnostics, diagnostics: DiagnosticReport) -> None:
     for name in ("first_nonfinite_value", "first_nonfinite_gradient"):
         d = getattr(diagnostics, name)
         if d is not None:

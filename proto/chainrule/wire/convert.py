@@ -12,7 +12,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from chainrule.core import Graph, InputDecl, Node
+from chainrule.core import GraphIR, InputDecl, Node
 from chainrule.core.errors import BadAttributeError, BadTensorError, DTypeError, LimitExceeded, ShapeError
 from chainrule.core.tensor_spec import shape_text, unrepresentable
 from chainrule.v1 import chainrule_pb2 as pb
@@ -185,8 +185,8 @@ def python_to_attr(value: Any) -> pb.AttrValue:
     raise TypeError(f"cannot encode attribute value {value!r}")
 
 
-def graph_from_proto(graph: pb.Graph, *, max_elements: int | None = None) -> Graph:
-    """The core Graph of a Graph message."""
+def graph_from_proto(graph: pb.Graph, *, max_elements: int | None = None) -> GraphIR:
+    """The core GraphIR of a Graph message."""
     inputs = tuple(
         InputDecl(d.name, dtype_name(d.dtype, field=f"graph.inputs[{i}].dtype"), tuple(d.shape))
         for i, d in enumerate(graph.inputs)
@@ -199,7 +199,7 @@ def graph_from_proto(graph: pb.Graph, *, max_elements: int | None = None) -> Gra
         )
         for i, n in enumerate(graph.nodes)
     )
-    return Graph(inputs, nodes, tuple(graph.outputs), dict(graph.metadata))
+    return GraphIR(inputs, nodes, tuple(graph.outputs), dict(graph.metadata))
 
 
 def inputs_from_proto(tensors: Mapping[str, Any], *, max_elements: int | None = None,
