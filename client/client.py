@@ -27,8 +27,10 @@ from .errors import FailedPrecondition, from_rpc_error
 from .shared_memory import SharedMemoryStaging, StagingFile
 from .transport import Transport
 
-#: Default send/receive limit: gRPC's own 4 MiB is too small for real tensors.
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+#: Default send/receive limit: gRPC's ceiling (2 GiB - 1; its own default of 4 MiB is too small for
+#: real tensors). The server bounds what it accepts and sends by its memory budget, and refuses a
+#: response too large for its limit before computing it, so the client adds no wall of its own.
+MAX_MESSAGE_BYTES = (1 << 31) - 1
 
 
 class Client(ClientBase):

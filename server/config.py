@@ -14,6 +14,8 @@ from chainrule.core import Limits
 from chainrule.wire.shared_memory import directory_problem
 
 MiB = 1 << 20
+#: gRPC takes message limits as C ints, and protobuf refuses messages of 2 GiB.
+MAX_GRPC_MESSAGE_BYTES = (1 << 31) - 1
 
 
 @dataclass
@@ -22,8 +24,10 @@ class ServerConfig:
 
     host: str = "127.0.0.1"
     port: int = 50051
-    #: Largest request or response message; gRPC's own default (4 MiB) is too small for tensors.
-    max_message_bytes: int = 64 * MiB
+    #: Largest request or response message. 0 (the default): as large as the memory budget
+    #: (``max_memory_bytes``), at most 2 GiB - 1, gRPC's ceiling: a call that fits the budget is
+    #: never refused for its size on the wire (see :attr:`message_limit`).
+    max_message_bytes: int = 0
     max_nodes: int = 1_000_000
     max_tensor_elements: int = 1 << 27
     #: Bytes all values and gradients of one request may take (checked by shape inference first).
@@ -76,14 +80,24 @@ class ServerConfig:
     def address(self) -> str:
         return f"{self.host}:{self.port}"
 
+    @property
+    def message_limit(self) -> int:
+        """The largest message this server receives or sends, in bytes."""
+        if self.max_message_bytes:
+            return self.max_message_bytes
+        return min(self.max_memory_bytes, MAX_GRPC_MESSAGE_BYTES)
+
     def validate(self) -> "ServerConfig":
         """Raise ConfigError for settings no server can run with (a zero limit, a bad port...)."""
         problems = [
             f"{name} must be at least {low} (got {getattr(self, name)})"
             for name, low in (("max_concurrent", 1), ("graph_cache_size", 1), ("max_nodes", 1), ("workers", 1),
-                              ("max_message_bytes", 1024), ("max_tensor_elements", 1), ("max_memory_bytes", 1))
+                              ("max_tensor_elements", 1), ("max_memory_bytes", 1))
             if getattr(self, name) < low
         ]
+        if self.max_message_bytes != 0 and not 1024 <= self.max_message_bytes <= MAX_GRPC_MESSAGE_BYTES:
+            problems.append(f"max_message_bytes must be 0 (derived from max_memory_bytes) or from 1024 to "
+                            f"{MAX_GRPC_MESSAGE_BYTES} (got {self.max_message_bytes})")
         problems += [f"{name} must be positive (got {getattr(self, name)})"
                      for name in ("max_compute_seconds", "max_training_seconds", "max_stream_seconds")
                      if not getattr(self, name) > 0]

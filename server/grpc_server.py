@@ -108,8 +108,8 @@ def create_server(
         maximum_concurrent_rpcs=2 * config.max_concurrent + spare,
         interceptors=interceptors,
         options=[
-            ("grpc.max_receive_message_length", config.max_message_bytes),
-            ("grpc.max_send_message_length", config.max_message_bytes),
+            ("grpc.max_receive_message_length", config.message_limit),
+            ("grpc.max_send_message_length", config.message_limit),
             *connection_age_options(config),
             *(options or []),
         ],

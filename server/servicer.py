@@ -152,7 +152,7 @@ class Servicer(pb_grpc.ChainruleServicer):
         context.add_callback(limit.cancel)
         return self._stream("EvaluateStream", context, lambda request_id: evaluate_stream(
             self.service, client_requests(requests), call_token(context, self.config.max_stream_seconds),
-            self.config.max_compute_seconds, request_id, max_reply_bytes=self.config.max_message_bytes // 2))
+            self.config.max_compute_seconds, request_id, max_reply_bytes=self.config.message_limit // 2))
 
     def Optimize(self, request: pb.OptimizeRequest, context: grpc.ServicerContext) -> Iterator[pb.OptimizeProgress]:
         size = len(request.graph.nodes) if request.HasField("graph") else 0
@@ -175,7 +175,7 @@ def add_servicer(server: grpc.Server, servicer: Servicer) -> None:
         (True, False): grpc.stream_unary_rpc_method_handler,
         (True, True): grpc.stream_stream_rpc_method_handler,
     }
-    # Evaluate's large input tensors are read as views of the received bytes (see incoming.py).
+    # Evaluate's large input tensors are read as views of the received bytes (see chainrule.wire.incoming).
     readers = {"Evaluate": functools.partial(read_message, pb.EvaluateRequest)}
     handlers = {}
     for method in pb.DESCRIPTOR.services_by_name["Chainrule"].methods:
