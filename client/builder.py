@@ -102,8 +102,8 @@ class Var:
             steps.append(step)
         out = self
         if axes:
-            out = self.builder.apply("slice", self, starts=starts, ends=ends, axes=axes,
-                                     steps=steps if any(s != 1 for s in steps) else None)
+            out = self.builder.op("slice", self, starts=starts, ends=ends, axes=axes,
+                                  steps=steps if any(s != 1 for s in steps) else None)
         return out.squeeze(dropped) if dropped else out
 
     def __bool__(self) -> bool:
@@ -125,151 +125,151 @@ class Var:
     # --- arithmetic (operands may be Vars, Python numbers or numpy arrays) -----------
 
     def __add__(self, other: Any) -> "Var":
-        return self.builder.apply("add", self, other)
+        return self.builder.op("add", self, other)
 
     def __radd__(self, other: Any) -> "Var":
-        return self.builder.apply("add", other, self)
+        return self.builder.op("add", other, self)
 
     def __sub__(self, other: Any) -> "Var":
-        return self.builder.apply("sub", self, other)
+        return self.builder.op("sub", self, other)
 
     def __rsub__(self, other: Any) -> "Var":
-        return self.builder.apply("sub", other, self)
+        return self.builder.op("sub", other, self)
 
     def __mul__(self, other: Any) -> "Var":
-        return self.builder.apply("mul", self, other)
+        return self.builder.op("mul", self, other)
 
     def __rmul__(self, other: Any) -> "Var":
-        return self.builder.apply("mul", other, self)
+        return self.builder.op("mul", other, self)
 
     def __truediv__(self, other: Any) -> "Var":
-        return self.builder.apply("div", self, other)
+        return self.builder.op("div", self, other)
 
     def __rtruediv__(self, other: Any) -> "Var":
-        return self.builder.apply("div", other, self)
+        return self.builder.op("div", other, self)
 
     def __pow__(self, other: Any) -> "Var":
-        return self.builder.apply("pow", self, other)
+        return self.builder.op("pow", self, other)
 
     def __rpow__(self, other: Any) -> "Var":
-        return self.builder.apply("pow", other, self)
+        return self.builder.op("pow", other, self)
 
     def __matmul__(self, other: Any) -> "Var":
-        return self.builder.apply("matmul", self, other)
+        return self.builder.op("matmul", self, other)
 
     def __rmatmul__(self, other: Any) -> "Var":
-        return self.builder.apply("matmul", other, self)
+        return self.builder.op("matmul", other, self)
 
     def __neg__(self) -> "Var":
-        return self.builder.apply("neg", self)
+        return self.builder.op("neg", self)
 
     def __pos__(self) -> "Var":
         return self
 
     def __abs__(self) -> "Var":
-        return self.builder.apply("abs", self)
+        return self.builder.op("abs", self)
 
     # --- one method per built-in operator ---------------------------------------------
 
     def maximum(self, other: Any, *, name: str | None = None) -> "Var":
-        return self.builder.apply("maximum", self, other, name=name)
+        return self.builder.op("maximum", self, other, name=name)
 
     def minimum(self, other: Any, *, name: str | None = None) -> "Var":
-        return self.builder.apply("minimum", self, other, name=name)
+        return self.builder.op("minimum", self, other, name=name)
 
     def pow(self, other: Any, *, name: str | None = None) -> "Var":
-        return self.builder.apply("pow", self, other, name=name)
+        return self.builder.op("pow", self, other, name=name)
 
     def matmul(self, other: Any, *, name: str | None = None) -> "Var":
-        return self.builder.apply("matmul", self, other, name=name)
+        return self.builder.op("matmul", self, other, name=name)
 
     def exp(self, *, name: str | None = None) -> "Var":
-        return self.builder.apply("exp", self, name=name)
+        return self.builder.op("exp", self, name=name)
 
     def log(self, *, name: str | None = None) -> "Var":
-        return self.builder.apply("log", self, name=name)
+        return self.builder.op("log", self, name=name)
 
     def sqrt(self, *, name: str | None = None) -> "Var":
-        return self.builder.apply("sqrt", self, name=name)
+        return self.builder.op("sqrt", self, name=name)
 
     def abs(self, *, name: str | None = None) -> "Var":
-        return self.builder.apply("abs", self, name=name)
+        return self.builder.op("abs", self, name=name)
 
     def sin(self, *, name: str | None = None) -> "Var":
-        return self.builder.apply("sin", self, name=name)
+        return self.builder.op("sin", self, name=name)
 
     def cos(self, *, name: str | None = None) -> "Var":
-        return self.builder.apply("cos", self, name=name)
+        return self.builder.op("cos", self, name=name)
 
     def tanh(self, *, name: str | None = None) -> "Var":
-        return self.builder.apply("tanh", self, name=name)
+        return self.builder.op("tanh", self, name=name)
 
     def sigmoid(self, *, name: str | None = None) -> "Var":
-        return self.builder.apply("sigmoid", self, name=name)
+        return self.builder.op("sigmoid", self, name=name)
 
     def relu(self, *, name: str | None = None) -> "Var":
-        return self.builder.apply("relu", self, name=name)
+        return self.builder.op("relu", self, name=name)
 
     def leaky_relu(self, alpha: float | None = None, *, name: str | None = None) -> "Var":
-        return self.builder.apply("leaky_relu", self, name=name, alpha=alpha)
+        return self.builder.op("leaky_relu", self, name=name, alpha=alpha)
 
     def softplus(self, *, name: str | None = None) -> "Var":
-        return self.builder.apply("softplus", self, name=name)
+        return self.builder.op("softplus", self, name=name)
 
     def clip(self, min: float | None = None, max: float | None = None, *, name: str | None = None) -> "Var":
-        return self.builder.apply("clip", self, name=name, min=min, max=max)
+        return self.builder.op("clip", self, name=name, min=min, max=max)
 
     def transpose(self, *axes: int, name: str | None = None) -> "Var":
         """Permute axes (``x.transpose(1, 0)``); no axes reverses them, like numpy."""
         if len(axes) == 1 and isinstance(axes[0], (list, tuple)):
             axes = tuple(axes[0])
-        return self.builder.apply("transpose", self, name=name, axes=list(axes) if axes else None)
+        return self.builder.op("transpose", self, name=name, axes=list(axes) if axes else None)
 
     @property
     def T(self) -> "Var":
         return self.transpose()
 
     def sum(self, axis: int | Sequence[int] | None = None, keepdims: bool = False, *, name: str | None = None) -> "Var":
-        return self.builder.apply("sum", self, name=name, **_reduce_attrs(axis, keepdims))
+        return self.builder.op("sum", self, name=name, **_reduce_attrs(axis, keepdims))
 
     def mean(self, axis: int | Sequence[int] | None = None, keepdims: bool = False, *, name: str | None = None) -> "Var":
-        return self.builder.apply("mean", self, name=name, **_reduce_attrs(axis, keepdims))
+        return self.builder.op("mean", self, name=name, **_reduce_attrs(axis, keepdims))
 
     def max(self, axis: int | Sequence[int] | None = None, keepdims: bool = False, *, name: str | None = None) -> "Var":
-        return self.builder.apply("max", self, name=name, **_reduce_attrs(axis, keepdims))
+        return self.builder.op("max", self, name=name, **_reduce_attrs(axis, keepdims))
 
     def logsumexp(self, axis: int | Sequence[int] | None = None, keepdims: bool = False, *,
                   name: str | None = None) -> "Var":
-        return self.builder.apply("logsumexp", self, name=name, **_reduce_attrs(axis, keepdims))
+        return self.builder.op("logsumexp", self, name=name, **_reduce_attrs(axis, keepdims))
 
     def reshape(self, *shape: int, name: str | None = None) -> "Var":
         """``x.reshape(2, 3)`` or ``x.reshape((2, 3))``; -1 infers one size, like numpy."""
-        return self.builder.apply("reshape", self, name=name, shape=_shape_arg(shape))
+        return self.builder.op("reshape", self, name=name, shape=_shape_arg(shape))
 
     def broadcast_to(self, *shape: int, name: str | None = None) -> "Var":
-        return self.builder.apply("broadcast_to", self, name=name, shape=_shape_arg(shape))
+        return self.builder.op("broadcast_to", self, name=name, shape=_shape_arg(shape))
 
     def squeeze(self, axis: int | Sequence[int] | None = None, *, name: str | None = None) -> "Var":
-        return self.builder.apply("squeeze", self, name=name, axis=_axis_arg(axis))
+        return self.builder.op("squeeze", self, name=name, axis=_axis_arg(axis))
 
     def expand_dims(self, axis: int | Sequence[int], *, name: str | None = None) -> "Var":
-        return self.builder.apply("expand_dims", self, name=name, axis=_axis_arg(axis))
+        return self.builder.op("expand_dims", self, name=name, axis=_axis_arg(axis))
 
     def slice(self, starts: Sequence[int], ends: Sequence[int], axes: Sequence[int] | None = None,
               steps: Sequence[int] | None = None, *, name: str | None = None) -> "Var":
-        return self.builder.apply(
+        return self.builder.op(
             "slice", self, name=name, starts=list(starts), ends=list(ends),
             axes=None if axes is None else list(axes), steps=None if steps is None else list(steps),
         )
 
     def softmax(self, axis: int | None = None, *, name: str | None = None) -> "Var":
-        return self.builder.apply("softmax", self, name=name, axis=axis)
+        return self.builder.op("softmax", self, name=name, axis=axis)
 
     def log_softmax(self, axis: int | None = None, *, name: str | None = None) -> "Var":
-        return self.builder.apply("log_softmax", self, name=name, axis=axis)
+        return self.builder.op("log_softmax", self, name=name, axis=axis)
 
     def stop_gradient(self, *, name: str | None = None) -> "Var":
-        return self.builder.apply("stop_gradient", self, name=name)
+        return self.builder.op("stop_gradient", self, name=name)
 
 
 def _reduce_attrs(axis: Any, keepdims: bool) -> dict[str, Any]:
@@ -320,23 +320,22 @@ class GraphBuilder:
         if array.dtype.kind in "iu" and dtype is None and not isinstance(value, np.ndarray):
             array = array.astype(np.int64)
         tensor = _const_tensor(array)
-        return self._add("const", (), {"value": pb.AttrValue(tensor=tensor)}, dtypes.normalize(array.dtype), name)
+        return self._add("const", (), {"value": pb.AttrValue(tensor=tensor)},
+                         dtypes.result_dtype("const", [], {"value": array}), name)
 
     def op(self, op: str, *inputs: Any, name: str | None = None, **attrs: Any) -> Var:
         """Apply any operator by name, built-in or from a plugin: ``g.op("acme.swish", x, beta=2.0)``.
 
+        Adds one node; non-Var inputs become const nodes of a fitting dtype.
         Attributes given as None are left out (the operator's default applies).
         """
-        return self.apply(op, *inputs, name=name, **attrs)
-
-    def apply(self, op: str, *inputs: Any, name: str | None = None, **attrs: Any) -> Var:
-        """Add one node; non-Var inputs become const nodes of a fitting dtype."""
         like = next((v.dtype for v in inputs if isinstance(v, Var) and dtypes.is_float(v.dtype)), None)
         if like is None:
             like = next((v.dtype for v in inputs if isinstance(v, Var)), None)
         args = tuple(self._lift(v, like) for v in inputs)
-        encoded = {key: python_to_attr(value) for key, value in attrs.items() if value is not None}
-        return self._add(op, args, encoded, dtypes.result_dtype(op, [a.dtype for a in args]), name)
+        given = {key: value for key, value in attrs.items() if value is not None}
+        encoded = {key: python_to_attr(value) for key, value in given.items()}
+        return self._add(op, args, encoded, dtypes.result_dtype(op, [a.dtype for a in args], given), name)
 
     def output(self, *values: Var) -> None:
         """Mark values as the graph's outputs (in order; repeated calls append)."""

@@ -4,30 +4,19 @@ The server is the authority on dtypes; the builder only needs a good guess so
 that a Python literal in ``x * 2`` becomes a constant of ``x``'s float dtype
 (float32 stays float32) and so that inputs can be converted before sending.
 ``None`` means "not known" and is treated as the default, float64.
+
+Every built-in operator has one entry in :data:`OPERATORS` (its arity and
+dtype rule); a test pins the table to the server's built-in operators.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from types import MappingProxyType
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
 DEFAULT = "float64"
 SUPPORTED = ("float64", "float32", "int64", "int32", "bool")
-
-#: Operators whose result has the dtype of numpy's promotion of their inputs.
-PROMOTING = frozenset({
-    "add", "sub", "mul", "div", "pow", "maximum", "minimum", "matmul", "concat", "stack",
-})
-#: Operators whose result keeps the dtype of their first input.
-SAME_AS_FIRST = frozenset({
-    "neg", "abs", "relu", "leaky_relu", "clip", "transpose", "reshape", "broadcast_to", "squeeze",
-    "expand_dims", "slice", "sum", "max", "stop_gradient",
-})
-#: Float-valued functions: float inputs keep their dtype, integers become float64.
-FLOAT_OF_FIRST = frozenset({
-    "exp", "log", "sqrt", "sin", "cos", "tanh", "sigmoid", "softplus", "softmax", "log_softmax",
-    "logsumexp", "mean", "cross_entropy", "mse",
-})
 
 
 def normalize(dtype: object) -> str:
@@ -49,19 +38,16 @@ def promote(dtypes: Sequence[str | None]) -> str | None:
     return normalize(np.result_type(*known))
 
 
-def result_dtype(op: str, dtypes: Sequence[str | None]) -> str | None:
-    """Best guess of an operator's result dtype from its inputs' (None: unknown)."""
-    if op in PROMOTING:
-        return promote(dtypes)
-    if op == "where":
-        return promote(dtypes[1:])
-    first = dtypes[0] if dtypes else None
-    if op in SAME_AS_FIRST:
-        return first
-    if op in FLOAT_OF_FIRST:
-        return first if is_float(first) else (DEFAULT if first is not None else None)
-    # A plugin operator: most are elementwise float functions.
-    return next((d for d in dtypes if is_float(d)), None)
+def result_dtype(op: str, dtypes: Sequence[str | None], attrs: Mapping[str, Any] | None = None) -> str | None:
+    """Best guess of an operator's result dtype from its inputs' (None: unknown).
+
+    A built-in operator follows its entry in :data:`OPERATORS`; another (a
+    plugin's) is taken for an elementwise float function: the first float input's dtype.
+    """
+    entry = OPERATORS.get(op)
+    if entry is None:
+        return next((d for d in dtypes if is_float(d)), None)
+    return entry.dtype(*dtypes, **(attrs or {}))
 
 
 def literal_dtype(value: object, like: str | None) -> str:
@@ -79,3 +65,109 @@ def literal_dtype(value: object, like: str | None) -> str:
     if array.dtype.kind in "iu" and like in ("int64", "int32"):
         return like
     return DEFAULT
+
+
+# --- dtype rules: each mirrors an operator's ``infer`` rule on the server, on dtype names -------
+
+def promoted(*dtypes: str | None, **_: Any) -> str | None:
+    """numpy's promotion of all inputs (int32 + float32 is float64, bool + int32 is int32)."""
+    return promote(dtypes)
+
+
+def float_of_promoted(*dtypes: str | None, **_: Any) -> str | None:
+    """The promotion of all inputs if it is a float, else float64 (numpy's true division)."""
+    dtype = promote(dtypes)
+    return dtype if dtype is None or is_float(dtype) else DEFAULT
+
+
+def same_as_first(*dtypes: str | None, **_: Any) -> str | None:
+    """The first input's dtype (values moved or picked, not computed)."""
+    return dtypes[0] if dtypes else None
+
+
+def float_of_first(*dtypes: str | None, **_: Any) -> str | None:
+    """A float function: a float first input keeps its dtype, int and bool become float64."""
+    first = dtypes[0] if dtypes else None
+    return first if first is None or is_float(first) else DEFAULT
+
+
+def summed(*dtypes: str | None, **_: Any) -> str | None:
+    """numpy's sum: floats keep their dtype, ints and bools sum to int64."""
+    first = dtypes[0] if dtypes else None
+    return first if first is None or is_float(first) else "int64"
+
+
+def promoted_after_first(*dtypes: str | None, **_: Any) -> str | None:
+    """The promotion of every input but the first (where: the bool condition picks, x and y give the values)."""
+    return promote(dtypes[1:])
+
+
+def of_value(*_: str | None, value: Any = None, **__: Any) -> str | None:
+    """The dtype of the ``value`` attribute (const); TypeError for an unsupported one."""
+    return normalize(value.dtype) if isinstance(value, np.ndarray) else None
+
+
+#: ``arity`` of an operator taking one or more inputs (as ``chainrule.core.VARIADIC``).
+VARIADIC = -1
+
+
+class OpRule(NamedTuple):
+    """A built-in operator as the client sees it: how many inputs, and the dtype of its result."""
+
+    arity: int
+    #: ``dtype(*input_dtypes, **attrs) -> dtype name``, None when not known.
+    dtype: Callable[..., str | None]
+
+
+#: Every built-in operator: its arity and dtype rule, the one list the builder's guesses come from.
+#: tests/test_client_operator_table.py holds it to each operator's ``infer`` on the server, for
+#: every supported dtype, and fails for a built-in operator that is missing here.
+OPERATORS: Mapping[str, OpRule] = MappingProxyType({
+    # arithmetic (builtin.arith): numpy broadcasting and promotion
+    "add":           OpRule(2, promoted),
+    "sub":           OpRule(2, promoted),
+    "mul":           OpRule(2, promoted),
+    "div":           OpRule(2, float_of_promoted),
+    "neg":           OpRule(1, same_as_first),
+    "pow":           OpRule(2, promoted),
+    "maximum":       OpRule(2, promoted),
+    "minimum":       OpRule(2, promoted),
+    # elementwise math (builtin.elementwise)
+    "exp":           OpRule(1, float_of_first),
+    "log":           OpRule(1, float_of_first),
+    "sqrt":          OpRule(1, float_of_first),
+    "softplus":      OpRule(1, float_of_first),
+    "abs":           OpRule(1, same_as_first),
+    "relu":          OpRule(1, same_as_first),
+    "leaky_relu":    OpRule(1, float_of_first),
+    "clip":          OpRule(1, float_of_first),
+    "sin":           OpRule(1, float_of_first),
+    "cos":           OpRule(1, float_of_first),
+    "tanh":          OpRule(1, float_of_first),
+    "sigmoid":       OpRule(1, float_of_first),
+    # linear algebra (builtin.linalg)
+    "matmul":        OpRule(2, promoted),
+    "transpose":     OpRule(1, same_as_first),
+    # reductions (builtin.reduce)
+    "sum":           OpRule(1, summed),
+    "mean":          OpRule(1, float_of_first),
+    "max":           OpRule(1, same_as_first),
+    "logsumexp":     OpRule(1, float_of_first),
+    # shape (builtin.shape)
+    "reshape":       OpRule(1, same_as_first),
+    "squeeze":       OpRule(1, same_as_first),
+    "expand_dims":   OpRule(1, same_as_first),
+    "broadcast_to":  OpRule(1, same_as_first),
+    "concat":        OpRule(VARIADIC, promoted),
+    "stack":         OpRule(VARIADIC, promoted),
+    "slice":         OpRule(1, same_as_first),
+    # neural networks (builtin.nn)
+    "softmax":       OpRule(1, float_of_first),
+    "log_softmax":   OpRule(1, float_of_first),
+    "cross_entropy": OpRule(2, float_of_first),       # the logits' float dtype; labels are ints
+    "mse":           OpRule(2, float_of_promoted),
+    # selection and literals (builtin.select)
+    "where":         OpRule(3, promoted_after_first),  # cond is bool; x and y give the dtype
+    "stop_gradient": OpRule(1, same_as_first),
+    "const":         OpRule(0, of_value),
+})

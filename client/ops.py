@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from .builder import GraphBuilder, Var
+from .dtypes import OPERATORS as _OPERATORS
 
 
 def _builder(*args: Any) -> GraphBuilder:
@@ -20,103 +21,103 @@ def _builder(*args: Any) -> GraphBuilder:
     raise TypeError("at least one argument must be a Var from a GraphBuilder")
 
 
-def apply(op: str, *inputs: Any, name: str | None = None, **attrs: Any) -> Var:
-    """Any operator by name, built-in or from a plugin."""
-    return _builder(*inputs).apply(op, *inputs, name=name, **attrs)
+def op(op: str, *inputs: Any, name: str | None = None, **attrs: Any) -> Var:
+    """Any operator by name, built-in or from a plugin: ``ops.op("acme.swish", x, beta=2.0)``."""
+    return _builder(*inputs).op(op, *inputs, name=name, **attrs)
 
 
 # --- arithmetic, with numpy broadcasting ---------------------------------------------------
 
 def add(a: Any, b: Any, *, name: str | None = None) -> Var:
-    return apply("add", a, b, name=name)
+    return op("add", a, b, name=name)
 
 
 def sub(a: Any, b: Any, *, name: str | None = None) -> Var:
-    return apply("sub", a, b, name=name)
+    return op("sub", a, b, name=name)
 
 
 def mul(a: Any, b: Any, *, name: str | None = None) -> Var:
-    return apply("mul", a, b, name=name)
+    return op("mul", a, b, name=name)
 
 
 def div(a: Any, b: Any, *, name: str | None = None) -> Var:
-    return apply("div", a, b, name=name)
+    return op("div", a, b, name=name)
 
 
 def neg(x: Var, *, name: str | None = None) -> Var:
-    return apply("neg", x, name=name)
+    return op("neg", x, name=name)
 
 
 def pow(a: Any, b: Any, *, name: str | None = None) -> Var:  # noqa: A001 (mirrors the operator name)
-    return apply("pow", a, b, name=name)
+    return op("pow", a, b, name=name)
 
 
 def maximum(a: Any, b: Any, *, name: str | None = None) -> Var:
-    return apply("maximum", a, b, name=name)
+    return op("maximum", a, b, name=name)
 
 
 def minimum(a: Any, b: Any, *, name: str | None = None) -> Var:
-    return apply("minimum", a, b, name=name)
+    return op("minimum", a, b, name=name)
 
 
 # --- elementwise math -------------------------------------------------------------------------
 
 def exp(x: Var, *, name: str | None = None) -> Var:
-    return apply("exp", x, name=name)
+    return op("exp", x, name=name)
 
 
 def log(x: Var, *, name: str | None = None) -> Var:
-    return apply("log", x, name=name)
+    return op("log", x, name=name)
 
 
 def sqrt(x: Var, *, name: str | None = None) -> Var:
-    return apply("sqrt", x, name=name)
+    return op("sqrt", x, name=name)
 
 
 def abs(x: Var, *, name: str | None = None) -> Var:  # noqa: A001
-    return apply("abs", x, name=name)
+    return op("abs", x, name=name)
 
 
 def sin(x: Var, *, name: str | None = None) -> Var:
-    return apply("sin", x, name=name)
+    return op("sin", x, name=name)
 
 
 def cos(x: Var, *, name: str | None = None) -> Var:
-    return apply("cos", x, name=name)
+    return op("cos", x, name=name)
 
 
 def tanh(x: Var, *, name: str | None = None) -> Var:
-    return apply("tanh", x, name=name)
+    return op("tanh", x, name=name)
 
 
 def sigmoid(x: Var, *, name: str | None = None) -> Var:
-    return apply("sigmoid", x, name=name)
+    return op("sigmoid", x, name=name)
 
 
 def relu(x: Var, *, name: str | None = None) -> Var:
-    return apply("relu", x, name=name)
+    return op("relu", x, name=name)
 
 
 def leaky_relu(x: Var, alpha: float | None = None, *, name: str | None = None) -> Var:
-    return apply("leaky_relu", x, name=name, alpha=alpha)
+    return op("leaky_relu", x, name=name, alpha=alpha)
 
 
 def softplus(x: Var, *, name: str | None = None) -> Var:
-    return apply("softplus", x, name=name)
+    return op("softplus", x, name=name)
 
 
 def clip(x: Var, min: float | None = None, max: float | None = None, *, name: str | None = None) -> Var:  # noqa: A002
-    return apply("clip", x, name=name, min=min, max=max)
+    return op("clip", x, name=name, min=min, max=max)
 
 
 # --- linear algebra ------------------------------------------------------------------------------
 
 def matmul(a: Any, b: Any, *, name: str | None = None) -> Var:
-    return apply("matmul", a, b, name=name)
+    return op("matmul", a, b, name=name)
 
 
 def transpose(x: Var, axes: Sequence[int] | None = None, *, name: str | None = None) -> Var:
-    return apply("transpose", x, name=name, axes=None if axes is None else list(axes))
+    return op("transpose", x, name=name, axes=None if axes is None else list(axes))
 
 
 # --- reductions ----------------------------------------------------------------------------------
@@ -151,11 +152,11 @@ def broadcast_to(x: Var, shape: Sequence[int], *, name: str | None = None) -> Va
 
 
 def concat(values: Sequence[Any], axis: int | None = None, *, name: str | None = None) -> Var:
-    return apply("concat", *values, name=name, axis=axis)
+    return op("concat", *values, name=name, axis=axis)
 
 
 def stack(values: Sequence[Any], axis: int | None = None, *, name: str | None = None) -> Var:
-    return apply("stack", *values, name=name, axis=axis)
+    return op("stack", *values, name=name, axis=axis)
 
 
 def slice(x: Var, starts: Sequence[int], ends: Sequence[int], axes: Sequence[int] | None = None,  # noqa: A001
@@ -183,26 +184,23 @@ def log_softmax(x: Var, axis: int | None = None, *, name: str | None = None) -> 
 
 def cross_entropy(logits: Any, labels: Any, *, name: str | None = None) -> Var:
     """Mean cross-entropy of ``logits`` against integer class ``labels``."""
-    return apply("cross_entropy", logits, labels, name=name)
+    return op("cross_entropy", logits, labels, name=name)
 
 
 def mse(pred: Any, target: Any, *, name: str | None = None) -> Var:
-    return apply("mse", pred, target, name=name)
+    return op("mse", pred, target, name=name)
 
 
 # --- selection -----------------------------------------------------------------------------------
 
 def where(cond: Any, x: Any, y: Any, *, name: str | None = None) -> Var:
-    return apply("where", cond, x, y, name=name)
+    return op("where", cond, x, y, name=name)
 
 
 def stop_gradient(x: Var, *, name: str | None = None) -> Var:
-    return apply("stop_gradient", x, name=name)
+    return op("stop_gradient", x, name=name)
 
 
-__all__ = [
-    "abs", "add", "apply", "broadcast_to", "clip", "concat", "cos", "cross_entropy", "div", "exp", "expand_dims",
-    "leaky_relu", "log", "log_softmax", "logsumexp", "matmul", "max", "maximum", "mean", "minimum", "mse", "mul",
-    "neg", "pow", "relu", "reshape", "sigmoid", "sin", "slice", "softmax", "softplus", "sqrt", "squeeze", "stack",
-    "stop_gradient", "sub", "sum", "tanh", "transpose", "where",
-]
+#: One function per built-in operator of the table in chainrule.client.dtypes (const is
+#: ``GraphBuilder.const``), plus ``op``; tests/test_client_operator_table.py checks each makes its operator.
+__all__ = ["op", *sorted(name for name in _OPERATORS if name != "const")]

@@ -306,3 +306,13 @@ def test_a_built_graph_pickles_and_deep_copies_as_a_plain_graph():
     for twin in (pickle.loads(pickle.dumps(graph)), copy.deepcopy(graph)):
         assert twin.message == graph.message and twin.builder is None
     assert graph.builder is g  # the original keeps its builder
+
+
+def test_op_is_the_one_name_for_any_operator():
+    g = GraphBuilder()
+    x = g.input("x", (3,), dtype="float32")
+    h = ops.op("acme.swish", x, beta=2.0, name="h")
+    assert (h.op, h.name, h.inputs, h.dtype) == ("acme.swish", "h", (x,), "float32")
+    assert attrs_of(nodes_by_name(g.build([h]))["h"]) == {"beta": 2.0}
+    assert g.op("add", x, 1).dtype == "float32" and g.op("const", value=np.zeros(2, np.int32)).dtype == "int32"
+    assert not hasattr(GraphBuilder, "apply") and not hasattr(ops, "apply")
