@@ -12,7 +12,7 @@ def broadcast_shapes(*shapes: tuple[int, ...]) -> tuple[int, ...]:
         return tuple(np.broadcast_shapes(*shapes))
     except ValueError:
         listed = " and ".join(str(tuple(s)) for s in shapes)
-        raise OpError(f"shapes {listed} cannot be broadcast together") from None
+        raise OpError(f"shapes {listed} cannot be broadcast together", reason="SHAPE_MISMATCH") from None
 
 
 def unbroadcast(grad: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:

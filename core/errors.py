@@ -51,11 +51,17 @@ def where(node: str | None, op: str | None) -> str:
 # --- raised by operator rules ------------------------------------------------
 
 class OpError(ChainruleError):
-    """Raised by an operator's infer or forward rule for a problem with its
-    inputs or attributes. The rule does not know the node; the compiler adds it.
+    """Raised by an operator's infer, forward or vjp rule that refuses its inputs or
+    attributes: the caller's mistake (INVALID_ARGUMENT), not the plugin's. The rule
+    does not know the node; the compiler or engine adds it.
+
+    Say what kind of refusal it is with ``reason=`` where one fits, so clients can
+    act on it: ``SHAPE_MISMATCH``, ``DTYPE_MISMATCH``, ``BAD_ATTRIBUTE`` (with
+    ``field="attrs.<name>"``) or ``OUT_OF_RANGE``. Without one, the reason is
+    ``OPERATOR_REFUSED``: the operator refused this node, and the message says why.
     """
 
-    reason = "SHAPE_MISMATCH"
+    reason = "OPERATOR_REFUSED"
 
 
 # --- invalid graphs and requests (INVALID_ARGUMENT) ---------------------------

@@ -19,7 +19,7 @@ numpy ufunc such as ``np.add`` is itself a valid forward rule.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
@@ -86,6 +86,31 @@ class OpDef:
 
     def accepts(self, n_inputs: int) -> bool:
         return n_inputs >= 1 if self.arity == VARIADIC else n_inputs == self.arity
+
+
+#: Names no attribute may take: the OpDef's own fields, and ``variadic``. An attribute so
+#: named reads like the field but is not it (``OperatorSet.operator("t.f", gradcheck=False)``
+#: once declared a bool attribute ``gradcheck`` and left the gradient check on).
+RESERVED_ATTR_NAMES = frozenset(f.name for f in fields(OpDef)) | {"variadic"}
+
+_FILLED_IN = ("plugin", "distribution", "version")
+
+
+def attr_name_clash(name: str, *, selective_vjp: bool = False) -> str | None:
+    """Why ``name`` cannot name an attribute, ending in what to do; None when it can."""
+    if name in _FILLED_IN:
+        return (f"attribute '{name}' has the name of an OpDef field, which the plugin manager fills in; "
+                f"give the attribute another name")
+    if name == "variadic":
+        return ("attribute 'variadic' has the name of an OpDef property (true when arity is VARIADIC); "
+                "give the attribute another name")
+    if name in RESERVED_ATTR_NAMES:
+        return (f"attribute '{name}' has the name of an OpDef field; give the attribute another name "
+                f"(to set the field, pass {name}= to OpDef itself)")
+    if name == "needs" and selective_vjp:
+        return ("attribute 'needs' clashes with the needs= keyword the engine passes to a selective vjp; "
+                "give the attribute another name")
+    return None
 
 
 def coerce_attr(kind: str, value: Any) -> Any:
@@ -188,6 +213,9 @@ def validate_opdef(op: Any, *, plugin: str | None = None) -> None:
     for name, schema in op.attrs.items():
         if not isinstance(name, str) or not name.isidentifier():
             raise InvalidOperatorError(f"{what}invalid attribute name {name!r}", plugin=plugin, op=op.name)
+        clash = attr_name_clash(name, selective_vjp=bool(op.selective_vjp))
+        if clash:
+            raise InvalidOperatorError(f"{what}{clash}", plugin=plugin, op=op.name)
         if not isinstance(schema, Attr) or schema.kind not in ATTR_KINDS:
             kind = getattr(schema, "kind", schema)
             raise InvalidOperatorError(

@@ -21,7 +21,10 @@ Example::
 
 Attributes are keyword defaults: a float default makes a float attribute, a
 tuple of ints an ``ints`` attribute, and so on; pass an :class:`Attr` for a
-required attribute or one whose default is None.
+required attribute or one whose default is None. The other keywords of
+:meth:`OperatorSet.operator` (``infer``, ``doc``, ``arity``, ``gradcheck``,
+``selective_vjp``) set the OpDef fields of those names, and no attribute may take
+the name of an OpDef field.
 """
 from __future__ import annotations
 
@@ -32,6 +35,8 @@ import numpy as np
 
 from chainrule.core import VARIADIC, Attr, OpDef, TensorSpec, broadcast_shapes
 from chainrule.core.dtypes import float_result
+from chainrule.core.errors import InvalidOperatorError
+from chainrule.core.operator import attr_name_clash
 
 from .hookspecs import hookimpl
 
@@ -80,10 +85,13 @@ class OperatorDraft:
     """An operator being declared: the forward rule now, vjp and infer by decorator."""
 
     def __init__(self, name: str, forward: Callable[..., Any], attrs: dict[str, Attr],
-                 infer: Callable[..., TensorSpec] | None, doc: str | None, arity: int | None) -> None:
+                 infer: Callable[..., TensorSpec] | None, doc: str | None, arity: int | None, *,
+                 gradcheck: bool = True, selective_vjp: bool = False) -> None:
         self.name = name
         self.forward = forward
         self.attrs = attrs
+        self.gradcheck = gradcheck
+        self.selective_vjp = selective_vjp
         self._infer = infer
         self._vjp: Callable[..., Any] | None = None
         self._sample: Callable[..., Any] | None = None
@@ -109,6 +117,7 @@ class OperatorDraft:
         return OpDef(
             name=self.name, arity=self.arity, forward=self.forward, vjp=self._vjp,  # type: ignore[arg-type]
             infer=self._infer, attrs=self.attrs, doc=self.doc, sample=self._sample,
+            gradcheck=self.gradcheck, selective_vjp=self.selective_vjp,
         )
 
     def __call__(self, *inputs: Any, **attrs: Any) -> Any:
@@ -122,12 +131,25 @@ class OperatorSet:
         self.drafts: list[OperatorDraft] = []
 
     def operator(self, name: str, *, infer: Callable[..., TensorSpec] | None = None, doc: str | None = None,
-                 arity: int | None = None, **attrs: Any) -> Callable[[Callable[..., Any]], OperatorDraft]:
-        """Decorator declaring an operator from its forward rule."""
+                 arity: int | None = None, gradcheck: bool = True, selective_vjp: bool = False,
+                 **attrs: Any) -> Callable[[Callable[..., Any]], OperatorDraft]:
+        """Decorator declaring an operator from its forward rule.
+
+        ``infer``, ``doc``, ``arity``, ``gradcheck`` and ``selective_vjp`` set the
+        OpDef fields of those names (``gradcheck=False``: the vjp is deliberately not
+        the derivative, so the gradient checker leaves it alone; ``selective_vjp=True``:
+        the vjp takes ``needs=``). Every other keyword declares an attribute, and
+        one named like an OpDef field is refused with InvalidOperatorError.
+        """
+        for key in attrs:
+            problem = _attr_problem(key, selective_vjp)
+            if problem:
+                raise InvalidOperatorError(f"operator '{name}': {problem}", op=name)
         schema = {key: attr_from_default(default) for key, default in attrs.items()}
 
         def declare(forward: Callable[..., Any]) -> OperatorDraft:
-            draft = OperatorDraft(name, forward, schema, infer, doc, arity)
+            draft = OperatorDraft(name, forward, schema, infer, doc, arity,
+                                  gradcheck=gradcheck, selective_vjp=selective_vjp)
             self.drafts.append(draft)
             return draft
 
@@ -145,6 +167,26 @@ class OperatorSet:
             self.register_into(register)
 
         return register_operators
+
+
+#: What a keyword of OperatorSet.operator named like an OpDef field was probably meant to do.
+_FIELD_HINTS = {
+    "forward": "the forward rule is the function the decorator is applied to",
+    "vjp": "declare the gradient rule with the @<operator>.vjp decorator",
+    "sample": "declare the gradient checker's inputs with the @<operator>.sample decorator",
+    "attrs": "declare each attribute as a keyword of its own (limit=1.0)",
+    "variadic": "a forward rule taking *inputs makes the operator variadic",  # a property, but read as a field
+    "plugin": "the plugin manager fills it in from the entry point's name",
+    "distribution": "the plugin manager fills it in from the installed package",
+    "version": "the plugin manager fills it in from the installed package",
+}
+
+
+def _attr_problem(key: str, selective_vjp: bool) -> str | None:
+    """Why keyword ``key`` of OperatorSet.operator cannot declare an attribute, and what to do instead."""
+    if key in _FIELD_HINTS:
+        return f"'{key}' is an OpDef field, not an attribute name ({_FIELD_HINTS[key]}); give the attribute another name"
+    return attr_name_clash(key, selective_vjp=selective_vjp)
 
 
 def _first_line(text: str | None) -> str:

@@ -7,7 +7,9 @@ float32 staying float32. The operators' own ``sample`` rules are checked too.
 """
 from __future__ import annotations
 
+import ast
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,11 +17,12 @@ import pytest
 from chainrule.core import (
     GraphIR, OpError, Registry, ShapeError, TensorSpec, check_attrs, compile_graph, evaluate, unbroadcast,
 )
-from chainrule.plugins.builtin import arith, elementwise, linalg, nn, reduce, select, shape
+from chainrule.plugins.builtin import arith, common, elementwise, linalg, nn, reduce, select, shape
 from chainrule.plugins.testing import assert_vjp, check_operator, check_vjp
 
 FAMILIES = (arith, elementwise, linalg, reduce, shape, nn, select)
 OPS = {op.name: op for family in FAMILIES for op in family.OPERATORS}
+BUILTIN_DIR = Path(common.__file__).parent
 
 
 # --- input makers: a kind of values and a shape, made with the case's own rng ----------------
@@ -487,31 +490,64 @@ def test_cross_entropy_rejects_an_out_of_range_label():
     assert info.value.reason == "DTYPE_MISMATCH"
 
 
-@pytest.mark.parametrize("name, shapes, attrs, message", [
-    ("sum", [(2, 3)], {"axis": (2,)}, "axis 2 is out of range for a tensor of rank 2"),
-    ("max", [(2, 3)], {"axis": (-3,)}, "axis -3 is out of range for a tensor of rank 2"),
-    ("mean", [(2, 3)], {"axis": (1, -1)}, "given twice"),
-    ("max", [(2, 0)], {"axis": (1,)}, "size 0"),
-    ("softmax", [()], {}, "axis -1 is out of range for a tensor of rank 0"),
-    ("transpose", [(2, 3)], {"axes": (0, 0)}, "not a permutation"),
-    ("reshape", [(2, 3)], {"shape": (4, -1)}, "cannot reshape"),
-    ("reshape", [(2, 3)], {"shape": (-1, -1)}, "at most one -1"),
-    ("broadcast_to", [(2, 3)], {"shape": (3, 3)}, "cannot broadcast"),
-    ("concat", [(2, 3), (3, 2)], {"axis": 0}, "input 1 has shape"),
-    ("stack", [(2,), (3,)], {}, "equal shapes"),
-    ("slice", [(4,)], {"starts": (0,), "ends": (2,), "steps": (0,)}, "step for axis 0 is 0"),
-    ("slice", [(4,)], {"starts": (0, 0), "ends": (2, 2)}, "starts has 2 entries"),
-    ("squeeze", [(2, 1)], {"axis": (0,)}, "cannot squeeze axis 0 of size 2"),
-    ("expand_dims", [(2,)], {"axis": (2,)}, "axis 2 is out of range for a tensor of rank 2"),
-    ("clip", [(2,)], {"min": 1.0, "max": 0.0}, "min 1.0 is greater than max 0.0"),
-    ("add", [(2, 3), (4,)], {}, "cannot be broadcast"),
-    ("cross_entropy", [(3, 4), (4,)], {}, "do not match logits"),
+@pytest.mark.parametrize("name, shapes, attrs, message, reason", [
+    ("sum", [(2, 3)], {"axis": (2,)}, "axis 2 is out of range for a tensor of rank 2", "BAD_ATTRIBUTE"),
+    ("max", [(2, 3)], {"axis": (-3,)}, "axis -3 is out of range for a tensor of rank 2", "BAD_ATTRIBUTE"),
+    ("mean", [(2, 3)], {"axis": (1, -1)}, "given twice", "BAD_ATTRIBUTE"),
+    ("max", [(2, 0)], {"axis": (1,)}, "size 0", "SHAPE_MISMATCH"),
+    ("softmax", [()], {}, "axis -1 is out of range for a tensor of rank 0", "BAD_ATTRIBUTE"),
+    ("transpose", [(2, 3)], {"axes": (0, 0)}, "not a permutation", "BAD_ATTRIBUTE"),
+    ("reshape", [(2, 3)], {"shape": (4, -1)}, "cannot reshape", "BAD_ATTRIBUTE"),
+    ("reshape", [(2, 3)], {"shape": (-1, -1)}, "at most one -1", "BAD_ATTRIBUTE"),
+    ("broadcast_to", [(2, 3)], {"shape": (3, 3)}, "cannot broadcast", "BAD_ATTRIBUTE"),
+    ("concat", [(2, 3), (3, 2)], {"axis": 0}, "input 1 has shape", "SHAPE_MISMATCH"),
+    ("concat", [(), ()], {}, "cannot concatenate 0-d tensors", "SHAPE_MISMATCH"),
+    ("stack", [(2,), (3,)], {}, "equal shapes", "SHAPE_MISMATCH"),
+    ("slice", [(4,)], {"starts": (0,), "ends": (2,), "steps": (0,)}, "step for axis 0 is 0", "BAD_ATTRIBUTE"),
+    ("slice", [(4,)], {"starts": (0, 0), "ends": (2, 2)}, "starts has 2 entries", "BAD_ATTRIBUTE"),
+    ("squeeze", [(2, 1)], {"axis": (0,)}, "cannot squeeze axis 0 of size 2", "BAD_ATTRIBUTE"),
+    ("expand_dims", [(2,)], {"axis": (2,)}, "axis 2 is out of range for a tensor of rank 2", "BAD_ATTRIBUTE"),
+    ("clip", [(2,)], {"min": 1.0, "max": 0.0}, "min 1.0 is greater than max 0.0", "BAD_ATTRIBUTE"),
+    ("add", [(2, 3), (4,)], {}, "cannot be broadcast", "SHAPE_MISMATCH"),
+    ("where", [(2,), (3,), (3,)], {}, "cannot be broadcast", "SHAPE_MISMATCH"),
+    ("mse", [(2, 1), (1, 2)], {}, "larger than either", "SHAPE_MISMATCH"),
+    ("mse", [(2,), (3,)], {}, "cannot be broadcast", "SHAPE_MISMATCH"),
+    ("matmul", [(), (3,)], {}, "at least one axis", "SHAPE_MISMATCH"),
+    ("matmul", [(2, 2, 3), (4, 3, 1)], {}, "batch dimensions", "SHAPE_MISMATCH"),
+    ("cross_entropy", [(3, 4), (4,)], {}, "do not match logits", "SHAPE_MISMATCH"),
+    ("cross_entropy", [(), ()], {}, "last axis of classes", "SHAPE_MISMATCH"),
 ])
-def test_infer_rejects_bad_shapes_and_attributes(name, shapes, attrs, message):
+def test_infer_rejects_bad_shapes_and_attributes(name, shapes, attrs, message, reason):
     op = OPS[name]
-    specs = [TensorSpec(s, np.dtype("int64" if name == "cross_entropy" and i else "float64")) for i, s in enumerate(shapes)]
-    with pytest.raises(OpError, match=message):
+    dtypes = {"cross_entropy": ("float64", "int64"), "where": ("bool", "float64", "float64")}.get(name, ("float64",) * 3)
+    specs = [TensorSpec(s, np.dtype(dtypes[i])) for i, s in enumerate(shapes)]
+    with pytest.raises(OpError, match=message) as info:
         op.infer(*specs, **check_attrs(op, attrs))
+    assert info.value.reason == reason
+
+
+def test_every_refusal_of_a_builtin_rule_names_its_reason():
+    """OpError without a reason reads OPERATOR_REFUSED: a built-in always says which kind of refusal it is."""
+    for path in sorted(BUILTIN_DIR.glob("*.py")):
+        for call in ast.walk(ast.parse(path.read_text())):
+            if isinstance(call, ast.Call) and getattr(call.func, "id", None) == "OpError":
+                assert any(k.arg == "reason" for k in call.keywords), f"{path.name}:{call.lineno}: OpError without reason="
+
+
+def test_families_share_helpers_through_common_only():
+    """Each family imports chainrule.core, chainrule.plugins.authoring and .common, never another family."""
+    families = {path.stem for path in BUILTIN_DIR.glob("*.py")} - {"__init__", "common"}
+    assert families == {family.__name__.rsplit(".", 1)[1] for family in FAMILIES}
+    for family in sorted(families):
+        tree = ast.parse((BUILTIN_DIR / f"{family}.py").read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                assert node.level == 1 and node.module == "common", f"{family}.py imports .{node.module}"
+            elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [node.module] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
+                for name in names:
+                    assert not name.startswith("chainrule.plugins.builtin"), f"{family}.py imports {name}"
+    assert not hasattr(common, "OPERATORS") and not hasattr(common, "register_operators")
 
 
 def test_bool_arithmetic_is_refused():

@@ -235,6 +235,23 @@ def _rpc_error(loaded, op: str, shape: tuple[int, ...], value: np.ndarray, **att
     return str(info.value)
 
 
+SAMPLE_AS_KEYWORD = """\
+import numpy as np
+from chainrule.plugins import OperatorSet
+
+ops = OperatorSet()
+
+
+def _sample(rng):
+    return [rng.uniform(-3, 3, size=(2, 5))], {"limit": 1.5}
+
+
+@ops.operator("mine.softclip", limit=1.0, sample=_sample)
+def softclip(x, *, limit):
+    return limit * np.tanh(x / limit)
+"""
+
+
 def produce_messages(mine: types.ModuleType, site: Site) -> list[str]:
     installed = ("mine", mine, "chainrule-mine", "0.1.0")
     registry = load_plugins(entry_points=False, only=["mine"], extra=[installed]).registry
@@ -267,6 +284,10 @@ def produce_messages(mine: types.ModuleType, site: Site) -> list[str]:
     messages.append(_load_error(entry_points=False, extra=[("mine", _plugin(loads_weights), "chainrule-mine", "0.1.0")]))
 
     site.install("chainrule-mine", "0.1.0", "mine", "import mylab_sdk\n")
+    messages.append(_load_error(only=["mine"]))
+    # the same installed module, now passing the sample rule as a keyword
+    (site.root / f"{site.modules[-1]}.py").write_text(SAMPLE_AS_KEYWORD)
+    importlib.invalidate_caches()
     messages.append(_load_error(only=["mine"]))
 
     @hookimpl

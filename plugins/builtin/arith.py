@@ -19,7 +19,7 @@ from chainrule.core import OpDef, OpError, TensorSpec
 from chainrule.core.dtypes import FLOAT64
 from chainrule.plugins.authoring import broadcast_inputs, table_hookimpl
 
-from .elementwise import writable
+from .common import writable
 
 
 # --- infer rules -----------------------------------------------------------------------------

@@ -22,22 +22,10 @@ import numpy as np
 from chainrule.core import Attr, OpDef, OpError, TensorSpec
 from chainrule.plugins.authoring import float_like_input, table_hookimpl
 
-
-# --- helpers shared with the other families -----------------------------------------------
-
-def as_float(x: Any) -> np.ndarray:
-    """``x`` itself when it is float, else ``x`` as float64 (int and bool inputs of float functions)."""
-    return x if x.dtype.kind == "f" else x.astype(np.float64)
+from .common import as_float, writable
 
 
-def writable(value: Any) -> np.ndarray:
-    """A fresh ufunc result as an array that in-place ufuncs (``out=``) may write into.
-
-    numpy hands back a scalar instead of a 0-d array; this wraps it. Only pass
-    results the caller owns, never an input.
-    """
-    return value if type(value) is np.ndarray else np.array(value)
-
+# --- stable sigmoid and softplus ----------------------------------------------------------
 
 #: Arrays at least this large are computed in one fresh buffer with in-place ufuncs
 #: (fewer allocations and page faults); smaller ones, 0-d values above all, with

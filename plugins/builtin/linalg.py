@@ -20,16 +20,18 @@ from chainrule.plugins.authoring import table_hookimpl
 
 def _matmul_infer(a: TensorSpec, b: TensorSpec) -> TensorSpec:
     if not a.shape or not b.shape:
-        raise OpError(f"matmul needs inputs with at least one axis, got shapes {a.shape} and {b.shape}")
+        raise OpError(f"matmul needs inputs with at least one axis, got shapes {a.shape} and {b.shape}",
+                      reason="SHAPE_MISMATCH")
     inner_a = a.shape[-1]
     inner_b = b.shape[-2] if len(b.shape) > 1 else b.shape[0]
     if inner_a != inner_b:
-        raise OpError(f"inner dimensions {inner_a} and {inner_b} do not match (shapes {a.shape} and {b.shape})")
+        raise OpError(f"inner dimensions {inner_a} and {inner_b} do not match (shapes {a.shape} and {b.shape})",
+                      reason="SHAPE_MISMATCH")
     try:
         batch = broadcast_shapes(a.shape[:-2], b.shape[:-2])
     except OpError:
         raise OpError(f"batch dimensions {a.shape[:-2]} and {b.shape[:-2]} cannot be broadcast together "
-                      f"(shapes {a.shape} and {b.shape})") from None
+                      f"(shapes {a.shape} and {b.shape})", reason="SHAPE_MISMATCH") from None
     rows = a.shape[-2:-1]                          # () for a 1-D first input
     cols = b.shape[-1:] if len(b.shape) > 1 else ()  # () for a 1-D second input
     return TensorSpec(batch + rows + cols, np.result_type(a.dtype, b.dtype))

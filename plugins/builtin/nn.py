@@ -13,8 +13,7 @@ from chainrule.core import Attr, OpDef, OpError, TensorSpec, broadcast_shapes
 from chainrule.core.dtypes import float_result
 from chainrule.plugins.authoring import table_hookimpl
 
-from .elementwise import as_float, writable
-from .reduce import logsumexp, normalize_axes
+from .common import as_float, logsumexp, normalize_axes, writable
 
 
 # --- softmax, log_softmax ----------------------------------------------------------------------
@@ -50,12 +49,12 @@ def _along_axis(x: TensorSpec, *, axis: int = -1) -> TensorSpec:
 
 def _cross_entropy_infer(logits: TensorSpec, labels: TensorSpec) -> TensorSpec:
     if not logits.shape or logits.shape[-1] == 0:
-        raise OpError(f"logits need a last axis of classes, got shape {list(logits.shape)}")
+        raise OpError(f"logits need a last axis of classes, got shape {list(logits.shape)}", reason="SHAPE_MISMATCH")
     if labels.dtype.kind not in "iu":
         raise OpError(f"labels must be int32 or int64, got {labels.dtype.name}", reason="DTYPE_MISMATCH")
     if labels.shape != logits.shape[:-1]:
         raise OpError(f"labels of shape {list(labels.shape)} do not match logits of shape {list(logits.shape)} "
-                      f"(expected {list(logits.shape[:-1])})")
+                      f"(expected {list(logits.shape[:-1])})", reason="SHAPE_MISMATCH")
     return TensorSpec((), float_result(logits.dtype))
 
 
@@ -107,7 +106,7 @@ def _mse_infer(prediction: TensorSpec, target: TensorSpec) -> TensorSpec:
     shape = broadcast_shapes(prediction.shape, target.shape)
     if shape not in (tuple(prediction.shape), tuple(target.shape)):
         raise OpError(f"prediction {list(prediction.shape)} and target {list(target.shape)} broadcast to "
-                      f"{list(shape)}, larger than either; give them the same shape")
+                      f"{list(shape)}, larger than either; give them the same shape", reason="SHAPE_MISMATCH")
     return TensorSpec((), float_result(np.result_type(prediction.dtype, target.dtype)))
 
 

@@ -11,45 +11,25 @@ maximum they split it evenly (``[1, 3, 3]`` gives ``[0, 0.5, 0.5]``).
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
 from chainrule.core import Attr, OpDef, OpError, TensorSpec
 from chainrule.core.dtypes import float_result
-from chainrule.core.tensor_spec import MAX_RANK
 from chainrule.plugins.authoring import table_hookimpl
 
-from .elementwise import as_float, writable
+from .common import logsumexp, normalize_axes, writable
 
 
-# --- axes ----------------------------------------------------------------------------------
-
-def normalize_axes(axis: Sequence[int] | None, ndim: int, *, field: str = "attrs.axis") -> tuple[int, ...]:
-    """The ``axis`` attribute as sorted non-negative axes (None: all of them).
-
-    Raises OpError naming the axis and the rank when an axis is out of range or repeated.
-    """
-    if axis is None:
-        return tuple(range(ndim))
-    if len(axis) > MAX_RANK:  # some axis repeats or is out of range; said before any long scan
-        raise OpError(f"{len(axis)} axes given; a tensor has at most {MAX_RANK}", reason="BAD_ATTRIBUTE", field=field)
-    axes: set[int] = set()
-    for a in axis:
-        if not -ndim <= a < ndim:
-            raise OpError(f"axis {a} is out of range for a tensor of rank {ndim}", reason="BAD_ATTRIBUTE", field=field)
-        if a % ndim in axes:
-            raise OpError(f"axis {a} is given twice (rank {ndim})", reason="BAD_ATTRIBUTE", field=field)
-        axes.add(a % ndim)
-    return tuple(sorted(axes))
-
+# --- shapes and spreading -------------------------------------------------------------------
 
 def _reduced_spec(x: TensorSpec, axis, keepdims: bool, dtype: np.dtype, *, nonempty: str | None = None) -> TensorSpec:
     axes = normalize_axes(axis, len(x.shape))
     if nonempty is not None:
         for a in axes:
             if x.shape[a] == 0:
-                raise OpError(f"{nonempty} over axis {a} of size 0 has no value")
+                raise OpError(f"{nonempty} over axis {a} of size 0 has no value", reason="SHAPE_MISMATCH")
     if keepdims:
         shape = tuple(1 if i in axes else n for i, n in enumerate(x.shape))
     else:
@@ -112,21 +92,7 @@ def _max_vjp(g, out, x, *, axis=None, keepdims=False):
     return (hit * (g / ties),)
 
 
-# --- logsumexp ---------------------------------------------------------------------------------
-
-def logsumexp(x, *, axis=None, keepdims=False):
-    """log(sum(exp(x))) over ``axis``, shifted by the maximum so that exp never overflows."""
-    x = as_float(x)
-    axes = normalize_axes(axis, x.ndim)
-    top = np.max(x, axis=axes, keepdims=True)
-    top = np.where(np.isfinite(top), top, 0)  # all -inf (or an inf): no shift, the log gives -inf (inf)
-    e = writable(x - top)
-    np.exp(e, out=e)
-    s = writable(np.sum(e, axis=axes, keepdims=True))
-    np.log(s, out=s)
-    s += top
-    return s if keepdims else np.squeeze(s, axis=axes)
-
+# --- logsumexp (the forward rule is common.logsumexp, which nn shares) ----------------------
 
 def _logsumexp_vjp(g, out, x, *, axis=None, keepdims=False):
     axes = normalize_axes(axis, np.ndim(x))

@@ -16,7 +16,7 @@ from chainrule.core import VARIADIC, Attr, OpDef, OpError, TensorSpec, unbroadca
 from chainrule.core.tensor_spec import MAX_RANK
 from chainrule.plugins.authoring import table_hookimpl
 
-from .reduce import normalize_axes
+from .common import normalize_axes
 
 
 def _axis(axis: int, ndim: int) -> int:
@@ -62,12 +62,12 @@ def _broadcast_target(x: TensorSpec, shape: Sequence[int]) -> tuple[int, ...]:
 def _concat_infer(*xs: TensorSpec, axis: int = 0) -> TensorSpec:
     first = xs[0].shape
     if not first:
-        raise OpError("cannot concatenate 0-d tensors (stack them instead)")
+        raise OpError("cannot concatenate 0-d tensors (stack them instead)", reason="SHAPE_MISMATCH")
     ax = _axis(axis, len(first))
     for i, x in enumerate(xs[1:], 1):
         if len(x.shape) != len(first) or any(n != m for j, (n, m) in enumerate(zip(x.shape, first)) if j != ax):
             raise OpError(f"input {i} has shape {list(x.shape)}, which does not match input 0's "
-                          f"{list(first)} outside axis {axis}")
+                          f"{list(first)} outside axis {axis}", reason="SHAPE_MISMATCH")
     shape = first[:ax] + (sum(x.shape[ax] for x in xs),) + first[ax + 1:]
     return TensorSpec(shape, np.result_type(*(x.dtype for x in xs)))
 
@@ -82,7 +82,8 @@ def _stack_infer(*xs: TensorSpec, axis: int = 0) -> TensorSpec:
     ax = _axis(axis, len(first) + 1)
     for i, x in enumerate(xs[1:], 1):
         if x.shape != first:
-            raise OpError(f"input {i} has shape {list(x.shape)}, input 0 has {list(first)}; stack needs equal shapes")
+            raise OpError(f"input {i} has shape {list(x.shape)}, input 0 has {list(first)}; stack needs equal shapes",
+                          reason="SHAPE_MISMATCH")
     return TensorSpec(first[:ax] + (len(xs),) + first[ax:], np.result_type(*(x.dtype for x in xs)))
 
 
