@@ -250,31 +250,45 @@ def _backward(
     plan: Plan, shapes: Shapes, edges: list[tuple[tuple[int, int], ...]], values: list[Any], out_slot: int,
     seed: np.ndarray, token: StopToken | None, record: list[ContributionRecord] | None,
 ) -> list[Any]:
+    """Reverse-mode pass: each slot's gradient, from ``out_slot`` back to the inputs.
+
+    The readable model is ``evaluate`` in tests/reference.py (about 30 lines):
+    walk the nodes in reverse order, ask each one's vjp for its inputs'
+    gradients, unbroadcast each to its input's shape and add it into that
+    input's gradient (``+=`` where a value fans out). This loop computes the
+    same thing, and tests/test_reference.py checks it on random graphs. What
+    it adds, each marked below: no gradient yet is None rather than zeros
+    (nothing is allocated for a slot that does not reach the output); only the
+    ``edges`` (differentiable inputs, pruned to ``wrt=``) are followed;
+    arity fast paths; selective vjp; contract checks and unbroadcasting only
+    when a shape or type differs; the contribution log; and buffer ownership,
+    so a sum is added in place only into an array this loop allocated.
+    """
     vjps, selective, ins, attrs = plan.vjps, plan.selective, plan.in_slots, plan.attrs
     shape_of, dtype_of, scalar_type = shapes.shape_of, shapes.dtype_of, shapes.scalar_type
     ndarray = np.ndarray
     grads: list[Any] = [None] * len(ins)
     owned = [False] * len(ins)  # True where grads[j] is a buffer we allocated and may add into
     grads[out_slot] = seed
-    for k in range(out_slot, plan.n_inputs - 1, -1):
+    for k in range(out_slot, plan.n_inputs - 1, -1):  # slots after the output cannot reach it
         g = grads[k]
-        if g is None or not edges[k]:
+        if g is None or not edges[k]:  # skip: no gradient reached k, or no input of k wants one
             continue
         if token is not None and not k & 7:  # every 8th node: a check costs as much as a scalar op
             token.check()
         s = ins[k]
         try:
-            if selective[k]:
+            if selective[k]:  # selective vjp: tell the rule which inputs' gradients are wanted
                 needed = {pos for pos, _ in edges[k]}
                 parts = vjps[k](g, values[k], *[values[j] for j in s],
                                 needs=tuple(pos in needed for pos in range(len(s))), **attrs[k])
-            elif len(s) == 2:
+            elif len(s) == 2:  # arity fast paths: no list built for one or two inputs
                 parts = vjps[k](g, values[k], values[s[0]], values[s[1]], **attrs[k])
             elif len(s) == 1:
                 parts = vjps[k](g, values[k], values[s[0]], **attrs[k])
             else:
                 parts = vjps[k](g, values[k], *[values[j] for j in s], **attrs[k])
-            if len(parts) != len(s):
+            if len(parts) != len(s):  # contract check: one gradient (or None) per input
                 raise _contract(plan.ops[k], plan.names[k], f"vjp returned {len(parts)} gradients for {len(s)} inputs")
         except OperatorFailure:
             raise
@@ -282,18 +296,22 @@ def _backward(
             raise node_error(exc, plan.names[k], plan.ops[k]) from None
         except Exception as exc:
             raise _failure(plan.ops[k], plan.names[k], "vjp", exc) from exc
-        for pos, j in edges[k]:
+        for pos, j in edges[k]:  # input pos of k is slot j
             gj = parts[pos]
-            if gj is None:
+            if gj is None:  # the rule gives this input no gradient
                 continue
+            # unbroadcast and contract check, only when the shape, dtype or scalar type is off
             t = type(gj)
             if t is ndarray:
                 if gj.shape != shape_of[j] or gj.dtype != dtype_of[j]:
                     gj = _fit_grad(plan, k, pos, gj, shapes.specs[j])
             elif t is not scalar_type[j]:
                 gj = _fit_grad(plan, k, pos, gj, shapes.specs[j])
-            if record is not None and plan.consumers[j] > 1:
+            if record is not None and plan.consumers[j] > 1:  # contribution log: the += made visible
                 record.append(ContributionRecord(plan.names[j], plan.names[k], pos, gj))
+            # grads[j] += gj, with buffer ownership: the first contribution is kept as given (no
+            # copy; it may alias a rule's array or a read-only view), the second is added into a
+            # fresh array, and later ones go into that array in place
             current = grads[j]
             if current is None:
                 grads[j] = gj
