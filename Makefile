@@ -20,7 +20,9 @@ install: $(STAMP)
 run: install
 	$(BIN)/chainrule serve --host 127.0.0.1 --port 50051
 
+# lint-imports first: a broken import contract ([tool.importlinter] in pyproject.toml) fails the run.
 test: install
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/python -m pytest -q
 
 stubs: install

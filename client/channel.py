@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import collections
 import ipaddress
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -27,8 +26,9 @@ SERVICE = "chainrule.v1.Chainrule"
 #: Methods gRPC may retry: repeating them changes nothing on the server.
 IDEMPOTENT_METHODS = ("Evaluate", "RegisterGraph", "ListOperators", "ServerInfo")
 
-#: round_robin over every address of the target, and retries of idempotent calls.
-SERVICE_CONFIG = json.dumps({
+#: round_robin over every address of the target, and retries of idempotent calls (gRPC takes it
+#: as JSON text: open_channel serializes it, so `import chainrule.client` does not load json).
+SERVICE_CONFIG: dict[str, Any] = {
     "loadBalancingConfig": [{"round_robin": {}}],
     "methodConfig": [{
         "name": [{"service": SERVICE, "method": m} for m in IDEMPOTENT_METHODS],
@@ -43,7 +43,7 @@ SERVICE_CONFIG = json.dumps({
             "retryableStatusCodes": ["UNAVAILABLE", "CANCELLED"],
         },
     }],
-})
+}
 
 
 @dataclass(frozen=True)
@@ -151,7 +151,9 @@ def open_channel(
     options = list(options)
     keys = {key for key, _ in options}
     if "grpc.service_config" not in keys:
-        options.append(("grpc.service_config", SERVICE_CONFIG))
+        import json
+
+        options.append(("grpc.service_config", json.dumps(SERVICE_CONFIG)))
     if isinstance(tls, TLS) and tls.server_name and "grpc.ssl_target_name_override" not in keys:
         options.append(("grpc.ssl_target_name_override", tls.server_name))
     if credentials is None and tls:

@@ -8,8 +8,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from google.protobuf import json_format
-
 from chainrule.wire.convert import DTYPE_NAMES
 from chainrule.v1 import chainrule_pb2 as pb
 
@@ -68,11 +66,15 @@ class Graph:
 
     def to_json(self, *, indent: int | None = 2) -> str:
         """The graph in the proto JSON mapping (the ``graph.json`` file format)."""
+        from google.protobuf import json_format  # here, not at the top: 2 ms of `import chainrule.client`
+
         return json_format.MessageToJson(self.message, indent=indent)
 
     @classmethod
     def from_json(cls, text: str | bytes) -> "Graph":
         """Parse a graph file; unknown fields are an error (no silent typos)."""
+        from google.protobuf import json_format  # here, not at the top: 2 ms of `import chainrule.client`
+
         return cls(json_format.Parse(text, pb.Graph()))
 
     def save(self, path: str | Path) -> None:

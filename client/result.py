@@ -237,13 +237,16 @@ class Result:
         ``parameters`` (names or Vars) are drawn as parameters and the other graph
         inputs as data; by default every input that got a gradient is a parameter.
         """
+        # Imported here, not at the top: render (with chainrule.core.diagnostics, shutil and
+        # subprocess) is 5 ms that `import chainrule.client` does not pay. render.py imports this
+        # module only under TYPE_CHECKING, so there is no cycle (see [tool.importlinter]).
         from .render import to_dot
 
         return to_dot(self, parameters=parameters)
 
     def render(self, path: str | Path, *, parameters: Iterable[Any] | None = None) -> Path:
         """Draw the circuit diagram to ``path`` (.svg, .png, .pdf through Graphviz's ``dot``; .dot as text)."""
-        from .render import render
+        from .render import render  # lazily: see to_dot
 
         return render(self, path, parameters=parameters)
 

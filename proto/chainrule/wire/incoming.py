@@ -14,8 +14,8 @@ each once) is kept as a :class:`RawTensor` view; everything else is parsed
 by protobuf as usual. Anything unusual (a truncated field, a key that is not
 UTF-8, a tensor field or map key that occurs twice, a group) falls back to
 protobuf parsing the whole message, so the result is always what protobuf
-alone would give, errors included. Our encoders (``wire.py``) put large
-tensors first and align their data, so the walk is short and the views are
+alone would give, errors included. Our encoder (``outgoing.py``) puts large
+tensors first and aligns their data, so the walk is short and the views are
 aligned; a misaligned view is copied once when decoded (see ``convert.py``).
 """
 from __future__ import annotations
