@@ -7,7 +7,7 @@
     information, the same call with the tensors in shared memory);
 (b) the 4-layer network at batch 4096 (512 features, 512 hidden) through the
     server, returning the parameter gradients, over the same step in-process
-    on the bare engine (Plan.run). The call sends its tensors and carries the
+    on the bare engine (evaluate(plan)). The call sends its tensors and carries the
     diagnostics every response does by default, which the bare engine does not run;
     so also, for the same work on both sides, the call with diagnostics=False over
     the bare engine and the default call over the same call through LocalClient;
@@ -34,11 +34,10 @@ import grpc
 import numpy as np
 
 from chainrule.client import Client, GraphBuilder
-
-from chainrule.server import LocalClient
 from chainrule.client.graph import Graph
 from chainrule.core import compile_graph, evaluate
 from chainrule.plugins.manager import load_plugins
+from chainrule.server import LocalClient
 from chainrule.server.memory import tune_allocator
 from chainrule.v1 import chainrule_pb2 as pb
 

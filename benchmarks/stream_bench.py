@@ -25,7 +25,6 @@ from pathlib import Path
 import numpy as np
 
 from chainrule.client import Client, GraphBuilder
-
 from chainrule.server import LocalClient
 from chainrule.core import compile_graph, evaluate
 from chainrule.core.optim import make_optimizer

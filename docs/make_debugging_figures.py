@@ -19,7 +19,6 @@ from typing import Callable
 import numpy as np
 
 from chainrule.client import GraphBuilder, Result
-
 from chainrule.server import LocalClient
 
 FIGURES = Path(__file__).resolve().parent / "figures"

@@ -20,7 +20,6 @@ import argparse
 import numpy as np
 
 from chainrule.client import Client, GraphBuilder, Result, Var
-
 from chainrule.server import LocalClient
 
 STEPS, HIDDEN, FEATURES = 4, 3, 2

@@ -19,8 +19,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 
 from chainrule.client import TLS, Client, GraphBuilder, Unauthenticated, Unavailable
 from chainrule.client.channel import BearerToken
-from chainrule.server import ServerConfig
-from chainrule.server import create_server
+from chainrule.server import ServerConfig, create_server
 from chainrule.server.auth import accepted, bearer_token, read_tokens
 from chainrule.server.service import graph_id
 from chainrule.v1 import chainrule_pb2 as pb

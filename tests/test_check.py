@@ -19,12 +19,10 @@ import numpy as np
 import pytest
 
 from chainrule.client import Client, GraphBuilder, InvalidArgument
-
-from chainrule.server import LocalClient
+from chainrule.server import LocalClient, ServerConfig, create_server
 from chainrule.core.errors import DuplicateOperatorError, PluginError
 from chainrule.plugins.checking import check_registry
 from chainrule.plugins.manager import load_plugins
-from chainrule.server import ServerConfig, create_server
 from chainrule.server.cli import main
 from chainrule.server.config import from_sources
 

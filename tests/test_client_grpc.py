@@ -18,9 +18,8 @@ from chainrule.client import (
 
 )
 
-from chainrule.server import LocalClient
+from chainrule.server import LocalClient, ServerConfig, create_server
 from chainrule.client.request import evaluate_request
-from chainrule.server import ServerConfig, create_server
 from chainrule.wire.outgoing import HandEncoded, Outgoing
 from chainrule.v1 import chainrule_pb2 as pb
 

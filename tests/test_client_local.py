@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 
 from chainrule.client import GraphBuilder, InvalidArgument, NotFound, ops
-
 from chainrule.server import LocalClient
 from chainrule.wire.outgoing import Outgoing
 from chainrule.v1 import chainrule_pb2 as pb

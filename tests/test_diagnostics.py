@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 
 from chainrule.client import GraphBuilder, ops
-
 from chainrule.server import LocalClient
 from chainrule.core import compile_graph, evaluate
 from chainrule.core.diagnostics import (

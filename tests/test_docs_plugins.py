@@ -37,7 +37,6 @@ import numpy as np
 import pytest
 
 from chainrule.client import ChainruleRpcError, GraphBuilder
-
 from chainrule.server import LocalClient
 from chainrule.core import Attr, OpDef
 from chainrule.core.errors import PluginError

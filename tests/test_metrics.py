@@ -11,8 +11,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from chainrule.server import ServerConfig
-from chainrule.server import create_server
+from chainrule.server import ServerConfig, create_server
 from chainrule.v1 import chainrule_pb2 as pb
 
 from serving import free_port, scrape

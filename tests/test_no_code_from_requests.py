@@ -18,8 +18,7 @@ import numpy as np
 import pytest
 
 from chainrule.client.errors import from_rpc_error
-from chainrule.server import ServerConfig
-from chainrule.server import create_server
+from chainrule.server import ServerConfig, create_server
 from chainrule.v1 import chainrule_pb2 as pb
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -20,13 +20,12 @@ from chainrule.client import (
 
 )
 
-from chainrule.server import LocalClient
+from chainrule.server import LocalClient, ServerConfig
 from chainrule.core import compile_graph
 from chainrule.core.optim import SGD, Adam, make_optimizer
 from chainrule.core.training import train, training
 from chainrule.plugins.manager import load_plugins
 from chainrule.client.training import optimize_request
-from chainrule.server import ServerConfig
 from chainrule.wire.convert import graph_from_proto
 from chainrule.v1.chainrule_pb2_grpc import ChainruleStub
 from helpers import start_server

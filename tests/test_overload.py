@@ -13,8 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from chainrule.client import ChainruleRpcError, Client, GraphBuilder, ResourceExhausted
-from chainrule.server import ServerConfig
-from chainrule.server import create_server
+from chainrule.server import ServerConfig, create_server
 
 from serving import slow_graph
 

@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 
 from chainrule.client import GraphBuilder
-
 from chainrule.server import LocalClient
 from chainrule.client.render import RenderError, render, to_dot
 from chainrule.server.cli import main as cli_main

@@ -16,10 +16,8 @@ import numpy as np
 import pytest
 
 from chainrule.client import Client, GraphBuilder, InvalidArgument, ResourceExhausted
-
-from chainrule.server import LocalClient
+from chainrule.server import LocalClient, ServerConfig, create_server
 from chainrule.client.errors import from_status
-from chainrule.server import ServerConfig, create_server
 from chainrule.wire.convert import array_to_tensor, tensor_to_array
 from chainrule.v1 import chainrule_pb2 as pb
 from chainrule.v1.chainrule_pb2_grpc import ChainruleStub
