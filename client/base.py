@@ -1,28 +1,25 @@
 """The API both clients share; each supplies only its transport (see transport.py).
 
 ``Client`` sends requests over gRPC, ``LocalClient`` hands them to the
-service in-process. Everything else (building requests, remembering graph
-ids, re-registering after NOT_FOUND, reading results) happens here, once, so
-the two give identical results.
+service in-process. Checking arguments, choosing what to send (only what the
+output needs) and the feeds happen here, once; the transport carries the
+call, so the two give identical results.
 """
 from __future__ import annotations
 
-import threading
-import weakref
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from chainrule.core.errors import ChainruleError
 from chainrule.v1 import chainrule_pb2 as pb
-from chainrule.wire.outgoing import SharedMemory
-from chainrule.wire.status import status_for
 
 from . import streams, training
-from .errors import ChainruleRpcError, NotFound, from_status
+from .builder import GraphBuilder, Var
+from .errors import ChainruleRpcError
 from .graph import Graph
 from .info import OperatorInfo, ServerInfo
-from .request import Selectable, as_graph, evaluate_request, merge_inputs, resolve_target
-from .result import Result
-from .shared_memory import read_outputs
+from .request import (
+    EvaluateCall, Selectable, Selected, as_graph, check_unreached, merge_inputs, parse_selection, resolve_target,
+)
+from .result import Result, name_of
 from .training import Progress, TrainResult
 from .transport import Transport
 
@@ -35,8 +32,6 @@ class ClientBase:
         #: How this client reaches its service (see transport.py).
         self.transport = transport
         self.timeout = timeout
-        self._ids: weakref.WeakKeyDictionary[Graph, str] = weakref.WeakKeyDictionary()
-        self._ids_lock = threading.Lock()
 
     def close(self) -> None:
         """Release the connection (nothing to release in-process)."""
@@ -59,7 +54,7 @@ class ClientBase:
         output: Any = None,
         seed: Any = None,
         timeout: float | None = None,
-        values: Selectable = "all",
+        values: Selectable = "none",
         grads: Selectable = "all",
         unreached: str = "zeros",
         contributions: bool = False,
@@ -68,70 +63,59 @@ class ClientBase:
     ) -> Result:
         """Run ``target`` forward, then backward from its output; return a :class:`Result`.
 
-        ``target`` is a Var (its graph is sent and it is the output) or a Graph
-        (then ``output=`` names the output unless the graph has only one).
+        ``target`` is a Var (it is the output, and only the nodes it depends on
+        are sent and run, with those named in ``values``/``grads``: inputs it
+        does not use need no feed, and a feed for one is ignored) or a Graph
+        (sent whole; ``output=`` names the output unless the graph has only one).
         Inputs come as a mapping (names or Vars as keys) and/or keywords; an
         input named like a parameter of this method (``seed``, ``inputs``...)
         goes in the mapping.
-        ``values``/``grads``: "all", "none" or a list of names/Vars;
+        By default the result holds the output's value and the gradient of
+        every node (``grads="all"``); other nodes' values only when asked
+        (``values="all"`` or a list). ``values``/``grads``: "all", "none" or a
+        list of names/Vars (a name given twice is returned once);
         ``grads="none"`` runs forward only. ``unreached``: "zeros" or "omit".
         A non-scalar output needs ``seed`` of its shape. ``diagnostics=False``
         spares the server the numerical health check (about one read of every
         tensor); ``Result.diagnostics`` is then None.
         """
-        graph, output_name = resolve_target(target, output)
+        owner = target.builder if isinstance(target, Var) else None
+        chosen_values = parse_selection(values, "values", owner)
+        chosen_grads = parse_selection(grads, "grads", owner)
+        check_unreached(unreached)
+        if isinstance(target, Var):
+            # Only what the output needs, and the nodes asked for by name: unrelated nodes of the
+            # builder are not sent, their inputs need no feeds and their errors do not matter.
+            if output is not None and name_of(output) != target.name:
+                raise TypeError(f"output={name_of(output)!r} conflicts with the Var '{target.name}' being evaluated")
+            wanted = [target, *_vars_named(owner, chosen_values), *_vars_named(owner, chosen_grads)]
+            graph, output_name = owner.graph_for(*wanted), target.name
+        else:
+            graph, output_name = resolve_target(target, output)
         feeds = merge_inputs(inputs, named_inputs, graph.builder)
-        timeout = self.timeout if timeout is None else timeout
-        graph_id = self.registered_id(graph)
-        transport = self.transport
-        staging = transport.staging(timeout)
-        succeeded = False
-        try:
-            request = evaluate_request(
-                graph, output_name, feeds, graph_id=graph_id, seed=seed, values=values, grads=grads,
-                unreached=unreached, contributions=contributions, diagnostics=diagnostics,
-                carrier=transport.carrier() if staging is None else SharedMemory(staging),
-            )
-            if staging is not None:  # the server writes the large tensors of its answer there too
-                request.message.shared_memory_output = staging.outputs.name
-            try:
-                response = transport.evaluate(request, timeout)
-            except NotFound:
-                if graph_id is None:
-                    raise
-                # The server does not know the id (restarted, evicted it, or another replica): resend the
-                # call with the graph itself, which that very server compiles and keeps under the same id
-                # (a separate RegisterGraph could reach another replica behind a balancer).
-                request.message.graph.CopyFrom(graph.message)
-                response = transport.evaluate(request, timeout)
-            if staging is not None:
-                response = read_outputs(response, staging)  # before the files go to the next call
-            succeeded = True
-        except ChainruleError as exc:  # from our own side of shared memory: a full /dev/shm, say
-            raise from_status(status_for(exc)) from None
-        finally:
-            if staging is not None:  # after a failure the server may still be writing into the files
-                transport.unstage(staging, reusable=succeeded)
-        return Result(response, graph, diagnosed=diagnostics)
+        if graph.builder is not None:  # a builder input this graph does not use: nothing to feed
+            declared = graph.inputs
+            feeds = {name: value for name, value in feeds.items()
+                     if name in declared or not _is_builder_input(graph.builder, name)}
+        call = EvaluateCall(graph, output_name, feeds, seed, chosen_values, chosen_grads, unreached,
+                            contributions, diagnostics, self.timeout if timeout is None else timeout)
+        return self.transport.evaluate(call)
 
     def register(self, graph: Any, *, timeout: float | None = None) -> str:
         """Register a Graph (or a builder's graph); later evaluations of it send only the id."""
         graph = as_graph(graph)
         response = self.transport.register(pb.RegisterGraphRequest(graph=graph.message),
                                            self.timeout if timeout is None else timeout)
-        with self._ids_lock:
-            self._ids[graph] = response.graph_id
+        self.transport.remember(graph, response.graph_id)
         return response.graph_id
 
     def registered_id(self, graph: Graph) -> str | None:
-        """The id this client registered ``graph`` under, if any."""
-        with self._ids_lock:
-            return self._ids.get(graph)
+        """The id this client sends ``graph`` by: registered, or learned from the first evaluation."""
+        return self.transport.known_id(graph)
 
     def forget(self, graph: Graph) -> None:
         """Stop sending ``graph`` by id (the next evaluation sends it whole)."""
-        with self._ids_lock:
-            self._ids.pop(graph, None)
+        self.transport.forget(graph)
 
     def operators(self, *, timeout: float | None = None) -> list[OperatorInfo]:
         """Every operator the server can run, sorted by name."""
@@ -151,7 +135,7 @@ class ClientBase:
         output: Any = None,
         seed: Any = None,
         timeout: float | None = None,
-        values: Selectable = "all",
+        values: Selectable = "none",
         grads: Selectable = "all",
         unreached: str = "zeros",
         contributions: bool = False,
@@ -217,3 +201,14 @@ class ClientBase:
         )
         return training.optimize(self.transport, request, self.timeout if timeout is None else timeout,
                                  progress=progress, callback=callback)
+
+
+def _vars_named(builder: GraphBuilder | None, chosen: Selected) -> list[Var]:
+    """The builder's Vars among the selected names (others are left for the service to refuse)."""
+    if builder is None or isinstance(chosen, str):
+        return []
+    return [builder[name] for name in chosen if name in builder]
+
+
+def _is_builder_input(builder: GraphBuilder, name: str) -> bool:
+    return name in builder and builder[name].op is None

@@ -11,10 +11,17 @@ Example::
 Every operation adds one node; nodes get readable automatic names (``add_1``,
 ``mul_2``) unless given one with ``name=`` or ``.named()``. Python numbers and
 numpy arrays mixed into an expression become ``const`` nodes.
+
+Evaluating a Var sends only what it depends on (``Var.graph`` is
+``builder.graph_for(var)``): other nodes declared on the same builder, however
+expensive or broken, are neither sent nor computed, and inputs it does not use
+are not declared. ``g.build()`` / ``g.graph`` give everything declared.
 """
 from __future__ import annotations
 
+import itertools
 import threading
+from collections import OrderedDict
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -39,6 +46,9 @@ class Var:
     identity, so they can key dictionaries (``result.grad[x]``).
     """
 
+    #: Creation order across every builder: declaration order, which orders a pruned graph's message.
+    _sequence = itertools.count()
+
     __array_ufunc__ = None  # numpy defers to our reflected operators: np.ones(3) * x is a node
 
     def __init__(self, builder: "GraphBuilder", name: str, op: str | None, inputs: tuple["Var", ...],
@@ -50,19 +60,27 @@ class Var:
         self.attrs = attrs
         self.dtype = dtype  # best guess; None = unknown
         self.shape = shape  # declared shape of an input; None for nodes
+        self._seq = next(Var._sequence)
 
     @property
     def name(self) -> str:
         return self._name
 
-    def named(self, name: str) -> "Var":
-        """Give this value a chosen name (unique in the graph); returns self."""
-        self.builder._rename(self, name)
+    def named(self, name: str, *, replace: bool = False) -> "Var":
+        """Give this value a chosen name (unique in the builder); returns self.
+
+        A name another Var holds is refused (ValueError naming that Var) unless
+        ``replace=True``: then the name moves to this Var and the other gets an
+        automatic one (``loss_7``), so graphs already built from it stay valid.
+        That is the way to re-run a notebook cell that names its result.
+        """
+        self.builder._rename(self, name, replace=replace)
         return self
 
     @property
     def graph(self) -> Graph:
-        """The builder's graph with this value among its outputs."""
+        """The graph of this value and what it depends on, with it as the only output
+        (``builder.graph_for(self)``); other nodes of the builder are left out."""
         return self.builder.graph_for(self)
 
     def __repr__(self) -> str:
@@ -287,7 +305,29 @@ def _shape_arg(shape: tuple[Any, ...]) -> list[int]:
 
 
 class GraphBuilder:
-    """Collects declared inputs and nodes; ``build()`` gives a :class:`Graph`."""
+    """Collects declared inputs and nodes; gives the :class:`Graph` to send.
+
+    * ``var.graph`` / ``g.graph_for(*vars)``: the graph of those values and their
+      ancestors only (what ``client.evaluate(var)`` sends). Nodes declared for
+      something else, expensive or broken, are left out, and so are inputs the
+      values do not use.
+    * ``g.build()`` / ``g.graph``: everything declared, with the outputs marked by
+      :meth:`output`; for saving or registering a whole graph.
+
+    Names are unique in a builder. Re-running code that declares them (a
+    notebook cell) works as follows:
+
+    * ``g.input("x", shape, dtype)`` again with the same dtype and shape returns
+      the existing input Var. With another dtype or shape it raises ValueError;
+      ``g.input("x", ..., replace=True)`` then declares a new input ``x`` and the
+      old one gets an automatic name (``x_7``): graphs built from it keep working.
+    * ``var.named("loss")`` when another Var is called ``loss`` raises ValueError
+      naming it; ``var.named("loss", replace=True)`` moves the name to ``var`` and
+      the other gets an automatic name (``loss_8``), its own graphs staying valid.
+    """
+
+    #: How many graph_for results a builder keeps (least recently used dropped first).
+    GRAPH_CACHE_SIZE = 16
 
     def __init__(self, metadata: Mapping[str, str] | None = None) -> None:
         self.metadata: dict[str, str] = dict(metadata or {})
@@ -299,17 +339,41 @@ class GraphBuilder:
         self._lock = threading.Lock()
         self._cache: tuple[tuple[Any, ...], Graph] | None = None
         self._version = 0
+        #: Bumped by every rename: a graph_for entry built under another value re-checks its names.
+        self._renames = 0
+        self._pruned: OrderedDict[tuple[int, ...], _Pruned] = OrderedDict()
 
     # --- declaring ---------------------------------------------------------------------
 
-    def input(self, name: str, shape: Sequence[int] = (), dtype: Any = "float64") -> Var:
-        """Declare a graph input (scalar float64 by default; -1 in ``shape`` = any size)."""
+    def input(self, name: str, shape: Sequence[int] = (), dtype: Any = "float64", *, replace: bool = False) -> Var:
+        """Declare a graph input (scalar float64 by default; -1 in ``shape`` = any size).
+
+        Declaring ``name`` again with the same dtype and shape returns the existing
+        input. Another dtype or shape, or a name a node holds, is refused unless
+        ``replace=True``: then this is a new input and the old holder of the name
+        gets an automatic one.
+        """
         shape = tuple(int(n) for n in shape)
         if any(n < -1 for n in shape):
             raise ValueError(f"input '{name}': invalid shape {list(shape)} (sizes are >= 0, or -1 for any)")
-        var = Var(self, name, None, (), {}, dtypes.normalize(dtype), shape)
+        dtype = dtypes.normalize(dtype)
         with self._lock:
-            self._claim(name, var)
+            _check_name(name)
+            other = self._names.get(name)
+            if other is not None and other.op is None and other.dtype == dtype and other.shape == shape:
+                return other  # the same declaration again (a re-run cell): the same input
+            if other is not None and not replace:
+                if other.op is None:
+                    what = (f"the input '{name}' is already declared as {other.dtype} of shape {list(other.shape)}, "
+                            f"not {dtype} of shape {list(shape)}")
+                else:
+                    what = f"the name '{name}' is already used in this graph by {other!r}"
+                raise ValueError(f"{what}; g.input({name!r}, ..., replace=True) declares a new input under this "
+                                 "name (the other gets an automatic name), or choose another name")
+            if other is not None:
+                self._displace(other)
+            var = Var(self, name, None, (), {}, dtype, shape)
+            self._names[name] = var
             self._inputs.append(var)
             self._version += 1
         return var
@@ -360,28 +424,57 @@ class GraphBuilder:
             key = (self._version, tuple(id(v) for v in outs), tuple(sorted(self.metadata.items())))
             if self._cache is not None and self._cache[0] == key:
                 return self._cache[1]
-            message = pb.Graph(outputs=[v.name for v in outs], metadata=self.metadata)
-            for v in self._inputs:
-                message.inputs.add(name=v.name, dtype=pb.DType.Value(v.dtype.upper()), shape=v.shape)
-            for v in self._nodes:
-                node = message.nodes.add(name=v.name, op=v.op, inputs=[a.name for a in v.inputs])
-                for attr_name, value in v.attrs.items():
-                    node.attrs[attr_name].CopyFrom(value)
-            graph = Graph(message, builder=self)
+            graph = Graph(self._message(self._inputs, self._nodes, outs), builder=self)
             self._cache = (key, graph)
             return graph
 
     @property
     def graph(self) -> Graph:
+        """Everything declared, with the marked outputs (``build()``)."""
         return self.build()
 
-    def graph_for(self, var: Var) -> Graph:
-        """The graph to send for evaluating ``var``: the marked outputs, plus ``var`` if not among them."""
-        self._check_own(var)
-        outs = list(self._outputs)
-        if var not in outs:
-            outs.append(var)
-        return self.build(outs)
+    def graph_for(self, *targets: Var) -> Graph:
+        """The graph of ``targets`` and their ancestors only: what evaluating them needs.
+
+        Nodes and inputs in declaration order (declared inputs only those some
+        target depends on: ``graph.inputs`` lists them); outputs the targets'
+        names in order, a repeated target once. The message depends on nothing
+        else, so declaring more nodes later changes neither it nor its graph id.
+
+        Cached: the same targets (by identity) give the same Graph object until
+        a name among them or their ancestors changes, or the metadata does
+        (ancestors never change otherwise: a Var's inputs are fixed). The last
+        :attr:`GRAPH_CACHE_SIZE` target tuples are kept. The walk is iterative,
+        so chains of any length work.
+        """
+        if not targets:
+            raise ValueError("graph_for needs at least one Var")
+        for v in targets:
+            self._check_own(v)
+        key = tuple(id(v) for v in targets)
+        with self._lock:
+            meta = tuple(sorted(self.metadata.items()))
+            entry = self._pruned.get(key)
+            if entry is not None and entry.valid(targets, meta, self._renames):
+                self._pruned.move_to_end(key)
+                return entry.graph
+            inputs, nodes = _ancestors(targets)
+            graph = Graph(self._message(inputs, nodes, _unique(targets)), builder=self)
+            self._pruned[key] = _Pruned(targets, inputs + nodes, meta, self._renames, graph)
+            self._pruned.move_to_end(key)
+            while len(self._pruned) > self.GRAPH_CACHE_SIZE:
+                self._pruned.popitem(last=False)
+            return graph
+
+    def _message(self, inputs: Iterable[Var], nodes: Iterable[Var], outputs: Iterable[Var]) -> pb.Graph:
+        message = pb.Graph(outputs=[v.name for v in outputs], metadata=self.metadata)
+        for v in inputs:
+            message.inputs.add(name=v.name, dtype=pb.DType.Value(v.dtype.upper()), shape=v.shape)
+        for v in nodes:
+            node = message.nodes.add(name=v.name, op=v.op, inputs=[a.name for a in v.inputs])
+            for attr_name, value in v.attrs.items():
+                node.attrs[attr_name].CopyFrom(value)
+        return message
 
     def __getitem__(self, name: str) -> Var:
         return self._names[name]
@@ -426,27 +519,104 @@ class GraphBuilder:
                 return name
 
     def _claim(self, name: str, var: Var) -> None:
-        if not isinstance(name, str) or not name:
-            raise ValueError(f"a name must be a non-empty string, got {name!r}")
+        """Give a new node ``name`` (from ``name=``)."""
+        _check_name(name)
         if name in self._names:
-            raise ValueError(f"the name '{name}' is already used in this graph by {self._names[name]!r}")
+            raise ValueError(f"the name '{name}' is already used in this graph by {self._names[name]!r}; "
+                             f"to move it to the new value, create it without name= and call "
+                             f".named({name!r}, replace=True) (the other gets an automatic name), "
+                             "or choose another name")
         self._names[name] = var
 
-    def _rename(self, var: Var, name: str) -> None:
+    def _rename(self, var: Var, name: str, replace: bool = False) -> None:
         self._check_own(var)
         with self._lock:
             if name == var.name:
                 return
-            self._claim(name, var)
+            _check_name(name)
+            other = self._names.get(name)
+            if other is not None:
+                if not replace:
+                    raise ValueError(f"the name '{name}' is already used in this graph by {other!r}; "
+                                     f".named({name!r}, replace=True) moves the name to {var.name!r} "
+                                     "(the other gets an automatic name), or choose another name")
+                self._displace(other)
             del self._names[var.name]
+            self._names[name] = var
             var._name = name
             self._version += 1
+            self._renames += 1
+
+    def _displace(self, var: Var) -> None:
+        """Give ``var`` an automatic name built on its own (under the lock): its name goes to another Var."""
+        while True:
+            self._counter += 1
+            new = f"{var.name}_{self._counter}"
+            if new not in self._names:
+                break
+        del self._names[var.name]
+        self._names[new] = var
+        var._name = new
+        self._version += 1
+        self._renames += 1
 
     def _check_own(self, var: Any) -> None:
         if not isinstance(var, Var):
             raise TypeError(f"expected a Var, got {type(var).__name__}")
         if var.builder is not self:
             raise ValueError(f"{var!r} belongs to another GraphBuilder")
+
+
+def _check_name(name: Any) -> None:
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"a name must be a non-empty string, got {name!r}")
+
+
+def _unique(values: Iterable[Var]) -> list[Var]:
+    """In order, each once (by identity)."""
+    seen: set[int] = set()
+    return [v for v in values if not (id(v) in seen or seen.add(id(v)))]
+
+
+def _ancestors(targets: Sequence[Var]) -> tuple[list[Var], list[Var]]:
+    """The declared inputs and the nodes ``targets`` depend on (themselves included), each in
+    declaration order. Iterative: a chain of a million nodes needs no recursion."""
+    seen: dict[int, Var] = {}
+    stack = list(targets)
+    while stack:
+        v = stack.pop()
+        if id(v) in seen:
+            continue
+        seen[id(v)] = v
+        stack.extend(a for a in v.inputs if id(a) not in seen)
+    ordered = sorted(seen.values(), key=lambda v: v._seq)
+    return [v for v in ordered if v.op is None], [v for v in ordered if v.op is not None]
+
+
+class _Pruned:
+    """One graph_for result and what it was built from, to tell whether it still holds."""
+
+    __slots__ = ("targets", "members", "names", "metadata", "renames", "graph")
+
+    def __init__(self, targets: tuple[Var, ...], members: list[Var], metadata: tuple[Any, ...], renames: int,
+                 graph: Graph) -> None:
+        self.targets = targets
+        self.members = members
+        self.names = [v.name for v in members]
+        self.metadata = metadata
+        self.renames = renames
+        self.graph = graph
+
+    def valid(self, targets: tuple[Var, ...], metadata: tuple[Any, ...], renames: int) -> bool:
+        if len(targets) != len(self.targets) or any(a is not b for a, b in zip(targets, self.targets)):
+            return False  # another tuple of Vars under recycled ids
+        if metadata != self.metadata:
+            return False
+        if renames != self.renames:  # some Var was renamed since: still ours if none of ours was
+            if any(v.name != n for v, n in zip(self.members, self.names)):
+                return False
+            self.renames = renames
+        return True
 
 
 def _const_tensor(array: np.ndarray) -> pb.Tensor:

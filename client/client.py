@@ -82,6 +82,7 @@ class GrpcTransport(Transport):
     def __init__(self, address: str | Sequence[str], *, options: Sequence[tuple[str, Any]] | None,
                  credentials: grpc.ChannelCredentials | None, tls: bool | TLS | None, token: str | None,
                  max_message_bytes: int, shared_memory: bool) -> None:
+        super().__init__()
         self.address = target_for(address)
         if shared_memory and "," in self.address:  # each server would need our files on its host
             raise ValueError(f"shared_memory=True needs a single server on this host, not several: {address!r}")
@@ -150,7 +151,7 @@ class GrpcTransport(Transport):
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None
 
-    def evaluate(self, request: Outgoing, timeout: float | None) -> Incoming:
+    def send_evaluate(self, request: Outgoing, timeout: float | None) -> Incoming:
         return self._call(self.evaluate_call, request, timeout)
 
     def register(self, request: pb.RegisterGraphRequest, timeout: float | None) -> pb.RegisterGraphResponse:

@@ -7,7 +7,8 @@ the server reports the mismatch (DTYPE_MISMATCH, naming the input).
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence, Union
 
 import numpy as np
 
@@ -20,9 +21,16 @@ from .builder import GraphBuilder, Var
 from .graph import Graph
 from .result import name_of
 
-Selectable = str | Sequence[Any]  # "all", "none", or names/Vars
+Selectable = Union[str, Sequence[Any]]  # "all", "none", or names/Vars
+#: A parsed selection: "all", "none", or node names in order, each once.
+Selected = Union[str, tuple[str, ...]]
 
 _UNREACHED = {"zeros": pb.UNREACHED_ZEROS, "omit": pb.UNREACHED_OMIT}
+
+
+def check_unreached(unreached: str) -> None:
+    if unreached not in _UNREACHED:
+        raise ValueError(f"unreached: expected 'zeros' or 'omit', got {unreached!r}")
 
 
 def as_graph(target: Any) -> Graph:
@@ -96,15 +104,50 @@ def input_tensors(graph: Graph, values: Mapping[Any, Any]) -> dict[str, pb.Tenso
     return tensors
 
 
+def parse_selection(spec: Selectable | None, field: str, owner: Any = None) -> Selected:
+    """``"all"``, ``"none"`` or the names of a list of names/Vars (of ``owner``), each once, in order."""
+    if spec is None:
+        return "all"
+    if isinstance(spec, str):
+        if spec in ("all", "none"):
+            return spec
+        raise ValueError(f"{field}: expected 'all', 'none' or a list of names, got {spec!r}")
+    return tuple(dict.fromkeys(name_of(k, owner) for k in spec))
+
+
 def selection(spec: Selectable | None, field: str, owner: Any = None) -> pb.Selection | None:
     """``"all"`` (None), ``"none"`` or a list of names/Vars (of ``owner``) as a Selection message."""
-    if spec is None or (isinstance(spec, str) and spec == "all"):
+    chosen = parse_selection(spec, field, owner)
+    if chosen == "all":
         return None
-    if isinstance(spec, str):
-        if spec == "none":
-            return pb.Selection(mode=pb.Selection.NONE)
-        raise ValueError(f"{field}: expected 'all', 'none' or a list of names, got {spec!r}")
-    return pb.Selection(mode=pb.Selection.LISTED, names=[name_of(k, owner) for k in spec])
+    if chosen == "none":
+        return pb.Selection(mode=pb.Selection.NONE)
+    return pb.Selection(mode=pb.Selection.LISTED, names=chosen)
+
+
+@dataclass(frozen=True)
+class EvaluateCall:
+    """One ``evaluate`` as the user asked for it, checked and resolved, before any transport
+    decides how it travels (a request message, or the engine called in this process)."""
+
+    graph: Graph
+    output: str                 # "" lets the server pick the graph's only output
+    feeds: Mapping[str, Any]    # input name -> value as given (numbers, lists, arrays, Tensor messages)
+    seed: Any
+    values: Selected
+    grads: Selected
+    unreached: str
+    contributions: bool
+    diagnostics: bool
+    timeout: float | None
+
+    def request(self, *, graph_id: str | None = None, carrier: Carrier | None = None) -> Outgoing:
+        """The EvaluateRequest of this call (see :func:`evaluate_request`)."""
+        return evaluate_request(
+            self.graph, self.output, self.feeds, graph_id=graph_id, seed=self.seed, values=self.values,
+            grads=self.grads, unreached=self.unreached, contributions=self.contributions,
+            diagnostics=self.diagnostics, carrier=carrier,
+        )
 
 
 def evaluate_request(
@@ -127,8 +170,7 @@ def evaluate_request(
     hand-encoded for gRPC, kept as arrays in-process, written into shared
     memory; by default inside the message.
     """
-    if unreached not in _UNREACHED:
-        raise ValueError(f"unreached: expected 'zeros' or 'omit', got {unreached!r}")
+    check_unreached(unreached)
     request = pb.EvaluateRequest(output=output, unreached=_UNREACHED[unreached], contributions=contributions,
                                  diagnostics=pb.DIAGNOSTICS_FULL if diagnostics else pb.DIAGNOSTICS_OFF)
     outgoing = Outgoing(request, carrier)

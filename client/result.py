@@ -1,7 +1,9 @@
-"""Result: an EvaluateResponse as numpy arrays.
+"""Result: an evaluation's output value, gradients and values as numpy arrays.
 
-Tensors are decoded lazily, on first access, and without a copy: the arrays
-are read-only views of the response's bytes (``np.array(a)`` for a writable copy).
+From a response message, tensors are decoded lazily, on first access, and
+without a copy: the arrays are read-only views of the response's bytes
+(``np.array(a)`` for a writable copy). From an in-process evaluation
+(``Result.of_arrays``), they are the engine's own arrays, read-only too.
 Mappings accept a builder Var or a name as key.
 """
 from __future__ import annotations
@@ -12,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping
 
 import numpy as np
 
-from chainrule.wire.convert import DTYPE_NAMES, tensor_to_array
+from chainrule.wire.convert import DTYPE_NAMES, array_to_tensor, tensor_to_array
 from chainrule.wire.incoming import Incoming
 from chainrule.v1 import chainrule_pb2 as pb
 
@@ -54,7 +56,7 @@ class Arrays(Mapping[str, np.ndarray]):
             tensor = self._tensors.get(name)
             if tensor is None:
                 raise KeyError(self._missing(name))
-            array = self._decoded[name] = tensor_to_array(tensor, field=f"{self._what}.{name}")
+            array = self._decoded[name] = _as_array(tensor, f"{self._what}.{name}")
         return array
 
     def _missing(self, name: str) -> str:
@@ -77,8 +79,26 @@ class Arrays(Mapping[str, np.ndarray]):
         return len(self._tensors)
 
     def __repr__(self) -> str:
-        specs = ", ".join(f"{n}: {DTYPE_NAMES.get(t.dtype, '?')}{list(t.shape)}" for n, t in self._tensors.items())
+        specs = ", ".join(f"{n}: {_dtype_name(t)}{list(np.shape(t))}" for n, t in self._tensors.items())
         return f"<{self._what} {{{specs}}}>"
+
+
+def _as_array(tensor: Any, field: str) -> np.ndarray:
+    """A tensor of a response (Tensor message or RawTensor) or of an in-process evaluation (an
+    array or numpy scalar the caller may not change: read-only)."""
+    if isinstance(tensor, (np.ndarray, np.generic)):
+        array = np.asarray(tensor)
+        if array.flags.writeable:
+            array = array.view()  # a view of our own to freeze; the engine's array stays as it was
+            array.flags.writeable = False
+        return array
+    return tensor_to_array(tensor, field=field)
+
+
+def _dtype_name(tensor: Any) -> str:
+    if isinstance(tensor, (np.ndarray, np.generic)):
+        return tensor.dtype.name
+    return DTYPE_NAMES.get(tensor.dtype, "?")
 
 
 @dataclass(frozen=True)
@@ -181,9 +201,9 @@ class Result:
 
     def __init__(self, response: pb.EvaluateResponse | Incoming, graph: Graph | None = None, *,
                  diagnosed: bool = True) -> None:
-        self._incoming = response if isinstance(response, Incoming) else Incoming(response)
+        self._incoming: Incoming | None = response if isinstance(response, Incoming) else Incoming(response)
         message = self._incoming.message  # without the large tensors read straight from the received bytes
-        self._message = message
+        self._message: pb.EvaluateResponse | None = message
         self.graph = graph  # the evaluated graph, which to_dot() and render() draw
         self.output: str = message.output
         self.graph_id: str = message.graph_id
@@ -196,10 +216,48 @@ class Result:
         self._diagnostics: Diagnostics | None = None
         self._contributions: list[Contribution] | None = None
 
+    @classmethod
+    def of_arrays(cls, graph: Graph | None, *, output: str, graph_id: str, value: Any,
+                  values: Mapping[str, Any], grads: Mapping[str, Any], no_gradient: Iterable[str] = (),
+                  diagnostics: pb.Diagnostics | None = None,
+                  contributions: list[Contribution] | None = None) -> "Result":
+        """A result of an evaluation in this process: the engine's arrays, no response message.
+        ``diagnostics`` None: not diagnosed."""
+        result = cls.__new__(cls)
+        result._incoming = None
+        result._message = pb.EvaluateResponse(diagnostics=diagnostics) if diagnostics is not None else None
+        result.graph = graph
+        result.output = output
+        result.graph_id = graph_id
+        result.no_gradient = tuple(no_gradient)
+        owner = getattr(graph, "builder", None)
+        result.values = Arrays(values, "values", owner=owner)
+        result.grad = Arrays(grads, "gradients", frozenset(result.no_gradient), owner)
+        result._value = _as_array(value, "output_value")
+        result._diagnosed = diagnostics is not None
+        result._diagnostics = None
+        result._contributions = contributions if contributions is not None else []
+        return result
+
     @property
     def response(self) -> pb.EvaluateResponse:
         """The whole EvaluateResponse message (its large tensors copied into it on first access)."""
+        if self._incoming is None:  # evaluated in this process: spelt out on request
+            self._incoming = Incoming(self._as_message())
         return self._incoming.complete()
+
+    def _as_message(self) -> pb.EvaluateResponse:
+        message = pb.EvaluateResponse(output=self.output, graph_id=self.graph_id, no_gradient=self.no_gradient,
+                                      output_value=array_to_tensor(self.value))
+        for field, arrays in (("values", self.values), ("gradients", self.grad)):
+            for name in arrays:
+                getattr(message, field)[name].CopyFrom(array_to_tensor(arrays[name]))
+        for c in self.contributions:
+            message.contributions.add(node=c.node, consumer=c.consumer, input_index=c.input_index,
+                                      gradient=array_to_tensor(c.gradient))
+        if self._diagnosed:
+            message.diagnostics.CopyFrom(self._message.diagnostics)
+        return message
 
     @property
     def grads(self) -> Arrays:

@@ -113,8 +113,8 @@ def evaluate(
     """
     if unreached not in (UNREACHED_ZEROS, UNREACHED_OMIT):
         raise GraphError(f"unreached: expected 'zeros' or 'omit', got {unreached!r}", field="unreached")
-    out_slot = _choose_output(plan, output)
-    arrays = _check_inputs(plan, inputs)
+    out_slot = output_slot(plan, output)
+    arrays = checked_inputs(plan, inputs)
     shapes = plan.specialize([a.shape for a in arrays])
     if gradients:
         check_memory(plan.limits, shapes.value_bytes + shapes.grad_bytes)
@@ -140,7 +140,8 @@ def evaluate(
     return Evaluation(plan, values, grads, out_slot, shapes.differentiable, record or [])
 
 
-def _choose_output(plan: Plan, output: str | None) -> int:
+def output_slot(plan: Plan, output: str | None) -> int:
+    """The slot of the output to differentiate: ``output``, or the graph's only output."""
     if output:
         return plan.slot(output)
     if len(plan.outputs) != 1:
@@ -156,7 +157,8 @@ def check_input_names(plan: Plan, names: Iterable[str]) -> None:
         raise UnexpectedInputError(f"input '{extra[0]}' is not declared by the graph", node=extra[0], field=f"inputs.{extra[0]}")
 
 
-def _check_inputs(plan: Plan, inputs: Mapping[str, Any]) -> list[np.ndarray]:
+def checked_inputs(plan: Plan, inputs: Mapping[str, Any]) -> list[np.ndarray]:
+    """The inputs as arrays in slot order, each checked against its declaration (name, dtype, shape)."""
     check_input_names(plan, inputs)
     arrays = []
     for k in range(plan.n_inputs):
@@ -233,7 +235,9 @@ def _seed(plan: Plan, shapes: Shapes, out_slot: int, seed: Any) -> np.ndarray:
     if seed is None:
         if spec.size != 1:
             raise SeedError(
-                f"output '{name}' has shape {list(spec.shape)}: differentiating a non-scalar output needs a seed of that shape",
+                f"the output '{name}' has shape {list(spec.shape)}: pass seed= (the gradient of the output with "
+                f"respect to itself: an array of shape {list(spec.shape)}; all ones differentiate the sum of its "
+                "elements), or grads=\"none\" to run forward only",
                 node=name, field="seed",
             )
         return np.ones(spec.shape, spec.dtype)

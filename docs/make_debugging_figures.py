@@ -39,7 +39,7 @@ def staged(client: LocalClient) -> Result:
     den = (sigx + xpysqr).named("den")
     invden = (1 / den).named("invden")
     f = (num * invden).named("f")
-    return client.evaluate(f, x=3.0, y=-4.0, contributions=True)
+    return client.evaluate(f, x=3.0, y=-4.0, contributions=True, values="all")
 
 
 def neuron(client: LocalClient) -> Result:
@@ -48,7 +48,7 @@ def neuron(client: LocalClient) -> Result:
     w0, w1, w2, x0, x1 = (g.input(n) for n in ("w0", "w1", "w2", "x0", "x1"))
     dot = (w0 * x0 + w1 * x1 + w2).named("dot")
     f = dot.sigmoid(name="f")
-    return client.evaluate(f, w0=2.0, w1=-3.0, w2=-3.0, x0=-1.0, x1=-2.0)
+    return client.evaluate(f, w0=2.0, w1=-3.0, w2=-3.0, x0=-1.0, x1=-2.0, values="all")
 
 
 def vanishing(client: LocalClient) -> Result:
@@ -60,7 +60,7 @@ def vanishing(client: LocalClient) -> Result:
         w = g.input(f"w{i}")
         weights[w.name] = 1.0
         h = (w * h).named(f"z{i}").sigmoid(name=f"h{i}")
-    return client.evaluate(h, weights, x=1.0)
+    return client.evaluate(h, weights, x=1.0, values="all")
 
 
 def nan(client: LocalClient) -> Result:
@@ -69,7 +69,7 @@ def nan(client: LocalClient) -> Result:
     x = g.input("x")
     d = (x - 5).named("d")
     loss = (d.log(name="l") + x * x).named("loss")
-    return client.evaluate(loss, x=1.0)
+    return client.evaluate(loss, x=1.0, values="all")
 
 
 EXAMPLES: dict[str, Callable[[LocalClient], Result]] = {

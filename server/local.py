@@ -10,23 +10,33 @@ calls a remote service imports none of this.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Generator, Iterator
+import threading
+import weakref
+from typing import Any, Callable, Generator, Iterable, Iterator
 
 import numpy as np
 
 from chainrule.client.base import ClientBase
 from chainrule.client.errors import from_status
+from chainrule.client.graph import Graph
+from chainrule.client.request import EvaluateCall, Selected, to_array
+from chainrule.client.result import Contribution, Result
 from chainrule.client.transport import Transport
-from chainrule.core import Limits, StopToken
+from chainrule.core import Limits, Plan, StopToken
+from chainrule.core.diagnostics import diagnose
+from chainrule.core.engine import Evaluation
+from chainrule.core.engine import evaluate as evaluate_plan
 from chainrule.core.errors import ChainruleError
 from chainrule.plugins.manager import Loaded, load_plugins
 from chainrule.v1 import chainrule_pb2 as pb
+from chainrule.wire.convert import check_element_count, dtype_code, tensor_to_array
 from chainrule.wire.incoming import Incoming, RawTensor
 from chainrule.wire.outgoing import Carrier, InProcess, Outgoing
 from chainrule.wire.status import status_for
 
 from .config import ServerConfig
 from .service import ChainruleService, evaluate_stream, optimize
+from .service.service import write_diagnostics
 
 
 class LocalClient(ClientBase):
@@ -51,15 +61,100 @@ class LocalClient(ClientBase):
 
 
 class InProcessTransport(Transport):
-    """The calls as direct calls of ``service``. Large tensors go to the service and come back
-    as the arrays themselves (read-only views): the same checks as over the wire, without
-    copying them through protobuf each way."""
+    """The calls as direct calls of ``service``.
+
+    ``evaluate`` runs the engine on the caller's arrays and builds the Result
+    from the engine's arrays: no request or response message, and the plan of
+    each Graph object is kept, so a call costs what the engine costs. It makes
+    the same checks as the service (the same compile, limits and engine), so
+    answers are bit-identical to a server's. The other calls, and
+    ``send_evaluate`` (the message path), hand messages to the service, with
+    large tensors as read-only views of the arrays themselves.
+    """
 
     def __init__(self, service: ChainruleService) -> None:
+        super().__init__()
         self.service = service
+        self._plans: weakref.WeakKeyDictionary[Graph, tuple[str, Plan]] = weakref.WeakKeyDictionary()
+        self._plans_lock = threading.Lock()
 
     def carrier(self) -> Carrier:
         return InProcess()
+
+    def evaluate(self, call: EvaluateCall) -> Result:
+        try:
+            return self._evaluate(call)
+        except ChainruleError as exc:
+            raise from_status(status_for(exc)) from exc
+
+    def _plan(self, graph: Graph) -> tuple[str, Plan]:
+        with self._plans_lock:
+            known = self._plans.get(graph)
+        if known is None:
+            known = self.service.compile(graph.message)  # cached there too, by content hash
+            with self._plans_lock:
+                self._plans[graph] = known
+        return known
+
+    def _evaluate(self, call: EvaluateCall) -> Result:
+        gid, plan = self._plan(call.graph)
+        arrays, given = self._inputs(call)
+        seed = None if call.seed is None else np.asarray(call.seed)
+        value_slots = _slots(plan, call.values, "return_values")  # unknown names fail before any work
+        grad_slots = _slots(plan, call.grads, "return_grads")
+        token = None if call.timeout is None else StopToken.after(call.timeout, what="the timeout")
+        evaluation = evaluate_plan(
+            plan, arrays, output=call.output or None, seed=seed, gradients=call.grads != "none",
+            wrt=None if isinstance(call.grads, str) else call.grads, unreached=call.unreached,
+            contributions=call.contributions, token=token,
+        )
+        if seed is not None and isinstance(call.seed, np.ndarray):
+            given.append(call.seed)
+        detach = _Detacher(given)
+        names = plan.names
+        values = {names[k]: detach(evaluation.values[k]) for k in value_slots}
+        grads, no_gradient = {}, []
+        if evaluation.grads is not None:
+            for k in grad_slots:
+                g = evaluation.grads[k]
+                if g is not None:
+                    grads[names[k]] = detach(g)
+                elif not evaluation.differentiable[k]:
+                    no_gradient.append(names[k])
+        contributions = [Contribution(c.node, c.consumer, c.input_index, detach(np.asarray(c.gradient)))
+                         for c in evaluation.contributions]
+        return Result.of_arrays(
+            call.graph, output=evaluation.output_name, graph_id=gid,
+            value=detach(evaluation.values[evaluation.output]), values=values, grads=grads,
+            no_gradient=no_gradient, diagnostics=_diagnostics(evaluation) if call.diagnostics else None,
+            contributions=contributions,
+        )
+
+    def _inputs(self, call: EvaluateCall) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
+        """The feeds as arrays the engine may read (read-only views of the caller's own), converted
+        to their declared dtypes as the message path converts them; and the caller's arrays."""
+        declared = call.graph.inputs
+        limit = self.service.limits.max_tensor_elements
+        arrays: dict[str, np.ndarray] = {}
+        given: list[np.ndarray] = []
+        for name, value in call.feeds.items():
+            if isinstance(value, pb.Tensor):
+                arrays[name] = tensor_to_array(value, field=f"inputs.{name}", max_elements=limit)
+                continue
+            spec = declared.get(name)
+            array = to_array(name, value, spec.dtype if spec else None)
+            if dtype_code(array.dtype) is None:
+                raise TypeError(f"input '{name}': dtype {array.dtype} cannot be sent; "
+                                "supported: float64, float32, int64, int32, bool")
+            if array.dtype.byteorder not in "=|":
+                array = array.astype(array.dtype.newbyteorder("="))
+            check_element_count(array.shape, array.size, limit, f"inputs.{name}")
+            if array is value or (isinstance(value, np.ndarray) and np.may_share_memory(array, value)):
+                given.append(value)
+                array = array.view()
+                array.flags.writeable = False  # an operator never writes its inputs; the caller's stay theirs
+            arrays[name] = array
+        return arrays, given
 
     @staticmethod
     def _call(work: Callable[[], Any]) -> Any:
@@ -68,7 +163,7 @@ class InProcessTransport(Transport):
         except ChainruleError as exc:
             raise from_status(status_for(exc)) from exc
 
-    def evaluate(self, request: Outgoing, timeout: float | None) -> Incoming:
+    def send_evaluate(self, request: Outgoing, timeout: float | None) -> Incoming:
         token = None if timeout is None else StopToken.after(timeout, what="the timeout")
         response = self._call(lambda: self.service.evaluate(request.incoming(), token, InProcess()).incoming())
         return _detached(response, request)
@@ -118,3 +213,32 @@ def _detached(response: Incoming, request: Outgoing) -> Incoming:
             if any(np.may_share_memory(data, source) for source in sources):
                 tensors[key] = RawTensor(raw.dtype, raw.shape, memoryview(data.copy()).toreadonly())
     return response
+
+
+def _slots(plan: Plan, chosen: Selected, field: str) -> Iterable[int]:
+    if chosen == "none":
+        return ()
+    if chosen == "all":
+        return range(len(plan.names))
+    return [plan.slot(name, field=f"{field}.names") for name in chosen]  # (each name once already)
+
+
+def _diagnostics(evaluation: Evaluation) -> pb.Diagnostics:
+    message = pb.Diagnostics()
+    write_diagnostics(message, diagnose(evaluation))
+    return message
+
+
+class _Detacher:
+    """Copies a result that may share memory with an array the caller gave (an input's own value, a
+    reshape of it, the seed passed through), so that a Result stays what the call returned."""
+
+    __slots__ = ("given",)
+
+    def __init__(self, given: list[np.ndarray]) -> None:
+        self.given = given
+
+    def __call__(self, value: Any) -> Any:
+        if self.given and isinstance(value, np.ndarray) and any(np.may_share_memory(value, g) for g in self.given):
+            return value.copy()
+        return value

@@ -125,7 +125,7 @@ class Servicer(pb_grpc.ChainruleServicer):
         """Large response tensors hand-encoded into the reply, or written into the shared-memory
         file a same-host client named (opened and checked before any work)."""
         if not output_file:
-            yield HandEncoded()
+            yield HandEncoded(capacity=self.config.message_limit)
             return
         file = self.service.open_output_file(output_file)
         try:

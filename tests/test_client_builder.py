@@ -78,9 +78,12 @@ def test_automatic_name_skips_a_name_the_user_took():
 def test_duplicate_names_are_rejected():
     g = GraphBuilder()
     x = g.input("x")
-    with pytest.raises(ValueError, match="'x' is already used"):
-        g.input("x")
+    assert g.input("x") is x  # the same declaration again is the same input (see test_builder_pruning.py)
+    with pytest.raises(ValueError, match="'x' is already declared as float64 of shape \\[\\]"):
+        g.input("x", shape=(2,))
     p = (x + 1).named("p")
+    with pytest.raises(ValueError, match="'p' is already used"):
+        g.input("p")
     with pytest.raises(ValueError, match="'p' is already used"):
         (x * 3).named("p")
     with pytest.raises(ValueError, match="'p' is already used"):
@@ -282,7 +285,8 @@ def test_build_is_cached_until_the_builder_changes():
     assert f.graph is not first and f.graph.outputs == ["f"]
     g.output(f)
     other = x + 1
-    assert other.graph.outputs == ["f", other.name]  # marked outputs first, then the evaluated one
+    assert other.graph.outputs == [other.name]  # a Var's graph has it alone as output, marked ones or not
+    assert g.graph.outputs == ["f"] and g.graph is g.build()
     with pytest.raises(ValueError, match="no outputs"):
         GraphBuilder().build()
 

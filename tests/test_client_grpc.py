@@ -52,7 +52,7 @@ def test_worked_examples_bit_identical_to_local(client, local, name, circuit, in
 
 
 def test_worked_example4_values_through_the_server(client):
-    r = client.evaluate(staged(), x=3.0, y=-4.0)
+    r = client.evaluate(staged(), x=3.0, y=-4.0, values="all")
     assert close(r.value, 1.5456448841066441)
     assert close(r.grad["x"], 2.0595697955721652) and close(r.grad["y"], 1.5922327514838093)
     assert close(r.grad["den"], -0.7915934472725935) and close(r.values["invden"], 0.5121444488396316)
@@ -221,7 +221,7 @@ def test_register_then_evaluate_by_id(address, monkeypatch):
         f = circuit_pg()
         gid = c.register(f)
         assert len(gid) == 64
-        sent = spy(monkeypatch, c, "evaluate")
+        sent = spy(monkeypatch, c, "send_evaluate")
         r = c.evaluate(f, x=1.0, y=3.0, z=-3.0)
         assert close(r.value, -12) and close(r.grad["x"], -3) and r.graph_id == gid
         assert sent[0].message.WhichOneof("source") == "graph_id" and sent[0].message.graph_id == gid
@@ -230,7 +230,7 @@ def test_register_then_evaluate_by_id(address, monkeypatch):
 
 def test_unknown_id_is_not_found(client):
     with pytest.raises(NotFound) as info:
-        client.transport.evaluate(Outgoing(pb.EvaluateRequest(graph_id="f" * 64)), None)
+        client.transport.send_evaluate(Outgoing(pb.EvaluateRequest(graph_id="f" * 64)), None)
     assert info.value.reason == "UNKNOWN_GRAPH" and info.value.field == "graph_id"
     assert_serves(client)
 
@@ -244,7 +244,7 @@ def test_client_re_registers_when_the_server_forgot_the_id(monkeypatch):
             gid = c.register(first)
             c.register(second)
             registered = spy(monkeypatch, c, "register")
-            sent = spy(monkeypatch, c, "evaluate")
+            sent = spy(monkeypatch, c, "send_evaluate")
             r = c.evaluate(first, x=1.0, y=3.0, z=-3.0)
             assert close(r.value, -12) and close(r.grad["z"], 4) and r.graph_id == gid
             assert not registered and len(sent) == 2             # NOT_FOUND, then the graph itself

@@ -83,7 +83,7 @@ EXAMPLES = [
 
 def test_example1_add_then_multiply(client):
     f = circuit_pg()
-    r = client.evaluate(f, x=1, y=3, z=-3)
+    r = client.evaluate(f, x=1, y=3, z=-3, values="all")
     assert r.output == "g"
     assert close(r.value, -12) and close(r.values["p"], 4)
     assert close(r.grad["z"], 4) and close(r.grad["p"], -3)
@@ -93,7 +93,7 @@ def test_example1_add_then_multiply(client):
 
 def test_example2_same_circuit_other_point(client):
     f = circuit_pg()
-    r = client.evaluate(f, {"x": -2.0, "y": 5.0, "z": -4.0})
+    r = client.evaluate(f, {"x": -2.0, "y": 5.0, "z": -4.0}, values="all")
     assert close(r.values["p"], 3) and close(r.value, -12)       # q = 3, f = -12
     assert close(r.grad["z"], 3) and close(r.grad["p"], -4)
     assert close(r.grad["x"], -4) and close(r.grad["y"], -4)
@@ -122,7 +122,7 @@ def test_example3_sigmoid_neuron_vectors(client):
 
 def test_example4_staged_circuit(client):
     f = staged()
-    r = client.evaluate(f, x=3.0, y=-4.0)
+    r = client.evaluate(f, x=3.0, y=-4.0, values="all")
     assert close(r.value, 1.5456448841066441)
     assert close(r.grad["x"], 2.0595697955721652)
     assert close(r.grad["y"], 1.5922327514838093)
@@ -191,7 +191,7 @@ def test_grad_accepts_vars_and_names_and_explains_missing_keys(client):
     x = g.input("x", (3,))
     labels = g.input("labels", (3,), dtype="int64")
     f = (x * labels).sum(name="f")
-    r = client.evaluate(f, x=[1.0, 2.0, 3.0], labels=np.array([1, 0, 2]))
+    r = client.evaluate(f, x=[1.0, 2.0, 3.0], labels=np.array([1, 0, 2]), values="all")
     np.testing.assert_array_equal(r.grad[x], [1.0, 0.0, 2.0])
     np.testing.assert_array_equal(r.grad["x"], r.grad[x])
     assert r.no_gradient == ("labels",)
@@ -230,9 +230,10 @@ def test_unreached_nodes_zeros_or_omitted(client):
     side = y.exp(name="side")
     f = (x * 2).named("f")
     g.output(f, side)
-    zeros = client.evaluate(f, x=1.0, y=1.0)
+    whole = g.graph  # a Var would send only what it needs: f and x
+    zeros = client.evaluate(whole, x=1.0, y=1.0, output=f)
     assert zeros.grad["side"] == 0 and zeros.grad["y"] == 0
-    omitted = client.evaluate(f, x=1.0, y=1.0, unreached="omit")
+    omitted = client.evaluate(whole, x=1.0, y=1.0, output=f, unreached="omit")
     assert "side" not in omitted.grad and "y" not in omitted.grad and close(omitted.grad["x"], 2)
 
 
@@ -242,7 +243,7 @@ def test_indexing_matches_numpy_and_scatters_gradients(client):
     data = np.arange(20.0).reshape(4, 5)
     for index in [(1,), (-1,), (slice(1, None), slice(None, None, -2)), (slice(None), -1), (2, slice(1, 3))]:
         picked = x[index if len(index) > 1 else index[0]]
-        r = client.evaluate(picked.sum(), x=data)
+        r = client.evaluate(picked.sum(), x=data, values=[picked])
         np.testing.assert_array_equal(r.values[picked], data[index])
         expected = np.zeros_like(data)
         expected[index] = 1.0
@@ -299,7 +300,7 @@ def test_errors_are_typed_like_the_servers(client):
     assert (e.reason, e.node, e.op) == ("UNKNOWN_OPERATOR", "h", "no.such_op")
     assert "h" in e.message and e.code.name == "INVALID_ARGUMENT"
     with pytest.raises(NotFound) as info:   # the transport's answer to an unknown id (evaluate() recovers from it)
-        client.transport.evaluate(Outgoing(pb.EvaluateRequest(graph_id="0" * 64)), None)
+        client.transport.send_evaluate(Outgoing(pb.EvaluateRequest(graph_id="0" * 64)), None)
     assert info.value.reason == "UNKNOWN_GRAPH" and info.value.field == "graph_id"
 
 
@@ -323,8 +324,8 @@ def test_large_tensors_are_handed_over_and_results_never_alias_the_callers_array
     z = x.reshape((n // 10, 10)).named("z")  # a view of x inside the engine
     data = np.linspace(-1.0, 1.0, n)
     kept = data.copy()
-    result = client.evaluate(z, x=data, seed=np.ones((n // 10, 10)))
-    squares = client.evaluate((x * x).named("y").sum(name="f"), x=data)
+    result = client.evaluate(z, x=data, seed=np.ones((n // 10, 10)), values="all")
+    squares = client.evaluate((x * x).named("y").sum(name="f"), x=data, values="all")
     data[:] = -7.0  # the caller reuses its buffer
     np.testing.assert_array_equal(result.values["x"], kept)
     np.testing.assert_array_equal(result.value, kept.reshape(n // 10, 10))
@@ -393,7 +394,7 @@ def test_values_a_float_input_can_hold_are_rounded_as_floats_are(client, value):
 def test_a_var_of_another_graph_is_simply_not_in_a_result(client):
     g = GraphBuilder()
     x = g.input("x")
-    r = client.evaluate((x * 2.0).named("f"), x=1.0)
+    r = client.evaluate((x * 2.0).named("f"), x=1.0, values="all")
     stranger = GraphBuilder().input("x")
     assert x in r.values and stranger not in r.values and stranger not in r.grad
 

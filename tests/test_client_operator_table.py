@@ -144,6 +144,6 @@ def test_the_issues_examples_through_a_local_server():
     g.output(half)
     assert (half.dtype, total.dtype) == ("float64", "int64")
     with LocalClient() as client:
-        r = client.evaluate(total, n=np.array([1, 2, 3], np.int32), grads="none")
+        r = client.evaluate(total, n=np.array([1, 2, 3], np.int32), grads="none", values=[half, total])
         got = {name: r.values[name].dtype.name for name in ("half", "total")}
     assert got == {"half": half.dtype, "total": total.dtype}

@@ -77,7 +77,7 @@ def test_first_non_finite_value_is_first_in_evaluation_order(client):
     x = g.input("x")
     a = (x - 2).named("a").log(name="la")      # log(-1): NaN, evaluated first
     b = (x - 3).named("b").log(name="lb")      # log(-2): NaN too, later
-    r = client.evaluate((a + b).named("f"), x=1.0)
+    r = client.evaluate((a + b).named("f"), x=1.0, values="all")
     assert {n for n in r.values if np.isnan(r.values[n])} == {"la", "lb", "f"}
     assert r.diagnostics.first_nonfinite_value.node == "la"
 
@@ -218,7 +218,7 @@ def test_unreached_input_is_not_flagged_but_a_dead_relu_is(client):
     w = g.input("w")
     g.input("unused")   # declared, fed, but the output does not depend on it
     f = (w * -1.0).relu(name="r")
-    r = client.evaluate(f, w=2.0, unused=5.0)
+    r = client.evaluate(g.build([f]), w=2.0, unused=5.0)  # the whole graph: a Var would leave `unused` out
     norms = r.diagnostics.grad_norms
     assert norms["unused"].grad_norm == 0.0 and norms["w"].grad_norm == 0.0
     assert flagged(r, "VANISHING") == {"w"}   # reaches the output, yet gets nothing: a dead unit
@@ -235,7 +235,7 @@ def test_healthy_network_raises_no_flag(client):
     loss = ops.mean((pred - Y) ** 2, name="loss")
     r = client.evaluate(loss, X=rng.standard_normal((8, 4)), Y=rng.integers(0, 2, (8, 1)).astype(float),
                         W1=rng.standard_normal((4, 16)) * 0.5, b1=np.zeros(16),
-                        W2=rng.standard_normal((16, 1)) * 0.25, b2=np.zeros(1))
+                        W2=rng.standard_normal((16, 1)) * 0.25, b2=np.zeros(1), values="all")
     d = r.diagnostics
     assert d.finite and d.flags == []
     assert set(d.grad_norms) == {"X", "Y", "W1", "b1", "W2", "b2"}

@@ -138,7 +138,7 @@ def test_hand_computation_matches_the_lecture_notes():
 
 
 def test_dot_of_the_staged_circuit_shows_every_value_and_gradient(client):
-    result = client.evaluate(staged(), x=3.0, y=-4.0)
+    result = client.evaluate(staged(), x=3.0, y=-4.0, values="all")
     graph_attrs, nodes, edges = parse_dot(result.to_dot())
     values, grads, _ = staged_by_hand()
     assert graph_attrs["rankdir"] == "LR"
@@ -170,7 +170,7 @@ def test_tensor_nodes_show_shape_dtype_statistics_and_norm(client):
     g = GraphBuilder()
     w, x = g.input("w", (3,)), g.input("x", (3,))
     f = (w * x).sum(name="f")
-    result = client.evaluate(f, w=np.array([1.0, -2.0, 2.0]), x=np.array([0.5, 0.25, -1.0]))
+    result = client.evaluate(f, w=np.array([1.0, -2.0, 2.0]), x=np.array([0.5, 0.25, -1.0]), values="all")
     _, nodes, _ = parse_dot(result.to_dot())
     lines = label_lines(nodes["w"])
     assert lines[1] == "value float64[3] norm 3"
@@ -183,7 +183,7 @@ def test_nonfinite_nodes_are_highlighted_and_the_origin_named(client):
     g = GraphBuilder()
     x = g.input("x")
     loss = ((x - 5).named("d").log(name="l") + x * x).named("loss")
-    _, nodes, _ = parse_dot(client.evaluate(loss, x=1.0).to_dot())
+    _, nodes, _ = parse_dot(client.evaluate(loss, x=1.0, values="all").to_dot())
     red = {n for n, a in nodes.items() if a["fillcolor"] == "#feb2b2"}
     assert red == {"l", "loss"}
     assert "first non-finite value" in label_lines(nodes["l"])
@@ -196,7 +196,7 @@ def test_contributions_of_x_times_x_plus_x(client):
     g = GraphBuilder()
     x = g.input("x")
     f = (x * x).named("xx") + x
-    result = client.evaluate(f, x=3.0, contributions=True)
+    result = client.evaluate(f, x=3.0, contributions=True, values="all")
     shares = sorted((c.consumer, c.input_index, float(c.gradient)) for c in result.contributions if c.node == "x")
     assert shares == [(f.name, 1, 1.0), ("xx", 0, 3.0), ("xx", 1, 3.0)]
     assert sum(s for _, _, s in shares) == float(result.grad[x]) == 7.0
@@ -206,7 +206,7 @@ def test_contributions_of_x_times_x_plus_x(client):
 
 
 def test_contributions_in_the_staged_circuit_are_the_hand_computed_edges(client):
-    result = client.evaluate(staged(), x=3.0, y=-4.0, contributions=True)
+    result = client.evaluate(staged(), x=3.0, y=-4.0, contributions=True, values="all")
     _, grads, shares = staged_by_hand()
     got = {(c.node, c.consumer): float(c.gradient) for c in result.contributions}
     assert set(got) == set(shares)   # only x and y fan out
@@ -225,7 +225,7 @@ def test_contributions_in_the_staged_circuit_are_the_hand_computed_edges(client)
 
 @needs_dot
 def test_svg_from_dot_parses_and_shows_every_value_and_gradient(client, tmp_path):
-    result = client.evaluate(staged(), x=3.0, y=-4.0)
+    result = client.evaluate(staged(), x=3.0, y=-4.0, values="all")
     path = result.render(tmp_path / "staged.svg")
     root = ET.parse(path).getroot()
     ns = {"svg": "http://www.w3.org/2000/svg"}
@@ -243,12 +243,12 @@ def test_svg_from_dot_parses_and_shows_every_value_and_gradient(client, tmp_path
 
 @needs_dot
 def test_png_is_written(client, tmp_path):
-    path = client.evaluate(staged(), x=3.0, y=-4.0).render(tmp_path / "staged.png")
+    path = client.evaluate(staged(), x=3.0, y=-4.0, values="all").render(tmp_path / "staged.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_missing_graphviz_says_how_to_install_it(tmp_path, monkeypatch):
-    result = LocalClient().evaluate(staged(), x=3.0, y=-4.0)
+    result = LocalClient().evaluate(staged(), x=3.0, y=-4.0, values="all")
     monkeypatch.setenv("PATH", str(tmp_path))   # a PATH without dot
     with pytest.raises(RenderError, match="apt-get install graphviz"):
         result.render(tmp_path / "staged.svg")
@@ -258,7 +258,7 @@ def test_missing_graphviz_says_how_to_install_it(tmp_path, monkeypatch):
 
 
 def test_render_errors_are_clear(tmp_path):
-    result = LocalClient().evaluate(staged(), x=3.0, y=-4.0)
+    result = LocalClient().evaluate(staged(), x=3.0, y=-4.0, values="all")
     with pytest.raises(RenderError, match="suffix"):
         render(result, tmp_path / "staged")
     bare = type(result)(result.response)   # a Result built without its graph
@@ -269,7 +269,7 @@ def test_render_errors_are_clear(tmp_path):
 
 @needs_dot
 def test_unknown_format_reports_dots_message(tmp_path):
-    result = LocalClient().evaluate(staged(), x=3.0, y=-4.0)
+    result = LocalClient().evaluate(staged(), x=3.0, y=-4.0, values="all")
     with pytest.raises(RenderError, match="nosuchformat"):
         result.render(tmp_path / "staged.nosuchformat")
 
@@ -334,7 +334,7 @@ def test_a_few_hundred_nodes_with_shared_weights_render_quickly_and_readably(tmp
     for _ in range(100):
         v = (v * w).tanh() + x
     f = v.named("f")
-    result = LocalClient().evaluate(f, v=0.1, w=0.9, x=0.05, contributions=True)
+    result = LocalClient().evaluate(f, v=0.1, w=0.9, x=0.05, contributions=True, values="all")
     text = result.to_dot()
     assert text.count(' -> ') >= 300 and '"w@' in text  # w's uses are references
     assert not any(line.startswith('  "w" ->') for line in text.splitlines())

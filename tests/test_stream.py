@@ -75,7 +75,7 @@ def test_common_inputs_feed_every_set_and_a_set_overrides_them(client):
     common = {"w": np.array([1.0, 2.0, 3.0]), "b": 0.0}
     sets = [{"x": np.array([1.0, 0.0, 0.0])}, {"x": np.zeros(3), "b": 2.0}]
     for batch in (1, 2):
-        results = client.evaluate_many(f, sets, common, batch=batch)
+        results = client.evaluate_many(f, sets, common, batch=batch, values="all")
         assert results[0].values["dot"] == 1.0 and results[0].values["b"] == 0.0
         assert results[1].values["dot"] == 0.0 and results[1].values["b"] == 2.0
 

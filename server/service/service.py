@@ -18,9 +18,11 @@ import numpy as np
 
 from chainrule.core import GraphIR, Limits, Plan, StopToken, compile_graph
 from chainrule.core.diagnostics import DiagnosticReport, diagnose
-from chainrule.core.engine import UNREACHED_OMIT, UNREACHED_ZEROS, Evaluation, check_input_names
+from chainrule.core.engine import (
+    UNREACHED_OMIT, UNREACHED_ZEROS, Evaluation, check_input_names, checked_inputs, output_slot,
+)
 from chainrule.core.engine import evaluate as evaluate_plan
-from chainrule.core.errors import GraphError, SharedMemoryUnavailable, UnknownGraphError
+from chainrule.core.errors import GraphError, LimitExceeded, SharedMemoryUnavailable, UnknownGraphError
 from chainrule.plugins.manager import Loaded, chainrule_version
 from chainrule.v1 import chainrule_pb2 as pb
 from chainrule.wire.convert import array_to_tensor, graph_from_proto, inputs_from_proto, python_to_attr, tensor_to_array
@@ -115,7 +117,7 @@ class ChainruleService:
         (the caller's choice of transport; by default all inside the message)."""
         incoming = request if isinstance(request, Incoming) else Incoming(request)
         gid, plan = self.plan_for(incoming.message)
-        evaluation = self.run(plan, incoming, token)
+        evaluation = self.run(plan, incoming, token, capacity=None if carrier is None else carrier.capacity)
         return self.respond(gid, evaluation, incoming.message, Outgoing(pb.EvaluateResponse(), carrier))
 
     def open_output_file(self, name: str) -> TensorFile:
@@ -126,8 +128,10 @@ class ChainruleService:
                 "(start it with --shared-memory-dir)", field="shared_memory_output")
         return self.shared_memory.open_output(name, field="shared_memory_output")
 
-    def run(self, plan: Plan, request: Incoming | pb.EvaluateRequest, token: StopToken | None) -> Evaluation:
-        """Decode the request's inputs and options and run the plan; every field is checked before work."""
+    def run(self, plan: Plan, request: Incoming | pb.EvaluateRequest, token: StopToken | None, *,
+            capacity: int | None = None) -> Evaluation:
+        """Decode the request's inputs and options and run the plan; every field is checked before work,
+        and so is the size of the response when it must fit ``capacity`` bytes."""
         incoming = request if isinstance(request, Incoming) else Incoming(request)
         request = incoming.message
         if len(request.input_sets):
@@ -142,12 +146,16 @@ class ChainruleService:
         seed = None if seed_tensor is None else tensor_to_array(
             seed_tensor, field="seed", max_elements=limit, shared_memory=self.shared_memory)
         unreached = UNREACHED_OMIT if request.unreached == pb.UNREACHED_OMIT else UNREACHED_ZEROS
-        _selected(plan, request.return_values, "return_values")  # unknown names fail before any work
+        shown = _selected(plan, request.return_values, "return_values")  # unknown names fail before any work
         wanted = _selected(plan, request.return_grads, "return_grads")
         listed = request.return_grads.mode == pb.Selection.LISTED
+        gradients = request.return_grads.mode != pb.Selection.NONE
+        if capacity is not None:
+            check_response_size(plan, checked_inputs(plan, inputs), output_slot(plan, request.output or None),
+                                shown, wanted if gradients else (), capacity)
         return evaluate_plan(
             plan, inputs, output=request.output or None, seed=seed,
-            gradients=request.return_grads.mode != pb.Selection.NONE,
+            gradients=gradients,
             # Gradients nobody asked for are not computed (dL/dX of a data batch, say).
             wrt=[plan.names[k] for k in wanted] if listed else None,
             unreached=unreached, contributions=request.contributions, token=token,
@@ -203,10 +211,44 @@ def _selected(plan: Plan, selection: pb.Selection, field: str) -> Iterable[int]:
     if selection.mode == pb.Selection.NONE:
         return ()
     if selection.mode == pb.Selection.LISTED:
-        return [plan.slot(name, field=f"{field}.names") for name in selection.names]
+        # a name given twice is answered once (and counted once by the response's size)
+        return list(dict.fromkeys(plan.slot(name, field=f"{field}.names") for name in selection.names))
     if selection.names:
         raise GraphError(f"{field}: names are given but mode is not LISTED", field=f"{field}.mode")
     return range(len(plan.names))
+
+
+#: Bytes a response spends on one tensor besides its data: map entry, name, dtype, shape (an upper bound).
+TENSOR_OVERHEAD_BYTES = 64
+
+
+def check_response_size(plan: Plan, inputs: list[np.ndarray], output: int, shown: Iterable[int],
+                        wanted: Iterable[int], capacity: int) -> None:
+    """Refuse, before the forward pass, a response that would not fit ``capacity`` bytes.
+
+    Sizes come from shape inference for these input shapes: the output's value, each
+    selected value and each selected gradient of a float value (gradients of other
+    dtypes are never sent). A value whose operator has no infer rule has no size yet
+    and is not counted here (the memory budget still bounds it).
+    """
+    shapes = plan.specialize([a.shape for a in inputs])
+    specs, names = shapes.specs, plan.names
+
+    def size(k: int) -> int:
+        spec = specs[k]
+        return 0 if spec is None else spec.nbytes + len(names[k]) + TENSOR_OVERHEAD_BYTES
+
+    shown, wanted = list(shown), [k for k in wanted if shapes.differentiable[k]]
+    total = size(output) + sum(size(k) for k in shown) + sum(size(k) for k in wanted)
+    if total > capacity:
+        raise LimitExceeded(
+            f"the response would take about {total} bytes ({len(shown)} values, {len(wanted)} gradients and the "
+            f"output's value); this server sends at most {capacity} bytes in one message (max_message_bytes). "
+            "Nothing was computed. Ask for fewer values or gradients (values=/grads=, return_values/"
+            "return_grads), use shared memory on the same host (Client(..., shared_memory=True)), or start "
+            "the server with a larger --max-message-bytes / --max-memory-bytes",
+            limit="max_message_bytes", requested=total, allowed=capacity, field="return_values",
+        )
 
 
 def write_diagnostics(message: pb.Diagnostics, diagnostics: DiagnosticReport) -> None:

@@ -33,7 +33,8 @@ def evaluate_stream(service: ChainruleService, requests: Iterable[pb.EvaluateReq
     before every input set; ``item_seconds`` caps the compute time of each
     input set. The answers to one message's sets go out in one reply, or in
     several consecutive ones once a reply holds ``max_reply_bytes``, so that
-    no reply passes the message limit and none piles up in memory.
+    no reply passes the message limit and none piles up in memory; an answer
+    larger than ``max_reply_bytes`` is refused before it is computed.
     """
     index = 0
     graph: tuple[str, Plan] | ChainruleError | None = None
@@ -53,7 +54,8 @@ def evaluate_stream(service: ChainruleService, requests: Iterable[pb.EvaluateReq
             "to shared memory", field="shared_memory_output")
         if not request.input_sets:
             answer = pb.EvaluateStreamResponse(index=index)
-            _answer(service, graph_or_refusal, request, answer, _item_token(call, item_seconds), request_id)
+            _answer(service, graph_or_refusal, request, answer, _item_token(call, item_seconds), request_id,
+                    max_reply_bytes)
             index += 1
             yield answer
             continue
@@ -70,21 +72,25 @@ def evaluate_stream(service: ChainruleService, requests: Iterable[pb.EvaluateReq
             item.CopyFrom(template)
             item.inputs.MergeFrom(input_set.inputs)
             answer = response.results.add(index=index)
-            _answer(service, graph_or_refusal, item, answer, _item_token(call, item_seconds), request_id)
+            _answer(service, graph_or_refusal, item, answer, _item_token(call, item_seconds), request_id,
+                    max_reply_bytes)
             reply_bytes += answer.ByteSize()
             index += 1
         yield response
 
 
 def _answer(service: ChainruleService, graph: tuple[str, Plan] | ChainruleError, request: pb.EvaluateRequest,
-            answer: pb.EvaluateStreamResponse, token: StopToken | None, request_id: str) -> None:
-    """Fill ``answer`` with the response, or with the error status of this input set."""
+            answer: pb.EvaluateStreamResponse, token: StopToken | None, request_id: str,
+            capacity: int | None) -> None:
+    """Fill ``answer`` with the response, or with the error status of this input set (one too large
+    for ``capacity`` bytes is refused before it is computed)."""
     error = graph  # a graph that failed to compile fails every input set run on it
     if not isinstance(graph, ChainruleError):
         gid, plan = graph
         try:
             # Written in place, every tensor inside: this message nests in the stream's reply.
-            service.respond(gid, service.run(plan, request, token), request, Outgoing(answer.response))
+            service.respond(gid, service.run(plan, request, token, capacity=capacity), request,
+                            Outgoing(answer.response))
             return
         except CancelledError:
             raise

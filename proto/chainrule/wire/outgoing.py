@@ -115,7 +115,12 @@ class Carrier:
     tensor inside the message (plain protobuf, for messages that nest in another one).
 
     A carrier holds the state of one message; make a new one per message.
+    ``capacity``: the most bytes the message may take (its transport's limit;
+    None: no limit), so a sender can refuse a response before computing it.
     """
+
+    def __init__(self, capacity: int | None = None) -> None:
+        self.capacity = capacity
 
     def takes(self, array: np.ndarray) -> bool:
         """Whether ``array`` travels outside the message's own protobuf fields."""
@@ -140,7 +145,8 @@ def _large(array: np.ndarray) -> bool:
 class HandEncoded(Carrier):
     """For gRPC: large tensors encoded straight from their buffers, ahead of the message (one copy)."""
 
-    def __init__(self) -> None:
+    def __init__(self, capacity: int | None = None) -> None:
+        super().__init__(capacity)
         self.parts: list[Any] = []
         self._size = 0
 
@@ -168,6 +174,7 @@ class InProcess(Carrier):
     read-only views through the same checks as received bytes; nothing is copied."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.maps: dict[str, dict[str, RawTensor]] = {}
         self.singles: dict[str, RawTensor] = {}
 
@@ -198,6 +205,7 @@ class SharedMemory(Carrier):
     (``shared_memory.TensorFile`` or a client's staging file), the message referring to them."""
 
     def __init__(self, file: Any) -> None:
+        super().__init__()
         self.file = file
 
     def takes(self, array: np.ndarray) -> bool:
