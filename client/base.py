@@ -142,6 +142,7 @@ class ClientBase:
         diagnostics: bool = True,
         batch: int = 16,
         errors: str = "raise",
+        parallel: int = 1,
     ) -> list[Result | ChainruleRpcError]:
         """Evaluate ``target`` once per input set over one EvaluateStream call; results in order.
 
@@ -150,6 +151,9 @@ class ClientBase:
         ``inputs`` once per message (16 by default: about 5x one call per set
         for small graphs; 1 streams set by set). Other options as in
         :meth:`evaluate`, for every set.
+        ``parallel=N`` spreads the input sets over N concurrent EvaluateStream
+        calls (a round_robin address list then uses every replica); results
+        stay in input-set order and errors are as with one call.
         ``errors="raise"`` raises the first failed set's error (its ``index``
         attribute says which set) and stops the call; ``"return"`` puts each
         failed set's error in the list in place of its Result.
@@ -158,6 +162,7 @@ class ClientBase:
             self.transport, target, input_sets, inputs, output=output, seed=seed,
             timeout=self.timeout if timeout is None else timeout, values=values, grads=grads,
             unreached=unreached, contributions=contributions, diagnostics=diagnostics, batch=batch, errors=errors,
+            parallel=parallel,
         )
 
     def optimize(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import os
 import threading
+from collections.abc import Generator as GeneratorABC
 from typing import Any, Callable, Generator, Iterator, Sequence
 
 import grpc
@@ -23,7 +24,7 @@ from chainrule.wire.shared_memory import directory_problem
 
 from .base import ClientBase
 from .channel import TLS, open_channel, target_for
-from .errors import FailedPrecondition, from_rpc_error
+from .errors import ChainruleRpcError, FailedPrecondition, from_rpc_error
 from .shared_memory import SharedMemoryStaging, StagingFile
 from .transport import Transport
 
@@ -145,38 +146,91 @@ class GrpcTransport(Transport):
                 reason="SHARED_MEMORY_FORBIDDEN")
         return directory
 
-    def _call(self, method: Callable[..., Any], request: Any, timeout: float | None) -> Any:
+    def _call(self, name: str, method: Callable[..., Any], request: Any, timeout: float | None) -> Any:
         try:
             return method(request, timeout=timeout)
         except grpc.RpcError as error:
-            raise from_rpc_error(error) from None
+            raise self.error(error, name) from None
+
+    def error(self, error: grpc.RpcError, method: str) -> ChainruleRpcError:
+        """The typed exception for a failed call of ``method``; the failures gRPC reports itself
+        (nothing listening, a message too large...) name this client's address (errors.explain)."""
+        connecting = False
+        if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:  # type: ignore[attr-defined]
+            connecting = _connected(self.channel) is False  # the deadline passed before any connection
+        return from_rpc_error(error, address=self.address, method=method, connecting=connecting)
 
     def send_evaluate(self, request: Outgoing, timeout: float | None) -> Incoming:
-        return self._call(self.evaluate_call, request, timeout)
+        return self._call("Evaluate", self.evaluate_call, request, timeout)
 
     def register(self, request: pb.RegisterGraphRequest, timeout: float | None) -> pb.RegisterGraphResponse:
-        return self._call(self._stub.RegisterGraph, request, timeout)
+        return self._call("RegisterGraph", self._stub.RegisterGraph, request, timeout)
 
     def list_operators(self, timeout: float | None) -> pb.ListOperatorsResponse:
-        return self._call(self._stub.ListOperators, pb.ListOperatorsRequest(), timeout)
+        return self._call("ListOperators", self._stub.ListOperators, pb.ListOperatorsRequest(), timeout)
 
     def server_info(self, timeout: float | None) -> pb.ServerInfoResponse:
-        return self._call(self._stub.ServerInfo, pb.ServerInfoRequest(), timeout)
+        return self._call("ServerInfo", self._stub.ServerInfo, pb.ServerInfoRequest(), timeout)
 
     def evaluate_stream(self, requests: Iterator[pb.EvaluateRequest],
                         timeout: float | None) -> Generator[pb.EvaluateStreamResponse, None, None]:
-        return self._follow(self._stub.EvaluateStream(requests, timeout=timeout))
+        return CallResponses(self._stub.EvaluateStream(requests, timeout=timeout), self, "EvaluateStream")
 
     def optimize(self, request: pb.OptimizeRequest,
                  timeout: float | None) -> Generator[pb.OptimizeProgress, None, None]:
-        return self._follow(self._stub.Optimize(request, timeout=timeout))
+        return CallResponses(self._stub.Optimize(request, timeout=timeout), self, "Optimize")
 
-    @staticmethod
-    def _follow(call: Any) -> Generator[Any, None, None]:
-        """A streaming call's responses; a failure raises the typed error, and closing early cancels."""
+
+class CallResponses(GeneratorABC):
+    """A streaming call's responses, as a generator: a failure raises the typed error, and
+    ``close()`` cancels the call, from any thread (a generator function cannot be closed while
+    another thread waits inside it; evaluate_many's parallel streams close each other's)."""
+
+    def __init__(self, call: Any, transport: GrpcTransport, method: str) -> None:
+        self._call = call
+        self._transport = transport
+        self._method = method
+        self._closed = False
+
+    def send(self, value: Any) -> Any:
+        if self._closed:
+            raise StopIteration
         try:
-            yield from call
+            return next(self._call)
+        except StopIteration:
+            self._closed = True
+            raise
         except grpc.RpcError as error:
-            raise from_rpc_error(error) from None
-        finally:
-            call.cancel()  # no-op once the call has ended
+            if self._closed:  # cancelled by close(): the end, not a failure
+                raise StopIteration from None
+            self._closed = True
+            raise self._transport.error(error, self._method) from None
+
+    def throw(self, typ: Any = None, value: Any = None, traceback: Any = None) -> Any:
+        self.close()
+        return super().throw(typ, value, traceback)
+
+    def close(self) -> None:
+        self._closed = True
+        self._call.cancel()  # thread-safe; a no-op once the call has ended
+
+
+def _connected(channel: grpc.Channel) -> bool | None:
+    """Whether ``channel`` has a connection now (None: cannot tell). gRPC's Python API tells only
+    through a subscription (a polling thread); the core channel inside answers at once."""
+    inner: Any = channel
+    for _ in range(3):  # an intercepted channel (bearer token) wraps the grpc one, which wraps the core's
+        check = getattr(inner, "check_connectivity_state", None)
+        if check is not None:
+            try:
+                return check(False) == _READY
+            except Exception:
+                return None
+        inner = getattr(inner, "_channel", None)
+        if inner is None:
+            return None
+    return None
+
+
+#: The core's number for the READY connectivity state.
+_READY = grpc.ChannelConnectivity.READY.value[0]

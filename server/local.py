@@ -111,16 +111,23 @@ class InProcessTransport(Transport):
         if seed is not None and isinstance(call.seed, np.ndarray):
             given.append(call.seed)
         detach = _Detacher(given)
-        names = plan.names
-        values = {names[k]: detach(evaluation.values[k]) for k in value_slots}
-        grads, no_gradient = {}, []
+        names, computed = plan.names, evaluation.values
+        values = {names[k]: detach(computed[k]) for k in value_slots}
+        grads: dict[str, Any] = {}
+        no_gradient: list[str] = []
         if evaluation.grads is not None:
-            for k in grad_slots:
-                g = evaluation.grads[k]
-                if g is not None:
-                    grads[names[k]] = detach(g)
-                elif not evaluation.differentiable[k]:
-                    no_gradient.append(names[k])
+            found = evaluation.grads
+            if call.grads == "all":  # the default: one pass over the slots, no per-slot calls
+                grads = {name: g for name, g in zip(names, found) if g is not None}
+                no_gradient = [name for name, g, d in zip(names, found, evaluation.differentiable) if g is None and not d]
+            else:
+                for k in grad_slots:
+                    if found[k] is not None:
+                        grads[names[k]] = found[k]
+                    elif not evaluation.differentiable[k]:
+                        no_gradient.append(names[k])
+            if given:
+                grads = {name: detach(g) for name, g in grads.items()}
         contributions = [Contribution(c.node, c.consumer, c.input_index, detach(np.asarray(c.gradient)))
                          for c in evaluation.contributions]
         return Result.of_arrays(
