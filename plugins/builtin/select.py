@@ -29,7 +29,11 @@ def _where_sample(rng: np.random.Generator):
 # --- const -----------------------------------------------------------------------------------
 
 def _const(*, value: np.ndarray) -> np.ndarray:
-    """The literal as a read-only view: a caller writing into a result cannot change the graph."""
+    """The literal, read-only: a caller writing into a result cannot change the graph. (A literal
+    decoded from a message is read-only already and is returned as it is: a scalar chain has a
+    const beside every other node.)"""
+    if not value.flags.writeable:
+        return value
     view = value.view()
     view.flags.writeable = False
     return view
