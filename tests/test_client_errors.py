@@ -185,9 +185,9 @@ def test_a_request_over_the_servers_limit(small_server):
     assert "batch=" in streamed.value.message  # a stream can send fewer sets per message
 
 
-def test_a_response_over_the_servers_limit(small_server):
-    # Contributions (the gradient along each edge out of x) make the response ~144 kB from a 16 kB
-    # request; the server's own estimate before computing does not count them, so gRPC refuses the send.
+def test_a_response_over_the_servers_limit_is_refused_before_any_work(small_server):
+    # Contributions (the gradient along each edge out of x) would make the response ~144 kB from a
+    # 16 kB request; the server counts them with the rest before the forward pass and says so.
     g = GraphBuilder()
     x = g.input("x", shape=(2000,))
     total = x * 1.0
@@ -197,12 +197,10 @@ def test_a_response_over_the_servers_limit(small_server):
     with Client(small_server, timeout=10) as client, pytest.raises(ResourceExhausted) as info:
         client.evaluate(f, x=np.ones(2000), grads=[x], contributions=True)
     e = info.value
-    assert e.metadata["limit"] == "max_message_bytes" and int(e.metadata["requested"]) > 64 * KiB
+    assert e.reason == "LIMIT_EXCEEDED" and e.metadata["limit"] == "max_message_bytes"
+    assert int(e.metadata["requested"]) > 64 * KiB and int(e.metadata["allowed"]) == 64 * KiB
+    assert "contributions" in e.message and "Nothing was computed" in e.message
     assert "shared_memory=True" in e.message and "--max-message-bytes" in e.message
-    if e.reason != "LIMIT_EXCEEDED":  # (the server refusing it before computing would be as good)
-        assert_too_large(e, "server", "response")
-        assert f"more than the server at {small_server} may send (65536 bytes" in e.message
-        assert 'values=[...], grads=[...], or "none"), no contributions=True' in e.message
 
 
 def test_a_request_over_the_clients_limit(small_server):

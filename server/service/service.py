@@ -152,7 +152,8 @@ class ChainruleService:
         gradients = request.return_grads.mode != pb.Selection.NONE
         if capacity is not None:
             check_response_size(plan, checked_inputs(plan, inputs), output_slot(plan, request.output or None),
-                                shown, wanted if gradients else (), capacity)
+                                shown, wanted if gradients else (), capacity,
+                                contributions=gradients and request.contributions)
         return evaluate_plan(
             plan, inputs, output=request.output or None, seed=seed,
             gradients=gradients,
@@ -223,12 +224,13 @@ TENSOR_OVERHEAD_BYTES = 64
 
 
 def check_response_size(plan: Plan, inputs: list[np.ndarray], output: int, shown: Iterable[int],
-                        wanted: Iterable[int], capacity: int) -> None:
+                        wanted: Iterable[int], capacity: int, *, contributions: bool = False) -> None:
     """Refuse, before the forward pass, a response that would not fit ``capacity`` bytes.
 
     Sizes come from shape inference for these input shapes: the output's value, each
     selected value and each selected gradient of a float value (gradients of other
-    dtypes are never sent). A value whose operator has no infer rule has no size yet
+    dtypes are never sent), and with ``contributions`` every consumer's share of
+    each fanned-out float value. A value whose operator has no infer rule has no size yet
     and is not counted here (the memory budget still bounds it).
     """
     shapes = plan.specialize([a.shape for a in inputs])
@@ -240,12 +242,14 @@ def check_response_size(plan: Plan, inputs: list[np.ndarray], output: int, shown
 
     shown, wanted = list(shown), [k for k in wanted if shapes.differentiable[k]]
     total = size(output) + sum(size(k) for k in shown) + sum(size(k) for k in wanted)
+    if contributions:
+        total += sum(size(k) * n for k, n in enumerate(plan.consumers) if n > 1 and shapes.differentiable[k])
     if total > capacity:
         raise LimitExceeded(
-            f"the response would take about {total} bytes ({len(shown)} values, {len(wanted)} gradients and the "
-            f"output's value); this server sends at most {capacity} bytes in one message (max_message_bytes). "
+            f"the response would take about {total} bytes ({len(shown)} values, {len(wanted)} gradients, the "
+            f"output's value{' and the contributions' if contributions else ''}); this server sends at most {capacity} bytes in one message (max_message_bytes). "
             "Nothing was computed. Ask for fewer values or gradients (values=/grads=, return_values/"
-            "return_grads), use shared memory on the same host (Client(..., shared_memory=True)), or start "
+            "return_grads) or no contributions, use shared memory on the same host (Client(..., shared_memory=True)), or start "
             "the server with a larger --max-message-bytes / --max-memory-bytes",
             limit="max_message_bytes", requested=total, allowed=capacity, field="return_values",
         )
