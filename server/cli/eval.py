@@ -39,11 +39,15 @@ def parse_input(text: str) -> tuple[str, np.ndarray]:
         raise SystemExit(f"--input {name}: {value!r} is neither a number, a JSON list, nor @file.npy") from None
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
+def client_for(args: argparse.Namespace) -> Client | LocalClient:
+    """The client --local or --server asks for (a server on 127.0.0.1:50051 by default)."""
+    return LocalClient() if args.local else Client(args.server or "127.0.0.1:50051")
 
+
+def cmd_eval(args: argparse.Namespace) -> int:
     graph = Graph.from_json(args.graph.read_text())
     inputs = dict(parse_input(text) for text in args.input)
-    client = LocalClient() if args.local else Client(args.server or "127.0.0.1:50051")
+    client = client_for(args)
     try:
         with client:
             result = client.evaluate(graph, inputs, output=args.output, diagnostics=args.diagnostics)

@@ -8,12 +8,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from chainrule.client import Client, Graph
+from chainrule.client import Graph
 from chainrule.client.errors import ChainruleRpcError
 from chainrule.client.render import RenderError
 
-from ..local import LocalClient
-from .eval import parse_input
+from .eval import client_for, parse_input
 
 
 def add_render_parser(commands: argparse._SubParsersAction) -> None:
@@ -36,13 +35,13 @@ def add_render_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def cmd_render(args: argparse.Namespace) -> int:
-
     graph = Graph.from_json(args.graph.read_text())
     inputs = dict(parse_input(text) for text in args.input)
-    client = LocalClient() if args.local else Client(args.server or "127.0.0.1:50051")
+    client = client_for(args)
     try:
-        with client:
-            result = client.evaluate(graph, inputs, output=args.output, contributions=args.contributions)
+        with client:  # the diagram shows every value: ask for them
+            result = client.evaluate(graph, inputs, output=args.output, contributions=args.contributions,
+                                     values="all")
         path = result.render(args.out, parameters=args.param)
     except (ChainruleRpcError, RenderError) as exc:
         print(f"error: {exc}")

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
-from chainrule.client import Client, Graph
+from chainrule.client import Graph
 from chainrule.client.errors import ChainruleRpcError
 
-from ..local import LocalClient
+from .eval import client_for
 
 
 def add_train_parser(commands: argparse._SubParsersAction) -> None:
@@ -67,7 +67,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise SystemExit(f"--param {missing[0]}: no array of that name in {args.init or args.data}")
     params = {name: initial[name] for name in names}
     fixed = {name: value for name, value in data.items() if name not in params}
-    client = LocalClient() if args.local else Client(args.server or "127.0.0.1:50051")
+    client = client_for(args)
     try:
         with client:
             result = client.optimize(
