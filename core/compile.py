@@ -25,6 +25,7 @@ from .registry import Registry
 from .tensor_spec import TensorSpec, shape_text, unrepresentable
 
 _SPEC_CACHE_SIZE = 32
+_FLOAT64 = np.dtype(np.float64)
 
 
 class Shapes:
@@ -32,7 +33,7 @@ class Shapes:
     operator has no infer rule), the bytes they take, and the gradient edges."""
 
     __slots__ = ("specs", "value_bytes", "grad_bytes", "differentiable", "grad_edges", "complete", "_pruned",
-                 "shape_of", "dtype_of", "scalar_type")
+                 "shape_of", "dtype_of", "scalar_type", "float_scalars")
 
     def __init__(self, specs: list[TensorSpec | None], in_slots: list[tuple[int, ...]], n_inputs: int) -> None:
         self.specs = specs
@@ -54,6 +55,8 @@ class Shapes:
         self.grad_edges: list[tuple[tuple[int, int], ...]] = [
             tuple((pos, j) for pos, j in enumerate(slots) if diff[j]) for slots in in_slots
         ]
+        #: Every value is a float64 scalar: the plan may run on Python floats (engine._run_floats).
+        self.float_scalars = all(s is not None and s.shape == () and s.dtype == _FLOAT64 for s in specs)
         self.value_bytes = sum(s.nbytes for s in specs if s is not None)
         self.grad_bytes = sum(s.nbytes for s, d in zip(specs, self.differentiable) if d)
         self._pruned: dict[frozenset[int], list[tuple[tuple[int, int], ...]]] = {}
@@ -112,6 +115,11 @@ class Plan:
         self.forwards = [None if op is None else op.forward for op in ops]
         self.vjps = [None if op is None else op.vjp for op in ops]
         self.selective = [op is not None and op.selective_vjp for op in ops]
+        # The same rules for Python floats, when every operator has them (see OpDef.scalar).
+        scalar = [op.scalar if op is not None else (None, None) for op in ops[self.n_inputs:]]
+        floats_possible = all(rule is not None for rule in scalar)
+        self.float_forwards = [None] * self.n_inputs + [r[0] for r in scalar] if floats_possible else None
+        self.float_vjps = [None] * self.n_inputs + [r[1] for r in scalar] if floats_possible else None
         self.consumers = _count_consumers(in_slots, len(names))
         self._shapes: dict[tuple[tuple[int, ...], ...], Shapes] = {}
         self._lock = threading.Lock()

@@ -75,6 +75,12 @@ class OpDef:
     #: False when vjp is deliberately not the derivative of forward (stop_gradient,
     #: straight-through estimators): the gradient checker then leaves it alone.
     gradcheck: bool = True
+    #: Optional ``(forward, vjp)`` for Python floats: the same rules on 0-d float64 values
+    #: given and returned as ``float``, without numpy's cost per call (about 0.5 us, ten
+    #: times the arithmetic). A plan whose values are all float64 scalars and whose every
+    #: operator has them runs on floats (see core/engine.py); they may raise where numpy
+    #: gives inf or nan (``math.log(-1)``, ``1 / 0.0``): that run is then redone with numpy.
+    scalar: tuple[Callable[..., float], Callable[..., Sequence[Any]]] | None = None
     #: Filled in by the plugin manager: who provides this operator.
     plugin: str = ""
     distribution: str = ""

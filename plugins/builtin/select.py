@@ -39,6 +39,25 @@ def _const(*, value: np.ndarray) -> np.ndarray:
     return view
 
 
+def _const_float(*, value: np.ndarray) -> float:
+    """The literal of a plan on Python floats (OpDef.scalar): a 0-d float64 as a float."""
+    return float(value)
+
+
+def _literal_vjp(g, out, *, value):
+    return ()
+
+
+# --- stop_gradient -----------------------------------------------------------------------------
+
+def _identity(x):
+    return x
+
+
+def _no_gradient(g, out, x):
+    return (None,)
+
+
 # --- the table -------------------------------------------------------------------------------
 
 OPERATORS: list[OpDef] = [
@@ -48,12 +67,14 @@ OPERATORS: list[OpDef] = [
           _where_infer,
           doc="x where cond is true, else y (bool cond, numpy broadcasting); cond gets no gradient.",
           sample=_where_sample),
-    OpDef("stop_gradient", 1, lambda x: x, lambda g, out, x: (None,), same_as_input,
-          doc="x unchanged, but no gradient flows back through it.", gradcheck=False),
-    OpDef("const", 0, _const, lambda g, out, *, value: (), lambda *, value: TensorSpec.of(value),
+    OpDef("stop_gradient", 1, _identity, _no_gradient, same_as_input,
+          doc="x unchanged, but no gradient flows back through it.", gradcheck=False,
+          scalar=(_identity, _no_gradient)),
+    OpDef("const", 0, _const, _literal_vjp, lambda *, value: TensorSpec.of(value),
           attrs={"value": Attr("tensor", doc="the literal tensor")},
           doc="A tensor literal given as the attribute value.",
-          sample=lambda rng: ([], {"value": rng.standard_normal((2, 3))})),
+          sample=lambda rng: ([], {"value": rng.standard_normal((2, 3))}),
+          scalar=(_const_float, _literal_vjp)),
 ]
 
 register_operators = table_hookimpl(OPERATORS)
