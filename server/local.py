@@ -238,14 +238,25 @@ def _diagnostics(evaluation: Evaluation) -> pb.Diagnostics:
 
 class _Detacher:
     """Copies a result that may share memory with an array the caller gave (an input's own value, a
-    reshape of it, the seed passed through), so that a Result stays what the call returned."""
+    reshape of it, the seed passed through), so that a Result stays what the call returned.
 
-    __slots__ = ("given",)
+    Arrays that share memory share the object at the root of their ``base`` chain (the caller's
+    array, or the buffer under it), so one set lookup per result decides, however many inputs.
+    """
+
+    __slots__ = ("roots",)
 
     def __init__(self, given: list[np.ndarray]) -> None:
-        self.given = given
+        self.roots = {id(_root(g)) for g in given}
 
     def __call__(self, value: Any) -> Any:
-        if self.given and isinstance(value, np.ndarray) and any(np.may_share_memory(value, g) for g in self.given):
+        if self.roots and isinstance(value, np.ndarray) and id(_root(value)) in self.roots:
             return value.copy()
         return value
+
+
+def _root(array: np.ndarray) -> Any:
+    """The object that owns an array's memory: the end of its chain of bases."""
+    while isinstance(array, np.ndarray) and array.base is not None:
+        array = array.base
+    return array
