@@ -42,8 +42,17 @@ READABLE_CONST_ELEMENTS = 64
 class Var:
     """A symbolic value: a declared input or the output of one node.
 
-    Arithmetic on Vars adds nodes to their builder. Vars compare and hash by
-    identity, so they can key dictionaries (``result.grad[x]``).
+    Arithmetic on Vars adds nodes to their builder, and so do the comparisons
+    ``<``, ``<=``, ``>``, ``>=`` (bool masks: ``ops.where(x > 0, x, 0.0)``; ``0 < x``
+    builds ``greater(x, 0)``) and ``&``, ``|``, ``~`` on bool masks (logical_and,
+    logical_or, logical_not).
+
+    ``==`` and ``!=`` build no node, on purpose: Vars compare and hash by identity,
+    so they can key dictionaries (``result.grad[x]``) and be looked up in lists and
+    sets (``v in outputs``). Those lookups call ``==`` and need a bool back; a
+    ``==`` that built a mask node would add stray nodes to the graph and then fail
+    (a Var has no truth value). ``x == 0`` raises TypeError rather than giving a
+    silent False; build the masks with ``ops.equal(x, 0)`` and ``ops.not_equal(x, 0)``.
     """
 
     #: Creation order across every builder: declaration order, which orders a pruned graph's message.
@@ -96,7 +105,13 @@ class Var:
         """Basic indexing with integers and slices: ``x[0]``, ``x[1:3]``, ``x[:, -1]``, ``x[::-1]``.
 
         Adds a ``slice`` node (and a ``squeeze`` for integer indices), numpy semantics.
+        An int Var, a list of ints or an int numpy array picks along axis 0 with a ``gather``
+        node (``np.take(x, idx, axis=0)``): ``x[ids]``, ``x[[2, 0, 2]]``.
         """
+        if isinstance(key, (Var, list, np.ndarray)):
+            if isinstance(key, Var) and key.dtype is not None and key.dtype not in ("int64", "int32"):
+                raise TypeError(f"a Var used as an index must be int32 or int64, got {key.dtype} ({key!r})")
+            return self.builder.op("gather", self, gather_indices(key))
         keys = key if isinstance(key, tuple) else (key,)
         starts, ends, axes, steps, dropped = [], [], [], [], []
         for axis, k in enumerate(keys):
@@ -113,7 +128,9 @@ class Var:
                 end = start + 1 or _END  # x[-1] ends at the end, not at 0
                 dropped.append(axis)
             else:
-                raise TypeError(f"a Var supports integer and slice indices only, got {type(k).__name__}")
+                raise TypeError(f"a Var supports integer and slice indices only, got {type(k).__name__} "
+                                "(one int Var, list of ints or int array alone gathers along axis 0; "
+                                "ops.gather(x, idx, axis=...) along another)")
             starts.append(start)
             ends.append(end)
             axes.append(axis)
@@ -125,15 +142,20 @@ class Var:
         return out.squeeze(dropped) if dropped else out
 
     def __bool__(self) -> bool:
-        raise TypeError("a Var has no truth value before evaluation")
+        raise TypeError("a Var has no truth value before evaluation (a condition on values is a mask: "
+                        "ops.where(x > 0, a, b); 0 < x < 1 needs (x > 0) & (x < 1), and/or/not need &, |, ~)")
 
     def __eq__(self, other: object) -> bool:
-        """Identity between Vars; against anything else an error, not a silent False: there are no
-        comparison operators, so ``ops.where(x == 0, ...)`` would otherwise get a constant mask."""
+        """Identity between Vars; against anything else an error, not a silent False.
+
+        ``==`` stays identity because Vars key dictionaries (``result.grad[x]``) and are looked
+        up in lists, which call ``==`` and need a bool; ``ops.equal(x, 0)`` builds the mask.
+        """
         if isinstance(other, Var):
             return self is other
-        raise TypeError(f"a Var cannot be compared with {type(other).__name__}: comparisons build no node here "
-                        "(give a bool mask as an input for ops.where; Vars compare by identity)")
+        raise TypeError(f"a Var cannot be compared with {type(other).__name__} by == or !=: these comparisons "
+                        "build no node (they compare Vars by identity, as Vars key dictionaries such as "
+                        "result.grad); use ops.equal(a, b) or ops.not_equal(a, b) for a mask")
 
     def __ne__(self, other: object) -> bool:
         return not self.__eq__(other)
@@ -187,6 +209,36 @@ class Var:
     def __abs__(self) -> "Var":
         return self.builder.op("abs", self)
 
+    # --- comparisons and logic: bool masks (== and != stay identity, see the class doc) --------
+    # Python reflects a comparison by swapping it: ``0 < x`` calls ``x.__gt__(0)``, greater(x, 0).
+
+    def __lt__(self, other: Any) -> "Var":
+        return self.builder.op("less", self, other)
+
+    def __le__(self, other: Any) -> "Var":
+        return self.builder.op("less_equal", self, other)
+
+    def __gt__(self, other: Any) -> "Var":
+        return self.builder.op("greater", self, other)
+
+    def __ge__(self, other: Any) -> "Var":
+        return self.builder.op("greater_equal", self, other)
+
+    def __and__(self, other: Any) -> "Var":
+        return self.builder.op("logical_and", self, other)
+
+    def __rand__(self, other: Any) -> "Var":
+        return self.builder.op("logical_and", other, self)
+
+    def __or__(self, other: Any) -> "Var":
+        return self.builder.op("logical_or", self, other)
+
+    def __ror__(self, other: Any) -> "Var":
+        return self.builder.op("logical_or", other, self)
+
+    def __invert__(self) -> "Var":
+        return self.builder.op("logical_not", self)
+
     # --- one method per built-in operator ---------------------------------------------
 
     def maximum(self, other: Any, *, name: str | None = None) -> "Var":
@@ -237,6 +289,22 @@ class Var:
     def clip(self, min: float | None = None, max: float | None = None, *, name: str | None = None) -> "Var":
         return self.builder.op("clip", self, name=name, min=min, max=max)
 
+    def erf(self, *, name: str | None = None) -> "Var":
+        return self.builder.op("erf", self, name=name)
+
+    def gelu(self, approximate: str | None = None, *, name: str | None = None) -> "Var":
+        """x * Phi(x); ``approximate="tanh"`` for the tanh approximation."""
+        return self.builder.op("gelu", self, name=name, approximate=approximate)
+
+    def log1p(self, *, name: str | None = None) -> "Var":
+        return self.builder.op("log1p", self, name=name)
+
+    def expm1(self, *, name: str | None = None) -> "Var":
+        return self.builder.op("expm1", self, name=name)
+
+    def sign(self, *, name: str | None = None) -> "Var":
+        return self.builder.op("sign", self, name=name)
+
     def transpose(self, *axes: int, name: str | None = None) -> "Var":
         """Permute axes (``x.transpose(1, 0)``); no axes reverses them, like numpy."""
         if len(axes) == 1 and isinstance(axes[0], (list, tuple)):
@@ -260,6 +328,30 @@ class Var:
                   name: str | None = None) -> "Var":
         return self.builder.op("logsumexp", self, name=name, **_reduce_attrs(axis, keepdims))
 
+    def min(self, axis: int | Sequence[int] | None = None, keepdims: bool = False, *, name: str | None = None) -> "Var":
+        return self.builder.op("min", self, name=name, **_reduce_attrs(axis, keepdims))
+
+    def prod(self, axis: int | Sequence[int] | None = None, keepdims: bool = False, *, name: str | None = None) -> "Var":
+        return self.builder.op("prod", self, name=name, **_reduce_attrs(axis, keepdims))
+
+    def var(self, axis: int | Sequence[int] | None = None, keepdims: bool = False, ddof: int | None = None, *,
+            name: str | None = None) -> "Var":
+        """Variance divided by count - ddof (ddof 0 by default), like np.var."""
+        return self.builder.op("var", self, name=name, ddof=ddof, **_reduce_attrs(axis, keepdims))
+
+    def std(self, axis: int | Sequence[int] | None = None, keepdims: bool = False, ddof: int | None = None, *,
+            name: str | None = None) -> "Var":
+        """Standard deviation, like np.std; its gradient is 0 where it is 0."""
+        return self.builder.op("std", self, name=name, ddof=ddof, **_reduce_attrs(axis, keepdims))
+
+    def argmax(self, axis: int | None = None, keepdims: bool = False, *, name: str | None = None) -> "Var":
+        """Index of the first maximum along ``axis`` (0 by default, as ONNX; numpy flattens), int64."""
+        return self.builder.op("argmax", self, name=name, axis=axis, keepdims=True if keepdims else None)
+
+    def argmin(self, axis: int | None = None, keepdims: bool = False, *, name: str | None = None) -> "Var":
+        """Index of the first minimum along ``axis`` (0 by default, as ONNX; numpy flattens), int64."""
+        return self.builder.op("argmin", self, name=name, axis=axis, keepdims=True if keepdims else None)
+
     def reshape(self, *shape: int, name: str | None = None) -> "Var":
         """``x.reshape(2, 3)`` or ``x.reshape((2, 3))``; -1 infers one size, like numpy."""
         return self.builder.op("reshape", self, name=name, shape=_shape_arg(shape))
@@ -280,6 +372,24 @@ class Var:
             axes=None if axes is None else list(axes), steps=None if steps is None else list(steps),
         )
 
+    def pad(self, pads: Sequence[int], value: float | None = None, *, name: str | None = None) -> "Var":
+        """Pad with ``value`` (0 by default); ``pads`` in ONNX order: all begins, then all ends (negative crops)."""
+        return self.builder.op("pad", self, name=name, pads=_ints_arg(pads),
+                               value=None if value is None else float(value))
+
+    def tile(self, *repeats: int, name: str | None = None) -> "Var":
+        """``x.tile((2, 1))`` or ``x.tile(2, 1)``: copies along each axis (one count per axis), like np.tile."""
+        return self.builder.op("tile", self, name=name, repeats=_shape_arg(repeats))
+
+    def cumsum(self, axis: int, exclusive: bool | None = None, reverse: bool | None = None, *,
+               name: str | None = None) -> "Var":
+        """Running sums along ``axis`` (ONNX CumSum's ``exclusive`` and ``reverse`` flags)."""
+        return self.builder.op("cumsum", self, name=name, axis=int(axis), exclusive=exclusive, reverse=reverse)
+
+    def flip(self, axes: int | Sequence[int] | None = None, *, name: str | None = None) -> "Var":
+        """Reverse the order of elements along ``axes`` (all axes by default), like np.flip."""
+        return self.builder.op("flip", self, name=name, axes=None if axes is None else _ints_arg(axes))
+
     def softmax(self, axis: int | None = None, *, name: str | None = None) -> "Var":
         return self.builder.op("softmax", self, name=name, axis=axis)
 
@@ -290,12 +400,30 @@ class Var:
         return self.builder.op("stop_gradient", self, name=name)
 
 
+def gather_indices(value: Any) -> Any:
+    """Indices for gather and one_hot: a Var as it is; a list or array of ints as an int array, so
+    that it becomes a const of ints, never of the data's float dtype (int32 and int64 arrays kept)."""
+    if isinstance(value, Var):
+        return value
+    array = np.asarray(value)
+    if array.size == 0 and array.dtype.kind == "f":  # [] reads as float64
+        return array.astype(np.int64)
+    if array.dtype.kind not in "iu":
+        raise TypeError(f"indices must be integers, got {array.dtype.name} {value!r:.40}")
+    return array if array.dtype in (np.int32, np.int64) else array.astype(np.int64)
+
+
 def _reduce_attrs(axis: Any, keepdims: bool) -> dict[str, Any]:
     return {"axis": _axis_arg(axis), "keepdims": True if keepdims else None}
 
 
 def _axis_arg(axis: Any) -> Any:
     return list(axis) if isinstance(axis, tuple) else axis
+
+
+def _ints_arg(values: Any) -> list[int]:
+    """An int or a sequence of ints as a list (an ``ints`` attribute, empty lists included)."""
+    return [int(values)] if isinstance(values, (int, np.integer)) else [int(n) for n in values]
 
 
 def _shape_arg(shape: tuple[Any, ...]) -> list[int]:

@@ -107,6 +107,22 @@ def of_value(*_: str | None, value: Any = None, **__: Any) -> str | None:
     return normalize(value.dtype) if isinstance(value, np.ndarray) else None
 
 
+def int64_result(*dtypes: str | None, **_: Any) -> str | None:
+    """int64 whatever the input (argmax, argmin: indices); unknown while the input is."""
+    return None if None in dtypes else "int64"
+
+
+def of_dtype_attr(*dtypes: str | None, dtype: Any = "float64", **_: Any) -> str | None:
+    """The ``dtype`` attribute (one_hot; float64 when not given); unknown while an input is, or for a
+    name the server will refuse."""
+    return None if None in dtypes or dtype not in SUPPORTED else dtype
+
+
+def bool_result(*dtypes: str | None, **_: Any) -> str | None:
+    """bool whatever the inputs (comparisons and logic: masks); unknown while an input is."""
+    return None if None in dtypes else "bool"
+
+
 #: ``arity`` of an operator taking one or more inputs (as ``chainrule.core.VARIADIC``).
 VARIADIC = -1
 
@@ -145,14 +161,39 @@ OPERATORS: Mapping[str, OpRule] = MappingProxyType({
     "cos":           OpRule(1, float_of_first),
     "tanh":          OpRule(1, float_of_first),
     "sigmoid":       OpRule(1, float_of_first),
+    "erf":           OpRule(1, float_of_first),
+    "gelu":          OpRule(1, float_of_first),
+    "log1p":         OpRule(1, float_of_first),
+    "expm1":         OpRule(1, float_of_first),
+    "sign":          OpRule(1, float_of_first),    # a float: int and bool inputs give float64
+    # comparisons and logic (builtin.compare): bool masks; logic refuses inputs that are not bool
+    "less":          OpRule(2, bool_result),
+    "less_equal":    OpRule(2, bool_result),
+    "greater":       OpRule(2, bool_result),
+    "greater_equal": OpRule(2, bool_result),
+    "equal":         OpRule(2, bool_result),
+    "not_equal":     OpRule(2, bool_result),
+    "logical_and":   OpRule(2, bool_result),
+    "logical_or":    OpRule(2, bool_result),
+    "logical_not":   OpRule(1, bool_result),
     # linear algebra (builtin.linalg)
     "matmul":        OpRule(2, promoted),
     "transpose":     OpRule(1, same_as_first),
+    "einsum":        OpRule(VARIADIC, promoted),       # as np.einsum (all-bool inputs are refused)
     # reductions (builtin.reduce)
     "sum":           OpRule(1, summed),
     "mean":          OpRule(1, float_of_first),
     "max":           OpRule(1, same_as_first),
     "logsumexp":     OpRule(1, float_of_first),
+    "min":           OpRule(1, same_as_first),
+    "prod":          OpRule(1, summed),            # as sum: ints and bools give int64
+    "var":           OpRule(1, float_of_first),
+    "std":           OpRule(1, float_of_first),
+    "argmax":        OpRule(1, int64_result),
+    "argmin":        OpRule(1, int64_result),
+    # indexing (builtin.index)
+    "gather":        OpRule(2, same_as_first),     # x's dtype; indices are int32/int64
+    "one_hot":       OpRule(1, of_dtype_attr),     # the dtype attribute, float64 by default
     # shape (builtin.shape)
     "reshape":       OpRule(1, same_as_first),
     "squeeze":       OpRule(1, same_as_first),
@@ -161,11 +202,20 @@ OPERATORS: Mapping[str, OpRule] = MappingProxyType({
     "concat":        OpRule(VARIADIC, promoted),
     "stack":         OpRule(VARIADIC, promoted),
     "slice":         OpRule(1, same_as_first),
+    "pad":           OpRule(1, same_as_first),
+    "tile":          OpRule(1, same_as_first),
+    "cumsum":        OpRule(1, same_as_first),     # ONNX CumSum: int32 stays int32 (bool is refused)
+    "flip":          OpRule(1, same_as_first),
     # neural networks (builtin.nn)
     "softmax":       OpRule(1, float_of_first),
     "log_softmax":   OpRule(1, float_of_first),
     "cross_entropy": OpRule(2, float_of_first),       # the logits' float dtype; labels are ints
     "mse":           OpRule(2, float_of_promoted),
+    "layer_norm":    OpRule(3, float_of_promoted),     # x, scale, bias promoted; ints give float64
+    # convolution and pooling (builtin.conv): ints give float64
+    "conv":          OpRule(2, float_of_promoted),
+    "max_pool":      OpRule(1, float_of_first),
+    "avg_pool":      OpRule(1, float_of_first),
     # selection and literals (builtin.select)
     "where":         OpRule(3, promoted_after_first),  # cond is bool; x and y give the dtype
     "stop_gradient": OpRule(1, same_as_first),

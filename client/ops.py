@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from .builder import GraphBuilder, Var
-from .dtypes import OPERATORS as _OPERATORS
+from .builder import GraphBuilder, Var, gather_indices
+from .dtypes import OPERATORS as _OPERATORS, normalize
 
 
 def _builder(*args: Any) -> GraphBuilder:
@@ -110,6 +110,78 @@ def clip(x: Var, min: float | None = None, max: float | None = None, *, name: st
     return op("clip", x, name=name, min=min, max=max)
 
 
+# --- elementwise: erf, gelu, log1p, expm1, sign (builtin.elementwise) ------------------------------
+
+def erf(x: Var, *, name: str | None = None) -> Var:
+    """The error function, elementwise."""
+    return op("erf", x, name=name)
+
+
+def gelu(x: Var, approximate: str | None = None, *, name: str | None = None) -> Var:
+    """x * Phi(x), Phi the standard normal CDF; ``approximate="tanh"`` for the tanh approximation."""
+    return op("gelu", x, name=name, approximate=approximate)
+
+
+def log1p(x: Var, *, name: str | None = None) -> Var:
+    """log(1 + x), accurate for small x."""
+    return op("log1p", x, name=name)
+
+
+def expm1(x: Var, *, name: str | None = None) -> Var:
+    """e**x - 1, accurate for small x."""
+    return op("expm1", x, name=name)
+
+
+def sign(x: Var, *, name: str | None = None) -> Var:
+    """-1, 0 or 1 by the sign of x, as a float; its gradient is 0."""
+    return op("sign", x, name=name)
+
+
+# --- comparisons and logic: bool masks, no gradient (builtin.compare) -------------------------------
+# ``a < b``, ``a <= b``, ``a > b``, ``a >= b``, ``m & n``, ``m | n`` and ``~m`` on Vars build these too;
+# ``==`` and ``!=`` do not (Vars compare by identity, to key ``result.grad``): use equal and not_equal.
+
+def less(a: Any, b: Any, *, name: str | None = None) -> Var:
+    return op("less", a, b, name=name)
+
+
+def less_equal(a: Any, b: Any, *, name: str | None = None) -> Var:
+    return op("less_equal", a, b, name=name)
+
+
+def greater(a: Any, b: Any, *, name: str | None = None) -> Var:
+    return op("greater", a, b, name=name)
+
+
+def greater_equal(a: Any, b: Any, *, name: str | None = None) -> Var:
+    return op("greater_equal", a, b, name=name)
+
+
+def equal(a: Any, b: Any, *, name: str | None = None) -> Var:
+    """a == b elementwise, a bool mask (``==`` on Vars stays identity)."""
+    return op("equal", a, b, name=name)
+
+
+def not_equal(a: Any, b: Any, *, name: str | None = None) -> Var:
+    """a != b elementwise, a bool mask (``!=`` on Vars stays identity)."""
+    return op("not_equal", a, b, name=name)
+
+
+def logical_and(a: Any, b: Any, *, name: str | None = None) -> Var:
+    """Elementwise and of bool masks (inputs of another dtype are refused by the server)."""
+    return op("logical_and", a, b, name=name)
+
+
+def logical_or(a: Any, b: Any, *, name: str | None = None) -> Var:
+    """Elementwise or of bool masks (inputs of another dtype are refused by the server)."""
+    return op("logical_or", a, b, name=name)
+
+
+def logical_not(x: Any, *, name: str | None = None) -> Var:
+    """Elementwise not of a bool mask (an input of another dtype is refused by the server)."""
+    return op("logical_not", x, name=name)
+
+
 # --- linear algebra ------------------------------------------------------------------------------
 
 def matmul(a: Any, b: Any, *, name: str | None = None) -> Var:
@@ -139,6 +211,59 @@ def max(x: Var, axis: int | Sequence[int] | None = None, keepdims: bool = False,
 def logsumexp(x: Var, axis: int | Sequence[int] | None = None, keepdims: bool = False, *,
               name: str | None = None) -> Var:
     return x.logsumexp(axis, keepdims, name=name)
+
+
+# --- reductions: min, prod, var, std, argmax, argmin (builtin.reduce) ------------------------------
+
+def min(x: Var, axis: int | Sequence[int] | None = None, keepdims: bool = False, *,  # noqa: A001
+        name: str | None = None) -> Var:
+    return x.min(axis, keepdims, name=name)
+
+
+def prod(x: Var, axis: int | Sequence[int] | None = None, keepdims: bool = False, *, name: str | None = None) -> Var:
+    return x.prod(axis, keepdims, name=name)
+
+
+def var(x: Var, axis: int | Sequence[int] | None = None, keepdims: bool = False, ddof: int | None = None, *,
+        name: str | None = None) -> Var:
+    """Variance over ``axis`` (all by default), divided by count - ddof (ddof 0 by default), like np.var."""
+    return x.var(axis, keepdims, ddof, name=name)
+
+
+def std(x: Var, axis: int | Sequence[int] | None = None, keepdims: bool = False, ddof: int | None = None, *,
+        name: str | None = None) -> Var:
+    """Standard deviation, like np.std; its gradient is 0 where it is 0."""
+    return x.std(axis, keepdims, ddof, name=name)
+
+
+def argmax(x: Var, axis: int | None = None, keepdims: bool = False, *, name: str | None = None) -> Var:
+    """Index of the first maximum along ``axis`` (0 by default, as ONNX ArgMax), int64, no gradient."""
+    return x.argmax(axis, keepdims, name=name)
+
+
+def argmin(x: Var, axis: int | None = None, keepdims: bool = False, *, name: str | None = None) -> Var:
+    """Index of the first minimum along ``axis`` (0 by default, as ONNX ArgMin), int64, no gradient."""
+    return x.argmin(axis, keepdims, name=name)
+
+
+# --- indexing: gather, embedding, one_hot (builtin.index) ------------------------------------------
+
+def gather(x: Any, indices: Any, axis: int | None = None, *, name: str | None = None) -> Var:
+    """``np.take(x, indices, axis)`` (axis 0 by default): int32/int64 indices, negative ones from the end;
+    repeated indices add up their gradients. ``indices`` may be a Var, a list of ints or an int array."""
+    return op("gather", x, gather_indices(indices), name=name, axis=axis)
+
+
+def embedding(table: Any, ids: Any, *, name: str | None = None) -> Var:
+    """Rows of ``table`` picked by integer ``ids``: ``gather`` along axis 0, result shape ids.shape + table.shape[1:]."""
+    return op("gather", table, gather_indices(ids), name=name)
+
+
+def one_hot(ids: Any, depth: int, dtype: Any = None, *, name: str | None = None) -> Var:
+    """One-hot rows of length ``depth`` on a new last axis (ONNX OneHot): negative ids count from the end,
+    ids out of range give rows of zeros. ``dtype`` float64 by default (float32, int64, int32, bool)."""
+    return op("one_hot", gather_indices(ids), name=name, depth=int(depth),
+              dtype=None if dtype is None else normalize(dtype))
 
 
 # --- shape ---------------------------------------------------------------------------------------
@@ -172,6 +297,27 @@ def expand_dims(x: Var, axis: int | Sequence[int], *, name: str | None = None) -
     return x.expand_dims(axis, name=name)
 
 
+# --- shape: pad, tile, cumsum, flip ----------------------------------------------------------------
+
+def pad(x: Var, pads: Sequence[int], value: float | None = None, *, name: str | None = None) -> Var:
+    """Constant padding; ``pads`` in ONNX order (all begins, then all ends), negative pads crop."""
+    return x.pad(pads, value, name=name)
+
+
+def tile(x: Var, repeats: int | Sequence[int], *, name: str | None = None) -> Var:
+    return x.tile(repeats if isinstance(repeats, int) else tuple(repeats), name=name)
+
+
+def cumsum(x: Var, axis: int, exclusive: bool | None = None, reverse: bool | None = None, *,
+           name: str | None = None) -> Var:
+    """Running sums along ``axis``, with ONNX CumSum's ``exclusive`` and ``reverse`` flags."""
+    return x.cumsum(axis, exclusive, reverse, name=name)
+
+
+def flip(x: Var, axes: int | Sequence[int] | None = None, *, name: str | None = None) -> Var:
+    return x.flip(axes, name=name)
+
+
 # --- neural-network losses -----------------------------------------------------------------------
 
 def softmax(x: Var, axis: int | None = None, *, name: str | None = None) -> Var:
@@ -189,6 +335,45 @@ def cross_entropy(logits: Any, labels: Any, *, name: str | None = None) -> Var:
 
 def mse(pred: Any, target: Any, *, name: str | None = None) -> Var:
     return op("mse", pred, target, name=name)
+
+
+# --- layer_norm, einsum, convolution and pooling (builtin.nn, builtin.linalg, builtin.conv) -------
+
+def _int_list(values: int | Sequence[int] | None) -> list[int] | None:
+    return None if values is None else [values] if isinstance(values, int) else [int(v) for v in values]
+
+
+def layer_norm(x: Any, scale: Any, bias: Any, axis: int | None = None, epsilon: float | None = None, *,
+               name: str | None = None) -> Var:
+    """ONNX LayerNormalization over axes ``axis``..last (default the last): scale and bias broadcast over them."""
+    return op("layer_norm", x, scale, bias, name=name, axis=axis, epsilon=epsilon)
+
+
+def einsum(equation: str, *xs: Any, name: str | None = None) -> Var:
+    """``np.einsum`` subscripts: ``ops.einsum("ij,jk->ik", a, b)``, implicit ``"ij,jk"``, ``...``, ``"ii->"``."""
+    return op("einsum", *xs, name=name, equation=equation)
+
+
+def conv(x: Any, w: Any, strides: Sequence[int] | None = None, pads: Sequence[int] | None = None,
+         dilations: Sequence[int] | None = None, group: int | None = None, *, name: str | None = None) -> Var:
+    """ONNX Conv without bias, x [N, C, (H,) W], w [M, C/group, (KH,) KW]; pads are all begins, then all ends."""
+    return op("conv", x, w, name=name, strides=_int_list(strides), pads=_int_list(pads),
+              dilations=_int_list(dilations), group=group)
+
+
+def max_pool(x: Any, kernel_shape: Sequence[int], strides: Sequence[int] | None = None,
+             pads: Sequence[int] | None = None, *, name: str | None = None) -> Var:
+    """ONNX MaxPool on NCW/NCHW (padding never wins; on ties the first maximum gets the gradient)."""
+    return op("max_pool", x, name=name, kernel_shape=_int_list(kernel_shape), strides=_int_list(strides),
+              pads=_int_list(pads))
+
+
+def avg_pool(x: Any, kernel_shape: Sequence[int], strides: Sequence[int] | None = None,
+             pads: Sequence[int] | None = None, count_include_pad: bool | None = None, *,
+             name: str | None = None) -> Var:
+    """ONNX AveragePool on NCW/NCHW; padding is left out of each window's count unless ``count_include_pad``."""
+    return op("avg_pool", x, name=name, kernel_shape=_int_list(kernel_shape), strides=_int_list(strides),
+              pads=_int_list(pads), count_include_pad=count_include_pad)
 
 
 # --- selection -----------------------------------------------------------------------------------

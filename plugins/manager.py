@@ -27,7 +27,7 @@ from . import hookspecs
 
 ENTRY_POINT_GROUP = "chainrule"
 BUILTIN_DISTRIBUTION = "chainrule"
-BUILTIN_FAMILIES = ("arith", "elementwise", "linalg", "reduce", "shape", "nn", "select")
+BUILTIN_FAMILIES = ("arith", "elementwise", "linalg", "reduce", "shape", "nn", "select", "compare", "index", "conv")
 ENV_ONLY = "CHAINRULE_PLUGINS"
 ENV_DISABLE = "CHAINRULE_DISABLE_PLUGINS"
 ENV_PREFER = "CHAINRULE_PREFER"

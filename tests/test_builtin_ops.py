@@ -17,10 +17,10 @@ import pytest
 from chainrule.core import (
     GraphIR, OpError, Registry, ShapeError, TensorSpec, check_attrs, compile_graph, evaluate, unbroadcast,
 )
-from chainrule.plugins.builtin import arith, common, elementwise, linalg, nn, reduce, select, shape
+from chainrule.plugins.builtin import arith, common, compare, conv, elementwise, index, linalg, nn, reduce, select, shape
 from chainrule.plugins.testing import assert_vjp, check_operator, check_vjp
 
-FAMILIES = (arith, elementwise, linalg, reduce, shape, nn, select)
+FAMILIES = (arith, elementwise, linalg, reduce, shape, nn, select, compare, index, conv)
 OPS = {op.name: op for family in FAMILIES for op in family.OPERATORS}
 BUILTIN_DIR = Path(common.__file__).parent
 
@@ -194,7 +194,76 @@ CASES = [
     case("where", M(), N(2), N(2)),
     case("const", value=np.arange(6.0).reshape(2, 3)),
     case("const", value=np.array(2.5)),
+
+    # comparisons and logic: bool results, no gradient
+    *[case(n, N(2, 3), N(3)) for n in ("less", "less_equal", "greater", "greater_equal", "equal", "not_equal")],
+    case("less", N(), N(2, 2)),
+    case("logical_and", M(2, 3), M(3)),
+    case("logical_or", M(4, 1), M(1, 3)),
+    case("logical_not", M(2, 3)),
+
+    # more elementwise functions
+    case("erf", N(2, 3)),
+    case("erf", N()),
+    case("gelu", N(2, 3)),
+    case("gelu", N(), approximate="tanh"),
+    case("log1p", P(2, 3)),
+    case("expm1", N(2, 3)),
+    case("sign", A(2, 3)),
+    case("sign", A()),
+
+    # more reductions
+    case("min", D(2, 3)),
+    case("min", D(2, 3, 4), axis=(0, -1), keepdims=True),
+    case("prod", P(2, 3)),
+    case("prod", N(2, 3, 4), axis=(1,)),
+    case("var", N(3, 4)),
+    case("var", N(2, 3, 4), axis=(-1,), keepdims=True, ddof=1),
+    case("std", N(3, 4), axis=(0,)),
+    case("std", N(2, 5), ddof=1),
+    case("argmax", D(3, 4)),
+    case("argmax", D(2, 3), axis=1, keepdims=True),
+    case("argmin", D(3, 4), axis=-1),
+
+    # indexing
+    case("gather", N(5, 3), L(5, 4)),
+    case("gather", N(2, 5), L(5, 3), axis=1),
+    case("gather", N(4), L(4, 2, 3, dtype=np.int32)),
+    case("one_hot", L(4, 3), depth=4),
+    case("one_hot", L(3, 2, 2), depth=3, dtype="float32"),
+
+    # more shape operators
+    case("pad", N(3), pads=(1, 2)),
+    case("pad", N(2, 1, 3), pads=(1, 0, -1, 0, 2, -2), value=-1.0),
+    case("pad", N(), pads=()),
+    case("tile", N(2, 1, 3), repeats=(1, 3, 2)),
+    case("tile", N(), repeats=()),
+    case("cumsum", N(2, 3, 4), axis=-1, exclusive=True),
+    case("cumsum", N(3, 4), axis=0, reverse=True),
+    case("cumsum", N(1, 4), axis=-2, exclusive=True, reverse=True),
+    case("flip", N(2, 3)),
+    case("flip", N(2, 3, 4), axes=(0, -1)),
+    case("flip", N()),
+
+    # normalization, einsum, convolution and pooling
+    case("layer_norm", N(2, 5), N(5), N(5)),
+    case("layer_norm", N(2, 3, 4), N(3, 4), N(4), axis=1, epsilon=0.1),
+    case("einsum", N(2, 3), N(3, 4), equation="ij,jk->ik"),
+    case("einsum", N(3, 3), equation="ii->"),
+    case("einsum", N(2, 1, 3), N(4, 3), equation="...i,...i"),
+    case("einsum", N(), N(3), equation=",i->i"),
+    case("conv", N(2, 3, 5, 5), N(4, 3, 3, 3), pads=(1, 1, 1, 1)),
+    case("conv", N(1, 4, 6, 5), N(4, 2, 2, 3), strides=(2, 1), pads=(1, 0, 0, 2), dilations=(1, 2), group=2),
+    case("conv", N(2, 2, 7), N(3, 2, 3), strides=(2,), pads=(1, 2), dilations=(2,)),
+    case("max_pool", D(2, 2, 5, 5), kernel_shape=(3, 3), strides=(2, 2), pads=(1, 1, 1, 1)),
+    case("max_pool", D(2, 2, 7), kernel_shape=(2,)),
+    case("avg_pool", N(1, 2, 5, 4), kernel_shape=(3, 2), pads=(1, 0, 1, 1)),
+    case("avg_pool", N(2, 2, 7), kernel_shape=(3,), strides=(2,), pads=(1, 1), count_include_pad=True),
 ]
+
+#: Operators whose result is bool or an integer whatever the float width of their inputs.
+NOT_FLOAT_RESULT = frozenset({"less", "less_equal", "greater", "greater_equal", "equal", "not_equal",
+                              "logical_and", "logical_or", "logical_not", "argmax", "argmin", "one_hot"})
 
 
 def make(inputs, seed: int = 1234) -> list[np.ndarray]:
@@ -224,9 +293,11 @@ def test_operator_samples_pass_the_gradient_check(name):
         assert report.passed, str(report)
 
 
+CASE_NAMES = {p.values[0] for p in CASES}
+
+
 def test_every_operator_has_hand_picked_cases():
-    covered = {p.values[0] for p in CASES}
-    assert covered | {"stop_gradient"} == set(OPS)
+    assert CASE_NAMES | {"stop_gradient"} == set(OPS)
 
 
 def test_stop_gradient_passes_the_value_and_blocks_the_gradient():
@@ -264,7 +335,9 @@ def test_infer_gives_exactly_what_forward_returns(name, inputs, attrs, dtype):
 
 MIXED = [("float32", "float64"), ("float64", "float32"), ("float32", "int32"), ("int64", "float32"),
          ("int32", "int64"), ("bool", "float32"), ("float32", "bool")]
-BINARY = [p for p in CASES if len(p.values[1]) == 2 and p.values[0] != "cross_entropy"]
+# (cross_entropy and gather take integer indices; logical_* take bools only)
+BINARY = [p for p in CASES if len(p.values[1]) == 2
+          and p.values[0] not in ("cross_entropy", "gather", "logical_and", "logical_or")]
 
 
 @pytest.mark.parametrize("dtypes", MIXED, ids="-".join)
@@ -349,6 +422,10 @@ def test_float32_inputs_give_float32_values_and_gradients(name, inputs, attrs):
     xs32 = cast_floats(xs64, np.float32)
     with np.errstate(all="ignore"):
         out32 = np.asarray(op.forward(*xs32, **attrs))
+        if name in NOT_FLOAT_RESULT:  # bool or integer whatever the inputs' float width; no gradient
+            assert out32.dtype == np.asarray(op.forward(*xs64, **attrs)).dtype and out32.dtype.kind != "f" \
+                or attrs.get("dtype") is not None
+            return
         assert out32.dtype == np.float32
         g64 = np.random.default_rng(7).standard_normal(out32.shape)
         grads32 = op.vjp(g64.astype(np.float32), out32, *xs32, **attrs)
@@ -576,7 +653,7 @@ def test_const_value_cannot_be_changed_through_the_result():
 def test_tables_fill_a_registry_and_follow_the_contract():
     ops = [op for family in FAMILIES for op in family.OPERATORS]
     registry = Registry(ops)  # validates every OpDef; a duplicate name would raise
-    assert len(registry) == len(ops) == 40
+    assert len(registry) == len(ops) == len(CASE_NAMES | {"stop_gradient"})
     for op in ops:
         assert op.infer is not None, op.name
         assert op.doc and "\n" not in op.doc and op.doc.endswith("."), op.name

@@ -109,6 +109,10 @@ def test_every_builtin_operator_but_const_has_an_ops_function_that_makes_it():
         "cross_entropy": lambda: ops.cross_entropy(x, labels), "where": lambda: ops.where(mask, x, 0.0),
         "reshape": lambda: ops.reshape(x, (3, 2)), "broadcast_to": lambda: ops.broadcast_to(x, (4, 2, 3)),
         "slice": lambda: ops.slice(x, [0], [1]), "expand_dims": lambda: ops.expand_dims(x, 0),
+        "gather": lambda: ops.gather(x, labels), "one_hot": lambda: ops.one_hot(labels, 3),
+        "pad": lambda: ops.pad(x, [0, 0, 1, 1]), "tile": lambda: ops.tile(x, [2, 1]), "cumsum": lambda: ops.cumsum(x, -1),
+        "einsum": lambda: ops.einsum("ij->ji", x), "max_pool": lambda: ops.max_pool(x, [2]),
+        "avg_pool": lambda: ops.avg_pool(x, [2]),
     }
     for name in ops.__all__:
         if name == "op":
@@ -126,7 +130,8 @@ def test_var_methods_named_after_an_operator_make_that_operator():
     g = GraphBuilder()
     x = g.input("x", (2, 3))
     args = {"reshape": (3, 2), "broadcast_to": (4, 2, 3), "slice": ([0], [1]), "expand_dims": (0,),
-            "maximum": (x,), "minimum": (x,), "pow": (x,), "matmul": (x.T,)}
+            "maximum": (x,), "minimum": (x,), "pow": (x,), "matmul": (x.T,),
+            "pad": ([0, 0, 1, 1],), "tile": ((2, 1),), "cumsum": (-1,)}
     methods = [name for name, _ in inspect.getmembers(Var, callable) if name in client_dtypes.OPERATORS]
     assert len(methods) > 20
     for name in methods:

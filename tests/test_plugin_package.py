@@ -171,7 +171,7 @@ def test_uninstalling_the_package_removes_its_operators(venv):
     done = venv.run("chainrule", "plugins", "--json")
     assert {row["name"] for row in json.loads(done.stdout)} == {
         "builtin.arith", "builtin.elementwise", "builtin.linalg", "builtin.reduce", "builtin.shape", "builtin.nn",
-        "builtin.select",
+        "builtin.select", "builtin.compare", "builtin.index", "builtin.conv",
     }
 
 

@@ -1,18 +1,26 @@
-"""Linear algebra: matmul with numpy's batching rules, and transpose.
+"""Linear algebra: matmul with numpy's batching rules, transpose, and einsum.
 
 matmul follows ``np.matmul``: a 1-D first input is a row vector and a 1-D
 second input a column vector (the added axis is dropped from the result), and
 leading "batch" axes broadcast. Its vjp promotes 1-D inputs to 2-D, computes
 ``g @ bᵀ`` and ``aᵀ @ g``, and drops the added axis again; gradients keep the
 broadcast batch axes, which the engine sums back to each input's shape.
+
+einsum takes numpy's subscripts (explicit ``->`` output or implicit, ``...``,
+repeated subscripts for diagonals and traces). The gradient of each input is
+another einsum: of ``g`` and the other inputs, with that input's subscripts as
+the output (see ``_einsum_vjp``).
 """
 from __future__ import annotations
 
-from typing import Any
+import math
+from functools import lru_cache
+from typing import Any, NamedTuple
 
 import numpy as np
+from numpy.lib.stride_tricks import as_strided
 
-from chainrule.core import Attr, OpDef, OpError, TensorSpec, broadcast_shapes
+from chainrule.core import VARIADIC, Attr, OpDef, OpError, TensorSpec, broadcast_shapes
 from chainrule.plugins.authoring import table_hookimpl
 
 
@@ -86,6 +94,232 @@ def _transpose_sample(rng: np.random.Generator):
     return [rng.standard_normal((2, 3, 4))], {"axes": axes}
 
 
+# --- einsum ----------------------------------------------------------------------------------
+#
+# The equation is parsed once per (equation, input shapes) into integer labels, numpy's sublist
+# form: letters keep their ASCII order (A-Z are 0-25, a-z 26-51, so the implicit output sorts as
+# numpy's does); an ellipsis becomes fresh labels, right-aligned across operands as numpy
+# broadcasts them; and a size-1 axis broadcast against a larger one of the same label becomes a
+# label of its own, so no contraction below ever broadcasts and each gradient keeps its operand's
+# shape.
+
+_LABELS = 52   # numpy's einsum takes at most 52 distinct labels
+
+
+def _label(char: str) -> int:
+    return ord(char) - ord("A") if char <= "Z" else ord(char) - ord("a") + 26
+
+
+def _shown(equation: str) -> str:
+    """The equation for a message, cut short: a refusal must fit in gRPC's 8 KiB of trailers."""
+    return repr(equation) if len(equation) <= 80 else f"{equation[:60]!r}... ({len(equation)} characters)"
+
+
+def _bad_equation(message: str) -> OpError:
+    return OpError(message, reason="BAD_ATTRIBUTE", field="attrs.equation")
+
+
+@lru_cache(maxsize=1024)
+def _parse_equation(equation: str) -> tuple[tuple[tuple[Any, ...], ...], tuple[Any, ...] | None]:
+    """The syntax alone: each operand's subscripts (ints, and ``...`` as Ellipsis) and the output's
+    (None: implicit form, no ``->``)."""
+    text = "".join(equation.split())                      # numpy ignores whitespace
+    lhs, arrow, rhs = text.partition("->")
+    if any(c in part for c in "->" for part in (lhs, rhs)):
+        raise _bad_equation(f"equation {_shown(equation)}: '-' and '>' may only appear together, once, as '->'")
+
+    def term(part: str, what: str) -> tuple[Any, ...]:
+        labels: list[Any] = []
+        k = 0
+        while k < len(part):
+            if part.startswith("...", k):
+                if Ellipsis in labels:
+                    raise _bad_equation(f"equation {_shown(equation)}: {what} has more than one ellipsis '...'")
+                labels.append(Ellipsis)
+                k += 3
+                continue
+            char, k = part[k], k + 1
+            if char == ".":
+                raise _bad_equation(f"equation {_shown(equation)}: {what} has a '.' that is not part of an ellipsis '...'")
+            if not ("a" <= char <= "z" or "A" <= char <= "Z"):
+                raise _bad_equation(f"equation {_shown(equation)}: {what} has {char!r}; subscripts are the letters a-z, A-Z")
+            labels.append(_label(char))
+        return tuple(labels)
+
+    operands = tuple(term(part, f"operand {i}") for i, part in enumerate(lhs.split(",")))
+    if not arrow:
+        return operands, None
+    output = term(rhs, "the output")
+    seen: set[int] = set()
+    for label in output:
+        if label is not Ellipsis and label in seen:
+            raise _bad_equation(f"equation {_shown(equation)}: the output repeats subscript {_char(label)!r}")
+        seen.add(label)
+    used = {label for labels in operands for label in labels}
+    missing = [label for label in output if label is not Ellipsis and label not in used]
+    if missing:
+        raise _bad_equation(f"equation {_shown(equation)}: output subscript {_char(missing[0])!r} is in no operand")
+    return operands, output
+
+
+def _char(label: int) -> str:
+    return chr(ord("A") + label) if label < 26 else chr(ord("a") + label - 26)
+
+
+class _Einsum(NamedTuple):
+    """An equation fitted to its input shapes: integer labels for each operand and the output."""
+
+    operands: tuple[tuple[int, ...], ...]
+    output: tuple[int, ...]
+    sizes: dict
+    shape: tuple[int, ...]
+    #: Product of all label sizes: the work of a direct (unoptimized) contraction.
+    work: int
+
+
+@lru_cache(maxsize=1024)
+def _fit_equation(equation: str, shapes: tuple[tuple[int, ...], ...]) -> _Einsum:
+    parsed, output = _parse_equation(equation)
+    if len(parsed) != len(shapes):
+        raise _bad_equation(f"equation {_shown(equation)} has {len(parsed)} operand{'s' if len(parsed) != 1 else ''} "
+                            f"but {len(shapes)} input{'s are' if len(shapes) != 1 else ' is'} given")
+    letters = {label for labels in parsed for label in labels if label is not Ellipsis}
+    free = (label for label in range(_LABELS) if label not in letters)
+    # ellipsis: each operand's own rank, right-aligned against the longest
+    ranks = []
+    for i, (labels, shape) in enumerate(zip(parsed, shapes)):
+        named = len(labels) - (Ellipsis in labels)
+        if Ellipsis not in labels and len(shape) != named or len(shape) < named:
+            raise OpError(f"equation {_shown(equation)}: operand {i} has {named} subscript{'s' if named != 1 else ''} "
+                          f"but input {i} has shape {list(shape)}"
+                          + ("" if Ellipsis in labels else " (use '...' for extra leading axes)"),
+                          reason="SHAPE_MISMATCH")
+        ranks.append(len(shape) - named if Ellipsis in labels else 0)
+    broadcast_rank = max(ranks, default=0)
+    if output is not None and Ellipsis not in output and broadcast_rank:
+        raise OpError(f"equation {_shown(equation)}: the '...' axes of the inputs have no '...' in the output",
+                      reason="SHAPE_MISMATCH")
+    try:
+        ellipsis = [next(free) for _ in range(broadcast_rank)]
+    except StopIteration:
+        raise _bad_equation(f"equation {_shown(equation)}: needs more than {_LABELS} distinct subscripts") from None
+    operands = []
+    for labels, rank in zip(parsed, ranks):
+        expanded: list[int] = []
+        for label in labels:
+            expanded.extend(ellipsis[broadcast_rank - rank:] if label is Ellipsis else [label])
+        operands.append(expanded)
+    # sizes: repeated labels within an operand must agree; across operands numpy broadcasts size 1
+    sizes: dict[int, int] = {}
+    for i, (labels, shape) in enumerate(zip(operands, shapes)):
+        own: dict[int, int] = {}
+        for label, size in zip(labels, shape):
+            if own.setdefault(label, size) != size:
+                raise OpError(f"equation {_shown(equation)}: operand {i} repeats subscript {_char(label)!r} on axes "
+                              f"of sizes {own[label]} and {size} (shape {list(shape)})", reason="SHAPE_MISMATCH")
+        for label, size in own.items():
+            if sizes.get(label, 1) != 1 and size not in (1, sizes[label]):
+                what = "the '...' axes have" if label in ellipsis else f"subscript {_char(label)!r} has"
+                raise OpError(f"equation {_shown(equation)}: {what} sizes {sizes[label]} and {size} in the inputs "
+                              f"{[list(s) for s in shapes]}", reason="SHAPE_MISMATCH")
+            if sizes.get(label, 1) == 1:                  # else size is 1 or the same
+                sizes[label] = size
+    if output is None:
+        counts: dict[int, int] = {}
+        for labels in parsed:
+            for label in labels:
+                if label is not Ellipsis:
+                    counts[label] = counts.get(label, 0) + 1
+        out = ellipsis + sorted(label for label, n in counts.items() if n == 1)
+    else:
+        out = []
+        for label in output:
+            out.extend(ellipsis if label is Ellipsis else [label])
+    # a size-1 axis broadcast against a larger one: a label of its own (summed over, a single term)
+    try:
+        for labels, shape in zip(operands, shapes):
+            renamed: dict[int, int] = {}
+            for k, (label, size) in enumerate(zip(labels, shape)):
+                if size == 1 and sizes[label] != 1:
+                    labels[k] = renamed.setdefault(label, next(free))
+                    sizes[labels[k]] = 1
+    except StopIteration:
+        raise _bad_equation(f"equation {_shown(equation)}: needs more than {_LABELS} distinct subscripts") from None
+    work = math.prod(sizes.values())
+    return _Einsum(tuple(tuple(labels) for labels in operands), tuple(out), sizes,
+                   tuple(sizes[label] for label in out), work)
+
+
+def _contract(operands: list, labels: list, output: list, work: int):
+    """np.einsum in sublist form; numpy's path optimizer (BLAS for pairs) once the work is worth it."""
+    args = [item for pair in zip(operands, labels) for item in pair]
+    return np.einsum(*args, list(output), optimize=len(operands) > 1 and work > 4096)
+
+
+def _einsum_infer(*xs: TensorSpec, equation: str) -> TensorSpec:
+    fitted = _fit_equation(equation, tuple(tuple(x.shape) for x in xs))
+    dtype = np.result_type(*(x.dtype for x in xs))
+    if dtype == np.bool_:
+        raise OpError("all inputs are bool; einsum sums products and needs an int or float input",
+                      reason="DTYPE_MISMATCH")
+    return TensorSpec(fitted.shape, dtype)
+
+
+def _einsum(*xs, equation: str):
+    fitted = _fit_equation(equation, tuple(np.shape(x) for x in xs))
+    return _contract(list(xs), list(fitted.operands), list(fitted.output), fitted.work)
+
+
+def _einsum_vjp(g, out, *xs, equation: str, needs=None):
+    """Input i's gradient is the einsum of g and the other inputs, with i's subscripts as the output.
+
+    Labels of i that appear nowhere else (summed over i alone) are broadcast afterwards; a label
+    repeated within i (a diagonal, a trace) is computed once and written into that diagonal of a
+    zero array, every position off the diagonal having gradient 0.
+    """
+    fitted = _fit_equation(equation, tuple(np.shape(x) for x in xs))
+    grads: list[Any] = []
+    for i, x in enumerate(xs):
+        if needs is not None and not needs[i]:
+            grads.append(None)
+            continue
+        own = fitted.operands[i]
+        unique = list(dict.fromkeys(own))                  # first appearance order
+        others = [j for j in range(len(xs)) if j != i]
+        present = set(fitted.output).union(*(fitted.operands[j] for j in others))
+        kept = [label for label in unique if label in present]
+        grad = _contract([g, *(xs[j] for j in others)], [list(fitted.output), *(list(fitted.operands[j]) for j in others)],
+                         kept, fitted.work)
+        grad = np.asarray(grad)
+        if len(kept) < len(unique):                        # labels of x alone: d/dx of a sum over them is 1
+            grad = grad.reshape([fitted.sizes[label] if label in present else 1 for label in unique])
+            grad = np.broadcast_to(grad, [fitted.sizes[label] for label in unique])
+        if len(unique) < len(own):                         # a diagonal: the gradient lives on it only
+            full = np.zeros(np.shape(x), grad.dtype)
+            strides = [sum(full.strides[k] for k, label in enumerate(own) if label == u) for u in unique]
+            as_strided(full, grad.shape, strides)[...] = grad
+            grad = full
+        grads.append(grad)
+    return tuple(grads)
+
+
+def _einsum_sample(rng: np.random.Generator):
+    equation, shapes = [
+        ("ij,jk->ik", [(2, 3), (3, 4)]),
+        ("ij,jk", [(2, 3), (3, 2)]),
+        ("bij,bjk->bik", [(2, 2, 3), (2, 3, 2)]),
+        ("...ij,...jk->...ik", [(2, 1, 2, 3), (3, 3, 2)]),
+        ("ii->", [(3, 3)]),
+        ("ii->i", [(3, 3)]),
+        ("i,j->ij", [(3,), (4,)]),
+        ("ij,ij->i", [(1, 3), (2, 3)]),
+        ("ijk->kj", [(2, 3, 4)]),
+        ("ij,jk,kl->il", [(2, 3), (3, 2), (2, 2)]),
+        ("iij,j->i", [(2, 2, 3), (3,)]),
+    ][rng.integers(11)]
+    return [rng.standard_normal(shape) for shape in shapes], {"equation": equation}
+
+
 # --- the table -------------------------------------------------------------------------------
 
 OPERATORS: list[OpDef] = [
@@ -98,6 +332,11 @@ OPERATORS: list[OpDef] = [
           _transpose_infer,
           attrs={"axes": Attr("ints", None, "the new order of the axes (negative allowed); none: reversed")},
           doc="Permute the axes (reverse them by default).", sample=_transpose_sample),
+    OpDef("einsum", VARIADIC, _einsum, _einsum_vjp, _einsum_infer,
+          attrs={"equation": Attr("string", doc="numpy's subscripts: 'ij,jk->ik', implicit 'ij,jk', '...' for "
+                                                "broadcast axes, repeated subscripts for diagonals")},
+          doc="Einstein summation over one or more inputs, with numpy's np.einsum subscripts.",
+          sample=_einsum_sample, selective_vjp=True),
 ]
 
 register_operators = table_hookimpl(OPERATORS)

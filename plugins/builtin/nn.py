@@ -1,7 +1,9 @@
-"""Neural-network functions and losses: softmax, log_softmax, cross_entropy, mse.
+"""Neural-network functions and losses: softmax, log_softmax, cross_entropy, mse, layer_norm.
 
 All are computed stably (shifted by the maximum before ``exp``) and keep
 float32 as float32. The losses return a 0-d value: the mean over the batch.
+layer_norm (ONNX LayerNormalization) normalizes over the axes ``axis``..last;
+its vjp recomputes the normalized x̂ and 1/std rather than keeping them.
 """
 from __future__ import annotations
 
@@ -110,6 +112,75 @@ def _mse_infer(prediction: TensorSpec, target: TensorSpec) -> TensorSpec:
     return TensorSpec((), float_result(np.result_type(prediction.dtype, target.dtype)))
 
 
+# --- layer_norm ------------------------------------------------------------------------------
+
+def _normalized_axes(x: tuple[int, ...], scale: tuple[int, ...], bias: tuple[int, ...], axis: int,
+                     epsilon: float) -> tuple[int, ...]:
+    """Axes ``axis``..last (ONNX LayerNormalization), with the shapes and epsilon checked."""
+    if not epsilon >= 0 or epsilon == float("inf"):
+        raise OpError(f"epsilon must be a finite number >= 0, got {epsilon}", reason="BAD_ATTRIBUTE",
+                      field="attrs.epsilon")
+    first = normalize_axes((axis,), len(x))[0]
+    normalized = tuple(x[first:])
+    for name, shape in (("scale", tuple(scale)), ("bias", tuple(bias))):
+        if len(shape) > len(normalized) or any(a not in (1, b) for a, b in zip(shape[::-1], normalized[::-1])):
+            raise OpError(f"{name} of shape {list(shape)} does not broadcast to the normalized shape "
+                          f"{list(normalized)} (axes {first}.. of x {list(x)})", reason="SHAPE_MISMATCH")
+    return tuple(range(first, len(x)))
+
+
+def _layer_norm_infer(x: TensorSpec, scale: TensorSpec, bias: TensorSpec, *, axis: int = -1,
+                      epsilon: float = 1e-5) -> TensorSpec:
+    _normalized_axes(x.shape, scale.shape, bias.shape, axis, epsilon)
+    return TensorSpec(tuple(x.shape), float_result(np.result_type(x.dtype, scale.dtype, bias.dtype)))
+
+
+def _standardized(x, axes: tuple[int, ...], epsilon: float) -> tuple[np.ndarray, np.ndarray]:
+    """(x - mean) / sqrt(var + epsilon) over ``axes``, and 1 / sqrt(var + epsilon) (kept dims)."""
+    xhat = writable(x - np.mean(x, axis=axes, keepdims=True))
+    rstd = writable(np.mean(np.square(xhat), axis=axes, keepdims=True))
+    rstd += epsilon
+    np.sqrt(rstd, out=rstd)
+    np.reciprocal(rstd, out=rstd)
+    xhat *= rstd
+    return xhat, rstd
+
+
+def _layer_norm_dtype(x, scale, bias) -> np.dtype:
+    return float_result(np.result_type(x, scale, bias))
+
+
+def _layer_norm(x, scale, bias, *, axis=-1, epsilon=1e-5):
+    dtype = _layer_norm_dtype(x, scale, bias)
+    axes = _normalized_axes(np.shape(x), np.shape(scale), np.shape(bias), axis, epsilon)
+    y, _ = _standardized(np.asarray(x).astype(dtype, copy=False), axes, epsilon)
+    y *= np.asarray(scale).astype(dtype, copy=False)
+    y += np.asarray(bias).astype(dtype, copy=False)
+    return y
+
+
+def _layer_norm_vjp(g, out, x, scale, bias, *, axis=-1, epsilon=1e-5, needs=(True, True, True)):
+    """dx = rstd * (ĝ - mean(ĝ) - x̂ * mean(ĝ * x̂)) with ĝ = g * scale (the means over the normalized
+    axes); dscale = g * x̂ and dbias = g, in the output's shape (the engine sums them back to their own)."""
+    dtype = _layer_norm_dtype(x, scale, bias)
+    axes = _normalized_axes(np.shape(x), np.shape(scale), np.shape(bias), axis, epsilon)
+    x = np.asarray(x).astype(dtype, copy=False)
+    g = np.asarray(g).astype(dtype, copy=False)
+    xhat, rstd = _standardized(x, axes, epsilon)
+    dx = dscale = None
+    if needs[1]:
+        dscale = g * xhat
+    if needs[0]:
+        dxhat = writable(g * np.asarray(scale).astype(dtype, copy=False))
+        projection = np.mean(dxhat * xhat, axis=axes, keepdims=True)
+        xhat *= projection                                 # x̂ * mean(ĝ x̂)
+        dxhat -= np.mean(dxhat, axis=axes, keepdims=True)
+        dxhat -= xhat
+        dxhat *= rstd
+        dx = dxhat
+    return dx, dscale, (g if needs[2] else None)
+
+
 # --- gradient-check samples ------------------------------------------------------------------
 
 def _pick(rng: np.random.Generator, options: list) -> Any:
@@ -132,6 +203,16 @@ def _mse_sample(rng):
     return [np.asarray(rng.standard_normal(a)), np.asarray(rng.standard_normal(b))], {}
 
 
+def _layer_norm_sample(rng):
+    x, scale, bias, attrs = _pick(rng, [
+        ((2, 5), (5,), (5,), {}),
+        ((2, 3, 4), (3, 4), (4,), {"axis": 1}),
+        ((3, 4), (1,), (3, 4), {"axis": 0, "epsilon": 0.1}),
+        ((2, 3, 4), (3, 1), (), {"axis": -2}),
+    ])
+    return [rng.standard_normal(x), rng.standard_normal(scale), rng.standard_normal(bias)], attrs
+
+
 # --- the table -------------------------------------------------------------------------------
 
 _AXIS = {"axis": Attr("int", -1, "the axis of classes (negative counts from the end)")}
@@ -148,6 +229,11 @@ OPERATORS: list[OpDef] = [
           sample=_cross_entropy_sample),
     OpDef("mse", 2, _mse, _mse_vjp, _mse_infer,
           doc="Mean squared error mean((prediction - target)**2), with broadcasting.", sample=_mse_sample),
+    OpDef("layer_norm", 3, _layer_norm, _layer_norm_vjp, _layer_norm_infer,
+          attrs={"axis": Attr("int", -1, "the first normalized axis: axes axis..last are normalized"),
+                 "epsilon": Attr("float", 1e-5, "added to the variance before the square root")},
+          doc="ONNX LayerNormalization: (x - mean) / sqrt(var + epsilon) * scale + bias over axes axis..last.",
+          sample=_layer_norm_sample, selective_vjp=True),
 ]
 
 register_operators = table_hookimpl(OPERATORS)

@@ -1,12 +1,34 @@
-"""Reductions: sum, mean, max, logsumexp over some axes (``axis``) or all of them.
+"""Reductions: sum, mean, max, min, prod, var, std, logsumexp over some axes (``axis``) or all
+of them, and argmax, argmin along one axis.
 
 ``axis`` is a list of ints (negative counts from the end; None, the default,
 means every axis) and ``keepdims`` keeps the reduced axes with size 1, as in
 numpy. The vjp rules put the reduced axes back and spread the gradient over
 them into a fresh array of the input's shape.
 
-max routes the gradient to the maxima; when several elements tie for the
-maximum they split it evenly (``[1, 3, 3]`` gives ``[0, 0.5, 0.5]``).
+max and min route the gradient to the extrema; when several elements tie they
+split it evenly (``[1, 3, 3]`` gives ``[0, 0.5, 0.5]`` for max). max, min and
+logsumexp refuse a reduction over an axis of size 0 (numpy raises; there is
+no value), with reason SHAPE_MISMATCH.
+
+prod's gradient is the product of the other elements, computed from prefix and
+suffix products and never by dividing by x: with one zero in a group only that
+element gets a gradient (the product of the others), with two or more zeros
+the whole group gets 0. A product over no elements is 1, as in numpy.
+
+var and std take ``ddof`` (the divisor is ``count - ddof``, as numpy's). They
+refuse what numpy answers with nan or inf: a reduction over no elements
+(SHAPE_MISMATCH) and ``ddof >= count`` (BAD_ATTRIBUTE on ``attrs.ddof``),
+both in infer, before anything runs. The values are centred on the first
+element of each group before the mean is taken (var does not change under a
+shift), so a constant group has a variance of exactly 0 whatever its value.
+std is not differentiable where it is 0 (a cone, like abs at 0): its gradient
+there is defined as 0, the smallest subgradient (PyTorch gives nan), so one
+constant row does not poison the whole gradient.
+
+argmax and argmin take one ``axis`` (an int, default 0) and ``keepdims``, as
+ONNX ArgMax/ArgMin: the first index of the extremum (numpy's), as int64, with
+no gradient. A 0-d input has no axis to search and is refused.
 """
 from __future__ import annotations
 
@@ -19,7 +41,7 @@ from chainrule.core import Attr, OpDef, OpError, TensorSpec
 from chainrule.core.dtypes import float_result
 from chainrule.plugins.authoring import table_hookimpl
 
-from .common import logsumexp, normalize_axes, writable
+from .common import as_float, logsumexp, normalize_axes, writable
 
 
 # --- shapes and spreading -------------------------------------------------------------------
@@ -92,6 +114,124 @@ def _max_vjp(g, out, x, *, axis=None, keepdims=False):
     return (hit * (g / ties),)
 
 
+# --- min (the same gradient as max: to the minima, ties split evenly) -------------------------
+
+def _min(x, *, axis=None, keepdims=False):
+    return np.min(x, axis=normalize_axes(axis, np.ndim(x)), keepdims=keepdims)
+
+
+# --- prod ------------------------------------------------------------------------------------
+
+def _prod(x, *, axis=None, keepdims=False):
+    return np.prod(x, axis=normalize_axes(axis, np.ndim(x)), keepdims=keepdims)
+
+
+def _prod_vjp(g, out, x, *, axis=None, keepdims=False):
+    """g times the product of the other elements of each group: prefix products times suffix
+    products, so zeros need no special case and nothing is divided by x."""
+    x = np.asarray(x)
+    axes = normalize_axes(axis, x.ndim)
+    rest = [i for i in range(x.ndim) if i not in axes]
+    order = rest + list(axes)                               # the reduced axes last, in one row
+    moved = np.transpose(x, order)
+    lead = moved.shape[:len(rest)]
+    rows = moved.reshape(lead + (_count(x, axes),))
+    others = np.ones_like(rows, dtype=np.result_type(rows.dtype, np.asarray(g).dtype))
+    np.cumprod(rows[..., :-1], axis=-1, out=others[..., 1:])    # others[k] = x[0] ... x[k-1]
+    after = np.ones_like(others)
+    np.cumprod(rows[..., :0:-1], axis=-1, out=after[..., -2::-1])  # after[k] = x[k+1] ... x[n-1]
+    others *= after
+    others *= np.transpose(_kept(g, axes, keepdims), order).reshape(lead + (1,))
+    return (np.transpose(others.reshape(moved.shape), [order.index(i) for i in range(x.ndim)]),)
+
+
+# --- var, std --------------------------------------------------------------------------------
+
+def _dof(shape: tuple[int, ...], axes: tuple[int, ...], ddof: int, what: str) -> int:
+    """count - ddof, the divisor of the variance; OpError where numpy would give nan or inf."""
+    count = math.prod(shape[a] for a in axes)
+    if count == 0:
+        raise OpError(f"{what} over no elements (axis {next(a for a in axes if shape[a] == 0)} has size 0) "
+                      f"has no value", reason="SHAPE_MISMATCH")
+    if ddof >= count:
+        raise OpError(f"ddof {ddof} leaves no degrees of freedom: {what} reduces {count} element(s) per value, "
+                      f"so ddof must be less than {count}", reason="BAD_ATTRIBUTE", field="attrs.ddof")
+    return count - ddof
+
+
+def _centred(x: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
+    """x minus its mean over the axes, shifted by each group's first element first: exact zeros for
+    a constant group (x - mean(x) is off by rounding for most constants, 0.1 say), and fewer digits
+    lost when the values sit far from 0."""
+    first = x[tuple(slice(0, 1) if i in axes else slice(None) for i in range(x.ndim))]
+    d = writable(x - first)
+    d -= np.mean(d, axis=axes, keepdims=True)
+    return d
+
+
+def _var(x, *, axis=None, keepdims=False, ddof=0):
+    x = as_float(np.asarray(x))
+    axes = normalize_axes(axis, x.ndim)
+    n = _dof(x.shape, axes, ddof, "var")
+    d = _centred(x, axes)
+    np.square(d, out=d)
+    return np.divide(np.sum(d, axis=axes, keepdims=keepdims), n, dtype=x.dtype)
+
+
+def _var_vjp(g, out, x, *, axis=None, keepdims=False, ddof=0):
+    x = as_float(np.asarray(x))
+    axes = normalize_axes(axis, x.ndim)
+    n = _dof(x.shape, axes, ddof, "var")
+    d = _centred(x, axes)
+    d *= _kept(g, axes, keepdims) * (2.0 / n)                # 2 (x - mean) / (count - ddof)
+    return (d,)
+
+
+def _std(x, *, axis=None, keepdims=False, ddof=0):
+    v = writable(_var(x, axis=axis, keepdims=keepdims, ddof=ddof))
+    np.sqrt(v, out=v)
+    return v
+
+
+def _std_vjp(g, out, x, *, axis=None, keepdims=False, ddof=0):
+    """(x - mean) / ((count - ddof) std), and 0 where std is 0 (the gradient is not defined there)."""
+    x = as_float(np.asarray(x))
+    axes = normalize_axes(axis, x.ndim)
+    n = _dof(x.shape, axes, ddof, "std")
+    out = np.asarray(out)
+    zero = out == 0
+    scale = np.where(zero, 0.0, g / (np.where(zero, 1.0, out) * n))  # on the reduced shape: small
+    d = _centred(x, axes)
+    d *= _kept(scale.astype(d.dtype, copy=False), axes, keepdims)
+    return (d,)
+
+
+def _var_infer(x: TensorSpec, *, axis=None, keepdims=False, ddof=0, what: str = "var") -> TensorSpec:
+    spec = _reduced_spec(x, axis, keepdims, float_result(x.dtype))
+    _dof(x.shape, normalize_axes(axis, len(x.shape)), ddof, what)
+    return spec
+
+
+# --- argmax, argmin --------------------------------------------------------------------------
+
+def _arg_infer(x: TensorSpec, *, axis=0, keepdims=False, what: str = "argmax") -> TensorSpec:
+    if not x.shape:
+        raise OpError(f"{what} needs an axis to search; a 0-d tensor has none", reason="SHAPE_MISMATCH")
+    return _reduced_spec(x, (axis,), keepdims, np.dtype(np.int64), nonempty=what)
+
+
+def _argmax(x, *, axis=0, keepdims=False):
+    return np.argmax(x, axis=axis, keepdims=keepdims).astype(np.int64, copy=False)
+
+
+def _argmin(x, *, axis=0, keepdims=False):
+    return np.argmin(x, axis=axis, keepdims=keepdims).astype(np.int64, copy=False)
+
+
+def _no_gradient(g, out, x, **_):
+    return (None,)
+
+
 # --- logsumexp (the forward rule is common.logsumexp, which nn shares) ----------------------
 
 def _logsumexp_vjp(g, out, x, *, axis=None, keepdims=False):
@@ -118,11 +258,22 @@ def _distinct(rng):
     return [x], _axis_choice(rng)
 
 
+def _var_sample(rng):
+    return [rng.standard_normal((2, 3, 4))], {**_axis_choice(rng), "ddof": int(rng.integers(2))}
+
+
+def _arg_sample(rng):
+    x = rng.permutation(24).reshape(2, 3, 4) * 0.5
+    return [x], [{}, {"axis": 1}, {"axis": -1, "keepdims": True}][rng.integers(3)]
+
+
 # --- the table -------------------------------------------------------------------------------
 
 _AXIS = Attr("ints", None, "axes to reduce (negative counts from the end); none: all axes")
 _KEEPDIMS = Attr("bool", False, "keep the reduced axes with size 1")
 _ATTRS = {"axis": _AXIS, "keepdims": _KEEPDIMS}
+_DDOF = Attr("int", 0, "delta degrees of freedom: the divisor is count - ddof")
+_ARG_ATTRS = {"axis": Attr("int", 0, "the axis to search (negative counts from the end)"), "keepdims": _KEEPDIMS}
 
 OPERATORS: list[OpDef] = [
     OpDef("sum", 1, _sum, _sum_vjp,
@@ -134,6 +285,23 @@ OPERATORS: list[OpDef] = [
     OpDef("max", 1, _max, _max_vjp,
           lambda x, *, axis=None, keepdims=False: _reduced_spec(x, axis, keepdims, x.dtype, nonempty="max"),
           attrs=_ATTRS, doc="Maximum over axes; tied maxima split the gradient evenly.", sample=_distinct),
+    OpDef("min", 1, _min, _max_vjp,
+          lambda x, *, axis=None, keepdims=False: _reduced_spec(x, axis, keepdims, x.dtype, nonempty="min"),
+          attrs=_ATTRS, doc="Minimum over axes; tied minima split the gradient evenly.", sample=_distinct),
+    OpDef("prod", 1, _prod, _prod_vjp,
+          lambda x, *, axis=None, keepdims=False: _reduced_spec(x, axis, keepdims, _sum_dtype(x.dtype)),
+          attrs=_ATTRS, doc="Product over axes (all by default); exact gradient with zeros; ints and bools give int64.",
+          sample=_sample),
+    OpDef("var", 1, _var, _var_vjp, _var_infer,
+          attrs={**_ATTRS, "ddof": _DDOF}, doc="Variance over axes, divided by count - ddof (numpy's var).",
+          sample=_var_sample),
+    OpDef("std", 1, _std, _std_vjp, lambda x, **attrs: _var_infer(x, **attrs, what="std"),
+          attrs={**_ATTRS, "ddof": _DDOF}, doc="Standard deviation over axes (numpy's std); its gradient is 0 where it is 0.",
+          sample=_var_sample),
+    OpDef("argmax", 1, _argmax, _no_gradient, lambda x, **attrs: _arg_infer(x, **attrs, what="argmax"),
+          attrs=_ARG_ATTRS, doc="Index of the first maximum along one axis, as int64; no gradient.", sample=_arg_sample),
+    OpDef("argmin", 1, _argmin, _no_gradient, lambda x, **attrs: _arg_infer(x, **attrs, what="argmin"),
+          attrs=_ARG_ATTRS, doc="Index of the first minimum along one axis, as int64; no gradient.", sample=_arg_sample),
     OpDef("logsumexp", 1, logsumexp, _logsumexp_vjp,
           lambda x, *, axis=None, keepdims=False: _reduced_spec(x, axis, keepdims, float_result(x.dtype), nonempty="logsumexp"),
           attrs=_ATTRS, doc="log(sum(exp(x))) over axes, computed without overflow.", sample=_sample),

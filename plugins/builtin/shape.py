@@ -1,9 +1,18 @@
-"""Shape: reshape, broadcast_to, concat, stack, slice, squeeze, expand_dims.
+"""Shape: reshape, broadcast_to, concat, stack, slice, squeeze, expand_dims, pad, tile, cumsum, flip.
 
-These move values without changing them, so their vjp rules move the
-gradient back: reshape it, sum it (broadcast_to), split it (concat, stack) or
-scatter it into zeros (slice). Forward results are numpy views where numpy
-gives views; no rule writes into a value it did not create.
+These move values without changing them (cumsum adds them up along an axis),
+so their vjp rules move the gradient back: reshape it, sum it (broadcast_to,
+tile), split it (concat, stack), scatter it into zeros (slice) or cut it out
+of the padded gradient (pad), flip it (flip), or sum it up the other way
+(cumsum). Forward results are numpy views where numpy gives views; no rule
+writes into a value it did not create.
+
+pad follows ONNX Pad in constant mode, negative pads included: a negative pad
+crops that side, after the positive pads are applied (so a crop larger than
+the axis may eat into the other side's padding), and only a result with a
+negative size is refused. cumsum follows ONNX CumSum: ``exclusive`` leaves
+each element out of its own sum, ``reverse`` sums from the end, and the
+result keeps the input's dtype (int32 stays int32, bool is refused).
 """
 from __future__ import annotations
 
@@ -153,6 +162,112 @@ def _expand_dims_infer(x: TensorSpec, *, axis) -> TensorSpec:
     return TensorSpec(tuple(1 if i in axes else next(rest) for i in range(ndim)), x.dtype)
 
 
+# --- pad, tile ---------------------------------------------------------------------------------
+
+def _pad_boxes(shape: tuple[int, ...], pads: Sequence[int]):
+    """The pad attribute as ``(result shape, source box, destination box)``: the result is the pad
+    value everywhere but ``result[destination] = x[source]`` (ONNX order: all begins, then all ends)."""
+    ndim = len(shape)
+    if len(pads) != 2 * ndim:
+        raise OpError(f"pads has {len(pads)} entries; a tensor of rank {ndim} needs {2 * ndim} "
+                      f"(all begins, then all ends)", reason="BAD_ATTRIBUTE", field="attrs.pads")
+    result, source, destination = [], [], []
+    for axis, (n, begin, end) in enumerate(zip(shape, pads[:ndim], pads[ndim:])):
+        m = n + begin + end
+        if m < 0:
+            raise OpError(f"pads {begin} and {end} crop axis {axis} of size {n} to {m} elements",
+                          reason="BAD_ATTRIBUTE", field="attrs.pads")
+        start = max(0, -begin)
+        kept = max(0, n + min(end, 0) - start)  # elements of x that survive the crops
+        result.append(m)
+        source.append(slice(start, start + kept))
+        destination.append(slice(max(0, begin), max(0, begin) + kept))
+    return tuple(result), tuple(source), tuple(destination)
+
+
+def _pad(x, *, pads, value=0.0):
+    shape, source, destination = _pad_boxes(np.shape(x), pads)
+    x = np.asarray(x)
+    out = np.full(shape, value, dtype=x.dtype)
+    out[destination] = x[source]
+    return out
+
+
+def _pad_vjp(g, out, x, *, pads, value=0.0):
+    _, source, destination = _pad_boxes(np.shape(x), pads)
+    g = np.asarray(g)
+    dx = np.zeros(np.shape(x), g.dtype)
+    dx[source] = g[destination]
+    return (dx,)
+
+
+def _pad_infer(x: TensorSpec, *, pads, value=0.0) -> TensorSpec:
+    shape, _, _ = _pad_boxes(x.shape, pads)
+    if x.dtype.kind != "f" and any(n > 0 for n in pads):  # the value must fit the dtype, as ONNX's does
+        fits = value in (0.0, 1.0) if x.dtype.kind == "b" else (
+            float(value).is_integer() and np.iinfo(x.dtype).min <= value <= np.iinfo(x.dtype).max)
+        if not fits:
+            raise OpError(f"value {value} does not fit a {x.dtype.name} tensor (the padding takes the input's "
+                          f"dtype)", reason="DTYPE_MISMATCH", field="attrs.value")
+    return TensorSpec(shape, x.dtype)
+
+
+def _tile_infer(x: TensorSpec, *, repeats) -> TensorSpec:
+    if len(repeats) != len(x.shape):
+        raise OpError(f"repeats has {len(repeats)} entries for a tensor of rank {len(x.shape)}",
+                      reason="BAD_ATTRIBUTE", field="attrs.repeats")
+    if any(r < 0 for r in repeats):
+        raise OpError(f"repeats {list(repeats)}: a repeat count is >= 0", reason="BAD_ATTRIBUTE",
+                      field="attrs.repeats")
+    return TensorSpec(tuple(n * r for n, r in zip(x.shape, repeats)), x.dtype)
+
+
+def _tile_vjp(g, out, x, *, repeats):
+    shape = np.shape(x)
+    split = [k for r, n in zip(repeats, shape) for k in (r, n)]  # tile i of axis a is out[i*n:(i+1)*n]
+    return (np.sum(np.reshape(g, split), axis=tuple(range(0, 2 * len(shape), 2))),)
+
+
+# --- cumsum, flip ------------------------------------------------------------------------------
+
+def _cumsum(x, *, axis, exclusive=False, reverse=False):
+    """ONNX CumSum: running sums along ``axis`` in the input's dtype, from the end with ``reverse``,
+    each element left out of its own sum with ``exclusive``."""
+    x = np.asarray(x)
+    ax = _axis(axis, x.ndim)
+    if reverse:
+        x = np.flip(x, ax)
+    out = np.cumsum(x, axis=ax, dtype=x.dtype)
+    if exclusive:
+        before = (slice(None),) * ax
+        shifted = np.zeros_like(out)
+        shifted[before + (slice(1, None),)] = out[before + (slice(None, -1),)]
+        out = shifted
+    return np.flip(out, ax) if reverse else out
+
+
+def _cumsum_vjp(g, out, x, *, axis, exclusive=False, reverse=False):
+    """Each x[i] enters the sums the other way along the axis: the cumsum of g in reverse."""
+    return (_cumsum(g, axis=axis, exclusive=exclusive, reverse=not reverse),)
+
+
+def _cumsum_infer(x: TensorSpec, *, axis, exclusive=False, reverse=False) -> TensorSpec:
+    _axis(axis, len(x.shape))
+    if x.dtype == np.bool_:
+        raise OpError("cumsum of a bool tensor; running sums need an int or float input",
+                      reason="DTYPE_MISMATCH")
+    return x
+
+
+def _flip(x, *, axes=None):
+    return np.flip(x, normalize_axes(axes, np.ndim(x), field="attrs.axes"))
+
+
+def _flip_infer(x: TensorSpec, *, axes=None) -> TensorSpec:
+    normalize_axes(axes, len(x.shape), field="attrs.axes")
+    return x
+
+
 # --- gradient-check samples ------------------------------------------------------------------
 
 def _pick(rng: np.random.Generator, options: list) -> Any:
@@ -194,6 +309,38 @@ def _squeeze_sample(rng):
 
 def _expand_dims_sample(rng):
     return [rng.standard_normal((2, 3))], {"axis": _pick(rng, [(0,), (-1,), (1, 3), (-4,)])}
+
+
+def _pad_sample(rng):
+    source, attrs = _pick(rng, [
+        ((3,), {"pads": (1, 2)}),
+        ((2, 3), {"pads": (0, 2, 1, 0), "value": 1.5}),
+        ((2, 1, 3), {"pads": (1, 0, -1, 0, 2, -2), "value": -1.0}),  # crops, and a size-1 axis padded
+        ((4, 3), {"pads": (-1, 0, -2, 3)}),
+        ((2,), {"pads": (-3, 2), "value": 2.0}),                     # the crop eats into the end padding
+        ((), {"pads": ()}),
+    ])
+    return [np.asarray(rng.standard_normal(source))], attrs
+
+
+def _tile_sample(rng):
+    source, repeats = _pick(rng, [((3,), (2,)), ((2, 1, 3), (1, 3, 2)), ((2, 3), (2, 1)), ((), ()), ((2, 2), (0, 2))])
+    return [np.asarray(rng.standard_normal(source))], {"repeats": repeats}
+
+
+def _cumsum_sample(rng):
+    source, axis = _pick(rng, [((5,), 0), ((2, 3, 4), -1), ((2, 3, 4), 1), ((3, 4), -2), ((1, 4), 0), ((3, 1), -1)])
+    attrs = {"axis": axis}
+    attrs.update(_pick(rng, [{}, {"exclusive": True}, {"reverse": True}, {"exclusive": True, "reverse": True}]))
+    return [rng.standard_normal(source)], attrs
+
+
+def _flip_sample(rng):
+    source, attrs = _pick(rng, [
+        ((2, 3), {}), ((2, 3, 4), {"axes": (0, -1)}), ((1, 4), {"axes": (0,)}), ((), {}), ((3, 4), {"axes": ()}),
+        ((5,), {"axes": (-1,)}),
+    ])
+    return [np.asarray(rng.standard_normal(source))], attrs
 
 
 # --- the table -------------------------------------------------------------------------------
@@ -243,6 +390,29 @@ OPERATORS: list[OpDef] = [
                  "axes": Attr("ints", None, "the sliced axes; none: the leading len(starts) axes"),
                  "steps": Attr("ints", None, "step per sliced axis (negative walks backwards); none: 1s")},
           doc="x[start:end:step] along some axes, with numpy's negative indices and clamping.", sample=_slice_sample),
+
+    # pad with a constant (negative pads crop), tile: the gradient is cut out, or summed over the tiles
+    OpDef("pad", 1, _pad, _pad_vjp, _pad_infer,
+          attrs={"pads": Attr("ints", doc="ONNX order: the begin of every axis, then the end of every axis; "
+                                          "negative pads crop"),
+                 "value": Attr("float", 0.0, "the constant the padding holds")},
+          doc="Pad with a constant value, ONNX order (all begins, then all ends); negative pads crop.",
+          sample=_pad_sample),
+    OpDef("tile", 1,
+          lambda x, *, repeats: np.tile(x, repeats), _tile_vjp, _tile_infer,
+          attrs={"repeats": Attr("ints", doc="copies along each axis (one entry per axis, >= 0)")},
+          doc="Repeat the whole tensor along each axis, as np.tile and ONNX Tile.", sample=_tile_sample),
+
+    # running sums along an axis, and reversal: the gradient runs the other way
+    OpDef("cumsum", 1, _cumsum, _cumsum_vjp, _cumsum_infer,
+          attrs={"axis": Attr("int", doc="the axis to sum along (negative counts from the end)"),
+                 "exclusive": Attr("bool", False, "leave each element out of its own sum (the first is 0)"),
+                 "reverse": Attr("bool", False, "sum from the end of the axis")},
+          doc="Running sums along an axis, ONNX CumSum (exclusive and reverse flags).", sample=_cumsum_sample),
+    OpDef("flip", 1, _flip,
+          lambda g, out, x, *, axes=None: (_flip(g, axes=axes),), _flip_infer,
+          attrs={"axes": Attr("ints", None, "the axes to reverse (negative allowed); none: all of them")},
+          doc="Reverse the order of elements along some axes (all by default), as np.flip.", sample=_flip_sample),
 ]
 
 register_operators = table_hookimpl(OPERATORS)
