@@ -86,7 +86,7 @@ class Arrays(Mapping[str, np.ndarray]):
 def _as_array(tensor: Any, field: str) -> np.ndarray:
     """A tensor of a response (Tensor message or RawTensor) or of an in-process evaluation (an
     array or numpy scalar the caller may not change: read-only)."""
-    if isinstance(tensor, (np.ndarray, np.generic)):
+    if isinstance(tensor, (np.ndarray, np.generic, float)):
         array = np.asarray(tensor)
         if array.flags.writeable:
             array = array.view()  # a view of our own to freeze; the engine's array stays as it was
@@ -96,6 +96,8 @@ def _as_array(tensor: Any, field: str) -> np.ndarray:
 
 
 def _dtype_name(tensor: Any) -> str:
+    if isinstance(tensor, float):
+        return "float64"
     if isinstance(tensor, (np.ndarray, np.generic)):
         return tensor.dtype.name
     return DTYPE_NAMES.get(tensor.dtype, "?")

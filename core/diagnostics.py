@@ -182,7 +182,7 @@ def _total(items: list[Any]) -> float:
 
 
 #: Scalar node values taken in bulk (one vectorised pass instead of a numpy call per node).
-_FLOAT_SCALARS = frozenset({np.float64, np.float32})
+_FLOAT_SCALARS = frozenset({np.float64, np.float32, float})  # float: plans run on Python floats
 
 
 def _first_read(array: np.ndarray, seen: set[Any]) -> bool:

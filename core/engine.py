@@ -62,7 +62,12 @@ class ContributionRecord:
 
 @dataclass
 class Evaluation:
-    """Values and gradients of every slot of a plan after one run."""
+    """Values and gradients of every slot of a plan after one run.
+
+    Each value or gradient is an ndarray, a numpy scalar, or (from a plan run on
+    Python floats) a ``float``; ``np.asarray`` makes any of them an array, as
+    :meth:`value` and :meth:`grad` do.
+    """
 
     plan: Plan
     values: list[Any]
@@ -224,8 +229,9 @@ def _run_on_floats(
 
     The same walk as :func:`_forward` and :func:`_backward` with each operator's
     ``OpDef.scalar`` rules: a float operation costs a tenth of numpy's on a 0-d
-    value, so a scalar chain runs several times faster. Values and gradients come
-    back as numpy float64 scalars, as from numpy. ``math``'s functions may differ
+    value, so a scalar chain runs several times faster. Values and gradients stay
+    Python floats (boxing each as a numpy scalar would cost 50 ns a slot);
+    ``Evaluation`` says so, and ``np.asarray`` of one is the 0-d float64 value. ``math``'s functions may differ
     from numpy's in the last bit (tanh, exp, log). None when a rule raised an
     ArithmeticError or ValueError (``1 / 0.0``, ``math.log(-1.0)``, an overflow)
     where numpy gives inf or nan: the caller then runs the plan with numpy.
@@ -248,7 +254,7 @@ def _run_on_floats(
                 raise _contract(plan.ops[k], plan.names[k], f"scalar forward returned {type(v).__name__}, not float")
             values[k] = v
         if not gradients:
-            return list(map(np.float64, values)), None
+            return values, None
         seed_value = float(_seed(plan, shapes, out_slot, seed))
         edges = shapes.grad_edges if wanted is None else shapes.edges_toward(wanted, plan.in_slots)
         grads: list[Any] = [None] * len(ins)
@@ -277,7 +283,7 @@ def _run_on_floats(
         raise
     except Exception as exc:
         raise _failure(plan.ops[k], plan.names[k], "scalar rule", exc) from exc
-    return list(map(np.float64, values)), [None if g is None else np.float64(g) for g in grads]
+    return values, grads
 
 
 def _fit_value(plan: Plan, k: int, value: Any, spec: TensorSpec | None) -> np.ndarray:
