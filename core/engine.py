@@ -145,8 +145,9 @@ def evaluate(
             edges = shapes.grad_edges if wanted is None else shapes.edges_toward(wanted, plan.in_slots)
             grads = _backward(plan, shapes, edges, values, out_slot, seed_array, token, record)
     if unreached == UNREACHED_ZEROS:
-        for k, d in enumerate(shapes.differentiable):
-            if d and grads[k] is None and (wanted is None or k in wanted):
+        differentiable = shapes.differentiable
+        for k in range(len(differentiable)) if wanted is None else wanted:
+            if differentiable[k] and grads[k] is None:
                 spec = shapes.specs[k]
                 grads[k] = np.zeros(spec.shape, spec.dtype)  # type: ignore[union-attr]
     return Evaluation(plan, values, grads, out_slot, shapes.differentiable, record or [])
@@ -266,7 +267,12 @@ def _run_on_floats(
             if token is not None and not k & 7:
                 token.check()
             s = ins[k]
-            parts = vjps[k](g, values[k], *[values[j] for j in s], **attrs[k])
+            if len(s) == 2:
+                parts = vjps[k](g, values[k], values[s[0]], values[s[1]], **attrs[k])
+            elif len(s) == 1:
+                parts = vjps[k](g, values[k], values[s[0]], **attrs[k])
+            else:
+                parts = vjps[k](g, values[k], *[values[j] for j in s], **attrs[k])
             for pos, j in edges[k]:
                 gj = parts[pos]
                 if gj is None:

@@ -11,6 +11,7 @@ from chainrule.client import Client, GraphBuilder, ResourceExhausted, ops
 from chainrule.plugins import OperatorSet, same_as_input
 from chainrule.plugins.manager import load_plugins
 from chainrule.server import LocalClient, ServerConfig, build_service, create_server
+from chainrule.v1 import chainrule_pb2 as pb
 
 MiB = 1 << 20
 
@@ -127,3 +128,23 @@ def test_local_and_grpc_give_the_same_bytes_on_the_default_path(client):
         assert here.values[name].tobytes() == there.values[name].tobytes(), name
     assert here.diagnostics.grad_norms == there.diagnostics.grad_norms
     assert here.response.gradients == there.response.gradients  # spelt out on request
+
+
+def test_the_plan_cache_is_bounded_in_bytes_not_only_in_count():
+    from chainrule.core import Limits
+    from chainrule.server import ChainruleService
+    from chainrule.server.service.service import PLAN_BYTES_PER_NODE
+    from chainrule.core.errors import UnknownGraphError
+
+    budget = 1000 * PLAN_BYTES_PER_NODE                        # room for one 600-node plan, not two
+    service = ChainruleService(load_plugins(entry_points=False, only=["builtin"]), Limits(max_memory_bytes=budget))
+    ids = []
+    for k in range(3):
+        g = GraphBuilder()
+        v = g.input("x")
+        for _ in range(600):
+            v = v.tanh()
+        ids.append(service.compile((v * float(k)).named("f").graph.message)[0])
+    with pytest.raises(UnknownGraphError):                     # the oldest plan made room
+        service.plan_for(pb.EvaluateRequest(graph_id=ids[0]))
+    assert service.plan_for(pb.EvaluateRequest(graph_id=ids[2]))[0] == ids[2]

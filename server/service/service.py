@@ -52,7 +52,7 @@ class ChainruleService:
         self._plans: OrderedDict[str, Plan] = OrderedDict()
         self._plan_bytes: dict[str, int] = {}
         self._cache_size = graph_cache_size
-        #: Literal tensors (const nodes) the cached plans may hold in all.
+        #: Bytes the cached plans may hold in all (their literal tensors and per-node lists, estimated).
         self._cache_bytes_budget = self.limits.max_memory_bytes
         self._lock = threading.Lock()
 
@@ -67,7 +67,7 @@ class ChainruleService:
             # Pins first: a graph needing a missing plugin is FAILED_PRECONDITION, not "unknown operator".
             self._check_requirements(core_graph)
             plan = compile_graph(core_graph, self.registry, self.limits)
-            size = sum(v.nbytes for attrs in plan.attrs for v in attrs.values() if isinstance(v, np.ndarray))
+            size = plan_bytes(plan)
             with self._lock:
                 self._plans[gid] = plan
                 self._plan_bytes[gid] = size
@@ -206,6 +206,18 @@ class ChainruleService:
     def server_info(self, request: pb.ServerInfoRequest | None = None, worker: int = 0) -> pb.ServerInfoResponse:
         return pb.ServerInfoResponse(version=chainrule_version(), pid=os.getpid(), worker=worker,
                                      shared_memory_dir=self.shared_memory.path if self.shared_memory else "")
+
+
+#: What a compiled plan holds per node besides its literals: its name, the parallel per-slot lists, the
+#: attribute dicts and the inferred specs: about 510 bytes measured with tracemalloc on a 100,000-node
+#: chain, counted twice over for the shape specializations a plan adds per input-shape signature.
+PLAN_BYTES_PER_NODE = 1024
+
+
+def plan_bytes(plan: Plan) -> int:
+    """An estimate of the memory a cached plan keeps: per-node overhead plus its literal tensors."""
+    literals = sum(v.nbytes for attrs in plan.attrs for v in attrs.values() if isinstance(v, np.ndarray))
+    return len(plan) * PLAN_BYTES_PER_NODE + literals
 
 
 def _selected(plan: Plan, selection: pb.Selection, field: str) -> Iterable[int]:
