@@ -17,7 +17,8 @@ from .errors import ChainruleRpcError
 from .graph import Graph
 from .info import OperatorInfo, ServerInfo
 from .request import (
-    EvaluateCall, Selectable, Selected, as_graph, check_unreached, merge_inputs, parse_selection, resolve_target,
+    EvaluateCall, Selectable, Selected, as_graph, check_unreached, is_unused_input, merge_inputs, parse_selection,
+    resolve_target,
 )
 from .result import Result, name_of
 from .training import Progress, TrainResult
@@ -94,9 +95,7 @@ class ClientBase:
             graph, output_name = resolve_target(target, output)
         feeds = merge_inputs(inputs, named_inputs, graph.builder)
         if graph.builder is not None:  # a builder input this graph does not use: nothing to feed
-            declared = graph.inputs
-            feeds = {name: value for name, value in feeds.items()
-                     if name in declared or not _is_builder_input(graph.builder, name)}
+            feeds = {name: value for name, value in feeds.items() if not is_unused_input(graph, name)}
         call = EvaluateCall(graph, output_name, feeds, seed, chosen_values, chosen_grads, unreached,
                             contributions, diagnostics, self.timeout if timeout is None else timeout)
         return self.transport.evaluate(call)
@@ -213,7 +212,3 @@ def _vars_named(builder: GraphBuilder | None, chosen: Selected) -> list[Var]:
     if builder is None or isinstance(chosen, str):
         return []
     return [builder[name] for name in chosen if name in builder]
-
-
-def _is_builder_input(builder: GraphBuilder, name: str) -> bool:
-    return name in builder and builder[name].op is None

@@ -93,15 +93,26 @@ def to_tensor(name: str, value: Any, declared: str | None) -> pb.Tensor:
         raise TypeError(f"input '{name}': {exc.message}") from None
 
 
-def input_tensors(graph: Graph, values: Mapping[Any, Any]) -> dict[str, pb.Tensor]:
-    """Inputs keyed by name or Var (of ``graph``), encoded as Tensor messages of their declared dtypes."""
+def input_tensors(graph: Graph, values: Mapping[Any, Any], *, skip_unused: bool = False) -> dict[str, pb.Tensor]:
+    """Inputs keyed by name or Var (of ``graph``), encoded as Tensor messages of their declared dtypes.
+    ``skip_unused`` leaves out the inputs of the graph's builder that the graph does not use."""
     declared = graph.inputs
     tensors = {}
     for key, value in values.items():
         name = name_of(key, graph.builder)
         spec = declared.get(name)
+        if spec is None and skip_unused and is_unused_input(graph, name):
+            continue
         tensors[name] = to_tensor(name, value, spec.dtype if spec else None)
     return tensors
+
+
+def is_unused_input(graph: Graph, name: str) -> bool:
+    """Whether ``name`` is an input of the graph's builder that this (pruned) graph does not declare:
+    a value for it has nothing to feed, and is dropped rather than refused."""
+    builder = graph.builder
+    return (builder is not None and name not in graph.inputs and name in builder
+            and builder[name].op is None)
 
 
 def parse_selection(spec: Selectable | None, field: str, owner: Any = None) -> Selected:

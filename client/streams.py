@@ -46,7 +46,7 @@ def evaluate_many(
     options = evaluate_request(graph, output_name, {}, seed=seed, values=values, grads=grads,
                                unreached=unreached, contributions=contributions, diagnostics=diagnostics).message
     options.ClearField("graph")  # the graph goes with the first message only
-    common = input_tensors(graph, inputs or {})
+    common = input_tensors(graph, inputs or {}, skip_unused=True)
     if parallel > 1:
         return _Parallel(transport, graph, options, common, input_sets, timeout=timeout, diagnostics=diagnostics,
                          batch=batch, errors=errors).run(parallel)
@@ -85,7 +85,7 @@ def _stream_requests(graph: Graph, options: pb.EvaluateRequest, common: Mapping[
     pending: list[dict[str, pb.Tensor]] = []
     sent = 0
     for input_set in input_sets:
-        pending.append(input_tensors(graph, input_set))
+        pending.append(input_tensors(graph, input_set, skip_unused=True))
         if len(pending) == batch:
             yield _message(graph, options, common, pending, batch, first=sent == 0)
             pending, sent = [], sent + 1
@@ -295,7 +295,7 @@ class _Parallel:
             tensors = []
             for k, input_set in enumerate(sets):
                 try:
-                    tensors.append(input_tensors(self.graph, input_set))
+                    tensors.append(input_tensors(self.graph, input_set, skip_unused=True))
                 except Exception as exc:  # noqa: BLE001 - raised by run(), like an unsendable set of one call
                     with self.lock:
                         del call.sent[len(call.sent) - len(sets):]  # none of this message goes out

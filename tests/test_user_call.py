@@ -7,7 +7,7 @@ import types
 import numpy as np
 import pytest
 
-from chainrule.client import Client, GraphBuilder, ResourceExhausted, ops
+from chainrule.client import Client, GraphBuilder, InvalidArgument, ResourceExhausted, ops
 from chainrule.plugins import OperatorSet, same_as_input
 from chainrule.plugins.manager import load_plugins
 from chainrule.server import LocalClient, ServerConfig, build_service, create_server
@@ -148,3 +148,15 @@ def test_the_plan_cache_is_bounded_in_bytes_not_only_in_count():
     with pytest.raises(UnknownGraphError):                     # the oldest plan made room
         service.plan_for(pb.EvaluateRequest(graph_id=ids[0]))
     assert service.plan_for(pb.EvaluateRequest(graph_id=ids[2]))[0] == ids[2]
+
+
+@pytest.mark.parametrize("kind", ["local", "grpc"])
+def test_feeds_for_inputs_the_target_does_not_use_are_ignored_in_streams_too(kind, address):
+    g = GraphBuilder()
+    x, unused = g.input("x"), g.input("unused", (1000,))
+    f = (x * x).named("f")
+    with (LocalClient() if kind == "local" else Client(address)) as client:
+        results = client.evaluate_many(f, [{"x": 1.0}, {"x": 3.0, unused: np.ones(1000)}], {"unused": np.zeros(1000)})
+        assert [float(r.value) for r in results] == [1.0, 9.0] and float(results[1].grad[x]) == 6.0
+        with pytest.raises(InvalidArgument, match="nosuch"):  # a name the builder never declared is still an error
+            client.evaluate_many(f, [{"x": 1.0, "nosuch": 2.0}])
