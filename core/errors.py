@@ -4,6 +4,14 @@ Every error carries a machine-readable ``reason`` (a stable upper-case code the
 server forwards to clients as ``google.rpc.ErrorInfo``) and, where it applies,
 the node, operator and field at fault, so a message never leaves the reader
 guessing where to look.
+
+Clients in other languages read these reasons from the wire contract:
+``docs/errors.md`` lists every reason with its gRPC status code (see
+``chainrule.wire.status.code_for``), its meaning and the ErrorInfo metadata
+keys it carries, and the header of ``proto/chainrule/v1/chainrule.proto``
+lists them one a line. A new reason (a class's ``reason`` or a ``reason=``
+passed anywhere) must be added to both; ``tests/test_contract.py`` fails
+until it is.
 """
 from __future__ import annotations
 
@@ -19,7 +27,12 @@ __all__ = [
 
 
 class ChainruleError(Exception):
-    """Base class: a message plus the reason code and what it concerns."""
+    """Base class: a message plus the reason code and what it concerns.
+
+    ``reason`` defaults to the class's; ``reason=`` overrides it for one error (for example
+    ``GraphError(..., reason="NONFINITE_LOSS")``). ERROR, the base class's own, is answered
+    INTERNAL; the server always raises a subclass.
+    """
 
     reason: str = "ERROR"
 

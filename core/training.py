@@ -116,11 +116,12 @@ def training(
         if not math.isfinite(value):
             raise _diverged(loss_name, value, k, losses)
         grads = {name: evaluation.grads[slot] for name, slot in zip(names, slots)}
-        losses.append(value)
         if target_loss is not None and value <= target_loss:
+            # Reached: no update at this step, so its loss is the report's `loss` alone (k updates, k losses).
             yield Report(k, value, _norms(grads), time.perf_counter() - started, tuple(losses),
                          done=True, params=params, target_reached=True)
             return
+        losses.append(value)  # one loss per update applied, taken before it
         params = optimizer.step(params, grads)
         due = (k + 1) % every == 0 and time.perf_counter() - last >= report_seconds
         if k + 1 < steps and (due or len(losses) >= MAX_LOSSES_PER_REPORT):

@@ -302,7 +302,7 @@ def test_chainrule_render_without_contributions_and_bad_server(tmp_path, capsys)
     assert nodes["y"]["class"] == "parameter" and nodes["x"]["class"] == "input"
     capsys.readouterr()
     assert cli_main(["render", str(graph_file), "-i", "x=3", "-o", str(out), "--local"]) == 1
-    assert "input 'y'" in capsys.readouterr().out
+    assert "input 'y'" in capsys.readouterr().err
 
 
 # --- the docs figures stay true -----------------------------------------------------------------------

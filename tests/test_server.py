@@ -211,7 +211,8 @@ def test_cli_eval_reports_errors_without_traceback(tmp_path):
     path.write_text(json.dumps({"inputs": [{"name": "x"}], "nodes": [{"name": "h", "op": "nope", "inputs": ["x"]}],
                                 "outputs": ["h"]}))
     done = run_cli("eval", str(path), "--input", "x=1", "--local")
-    assert done.returncode == 1 and "unknown operator 'nope'" in done.stdout and "Traceback" not in done.stderr
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.startswith("chainrule: error: ") and "unknown operator 'nope'" in done.stderr
 
 
 def test_cli_ops_lists_operators_with_plugins():

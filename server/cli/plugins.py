@@ -1,7 +1,8 @@
-"""``chainrule ops [--json]``, ``chainrule plugins [--json]`` and ``chainrule check [--plugin NAME] [--op NAME]``.
+"""``chainrule ops [--json] [--server ADDR]``, ``chainrule plugins [--json]`` and ``chainrule check [--plugin NAME] [--op NAME]``.
 
 All three load plugins like ``serve`` does, so CHAINRULE_PLUGINS,
-CHAINRULE_DISABLE_PLUGINS and CHAINRULE_PREFER apply.
+CHAINRULE_DISABLE_PLUGINS and CHAINRULE_PREFER apply; ``ops --server`` lists
+a running server's operators instead (ListOperators), in the same format.
 """
 from __future__ import annotations
 
@@ -13,10 +14,13 @@ from typing import Sequence
 from chainrule.plugins.checking import check_registry
 from chainrule.plugins.manager import load_plugins, parse_names
 
+from .connect import add_connection_arguments, remote_client
+
 
 def add_plugin_parsers(commands: argparse._SubParsersAction) -> None:
-    ops = commands.add_parser("ops", help="list the operators the installed plugins provide")
+    ops = commands.add_parser("ops", help="list the operators the installed plugins (or a server, --server) provide")
     ops.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    add_connection_arguments(ops, local=None, default_server=None)
     ops.set_defaults(run=cmd_ops)
 
     plugins = commands.add_parser("plugins", help="list the installed plugins: distribution, version, operators")
@@ -87,18 +91,7 @@ def _print_table(rows: Sequence[Sequence[str]]) -> None:
 
 
 def cmd_ops(args: argparse.Namespace) -> int:
-    registry = load_plugins().registry
-    rows = [
-        {
-            "name": op.name,
-            "arity": "variadic" if op.variadic else op.arity,
-            "attrs": {name: {"type": a.kind, "required": a.required,
-                             **({} if a.required or a.default is None or a.kind == "tensor" else {"default": a.default})}
-                      for name, a in op.attrs.items()},
-            "plugin": op.plugin, "distribution": op.distribution, "version": op.version, "doc": op.doc,
-        }
-        for op in registry
-    ]
+    rows = remote_operators(args) if args.server else local_operators()
     if args.json:
         json.dump(rows, sys.stdout, indent=2)
         print()
@@ -109,3 +102,37 @@ def cmd_ops(args: argparse.Namespace) -> int:
         attrs = ", ".join(f"{k}:{v['type']}" for k, v in r["attrs"].items())
         print(f"{r['name']:<{width}}  {r['plugin']:<{pwidth}}  {attrs:<28}  {r['doc']}")
     return 0
+
+
+def _attr(kind: str, required: bool, default: object) -> dict:
+    shown = not (required or default is None or kind == "tensor")
+    return {"type": kind, "required": required, **({"default": default} if shown else {})}
+
+
+def local_operators() -> list[dict]:
+    """The installed plugins' operators, one JSON-ready row each."""
+    return [
+        {
+            "name": op.name,
+            "arity": "variadic" if op.variadic else op.arity,
+            "attrs": {name: _attr(a.kind, a.required, a.default) for name, a in op.attrs.items()},
+            "plugin": op.plugin, "distribution": op.distribution, "version": op.version, "doc": op.doc,
+        }
+        for op in load_plugins().registry
+    ]
+
+
+def remote_operators(args: argparse.Namespace) -> list[dict]:
+    """A server's operators (ListOperators), in local_operators' rows (an empty provenance field as null)."""
+    with remote_client(args) as client:
+        operators = client.operators()
+    return [
+        {
+            "name": op.name,
+            "arity": "variadic" if op.arity < 0 else op.arity,
+            "attrs": {name: _attr(a.type, a.required, a.default) for name, a in op.attrs.items()},
+            "plugin": op.plugin, "distribution": op.distribution or None, "version": op.version or None,
+            "doc": op.doc,
+        }
+        for op in operators
+    ]

@@ -8,11 +8,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from chainrule.client import Graph
-from chainrule.client.errors import ChainruleRpcError
-from chainrule.client.render import RenderError
-
-from .eval import client_for, parse_input
+from .connect import add_connection_arguments, client_for
+from .eval import load_graph, parse_input
 
 
 def add_render_parser(commands: argparse._SubParsersAction) -> None:
@@ -28,24 +25,16 @@ def add_render_parser(commands: argparse._SubParsersAction) -> None:
                         help="draw this input as a parameter, the others as data (repeat; default: every input)")
     parser.add_argument("--contributions", action=argparse.BooleanOptionalAction, default=True,
                         help="label fan-out edges with their share of the gradient (default: on)")
-    where = parser.add_mutually_exclusive_group()
-    where.add_argument("--server", default=None, help="address of a chainrule server (default 127.0.0.1:50051)")
-    where.add_argument("--local", action="store_true", help="evaluate in-process, without a server")
+    add_connection_arguments(parser, local="evaluate in-process, without a server")
     parser.set_defaults(run=cmd_render)
 
 
 def cmd_render(args: argparse.Namespace) -> int:
-    graph = Graph.from_json(args.graph.read_text())
+    graph = load_graph(args.graph)
     inputs = dict(parse_input(text) for text in args.input)
-    client = client_for(args)
-    try:
-        with client:  # the diagram shows every value: ask for them
-            result = client.evaluate(graph, inputs, output=args.output, contributions=args.contributions,
-                                     values="all")
-        path = result.render(args.out, parameters=args.param)
-    except (ChainruleRpcError, RenderError) as exc:
-        print(f"error: {exc}")
-        return 1
+    with client_for(args) as client:  # the diagram shows every value: ask for them
+        result = client.evaluate(graph, inputs, output=args.output, contributions=args.contributions, values="all")
+    path = result.render(args.out, parameters=args.param)  # a RenderError is reported by errors.report
     print(f"wrote {path}: {len(graph.message.inputs) + len(graph)} nodes, {result.output} = {result.value}")
     print(result.diagnostics)
     return 0

@@ -10,15 +10,13 @@ parameters are written to ``-o`` as ``.npz``.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
 
-from chainrule.client import Graph
-from chainrule.client.errors import ChainruleRpcError
-
-from .eval import client_for
+from .connect import add_connection_arguments, client_for
+from .errors import CommandError
+from .eval import load_graph
 
 
 def add_train_parser(commands: argparse._SubParsersAction) -> None:
@@ -42,9 +40,7 @@ def add_train_parser(commands: argparse._SubParsersAction) -> None:
                         help="show a progress bar (default: when stderr is a terminal)")
     parser.add_argument("--timeout", type=float, help="deadline of the whole run, in seconds")
     parser.add_argument("--output", "-o", type=Path, default=Path("trained.npz"), help="where to write the parameters")
-    where = parser.add_mutually_exclusive_group()
-    where.add_argument("--server", default=None, help="address of a chainrule server (default 127.0.0.1:50051)")
-    where.add_argument("--local", action="store_true", help="train in-process, without a server")
+    add_connection_arguments(parser, local="train in-process, without a server")
     parser.set_defaults(run=cmd_train)
 
 
@@ -53,31 +49,26 @@ def load_npz(path: Path, what: str) -> dict[str, np.ndarray]:
         with np.load(path, allow_pickle=False) as archive:
             return {name: archive[name] for name in archive.files}
     except (OSError, ValueError) as exc:
-        raise SystemExit(f"{what} {path}: cannot read it as .npz ({exc})") from None
+        raise CommandError(f"{what} {path}: cannot read it as .npz ({exc}); give a file numpy.savez wrote") from None
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-
-    graph = Graph.from_json(args.graph.read_text())
+    graph = load_graph(args.graph)
     data = load_npz(args.data, "--data")
     initial = load_npz(args.init, "--init") if args.init else data
     names = [name for text in args.param for name in text.split(",") if name]
     missing = [name for name in names if name not in initial]
     if missing:
-        raise SystemExit(f"--param {missing[0]}: no array of that name in {args.init or args.data}")
+        raise CommandError(f"--param {missing[0]}: no array of that name in {args.init or args.data}; "
+                           f"the arrays there: {', '.join(sorted(initial)) or '(none)'}")
     params = {name: initial[name] for name in names}
     fixed = {name: value for name, value in data.items() if name not in params}
-    client = client_for(args)
-    try:
-        with client:
-            result = client.optimize(
-                graph, params, fixed, loss=args.loss, optimizer=args.optimizer, lr=args.lr, momentum=args.momentum,
-                beta1=args.beta1, beta2=args.beta2, eps=args.eps, steps=args.steps, target_loss=args.target_loss,
-                report_every=args.report_every, progress=args.progress, timeout=args.timeout,
-            )
-    except ChainruleRpcError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    with client_for(args) as client:
+        result = client.optimize(
+            graph, params, fixed, loss=args.loss, optimizer=args.optimizer, lr=args.lr, momentum=args.momentum,
+            beta1=args.beta1, beta2=args.beta2, eps=args.eps, steps=args.steps, target_loss=args.target_loss,
+            report_every=args.report_every, progress=args.progress, timeout=args.timeout,
+        )
     np.savez(args.output, **result.params)
     first = f"{result.losses[0]:.6g} -> " if len(result.losses) else ""
     stop = " (target reached)" if result.target_reached else ""

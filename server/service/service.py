@@ -89,9 +89,11 @@ class ChainruleService:
         check_requirements(graph.metadata, self.loaded)
 
     def register_graph(self, request: pb.RegisterGraphRequest) -> pb.RegisterGraphResponse:
-        """Compile and cache a graph; its id is the content hash, the same on every replica."""
+        """Compile and cache a graph; its id is the content hash, the same on every replica.
+        ``node_count`` counts operator nodes, not the declared inputs."""
         gid, plan = self.compile(request.graph)
-        return pb.RegisterGraphResponse(graph_id=gid, node_count=len(plan))
+        # Operator nodes only, as the proto says and as max_nodes counts them: what the graph's `nodes` holds.
+        return pb.RegisterGraphResponse(graph_id=gid, node_count=len(plan) - plan.n_inputs)
 
     def plan_for(self, request: pb.EvaluateRequest) -> tuple[str, Plan]:
         """The id and plan a request names: its graph (compiled, or from the cache) or a registered id."""

@@ -107,11 +107,16 @@ class ChainruleServicer:
 
     def EvaluateStream(self, request_iterator, context):
         """Evaluates a stream of requests, answering each in order with one
-        EvaluateStreamResponse (a request with many input sets: with one or more,
-        see EvaluateRequest.input_sets). A failed item is answered with its error and the
-        stream goes on; only a failure of the stream itself ends the call.
+        EvaluateStreamResponse (a request with input sets: with one or more, see
+        EvaluateRequest.input_sets). A failed item is answered with its error and
+        the stream goes on; only a failure of the stream itself ends the call.
         A request that sets neither graph nor graph_id runs the graph of the
-        previous request of the stream (compiled once); a request may carry
+        previous request of the stream that set one (compiled once). When that
+        graph (or graph_id) failed, that request is answered with the error, and
+        so is every later request without a graph or graph_id: each repeats the
+        same error, until a request sets a graph or graph_id again. A first
+        request without either is INVALID_ARGUMENT (INVALID_GRAPH, field "graph"),
+        and so are the graph-less requests that follow it. A request may carry
         several input sets (EvaluateRequest.input_sets) to save per-message cost.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
