@@ -196,7 +196,9 @@ class ClientBase:
         ``target_loss``; reports every ``report_every`` steps (default: up to
         10 times a second) to a progress bar (``progress``: None shows it on
         a terminal) and to ``callback(Progress)``. Returns the trained
-        parameters and the whole loss history.
+        parameters and the whole loss history. A run that the timeout or the
+        server's max_training_seconds would cut short stops in time and returns
+        normally with what it trained (``stopped_early`` and ``stop_reason`` set).
         """
         graph, loss_name = resolve_target(target, loss)
         request = training.optimize_request(

@@ -2,7 +2,9 @@
 
 ``optimize`` sends one OptimizeRequest and follows its progress reports with
 a progress bar (tqdm when installed, else one line of text; only on a
-terminal unless asked) and/or a callback, for notebooks.
+terminal unless asked) and/or a callback, for notebooks. A run that the
+timeout (or the server's max_training_seconds) would cut short stops in time
+on the server and returns what it trained, marked ``stopped_early``.
 """
 from __future__ import annotations
 
@@ -60,6 +62,13 @@ class TrainResult:
     history: list[Progress]
     target_reached: bool
     elapsed: float
+    #: The run stopped before its steps because a time limit would have cut it short: the
+    #: timeout (the client's deadline) or the server's max_training_seconds. ``params``,
+    #: ``losses`` and ``steps`` are those of the steps taken.
+    stopped_early: bool = False
+    #: With ``stopped_early``: which limit, e.g. "the client's deadline", or "the server's time
+    #: limit of 3600 s per training run (max_training_seconds)".
+    stop_reason: str = ""
 
 
 def optimize_request(
@@ -93,7 +102,15 @@ def optimize_request(
 
 def optimize(transport: Transport, request: pb.OptimizeRequest, timeout: float | None, *,
              progress: bool | None, callback: Callable[[Progress], Any] | None) -> TrainResult:
-    """Run the request and follow its reports; see :meth:`ClientBase.optimize`."""
+    """Run the request and follow its reports; see :meth:`ClientBase.optimize`.
+
+    A run stopped early by a time limit returns normally: the server stops it at a
+    step boundary early enough for the final report to arrive before ``timeout``,
+    and the TrainResult has ``stopped_early`` and ``stop_reason`` set, with the
+    parameters and losses of the steps taken. Only a step that overruns the limit
+    all the same raises DeadlineExceeded (nothing is returned); closing the stream
+    (a callback that raises, Ctrl-C) cancels the run and returns nothing.
+    """
     bar = _progress_bar(request.steps, progress)
     history: list[Progress] = []
     losses: list[float] = []
@@ -119,7 +136,7 @@ def optimize(transport: Transport, request: pb.OptimizeRequest, timeout: float |
     params = {name: np.array(tensor_to_array(final.parameters[name], field=f"parameters.{name}"))
               for name in request.parameters}
     return TrainResult(params, final.loss, final.step, np.array(losses), history, final.target_reached,
-                       final.elapsed_seconds)
+                       final.elapsed_seconds, final.stopped_early, final.stop_reason)
 
 
 # --- progress bar ------------------------------------------------------------------------------

@@ -6,12 +6,21 @@ against the graph before the first step (a bad batch fails at once, naming
 its field, not after minutes of training). A step evaluates the loss and the
 gradients of the parameters only (``wrt``: data inputs cost nothing), then
 asks the optimizer for new parameters; a stop token is checked at every step
-boundary and between nodes, and a stopped run returns nothing.
+boundary and between nodes.
+
+A run with a deadline (the token's) keeps what it trained: at each step
+boundary it estimates what one more step and the final report would take
+(:func:`time_needed`: the slowest recent step times a safety factor, plus the
+final loss and sending the report) and, when that would not end before the
+deadline, stops there with a final report marked ``stopped_early``. Only a
+step that overruns the deadline all the same, or a cancel, stops a run with
+an error and no final report.
 """
 from __future__ import annotations
 
 import math
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Mapping, Sequence
 
@@ -46,6 +55,11 @@ class Report:
     params: dict[str, np.ndarray] | None = None
     #: Final report only: the run stopped because the loss reached the target.
     target_reached: bool = False
+    #: Final report only: the run stopped before its steps, at a step boundary, because one more
+    #: step and this report would not have ended before the token's deadline.
+    stopped_early: bool = False
+    #: With ``stopped_early``: the limit that stopped it, the token's ``what`` (e.g. "the client's deadline").
+    stop_reason: str = ""
 
 
 @dataclass
@@ -64,6 +78,23 @@ class Feeds:
 #: Most losses one report carries (512 KiB of doubles): a run of millions of steps between
 #: reports would otherwise pile its history up in memory, and into a final message too big to send.
 MAX_LOSSES_PER_REPORT = 1 << 16
+
+#: Steps whose durations predict the next one's (the slowest of them counts).
+RECENT_STEPS = 32
+#: The next step is budgeted at this many times the slowest recent step (steps vary: the garbage
+#: collector, a busy machine).
+STEP_SAFETY_FACTOR = 2.0
+#: Sending the final report: a fixed allowance (scheduling, serialization, the network's latency)
+#: plus its bytes at a modest rate.
+SEND_SECONDS = 0.2
+SEND_BYTES_PER_SECOND = 25e6
+
+
+def time_needed(slowest_step: float, report_bytes: int) -> float:
+    """Seconds one more step and the final report would take: the step, budgeted at the slowest
+    recent one times STEP_SAFETY_FACTOR; the final loss (a forward pass, at most a step); sending
+    the report (SEND_SECONDS, plus its bytes at SEND_BYTES_PER_SECOND)."""
+    return (STEP_SAFETY_FACTOR + 1) * slowest_step + SEND_SECONDS + report_bytes / SEND_BYTES_PER_SECOND
 
 
 def training(
@@ -87,6 +118,13 @@ def training(
     ``report_seconds`` of the previous one, and always a final one (``done``)
     with the trained parameters; stops early once the loss is at or below
     ``target_loss``.
+
+    With a ``token`` that has a deadline, stops at the first step boundary
+    (after the first step) where :func:`time_needed` says one more step and
+    the final report would not end before it: the final report then carries
+    the steps taken so far, ``stopped_early`` and the token's ``what`` as
+    ``stop_reason``. The token's cancel, or its deadline passing all the same
+    (a step far slower than the recent ones), still raises.
     """
     if steps <= 0:
         raise GraphError(f"steps: must be > 0, got {steps}", field="steps")
@@ -108,9 +146,25 @@ def training(
     started = last = time.perf_counter()
     losses: list[float] = []
     grads: dict[str, np.ndarray] = {}
+    deadline = token.deadline if token is not None else None
+    param_bytes = sum(np.asarray(p).nbytes for p in params.values())
+    recent: deque[float] = deque(maxlen=RECENT_STEPS)
+    slowest_ever = 0.0  # >= every recent step: when it leaves time enough, the recent ones do too
+    boundary = time.monotonic()
+    taken = steps  # updates applied when the loop ends: fewer when the deadline stops it
     for k in range(steps):
         if token is not None:
             token.check()
+            if deadline is not None and k > 0:
+                now = time.monotonic()
+                recent.append(now - boundary)
+                slowest_ever = max(slowest_ever, now - boundary)
+                boundary = now
+                report_bytes = param_bytes + 8 * len(losses)
+                if (now + time_needed(slowest_ever, report_bytes) > deadline
+                        and now + time_needed(max(recent), report_bytes) > deadline):
+                    taken = k
+                    break
         evaluation = evaluate(plan, feeds.step_inputs(k, params), output=loss_name, wrt=names, token=token)
         value = float(evaluation.values[out])
         if not math.isfinite(value):
@@ -130,10 +184,12 @@ def training(
             losses = []
     if token is not None:
         token.check()
-    final = evaluate(plan, feeds.step_inputs(steps - 1, params), output=loss_name, gradients=False, token=token)
+    final = evaluate(plan, feeds.step_inputs(taken - 1, params), output=loss_name, gradients=False, token=token)
     value = float(final.values[out])
-    yield Report(steps, value, _norms(grads), time.perf_counter() - started, tuple(losses),
-                 done=True, params=params, target_reached=target_loss is not None and value <= target_loss)
+    stopped = taken < steps
+    yield Report(taken, value, _norms(grads), time.perf_counter() - started, tuple(losses),
+                 done=True, params=params, target_reached=target_loss is not None and value <= target_loss,
+                 stopped_early=stopped, stop_reason=token.what if stopped and token is not None else "")
 
 
 def _norms(grads: Arrays) -> dict[str, float]:

@@ -194,7 +194,8 @@ class InProcessTransport(Transport):
 
     def optimize(self, request: pb.OptimizeRequest,
                  timeout: float | None) -> Generator[pb.OptimizeProgress, None, None]:
-        token = None if timeout is None else StopToken.after(timeout)
+        # Named as over gRPC: a run the timeout would cut short stops in time, and says why.
+        token = None if timeout is None else StopToken.after(timeout, what="the client's deadline")
         return self._follow(optimize(self.service, request, token))
 
     @staticmethod

@@ -100,7 +100,8 @@ class Servicer(pb_grpc.ChainruleServicer):
             log.info("%s id=%s nodes=%d %.1fms %s", method, request_id, size,
                      (time.perf_counter() - started) * 1000, outcome)
 
-    def _token(self, context: grpc.ServicerContext, cap: float | None = None, limit: str = "max_compute_seconds") -> StopToken:
+    def _token(self, context: grpc.ServicerContext, cap: float | None = None, limit: str = "max_compute_seconds",
+               per: str = "request") -> StopToken:
         """Stop work when the client's deadline passes, it cancels, or the server's time cap is hit."""
         remaining = context.time_remaining()
         cap = self.config.max_compute_seconds if cap is None else cap
@@ -108,7 +109,7 @@ class Servicer(pb_grpc.ChainruleServicer):
         context.add_callback(cancelled.set)
         if remaining is not None and remaining <= cap:
             return StopToken.after(remaining, cancelled, "the client's deadline")
-        return StopToken.after(cap, cancelled, f"the server's time limit of {cap:g} s per request ({limit})")
+        return StopToken.after(cap, cancelled, f"the server's time limit of {cap:g} s per {per} ({limit})")
 
     def Evaluate(self, request: Incoming, context: grpc.ServicerContext) -> Outgoing:
         message = request.message
@@ -156,7 +157,8 @@ class Servicer(pb_grpc.ChainruleServicer):
 
     def Optimize(self, request: pb.OptimizeRequest, context: grpc.ServicerContext) -> Iterator[pb.OptimizeProgress]:
         size = len(request.graph.nodes) if request.HasField("graph") else 0
-        token = self._token(context, self.config.max_training_seconds, "max_training_seconds")
+        # A run its deadline would cut short stops in time with what it trained (stopped_early).
+        token = self._token(context, self.config.max_training_seconds, "max_training_seconds", "training run")
         return self._stream("Optimize", context, lambda request_id: optimize(self.service, request, token, request_id), size)
 
 

@@ -29,8 +29,10 @@ def optimize(service: ChainruleService, request: pb.OptimizeRequest, token: Stop
              request_id: str = "") -> Iterator[pb.OptimizeProgress]:
     """Check and compile the request, then train, yielding every report as a message.
 
-    Everything is checked before the first step; a stopped or failed run
-    raises and yields no final message.
+    Everything is checked before the first step. A run that ``token``'s deadline (the
+    client's, or the server's max_training_seconds) would cut short stops in time and
+    ends with a final message marked ``stopped_early`` (see ``core.training``); a
+    cancelled or failed run raises and yields no final message.
     """
     _, plan = service.plan_for(request)  # type: ignore[arg-type]  (same graph/graph_id oneof as EvaluateRequest)
     limit = service.limits.max_tensor_elements
@@ -119,6 +121,7 @@ def progress_message(report: Report) -> pb.OptimizeProgress:
     message = pb.OptimizeProgress(
         step=report.step, loss=report.loss, grad_norms=report.grad_norms, elapsed_seconds=report.elapsed,
         done=report.done, losses=report.losses, target_reached=report.target_reached,
+        stopped_early=report.stopped_early, stop_reason=report.stop_reason,
     )
     for name, value in (report.params or {}).items():
         message.parameters[name].CopyFrom(array_to_tensor(value))

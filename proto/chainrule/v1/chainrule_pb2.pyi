@@ -455,7 +455,7 @@ class OptimizeRequest(_message.Message):
     def __init__(self, graph: _Optional[_Union[Graph, _Mapping]] = ..., graph_id: _Optional[str] = ..., parameters: _Optional[_Iterable[str]] = ..., initial: _Optional[_Mapping[str, Tensor]] = ..., fixed_inputs: _Optional[_Mapping[str, Tensor]] = ..., batches: _Optional[_Iterable[_Union[Batch, _Mapping]]] = ..., loss: _Optional[str] = ..., optimizer: _Optional[_Union[Optimizer, _Mapping]] = ..., steps: _Optional[int] = ..., target_loss: _Optional[float] = ..., report_every: _Optional[int] = ..., report_interval_seconds: _Optional[float] = ...) -> None: ...
 
 class OptimizeProgress(_message.Message):
-    __slots__ = ("step", "loss", "grad_norms", "elapsed_seconds", "done", "parameters", "losses", "target_reached")
+    __slots__ = ("step", "loss", "grad_norms", "elapsed_seconds", "done", "parameters", "losses", "target_reached", "stopped_early", "stop_reason")
     class GradNormsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -478,6 +478,8 @@ class OptimizeProgress(_message.Message):
     PARAMETERS_FIELD_NUMBER: _ClassVar[int]
     LOSSES_FIELD_NUMBER: _ClassVar[int]
     TARGET_REACHED_FIELD_NUMBER: _ClassVar[int]
+    STOPPED_EARLY_FIELD_NUMBER: _ClassVar[int]
+    STOP_REASON_FIELD_NUMBER: _ClassVar[int]
     step: int
     loss: float
     grad_norms: _containers.ScalarMap[str, float]
@@ -486,4 +488,6 @@ class OptimizeProgress(_message.Message):
     parameters: _containers.MessageMap[str, Tensor]
     losses: _containers.RepeatedScalarFieldContainer[float]
     target_reached: bool
-    def __init__(self, step: _Optional[int] = ..., loss: _Optional[float] = ..., grad_norms: _Optional[_Mapping[str, float]] = ..., elapsed_seconds: _Optional[float] = ..., done: _Optional[bool] = ..., parameters: _Optional[_Mapping[str, Tensor]] = ..., losses: _Optional[_Iterable[float]] = ..., target_reached: _Optional[bool] = ...) -> None: ...
+    stopped_early: bool
+    stop_reason: str
+    def __init__(self, step: _Optional[int] = ..., loss: _Optional[float] = ..., grad_norms: _Optional[_Mapping[str, float]] = ..., elapsed_seconds: _Optional[float] = ..., done: _Optional[bool] = ..., parameters: _Optional[_Mapping[str, Tensor]] = ..., losses: _Optional[_Iterable[float]] = ..., target_reached: _Optional[bool] = ..., stopped_early: _Optional[bool] = ..., stop_reason: _Optional[str] = ...) -> None: ...
