@@ -18,6 +18,7 @@ numpy ufunc such as ``np.add`` is itself a valid forward rule.
 """
 from __future__ import annotations
 
+import inspect
 import re
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Mapping, Sequence
@@ -235,3 +236,31 @@ def validate_opdef(op: Any, *, plugin: str | None = None) -> None:
                 raise InvalidOperatorError(
                     f"{what}default of attribute '{name}': {exc}", plugin=plugin, op=op.name
                 ) from None
+
+
+def rule_signature_problem(op: OpDef) -> str | None:
+    """Why ``op``'s forward, vjp or infer rule cannot take the attributes its schema declares, ending
+    in the fix; None when each accepts every declared attribute as a keyword (or takes ``**kwargs``).
+
+    A selective vjp must take ``needs`` too. A rule whose signature Python cannot read (some
+    C functions) is not judged.
+    """
+    for role, rule, more in (("forward", op.forward, ()), ("vjp", op.vjp, ("needs",) if op.selective_vjp else ()),
+                             ("infer", op.infer, ())):
+        if rule is None:
+            continue
+        try:
+            params = list(inspect.signature(rule).parameters.values())
+        except (TypeError, ValueError):
+            continue
+        if any(p.kind is p.VAR_KEYWORD for p in params):
+            continue
+        accepted = {p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+        missing = [name for name in (*op.attrs, *more) if name not in accepted]
+        if missing:
+            listed = ", ".join(f"'{m}'" for m in missing)
+            what = "keyword" if missing == ["needs"] and more else "attribute" + ("s" if len(missing) > 1 else "")
+            return (f"operator '{op.name}': the {role} rule does not accept the declared {what} {listed} "
+                    f"(the engine passes every attribute as a keyword); add {', '.join(missing)} to its parameters "
+                    f"(def {role}(..., *, {', '.join(missing)})) or end them with **attrs")
+    return None

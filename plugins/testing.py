@@ -157,9 +157,14 @@ def check_vjp(
         kept = [v.copy(), out.copy()]
         if getattr(op, "selective_vjp", False):  # ask for the float inputs' gradients, as the engine does
             needs = tuple(x.dtype.kind == "f" for x in xs)
-            grads = tuple(op.vjp(v, out, *xs, needs=needs, **attrs))
+            raw = op.vjp(v, out, *xs, needs=needs, **attrs)
         else:
-            grads = tuple(op.vjp(v, out, *xs, **attrs))
+            raw = op.vjp(v, out, *xs, **attrs)
+        if isinstance(raw, np.ndarray) or not hasattr(raw, "__iter__"):
+            problem = (f"vjp returned a bare {type(raw).__name__}, not a tuple with one gradient per input "
+                       f"(return (g * ...,))")
+            return GradCheckReport(op.name, tuple(_unchecked(i, x) for i, x in enumerate(xs)), attrs, out.shape, problem)
+        grads = tuple(raw)
         if len(grads) != len(xs):
             problem = f"vjp returned {len(grads)} gradients for {len(xs)} inputs"
             return GradCheckReport(op.name, tuple(_unchecked(i, x) for i, x in enumerate(xs)), attrs, out.shape, problem)

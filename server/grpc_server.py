@@ -68,8 +68,13 @@ def connection_age_options(config: ServerConfig) -> list[tuple[str, int]]:
 
 
 def build_service(config: ServerConfig, loaded: Loaded | None = None) -> ChainruleService:
-    """The service ``config`` describes: its plugins (checked when it asks), limits and caches."""
-    loaded = loaded or load_plugins(**plugin_filters(config))
+    """The service ``config`` describes: its plugins (checked when it asks), limits and caches.
+
+    Raises BrokenPluginsError (one line per problem) when a plugin is broken or a plugin setting
+    names no installed plugin: a server does not start without the operators it was asked for;
+    leave a broken plugin out by name (CHAINRULE_DISABLE_PLUGINS) to serve the others.
+    """
+    loaded = (loaded or load_plugins(**plugin_filters(config))).raise_for_problems()
     checks = None
     if config.check_operators:  # refuse operators whose vjp disagrees with finite differences
         from chainrule.plugins.checking import check_and_refuse

@@ -11,6 +11,7 @@ calls a remote service imports none of this.
 from __future__ import annotations
 
 import threading
+import warnings
 import weakref
 from typing import Any, Callable, Generator, Iterable, Iterator
 
@@ -47,8 +48,11 @@ class LocalClient(ClientBase):
 
     def __init__(self, loaded: Loaded | None = None, *, limits: Limits | None = None,
                  timeout: float | None = None) -> None:
-        service = ChainruleService(loaded if loaded is not None else load_plugins(),
-                                   limits or ServerConfig().limits())
+        if loaded is None:
+            loaded = load_plugins()
+            for problem in loaded.problems:  # the others load; say which did not, as `chainrule serve` would
+                warnings.warn(f"chainrule: {problem}", RuntimeWarning, stacklevel=2)
+        service = ChainruleService(loaded, limits or ServerConfig().limits())
         super().__init__(InProcessTransport(service), timeout=timeout)
 
     @property

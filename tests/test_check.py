@@ -20,7 +20,7 @@ import pytest
 
 from chainrule.client import Client, GraphBuilder, InvalidArgument
 from chainrule.server import LocalClient, ServerConfig, create_server
-from chainrule.core.errors import DuplicateOperatorError, PluginError
+from chainrule.core.errors import PluginError
 from chainrule.plugins.checking import check_registry
 from chainrule.plugins.manager import load_plugins
 from chainrule.server.cli import main
@@ -37,7 +37,7 @@ ops = OperatorSet()
 
 @ops.operator("flip.swish", infer=float_like_input, beta=1.0)
 def swish(x, *, beta):
-    """Swish, whose gradient has its sign flipped (a deliberate bug)."""
+    """Swish, whose gradient has its sign flip (a deliberate bug)."""
     return x / (1 + np.exp(-beta * x))
 
 
@@ -95,7 +95,7 @@ class Site:
 
     def install(self, distribution: str, version: str, plugin: str, source: str) -> None:
         """Write the plugin's module and the metadata pip would: a distribution with one entry point."""
-        module = f"{plugin}_plugin_{self.root.name}".replace("-", "_")
+        module = f"{plugin}_plugin_{self.root.name}".replace("-", "_").replace(".", "_")
         (self.root / f"{module}.py").write_text(textwrap.dedent(source))
         info = self.root / f"{distribution.replace('-', '_')}-{version}.dist-info"
         info.mkdir()
@@ -116,7 +116,7 @@ def site(tmp_path, monkeypatch):
 
 @pytest.fixture
 def flipped(site):
-    site.install("chainrule-flipped", "0.1.0", "flipped", FLIPPED)
+    site.install("chainrule-flipped", "0.1.0", "flip", FLIPPED)
     return site
 
 
@@ -154,13 +154,13 @@ def test_every_builtin_operator_passes_chainrule_check(capsys, site, monkeypatch
 
 
 def test_a_flipped_vjp_is_caught_naming_plugin_operator_input_position_and_both_numbers(flipped):
-    checks = {c.op: c for c in check_registry(load_plugins(only=["flipped"]).registry)}
+    checks = {c.op: c for c in check_registry(load_plugins(only=["flip"]).registry)}
     assert checks["flip.double"].passed and checks["flip.double"].max_abs_error < 1e-8
     bad = checks["flip.swish"]
-    assert not bad.passed and bad.status == "FAILED" and bad.plugin == "flipped"
+    assert not bad.passed and bad.status == "FAILED" and bad.plugin == "flip"
     assert bad.distribution == "chainrule-flipped" and bad.version == "0.1.0"
     assert bad.shapes == (((),), ((4,),), ((2, 3),)) and bad.max_abs_error > 0.1
-    match = re.search(r"plugin 'flipped' \(distribution chainrule-flipped 0\.1\.0\): operator flip\.swish: "
+    match = re.search(r"plugin 'flip' \(distribution chainrule-flipped 0\.1\.0\): operator flip\.swish: "
                       r"input 0 at \(\): vjp gives (\S+), finite differences give (\S+) \(abs error", bad.message)
     assert match, bad.message
     vjp, numeric = float(match[1]), float(match[2])
@@ -169,12 +169,12 @@ def test_a_flipped_vjp_is_caught_naming_plugin_operator_input_position_and_both_
 
 
 def test_chainrule_check_exits_1_and_prints_the_failure(flipped, capsys):
-    code, out, _ = run_cli(capsys, "check", "--plugin", "flipped")
+    code, out, _ = run_cli(capsys, "check", "--plugin", "flip")
     assert code == 1
     lines = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith("flip.")}
-    assert lines["flip.swish"][1] == "flipped" and lines["flip.swish"][-1] == "FAILED"
+    assert lines["flip.swish"][1] == "flip" and lines["flip.swish"][-1] == "FAILED"
     assert lines["flip.double"][-1] == "passed" and lines["flip.double"][2:5] == ["[]", ";", "[4]"]
-    assert "FAILED plugin 'flipped' (distribution chainrule-flipped 0.1.0): operator flip.swish: input 0 at ()" in out
+    assert "FAILED plugin 'flip' (distribution chainrule-flipped 0.1.0): operator flip.swish: input 0 at ()" in out
     assert "2 operators: 1 passed, 1 failed, 0 exempt" in out
     code, out, _ = run_cli(capsys, "check", "--op", "flip.double", "--op", "add")
     assert code == 0 and "flip.swish" not in out and "2 operators: 2 passed" in out
@@ -199,7 +199,7 @@ def test_an_operator_that_cannot_be_checked_fails_with_the_reason():
 # --- serve --check-operators --------------------------------------------------------------------------
 
 def test_serve_with_check_operators_refuses_the_failing_operator_and_serves_the_rest(flipped, caplog):
-    server, address = start(ServerConfig(check_operators=True, plugins=["flipped", "builtin.reduce"]))
+    server, address = start(ServerConfig(check_operators=True, plugins=["flip", "builtin.reduce"]))
     try:
         with Client(address, timeout=30) as client:
             listed = {op.name: op for op in client.operators()}
@@ -214,12 +214,12 @@ def test_serve_with_check_operators_refuses_the_failing_operator_and_serves_the_
     finally:
         server.stop(grace=None).wait()
     refusals = [r.getMessage() for r in caplog.records if r.getMessage().startswith("refusing")]
-    assert len(refusals) == 1 and "refusing flip.swish: plugin 'flipped' (distribution chainrule-flipped 0.1.0): " \
+    assert len(refusals) == 1 and "refusing flip.swish: plugin 'flip' (distribution chainrule-flipped 0.1.0): " \
         "operator flip.swish: input 0 at ()" in refusals[0]
 
 
 def test_without_check_operators_nothing_is_refused_and_the_check_is_not_run(flipped):
-    server, address = start(ServerConfig(plugins=["flipped"]))
+    server, address = start(ServerConfig(plugins=["flip"]))
     try:
         with Client(address, timeout=30) as client:
             listed = {op.name: op.check for op in client.operators()}
@@ -234,12 +234,13 @@ def test_chainrule_plugins_lists_distribution_version_and_operators(flipped, cap
     code, out, _ = run_cli(capsys, "plugins", "--json")
     assert code == 0
     rows = {row["name"]: row for row in json.loads(out)}
-    assert rows["flipped"] == {"name": "flipped", "distribution": "chainrule-flipped", "version": "0.1.0",
-                               "builtin": False, "operators": ["flip.swish", "flip.double"]}
+    assert rows["flip"] == {"name": "flip", "distribution": "chainrule-flipped", "version": "0.1.0",
+                               "builtin": False, "operators": ["flip.swish", "flip.double"], "broken": False,
+                               "problem": None}
     assert rows["builtin.linalg"]["distribution"] == "chainrule" and rows["builtin.linalg"]["operators"] == ["matmul", "transpose", "einsum"]
     code, out, _ = run_cli(capsys, "plugins")
-    line = next(line for line in out.splitlines() if line.startswith("flipped"))
-    assert line.split() == ["flipped", "chainrule-flipped", "0.1.0", "flip.swish,", "flip.double"]
+    line = next(line for line in out.splitlines() if line.startswith("flip"))
+    assert line.split() == ["flip", "chainrule-flipped", "0.1.0", "flip.swish,", "flip.double"]
 
 
 def _everywhere(capsys) -> dict[str, set[str]]:
@@ -262,11 +263,11 @@ def _everywhere(capsys) -> dict[str, set[str]]:
 
 
 def test_the_environment_variables_choose_the_plugins_everywhere(flipped, capsys, monkeypatch):
-    monkeypatch.setenv("CHAINRULE_PLUGINS", "flipped,builtin.linalg")
+    monkeypatch.setenv("CHAINRULE_PLUGINS", "flip,builtin.linalg")
     for where, names in _everywhere(capsys).items():
         assert names == {"flip.swish", "flip.double", "matmul", "transpose", "einsum"}, where
     monkeypatch.delenv("CHAINRULE_PLUGINS")
-    monkeypatch.setenv("CHAINRULE_DISABLE_PLUGINS", "builtin,flipped")
+    monkeypatch.setenv("CHAINRULE_DISABLE_PLUGINS", "builtin,flip")
     for where, names in _everywhere(capsys).items():
         assert names == set(), where
 
@@ -274,58 +275,60 @@ def test_the_environment_variables_choose_the_plugins_everywhere(flipped, capsys
 # --- plugins that cannot load: each message names who and why ------------------------------------------
 
 def test_two_distributions_registering_one_name_are_named_and_prefer_resolves_it(site, capsys):
-    site.install("chainrule-one", "1.2.0", "one", one_operator("dup.neg"))
-    site.install("chainrule-two", "0.3.0", "two", one_operator("dup.neg"))
-    with pytest.raises(DuplicateOperatorError) as info:
-        create_server("127.0.0.1:0", ServerConfig(plugins=["one", "two"]))
-    message = info.value.message
-    assert "operator 'dup.neg' is registered twice" in message
-    assert "(distribution chainrule-one 1.2.0)" in message and "(distribution chainrule-two 0.3.0)" in message
-    assert "--prefer one or --prefer two" in message or "--prefer two or --prefer one" in message
-    code, _, err = run_cli(capsys, "plugins")
-    assert code == 1 and err.startswith("chainrule: error: operator 'dup.neg' is registered twice") and "Traceback" not in err
+    site.install("chainrule-one", "1.2.0", "dup.one", one_operator("dup.neg"))
+    site.install("chainrule-two", "0.3.0", "dup.two", one_operator("dup.neg"))
+    with pytest.raises(PluginError) as info:
+        create_server("127.0.0.1:0", ServerConfig(plugins=["dup"]))
+    message = info.value.message    # the second in name order is left out, naming both
+    assert "plugin 'dup.two' (distribution chainrule-two 0.3.0) was not loaded: operator 'dup.neg' is already " \
+        "registered by plugin 'dup.one' (distribution chainrule-one 1.2.0)" in message
+    assert "--prefer dup.one or --prefer dup.two" in message and "CHAINRULE_DISABLE_PLUGINS=dup.two" in message
+    code, out, err = run_cli(capsys, "plugins")
+    assert code == 1 and err.startswith("chainrule: error: plugin 'dup.two'") and "Traceback" not in err
+    assert re.search(r"^dup\.two\s+chainrule-two\s+0\.3\.0\s+BROKEN", out, re.M), out
 
-    server, address = start(ServerConfig(plugins=["one", "two"], prefer=["two"]))
+    server, address = start(ServerConfig(plugins=["dup"], prefer=["dup.two"]))
     try:
         with Client(address, timeout=30) as client:
             (op,) = [op for op in client.operators() if op.name == "dup.neg"]
     finally:
         server.stop(grace=None).wait()
-    assert (op.plugin, op.distribution, op.version) == ("two", "chainrule-two", "0.3.0")
-    code, out, _ = run_cli(capsys, "check", "--prefer", "two", "--plugin", "one", "--plugin", "two")
-    assert code == 0 and re.search(r"dup\.neg\s+two\s", out)
+    assert (op.plugin, op.distribution, op.version) == ("dup.two", "chainrule-two", "0.3.0")
+    code, out, _ = run_cli(capsys, "check", "--prefer", "dup.two", "--plugin", "dup")
+    assert code == 0 and re.search(r"dup\.neg\s+dup\.two\s", out)
 
 
 def test_a_plugin_whose_registration_raises_stops_the_start_naming_it(site, capsys):
     site.install("chainrule-broken", "0.1.0", "broken", RAISES)
-    with pytest.raises(PluginError, match="plugin 'broken' raised while registering operators: "
-                                          "RuntimeError: license server unreachable"):
+    with pytest.raises(PluginError, match=r"plugin 'broken' \(distribution chainrule-broken 0.1.0\) was not loaded: "
+                                          "raised while registering operators: RuntimeError: license server unreachable"):
         create_server("127.0.0.1:0", ServerConfig())
     code, _, err = run_cli(capsys, "check")
-    assert code == 1 and "plugin 'broken' raised while registering operators" in err
+    assert code == 1 and "raised while registering operators" in err
     loaded = load_plugins(env={"CHAINRULE_DISABLE_PLUGINS": "broken"})   # leaving it out, the rest loads
-    assert "broken" not in [p.name for p in loaded.plugins] and "add" in loaded.registry
+    assert "broken" not in [p.name for p in loaded.plugins] and "add" in loaded.registry and not loaded.broken
 
 
 def test_a_plugin_that_fails_to_import_is_named_with_its_distribution(site, capsys):
     site.install("chainrule-private", "2.0.1", "private", "import acme_private_sdk_that_is_not_installed\n")
     code, _, err = run_cli(capsys, "plugins")
     assert code == 1
-    assert ("plugin 'private' (distribution chainrule-private 2.0.1) failed to import: ModuleNotFoundError: "
-            "No module named 'acme_private_sdk_that_is_not_installed'") in err
+    assert ("plugin 'private' (distribution chainrule-private 2.0.1) was not loaded: failed to import: "
+            "ModuleNotFoundError: No module named 'acme_private_sdk_that_is_not_installed'") in err
 
 
 def test_a_plugin_with_a_bad_attribute_schema_is_refused_naming_plugin_operator_and_attribute(site, capsys):
     site.install("chainrule-schema", "0.1.0", "schema", one_operator("schema.neg", ', attrs={"k": Attr("complex", 1)}'))
     code, _, err = run_cli(capsys, "plugins")
     assert code == 1
-    assert ("plugin 'schema': operator 'schema.neg': attribute 'k' has kind 'complex'; expected one of "
-            "float, int, bool, string, ints, floats, tensor") in err
+    assert ("plugin 'schema' (distribution chainrule-schema 0.1.0) was not loaded: operator 'schema.neg': "
+            "attribute 'k' has kind 'complex'; expected one of float, int, bool, string, ints, floats, tensor") in err
 
 
 def test_two_distributions_with_one_plugin_name_are_refused_naming_both(site):
-    site.install("chainrule-alpha", "1.0.0", "shared", one_operator("alpha.neg"))
-    site.install("chainrule-beta", "2.0.0", "shared", one_operator("beta.neg"))
-    with pytest.raises(PluginError, match="plugin name 'shared' is used by distribution chainrule-") as info:
-        load_plugins(only=["shared"])
-    assert "chainrule-alpha" in info.value.message and "chainrule-beta" in info.value.message
+    site.install("chainrule-alpha", "1.0.0", "shared", one_operator("shared.neg"))
+    site.install("chainrule-beta", "2.0.0", "shared", one_operator("shared.neg"))
+    loaded = load_plugins(only=["shared"])
+    (broken,) = loaded.broken
+    assert "plugin name 'shared' is also used by chainrule-" in broken.message
+    assert {broken.distribution, loaded.plugins[-1].distribution} == {"chainrule-alpha", "chainrule-beta"}

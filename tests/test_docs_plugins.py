@@ -221,8 +221,8 @@ def _plugin(hook) -> types.SimpleNamespace:
 
 def _load_error(**options) -> str:
     with pytest.raises(PluginError) as info:
-        load_plugins(**options)
-    return f"chainrule: error: {info.value.message}"
+        load_plugins(**options).raise_for_problems()
+    return "\n".join(f"chainrule: error: {line}" for line in info.value.lines)
 
 
 def _rpc_error(loaded, op: str, shape: tuple[int, ...], value: np.ndarray, **attrs) -> str:
@@ -273,8 +273,49 @@ def produce_messages(mine: types.ModuleType, site: Site) -> list[str]:
     def _(g, out, x):
         return (g,)
 
+    messages.append(_load_error(entry_points=False, only=["mine"],
+                                extra=[installed, ("mine.extra", _plugin(other.hookimpl()), "chainrule-mine-extra", "1.0.0")]))
     messages.append(_load_error(entry_points=False, only=["mine", "other"],
                                 extra=[installed, ("other", _plugin(other.hookimpl()), "chainrule-other", "1.0.0")]))
+    bare = OperatorSet()
+
+    @bare.operator("mish", infer=float_like_input)
+    def _(x):
+        return x
+
+    @_.vjp
+    def _(g, out, x):
+        return (g,)
+
+    messages.append(_load_error(entry_points=False, only=["mine"], extra=[("mine", _plugin(bare.hookimpl()), "chainrule-mine", "0.1.0")]))
+    no_keyword = OperatorSet()
+
+    @no_keyword.operator("mine.softclip", limit=1.0)
+    def _(x):
+        return np.tanh(x)
+
+    @_.vjp
+    def _(g, out, x, *, limit):
+        return (g * (1 - out ** 2),)
+
+    messages.append(_load_error(entry_points=False, only=["mine"], extra=[("mine", _plugin(no_keyword.hookimpl()), "chainrule-mine", "0.1.0")]))
+    bare_array = OperatorSet()
+
+    @bare_array.operator("mine.softclip", limit=1.0)
+    def clip(x, *, limit):
+        return limit * np.tanh(x / limit)
+
+    @clip.vjp
+    def _(g, out, x, *, limit):
+        return g * (1 - (out / limit) ** 2)
+
+    @clip.sample
+    def _(rng):
+        return [rng.uniform(-3, 3, size=(2, 5))], {"limit": 1.5}
+
+    messages.append(_load_error(entry_points=False, only=["mine"], extra=[("mine", _plugin(bare_array.hookimpl()), "chainrule-mine", "0.1.0")]))
+    messages.append(_load_error(entry_points=False, only=["mine"], extra=[("mine", types.SimpleNamespace(), "chainrule-mine", "0.1.0")]))
+    messages.append(_load_error(entry_points=False, only=["builtin", "mien"], extra=[installed]))
 
     @hookimpl
     def loads_weights(register):

@@ -33,8 +33,8 @@ def counted(calls: dict, scalar_result=float):
         return scalar_result(2 * x)
 
     draft_scalar = (twice_float, lambda g, out, x: (2.0 * g,))
-    loaded = load_plugins(entry_points=False, only=["builtin", "t"],
-                          extra=[("t", types.SimpleNamespace(register_operators=ops.hookimpl()))])
+    loaded = load_plugins(entry_points=False, only=["builtin", "test"],
+                          extra=[("test", types.SimpleNamespace(register_operators=ops.hookimpl()))])
     registry = Registry([op if op.name != "test.twice" else _with_scalar(op, draft_scalar)
                          for op in loaded.registry])
     return registry

@@ -3,6 +3,12 @@
 All three load plugins like ``serve`` does, so CHAINRULE_PLUGINS,
 CHAINRULE_DISABLE_PLUGINS and CHAINRULE_PREFER apply; ``ops --server`` lists
 a running server's operators instead (ListOperators), in the same format.
+
+A broken plugin (see chainrule.plugins.manager) is left out and reported on
+stderr, one line each, and so is a name in those settings that matches no
+plugin: ``plugins`` lists them and exits 1; ``check`` exits 1 when a broken
+plugin is among those it checks (a warning for the others) and 2 for an
+unmatched name; ``ops`` warns and exits 0.
 """
 from __future__ import annotations
 
@@ -12,7 +18,7 @@ import sys
 from typing import Sequence
 
 from chainrule.plugins.checking import check_registry
-from chainrule.plugins.manager import load_plugins, parse_names
+from chainrule.plugins.manager import Loaded, load_plugins, parse_names, plugin_matches
 
 from .connect import add_connection_arguments, remote_client
 
@@ -20,6 +26,7 @@ from .connect import add_connection_arguments, remote_client
 def add_plugin_parsers(commands: argparse._SubParsersAction) -> None:
     ops = commands.add_parser("ops", help="list the operators the installed plugins (or a server, --server) provide")
     ops.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    ops.add_argument("--prefer", default=None, metavar="NAMES", help="plugins that win a name conflict (env CHAINRULE_PREFER)")
     add_connection_arguments(ops, local=None, default_server=None)
     ops.set_defaults(run=cmd_ops)
 
@@ -36,33 +43,54 @@ def add_plugin_parsers(commands: argparse._SubParsersAction) -> None:
     check.set_defaults(run=cmd_check)
 
 
-def _load(args: argparse.Namespace):
+def _load(args: argparse.Namespace) -> Loaded:
     return load_plugins(prefer=parse_names(args.prefer))
+
+
+def _report(lines: Sequence[str], level: str) -> None:
+    for line in lines:
+        print(f"chainrule: {level}: {line}", file=sys.stderr)
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
     loaded = _load(args)
     rows = [{"name": p.name, "distribution": p.distribution, "version": p.version, "builtin": p.builtin,
-             "operators": list(p.operators)} for p in loaded.plugins]
+             "operators": list(p.operators), "broken": False, "problem": None} for p in loaded.plugins]
+    rows += [{"name": b.name, "distribution": b.distribution, "version": b.version, "builtin": b.builtin,
+              "operators": [], "broken": True, "problem": b.message} for b in loaded.broken]
+    code = 1 if loaded.problems else 0
     if args.json:
         json.dump(rows, sys.stdout, indent=2)
         print()
-        return 0
+        _report(loaded.problems, "error")
+        return code
     table = [("PLUGIN", "DISTRIBUTION", "VERSION", "OPERATORS")]
-    table += [(r["name"], r["distribution"] or "-", r["version"] or "-", ", ".join(r["operators"]) or "(none)")
-              for r in rows]
+    table += [(r["name"], r["distribution"] or "-", r["version"] or "-",
+               "BROKEN (not loaded)" if r["broken"] else ", ".join(r["operators"]) or "(none)") for r in rows]
     _print_table(table)
-    return 0
+    sys.stdout.flush()
+    _report(loaded.problems, "error")
+    return code
 
 
 def cmd_check(args: argparse.Namespace) -> int:
     loaded = _load(args)
+    if loaded.unmatched:
+        _report(loaded.problems, "error")
+        return 2
+    selected = args.plugin
+    mine = [b for b in loaded.broken if selected is None or plugin_matches(b.name, selected)]
+    _report([b.message for b in loaded.broken if b not in mine], "warning")
     try:
         checks = check_registry(loaded.registry, args.op, plugins=args.plugin)
     except LookupError as exc:
+        _report([b.message for b in mine], "error")
         print(f"chainrule: error: {exc.args[0]}", file=sys.stderr)
-        return 2
+        return 1 if mine else 2
     if not checks:
+        if mine:
+            _report([b.message for b in mine], "error")
+            return 1
         names = ", ".join(p.name for p in loaded.plugins) or "none"
         print(f"chainrule: error: no installed operator matches --plugin {' '.join(args.plugin or [])} "
               f"(plugins: {names})", file=sys.stderr)
@@ -76,8 +104,10 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"\nFAILED {c.message}")
     exempt = sum(1 for c in checks if not c.checked)
     print(f"\n{len(checks)} operator{'s' * (len(checks) != 1)}: {len(checks) - len(failed) - exempt} passed, {len(failed)} failed, "
-          f"{exempt} exempt (gradcheck=False)")
-    return 1 if failed else 0
+          f"{exempt} exempt (gradcheck=False)" + (f"; {len(mine)} plugin{'s' * (len(mine) != 1)} broken" if mine else ""))
+    sys.stdout.flush()
+    _report([b.message for b in mine], "error")
+    return 1 if failed or mine else 0
 
 
 def _number(value: float, checked: bool) -> str:
@@ -91,7 +121,7 @@ def _print_table(rows: Sequence[Sequence[str]]) -> None:
 
 
 def cmd_ops(args: argparse.Namespace) -> int:
-    rows = remote_operators(args) if args.server else local_operators()
+    rows = remote_operators(args) if args.server else local_operators(parse_names(args.prefer))
     if args.json:
         json.dump(rows, sys.stdout, indent=2)
         print()
@@ -109,8 +139,11 @@ def _attr(kind: str, required: bool, default: object) -> dict:
     return {"type": kind, "required": required, **({"default": default} if shown else {})}
 
 
-def local_operators() -> list[dict]:
-    """The installed plugins' operators, one JSON-ready row each."""
+def local_operators(prefer: Sequence[str] | None = None) -> list[dict]:
+    """The installed plugins' operators, one JSON-ready row each; broken plugins and settings naming
+    no plugin are warned about on stderr."""
+    loaded = load_plugins(prefer=prefer)
+    _report(loaded.problems, "warning")
     return [
         {
             "name": op.name,
@@ -118,7 +151,7 @@ def local_operators() -> list[dict]:
             "attrs": {name: _attr(a.kind, a.required, a.default) for name, a in op.attrs.items()},
             "plugin": op.plugin, "distribution": op.distribution, "version": op.version, "doc": op.doc,
         }
-        for op in load_plugins().registry
+        for op in loaded.registry
     ]
 
 

@@ -8,7 +8,9 @@ import sys
 import threading
 
 from .. import config as config_module
-from ..grpc_server import create_server
+from chainrule.plugins.manager import BrokenPluginsError, load_plugins
+
+from ..grpc_server import build_service, create_server
 from ..memory import tune_allocator
 from ..workers import serve_workers
 
@@ -25,10 +27,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
         tune_allocator()
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log = logging.getLogger("chainrule.server")
+    try:  # broken plugins, or a plugin setting naming none: one line each, before any port is bound
+        if config.workers > 1:  # each worker loads its own; look once here
+            load_plugins(**config_module.plugin_filters(config)).raise_for_problems()
+        else:
+            service = build_service(config)
+    except BrokenPluginsError as exc:
+        for line in exc.lines:
+            print(f"chainrule: error: {line}", file=sys.stderr)
+        print(f"chainrule: error: not serving with {len(exc.lines)} plugin problem{'s' * (len(exc.lines) != 1)}; "
+              f"fix them, or leave broken plugins out by name with CHAINRULE_DISABLE_PLUGINS or --disable-plugins",
+              file=sys.stderr)
+        return 2
+    except (OSError, ValueError) as exc:  # e.g. an unusable shared-memory folder
+        print(f"chainrule: error: {exc}", file=sys.stderr)
+        return 2
     if config.workers > 1:
         return serve_workers(config)
     try:
-        server, port = create_server(config=config)
+        server, port = create_server(config=config, service=service)
     except (OSError, ValueError) as exc:  # a port in use, an unreadable certificate or token file
         print(f"chainrule: error: {exc}", file=sys.stderr)
         return 2

@@ -1,4 +1,4 @@
-"""Registers ``acme.swish`` too (as SiLU, without beta): a name conflict with chainrule-acme."""
+"""Registers ``acme.swish`` too (as SiLU, without beta): a name with chainrule-acme's prefix, so refused."""
 from __future__ import annotations
 
 import numpy as np
