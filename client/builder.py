@@ -526,7 +526,7 @@ class GraphBuilder:
             like = next((v.dtype for v in inputs if isinstance(v, Var)), None)
         args = tuple(self._lift(v, like) for v in inputs)
         given = {key: value for key, value in attrs.items() if value is not None}
-        encoded = {key: python_to_attr(value) for key, value in given.items()}
+        encoded = {key: _encode_attr(op, key, value) for key, value in given.items()}
         return self._add(op, args, encoded, dtypes.result_dtype(op, [a.dtype for a in args], given), name)
 
     def output(self, *values: Var) -> None:
@@ -751,3 +751,11 @@ def _const_tensor(array: np.ndarray) -> pb.Tensor:
     """Small constants as a readable list of numbers, large ones as raw bytes."""
     exact_as_double = array.dtype.kind in "fb" or (array.size and np.abs(array).max() < 2 ** 53) or not array.size
     return array_to_tensor(array, as_values=bool(array.size <= READABLE_CONST_ELEMENTS and exact_as_double))
+
+
+def _encode_attr(op: str, name: str, value: Any) -> pb.AttrValue:
+    """``python_to_attr``, its TypeError or ValueError naming the operator and the attribute."""
+    try:
+        return python_to_attr(value)
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"{op}: attribute '{name}': {exc}") from None

@@ -19,6 +19,7 @@ numpy ufunc such as ``np.add`` is itself a valid forward rule.
 from __future__ import annotations
 
 import inspect
+import math
 import re
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Mapping, Sequence
@@ -44,11 +45,17 @@ class Attr:
 
     ``default=None`` makes the attribute optional with no value (e.g. ``axis``
     of ``sum``: all axes); leaving ``default`` out makes it required.
+
+    A ``float`` or ``floats`` attribute refuses NaN and infinities (BAD_ATTRIBUTE) unless
+    ``allow_nonfinite=True``, for an operator to which they mean something (padding with
+    ``-inf`` before a max, say). ``int`` and ``ints`` values must fit in int64 (the wire's
+    integers); narrower ranges are the operator's own business (its infer rule).
     """
 
     kind: str
     default: Any = _REQUIRED
     doc: str = ""
+    allow_nonfinite: bool = False
 
     @property
     def required(self) -> bool:
@@ -120,8 +127,13 @@ def attr_name_clash(name: str, *, selective_vjp: bool = False) -> str | None:
     return None
 
 
-def coerce_attr(kind: str, value: Any) -> Any:
-    """Normalise an attribute value to its kind, or raise TypeError saying why.
+#: The range of an ``int`` attribute: the wire's int64.
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
+
+
+def coerce_attr(kind: str, value: Any, *, allow_nonfinite: bool = False) -> Any:
+    """Normalise an attribute value to its kind, or raise TypeError (wrong type) or
+    ValueError (a non-finite float without ``allow_nonfinite``, an int beyond int64) saying why.
 
     ints and floats come back as tuples; an int stands for a one-element
     ``ints``; an int is a valid float; a bool is never an int.
@@ -129,11 +141,21 @@ def coerce_attr(kind: str, value: Any) -> Any:
     if kind == "float":
         if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
             raise TypeError(f"expected a float, got {_describe(value)}")
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # an int beyond a double's range
+            raise ValueError(f"{_describe(value)} is beyond the range of a float") from None
+        if not allow_nonfinite and not math.isfinite(number):
+            raise ValueError(f"expected a finite float, got {number}; this attribute takes no NaN or infinity")
+        return number
     if kind == "int":
         if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
             raise TypeError(f"expected an int, got {_describe(value)}")
-        return int(value)
+        number = int(value)
+        if not INT64_MIN <= number <= INT64_MAX:
+            raise ValueError(f"{number} is out of range: an int attribute must fit in int64 "
+                             f"(from {INT64_MIN} to {INT64_MAX})")
+        return number
     if kind == "bool":
         if not isinstance(value, (bool, np.bool_)):
             raise TypeError(f"expected a bool, got {_describe(value)}")
@@ -151,7 +173,7 @@ def coerce_attr(kind: str, value: Any) -> Any:
         items = (value,) if isinstance(value, (int, float, np.integer, np.floating)) else value
         if isinstance(items, (str, bytes, Mapping)) or not isinstance(items, (Sequence, np.ndarray)):
             raise TypeError(f"expected a list of floats, got {_describe(value)}")
-        return tuple(coerce_attr("float", item) for item in items)
+        return tuple(coerce_attr("float", item, allow_nonfinite=allow_nonfinite) for item in items)
     if kind == "tensor":
         if not isinstance(value, np.ndarray):
             raise TypeError(f"expected a tensor, got {_describe(value)}")
@@ -186,8 +208,8 @@ def check_attrs(op: OpDef, given: Mapping[str, Any], *, node: str | None = None)
             checked[name] = schema.default
             continue
         try:
-            checked[name] = coerce_attr(schema.kind, given[name])
-        except TypeError as exc:
+            checked[name] = coerce_attr(schema.kind, given[name], allow_nonfinite=schema.allow_nonfinite)
+        except (TypeError, ValueError) as exc:
             raise BadAttributeError(
                 f"{_where(node, op)}attribute '{name}': {exc}",
                 node=node, op=op.name, field=f"attrs.{name}",
@@ -231,8 +253,8 @@ def validate_opdef(op: Any, *, plugin: str | None = None) -> None:
             )
         if not schema.required and schema.default is not None:
             try:
-                coerce_attr(schema.kind, schema.default)
-            except TypeError as exc:
+                coerce_attr(schema.kind, schema.default, allow_nonfinite=schema.allow_nonfinite)
+            except (TypeError, ValueError) as exc:
                 raise InvalidOperatorError(
                     f"{what}default of attribute '{name}': {exc}", plugin=plugin, op=op.name
                 ) from None

@@ -48,8 +48,13 @@ class ServerConfig:
     plugins: list[str] | None = None
     disable_plugins: list[str] = field(default_factory=list)
     prefer: list[str] = field(default_factory=list)
-    #: Compare every operator's vjp with finite differences at start-up; refuse those that fail.
-    check_operators: bool = False
+    #: Compare the vjp of every operator of a third-party plugin with finite differences at
+    #: start-up and refuse those that fail (built-ins are checked by chainrule's test suite, not here).
+    check_operators: bool = True
+    #: Where verdicts are kept per (distribution, version, operator), so a restart checks nothing
+    #: again. Empty: ``$XDG_CACHE_HOME/chainrule/checks.json`` (``~/.cache/chainrule/checks.json``);
+    #: ``off``: no cache.
+    check_cache_file: str = ""
     log_level: str = "INFO"
     #: Keep freed large blocks in the heap for the next request (glibc only; see memory.py).
     tune_malloc: bool = True

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import queue
 import threading
 import time
 import uuid
@@ -145,14 +146,13 @@ class Servicer(pb_grpc.ChainruleServicer):
 
     def EvaluateStream(self, requests: Iterator[pb.EvaluateRequest],
                        context: grpc.ServicerContext) -> Iterator[pb.EvaluateStreamResponse]:
-        # A stream waiting for the client's next message checks no token: a timer ends it
-        # after max_stream_seconds, so an idle stream cannot keep its admission slot.
-        limit = threading.Timer(self.config.max_stream_seconds, context.cancel)
-        limit.daemon = True
-        limit.start()
-        context.add_callback(limit.cancel)
+        # A stream waiting for the client's next message is ended by the same token as its work:
+        # client_requests waits for each message only until the token's deadline, then raises
+        # DeadlineError in this thread, which _serving turns into DEADLINE_EXCEEDED naming the
+        # limit (with its google.rpc details) and which frees the admission slot.
+        token = call_token(context, self.config.max_stream_seconds)
         return self._stream("EvaluateStream", context, lambda request_id: evaluate_stream(
-            self.service, client_requests(requests), call_token(context, self.config.max_stream_seconds),
+            self.service, client_requests(requests, token), token,
             self.config.max_compute_seconds, request_id, max_reply_bytes=self.config.message_limit // 2))
 
     def Optimize(self, request: pb.OptimizeRequest, context: grpc.ServicerContext) -> Iterator[pb.OptimizeProgress]:
@@ -202,9 +202,61 @@ def call_token(context: grpc.ServicerContext, max_seconds: float) -> StopToken:
     return StopToken.after(max_seconds, cancelled, f"the server's time limit of {max_seconds:g} s per stream (max_stream_seconds)")
 
 
-def client_requests(requests: Iterator[pb.EvaluateRequest]) -> Iterator[pb.EvaluateRequest]:
-    """The request stream, with a client gone mid-stream reported as CANCELLED (not an internal error)."""
+_END = object()
+
+
+def client_requests(requests: Iterator[pb.EvaluateRequest], call: StopToken | None = None) -> Iterator[pb.EvaluateRequest]:
+    """The request stream, with a client gone mid-stream reported as CANCELLED (not an internal error).
+
+    With a ``call`` token that has a deadline, each message is awaited only until that deadline:
+    then ``call.check()`` raises (DeadlineError naming the limit) in the caller's thread. grpc's
+    request iterator cannot be waited on with a timeout, and ``context.abort`` from another
+    thread leaves the handler blocked in it (grpc 1.85; grpc/grpc#41074), so a helper thread
+    reads the messages, one at a time and only when asked (no read-ahead). It ends with the
+    call: grpc ends the request iterator once the status is sent.
+    """
+    if call is None or call.deadline is None:
+        try:
+            yield from requests
+        except grpc.RpcError:
+            raise CancelledError("the client cancelled the stream; work stopped") from None
+        return
+    ready: queue.SimpleQueue = queue.SimpleQueue()
+    wanted = threading.Semaphore(0)
+    closed = False
+
+    def read() -> None:
+        while True:
+            wanted.acquire()
+            if closed:
+                return
+            try:
+                item: Any = next(requests)
+            except StopIteration:
+                item = _END
+            except BaseException as exc:  # noqa: BLE001 - handed to the stream's thread
+                item = exc
+            ready.put(item)
+            if item is _END or isinstance(item, BaseException):
+                return
+
+    threading.Thread(target=read, name="chainrule-stream-reader", daemon=True).start()
     try:
-        yield from requests
-    except grpc.RpcError:
-        raise CancelledError("the client cancelled the stream; work stopped") from None
+        while True:
+            wanted.release()
+            while True:
+                try:
+                    item = ready.get(timeout=max(0.0, call.deadline - time.monotonic()) + 0.001)
+                    break
+                except queue.Empty:
+                    call.check()  # raises once the deadline has passed (or the call was cancelled)
+            if item is _END:
+                return
+            if isinstance(item, grpc.RpcError):
+                raise CancelledError("the client cancelled the stream; work stopped") from None
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        closed = True
+        wanted.release()  # a reader waiting to be asked for more ends now

@@ -438,3 +438,14 @@ def test_end_to_end_through_a_local_server():
     error = info.value
     assert (error.reason, error.node, error.op) == ("BAD_ATTRIBUTE", "bad", "pad")
     assert "pads has 2 entries" in error.message and "pads" in (error.field or "")
+
+
+def test_pad_takes_infinite_padding_values():
+    from chainrule.server import LocalClient
+    from chainrule.client import GraphBuilder
+
+    g = GraphBuilder()
+    x = g.input("x", (3,))
+    r = LocalClient().evaluate(x.pad([1, 1], value=-np.inf).named("p"), x=[1.0, 2.0, 3.0], seed=np.ones(5),
+                               values=["p"])
+    np.testing.assert_array_equal(r.values["p"], [-np.inf, 1.0, 2.0, 3.0, -np.inf])

@@ -46,6 +46,8 @@ class Venv:
     def env(self, **extra: str) -> dict[str, str]:
         """os.environ without anything that would leak the test's own chainrule or plugin choice."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("CHAINRULE_") and k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+        # the operator-check cache of this environment's servers: its own, not the user's
+        env["CHAINRULE_CHECK_CACHE_FILE"] = str(self.cwd / "checks.json")
         return {**env, **extra}
 
     def run(self, *args: str, timeout: float = 120, **extra_env: str) -> subprocess.CompletedProcess:

@@ -7,12 +7,20 @@ re-implements broadcasting. Gradients take the dtype of ``g``: float32 stays flo
 Gradient semantics (the lecture notes' gates): add distributes, mul swaps,
 max routes. When ``maximum``/``minimum`` see a tie (x == y) the gradient is
 split evenly, 0.5 to each input.
+
+Integer overflow is refused, not wrapped: numpy wraps int64 silently (``max + 1``
+is ``min``, ``3 ** 63`` is negative), so on integer results add, sub, neg, mul
+and pow check their answer and raise OpError (reason OUT_OF_RANGE; the engine
+names the node). add and sub use the sign rule (operands of one sign, a result
+of the other), neg looks for the dtype's minimum, mul and pow compare a float64
+computation with the dtype's range and recompute near its edge exactly with
+Python ints. Float results are not checked: one test of the result's dtype.
 """
 from __future__ import annotations
 
 import math
 import operator
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -37,6 +45,97 @@ def _true_division(x: TensorSpec, y: TensorSpec) -> TensorSpec:
     """Like numpy's ``/``: integer inputs give float64."""
     spec = _numeric(x, y)
     return spec if spec.dtype.kind == "f" else TensorSpec(spec.shape, FLOAT64)
+
+
+# --- integer overflow: refused in the forward rule, not wrapped ------------------------------
+
+def _overflow(op: str, dtype: np.dtype) -> OpError:
+    info = np.iinfo(dtype)
+    return OpError(f"{op} overflows {dtype} (its range is {info.min} to {info.max}): numpy would wrap it "
+                   f"silently; use a wider integer or a float input", reason="OUT_OF_RANGE")
+
+
+_FLOAT = np.dtype(np.float64)
+
+
+def _int_kind(out: Any) -> str:
+    """'i' or 'u' for an integer result, '' otherwise (floats, bools, complex; a Python float)."""
+    kind = getattr(out, "dtype", _FLOAT).kind
+    return kind if kind in "iu" else ""
+
+
+def _add(x, y):
+    out = x + y
+    kind = _int_kind(out)
+    if kind == "i":   # overflow: x and y of one sign, the result of the other
+        t = x ^ out
+        t &= y ^ out      # in place for arrays: two temporaries, no bool array
+        if t.size and t.min() < 0:
+            raise _overflow("add", out.dtype)
+    elif kind == "u" and np.any(out < np.maximum(x, y)):
+        raise _overflow("add", out.dtype)
+    return out
+
+
+def _sub(x, y):
+    out = x - y
+    kind = _int_kind(out)
+    if kind == "i":   # overflow: x and y of different signs, the result's sign not x's
+        t = x ^ out
+        t &= x ^ y
+        if t.size and t.min() < 0:
+            raise _overflow("sub", out.dtype)
+    elif kind == "u" and np.any(x < y):
+        raise _overflow("sub", out.dtype)
+    return out
+
+
+def _neg(x):
+    out = -x
+    kind = _int_kind(out)
+    if kind == "i" and np.any(x == np.iinfo(out.dtype).min):   # -min is min again
+        raise _overflow("neg", out.dtype)
+    if kind == "u" and np.any(x != 0):
+        raise _overflow("neg", out.dtype)
+    return out
+
+
+def check_int_range(op: str, out: Any, approx: Any, exact: Callable[[np.ndarray], Any]) -> None:
+    """Refuse an integer result whose true value is outside its dtype's range.
+
+    ``approx`` is the result computed in float64 (broadcast to out's shape, or a scalar), within
+    a relative error of 1e-12 or so; the elements it puts near or beyond the range (beyond 2**(bits-2))
+    are recomputed exactly by ``exact(mask)`` (a sequence of Python ints, in mask order). inf and nan
+    in ``approx`` count as near the edge too: a true value that large is far outside the range.
+    """
+    info = np.iinfo(out.dtype)
+    approx = np.abs(np.asarray(approx, dtype=np.float64))
+    near = ~(approx < 2.0 ** (info.bits - 2))    # nan (0 * inf in a float product) is near too
+    if not np.any(near):
+        return
+    for v in exact(np.broadcast_to(near, np.shape(out))):
+        if v is None or not info.min <= v <= info.max:
+            raise _overflow(op, out.dtype)
+
+
+def _exact_elementwise(f: Callable[[int, int], Any], x: Any, y: Any) -> Callable[[np.ndarray], list]:
+    def exact(mask: np.ndarray) -> list:
+        xs, ys = np.broadcast_arrays(np.asarray(x), np.asarray(y))
+        return [f(int(a), int(b)) for a, b in zip(xs[mask].tolist(), ys[mask].tolist())]
+    return exact
+
+
+def _mul(x, y):
+    out = x * y
+    if _int_kind(out):
+        check_int_range("mul", out, np.multiply(x, y, dtype=np.float64),
+                        _exact_elementwise(operator.mul, x, y))
+    return out
+
+
+def _int_pow(a: int, b: int) -> int | None:
+    """a ** b for an integer, or None when it is too large to bother (|a| >= 2 and b >= 64)."""
+    return a ** b if abs(a) < 2 or b < 64 else None
 
 
 # --- rules with a few steps ------------------------------------------------------------------
@@ -68,7 +167,12 @@ def _power(x, y):
         bad = np.asarray(y)[np.asarray(y) < 0].flat[0]
         raise OpError(f"exponent {bad} is negative; integers to negative powers need a float input",
                       reason="OUT_OF_RANGE")
-    return np.power(x, y)
+    out = np.power(x, y)
+    if _int_kind(out):
+        with np.errstate(over="ignore"):     # inf: far outside the range, as check_int_range expects
+            approx = np.power(np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64))
+        check_int_range("pow", out, approx, _exact_elementwise(_int_pow, x, y))
+    return out
 
 
 def _pow_vjp(g, out, x, y):
@@ -154,18 +258,20 @@ def _apart(rng):
     return [np.asarray(x), np.asarray(y)], {}
 
 
-# --- the table: forward rules are Python's operators, which dispatch to the same numpy
-# ufuncs for arrays but skip the ufunc call overhead (about 0.5 us) for 0-d values -------------------------------------------------------------------------------
+# --- the table: forward rules use Python's operators, which dispatch to the same numpy
+# ufuncs for arrays but skip the ufunc call overhead (about 0.5 us) for 0-d values; add, sub,
+# neg and mul wrap them with the integer overflow check (float plans of 0-d values run the
+# ``scalar`` rules, which stay Python's operators) -------------------------------------------------------------------------------
 
 OPERATORS: list[OpDef] = [
     # sums distribute the gradient, products swap it
-    OpDef("add", 2, operator.add, _add_vjp, _numeric,
+    OpDef("add", 2, _add, _add_vjp, _numeric,
           doc="x + y with numpy broadcasting.", sample=_pair, scalar=(operator.add, _add_vjp)),
-    OpDef("sub", 2, operator.sub, _sub_vjp, _numeric,
+    OpDef("sub", 2, _sub, _sub_vjp, _numeric,
           doc="x - y with numpy broadcasting.", sample=_pair, scalar=(operator.sub, _sub_vjp)),
-    OpDef("neg", 1, operator.neg, _neg_vjp, _numeric,
+    OpDef("neg", 1, _neg, _neg_vjp, _numeric,
           doc="-x elementwise.", scalar=(operator.neg, _neg_vjp)),
-    OpDef("mul", 2, operator.mul, _mul_vjp, _numeric,
+    OpDef("mul", 2, _mul, _mul_vjp, _numeric,
           doc="x * y with numpy broadcasting.", sample=_pair, scalar=(operator.mul, _mul_vjp)),
     OpDef("div", 2, operator.truediv, _div_vjp, _true_division,
           doc="x / y with numpy broadcasting; integer inputs give float64.", sample=_nonzero_divisor,

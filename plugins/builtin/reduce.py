@@ -11,6 +11,10 @@ split it evenly (``[1, 3, 3]`` gives ``[0, 0.5, 0.5]`` for max). max, min and
 logsumexp refuse a reduction over an axis of size 0 (numpy raises; there is
 no value), with reason SHAPE_MISMATCH.
 
+Integer sum and prod refuse a result outside their dtype's range (numpy wraps it
+silently: the sum of ``[max, max]`` is -2) with reason OUT_OF_RANGE; float
+reductions are not checked.
+
 prod's gradient is the product of the other elements, computed from prefix and
 suffix products and never by dividing by x: with one zero in a group only that
 element gets a gradient (the product of the others), with two or more zeros
@@ -84,7 +88,28 @@ def _sum_dtype(dtype: np.dtype) -> np.dtype:
 
 
 def _sum(x, *, axis=None, keepdims=False):
-    return np.sum(x, axis=normalize_axes(axis, np.ndim(x)), keepdims=keepdims)
+    axes = normalize_axes(axis, np.ndim(x))
+    out = np.sum(x, axis=axes, keepdims=keepdims)
+    if out.dtype.kind in "iu" and np.size(x):
+        _check_int_sum(x, out, axes, keepdims)
+    return out
+
+
+def _check_int_sum(x: Any, out: Any, axes: tuple[int, ...], keepdims: bool) -> None:
+    """Refuse an integer sum whose true value is outside its dtype's range (numpy wraps it).
+
+    Cheap bound first: count * max|x| inside the range means no group can overflow (two passes,
+    min and max, no allocation). Otherwise each group is summed exactly with Python ints; a wrapped
+    partial sum does not matter, only whether the true total fits (integer addition is modular)."""
+    info = np.iinfo(out.dtype)
+    largest = max(abs(int(np.max(x))), abs(int(np.min(x))))
+    if largest * _count(x, axes) <= info.max:
+        return
+    exact = np.sum(np.asarray(x).astype(object), axis=axes, keepdims=keepdims)
+    for v in np.asarray(exact, dtype=object).reshape(-1).tolist():
+        if not info.min <= v <= info.max:
+            raise OpError(f"sum overflows {out.dtype} (its range is {info.min} to {info.max}): numpy would "
+                          f"wrap it silently; use a float input", reason="OUT_OF_RANGE")
 
 
 def _sum_vjp(g, out, x, *, axis=None, keepdims=False):
@@ -123,7 +148,35 @@ def _min(x, *, axis=None, keepdims=False):
 # --- prod ------------------------------------------------------------------------------------
 
 def _prod(x, *, axis=None, keepdims=False):
-    return np.prod(x, axis=normalize_axes(axis, np.ndim(x)), keepdims=keepdims)
+    axes = normalize_axes(axis, np.ndim(x))
+    out = np.prod(x, axis=axes, keepdims=keepdims)
+    if out.dtype.kind in "iu" and np.size(x):
+        _check_int_prod(x, out, axes)
+    return out
+
+
+def _check_int_prod(x: Any, out: Any, axes: tuple[int, ...]) -> None:
+    """Refuse an integer product whose true value is outside its dtype's range (numpy wraps it).
+
+    The product of |x| in float64 (one conversion and one reduction) clears every group below
+    2**(bits-2); a group above it (or inf, or nan from 0 * inf) is multiplied exactly with Python
+    ints, stopping as soon as it leaves the range: no zero left means |product| only grows."""
+    info = np.iinfo(out.dtype)
+    x = np.asarray(x)
+    rest = [i for i in range(x.ndim) if i not in axes]
+    rows = np.transpose(x, rest + list(axes)).reshape(-1, _count(x, axes))   # one row per group
+    with np.errstate(over="ignore", invalid="ignore"):
+        approx = np.prod(np.abs(rows.astype(np.float64)), axis=-1)
+    near = ~(approx < 2.0 ** (info.bits - 2))
+    for row in rows[near].tolist():
+        if 0 in row:
+            continue
+        p = 1
+        for v in row:
+            p *= v
+            if not info.min <= p <= info.max:
+                raise OpError(f"prod overflows {out.dtype} (its range is {info.min} to {info.max}): numpy "
+                              f"would wrap it silently; use a float input", reason="OUT_OF_RANGE")
 
 
 def _prod_vjp(g, out, x, *, axis=None, keepdims=False):

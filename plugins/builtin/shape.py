@@ -395,7 +395,7 @@ OPERATORS: list[OpDef] = [
     OpDef("pad", 1, _pad, _pad_vjp, _pad_infer,
           attrs={"pads": Attr("ints", doc="ONNX order: the begin of every axis, then the end of every axis; "
                                           "negative pads crop"),
-                 "value": Attr("float", 0.0, "the constant the padding holds")},
+                 "value": Attr("float", 0.0, "the constant the padding holds (inf and -inf too)", allow_nonfinite=True)},
           doc="Pad with a constant value, ONNX order (all begins, then all ends); negative pads crop.",
           sample=_pad_sample),
     OpDef("tile", 1,

@@ -10,7 +10,7 @@ import threading
 from .. import config as config_module
 from chainrule.plugins.manager import BrokenPluginsError, load_plugins
 
-from ..grpc_server import build_service, create_server
+from ..grpc_server import build_service, check_operators, create_server
 from ..memory import tune_allocator
 from ..workers import serve_workers
 
@@ -29,7 +29,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     log = logging.getLogger("chainrule.server")
     try:  # broken plugins, or a plugin setting naming none: one line each, before any port is bound
         if config.workers > 1:  # each worker loads its own; look once here
-            load_plugins(**config_module.plugin_filters(config)).raise_for_problems()
+            loaded = load_plugins(**config_module.plugin_filters(config)).raise_for_problems()
+            if config.check_operators:  # check once here: the workers then read the verdicts from the cache
+                check_operators(loaded, config)
         else:
             service = build_service(config)
     except BrokenPluginsError as exc:

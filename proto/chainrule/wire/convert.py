@@ -165,13 +165,28 @@ def attr_to_python(value: pb.AttrValue, *, field: str, max_elements: int | None 
     return getattr(value, kind)
 
 
+_INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
+
+
+def _int64(value: Any) -> int:
+    number = int(value)
+    if not _INT64_MIN <= number <= _INT64_MAX:
+        raise ValueError(f"{number} is out of range: integer attributes travel as int64 "
+                         f"(from {_INT64_MIN} to {_INT64_MAX})")
+    return number
+
+
 def python_to_attr(value: Any) -> pb.AttrValue:
+    """The AttrValue of a Python value; TypeError for a value no attribute can hold (None
+    included: leave an attribute out for its default), ValueError for an int beyond int64."""
     if isinstance(value, pb.AttrValue):
         return value
+    if value is None:
+        raise TypeError("None is not an attribute value (leave the attribute out for its default)")
     if isinstance(value, (bool, np.bool_)):
         return pb.AttrValue(b=bool(value))
     if isinstance(value, (int, np.integer)):
-        return pb.AttrValue(i=int(value))
+        return pb.AttrValue(i=_int64(value))
     if isinstance(value, (float, np.floating)):
         return pb.AttrValue(f=float(value))
     if isinstance(value, str):
@@ -180,8 +195,15 @@ def python_to_attr(value: Any) -> pb.AttrValue:
         return pb.AttrValue(tensor=array_to_tensor(value))
     if isinstance(value, (list, tuple)):
         if all(isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_)) for v in value):
-            return pb.AttrValue(ints=pb.Ints(values=[int(v) for v in value]))
-        return pb.AttrValue(floats=pb.Floats(values=[float(v) for v in value]))
+            return pb.AttrValue(ints=pb.Ints(values=[_int64(v) for v in value]))
+        if any(v is None or not isinstance(v, (int, float, np.integer, np.floating)) for v in value):
+            bad = next(v for v in value if v is None or not isinstance(v, (int, float, np.integer, np.floating)))
+            raise TypeError(f"cannot encode attribute value {value!r}: a list attribute holds numbers, "
+                            f"not {type(bad).__name__}")
+        try:
+            return pb.AttrValue(floats=pb.Floats(values=[float(v) for v in value]))
+        except OverflowError:
+            raise ValueError(f"cannot encode attribute value {value!r}: an integer is beyond a float's range") from None
     raise TypeError(f"cannot encode attribute value {value!r}")
 
 
