@@ -64,11 +64,25 @@ def _int_kind(out: Any) -> str:
     return kind if kind in "iu" else ""
 
 
+def _ends(x: Any, which: Any) -> int:
+    """x's largest or smallest element as a Python int (0 for an empty x): one reduction, no temporary."""
+    x = np.asarray(x)
+    if not x.size:
+        return 0
+    return int(x.max() if which is max else x.min())
+
+
+def _within(dtype: np.dtype, high: int, low: int) -> bool:
+    """Whether every result between ``low`` and ``high`` fits ``dtype``: then no element can overflow."""
+    info = np.iinfo(dtype)
+    return info.min <= low and high <= info.max
+
+
 def _add(x, y):
     out = x + y
     kind = _int_kind(out)
-    if kind == "i":   # overflow: x and y of one sign, the result of the other
-        t = x ^ out
+    if kind == "i" and not _within(out.dtype, _ends(x, max) + _ends(y, max), _ends(x, min) + _ends(y, min)):
+        t = x ^ out       # the bounds allow an overflow: look. Overflow: x and y of one sign, the result of the other
         t &= y ^ out      # in place for arrays: two temporaries, no bool array
         if t.size and t.min() < 0:
             raise _overflow("add", out.dtype)
@@ -80,8 +94,8 @@ def _add(x, y):
 def _sub(x, y):
     out = x - y
     kind = _int_kind(out)
-    if kind == "i":   # overflow: x and y of different signs, the result's sign not x's
-        t = x ^ out
+    if kind == "i" and not _within(out.dtype, _ends(x, max) - _ends(y, min), _ends(x, min) - _ends(y, max)):
+        t = x ^ out       # overflow: x and y of different signs, the result's sign not x's
         t &= x ^ y
         if t.size and t.min() < 0:
             raise _overflow("sub", out.dtype)
