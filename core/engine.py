@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
@@ -106,6 +106,7 @@ def evaluate(
     contributions: bool = False,
     wrt: Iterable[str] | None = None,
     token: StopToken | None = None,
+    before_work: Callable[[Shapes, int], None] | None = None,
 ) -> Evaluation:
     """Run forward, then (unless ``gradients=False``) backward from ``output``.
 
@@ -114,7 +115,9 @@ def evaluate(
     output get zero gradients (``unreached="zeros"``) or none (``"omit"``).
     ``wrt`` names the nodes whose gradients are wanted (default: every node);
     gradients are then computed only along paths from them to the output,
-    and other nodes get none.
+    and other nodes get none. ``before_work(shapes, output_slot)`` runs once the
+    inputs are checked and every shape is inferred, before anything is computed:
+    a caller refuses a run there (the service: a response too large to send).
     """
     if unreached not in (UNREACHED_ZEROS, UNREACHED_OMIT):
         raise GraphError(f"unreached: expected 'zeros' or 'omit', got {unreached!r}", field="unreached")
@@ -123,6 +126,8 @@ def evaluate(
     shapes = plan.specialize([a.shape for a in arrays])
     if gradients:
         check_memory(plan.limits, shapes.value_bytes + shapes.grad_bytes)
+    if before_work is not None:
+        before_work(shapes, out_slot)
     record: list[ContributionRecord] | None = [] if contributions else None
     wanted = None if wrt is None else frozenset(plan.slot(name, field="wrt") for name in wrt)
     with np.errstate(all="ignore"):  # non-finite values are reported by diagnostics, not warnings

@@ -20,6 +20,8 @@ from chainrule.core import (
 from chainrule.plugins.builtin import arith, common, compare, conv, elementwise, index, linalg, nn, reduce, select, shape
 from chainrule.plugins.testing import assert_vjp, check_operator, check_vjp
 
+from rule_checks import assert_accepts_numpy_scalars, assert_layout_independent
+
 FAMILIES = (arith, elementwise, linalg, reduce, shape, nn, select, compare, index, conv)
 OPS = {op.name: op for family in FAMILIES for op in family.OPERATORS}
 BUILTIN_DIR = Path(common.__file__).parent
@@ -363,40 +365,16 @@ def test_infer_follows_numpy_promotion_for_mixed_dtypes(name, inputs, attrs, dty
 def test_rules_accept_numpy_scalars(name, inputs, attrs):
     """The engine keeps 0-d results as numpy scalars (np.float64), and may pass g as one."""
     op = OPS[name]
-    attrs = check_attrs(op, attrs)
-    arrays = make(inputs)
-    scalars = [x[()] if x.ndim == 0 else x for x in arrays]
-    with np.errstate(all="ignore"):
-        out = np.asarray(op.forward(*arrays, **attrs))
-        np.testing.assert_array_equal(op.forward(*scalars, **attrs), out)
-        g = np.random.default_rng(3).standard_normal(out.shape)
-        expected = op.vjp(g, out, *arrays, **attrs)
-        got = op.vjp(g[()] if g.ndim == 0 else g, out[()] if out.ndim == 0 else out, *scalars, **attrs)
-    for a, b in zip(got, expected):
-        assert (a is None) == (b is None)
-        if a is not None:
-            np.testing.assert_allclose(a, b, rtol=1e-15)
+    assert_accepts_numpy_scalars(op, make(inputs), check_attrs(op, attrs))
+
 
 
 @pytest.mark.parametrize("name, inputs, attrs", [p for p in CASES if any(len(r.shape) > 1 for r in p.values[1])])
 def test_rules_do_not_depend_on_memory_layout(name, inputs, attrs):
     """Fortran-ordered and strided inputs (transposes, slices of other values) give the same results."""
     op = OPS[name]
-    attrs = check_attrs(op, attrs)
-    arrays = make(inputs)
-    strided = [np.repeat(x, 2, axis=-1)[..., ::2] if x.ndim else x for x in arrays]
-    fortran = [np.asfortranarray(x) if x.ndim else x for x in arrays]  # (asfortranarray makes 0-d 1-d)
-    with np.errstate(all="ignore"):
-        out = np.asarray(op.forward(*arrays, **attrs))
-        g = np.random.default_rng(5).standard_normal(out.shape)
-        expected = op.vjp(g, out, *arrays, **attrs)
-        for xs in (strided, fortran):
-            out_other = np.asarray(op.forward(*xs, **attrs))
-            np.testing.assert_allclose(out_other, out, rtol=1e-14)
-            got = op.vjp(np.asfortranarray(g) if g.ndim else g, out_other, *xs, **attrs)
-            for a, b in zip(got, expected):
-                if b is not None:
-                    np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-15)
+    assert_layout_independent(op, make(inputs), check_attrs(op, attrs))
+
 
 
 def test_integer_inputs_of_float_functions_give_float64():

@@ -19,7 +19,6 @@ import pytest
 import chainrule.core.errors as core_errors
 from chainrule.client import GraphBuilder
 from chainrule.client.errors import CLIENT_REASONS, from_rpc_error
-from chainrule.client.request import as_graph
 from chainrule.server import LocalClient, ServerConfig
 from chainrule.v1 import chainrule_pb2 as pb
 from chainrule.v1.chainrule_pb2_grpc import ChainruleStub

@@ -17,6 +17,8 @@ from chainrule.plugins.builtin import index, reduce
 from chainrule.plugins.testing import assert_vjp, check_operator, check_vjp
 from chainrule.server import LocalClient
 
+from rule_checks import assert_accepts_numpy_scalars, assert_layout_independent
+
 OPS = {op.name: op for op in reduce.OPERATORS + index.OPERATORS}
 NEW = ("min", "prod", "var", "std", "argmax", "argmin", "gather", "one_hot")
 DTYPES = ("float64", "float32", "int64", "int32", "bool")
@@ -217,37 +219,16 @@ def test_float32_inputs_give_float32_values_and_gradients(name, inputs, attrs):
 def test_rules_accept_numpy_scalars(name, inputs, attrs):
     """The engine keeps 0-d results as numpy scalars (np.float64), and may pass g as one."""
     op = OPS[name]
-    attrs = check_attrs(op, attrs)
-    arrays = make(inputs)
-    scalars = [x[()] if x.ndim == 0 else x for x in arrays]
-    out = np.asarray(op.forward(*arrays, **attrs))
-    np.testing.assert_array_equal(op.forward(*scalars, **attrs), out)
-    g = np.random.default_rng(3).standard_normal(out.shape)
-    expected = op.vjp(g, out, *arrays, **attrs)
-    got = op.vjp(g[()] if g.ndim == 0 else g, out[()] if out.ndim == 0 else out, *scalars, **attrs)
-    for a, b in zip(got, expected):
-        assert (a is None) == (b is None)
-        if a is not None:
-            np.testing.assert_allclose(a, b, rtol=1e-15)
+    assert_accepts_numpy_scalars(op, make(inputs), check_attrs(op, attrs))
+
 
 
 @pytest.mark.parametrize("name, inputs, attrs", [c for c in CASES if any(np.ndim(x) > 1 for x in make(c.values[1]))])
 def test_rules_do_not_depend_on_memory_layout(name, inputs, attrs):
+    """Fortran-ordered and strided inputs (transposes, slices of other values) give the same results."""
     op = OPS[name]
-    attrs = check_attrs(op, attrs)
-    arrays = make(inputs)
-    strided = [np.repeat(x, 2, axis=-1)[..., ::2] if x.ndim else x for x in arrays]
-    fortran = [np.asfortranarray(x) if x.ndim else x for x in arrays]
-    out = np.asarray(op.forward(*arrays, **attrs))
-    g = np.random.default_rng(5).standard_normal(out.shape)
-    expected = op.vjp(g, out, *arrays, **attrs)
-    for xs in (strided, fortran):
-        out_other = np.asarray(op.forward(*xs, **attrs))
-        np.testing.assert_allclose(out_other, out, rtol=1e-14)
-        got = op.vjp(np.asfortranarray(g) if g.ndim else g, out_other, *xs, **attrs)
-        for a, b in zip(got, expected):
-            if b is not None:
-                np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-15)
+    assert_layout_independent(op, make(inputs), check_attrs(op, attrs))
+
 
 
 # --- min: ties ------------------------------------------------------------------------------------

@@ -16,7 +16,8 @@ from chainrule.client.shared_memory import SharedMemoryStaging, read_outputs
 from chainrule.core.errors import BadTensorError
 from chainrule.server.config import ConfigError, ServerConfig
 from chainrule.wire.convert import array_to_tensor
-from chainrule.wire.shared_memory import SharedMemoryFull, TensorFile
+from chainrule.core.errors import SharedMemoryFull
+from chainrule.wire.shared_memory import TensorFile
 from chainrule.wire.status import status_for
 from chainrule.v1 import chainrule_pb2 as pb
 

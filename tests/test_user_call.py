@@ -102,7 +102,8 @@ def test_a_response_too_large_is_refused_before_the_forward_pass_naming_limit_an
 
 def test_local_results_are_the_engines_arrays_read_only_and_never_the_callers():
     g = GraphBuilder()
-    x, s = g.input("x", (4,)), g.input("s", (4,))
+    x = g.input("x", (4,))
+    g.input("s", (4,))  # declared, not used by y
     y = (x * 1.0).named("y")
     data, seed = np.arange(4.0), np.ones(4)
     r = LocalClient().evaluate(y, x=data, seed=seed, values="all")

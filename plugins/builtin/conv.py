@@ -318,7 +318,7 @@ class _ScatterPlan(NamedTuple):
 
 @lru_cache(maxsize=1024)
 def _scatter_plan(geo: _Geometry) -> _ScatterPlan:
-    (h, w), (oh, ow) = geo.size, geo.out
+    (h, w), (_, ow) = geo.size, geo.out
     flat = geo.strides == (1, 1) and ow == w
     steps, first, wraps = [], None, {}
     for i in range(geo.kernel[0]):

@@ -17,9 +17,10 @@ from typing import Iterable
 import numpy as np
 
 from chainrule.core import GraphIR, Limits, Plan, StopToken, compile_graph
+from chainrule.core.compile import Shapes
 from chainrule.core.diagnostics import DiagnosticReport, diagnose
 from chainrule.core.engine import (
-    UNREACHED_OMIT, UNREACHED_ZEROS, Evaluation, check_input_names, checked_inputs, output_slot,
+    UNREACHED_OMIT, UNREACHED_ZEROS, Evaluation, check_input_names,
 )
 from chainrule.core.engine import evaluate as evaluate_plan
 from chainrule.core.errors import GraphError, LimitExceeded, SharedMemoryUnavailable, UnknownGraphError
@@ -152,13 +153,14 @@ class ChainruleService:
         wanted = _selected(plan, request.return_grads, "return_grads")
         listed = request.return_grads.mode == pb.Selection.LISTED
         gradients = request.return_grads.mode != pb.Selection.NONE
-        if capacity is not None:
-            check_response_size(plan, checked_inputs(plan, inputs), output_slot(plan, request.output or None),
-                                shown, wanted if gradients else (), capacity,
-                                contributions=gradients and request.contributions)
+        fits = None
+        if capacity is not None:  # the engine calls it with the inferred shapes, before the forward pass
+            def fits(shapes: Shapes, out_slot: int) -> None:
+                check_response_size(plan, shapes, out_slot, shown, wanted if gradients else (), capacity,
+                                    contributions=gradients and request.contributions)
         return evaluate_plan(
             plan, inputs, output=request.output or None, seed=seed,
-            gradients=gradients,
+            gradients=gradients, before_work=fits,
             # Gradients nobody asked for are not computed (dL/dX of a data batch, say).
             wrt=[plan.names[k] for k in wanted] if listed else None,
             unreached=unreached, contributions=request.contributions, token=token,
@@ -237,17 +239,16 @@ def _selected(plan: Plan, selection: pb.Selection, field: str) -> Iterable[int]:
 TENSOR_OVERHEAD_BYTES = 64
 
 
-def check_response_size(plan: Plan, inputs: list[np.ndarray], output: int, shown: Iterable[int],
+def check_response_size(plan: Plan, shapes: Shapes, output: int, shown: Iterable[int],
                         wanted: Iterable[int], capacity: int, *, contributions: bool = False) -> None:
     """Refuse, before the forward pass, a response that would not fit ``capacity`` bytes.
 
-    Sizes come from shape inference for these input shapes: the output's value, each
+    Sizes come from shape inference (``shapes``): the output's value, each
     selected value and each selected gradient of a float value (gradients of other
     dtypes are never sent), and with ``contributions`` every consumer's share of
     each fanned-out float value. A value whose operator has no infer rule has no size yet
     and is not counted here (the memory budget still bounds it).
     """
-    shapes = plan.specialize([a.shape for a in inputs])
     specs, names = shapes.specs, plan.names
 
     def size(k: int) -> int:

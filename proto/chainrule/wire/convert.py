@@ -13,12 +13,14 @@ from typing import Any, Mapping
 import numpy as np
 
 from chainrule.core import GraphIR, InputDecl, Node
-from chainrule.core.errors import BadAttributeError, BadTensorError, DTypeError, LimitExceeded, ShapeError
+from chainrule.core.errors import (
+    BadAttributeError, BadTensorError, DTypeError, LimitExceeded, ShapeError, SharedMemoryUnavailable,
+)
 from chainrule.core.tensor_spec import shape_text, unrepresentable
 from chainrule.v1 import chainrule_pb2 as pb
 
 from .incoming import RawTensor
-from .shared_memory import SharedMemoryDir, SharedMemoryUnavailable
+from .shared_memory import SharedMemoryDir
 
 DTYPE_TO_NUMPY: dict[int, np.dtype] = {
     pb.DTYPE_UNSPECIFIED: np.dtype("<f8"),

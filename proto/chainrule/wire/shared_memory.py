@@ -36,7 +36,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from chainrule.core.errors import BadTensorError, ChainruleError, LimitExceeded, SharedMemoryFull, SharedMemoryUnavailable
+from chainrule.core.errors import BadTensorError, LimitExceeded, SharedMemoryFull
 from chainrule.v1 import chainrule_pb2 as pb
 
 #: Each tensor written into a file starts at a multiple of this many bytes.
