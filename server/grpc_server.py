@@ -75,32 +75,14 @@ def build_service(config: ServerConfig, loaded: Loaded | None = None) -> Chainru
     leave a broken plugin out by name (CHAINRULE_DISABLE_PLUGINS) to serve the others.
     """
     loaded = (loaded or load_plugins(**plugin_filters(config))).raise_for_problems()
-    checks = None
+    checks, refused = None, []
     if config.check_operators:  # refuse third-party operators whose vjp disagrees with finite differences
         everything = loaded.registry
         loaded, verdicts = check_operators(loaded, config)
         checks = {c.op: pb.CHECK_PASSED if c.passed else pb.CHECK_FAILED for c in verdicts if c.checked}
         refused = [everything[c.op] for c in verdicts if not c.passed]
-        if refused:
-            return _RefusalsListed(refused, loaded, config.limits(), graph_cache_size=config.graph_cache_size,
-                                   checks=checks, shared_memory_dir=config.shared_memory_dir)
     return ChainruleService(loaded, config.limits(), graph_cache_size=config.graph_cache_size, checks=checks,
-                            shared_memory_dir=config.shared_memory_dir)
-
-
-class _RefusalsListed(ChainruleService):
-    """A service that also lists the operators the start-up check refused, as CHECK_FAILED (not served)."""
-
-    def __init__(self, refused: list[Any], *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.refused = refused
-
-    def list_operators(self, request: pb.ListOperatorsRequest | None = None) -> pb.ListOperatorsResponse:
-        response = super().list_operators(request)
-        for op in self.refused:
-            response.operators.add(name=op.name, arity=op.arity, doc=op.doc, plugin=op.plugin,
-                                   distribution=op.distribution, version=op.version, check=pb.CHECK_FAILED)
-        return response
+                            refused=refused, shared_memory_dir=config.shared_memory_dir)
 
 
 def check_operators(loaded: Loaded, config: ServerConfig) -> tuple[Loaded, list[Any]]:

@@ -12,11 +12,11 @@ import hashlib
 import os
 import threading
 from collections import OrderedDict
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import numpy as np
 
-from chainrule.core import GraphIR, Limits, Plan, StopToken, compile_graph
+from chainrule.core import GraphIR, Limits, OpDef, Plan, StopToken, compile_graph
 from chainrule.core.compile import Shapes
 from chainrule.core.diagnostics import DiagnosticReport, diagnose
 from chainrule.core.engine import (
@@ -43,13 +43,16 @@ class ChainruleService:
     """Evaluate graphs with the operators of ``loaded``, within ``limits``."""
 
     def __init__(self, loaded: Loaded, limits: Limits | None = None, *, graph_cache_size: int = 256,
-                 checks: dict[str, int] | None = None, shared_memory_dir: str = "") -> None:
+                 checks: dict[str, int] | None = None, refused: Sequence[OpDef] = (),
+                 shared_memory_dir: str = "") -> None:
         self.loaded = loaded
         #: Where same-host clients exchange large tensors with us (None: not accepted; see shared_memory.py).
         self.shared_memory = SharedMemoryDir(shared_memory_dir, create=True) if shared_memory_dir else None
         self.registry = loaded.registry
         self.limits = limits or Limits()
         self.checks = checks or {}
+        #: Operators the start-up gradient check refused: listed as CHECK_FAILED, never served.
+        self.refused = tuple(refused)
         self._plans: OrderedDict[str, Plan] = OrderedDict()
         self._plan_bytes: dict[str, int] = {}
         self._cache_size = graph_cache_size
@@ -153,14 +156,13 @@ class ChainruleService:
         wanted = _selected(plan, request.return_grads, "return_grads")
         listed = request.return_grads.mode == pb.Selection.LISTED
         gradients = request.return_grads.mode != pb.Selection.NONE
-        fits = None
-        if capacity is not None:  # the engine calls it with the inferred shapes, before the forward pass
-            def fits(shapes: Shapes, out_slot: int) -> None:
-                check_response_size(plan, shapes, out_slot, shown, wanted if gradients else (), capacity,
-                                    contributions=gradients and request.contributions)
+        def fits(shapes: Shapes, out_slot: int) -> None:  # the engine calls it before the forward pass
+            check_response_size(plan, shapes, out_slot, shown, wanted if gradients else (), capacity,
+                                contributions=gradients and request.contributions)
+
         return evaluate_plan(
             plan, inputs, output=request.output or None, seed=seed,
-            gradients=gradients, before_work=fits,
+            gradients=gradients, before_work=None if capacity is None else fits,
             # Gradients nobody asked for are not computed (dL/dX of a data batch, say).
             wrt=[plan.names[k] for k in wanted] if listed else None,
             unreached=unreached, contributions=request.contributions, token=token,
@@ -194,17 +196,12 @@ class ChainruleService:
     # --- operators ------------------------------------------------------------------
 
     def list_operators(self, request: pb.ListOperatorsRequest | None = None) -> pb.ListOperatorsResponse:
+        """Every operator served, then those the start-up check refused (CHECK_FAILED, not served)."""
         response = pb.ListOperatorsResponse()
         for op in self.registry:
-            info = response.operators.add(
-                name=op.name, arity=op.arity, doc=op.doc, plugin=op.plugin,
-                distribution=op.distribution, version=op.version,
-                check=self.checks.get(op.name, pb.CHECK_NOT_RUN),
-            )
-            for name, attr in op.attrs.items():
-                schema = info.attrs.add(name=name, type=attr.kind, required=attr.required, doc=attr.doc)
-                if not attr.required and attr.default is not None:
-                    schema.default_value.CopyFrom(python_to_attr(attr.default))
+            _describe(response.operators.add(), op, self.checks.get(op.name, pb.CHECK_NOT_RUN))
+        for op in self.refused:
+            _describe(response.operators.add(), op, pb.CHECK_FAILED)
         return response
 
     def server_info(self, request: pb.ServerInfoRequest | None = None, worker: int = 0) -> pb.ServerInfoResponse:
@@ -222,6 +219,15 @@ def plan_bytes(plan: Plan) -> int:
     """An estimate of the memory a cached plan keeps: per-node overhead plus its literal tensors."""
     literals = sum(v.nbytes for attrs in plan.attrs for v in attrs.values() if isinstance(v, np.ndarray))
     return len(plan) * PLAN_BYTES_PER_NODE + literals
+
+
+def _describe(info: pb.OperatorInfo, op: OpDef, check: int) -> None:
+    info.name, info.arity, info.doc, info.check = op.name, op.arity, op.doc, check
+    info.plugin, info.distribution, info.version = op.plugin, op.distribution, op.version
+    for name, attr in op.attrs.items():
+        schema = info.attrs.add(name=name, type=attr.kind, required=attr.required, doc=attr.doc)
+        if not attr.required and attr.default is not None:
+            schema.default_value.CopyFrom(python_to_attr(attr.default))
 
 
 def _selected(plan: Plan, selection: pb.Selection, field: str) -> Iterable[int]:
