@@ -49,7 +49,6 @@ import sys
 import tempfile
 import threading
 import time
-from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -62,6 +61,7 @@ from chainrule.server import LocalClient
 from chainrule.v1 import chainrule_pb2 as pb
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from server_bench import serve_echo  # noqa: E402
 from core_bench import (  # noqa: E402
     chain_pure_python, chain_torch, elementwise_numpy, network_inputs, network_numpy, network_torch,
 )
@@ -242,23 +242,6 @@ def start_chainrule() -> Process:
 
 
 ECHO_OPTIONS = [("grpc.max_receive_message_length", (1 << 31) - 1), ("grpc.max_send_message_length", (1 << 31) - 1)]
-
-
-def serve_echo(request_bytes: int, response_bytes: int) -> None:
-    """A bare grpcio server (run as its own process, as server_bench.py's): a request of
-    ``request_bytes`` gets ``response_bytes`` back, anything else is echoed."""
-    reply = b"\0" * response_bytes
-
-    def echo(request: bytes, context: grpc.ServicerContext) -> bytes:
-        return reply if len(request) == request_bytes else request
-
-    handler = grpc.method_handlers_generic_handler("bench.Echo", {"Echo": grpc.unary_unary_rpc_method_handler(echo)})
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=ECHO_OPTIONS)
-    server.add_generic_rpc_handlers((handler,))
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    print(f"listening on 127.0.0.1:{port}", flush=True)
-    server.wait_for_termination()
 
 
 def raw_evaluate_request(f: Any, inputs: dict[str, Any], grads: list[str]) -> bytes:
@@ -601,7 +584,8 @@ def main() -> None:
     parser.add_argument("--echo-server", nargs=2, type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.echo_server:
-        return serve_echo(*args.echo_server)
+        request_bytes, response_bytes = args.echo_server
+        return serve_echo({request_bytes: response_bytes})  # server_bench's bare echo, allocator tuned alike
     quick = args.quick
     rows: list[Row] = []
     server = start_chainrule()
