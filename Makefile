@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test install stubs bench fuzz clean
+.PHONY: run test install stubs buf bench fuzz clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -17,11 +17,38 @@ $(STAMP): $(BIN)/python pyproject.toml
 
 install: $(STAMP)
 
-run: install
-	$(BIN)/chainrule serve --host 127.0.0.1 --port 50051
+# The jax extra (chainrule[jax]) for tests/test_from_jax.py: its own stamp, so `make run` does not install JAX.
+JAX_STAMP := $(VENV)/.installed-jax
 
-# lint-imports first: a broken import contract ([tool.importlinter] in pyproject.toml) fails the run.
-test: install
+$(JAX_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[test,jax]'
+	touch $(JAX_STAMP)
+
+# `make run PORT=50052`; without PORT, CHAINRULE_PORT, else 50051. The host is 127.0.0.1 unless
+# CHAINRULE_HOST says otherwise: `chainrule serve` reads every CHAINRULE_* setting itself.
+PORT ?= $(or $(CHAINRULE_PORT),50051)
+
+run: install
+	$(BIN)/chainrule serve --port $(PORT)
+
+# buf (npm @bufbuild/buf, pinned in tools/buf/package.json; needs node and npm) checks the
+# contract (proto/buf.yaml): `buf lint`, and `buf breaking` against the newest release's proto
+# kept in proto/releases/, so an incompatible change fails the run.
+BUF       := tools/buf/node_modules/.bin/buf
+BUF_STAMP := tools/buf/node_modules/.installed
+RELEASE   := $(shell ls -d proto/releases/v*/ | sort -V | tail -n 1)
+
+$(BUF_STAMP): tools/buf/package.json tools/buf/package-lock.json
+	@command -v npm >/dev/null || { echo "make buf: needs node and npm (Debian: apt-get install nodejs npm)" >&2; exit 1; }
+	cd tools/buf && npm ci --ignore-scripts --no-audit --no-fund
+	touch $@
+
+buf: $(BUF_STAMP)
+	$(BUF) lint proto
+	$(BUF) breaking proto --against $(RELEASE)
+
+# buf, then lint-imports: a broken contract or import contract ([tool.importlinter] in pyproject.toml) fails the run.
+test: install buf $(JAX_STAMP)
 	$(BIN)/lint-imports --no-cache
 	$(BIN)/python -m pytest -q
 

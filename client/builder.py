@@ -70,6 +70,10 @@ class Var:
         self.dtype = dtype  # best guess; None = unknown
         self.shape = shape  # declared shape of an input; None for nodes
         self._seq = next(Var._sequence)
+        #: For one value of a several-output node (scan's): that node, also its only input here.
+        self.of: Var | None = None
+        #: For a several-output node: its values' Vars, in order (their names go into Node.outputs).
+        self.values: list[Var] = []
 
     @property
     def name(self) -> str:
@@ -93,6 +97,8 @@ class Var:
         return self.builder.graph_for(self)
 
     def __repr__(self) -> str:
+        if self.of is not None:
+            return f"<Var {self._name!r} = value {self.of.values.index(self)} of {self.of.name} {self.dtype or '?'}>"
         if self.op is None:
             return f"<Var {self._name!r}: input {self.dtype}>"
         args = ", ".join(v.name for v in self.inputs)
@@ -529,6 +535,24 @@ class GraphBuilder:
         encoded = {key: _encode_attr(op, key, value) for key, value in given.items()}
         return self._add(op, args, encoded, dtypes.result_dtype(op, [a.dtype for a in args], given), name)
 
+    def several(self, op: str, inputs: Sequence[Var], attrs: Mapping[str, Any], dtypes_out: Sequence[str | None],
+                *, name: str | None = None) -> list[Var]:
+        """A node with several values (``scan``): one Var per value, named ``<node>.0``,
+        ``<node>.1``... (``.named()`` renames them). The node itself is no value."""
+        for v in inputs:
+            self._check_own(v)
+        encoded = {key: _encode_attr(op, key, value) for key, value in attrs.items() if value is not None}
+        node = self._add(op, tuple(inputs), encoded, None, name)
+        with self._lock:
+            for i, dtype in enumerate(dtypes_out):
+                value = Var(self, "", None, (node,), {}, dtype)
+                value._name = self._free_name(f"{node.name}.{i}")
+                value.of = node
+                self._names[value.name] = value
+                node.values.append(value)
+            self._version += 1
+        return list(node.values)
+
     def output(self, *values: Var) -> None:
         """Mark values as the graph's outputs (in order; repeated calls append)."""
         with self._lock:
@@ -588,7 +612,8 @@ class GraphBuilder:
                 return entry.graph
             inputs, nodes = _ancestors(targets)
             graph = Graph(self._message(inputs, nodes, _unique(targets)), builder=self)
-            self._pruned[key] = _Pruned(targets, inputs + nodes, meta, self._renames, graph)
+            named = inputs + nodes + [value for node in nodes for value in node.values]
+            self._pruned[key] = _Pruned(targets, named, meta, self._renames, graph)
             self._pruned.move_to_end(key)
             while len(self._pruned) > self.GRAPH_CACHE_SIZE:
                 self._pruned.popitem(last=False)
@@ -599,7 +624,8 @@ class GraphBuilder:
         for v in inputs:
             message.inputs.add(name=v.name, dtype=pb.DType.Value(v.dtype.upper()), shape=v.shape)
         for v in nodes:
-            node = message.nodes.add(name=v.name, op=v.op, inputs=[a.name for a in v.inputs])
+            node = message.nodes.add(name=v.name, op=v.op, inputs=[a.name for a in v.inputs],
+                                     outputs=[o.name for o in v.values])
             for attr_name, value in v.attrs.items():
                 node.attrs[attr_name].CopyFrom(value)
         return message
@@ -637,6 +663,14 @@ class GraphBuilder:
             self._nodes.append(var)
             self._version += 1
         return var
+
+    def _free_name(self, base: str) -> str:
+        """``base``, or ``base_N`` when taken (under the lock)."""
+        name = base
+        while name in self._names:
+            self._counter += 1
+            name = f"{base}_{self._counter}"
+        return name
 
     def _auto_name(self, op: str) -> str:
         base = op.rsplit(".", 1)[-1]
@@ -693,6 +727,9 @@ class GraphBuilder:
             raise TypeError(f"expected a Var, got {type(var).__name__}")
         if var.builder is not self:
             raise ValueError(f"{var!r} belongs to another GraphBuilder")
+        if var.values:
+            listed = ", ".join(v.name for v in var.values)
+            raise ValueError(f"{var.name} is a node with several values ({listed}); use one of them")
 
 
 def _check_name(name: Any) -> None:
@@ -717,8 +754,8 @@ def _ancestors(targets: Sequence[Var]) -> tuple[list[Var], list[Var]]:
             continue
         seen[id(v)] = v
         stack.extend(a for a in v.inputs if id(a) not in seen)
-    ordered = sorted(seen.values(), key=lambda v: v._seq)
-    return [v for v in ordered if v.op is None], [v for v in ordered if v.op is not None]
+    ordered = sorted(seen.values(), key=lambda v: v._seq)  # (a node's values are in its message entry)
+    return [v for v in ordered if v.op is None and v.of is None], [v for v in ordered if v.op is not None]
 
 
 class _Pruned:

@@ -123,6 +123,11 @@ def bool_result(*dtypes: str | None, **_: Any) -> str | None:
     return None if None in dtypes else "bool"
 
 
+def of_values(*_: str | None, **__: Any) -> str | None:
+    """None: an operator with several values (scan); ops.scan gives each value its own dtype."""
+    return None
+
+
 #: ``arity`` of an operator taking one or more inputs (as ``chainrule.core.VARIADIC``).
 VARIADIC = -1
 
@@ -220,4 +225,6 @@ OPERATORS: Mapping[str, OpRule] = MappingProxyType({
     "where":         OpRule(3, promoted_after_first),  # cond is bool; x and y give the dtype
     "stop_gradient": OpRule(1, same_as_first),
     "const":         OpRule(0, of_value),
+    # control flow (builtin.control): several values, typed by ops.scan from its carries and body
+    "scan":          OpRule(VARIADIC, of_values),
 })

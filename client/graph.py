@@ -78,8 +78,11 @@ class Graph:
         return cls(json_format.Parse(text, pb.Graph()))
 
     def save(self, path: str | Path) -> None:
+        """Write the graph file (UTF-8 proto JSON) that ``chainrule eval``, ``render`` and ``train`` take."""
         Path(path).write_text(self.to_json() + "\n", encoding="utf-8")
 
     @classmethod
     def load(cls, path: str | Path) -> "Graph":
+        """Read a graph file (``save``'s, or any proto JSON of chainrule.v1.Graph). The message equals
+        the saved graph's, so the server gives it the same graph_id."""
         return cls.from_json(Path(path).read_text(encoding="utf-8"))

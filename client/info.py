@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from chainrule.wire.convert import attr_to_python
+from chainrule.wire.convert import DTYPE_NAMES, attr_to_python
 from chainrule.v1 import chainrule_pb2 as pb
 
 _CHECK = {pb.CHECK_NOT_RUN: "not run", pb.CHECK_PASSED: "passed", pb.CHECK_FAILED: "failed"}
@@ -22,8 +22,19 @@ class AttrInfo:
 
 
 @dataclass(frozen=True)
+class InputInfo:
+    """One input of an operator: its name, the dtypes it accepts ("float64", ..., "bool"), and
+    whether it stands for every input of a variadic operator."""
+
+    name: str
+    dtypes: tuple[str, ...]
+    variadic: bool = False
+
+
+@dataclass(frozen=True)
 class OperatorInfo:
-    """An operator the server can run: schema and provenance. ``arity`` -1 = variadic."""
+    """An operator the server can run: schema and provenance. ``arity`` -1 = variadic; ``inputs``
+    in Node.inputs' order (one variadic entry for a variadic operator)."""
 
     name: str
     arity: int
@@ -33,6 +44,7 @@ class OperatorInfo:
     distribution: str = ""
     version: str = ""
     check: str = "not run"
+    inputs: tuple[InputInfo, ...] = ()
 
     @classmethod
     def from_proto(cls, info: pb.OperatorInfo) -> "OperatorInfo":
@@ -41,8 +53,10 @@ class OperatorInfo:
             default = (attr_to_python(a.default_value, field=f"{info.name}.attrs.{a.name}")
                        if a.HasField("default_value") else None)
             attrs[a.name] = AttrInfo(a.name, a.type, default, a.required, a.doc)
+        inputs = tuple(InputInfo(i.name, tuple(DTYPE_NAMES.get(d, f"dtype {d}") for d in i.dtypes), i.variadic)
+                       for i in info.inputs)
         return cls(info.name, info.arity, attrs, info.doc, info.plugin, info.distribution, info.version,
-                   _CHECK.get(info.check, "not run"))
+                   _CHECK.get(info.check, "not run"), inputs)
 
 
 @dataclass(frozen=True)

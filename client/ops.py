@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from .builder import GraphBuilder, Var, gather_indices
+from .control import scan  # noqa: F401  (ops.scan: loops without unrolling)
 from .dtypes import OPERATORS as _OPERATORS, normalize
 
 

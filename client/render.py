@@ -39,7 +39,11 @@ STYLES: dict[str, dict[str, str]] = {
     "constant": {"shape": "box", "style": "dashed,filled", "fillcolor": "#f7fafc", "color": "#a0aec0",
                  "fontcolor": "#4a5568", "fontsize": "8"},
     "operator": {"shape": "box", "style": "filled", "fillcolor": "#fefcbf", "color": "#975a16"},
+    # one value of a node with several (scan's final carries and stacked outputs)
+    "value": {"shape": "box", "style": "rounded,filled", "fillcolor": "#fffff0", "color": "#975a16"},
 }
+#: A graph attribute's nodes (scan's body), drawn in a box beside the node that runs them.
+BODY_STYLE = {"shape": "box", "style": "filled", "fillcolor": "#faf5ff", "color": "#6b46c1", "fontsize": "8"}
 NONFINITE_STYLE = {"fillcolor": "#feb2b2", "color": "#c53030", "penwidth": "3"}
 FLAGGED_STYLE = {"color": "#dd6b20", "penwidth": "3"}
 OUTPUT_STYLE = {"peripheries": "2", "penwidth": "2"}
@@ -87,6 +91,10 @@ def to_dot(result: Result, graph: Graph | pb.Graph | None = None, *, parameters:
     for node in message.nodes:
         role = "constant" if not node.inputs else "operator"
         lines.append(_node(result, node.name, node.op, role, flagged, origins))
+        for value in node.outputs:
+            lines.append(_node(result, value, "value", "value", flagged, origins))
+            lines.append(f"  {_quote(node.name)} -> {_quote(value)};")
+        lines.extend(_bodies(node))
     shares = {(c.node, c.consumer, c.input_index): c.gradient for c in result.contributions}
     fanout: dict[str, int] = {}
     for node in message.nodes:
@@ -196,6 +204,37 @@ def _node(result: Result, name: str, op: str, role: str, flagged: dict[str, list
     attrs["label"] = "\n".join(lines)
     attrs["class"] = role  # SVG output carries it: diagrams can be styled and tested by role
     return f"  {_quote(name)}{_attrs(attrs)};"
+
+
+def _bodies(node: pb.Node) -> list[str]:
+    """DOT lines drawing each graph attribute of ``node`` (scan's body) as a cluster of its
+    operators, joined to the node by a dashed edge. One level: a body's own bodies show as
+    their node, with the count of their nodes."""
+    lines = []
+    for key, attr in sorted(node.attrs.items()):
+        if attr.WhichOneof("value") != "graph":
+            continue
+        body, prefix = attr.graph, f"{node.name}/{key}/"
+        lines.append(f"  subgraph {_quote('cluster_' + prefix)} {{")
+        lines.append(f"    label={_quote(f'{node.name}.{key}: once per step')}; style=dashed; color=\"#6b46c1\";")
+        for decl in body.inputs:
+            lines.append(f"    {_quote(prefix + decl.name)}{_attrs({**BODY_STYLE, 'label': decl.name, 'style': 'rounded'})};")
+        for inner in body.nodes:
+            inner_graphs = sum(len(a.graph.nodes) for a in inner.attrs.values() if a.WhichOneof("value") == "graph")
+            label = f"{inner.name} ({inner.op})" + (f"\nbody: {inner_graphs} nodes" if inner_graphs else "")
+            lines.append(f"    {_quote(prefix + inner.name)}{_attrs({**BODY_STYLE, 'label': label})};")
+            for value in inner.outputs:
+                lines.append(f"    {_quote(prefix + value)}{_attrs({**BODY_STYLE, 'label': value, 'style': 'rounded'})};")
+                lines.append(f"    {_quote(prefix + inner.name)} -> {_quote(prefix + value)};")
+            for source in inner.inputs:
+                lines.append(f"    {_quote(prefix + source)} -> {_quote(prefix + inner.name)};")
+        for i, out in enumerate(body.outputs):
+            lines.append(f"    {_quote(prefix + 'out' + str(i))}{_attrs({'shape': 'plaintext', 'fontsize': '8', 'label': f'output {i}'})};")
+            lines.append(f"    {_quote(prefix + out)} -> {_quote(prefix + 'out' + str(i))};")
+        lines.append("  }")
+        if body.inputs:
+            lines.append(f"  {_quote(node.name)} -> {_quote(prefix + body.inputs[0].name)} [style=dashed, arrowhead=none];")
+    return lines
 
 
 def _describe(what: str, array: np.ndarray) -> list[str]:

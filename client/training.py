@@ -1,10 +1,10 @@
 """Training through the service (the Optimize call), for both clients.
 
 ``optimize`` sends one OptimizeRequest and follows its progress reports with
-a progress bar (tqdm when installed, else one line of text; only on a
-terminal unless asked) and/or a callback, for notebooks. A run that the
-timeout (or the server's max_training_seconds) would cut short stops in time
-on the server and returns what it trained, marked ``stopped_early``.
+a tqdm progress bar (only on a terminal unless asked) and/or a callback, for
+notebooks. A run that the timeout (or the server's max_training_seconds)
+would cut short stops in time on the server and returns what it trained,
+marked ``stopped_early``.
 """
 from __future__ import annotations
 
@@ -142,33 +142,22 @@ def optimize(transport: Transport, request: pb.OptimizeRequest, timeout: float |
 # --- progress bar ------------------------------------------------------------------------------
 
 class _Bar:
-    """tqdm when installed, else a one-line text bar redrawn on stderr."""
+    """A tqdm bar on stderr (tqdm.auto: a widget in a notebook), the loss beside it.
+
+    tqdm is imported here, when a bar is shown, not with the client: most programs never train.
+    """
 
     def __init__(self, total: int) -> None:
-        self.total = total
-        try:
-            from tqdm.auto import tqdm
-        except ImportError:
-            self._tqdm = None
-        else:
-            self._tqdm = tqdm(total=total, unit="step", desc="train", file=sys.stderr)
+        from tqdm.auto import tqdm
+
+        self._tqdm = tqdm(total=total, unit="step", desc="train", file=sys.stderr)
 
     def show(self, report: Progress) -> None:
-        if self._tqdm is not None:
-            self._tqdm.update(report.step - self._tqdm.n)
-            self._tqdm.set_postfix(loss=f"{report.loss:.4g}", refresh=False)
-            return
-        width = 30
-        filled = width * report.step // max(self.total, 1)
-        sys.stderr.write(f"\rtrain {report.step:>{len(str(self.total))}}/{self.total} "
-                         f"[{'#' * filled}{'.' * (width - filled)}] loss {report.loss:.4g}  {report.elapsed:.1f}s")
-        sys.stderr.flush()
+        self._tqdm.update(report.step - self._tqdm.n)
+        self._tqdm.set_postfix(loss=f"{report.loss:.4g}", refresh=False)
 
     def close(self) -> None:
-        if self._tqdm is not None:
-            self._tqdm.close()
-        else:
-            sys.stderr.write("\n")
+        self._tqdm.close()
 
 
 def _progress_bar(total: int, progress: bool | None) -> _Bar | None:

@@ -12,11 +12,13 @@ from .graph import GraphIR, InputDecl, Node
 from .limits import Limits
 from .operator import ATTR_KINDS, VARIADIC, Attr, OpDef, check_attrs, coerce_attr, validate_opdef
 from .registry import Registry
+from .symbolic import DerivedNames, SymbolicBuilder, derive_forward, derive_reverse  # installs grad/jvp expansion
 from .tensor_spec import TensorSpec
 
 __all__ = [
-    "ATTR_KINDS", "Attr", "ChainruleError", "ContributionRecord", "Evaluation", "GraphIR", "GraphError", "InputDecl",
-    "Limits", "Node", "OpDef", "OpError", "Plan", "Registry", "StopToken", "SUPPORTED_DTYPES", "TensorSpec",
-    "UNREACHED_OMIT", "UNREACHED_ZEROS", "VARIADIC", "broadcast_shapes", "check_attrs", "coerce_attr",
-    "compile_graph", "evaluate", "is_differentiable", "parse_dtype", "unbroadcast", "validate_opdef",
+    "ATTR_KINDS", "Attr", "ChainruleError", "ContributionRecord", "DerivedNames", "Evaluation", "GraphIR",
+    "GraphError", "InputDecl", "Limits", "Node", "OpDef", "OpError", "Plan", "Registry", "StopToken",
+    "SUPPORTED_DTYPES", "SymbolicBuilder", "TensorSpec", "UNREACHED_OMIT", "UNREACHED_ZEROS", "VARIADIC",
+    "broadcast_shapes", "check_attrs", "coerce_attr", "compile_graph", "derive_forward", "derive_reverse",
+    "evaluate", "is_differentiable", "parse_dtype", "unbroadcast", "validate_opdef",
 ]

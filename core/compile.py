@@ -18,13 +18,14 @@ from .errors import (
     GraphError, LimitExceeded, OpError, OperatorFailure, OutputError, ShapeError, UnknownNodeError,
     UnknownOperatorError, where,
 )
-from .graph import GraphIR
+from .graph import CompiledGraph, GraphIR
 from .limits import Limits
 from .operator import OpDef, check_attrs
 from .registry import Registry
 from .tensor_spec import TensorSpec, shape_text, unrepresentable
 
 _SPEC_CACHE_SIZE = 32
+_NEVER = (-1,)  # a shape no value has
 _FLOAT64 = np.dtype(np.float64)
 
 
@@ -33,9 +34,11 @@ class Shapes:
     operator has no infer rule), the bytes they take, and the gradient edges."""
 
     __slots__ = ("specs", "value_bytes", "grad_bytes", "differentiable", "grad_edges", "complete", "_pruned",
-                 "shape_of", "dtype_of", "scalar_type", "float_scalars")
+                 "shape_of", "dtype_of", "scalar_type", "float_scalars", "head_of", "result_shape",
+                 "result_scalar")
 
-    def __init__(self, specs: list[TensorSpec | None], in_slots: list[tuple[int, ...]], n_inputs: int) -> None:
+    def __init__(self, specs: list[TensorSpec | None], in_slots: list[tuple[int, ...]], n_inputs: int,
+                 head_of: list[int], unpacked: list[bool] | None = None) -> None:
         self.specs = specs
         self.complete = all(s is not None for s in specs)
         # Flat per-slot copies for the hot loops: an ndarray fits when its shape and dtype
@@ -43,13 +46,23 @@ class Shapes:
         self.shape_of = [None if s is None else s.shape for s in specs]
         self.dtype_of = [None if s is None else s.dtype for s in specs]
         self.scalar_type = [s.dtype.type if s is not None and s.shape == () else None for s in specs]
+        # What the forward loop compares results with: the same, except that the result of a node
+        # whose forward returns (result, saved) or several values never fits as it comes, so it
+        # takes the slow path, which unpacks it (engine._unpack).
+        self.result_shape = list(self.shape_of)
+        self.result_scalar = list(self.scalar_type)
+        for k, slow in enumerate(unpacked or ()):
+            if slow:
+                self.result_shape[k], self.result_scalar[k] = _NEVER, None
         # Float values carry gradients; literals (operators without inputs, e.g. const) do not,
         # like constants in PyTorch: their gradient is never wanted and may be undefined
         # (the exponent of pow at a negative base).
+        # (A later value of a several-output node is fed when its node is: see Plan.head_of.)
         self.differentiable = [
-            s is not None and is_differentiable(s.dtype) and (k < n_inputs or bool(slots))
-            for k, (s, slots) in enumerate(zip(specs, in_slots))
+            s is not None and is_differentiable(s.dtype) and (k < n_inputs or bool(in_slots[head]))
+            for k, (s, head) in enumerate(zip(specs, head_of))
         ]
+        self.head_of = head_of
         diff = self.differentiable
         #: per slot: (position, input slot) of each input that takes a gradient
         self.grad_edges: list[tuple[tuple[int, int], ...]] = [
@@ -71,8 +84,9 @@ class Shapes:
         if cached is not None:
             return cached
         needed = [k in wanted for k in range(len(in_slots))]
+        head_of = self.head_of
         for k, slots in enumerate(in_slots):
-            if not needed[k] and any(needed[j] for j in slots):
+            if not needed[k] and (any(needed[j] for j in slots) or needed[head_of[k]]):
                 needed[k] = True
         pruned = [tuple(e for e in edges if needed[e[1]]) for edges in self.grad_edges]
         if len(self._pruned) < 8:  # a small fixed set per plan; a race only recomputes
@@ -80,11 +94,15 @@ class Shapes:
         return pruned
 
 
-class Plan:
+class Plan(CompiledGraph):
     """A compiled graph: parallel lists indexed by slot, in topological order.
 
     Slots ``0 .. n_inputs-1`` are the declared inputs; every later slot is a
-    node whose inputs all have smaller slots.
+    node whose inputs all have smaller slots. A node with several values
+    (``OpDef.n_outputs``) takes one slot per value, in a row: the first (its
+    head) holds the operator and its inputs; the others have no operator and no
+    inputs of their own (``head_of`` points back), and the engine fills them
+    when it runs the head.
     """
 
     def __init__(
@@ -99,6 +117,8 @@ class Plan:
         outputs: tuple[int, ...],
         metadata: Mapping[str, str],
         limits: Limits,
+        n_out: list[int] | None = None,
+        node_names: list[str] | None = None,
     ) -> None:
         self.names = names
         self.ops = ops
@@ -111,10 +131,25 @@ class Plan:
         self.metadata = dict(metadata)
         self.limits = limits
         self.index = {name: slot for slot, name in enumerate(names)}
-        # The rules themselves, looked up once rather than per node per run.
-        self.forwards = [None if op is None else op.forward for op in ops]
-        self.vjps = [None if op is None else op.vjp for op in ops]
+        #: Per slot: how many values its node produces (0 on the later values of a several-output node).
+        self.n_out = n_out or [1] * len(names)
+        #: Per slot: the node's name, for messages (a several-output node's values have names of their own).
+        self.node_names = node_names or names
+        head_of, head = [], 0
+        for k, count in enumerate(self.n_out):
+            head = k if count else head
+            head_of.append(head)
+        self.head_of = head_of
+        # The rules themselves, looked up once rather than per node per run (None on later values).
+        self.forwards = [None if op is None or not n else op.forward for op, n in zip(ops, self.n_out)]
+        self.vjps = [None if op is None or not n else op.vjp for op, n in zip(ops, self.n_out)]
         self.selective = [op is not None and op.selective_vjp for op in ops]
+        self.residual = [op is not None and op.residuals for op in ops]
+        #: Nodes the backward pass calls through engine._general_vjp: selective, several values or residuals.
+        self.several = [op is not None and op.several for op in ops]
+        self.general = [sel or res or sev for sel, res, sev in zip(self.selective, self.residual, self.several)]
+        #: Heads whose forward result the engine takes apart: residuals or several values.
+        self.unpacked = [res or sev for res, sev in zip(self.residual, self.several)]
         # The same rules for Python floats, when every operator has them (see OpDef.scalar).
         scalar = [op.scalar if op is not None else (None, None) for op in ops[self.n_inputs:]]
         floats_possible = all(rule is not None for rule in scalar)
@@ -149,18 +184,19 @@ class Plan:
         for k in range(self.n_inputs, len(self.names)):
             op = self.ops[k]  # an OpDef: slots past the inputs are nodes
             inputs = [specs[j] for j in self.in_slots[k]]
-            if op is None or op.infer is None or any(s is None for s in inputs):
+            if op is None or op.infer is None or not self.n_out[k] or any(s is None for s in inputs):
                 continue
-            spec = _infer(op, inputs, self.attrs[k], self.names[k])
-            if spec.size > limit:
-                raise LimitExceeded(
-                    f"{where(self.names[k], op.name)}value of shape {spec.shape} has {spec.size} elements; "
-                    f"the limit per tensor is {limit}",
-                    limit="max_tensor_elements", requested=spec.size, allowed=limit,
-                    node=self.names[k], op=op.name,
-                )
-            specs[k] = spec
-        shapes = Shapes(specs, self.in_slots, self.n_inputs)
+            node = self.node_names[k]
+            found = _infer(op, inputs, self.attrs[k], node, self.n_out[k])
+            for spec in found:
+                if spec.size > limit:
+                    raise LimitExceeded(
+                        f"{where(node, op.name)}value of shape {spec.shape} has {spec.size} elements; "
+                        f"the limit per tensor is {limit}",
+                        limit="max_tensor_elements", requested=spec.size, allowed=limit, node=node, op=op.name,
+                    )
+            specs[k:k + len(found)] = found
+        shapes = Shapes(specs, self.in_slots, self.n_inputs, self.head_of, self.unpacked)
         check_memory(self.limits, shapes.value_bytes, "values")  # the least any run needs
         with self._lock:  # plans are shared by concurrent requests
             if len(self._shapes) >= _SPEC_CACHE_SIZE:
@@ -180,16 +216,30 @@ def check_memory(limits: Limits, total: int, what: str = "values and gradients",
         )
 
 
-def _infer(op: OpDef, inputs: list[TensorSpec], attrs: dict[str, Any], node: str) -> TensorSpec:
+def _infer(op: OpDef, inputs: list[TensorSpec], attrs: dict[str, Any], node: str, n_out: int) -> list[TensorSpec]:
+    """The specs of a node's values, from its operator's infer rule, each checked."""
     try:
-        spec = op.infer(*inputs, **attrs)  # type: ignore[misc]
+        found = op.infer(*inputs, **attrs)  # type: ignore[misc]
     except OpError as exc:
         raise node_error(exc, node, op) from None
+    except ChainruleError as exc:  # from a graph attribute's own plan (scan's body)
+        raise nested_error(exc, node, op) from None
     except Exception as exc:  # the plugin's bug, not the caller's
         raise OperatorFailure(
             f"{where(node, op.name)}infer rule raised {type(exc).__name__}: {exc}",
             node=node, op=op.name, plugin=op.plugin,
         ) from exc
+    if not op.several:
+        return [_checked_spec(op, node, found)]
+    if not isinstance(found, (list, tuple)) or len(found) != n_out:
+        raise OperatorFailure(
+            f"{where(node, op.name)}infer rule returned {found!r}, expected a list of {n_out} TensorSpecs",
+            node=node, op=op.name, plugin=op.plugin,
+        )
+    return [_checked_spec(op, node, spec) for spec in found]
+
+
+def _checked_spec(op: OpDef, node: str, spec: Any) -> TensorSpec:
     if not isinstance(spec, tuple) or len(spec) != 2:
         raise OperatorFailure(
             f"{where(node, op.name)}infer rule returned {spec!r}, expected a TensorSpec",
@@ -224,9 +274,41 @@ def node_error(exc: ChainruleError, node: str, op: OpDef) -> GraphError:
     return cls(f"{where(node, op.name)}{exc.message}", node=node, op=op.name, field=exc.field, reason=exc.reason)
 
 
-def compile_graph(graph: GraphIR, registry: Registry, limits: Limits | None = None) -> Plan:
-    """Check ``graph`` against ``registry`` and build its Plan, or raise a GraphError subclass."""
+def nested_error(exc: ChainruleError, node: str, op: OpDef | None, what: str = "") -> ChainruleError:
+    """The same error, raised by a graph inside ``node`` (scan's body), with the outer node
+    named first: ``node 'rnn' (scan): step 3: node 'h' (tanh): ...``. Its class, reason and
+    metadata stay the inner error's, so its status code does not change."""
+    message = f"{where(node, op.name if op else None)}{what}{exc.message}"
+    nested = type(exc).__new__(type(exc))  # (copy.copy would call __init__ without its keywords)
+    Exception.__init__(nested, message)
+    nested.__dict__.update(exc.__dict__)
+    nested.message = message
+    return nested
+
+
+#: How deep graph attributes may nest (a scan in a scan's body is depth 2).
+MAX_GRAPH_NESTING = 8
+
+#: The compile-time pseudo-operators: a ``grad`` or ``jvp`` node is replaced by the nodes of its
+#: derivative before the graph is compiled (docs/derivatives.md). They are not in any registry.
+DERIVATIVE_OPS = frozenset({"grad", "jvp"})
+
+#: ``expand(graph, registry, limits) -> GraphIR`` without grad and jvp nodes: installed by
+#: chainrule.core.symbolic when chainrule.core is imported (symbolic compiles subgraphs itself,
+#: so this module cannot import it). Graphs without those nodes never reach it.
+expand_derivatives: Any = None
+
+
+def compile_graph(graph: GraphIR, registry: Registry, limits: Limits | None = None, *, depth: int = 0) -> Plan:
+    """Check ``graph`` against ``registry`` and build its Plan, or raise a GraphError subclass.
+
+    A ``graph`` attribute (scan's body) is compiled here too, against the same
+    registry and limits, and reaches the operator as a Plan; its errors name the
+    outer node and the attribute first. ``depth`` counts that nesting.
+    """
     limits = limits or Limits()
+    if expand_derivatives is not None and any(node.op in DERIVATIVE_OPS for node in graph.nodes):
+        graph = expand_derivatives(graph, registry, limits)
     n_total = len(graph.nodes)
     if n_total > limits.max_nodes:
         raise LimitExceeded(
@@ -236,12 +318,12 @@ def compile_graph(graph: GraphIR, registry: Registry, limits: Limits | None = No
     if not graph.outputs:
         raise OutputError("graph declares no outputs", field="graph.outputs")
 
-    position: dict[str, int] = {}  # name -> position among inputs then nodes
+    position: dict[str, tuple[int, int]] = {}  # value name -> (position among inputs then nodes, value index)
     input_dtypes, input_shapes = [], []
     for i, decl in enumerate(graph.inputs):
         field = f"graph.inputs[{i}]"
         _check_name(decl.name, position, field)
-        position[decl.name] = i
+        position[decl.name] = (i, 0)
         input_dtypes.append(parse_dtype(decl.dtype, field=f"{field}.dtype ('{decl.name}')"))
         shape = tuple(decl.shape)
         if any((not isinstance(n, (int, np.integer))) or n < -1 for n in shape):
@@ -252,9 +334,9 @@ def compile_graph(graph: GraphIR, registry: Registry, limits: Limits | None = No
 
     ops: list[OpDef] = []
     attrs: list[dict[str, Any]] = []
+    counts: list[int] = []
+    several: dict[str, tuple[str, ...]] = {}  # name of a several-output node -> its values' names
     for i, node in enumerate(graph.nodes):
-        _check_name(node.name, position, f"graph.nodes[{i}].name")
-        position[node.name] = n_inputs + i
         op = registry.find(node.op)
         if op is None:
             raise UnknownOperatorError(
@@ -267,48 +349,106 @@ def compile_graph(graph: GraphIR, registry: Registry, limits: Limits | None = No
                 f"{where(node.name, op.name)}takes {expected} input(s), got {len(node.inputs)}",
                 node=node.name, op=op.name, field=f"graph.nodes[{i}].inputs",
             )
+        checked = check_attrs(op, node.attrs, node=node.name)
+        for key, value in checked.items():
+            if isinstance(value, GraphIR):
+                checked[key] = _compile_attribute(value, registry, limits, depth, node.name, op, f"graph.nodes[{i}].attrs.{key}")
+        count = op.outputs_for(checked)
+        names = node.value_names
+        if len(names) != count:
+            given = f"names {len(names)}" if node.outputs else "gives none"
+            raise OutputError(
+                f"{where(node.name, op.name)}produces {count} values; Node.outputs must name each "
+                f"(it {given})", node=node.name, op=op.name, field=f"graph.nodes[{i}].outputs",
+            )
+        _check_name(node.name, position, f"graph.nodes[{i}].name")
+        if node.outputs:
+            several[node.name] = names
+            position[node.name] = (-1, 0)  # the node's own name: taken, but no value
+            for j, name in enumerate(names):
+                _check_name(name, position, f"graph.nodes[{i}].outputs[{j}]")
+                position[name] = (n_inputs + i, j)
+        else:
+            position[node.name] = (n_inputs + i, 0)
         ops.append(op)
-        attrs.append(check_attrs(op, node.attrs, node=node.name))
+        attrs.append(checked)
+        counts.append(count)
 
-    # Resolve references to positions.
+    # Resolve references to (position, value index).
     node_inputs: list[tuple[int, ...]] = []
+    value_of: list[tuple[int, ...]] = []
     for i, node in enumerate(graph.nodes):
-        refs = []
+        refs, which = [], []
         for ref in node.inputs:
-            p = position.get(ref)
-            if p is None:
-                raise UnknownNodeError(
-                    f"{where(node.name, node.op)}input '{ref}' is neither a declared input nor a node",
-                    node=node.name, op=node.op, field=f"graph.nodes[{i}].inputs",
-                )
+            p, j = _resolve(ref, position, several, f"{where(node.name, node.op)}input", f"graph.nodes[{i}].inputs")
             refs.append(p)
+            which.append(j)
         node_inputs.append(tuple(refs))
+        value_of.append(tuple(which))
 
     order = _topological_order(graph, node_inputs, n_inputs)
     slot_of = list(range(n_inputs)) + [0] * len(graph.nodes)
-    for new_position, i in enumerate(order):
-        slot_of[n_inputs + i] = n_inputs + new_position
+    next_slot = n_inputs
+    for i in order:
+        slot_of[n_inputs + i] = next_slot
+        next_slot += counts[i]
 
-    names = [d.name for d in graph.inputs] + [graph.nodes[i].name for i in order]
-    plan_ops: list[OpDef | None] = [None] * n_inputs + [ops[i] for i in order]
-    plan_attrs = [{}] * n_inputs + [attrs[i] for i in order]
-    in_slots = [()] * n_inputs + [tuple(slot_of[p] for p in node_inputs[i]) for i in order]
+    names = [d.name for d in graph.inputs]
+    node_names = list(names)
+    plan_ops: list[OpDef | None] = [None] * n_inputs
+    plan_attrs: list[dict[str, Any]] = [{}] * n_inputs
+    in_slots: list[tuple[int, ...]] = [()] * n_inputs
+    n_out = [1] * n_inputs
+    for i in order:
+        node = graph.nodes[i]
+        for j, name in enumerate(node.value_names):
+            names.append(name)
+            node_names.append(node.name)
+            plan_ops.append(ops[i])
+            plan_attrs.append(attrs[i] if j == 0 else {})
+            in_slots.append(tuple(slot_of[p] + v for p, v in zip(node_inputs[i], value_of[i])) if j == 0 else ())
+            n_out.append(counts[i] if j == 0 else 0)
 
     outputs = []
     for i, out in enumerate(graph.outputs):
-        p = position.get(out)
-        if p is None:
-            raise OutputError(f"graph.outputs[{i}]: no node or input named '{out}'", node=out, field=f"graph.outputs[{i}]")
-        outputs.append(slot_of[p])
+        p, j = _resolve(out, position, several, f"graph.outputs[{i}]: output", f"graph.outputs[{i}]", OutputError)
+        outputs.append(slot_of[p] + j)
 
     return Plan(
         names=names, ops=plan_ops, in_slots=in_slots, attrs=plan_attrs,
         input_dtypes=input_dtypes, input_shapes=input_shapes, outputs=tuple(outputs),
-        metadata=graph.metadata, limits=limits,
+        metadata=graph.metadata, limits=limits, n_out=n_out, node_names=node_names,
     )
 
 
-def _check_name(name: str, seen: dict[str, int], field: str) -> None:
+def _resolve(ref: str, position: dict[str, tuple[int, int]], several: dict[str, tuple[str, ...]], what: str,
+             field: str, error: type[GraphError] = UnknownNodeError) -> tuple[int, int]:
+    """(position, value index) of the value ``ref`` names, or an error saying what it is instead."""
+    found = position.get(ref)
+    if found is None:
+        raise error(f"{what} '{ref}' is neither a declared input nor a node", node=ref, field=field)
+    if found[0] < 0:
+        listed = ", ".join(several[ref])
+        raise error(f"{what} '{ref}' is a node with several values ({listed}); name one of them",
+                    node=ref, field=field)
+    return found
+
+
+def _compile_attribute(body: GraphIR, registry: Registry, limits: Limits, depth: int, node: str, op: OpDef,
+                       field: str) -> Plan:
+    """Compile a graph-valued attribute; its errors name the outer node and the attribute first."""
+    if depth + 1 > MAX_GRAPH_NESTING:
+        raise BadAttributeError(f"{where(node, op.name)}graphs nest more than {MAX_GRAPH_NESTING} deep",
+                                node=node, op=op.name, field=field)
+    try:
+        return compile_graph(body, registry, limits, depth=depth + 1)
+    except ChainruleError as exc:
+        nested = nested_error(exc, node, op, f"attribute '{field.rsplit('.', 1)[-1]}': ")
+        nested.field = f"{field}.{exc.field.removeprefix('graph.')}" if exc.field else field
+        raise nested from None
+
+
+def _check_name(name: str, seen: dict[str, Any], field: str) -> None:
     if not isinstance(name, str) or not name:
         raise GraphError(f"{field}: a name must be a non-empty string", field=field)
     if name in seen:

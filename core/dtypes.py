@@ -23,6 +23,13 @@ SUPPORTED: dict[str, np.dtype] = {
 #: Float dtypes are differentiable; integer and bool tensors have no gradient.
 DIFFERENTIABLE = frozenset({FLOAT64, FLOAT32})
 
+#: Names of groups of dtypes, as operators declare what each input accepts (OpDef.input_dtypes).
+ALL_DTYPES = tuple(SUPPORTED)
+FLOAT_DTYPES = ("float64", "float32")
+INT_DTYPES = ("int64", "int32")
+NUMBER_DTYPES = FLOAT_DTYPES + INT_DTYPES
+BOOL_DTYPES = ("bool",)
+
 
 def parse_dtype(value: object, *, field: str = "dtype") -> np.dtype:
     """Turn a name or numpy dtype into a supported dtype, or raise DTypeError."""

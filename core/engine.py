@@ -9,18 +9,20 @@ from __future__ import annotations
 
 import threading
 import time
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
 from .broadcast import unbroadcast
-from .compile import Plan, Shapes, check_memory, node_error
+from .compile import Plan, Shapes, check_memory, nested_error, node_error
 from .dtypes import is_differentiable
 from .errors import (
     BadTensorError, CancelledError, ChainruleError, DeadlineError, DTypeError, GraphError, LimitExceeded, MissingInputError,
     OpError, OperatorFailure, OutputError, SeedError, ShapeError, UnexpectedInputError, where,
 )
+from .limits import Limits
 from .tensor_spec import TensorSpec
 
 UNREACHED_ZEROS = "zeros"
@@ -141,14 +143,16 @@ def evaluate(
         else:
             if record:
                 record.clear()  # a run on floats that gave up part-way
-            values = _forward(plan, shapes, arrays, token)
+            run = RunContext(token, plan.limits, shapes.value_bytes + (shapes.grad_bytes if gradients else 0),
+                             keep_residuals=gradients)
+            values, saved = run_forward(plan, shapes, arrays, run)
             if not shapes.complete:
-                shapes = Shapes([TensorSpec.of(np.asarray(v)) for v in values], plan.in_slots, plan.n_inputs)
+                shapes = completed(plan, values)
             if not gradients:
                 return Evaluation(plan, values, None, out_slot, shapes.differentiable)
             seed_array = _seed(plan, shapes, out_slot, seed)
             edges = shapes.grad_edges if wanted is None else shapes.edges_toward(wanted, plan.in_slots)
-            grads = _backward(plan, shapes, edges, values, out_slot, seed_array, token, record)
+            grads = run_backward(plan, shapes, edges, values, saved, [(out_slot, seed_array)], run, record)
     if unreached == UNREACHED_ZEROS:
         differentiable = shapes.differentiable
         for k in range(len(differentiable)) if wanted is None else wanted:
@@ -196,12 +200,62 @@ def checked_inputs(plan: Plan, inputs: Mapping[str, Any]) -> list[np.ndarray]:
     return arrays
 
 
-def _forward(plan: Plan, shapes: Shapes, arrays: list[np.ndarray], token: StopToken | None) -> list[Any]:
+class RunContext:
+    """What one evaluation shares with the graphs run inside it (scan's body, step by step):
+    the stop token and the memory budget, charged as residuals and values without an infer
+    rule appear, so a nested run cannot exceed what the whole call may hold."""
+
+    __slots__ = ("token", "limits", "charged", "keep_residuals")
+
+    def __init__(self, token: StopToken | None, limits: Any, planned: int, keep_residuals: bool = True) -> None:
+        self.token = token
+        self.limits = limits
+        self.charged = planned  # bytes: the plan's values (and gradients), known before the run
+        #: False when no backward pass follows: residuals are dropped as they come (and not charged).
+        self.keep_residuals = keep_residuals
+
+    def charge(self, nbytes: int, node: str | None = None, op: str | None = None, what: str = "values and gradients") -> None:
+        """Count ``nbytes`` more against the memory budget, or raise LimitExceeded naming the node."""
+        self.charged += nbytes
+        check_memory(self.limits, self.charged, what, node=node, op=op)
+
+    def check(self) -> None:
+        if self.token is not None:
+            self.token.check()
+
+
+_NO_LIMITS = Limits()
+_current_run: ContextVar[RunContext | None] = ContextVar("chainrule_run", default=None)
+
+
+def current_run() -> RunContext:
+    """The RunContext of the evaluation whose operator is running (one without limits outside any)."""
+    run = _current_run.get()
+    return run if run is not None else RunContext(None, _NO_LIMITS, 0)
+
+
+def completed(plan: Plan, values: list[Any]) -> Shapes:
+    """Shapes read off the values of a run whose plan lacked some infer rules."""
+    return Shapes([TensorSpec.of(np.asarray(v)) for v in values], plan.in_slots, plan.n_inputs, plan.head_of,
+                  plan.unpacked)
+
+
+def run_forward(plan: Plan, shapes: Shapes, arrays: list[Any], run: RunContext) -> tuple[list[Any], list[Any] | None]:
+    """The forward pass: every slot's value, and the residuals operators saved (None when none did)."""
+    outer = _current_run.set(run)
+    try:
+        return _forward(plan, shapes, arrays, run)
+    finally:
+        _current_run.reset(outer)
+
+
+def _forward(plan: Plan, shapes: Shapes, arrays: list[Any], run: RunContext) -> tuple[list[Any], list[Any] | None]:
     forwards, ins, attrs = plan.forwards, plan.in_slots, plan.attrs
-    shape_of, dtype_of, scalar_type = shapes.shape_of, shapes.dtype_of, shapes.scalar_type
+    shape_of, dtype_of, scalar_type = shapes.result_shape, shapes.dtype_of, shapes.result_scalar
     ndarray = np.ndarray
+    token = run.token
     values: list[Any] = arrays + [None] * (len(ins) - plan.n_inputs)
-    unplanned = 0  # bytes of values whose operator has no infer rule
+    saved: list[Any] | None = None
     for k in range(plan.n_inputs, len(ins)):
         if token is not None and not k & 7:  # every 8th node: a check costs as much as a scalar op
             token.check()
@@ -211,20 +265,69 @@ def _forward(plan: Plan, shapes: Shapes, arrays: list[np.ndarray], token: StopTo
                 v = forwards[k](values[s[0]], values[s[1]], **attrs[k])
             elif len(s) == 1:
                 v = forwards[k](values[s[0]], **attrs[k])
+            elif forwards[k] is None:  # a later value of a several-output node: its head filled it
+                continue
             else:
                 v = forwards[k](*[values[j] for j in s], **attrs[k])
         except OpError as exc:
-            raise node_error(exc, plan.names[k], plan.ops[k]) from None
+            raise node_error(exc, plan.node_names[k], plan.ops[k]) from None
+        except ChainruleError as exc:  # from a graph run inside the operator (scan's body)
+            raise nested_error(exc, plan.node_names[k], plan.ops[k]) from None
         except Exception as exc:
-            raise _failure(plan.ops[k], plan.names[k], "forward", exc) from exc
+            raise _failure(plan.ops[k], plan.node_names[k], "forward", exc) from exc
         if (v.shape != shape_of[k] or v.dtype != dtype_of[k]) if type(v) is ndarray else type(v) is not scalar_type[k]:
-            v = _fit_value(plan, k, v, shapes.specs[k])
-            if shape_of[k] is None:  # no infer rule: charge the memory budget as values appear
-                unplanned += v.nbytes * 2
-                check_memory(plan.limits, shapes.value_bytes + shapes.grad_bytes + unplanned,
-                             node=plan.names[k], op=plan.ops[k].name)
+            if plan.unpacked[k]:
+                if saved is None:
+                    saved = [None] * len(ins)
+                v = _unpack(plan, shapes, k, v, values, saved, run)
+            else:
+                v = _fit_value(plan, k, v, shapes.specs[k])
+                if shapes.specs[k] is None:  # no infer rule: charge the memory budget as values appear
+                    run.charge(v.nbytes * 2, plan.node_names[k], plan.ops[k].name)
         values[k] = v
-    return values
+    return values, saved
+
+
+def _unpack(plan: Plan, shapes: Shapes, k: int, result: Any, values: list[Any], saved: list[Any],
+            run: RunContext) -> Any:
+    """Take apart what the forward rule of a node with residuals or several values returned:
+    keep the residuals (charged to the memory budget), put the later values in their slots,
+    and return the first value, each checked against its spec."""
+    op, node = plan.ops[k], plan.node_names[k]
+    if op.residuals:
+        if not isinstance(result, tuple) or len(result) != 2:
+            raise _contract(op, node, f"forward returned {type(result).__name__}, expected (result, saved) "
+                                      f"(the operator declares residuals)")
+        result, residuals = result
+        if run.keep_residuals:
+            saved[k] = residuals
+            run.charge(_nbytes(residuals), node, op.name, "values, gradients and residuals")
+    count = plan.n_out[k]
+    if not op.several:
+        results = [result]
+    elif isinstance(result, (tuple, list)) and len(result) == count:
+        results = list(result)
+    else:
+        raise _contract(op, node, f"forward returned {type(result).__name__}, expected a tuple of {count} values")
+    for j, value in enumerate(results):
+        spec = shapes.specs[k + j]
+        fitted = _fit_value(plan, k + j, value, spec)
+        if spec is None:  # no infer rule: charge the memory budget as values appear
+            run.charge(fitted.nbytes * 2, node, op.name)
+        values[k + j] = fitted
+    return values[k]
+
+
+def _nbytes(saved: Any) -> int:
+    """Bytes held by residuals: the arrays in ``saved`` (a tuple, list or one array), walked without recursion."""
+    total, pending = 0, [saved]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, np.ndarray):
+            total += item.nbytes
+        elif isinstance(item, (tuple, list)):
+            pending.extend(item)
+    return total
 
 
 def _run_on_floats(
@@ -338,11 +441,24 @@ def _seed(plan: Plan, shapes: Shapes, out_slot: int, seed: Any) -> np.ndarray:
     return np.array(seed, dtype=spec.dtype, copy=True)
 
 
-def _backward(
-    plan: Plan, shapes: Shapes, edges: list[tuple[tuple[int, int], ...]], values: list[Any], out_slot: int,
-    seed: np.ndarray, token: StopToken | None, record: list[ContributionRecord] | None,
+def run_backward(
+    plan: Plan, shapes: Shapes, edges: list[tuple[tuple[int, int], ...]], values: list[Any], saved: list[Any] | None,
+    seeds: list[tuple[int, Any]], run: RunContext, record: list[ContributionRecord] | None = None,
 ) -> list[Any]:
-    """Reverse-mode pass: each slot's gradient, from ``out_slot`` back to the inputs.
+    """The backward pass from ``seeds`` (slot, gradient) pairs: every slot's gradient (None where none
+    reached). Residuals in ``saved`` are dropped as their vjps finish."""
+    outer = _current_run.set(run)
+    try:
+        return _backward(plan, shapes, edges, values, saved, seeds, run.token, record)
+    finally:
+        _current_run.reset(outer)
+
+
+def _backward(
+    plan: Plan, shapes: Shapes, edges: list[tuple[tuple[int, int], ...]], values: list[Any], saved: list[Any] | None,
+    seeds: list[tuple[int, Any]], token: StopToken | None, record: list[ContributionRecord] | None,
+) -> list[Any]:
+    """Reverse-mode pass: each slot's gradient, from the seeded slots back to the inputs.
 
     The readable model is ``evaluate`` in tests/reference.py (about 30 lines):
     walk the nodes in reverse order, ask each one's vjp for its inputs'
@@ -352,28 +468,31 @@ def _backward(
     it adds, each marked below: no gradient yet is None rather than zeros
     (nothing is allocated for a slot that does not reach the output); only the
     ``edges`` (differentiable inputs, pruned to ``wrt=``) are followed;
-    arity fast paths; selective vjp; contract checks and unbroadcasting only
+    arity fast paths; selective vjp, residuals and several-output nodes
+    (``_general_vjp``); contract checks and unbroadcasting only
     when a shape or type differs; the contribution log; and buffer ownership,
     so a sum is added in place only into an array this loop allocated.
     """
-    vjps, selective, ins, attrs = plan.vjps, plan.selective, plan.in_slots, plan.attrs
+    vjps, general, ins, attrs, n_out = plan.vjps, plan.general, plan.in_slots, plan.attrs, plan.n_out
     shape_of, dtype_of, scalar_type = shapes.shape_of, shapes.dtype_of, shapes.scalar_type
     ndarray = np.ndarray
     grads: list[Any] = [None] * len(ins)
     owned = [False] * len(ins)  # True where grads[j] is a buffer we allocated and may add into
-    grads[out_slot] = seed
-    for k in range(out_slot, plan.n_inputs - 1, -1):  # slots after the output cannot reach it
+    for slot, seed in seeds:  # several seeds (a body's outputs) may name one slot: add them
+        grads[slot] = seed if grads[slot] is None else grads[slot] + seed
+    start = max(slot for slot, _ in seeds)
+    for k in range(start, plan.n_inputs - 1, -1):  # slots after the last seed cannot reach it
         g = grads[k]
-        if g is None or not edges[k]:  # skip: no gradient reached k, or no input of k wants one
+        if (g is None and n_out[k] < 2) or not edges[k]:  # skip: no gradient reached k, or no input wants one
             continue
         if token is not None and not k & 7:  # every 8th node: a check costs as much as a scalar op
             token.check()
         s = ins[k]
         try:
-            if selective[k]:  # selective vjp: tell the rule which inputs' gradients are wanted
-                needed = {pos for pos, _ in edges[k]}
-                parts = vjps[k](g, values[k], *[values[j] for j in s],
-                                needs=tuple(pos in needed for pos in range(len(s))), **attrs[k])
+            if general[k]:  # selective vjp, residuals, several values: the slower general call
+                parts = _general_vjp(plan, k, grads, values, saved, edges[k])
+                if parts is None:  # none of the node's values got a gradient
+                    continue
             elif len(s) == 2:  # arity fast paths: no list built for one or two inputs
                 parts = vjps[k](g, values[k], values[s[0]], values[s[1]], **attrs[k])
             elif len(s) == 1:
@@ -381,13 +500,15 @@ def _backward(
             else:
                 parts = vjps[k](g, values[k], *[values[j] for j in s], **attrs[k])
             if len(parts) != len(s):  # contract check: one gradient (or None) per input
-                raise _contract(plan.ops[k], plan.names[k], f"vjp returned {len(parts)} gradients for {len(s)} inputs")
+                raise _contract(plan.ops[k], plan.node_names[k], f"vjp returned {len(parts)} gradients for {len(s)} inputs")
         except OperatorFailure:
             raise
         except OpError as exc:
-            raise node_error(exc, plan.names[k], plan.ops[k]) from None
+            raise node_error(exc, plan.node_names[k], plan.ops[k]) from None
+        except ChainruleError as exc:  # from a graph run inside the operator (scan's body)
+            raise nested_error(exc, plan.node_names[k], plan.ops[k]) from None
         except Exception as exc:
-            raise _failure(plan.ops[k], plan.names[k], "vjp", exc) from exc
+            raise _failure(plan.ops[k], plan.node_names[k], "vjp", exc) from exc
         for pos, j in edges[k]:  # input pos of k is slot j
             gj = parts[pos]
             if gj is None:  # the rule gives this input no gradient
@@ -400,7 +521,7 @@ def _backward(
             elif t is not scalar_type[j]:
                 gj = _fit_grad(plan, k, pos, gj, shapes.specs[j])
             if record is not None and plan.consumers[j] > 1:  # contribution log: the += made visible
-                record.append(ContributionRecord(plan.names[j], plan.names[k], pos, gj))
+                record.append(ContributionRecord(plan.names[j], plan.node_names[k], pos, gj))
             # grads[j] += gj, with buffer ownership: the first contribution is kept as given (no
             # copy; it may alias a rule's array or a read-only view), the second is added into a
             # fresh array, and later ones go into that array in place
@@ -414,6 +535,30 @@ def _backward(
                 grads[j] = total
                 owned[j] = type(total) is ndarray
     return grads
+
+
+def _general_vjp(plan: Plan, k: int, grads: list[Any], values: list[Any], saved: list[Any] | None,
+                 edges: tuple[tuple[int, int], ...]) -> Any:
+    """Call the vjp of a node that is selective, has residuals or has several values; None when
+    none of its values got a gradient. Its residuals are dropped once the vjp has run."""
+    s, count = plan.in_slots[k], plan.n_out[k]
+    keywords = dict(plan.attrs[k])
+    if plan.selective[k]:  # tell the rule which inputs' gradients are wanted
+        needed = {pos for pos, _ in edges}
+        keywords["needs"] = tuple(pos in needed for pos in range(len(s)))
+    if plan.residual[k]:
+        keywords["saved"] = None if saved is None else saved[k]
+    if plan.several[k]:
+        g = tuple(grads[k:k + count])
+        if all(part is None for part in g):
+            return None
+        out = tuple(values[k:k + count])
+    else:
+        g, out = grads[k], values[k]
+    parts = plan.vjps[k](g, out, *[values[j] for j in s], **keywords)
+    if saved is not None:
+        saved[k] = None  # the residuals' last reader has run
+    return parts
 
 
 def _fit_grad(plan: Plan, k: int, pos: int, grad: Any, spec: TensorSpec) -> np.ndarray:

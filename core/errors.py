@@ -20,7 +20,8 @@ from typing import Any
 __all__ = [
     "ArityError", "BadAttributeError", "BadTensorError", "CancelledError", "ChainruleError", "CycleError",
     "DTypeError", "DeadlineError", "DuplicateNodeError", "DuplicateOperatorError", "GraphError",
-    "InvalidOperatorError", "LimitExceeded", "MissingInputError", "OpError", "OperatorFailure", "OutputError",
+    "InvalidOperatorError", "LimitExceeded", "MissingInputError", "MissingRuleError", "OpError", "OperatorFailure",
+    "OutputError",
     "PluginError", "SeedError", "ShapeError", "SharedMemoryFull", "SharedMemoryUnavailable", "UnexpectedInputError",
     "UnknownGraphError", "UnknownNodeError", "UnknownOperatorError", "VersionMismatchError", "where",
 ]
@@ -135,6 +136,17 @@ class OutputError(GraphError):
 
 class SeedError(GraphError):
     reason = "SEED_REQUIRED"
+
+
+class MissingRuleError(GraphError):
+    """A derivation (chainrule.core.symbolic: Derive, a graph's grad or jvp node) reached an
+    operator without the symbolic rule it needs (``rule``: "vjp_graph" or "jvp_graph")."""
+
+    reason = "MISSING_RULE"
+
+    def __init__(self, message: str, *, rule: str = "", **where_: Any) -> None:
+        super().__init__(message, **where_)
+        self.rule = rule
 
 
 # --- limits (RESOURCE_EXHAUSTED) -----------------------------------------------

@@ -2,7 +2,8 @@
 
 Plain frozen dataclasses, built by the server from protobuf or by Python
 callers directly. Attribute values are Python values (float, int, bool, str,
-lists) or numpy arrays (``tensor`` attributes, e.g. ``const``'s value).
+lists), numpy arrays (``tensor`` attributes, e.g. ``const``'s value) or
+GraphIRs (``graph`` attributes, e.g. ``scan``'s body).
 """
 from __future__ import annotations
 
@@ -21,12 +22,24 @@ class InputDecl:
 
 @dataclass(frozen=True)
 class Node:
-    """One operator application: ``name = op(*inputs, **attrs)``."""
+    """One operator application: ``name = op(*inputs, **attrs)``.
+
+    ``outputs`` names the values of an operator with several results
+    (``scan``'s final carries and stacked outputs), in the operator's order; the
+    node's own name then names no value. Left empty, the node's one value is
+    called by the node's name.
+    """
 
     name: str
     op: str
     inputs: tuple[str, ...] = ()
     attrs: Mapping[str, Any] = field(default_factory=dict)
+    outputs: tuple[str, ...] = ()
+
+    @property
+    def value_names(self) -> tuple[str, ...]:
+        """The names of the values this node produces."""
+        return self.outputs or (self.name,)
 
 
 @dataclass(frozen=True)
@@ -58,3 +71,11 @@ class GraphIR:
         )
         outs = (outputs,) if isinstance(outputs, str) else tuple(outputs)
         return cls(decls, built, outs, dict(metadata or {}))
+
+
+class CompiledGraph:
+    """Base of a graph already compiled against a registry (``chainrule.core.compile.Plan``):
+    what a ``graph`` attribute holds once its node is compiled, and may be given as directly
+    (a gradient checker's sample), since a GraphIR needs a registry to become one."""
+
+    __slots__ = ()

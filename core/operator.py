@@ -13,6 +13,13 @@ An operator is data plus rules:
   dtype from the inputs', so limits are checked before anything is allocated.
   Raise :class:`~chainrule.core.errors.OpError` for inputs the operator cannot take.
 
+Two options change the rules' forms (see :class:`OpDef`): ``residuals=True``
+lets forward hand values to vjp (``forward -> (output, saved)``, ``vjp(...,
+saved=saved)``), like JAX's residuals or PyTorch's ``ctx.save_for_backward``;
+``n_outputs`` other than 1 makes forward return a tuple of values, infer a
+list of specs, and vjp take a tuple of output gradients (None where an output
+has none) and the tuple of outputs.
+
 Inputs are positional and attributes are keywords in all three rules, so a
 numpy ufunc such as ``np.add`` is itself a valid forward rule.
 """
@@ -28,12 +35,13 @@ import numpy as np
 
 from .dtypes import SUPPORTED
 from .errors import BadAttributeError, InvalidOperatorError
+from .graph import CompiledGraph, GraphIR
 from .tensor_spec import TensorSpec
 
 #: ``arity`` value of an operator taking one or more inputs (concat, add_n...).
 VARIADIC = -1
 
-ATTR_KINDS = ("float", "int", "bool", "string", "ints", "floats", "tensor")
+ATTR_KINDS = ("float", "int", "bool", "string", "ints", "floats", "tensor", "graph")
 
 _REQUIRED = object()
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
@@ -89,6 +97,31 @@ class OpDef:
     #: operator has them runs on floats (see core/engine.py); they may raise where numpy
     #: gives inf or nan (``math.log(-1)``, ``1 / 0.0``): that run is then redone with numpy.
     scalar: tuple[Callable[..., float], Callable[..., Sequence[Any]]] | None = None
+    #: How many values a node of this operator produces: a count, or a function of the
+    #: node's checked attributes (scan: one per body output). Other than 1, forward returns
+    #: a tuple, infer a list of specs, and vjp takes ``(grads, outputs, *inputs)`` with a
+    #: tuple of output gradients (None for an output no gradient reached) and the outputs.
+    n_outputs: int | Callable[[Mapping[str, Any]], int] = 1
+    #: True when forward returns ``(result, saved)`` and vjp takes ``saved=`` (the
+    #: residuals: what forward computed that the gradient needs, so vjp does not recompute
+    #: it). The engine keeps ``saved`` until the node's vjp has run, counted in the memory
+    #: budget, and drops it at once when no backward pass follows.
+    residuals: bool = False
+    #: The inputs' names, in order (one name standing for all the inputs of a variadic
+    #: operator), as ListOperators shows them. None: the forward rule's positional
+    #: parameters (``def forward(logits, labels)``: "logits", "labels"; ``*xs``: "xs").
+    input_names: Sequence[str] | None = None
+    #: The dtypes each input accepts, by input name (core.dtypes names them: FLOAT_DTYPES,
+    #: INT_DTYPES...), as ListOperators shows them; an input left out lists every dtype.
+    #: Declare what the infer rule accepts: ``input_dtypes={"labels": INT_DTYPES}``.
+    input_dtypes: Mapping[str, Sequence[str]] = field(default_factory=dict)
+    #: Optional symbolic reverse rule, ``vjp_graph(b, g, out, *inputs, **attrs) -> tuple`` (a Ref or None
+    #: per input), written with registered operators through ``b`` (a chainrule.core.symbolic.SymbolicBuilder),
+    #: so that a derivative is a graph that can be differentiated again (docs/derivatives.md).
+    vjp_graph: Callable[..., Sequence[Any]] | None = None
+    #: Optional symbolic forward rule, ``jvp_graph(b, tangents, out, *inputs, **attrs) -> Ref | None``
+    #: (tangents: a Ref or None per input): the output's tangent, for forward mode (JVPs).
+    jvp_graph: Callable[..., Any] | None = None
     #: Filled in by the plugin manager: who provides this operator.
     plugin: str = ""
     distribution: str = ""
@@ -101,6 +134,32 @@ class OpDef:
     def accepts(self, n_inputs: int) -> bool:
         return n_inputs >= 1 if self.arity == VARIADIC else n_inputs == self.arity
 
+    def apply(self, *inputs: Any, **attrs: Any) -> tuple[Any, Any]:
+        """Run the forward rule: ``(result, residuals)``, residuals None for an operator without.
+        For code that calls rules itself (checkers, tests), whatever ``residuals`` says."""
+        result = self.forward(*inputs, **attrs)
+        return result if self.residuals else (result, None)
+
+    def apply_vjp(self, g: Any, out: Any, *inputs: Any, saved: Any = None, needs: Sequence[bool] | None = None,
+                  **attrs: Any) -> Sequence[Any]:
+        """Run the vjp rule with ``saved`` (the residuals :meth:`apply` gave) and ``needs`` passed
+        only to a rule that takes them."""
+        if self.residuals:
+            attrs["saved"] = saved
+        if needs is not None and self.selective_vjp:
+            attrs["needs"] = tuple(needs)
+        return self.vjp(g, out, *inputs, **attrs)
+
+    @property
+    def several(self) -> bool:
+        """True when the rules use the several-values forms (tuples of values and of gradients,
+        a list of specs), whatever the count for one node: scan with one body output too."""
+        return self.n_outputs != 1
+
+    def outputs_for(self, attrs: Mapping[str, Any]) -> int:
+        """The number of values a node with these (checked) attributes produces."""
+        return self.n_outputs if isinstance(self.n_outputs, int) else int(self.n_outputs(attrs))
+
 
 #: Names no attribute may take: the OpDef's own fields, and ``variadic``. An attribute so
 #: named reads like the field but is not it (``OperatorSet.operator("t.f", gradcheck=False)``
@@ -110,7 +169,7 @@ RESERVED_ATTR_NAMES = frozenset(f.name for f in fields(OpDef)) | {"variadic"}
 _FILLED_IN = ("plugin", "distribution", "version")
 
 
-def attr_name_clash(name: str, *, selective_vjp: bool = False) -> str | None:
+def attr_name_clash(name: str, *, selective_vjp: bool = False, residuals: bool = False) -> str | None:
     """Why ``name`` cannot name an attribute, ending in what to do; None when it can."""
     if name in _FILLED_IN:
         return (f"attribute '{name}' has the name of an OpDef field, which the plugin manager fills in; "
@@ -124,6 +183,9 @@ def attr_name_clash(name: str, *, selective_vjp: bool = False) -> str | None:
     if name == "needs" and selective_vjp:
         return ("attribute 'needs' clashes with the needs= keyword the engine passes to a selective vjp; "
                 "give the attribute another name")
+    if name == "saved" and residuals:
+        return ("attribute 'saved' clashes with the saved= keyword the engine passes to the vjp of an "
+                "operator with residuals; give the attribute another name")
     return None
 
 
@@ -174,6 +236,10 @@ def coerce_attr(kind: str, value: Any, *, allow_nonfinite: bool = False) -> Any:
         if isinstance(items, (str, bytes, Mapping)) or not isinstance(items, (Sequence, np.ndarray)):
             raise TypeError(f"expected a list of floats, got {_describe(value)}")
         return tuple(coerce_attr("float", item, allow_nonfinite=allow_nonfinite) for item in items)
+    if kind == "graph":
+        if not isinstance(value, (GraphIR, CompiledGraph)):
+            raise TypeError(f"expected a graph, got {_describe(value)}")
+        return value
     if kind == "tensor":
         if not isinstance(value, np.ndarray):
             raise TypeError(f"expected a tensor, got {_describe(value)}")
@@ -199,7 +265,13 @@ def check_attrs(op: OpDef, given: Mapping[str, Any], *, node: str | None = None)
         )
     checked: dict[str, Any] = {}
     for name, schema in op.attrs.items():
-        if name not in given or given[name] is None:
+        if name in given and given[name] is None:
+            raise BadAttributeError(
+                f"{_where(node, op)}attribute '{name}' is None; leave it out for its default"
+                + ("" if schema.required else f" ({schema.default!r})"),
+                node=node, op=op.name, field=f"attrs.{name}",
+            )
+        if name not in given:
             if schema.required:
                 raise BadAttributeError(
                     f"{_where(node, op)}missing required attribute '{name}' ({schema.kind})",
@@ -237,12 +309,25 @@ def validate_opdef(op: Any, *, plugin: str | None = None) -> None:
         raise InvalidOperatorError(f"{what}has no vjp (gradient rule)", plugin=plugin, op=op.name)
     if op.infer is not None and not callable(op.infer):
         raise InvalidOperatorError(f"{what}infer is not callable", plugin=plugin, op=op.name)
+    for role in ("vjp_graph", "jvp_graph"):
+        if getattr(op, role) is not None and not callable(getattr(op, role)):
+            raise InvalidOperatorError(f"{what}{role} is not callable", plugin=plugin, op=op.name)
+    problem = inputs_problem(op)
+    if problem:
+        raise InvalidOperatorError(f"{what}{problem}", plugin=plugin, op=op.name)
+    if not callable(op.n_outputs) and (not isinstance(op.n_outputs, int) or isinstance(op.n_outputs, bool)
+                                       or op.n_outputs < 1):
+        raise InvalidOperatorError(f"{what}n_outputs must be a count >= 1 or a function of the attributes, "
+                                   f"got {op.n_outputs!r}", plugin=plugin, op=op.name)
+    if op.scalar is not None and (op.n_outputs != 1 or op.residuals):
+        raise InvalidOperatorError(f"{what}scalar rules are for one output without residuals; drop scalar=",
+                                   plugin=plugin, op=op.name)
     if not isinstance(op.attrs, Mapping):
         raise InvalidOperatorError(f"{what}attrs must map names to Attr", plugin=plugin, op=op.name)
     for name, schema in op.attrs.items():
         if not isinstance(name, str) or not name.isidentifier():
             raise InvalidOperatorError(f"{what}invalid attribute name {name!r}", plugin=plugin, op=op.name)
-        clash = attr_name_clash(name, selective_vjp=bool(op.selective_vjp))
+        clash = attr_name_clash(name, selective_vjp=bool(op.selective_vjp), residuals=bool(op.residuals))
         if clash:
             raise InvalidOperatorError(f"{what}{clash}", plugin=plugin, op=op.name)
         if not isinstance(schema, Attr) or schema.kind not in ATTR_KINDS:
@@ -251,6 +336,8 @@ def validate_opdef(op: Any, *, plugin: str | None = None) -> None:
                 f"{what}attribute '{name}' has kind {kind!r}; expected one of {', '.join(ATTR_KINDS)}",
                 plugin=plugin, op=op.name,
             )
+        if schema.kind == "graph" and not schema.required and schema.default is not None:
+            raise InvalidOperatorError(f"{what}graph attribute '{name}' cannot have a default", plugin=plugin, op=op.name)
         if not schema.required and schema.default is not None:
             try:
                 coerce_attr(schema.kind, schema.default, allow_nonfinite=schema.allow_nonfinite)
@@ -260,15 +347,84 @@ def validate_opdef(op: Any, *, plugin: str | None = None) -> None:
                 ) from None
 
 
+@dataclass(frozen=True)
+class InputInfo:
+    """One input of an operator as ListOperators describes it: its name, the dtypes it accepts,
+    and whether it stands for every input of a variadic operator."""
+
+    name: str
+    dtypes: tuple[str, ...]
+    variadic: bool = False
+
+
+def described_inputs(op: OpDef) -> tuple[InputInfo, ...]:
+    """The inputs of ``op``, in order: ``arity`` entries, or one variadic entry.
+
+    Names are ``op.input_names``, else the forward rule's positional parameters that are not
+    attributes (``*xs`` of a variadic rule gives "xs"); where the signature cannot be read or
+    has too few, "input0", "input1"... Dtypes are ``op.input_dtypes``' (in SUPPORTED's order),
+    else every dtype.
+    """
+    count = 1 if op.variadic else op.arity
+    names = list(op.input_names) if op.input_names is not None else _forward_input_names(op, count)
+    return tuple(InputInfo(name, _ordered_dtypes(op.input_dtypes.get(name, SUPPORTED)), op.variadic)
+                 for name in names)
+
+
+def _ordered_dtypes(names: Any) -> tuple[str, ...]:
+    wanted = set(names)
+    return tuple(name for name in SUPPORTED if name in wanted)
+
+
+def _forward_input_names(op: OpDef, count: int) -> list[str]:
+    try:
+        params = list(inspect.signature(op.forward).parameters.values())
+    except (TypeError, ValueError):  # some C functions
+        params = []
+    positional = [p.name for p in params
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.name not in op.attrs]
+    if op.variadic:
+        star = [p.name for p in params if p.kind is p.VAR_POSITIONAL]
+        return [star[0] if star else positional[0] if positional else "inputs"]
+    names = positional[:count]
+    return names + [f"input{i}" for i in range(len(names), count)]
+
+
+def inputs_problem(op: OpDef) -> str | None:
+    """Why ``op``'s input_names or input_dtypes cannot describe its inputs; None when they can."""
+    if op.input_names is not None:
+        names = op.input_names
+        if isinstance(names, str) or not all(isinstance(n, str) and n for n in names):
+            return f"input_names must be a list of non-empty strings, got {names!r}"
+        count = 1 if op.variadic else op.arity
+        if len(names) != count:
+            return (f"input_names gives {len(names)} name{'s' * (len(names) != 1)} for "
+                    + ("a variadic operator (give one, standing for every input)" if op.variadic
+                       else f"{op.arity} input{'s' * (op.arity != 1)}"))
+        if len(set(names)) != len(names):
+            return f"input_names repeats a name: {list(names)}"
+    if not isinstance(op.input_dtypes, Mapping):
+        return f"input_dtypes must map input names to dtype names, got {op.input_dtypes!r}"
+    known = [i.name for i in described_inputs(op)] if op.input_names is None else list(op.input_names)
+    for name, dtypes in op.input_dtypes.items():
+        if name not in known:
+            return f"input_dtypes names '{name}', which is not an input (the inputs: {', '.join(known) or 'none'})"
+        if isinstance(dtypes, str) or not dtypes or any(d not in SUPPORTED for d in dtypes):
+            return (f"input_dtypes['{name}'] must be a non-empty list of dtype names from "
+                    f"{', '.join(SUPPORTED)}, got {dtypes!r}")
+    return None
+
+
 def rule_signature_problem(op: OpDef) -> str | None:
     """Why ``op``'s forward, vjp or infer rule cannot take the attributes its schema declares, ending
     in the fix; None when each accepts every declared attribute as a keyword (or takes ``**kwargs``).
 
-    A selective vjp must take ``needs`` too. A rule whose signature Python cannot read (some
-    C functions) is not judged.
+    A selective vjp must take ``needs`` too, and the vjp of an operator with residuals ``saved``.
+    A rule whose signature Python cannot read (some C functions) is not judged.
     """
-    for role, rule, more in (("forward", op.forward, ()), ("vjp", op.vjp, ("needs",) if op.selective_vjp else ()),
-                             ("infer", op.infer, ())):
+    vjp_keywords = ("needs",) * bool(op.selective_vjp) + ("saved",) * bool(op.residuals)
+    for role, rule, more in (("forward", op.forward, ()), ("vjp", op.vjp, vjp_keywords), ("infer", op.infer, ()),
+                             ("vjp_graph", op.vjp_graph, ()), ("jvp_graph", op.jvp_graph, ())):
         if rule is None:
             continue
         try:
@@ -281,7 +437,7 @@ def rule_signature_problem(op: OpDef) -> str | None:
         missing = [name for name in (*op.attrs, *more) if name not in accepted]
         if missing:
             listed = ", ".join(f"'{m}'" for m in missing)
-            what = "keyword" if missing == ["needs"] and more else "attribute" + ("s" if len(missing) > 1 else "")
+            what = "keyword" if set(missing) <= set(more) else "attribute" + ("s" if len(missing) > 1 else "")
             return (f"operator '{op.name}': the {role} rule does not accept the declared {what} {listed} "
                     f"(the engine passes every attribute as a keyword); add {', '.join(missing)} to its parameters "
                     f"(def {role}(..., *, {', '.join(missing)})) or end them with **attrs")

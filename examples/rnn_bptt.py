@@ -3,7 +3,10 @@
     h_t = tanh(W h_{t-1} + U x_t + b),   t = 1..T;    C = ½ (v·h_T − y)²
 
 Unrolled, the recurrent weight W feeds T matmul nodes, so the chain rule adds
-T contributions into dC/dW: the ``+=`` of fan-out. This script evaluates the
+T contributions into dC/dW: the ``+=`` of fan-out. ``rnn_scan`` builds the same
+network with ``ops.scan`` (one step's body, run T times by the server, as
+``jax.lax.scan``): the graph stays a handful of nodes whatever T, and its
+gradients equal the unrolled graph's (printed below). This script evaluates the
 gradients on a chainrule server, checks every one against central finite
 differences (all perturbed inputs sent over one EvaluateStream call), and
 shows W's per-step contributions (``contributions=True``) summing to its
@@ -19,7 +22,7 @@ import argparse
 
 import numpy as np
 
-from chainrule.client import Client, GraphBuilder, Result, Var
+from chainrule.client import Client, GraphBuilder, Result, Var, ops
 from chainrule.server import LocalClient
 
 STEPS, HIDDEN, FEATURES = 4, 3, 2
@@ -38,6 +41,22 @@ def rnn(steps: int = STEPS, hidden: int = HIDDEN, features: int = FEATURES, *, s
         recurrent = (w_t @ h).named(f"Wh{t}")
         h = (recurrent + u @ x[t - 1] + b).tanh(name=f"h{t}")
     error = ((v * h).sum(name="out") - y).named("error")
+    return (0.5 * error * error).named("C")
+
+
+def rnn_scan(steps: int = STEPS, hidden: int = HIDDEN, features: int = FEATURES) -> Var:
+    """The same loss C with the loop as one ``scan`` node: the body is one step, W a constant of it."""
+    g = GraphBuilder()
+    x = g.input("X", (steps, features))
+    u, b, v = g.input("U", (hidden, features)), g.input("b", (hidden,)), g.input("v", (hidden,))
+    y = g.input("y")
+    h0, w = g.input("h0", (hidden,)), g.input("W", (hidden, hidden))
+
+    def step(h, x_t, w, u, b):
+        return ((w @ h) + u @ x_t + b).tanh(name="h"), None
+
+    h_final, _ = ops.scan(step, h0, x, [w, u, b], name="rnn")
+    error = ((v * h_final).sum(name="out") - y).named("error")
     return (0.5 * error * error).named("C")
 
 
@@ -120,6 +139,10 @@ def main(argv: list[str] | None = None) -> int:
                       f"equals dC/dW{t} of the untied network: {np.allclose(share, per_step, rtol=0, atol=1e-12)}")
             total = sum(shares.values())
             print("sum of the shares:\n", total, "\ndC/dW:\n", result.grad["W"])
+            looped = client.evaluate(rnn_scan(), inputs)
+            worst = max(float(np.max(np.abs(looped.grad[name] - result.grad[name]))) for name in names)
+            print(f"scan: {len(rnn_scan().graph)} nodes instead of {len(loss.graph)}; C = {float(looped.value):.10f}, "
+                  f"max |scan - unrolled| over the gradients = {worst:.1e}")
     finally:
         if server is not None:
             server.stop(grace=None)

@@ -5,8 +5,10 @@ from .authoring import (
     scalar_of_input, table_hookimpl,
 )
 from .hookspecs import hookimpl, hookspec
+from .jax_bridge import from_jax  # imports JAX only when an operator from JAX first runs
+from .testing import Sample
 
 __all__ = [
-    "OperatorDraft", "OperatorSet", "attr_from_default", "broadcast_inputs", "float_like_input", "hookimpl",
-    "hookspec", "same_as_input", "scalar_of_input", "table_hookimpl",
+    "OperatorDraft", "OperatorSet", "Sample", "attr_from_default", "broadcast_inputs", "float_like_input",
+    "from_jax", "hookimpl", "hookspec", "same_as_input", "scalar_of_input", "table_hookimpl",
 ]

@@ -23,22 +23,28 @@ Attributes are keyword defaults: a float default makes a float attribute, a
 tuple of ints an ``ints`` attribute, and so on; pass an :class:`Attr` for a
 required attribute or one whose default is None. The other keywords of
 :meth:`OperatorSet.operator` (``infer``, ``doc``, ``arity``, ``gradcheck``,
-``selective_vjp``) set the OpDef fields of those names, and no attribute may take
-the name of an OpDef field.
+``selective_vjp``, ``input_names``, ``input_dtypes``) set the OpDef fields of those
+names, and no attribute may take the name of an OpDef field. ListOperators names the
+inputs after the forward rule's parameters (``x`` above) and lists every dtype for
+each unless ``input_dtypes`` says less: ``input_dtypes={"labels": INT_DTYPES}``
+(``chainrule.core.dtypes``). ``vary`` declares attribute values for the gradient
+checker (:class:`chainrule.plugins.testing.Sample`), and :meth:`OperatorSet.add`
+takes an operator built elsewhere (:func:`chainrule.plugins.from_jax`).
 """
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from chainrule.core import VARIADIC, Attr, OpDef, TensorSpec, broadcast_shapes
+from chainrule.core import VARIADIC, Attr, OpDef, TensorSpec, broadcast_shapes, coerce_attr
 from chainrule.core.dtypes import float_result
 from chainrule.core.errors import InvalidOperatorError
 from chainrule.core.operator import attr_name_clash
 
 from .hookspecs import hookimpl
+from .testing import Sample
 
 
 def attr_from_default(default: Any) -> Attr:
@@ -86,12 +92,15 @@ class OperatorDraft:
 
     def __init__(self, name: str, forward: Callable[..., Any], attrs: dict[str, Attr],
                  infer: Callable[..., TensorSpec] | None, doc: str | None, arity: int | None, *,
-                 gradcheck: bool = True, selective_vjp: bool = False) -> None:
+                 gradcheck: bool = True, selective_vjp: bool = False,
+                 vary: dict[str, tuple[Any, ...]] | None = None, **fields: Any) -> None:
         self.name = name
         self.forward = forward
         self.attrs = attrs
+        self.vary = dict(vary or {})  # attribute values for the gradient checker (Sample.vary)
         self.gradcheck = gradcheck
         self.selective_vjp = selective_vjp
+        self.fields = fields  # further OpDef fields (input_names, input_dtypes)
         self._infer = infer
         self._vjp: Callable[..., Any] | None = None
         self._sample: Callable[..., Any] | None = None
@@ -114,10 +123,11 @@ class OperatorDraft:
         return rule
 
     def build(self) -> OpDef:
+        sample = Sample(self._sample, self.vary) if self.vary else self._sample
         return OpDef(
             name=self.name, arity=self.arity, forward=self.forward, vjp=self._vjp,  # type: ignore[arg-type]
-            infer=self._infer, attrs=self.attrs, doc=self.doc, sample=self._sample,
-            gradcheck=self.gradcheck, selective_vjp=self.selective_vjp,
+            infer=self._infer, attrs=self.attrs, doc=self.doc, sample=sample,
+            gradcheck=self.gradcheck, selective_vjp=self.selective_vjp, **self.fields,
         )
 
     def __call__(self, *inputs: Any, **attrs: Any) -> Any:
@@ -128,36 +138,56 @@ class OperatorSet:
     """A plugin's operators, declared with :meth:`operator` and registered together."""
 
     def __init__(self) -> None:
-        self.drafts: list[OperatorDraft] = []
+        self.drafts: list[OperatorDraft | OpDef] = []
 
     def operator(self, name: str, *, infer: Callable[..., TensorSpec] | None = None, doc: str | None = None,
                  arity: int | None = None, gradcheck: bool = True, selective_vjp: bool = False,
+                 residuals: bool = False,
+                 input_names: Sequence[str] | None = None, input_dtypes: Mapping[str, Sequence[str]] | None = None,
+                 vary: Mapping[str, Iterable[Any]] | None = None,
                  **attrs: Any) -> Callable[[Callable[..., Any]], OperatorDraft]:
         """Decorator declaring an operator from its forward rule.
 
-        ``infer``, ``doc``, ``arity``, ``gradcheck`` and ``selective_vjp`` set the
-        OpDef fields of those names (``gradcheck=False``: the vjp is deliberately not
-        the derivative, so the gradient checker leaves it alone; ``selective_vjp=True``:
-        the vjp takes ``needs=``). Every other keyword declares an attribute, and
+        ``infer``, ``doc``, ``arity``, ``gradcheck``, ``selective_vjp``, ``residuals``, ``input_names``
+        and ``input_dtypes`` set the OpDef fields of those names (``gradcheck=False``: the
+        vjp is deliberately not the derivative, so the gradient checker leaves it alone;
+        ``selective_vjp=True``: the vjp takes ``needs=``; ``residuals=True``: the forward rule
+        returns ``(result, saved)`` and the vjp takes ``saved=``, what forward computed that the
+        gradient needs; ``input_dtypes``: the dtypes
+        ListOperators lists per input, every dtype where not given). ``vary`` maps attribute
+        names to the values the gradient checker must try besides those the sample rule draws
+        (``vary={"padding": ("valid", "same")}``; ``()`` never varies that attribute), and is
+        refused with InvalidOperatorError when it names no attribute or gives a value of the
+        wrong kind. Every other keyword declares an attribute, and
         one named like an OpDef field is refused with InvalidOperatorError.
         """
         for key in attrs:
-            problem = _attr_problem(key, selective_vjp)
+            problem = _attr_problem(key, selective_vjp, residuals)
             if problem:
                 raise InvalidOperatorError(f"operator '{name}': {problem}", op=name)
         schema = {key: attr_from_default(default) for key, default in attrs.items()}
+        variations = _variations(name, schema, vary)
 
         def declare(forward: Callable[..., Any]) -> OperatorDraft:
             draft = OperatorDraft(name, forward, schema, infer, doc, arity,
-                                  gradcheck=gradcheck, selective_vjp=selective_vjp)
+                                  gradcheck=gradcheck, selective_vjp=selective_vjp, vary=variations,
+                                  input_names=input_names, residuals=residuals,
+                                  input_dtypes=dict(input_dtypes or {}))
             self.drafts.append(draft)
             return draft
 
         return declare
 
+    def add(self, op: OpDef) -> OpDef:
+        """Add an operator built elsewhere (an ``OpDef``, e.g. from :func:`chainrule.plugins.from_jax`)."""
+        if not isinstance(op, OpDef):
+            raise TypeError(f"OperatorSet.add takes an OpDef, got {type(op).__name__}")
+        self.drafts.append(op)
+        return op
+
     def register_into(self, register: Callable[[OpDef], None]) -> None:
         for draft in self.drafts:
-            register(draft.build())
+            register(draft if isinstance(draft, OpDef) else draft.build())
 
     def hookimpl(self) -> Callable[[Callable[[OpDef], None]], None]:
         """A ready ``register_operators`` hook implementation for this set."""
@@ -182,11 +212,36 @@ _FIELD_HINTS = {
 }
 
 
-def _attr_problem(key: str, selective_vjp: bool) -> str | None:
+def _attr_problem(key: str, selective_vjp: bool, residuals: bool = False) -> str | None:
     """Why keyword ``key`` of OperatorSet.operator cannot declare an attribute, and what to do instead."""
     if key in _FIELD_HINTS:
         return f"'{key}' is an OpDef field, not an attribute name ({_FIELD_HINTS[key]}); give the attribute another name"
-    return attr_name_clash(key, selective_vjp=selective_vjp)
+    return attr_name_clash(key, selective_vjp=selective_vjp, residuals=residuals)
+
+
+def _variations(name: str, schema: Mapping[str, Attr],
+                vary: Mapping[str, Iterable[Any]] | None) -> dict[str, tuple[Any, ...]]:
+    """``vary``, checked against the attribute schema (InvalidOperatorError naming the problem)."""
+    if vary is None:
+        return {}
+    if not isinstance(vary, Mapping):
+        raise InvalidOperatorError(f"operator '{name}': vary= must map attribute names to lists of values, "
+                                   f"got {type(vary).__name__}", op=name)
+    checked: dict[str, tuple[Any, ...]] = {}
+    for key, values in vary.items():
+        if key not in schema:
+            known = ", ".join(schema) or "none"
+            raise InvalidOperatorError(f"operator '{name}': vary= names '{key}', which is not one of its attributes "
+                                       f"({known}); name a declared attribute", op=name)
+        if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
+            raise InvalidOperatorError(f"operator '{name}': vary['{key}'] must be a list of values, got {values!r}",
+                                       op=name)
+        attr = schema[key]
+        try:
+            checked[key] = tuple(coerce_attr(attr.kind, v, allow_nonfinite=attr.allow_nonfinite) for v in values)
+        except (TypeError, ValueError) as exc:
+            raise InvalidOperatorError(f"operator '{name}': vary['{key}'] ({attr.kind}): {exc}", op=name) from None
+    return checked
 
 
 def _first_line(text: str | None) -> str:

@@ -6,12 +6,14 @@ operator whose vjp disagrees with central finite differences is left out of
 the served registry (and the log says why), while the rest keep working.
 
 Each operator is checked on the cases of
-:func:`chainrule.plugins.testing.sample_inputs` (its own ``sample`` rule, or
-random inputs of the default shapes), with a generator seeded per operator, so
-``chainrule check --op NAME`` reproduces the numbers of a full run. An
-operator whose check cannot even run (its forward rule raises on the sample
-inputs, or it has a required attribute and no ``sample`` rule) fails too: a
-server asked to serve checked operators only cannot vouch for it.
+:func:`chainrule.plugins.testing.check_cases` (its own ``sample`` rule, or
+random inputs of the default shapes, then one case per attribute value the
+checker varies) and by :func:`~chainrule.plugins.testing.check_float32`, with a
+generator seeded per operator, so ``chainrule check --op NAME`` reproduces the
+numbers of a full run. Every case is recorded with its inputs and attributes
+(:class:`CaseResult`). An operator whose check cannot even run (its forward rule
+raises on the sample inputs, or it has a required attribute and no ``sample``
+rule) fails too: a server asked to serve checked operators only cannot vouch for it.
 
 ``chainrule serve`` checks the operators of third-party plugins by default (built-ins are
 checked by chainrule's own test suite, not at every start) and keeps the verdicts in a small
@@ -33,17 +35,54 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from chainrule.core import OpDef, Registry
+from chainrule.core import OpDef, Registry, check_attrs
 
 from .manager import Loaded, chainrule_version, plugin_matches
-from .testing import GradCheckReport, check_vjp, gradient_exemption, sample_inputs
+from .testing import (
+    Case, GradCheckReport, attrs_text, check_case, check_cases, check_float32, gradient_exemption, sample_rule,
+    value_text,
+)
 
-__all__ = ["CheckCache", "OperatorCheck", "check_and_refuse", "check_op", "check_registry", "default_cache_path"]
+__all__ = [
+    "CaseResult", "CheckCache", "OperatorCheck", "check_and_refuse", "check_op", "check_registry",
+    "default_cache_path",
+]
 
 log = logging.getLogger("chainrule.plugins")
 
 #: Seed of the random inputs and cotangents (per operator).
 SEED = 0
+
+
+@dataclass(frozen=True)
+class CaseResult:
+    """One case of a check, as shown by ``chainrule check --cases`` and kept in the cache."""
+
+    #: "sample", "default" (made-up inputs), "varied" (an attribute the checker changed) or "float32".
+    kind: str
+    #: The inputs, e.g. ``float64[2, 3], int64[2]``.
+    inputs: str
+    #: Every attribute, defaults included, as (name, value text) pairs: ``(("stride", "2"), ("padding", "0"))``.
+    attrs: tuple[tuple[str, str], ...]
+    #: "passed", "FAILED" or "skipped".
+    status: str
+    max_abs_error: float = 0.0
+    max_rel_error: float = 0.0
+    #: The attribute varied (kind "varied"); why the case was skipped or failed.
+    varied: str = ""
+    note: str = ""
+
+    def attrs_text(self) -> str:
+        """``stride=2, padding=0``."""
+        return ", ".join(f"{name}={value}" for name, value in self.attrs)
+
+    def describe(self) -> str:
+        label = f"varied {self.varied}" if self.kind == "varied" else self.kind
+        text = f"{label}: {self.inputs or 'no inputs'}" + (f"; {self.attrs_text()}" if self.attrs else "")
+        text += f": {self.status}"
+        if self.status == "passed" and self.kind != "float32":
+            text += f" (max abs error {self.max_abs_error:.2g}, max rel error {self.max_rel_error:.2g})"
+        return text + (f": {self.note}" if self.note else "")
 
 
 @dataclass(frozen=True)
@@ -65,12 +104,32 @@ class OperatorCheck:
     #: On failure, one sentence naming the plugin, the operator, the input, the position and both
     #: numbers; for an exempt operator, why it is exempt; otherwise "".
     message: str = ""
+    #: Every case tried, with its inputs and attributes, in order (the float32 case last).
+    cases: tuple[CaseResult, ...] = ()
 
     @property
     def status(self) -> str:
         if not self.checked:
             return "exempt"
         return "passed" if self.passed else "FAILED"
+
+    def attrs_text(self) -> str:
+        """The values tried per attribute over the cases checked, e.g. ``stride=1,2 padding=0``."""
+        seen: dict[str, list[str]] = {}
+        for case in self.cases:
+            if case.status == "skipped" or not case.attrs:
+                continue
+            for name, value in case.attrs:
+                values = seen.setdefault(name, [])
+                short = _short(value)
+                if short not in values:
+                    values.append(short)
+        return " ".join(f"{name}={','.join(values)}" for name, values in seen.items())
+
+    @property
+    def skipped(self) -> int:
+        """How many varied cases were skipped (values the operator refuses)."""
+        return sum(1 for c in self.cases if c.status == "skipped")
 
     def shapes_text(self) -> str:
         """The distinct cases, e.g. ``[] ; [4] ; [2,3]`` or ``[3,4],[4]``."""
@@ -91,31 +150,43 @@ def provider(op: OpDef) -> str:
 
 
 def check_op(op: OpDef, seed: int = SEED) -> OperatorCheck:
-    """Compare ``op``'s vjp with finite differences on each of its sample cases."""
+    """Compare ``op``'s vjp with finite differences on each of its cases, then check float32."""
     head = dict(op=op.name, plugin=op.plugin, distribution=op.distribution, version=op.version)
     exemption = gradient_exemption(op)
     if exemption is not None:
         return OperatorCheck(**head, shapes=(), max_abs_error=0.0, max_rel_error=0.0, passed=True, checked=False,
                              message=exemption)
     reports: list[GradCheckReport] = []
-    shapes: list[tuple[tuple[int, ...], ...]] = []
+    results: list[CaseResult] = []
+    case: Case | None = None
     try:
-        for inputs, attrs in sample_inputs(op, np.random.default_rng(seed)):
-            shapes.append(tuple(np.shape(x) for x in inputs))
-            reports.append(check_vjp(op, inputs, attrs, seed=seed))
+        cases = check_cases(op, np.random.default_rng(seed))
+        for case in cases:
+            report = check_case(op, case, seed=seed)
+            reports.append(report)
+            results.append(_case_result(report, case))
+        case = None
+        f32 = check_float32(op, cases, seed=seed)
+        if f32 is not None:
+            reports.append(f32)
+            results.append(_case_result(f32, None))
     except Exception as exc:  # a plugin's rule may raise anything; the verdict must still name it
-        return OperatorCheck(**head, shapes=tuple(shapes), max_abs_error=math.nan, max_rel_error=math.nan,
-                             passed=False, checked=True,
-                             message=f"{provider(op)}: operator {op.name}: the check could not run: "
-                                     f"{type(exc).__name__}: {exc}")
-    inputs_checked = [c for r in reports for c in r.inputs if c.checked]
+        where = "" if case is None else f" ({_case_label(case)}; inputs {_inputs_text(case.inputs)}{_attrs_of(op, case)})"
+        fix = ("give the operator a @<operator>.sample rule (sample= of OpDef) whose inputs and attributes "
+               "its rules accept" if sample_rule(op) is None else "make the rules accept the sample's inputs and "
+               "attributes, or change the sample rule")
+        return OperatorCheck(**head, shapes=_shapes(reports), max_abs_error=math.nan, max_rel_error=math.nan,
+                             passed=False, checked=True, cases=tuple(results),
+                             message=f"{provider(op)}: operator {op.name}: the check could not run{where}: "
+                                     f"{type(exc).__name__}: {exc}; fix: {fix}")
+    inputs_checked = [c for r in reports if r.kind != "float32" for c in r.inputs if c.checked]
     failed = next((r for r in reports if not r.passed), None)
     return OperatorCheck(
-        **head, shapes=tuple(shapes),
+        **head, shapes=_shapes(reports),
         max_abs_error=_largest(c.max_abs_error for c in inputs_checked),
         max_rel_error=_largest(c.max_rel_error for c in inputs_checked),
-        passed=failed is None, checked=True,
-        message="" if failed is None else f"{provider(op)}: operator {failed.failure_message()}{_case(failed)}",
+        passed=failed is None, checked=True, cases=tuple(results),
+        message="" if failed is None else f"{provider(op)}: operator {failed.failure_message()}{_case(failed, op)}",
     )
 
 
@@ -144,7 +215,7 @@ def check_and_refuse(loaded: Loaded, logger: logging.Logger = log, *, builtins: 
     ``builtins=False`` leaves the operators of built-in plugins unchecked (and out of the
     verdicts); ``cache`` supplies and keeps verdicts per (distribution, version, operator), so
     that operators checked before are not checked again. Each refusal is logged as an error
-    with its message; ``loaded`` itself is left unchanged.
+    with its message and kept in the result's ``refused``; ``loaded`` itself is left unchanged.
     """
     skip = set() if builtins else {p.name for p in loaded.plugins if p.builtin}
     checks: list[OperatorCheck] = []
@@ -173,7 +244,8 @@ def check_and_refuse(loaded: Loaded, logger: logging.Logger = log, *, builtins: 
                 "" if builtins else " (built-in operators are not checked at start)")
     kept = Registry(op for op in loaded.registry if op.name not in refused)
     plugins = [replace(p, operators=[n for n in p.operators if n not in refused]) for p in loaded.plugins]
-    return Loaded(kept, plugins), checks
+    refusals = {**loaded.refused, **{c.op: c.message for c in checks if not c.passed}}
+    return Loaded(kept, plugins, list(loaded.broken), list(loaded.unmatched), refusals), checks
 
 
 def default_cache_path(env: Mapping[str, str] | None = None) -> Path:
@@ -192,7 +264,7 @@ class CheckCache:
     as a warning and the cache then works in memory only.
     """
 
-    FORMAT = 1
+    FORMAT = 2  # 2: every verdict keeps its cases (CaseResult)
 
     def __init__(self, path: str | os.PathLike[str] | None = None, logger: logging.Logger = log) -> None:
         self.path = Path(path) if path else default_cache_path()
@@ -240,6 +312,8 @@ class CheckCache:
                 shapes=tuple(tuple(tuple(int(n) for n in shape) for shape in case) for case in entry["shapes"]),
                 max_abs_error=float(entry["max_abs_error"]), max_rel_error=float(entry["max_rel_error"]),
                 passed=bool(entry["passed"]), checked=bool(entry["checked"]), message=str(entry["message"]),
+                cases=tuple(CaseResult(**{**case, "attrs": tuple((str(k), str(v)) for k, v in case["attrs"])})
+                            for case in entry["cases"]),
             )
         except (KeyError, TypeError, ValueError):
             return None
@@ -276,12 +350,61 @@ class CheckCache:
         self.changed = False
 
 
-def _case(report: GradCheckReport) -> str:
-    """``; inputs float64[2, 3], attrs beta=1.5``: enough to reproduce a failure."""
+def _case(report: GradCheckReport, op: OpDef) -> str:
+    """``; inputs float64[2, 3], attrs beta=1.5``: enough to reproduce a failure; for a case the
+    checker made by varying an attribute, which one and what the sample rule left it at."""
     inputs = ", ".join(f"{c.dtype}{list(c.shape)}" for c in report.inputs)
-    short = {k: float(f"{v:.6g}") if isinstance(v, float) else v for k, v in report.attrs.items()}  # 6 digits
-    attrs = ", ".join(f"{k}={v!r}" for k, v in short.items())
-    return f"; inputs {inputs}" + (f", attrs {attrs}" if attrs else "")
+    text = f"; inputs {inputs}" + (f", attrs {attrs_text(report.attrs)}" if report.attrs else "")
+    if report.kind == "varied":
+        value = value_text(report.attrs[report.varied])
+        text += (f" ({report.varied}={value} is a value the checker tried: the sample rule never draws it; "
+                 f"add it to the sample rule or to vary= to keep it checked)")
+    return text
+
+
+def _case_result(report: GradCheckReport, case: Case | None) -> CaseResult:
+    checked = [c for c in report.inputs if c.checked]
+    status = "skipped" if report.skipped else ("passed" if report.passed else "FAILED")
+    note = report.skipped or ("" if report.passed else report.failure_message().split(": ", 1)[-1])
+    return CaseResult(
+        kind=report.kind,
+        inputs=", ".join(f"{c.dtype}{list(c.shape)}" for c in report.inputs) if report.inputs or case is None
+        else _inputs_text(case.inputs),
+        attrs=tuple((name, value_text(value)) for name, value in report.attrs.items()), status=status,
+        max_abs_error=_largest(c.max_abs_error for c in checked), max_rel_error=_largest(c.max_rel_error for c in checked),
+        varied=report.varied, note=note,
+    )
+
+
+def _attrs_of(op: OpDef, case: Case) -> str:
+    """``, attrs k=2.0``: the case's attributes with their defaults filled in ("" for none)."""
+    try:
+        attrs = check_attrs(op, case.attrs)
+    except Exception:  # noqa: BLE001 - a schema refusal: show what was given
+        attrs = dict(case.attrs)
+    return f", attrs {attrs_text(attrs)}" if attrs else ""
+
+
+def _case_label(case: Case) -> str:
+    return f"case varying {case.varied}" if case.kind == "varied" else f"{case.kind} case"
+
+
+def _inputs_text(inputs: Sequence[Any]) -> str:
+    return ", ".join(f"{np.asarray(x).dtype.name}{list(np.shape(x))}" for x in inputs)
+
+
+def _shapes(reports: Sequence[GradCheckReport]) -> tuple[tuple[tuple[int, ...], ...], ...]:
+    """The input shapes of each case checked by finite differences."""
+    return tuple(tuple(c.shape for c in r.inputs) for r in reports if r.kind != "float32" and not r.skipped)
+
+
+def _short(value: str) -> str:
+    """A value of attrs_text for the table: floats to 3 significant digits, no spaces."""
+    try:
+        number = float(value)
+    except ValueError:
+        return value.removeprefix("tensor ").replace(" ", "")
+    return f"{number:.3g}" if "." in value or "e" in value else value
 
 
 def _largest(values: Iterable[float]) -> float:

@@ -30,22 +30,24 @@ import functools
 import importlib
 import importlib.metadata as metadata
 import os
+import types
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-import numpy as np
 import pluggy
 
 from chainrule.core import OpDef, Registry
 from chainrule.core.errors import DuplicateOperatorError, PluginError
-from chainrule.core.operator import check_attrs, rule_signature_problem, validate_opdef
+from chainrule.core.operator import rule_signature_problem, validate_opdef
 
 from . import hookspecs
+from .testing import vjp_contract_problem
 
 ENTRY_POINT_GROUP = "chainrule"
 BUILTIN_DISTRIBUTION = "chainrule"
 BUILTIN_PREFIX = "builtin"
-BUILTIN_FAMILIES = ("arith", "elementwise", "linalg", "reduce", "shape", "nn", "select", "compare", "index", "conv")
+BUILTIN_FAMILIES = ("arith", "elementwise", "linalg", "reduce", "shape", "nn", "select", "compare", "index", "conv",
+                    "control", "derivative")
 ENV_ONLY = "CHAINRULE_PLUGINS"
 ENV_DISABLE = "CHAINRULE_DISABLE_PLUGINS"
 ENV_PREFER = "CHAINRULE_PREFER"
@@ -108,6 +110,9 @@ class Loaded:
     #: One message per name in CHAINRULE_PLUGINS, CHAINRULE_DISABLE_PLUGINS or CHAINRULE_PREFER
     #: (or their flags) that matches no installed plugin.
     unmatched: list[str] = field(default_factory=list)
+    #: Operators the gradient check refused (chainrule.plugins.checking.check_and_refuse): name ->
+    #: the verdict's message. They are not in the registry.
+    refused: dict[str, str] = field(default_factory=dict)
 
     @property
     def problems(self) -> list[str]:
@@ -205,7 +210,7 @@ def load_plugins(
             candidates.append((ep.name, ep.load, dist, ep.dist.version if ep.dist else "", False, ep.value))
     for name, plugin, *provenance in extra:
         dist, dist_version = provenance if provenance else ("", "")
-        candidates.append((name, functools.partial(lambda p: p, plugin), dist, dist_version, False, repr(plugin)))
+        candidates.append((name, functools.partial(lambda p: p, plugin), dist, dist_version, False, _where(plugin)))
 
     known = [c[0] for c in candidates]
     unmatched = [
@@ -253,6 +258,11 @@ def load_plugins(
                     raise _Refused(f"'{where}' has a register_operators that is not marked as a hook implementation",
                                    "decorate it with @chainrule.plugins.hookimpl, or write "
                                    "register_operators = ops.hookimpl() for an OperatorSet ops")
+                misspelt = _unknown_hooks(plugin)
+                if misspelt:
+                    raise _Refused(f"'{where}' has no register_operators hook: it marks {_listing(misspelt)} as a hook "
+                                   f"implementation, and chainrule has no hook of that name",
+                                   f"rename {misspelt[0]} to register_operators, the only hook chainrule calls")
                 raise _Refused(f"'{where}' has no register_operators hook, so the plugin provides no operators",
                                "define register_operators = ops.hookimpl() in it (ops an OperatorSet), or point the "
                                "entry point at the module that does")
@@ -267,10 +277,12 @@ def load_plugins(
             break
         except pluggy.PluginValidationError as exc:
             name = pm.get_name(exc.plugin) or str(exc.plugin)
+            misspelt = _unknown_hooks(exc.plugin) or ["a hook"]
             pm.unregister(exc.plugin)
             dist, dist_version, builtin = origin.pop(name, ("", "", False))
-            refuse(name, dist, dist_version, builtin, f"{exc}",
-                   "the only hook chainrule calls is register_operators(register): rename the hook")
+            refuse(name, dist, dist_version, builtin,
+                   f"it marks {_listing(misspelt)} as a hook implementation, and chainrule has no hook of that name",
+                   f"the only hook chainrule calls is register_operators(register): rename or remove {misspelt[0]}")
 
     registry = Registry()
     infos: list[PluginInfo] = []
@@ -294,6 +306,32 @@ def load_plugins(
     for info in infos:
         info.operators = [n for n in info.operators if (op := registry.find(n)) is not None and op.plugin == info.name]
     return Loaded(registry, infos, broken, unmatched)
+
+
+def _unknown_hooks(plugin: Any) -> list[str]:
+    """Names in ``plugin`` marked with @hookimpl that are not chainrule hooks (a misspelt register_operators)."""
+    marker = f"{hookspecs.PROJECT}_impl"
+    names = []
+    for attr in dir(plugin):
+        if attr == "register_operators":
+            continue
+        try:
+            value = getattr(plugin, attr)
+        except Exception:  # noqa: BLE001 - a property may raise; it is no hook then
+            continue
+        if hasattr(value, marker):
+            names.append(attr)
+    return names
+
+
+def _listing(names: Sequence[str]) -> str:
+    return ", ".join(f"'{n}'" for n in names)
+
+
+def _where(plugin: Any) -> str:
+    """How a plugin given in code is named in messages: its module's name, or its class's."""
+    name = getattr(plugin, "__name__", None) if isinstance(plugin, types.ModuleType) else None
+    return name or f"{type(plugin).__name__} object"
 
 
 def _unmatched(setting: str, name: str, known: Sequence[str]) -> str:
@@ -332,37 +370,15 @@ def _collect(impl: Any, name: str, builtin: bool) -> list[OpDef]:
         problem = rule_signature_problem(op)
         if problem:
             raise _Refused(problem, _FIX_CODE)
-        if not builtin and op.sample is not None:
-            problem = _vjp_result_problem(op)
-            if problem:
-                raise _Refused(problem, "return a tuple with one gradient (or None) per input: return (g * ...,)")
+        if not builtin:  # the first check: one forward and one vjp call, judging the vjp's result
+            contract = vjp_contract_problem(op)
+            if contract:
+                raise _Refused(*contract)
     names = [op.name for op in provided]
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
         raise _Refused(f"registers operator '{twice[0]}' twice", "register each operator once")
     return provided
-
-
-def _vjp_result_problem(op: OpDef) -> str | None:
-    """Call the vjp once on the operator's ``sample`` inputs: is its result one gradient per input?
-
-    Only the shape of the result is judged here; a rule that raises is left to the gradient checker.
-    """
-    try:
-        inputs, attrs = op.sample(np.random.default_rng(0))  # type: ignore[misc]
-        attrs = check_attrs(op, attrs)
-        out = op.forward(*inputs, **attrs)
-        extra = {"needs": tuple(True for _ in inputs)} if op.selective_vjp else {}
-        grads = op.vjp(np.ones_like(out), out, *inputs, **extra, **attrs)
-    except Exception:
-        return None
-    if isinstance(grads, np.ndarray) or not hasattr(grads, "__iter__"):
-        return (f"operator '{op.name}': vjp returned a bare {type(grads).__name__} on the sample inputs, "
-                f"not a tuple with one gradient per input")
-    grads = tuple(grads)
-    if len(grads) != len(inputs):
-        return f"operator '{op.name}': vjp returned {len(grads)} gradients for {len(inputs)} inputs on the sample inputs"
-    return None
 
 
 def _rank(plugin: str, prefer: Sequence[str]) -> int:

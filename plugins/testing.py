@@ -22,20 +22,42 @@ the precision) and, like the engine, under ``np.errstate(all="ignore")``.
 Inputs of int and bool dtype have no gradient and are skipped. A vjp's
 gradient may have the output's broadcast shape: it is summed back to the
 input's shape with :func:`chainrule.core.unbroadcast`, as the engine does.
+
+Which cases :func:`check_operator` (and ``chainrule check``, and ``chainrule serve``'s start-up
+check) tries, :func:`check_cases`:
+
+* the operator's own ``sample`` cases (or made-up inputs of :data:`DEFAULT_SHAPES`);
+* **attribute variations**: each attribute the sample cases leave at one value is varied on
+  the sample case of highest rank, where its kind allows (:func:`automatic_values`): a bool
+  both ways, an int ``d`` also as ``d + 1`` (stride 1 and 2), an axis-like int (``axis``,
+  ``dim``...) over every axis of the input and -1, axis-like ints one axis at a time, other
+  ints each plus one, a float ``d`` also as ``1.5 d`` (0.5 for 0), and the default when the
+  sample always draws another value. String, float-list and tensor attributes are varied only
+  over the values the author declares with :class:`Sample` (``vary=``), which also replace
+  the automatic ones (``()``: never vary it). A varied case whose attributes infer or forward
+  refuse is *skipped*, not failed: the schema does not say which values are valid;
+* **float32**: the first case with float inputs, in float32, must give a float32 output (or
+  the dtype infer promises) and float32 gradients (:func:`check_float32`); a float64 constant
+  in a rule silently doubles its memory and time and is caught here.
+
+:func:`vjp_contract_problem` is the first check, run when a plugin loads: one forward and one
+vjp call on the first case, judging only the vjp result's type and count.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from chainrule.core import OpDef, TensorSpec, check_attrs, unbroadcast
+from chainrule.core import OpDef, OpError, TensorSpec, check_attrs, coerce_attr, unbroadcast
 
 __all__ = [
-    "DEFAULT_SHAPES", "GradCheckReport", "GradientCheckError", "InputCheck",
-    "SAMPLES_PER_OPERATOR", "assert_vjp", "check_operator", "check_vjp", "gradient_exemption", "sample_inputs",
+    "DEFAULT_SHAPES", "Case", "GradCheckReport", "GradientCheckError", "InputCheck", "MAX_VARIATIONS",
+    "SAMPLES_PER_OPERATOR", "Sample", "assert_vjp", "automatic_values", "check_case", "check_cases",
+    "check_float32", "check_operator", "check_vjp", "declared_variations", "gradient_exemption", "sample_inputs",
+    "sample_rule", "vjp_contract_problem",
 ]
 
 #: Shapes of the random float64 inputs made up for an operator without ``sample``.
@@ -43,6 +65,67 @@ DEFAULT_SHAPES: tuple[tuple[int, ...], ...] = ((), (4,), (2, 3))
 
 #: How many times :func:`sample_inputs` calls an operator's own ``sample`` rule.
 SAMPLES_PER_OPERATOR = 3
+
+#: At most this many values are tried per attribute beyond those the sample cases draw.
+MAX_VARIATIONS = 4
+
+#: Attribute names read as "an axis of the first input" (also any name ending in ``_axis`` or ``_dim``).
+AXIS_NAMES = frozenset({"axis", "axes", "dim", "dims"})
+
+
+class Sample:
+    """An operator's ``sample`` rule and the attribute values the checker should try (``vary``).
+
+    ``Sample(rule, vary={"padding": ("valid", "same"), "stride": (1, 2, 3)})`` is a valid
+    ``OpDef.sample``: calling it calls ``rule``. ``vary`` maps attribute names to the values the
+    gradient checker tries besides those ``rule`` draws, replacing the values it would choose
+    itself (see :func:`automatic_values`); ``()`` turns the variation of that attribute off.
+    ``rule`` may be None (the checker then makes up inputs, as for an operator without
+    ``sample``). ``OperatorSet.operator(..., vary={...})`` builds one for you.
+    """
+
+    def __init__(self, rule: Callable[[np.random.Generator], tuple[Sequence[Any], Mapping[str, Any]]] | None = None,
+                 vary: Mapping[str, Iterable[Any]] | None = None) -> None:
+        if rule is not None and not callable(rule):
+            raise TypeError(f"Sample: rule must be callable, got {type(rule).__name__}")
+        self.rule = rule
+        self.vary: dict[str, tuple[Any, ...]] = {}
+        for name, values in dict(vary or {}).items():
+            if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
+                raise TypeError(f"Sample: vary[{name!r}] must be a list of values, got {values!r}")
+            self.vary[name] = tuple(values)
+
+    def __call__(self, rng: np.random.Generator) -> tuple[Sequence[Any], Mapping[str, Any]]:
+        if self.rule is None:
+            raise TypeError("this Sample has no rule (only vary=); use chainrule.plugins.testing.sample_inputs(op, rng)")
+        return self.rule(rng)
+
+    def __repr__(self) -> str:
+        return f"Sample({getattr(self.rule, '__name__', self.rule)!r}, vary={self.vary!r})"
+
+
+def sample_rule(op: OpDef) -> Callable[[np.random.Generator], Any] | None:
+    """The operator's own sample rule (unwrapped from a :class:`Sample`), or None."""
+    return op.sample.rule if isinstance(op.sample, Sample) else op.sample
+
+
+def declared_variations(op: OpDef) -> dict[str, tuple[Any, ...]]:
+    """The attribute values the author asked the checker to try (``Sample.vary``)."""
+    return dict(op.sample.vary) if isinstance(op.sample, Sample) else {}
+
+
+@dataclass
+class Case:
+    """One point the checker tries: inputs, attributes (as given: defaults not filled in) and where they came from."""
+
+    inputs: list[np.ndarray]
+    attrs: dict[str, Any]
+    #: "sample" (the operator's own rule), "default" (made-up inputs), "varied" (one attribute
+    #: changed by the checker), "float32" (a case in float32, for the dtype check).
+    kind: str = "sample"
+    #: For kind "varied": the attribute changed.
+    varied: str = ""
+
 
 class GradientCheckError(AssertionError):
     """A vjp disagrees with finite differences (or breaks the vjp contract)."""
@@ -95,6 +178,12 @@ class GradCheckReport:
     #: A problem with the operator as a whole: the vjp returned the wrong number of
     #: gradients, or infer disagrees with what forward returned.
     problem: str = ""
+    #: Which case this is (:class:`Case`'s kind) and, for a varied one, the attribute varied.
+    kind: str = "sample"
+    varied: str = ""
+    #: Non-empty when the case was not checked: the reason (a varied attribute value the
+    #: operator refuses). A skipped case counts as passed.
+    skipped: str = ""
 
     @property
     def passed(self) -> bool:
@@ -104,11 +193,22 @@ class GradCheckReport:
     def failures(self) -> list[InputCheck]:
         return [c for c in self.inputs if not c.passed]
 
+    def case_text(self) -> str:
+        """``varied case, attrs stride=2, padding=0``: which case this is, with every attribute."""
+        label = {"varied": f"case varying {self.varied}", "float32": "float32 case"}.get(self.kind, f"{self.kind} case")
+        return f"{label}, attrs {attrs_text(self.attrs)}" if self.attrs else label
+
     def describe(self) -> str:
-        """A header line, then one line per input."""
-        head = f"{self.op}: {'passed' if self.passed else 'FAILED'} (output shape {list(self.output_shape)})"
+        """A header line (the case and its attributes), then one line per input."""
+        if self.skipped:
+            return f"{self.op} ({self.case_text()}): skipped: {self.skipped}"
+        verdict = "passed" if self.passed else "FAILED"
+        head = f"{self.op} ({self.case_text()}): {verdict} (output shape {list(self.output_shape)})"
         if self.problem:
             head += f": {self.problem}"
+        if self.kind == "float32":  # a dtype check: nothing compared per input
+            inputs = ", ".join(f"{c.dtype}{list(c.shape)}" for c in self.inputs)
+            return f"{head}; inputs {inputs}" + ("" if self.problem else "; float32 output and gradients")
         return "\n".join([head] + [f"  {c.describe()}" for c in self.inputs])
 
     __str__ = describe
@@ -147,33 +247,35 @@ def check_vjp(
     pristine = [x.copy() for x in xs]
     with np.errstate(all="ignore"):
         problem = _infer_problem(op, [x.copy() for x in given], attrs)
-        out = np.asarray(op.forward(*xs, **attrs))
+        outs, saved = _forward(op, xs, attrs)
         problem = problem or _written("forward", pristine, xs)
         floats = [i for i, x in enumerate(xs) if x.dtype.kind == "f"]
-        if not floats or out.dtype.kind != "f":
+        if not floats or not any(out.dtype.kind == "f" for out in outs):
             checks = tuple(_unchecked(i, x) for i, x in enumerate(xs))
-            return GradCheckReport(op.name, checks, attrs, out.shape, problem)
-        v = np.random.default_rng(seed).standard_normal(out.shape)
-        kept = [v.copy(), out.copy()]
-        if getattr(op, "selective_vjp", False):  # ask for the float inputs' gradients, as the engine does
-            needs = tuple(x.dtype.kind == "f" for x in xs)
-            raw = op.vjp(v, out, *xs, needs=needs, **attrs)
-        else:
-            raw = op.vjp(v, out, *xs, **attrs)
+            return GradCheckReport(op.name, checks, attrs, outs[0].shape, problem)
+        rng = np.random.default_rng(seed)
+        vs = [rng.standard_normal(out.shape) if out.dtype.kind == "f" else None for out in outs]
+        kept = [*(v.copy() for v in vs if v is not None), *(out.copy() for out in outs)]
+        raw = _vjp(op, vs, outs, xs, attrs, saved)
         if isinstance(raw, np.ndarray) or not hasattr(raw, "__iter__"):
             problem = (f"vjp returned a bare {type(raw).__name__}, not a tuple with one gradient per input "
                        f"(return (g * ...,))")
-            return GradCheckReport(op.name, tuple(_unchecked(i, x) for i, x in enumerate(xs)), attrs, out.shape, problem)
+            return GradCheckReport(op.name, tuple(_unchecked(i, x) for i, x in enumerate(xs)), attrs, outs[0].shape,
+                                   problem)
         grads = tuple(raw)
         if len(grads) != len(xs):
             problem = f"vjp returned {len(grads)} gradients for {len(xs)} inputs"
-            return GradCheckReport(op.name, tuple(_unchecked(i, x) for i, x in enumerate(xs)), attrs, out.shape, problem)
-        problem = problem or _written("vjp", kept + pristine, [v, out, *xs])
+            return GradCheckReport(op.name, tuple(_unchecked(i, x) for i, x in enumerate(xs)), attrs, outs[0].shape,
+                                   problem)
+        several = len(outs) > 1
+        names = [f"g[{j}]" if several else "g" for j, v in enumerate(vs) if v is not None]
+        names += [f"out[{j}]" if several else "out" for j in range(len(outs))] + [f"input {i}" for i in range(len(xs))]
+        problem = problem or _written("vjp", kept + pristine, [*(v for v in vs if v is not None), *outs, *xs], names)
         checks = tuple(
-            _check_input(op, xs, attrs, i, grads[i], v, eps, rtol, atol) if i in floats else _unchecked(i, xs[i])
+            _check_input(op, xs, attrs, i, grads[i], vs, eps, rtol, atol) if i in floats else _unchecked(i, xs[i])
             for i in range(len(xs))
         )
-    return GradCheckReport(op.name, checks, attrs, out.shape, problem)
+    return GradCheckReport(op.name, checks, attrs, outs[0].shape, problem)
 
 
 def assert_vjp(
@@ -204,10 +306,11 @@ def sample_inputs(op: OpDef, rng: np.random.Generator) -> list[tuple[list[np.nda
     required attribute, or whose inputs need a domain (log), a dtype (labels) or
     matching shapes (matmul), should provide ``sample``.
     """
-    if op.sample is not None:
+    rule = sample_rule(op)
+    if rule is not None:
         cases = []
         for _ in range(SAMPLES_PER_OPERATOR):
-            inputs, attrs = op.sample(rng)
+            inputs, attrs = rule(rng)
             cases.append(([np.asarray(x) for x in inputs], dict(attrs)))
         return cases
     required = [name for name, schema in op.attrs.items() if schema.required]
@@ -220,30 +323,329 @@ def sample_inputs(op: OpDef, rng: np.random.Generator) -> list[tuple[list[np.nda
     return [([np.asarray(rng.standard_normal(shape)) for _ in range(count)], {}) for shape in DEFAULT_SHAPES]
 
 
+def check_cases(op: OpDef, rng: np.random.Generator) -> list[Case]:
+    """Every case the checker tries on ``op`` by finite differences: :func:`sample_inputs`, then one
+    case per attribute value varied (see the module's doc). Raises what the sample rule raises, and
+    BadAttributeError for a sample case whose attributes break the schema."""
+    kind = "sample" if sample_rule(op) is not None else "default"
+    base = [Case(inputs, attrs, kind) for inputs, attrs in sample_inputs(op, rng)]
+    return base + variation_cases(op, base)
+
+
+def variation_cases(op: OpDef, base: Sequence[Case]) -> list[Case]:
+    """The cases varying one attribute each, on the base case whose first input has the highest rank."""
+    if not base or not op.attrs:
+        return []
+    completed = [check_attrs(op, case.attrs) for case in base]
+    anchor = max(range(len(base)), key=lambda k: (np.ndim(base[k].inputs[0]) if base[k].inputs else 0, -k))
+    declared = declared_variations(op)
+    cases: list[Case] = []
+    for name, schema in op.attrs.items():
+        tried = _distinct(c[name] for c in completed)
+        if name in declared:
+            values = list(declared[name])
+        elif len(tried) == 1:
+            values = automatic_values(name, schema, tried[0], base[anchor].inputs)
+        else:  # the sample already draws several values
+            continue
+        added = 0
+        for value in values:
+            if added == MAX_VARIATIONS and name not in declared:
+                break
+            if any(_same(value, t) for t in tried):
+                continue
+            tried.append(value)
+            added += 1
+            inputs = [np.array(x, copy=True) for x in base[anchor].inputs]
+            cases.append(Case(inputs, {**base[anchor].attrs, name: value}, "varied", name))
+    return cases
+
+
+def automatic_values(name: str, schema: Any, current: Any, inputs: Sequence[np.ndarray]) -> list[Any]:
+    """The values the checker tries for attribute ``name`` (an :class:`~chainrule.core.Attr`) when every
+    sample case gives it the value ``current``: see the module's doc. The schema's default is
+    included when ``current`` is another value."""
+    kind = schema.kind
+    ndim = int(np.ndim(inputs[0])) if len(inputs) else 0
+    axis_like = name.lower() in AXIS_NAMES or name.lower().endswith(("_axis", "_dim"))
+    values: list[Any] = []
+    if kind == "bool":
+        values = [False, True]
+    elif kind == "int" and axis_like:
+        values = list(range(ndim)) + ([-1] if ndim else [])
+    elif kind == "int" and isinstance(current, int):
+        values = [current + 1]
+    elif kind == "ints" and axis_like:
+        values = [(k,) for k in range(ndim)] + ([tuple(reversed(range(ndim)))] if ndim > 1 else [])
+    elif kind == "ints" and isinstance(current, tuple) and current:
+        values = [tuple(v + 1 for v in current)]
+    elif kind == "float" and isinstance(current, float) and math.isfinite(current):
+        values = [current * 1.5 if current else 0.5]
+    if not schema.required and schema.default is not None and not _same(schema.default, current):
+        values.insert(0, schema.default)
+    return values
+
+
+def check_case(op: OpDef, case: Case, *, seed: int = 0, **tolerances: Any) -> GradCheckReport:
+    """:func:`check_vjp` on one case; a varied case whose attributes infer or forward refuse is
+    returned as skipped (``report.skipped`` says why)."""
+    if case.kind == "varied":
+        refusal = _refusal(op, case)
+        if refusal:
+            try:
+                attrs = check_attrs(op, case.attrs)
+            except Exception:  # noqa: BLE001 - the refusal says why
+                attrs = dict(case.attrs)
+            return GradCheckReport(op.name, tuple(_unchecked(i, np.asarray(x)) for i, x in enumerate(case.inputs)),
+                                   attrs, (), kind=case.kind, varied=case.varied, skipped=refusal)
+    report = check_vjp(op, case.inputs, case.attrs, seed=seed, **tolerances)
+    return _with_case(report, case)
+
+
+def check_float32(op: OpDef, cases: Sequence[Case], *, seed: int = 0) -> GradCheckReport | None:
+    """Do float32 inputs give a float32 output and float32 gradients? On the first case with a
+    float input, cast to float32 (None when no case has one).
+
+    The output may have another dtype only when infer promises it (a cast; an infer rule read
+    off the forward computation, marked ``derived_from_forward``, as from_jax's, promises
+    nothing); a gradient for a float32 input must be float32 (or None).
+    """
+    source = next((c for c in cases if c.kind != "varied" and any(np.asarray(x).dtype.kind == "f" for x in c.inputs)),
+                  None)
+    if source is None:
+        return None
+    xs = [np.asarray(x).astype(np.float32) if np.asarray(x).dtype.kind == "f" else np.array(x, copy=True)
+          for x in source.inputs]
+    attrs = check_attrs(op, source.attrs)
+    report = GradCheckReport(op.name, tuple(_unchecked(i, x) for i, x in enumerate(xs)), attrs, (), kind="float32")
+    stage = "infer"
+    try:
+        with np.errstate(all="ignore"):
+            declared = op.infer is not None and not getattr(op.infer, "derived_from_forward", False)
+            promised = _promised(op, xs, attrs) if declared else None
+            stage = "forward"
+            outs, saved = _forward(op, xs, attrs)
+            report = _replace(report, output_shape=outs[0].shape)
+            for j, out in enumerate(outs):
+                expected = promised[j].dtype if promised is not None and j < len(promised) else np.dtype(np.float32)
+                if out.dtype.kind == "f" and out.dtype != expected:
+                    which = f" output {j}" if len(outs) > 1 else " output"
+                    said = "" if promised is None else f" (infer promised {expected.name})"
+                    return _replace(report, problem=f"float32 inputs gave a {out.dtype.name}{which}{said}: a float64 "
+                                                    f"constant or dtype in forward promotes the result; keep to the "
+                                                    f"inputs' dtype (x.dtype, NumPy scalars of it, or Python floats)")
+            if not any(out.dtype.kind == "f" for out in outs):
+                return report
+            stage = "vjp"
+            rng = np.random.default_rng(seed)
+            gs = [rng.standard_normal(out.shape).astype(out.dtype) if out.dtype.kind == "f" else None for out in outs]
+            raw = _vjp(op, gs, outs, xs, attrs, saved)
+    except OpError as exc:  # the operator refuses float32 inputs on purpose: nothing to compare
+        return _replace(report, skipped=f"{stage} refuses float32 inputs: {exc}")
+    except Exception as exc:  # noqa: BLE001 - a plugin's rule may raise anything
+        return _replace(report, problem=f"{stage} raised on float32 inputs: {type(exc).__name__}: {exc}")
+    if isinstance(raw, np.ndarray) or not hasattr(raw, "__iter__"):
+        return _replace(report, problem=f"vjp returned a bare {type(raw).__name__}, not a tuple with one "
+                                        f"gradient per input (return (g * ...,))")
+    for i, (x, grad) in enumerate(zip(xs, raw)):
+        if grad is None or x.dtype != np.float32:
+            continue
+        dtype = np.asarray(grad).dtype
+        if dtype != np.float32:
+            return _replace(report, problem=f"vjp gave float32 input {i} a {dtype.name} gradient: a float64 "
+                                            f"constant or dtype in the vjp promotes it; keep to g's dtype")
+    return report
+
+
+def check_operator(op: OpDef, rng: np.random.Generator | None = None) -> list[GradCheckReport]:
+    """:func:`check_case` on every case of :func:`check_cases`, then :func:`check_float32` (no report
+    for an exempt operator). Skipped varied cases are reported, as passed with ``skipped`` set."""
+    if gradient_exemption(op) is not None:
+        return []
+    rng = rng if rng is not None else np.random.default_rng(0)
+    cases = check_cases(op, rng)
+    reports = [check_case(op, case) for case in cases]
+    f32 = check_float32(op, cases)
+    return reports + ([f32] if f32 is not None else [])
+
+
+def vjp_contract_problem(op: OpDef) -> tuple[str, str] | None:
+    """The first check, run as a plugin loads: ``(problem, fix)``, or None when nothing is wrong.
+
+    Checks the names and values of ``Sample.vary``, then calls forward and vjp once on the
+    first case of :func:`sample_inputs` (seed 0): is the vjp's result a tuple (or list) with one
+    gradient per input, each None or numeric array-like? A rule that raises here is left to the
+    gradient checker, which reports it with the case; an operator whose inputs cannot be made up
+    (a required attribute and no ``sample``) is not called.
+    """
+    for name, values in declared_variations(op).items():
+        if name not in op.attrs:
+            known = ", ".join(op.attrs) or "none"
+            return (f"operator '{op.name}': vary= names '{name}', which is not one of its attributes ({known})",
+                    "name a declared attribute in vary=, or declare the attribute")
+        schema = op.attrs[name]
+        for value in values:
+            try:
+                coerce_attr(schema.kind, value, allow_nonfinite=schema.allow_nonfinite)
+            except (TypeError, ValueError) as exc:
+                return (f"operator '{op.name}': vary= gives attribute '{name}' ({schema.kind}) the value "
+                        f"{value!r}: {exc}", f"give vary['{name}'] values of kind {schema.kind}")
+    if getattr(op.vjp, "vjp_contract_kept", False):  # e.g. from_jax: the bridge builds the tuple itself
+        return None
+    where = "the sample inputs" if sample_rule(op) is not None else "made-up inputs"
+    try:
+        inputs, attrs = sample_inputs(op, np.random.default_rng(0))[0]
+        attrs = check_attrs(op, attrs)
+        with np.errstate(all="ignore"):
+            outs, saved = _forward(op, inputs, attrs)
+            gs = [np.ones_like(out) if out.dtype.kind == "f" else None for out in outs]
+            grads = _vjp(op, gs, outs, inputs, attrs, saved, needs_all=True)
+    except FormError as exc:
+        return (f"operator '{op.name}': {exc} on {where}",
+                "return (result, saved) from forward when residuals=True, and a tuple of n_outputs values "
+                "when there are several")
+    except Exception:
+        return None
+    fix = "return a tuple with one gradient (or None) per input: return (g * ...,)"
+    if isinstance(grads, np.ndarray) or not isinstance(grads, (tuple, list)):
+        return (f"operator '{op.name}': vjp returned a bare {type(grads).__name__} on {where}, "
+                f"not a tuple with one gradient per input", fix)
+    if len(grads) != len(inputs):
+        return f"operator '{op.name}': vjp returned {len(grads)} gradients for {len(inputs)} inputs on {where}", fix
+    for i, grad in enumerate(grads):
+        if grad is None:
+            continue
+        try:
+            kind = np.asarray(grad).dtype.kind
+        except Exception:  # noqa: BLE001 - anything numpy cannot read is the wrong type
+            kind = "O"
+        if kind not in "fiu":
+            return (f"operator '{op.name}': vjp returned a {type(grad).__name__} as the gradient of input {i} on "
+                    f"{where}, not an array of numbers or None",
+                    "return an ndarray (or None for an input without a gradient) for each input")
+    return None
+
+
 def gradient_exemption(op: OpDef) -> str | None:
     """Why ``op``'s vjp is deliberately not the derivative of its forward rule (None: it is)."""
     return None if op.gradcheck else f"{op.name} declares gradcheck=False: its vjp is not meant to be the derivative"
 
 
-def check_operator(op: OpDef, rng: np.random.Generator | None = None) -> list[GradCheckReport]:
-    """:func:`check_vjp` on every case of :func:`sample_inputs` (none for an exempt operator)."""
-    if gradient_exemption(op) is not None:
-        return []
-    rng = rng if rng is not None else np.random.default_rng(0)
-    return [check_vjp(op, inputs, attrs) for inputs, attrs in sample_inputs(op, rng)]
+def attrs_text(attrs: Mapping[str, Any]) -> str:
+    """``beta=1.5, axis=(0,)``: attribute values, floats to 6 significant digits, tensors by shape."""
+    return ", ".join(f"{k}={value_text(v)}" for k, v in attrs.items())
+
+
+def value_text(value: Any, digits: int = 6) -> str:
+    """One attribute value, short: floats to ``digits`` significant digits, tensors as ``tensor float64[2, 3]``."""
+    if isinstance(value, np.ndarray):
+        return f"tensor {value.dtype.name}{list(value.shape)}"
+    if isinstance(value, float):
+        return repr(float(f"{value:.{digits}g}"))
+    if isinstance(value, tuple) and any(isinstance(v, float) for v in value):
+        return "(" + ", ".join(value_text(v, digits) for v in value) + ("," if len(value) == 1 else "") + ")"
+    return repr(value)
 
 
 # --- internals -------------------------------------------------------------------------------
+
+class FormError(TypeError):
+    """A rule's result does not have the form the operator declares (residuals, several outputs)."""
+
+
+def _n_outputs(op: OpDef, attrs: Mapping[str, Any]) -> int:
+    outputs_for = getattr(op, "outputs_for", None)
+    return 1 if outputs_for is None else int(outputs_for(attrs))
+
+
+def _forward(op: OpDef, inputs: Sequence[np.ndarray], attrs: Mapping[str, Any]) -> tuple[list[np.ndarray], Any]:
+    """The forward rule called as the engine calls it: ``(outputs, saved)``, one array per output
+    and the residuals (None for an operator without them). TypeError when the result's form is
+    not the one the operator declares."""
+    result = op.forward(*inputs, **attrs)
+    saved = None
+    if getattr(op, "residuals", False):
+        if not isinstance(result, tuple) or len(result) != 2:
+            raise FormError(f"forward returned {type(result).__name__}, expected (result, saved) "
+                            f"(the operator declares residuals)")
+        result, saved = result
+    count = _n_outputs(op, attrs)
+    if count == 1:
+        return [np.asarray(result)], saved
+    if not isinstance(result, (tuple, list)) or len(result) != count:
+        raise FormError(f"forward returned {type(result).__name__}, expected a tuple of {count} values "
+                        f"(the operator declares {count} outputs)")
+    return [np.asarray(r) for r in result], saved
+
+
+def _vjp(op: OpDef, gs: Sequence[Any], outs: Sequence[np.ndarray], inputs: Sequence[np.ndarray],
+         attrs: Mapping[str, Any], saved: Any = None, *, needs_all: bool = False) -> Any:
+    """The vjp rule's result, called as the engine calls it: a selective vjp is asked for the float
+    inputs' gradients (every input's with ``needs_all``), one with residuals gets ``saved=``, and
+    one with several outputs gets the tuples of cotangents (None where there is none) and outputs."""
+    keywords = dict(attrs)
+    if getattr(op, "selective_vjp", False):
+        keywords["needs"] = tuple(needs_all or np.asarray(x).dtype.kind == "f" for x in inputs)
+    if getattr(op, "residuals", False):
+        keywords["saved"] = saved
+    if len(outs) == 1:
+        return op.vjp(gs[0], outs[0], *inputs, **keywords)
+    return op.vjp(tuple(gs), tuple(outs), *inputs, **keywords)
+
+
+def _with_case(report: GradCheckReport, case: Case) -> GradCheckReport:
+    return _replace(report, attrs=dict(report.attrs), kind=case.kind, varied=case.varied)
+
+
+def _replace(report: GradCheckReport, **changes: Any) -> GradCheckReport:
+    return replace(report, **changes)
+
+
+def _refusal(op: OpDef, case: Case) -> str:
+    """'' when the operator takes ``case`` (attributes, infer, forward); else why not, for a skipped case."""
+    try:
+        attrs = check_attrs(op, case.attrs)
+    except Exception as exc:  # noqa: BLE001 - any refusal of a value the checker chose is a skip
+        return f"the schema refuses {case.varied}={value_text(case.attrs[case.varied])}: {exc}"
+    stage = "infer"
+    try:
+        with np.errstate(all="ignore"):
+            if op.infer is not None:
+                op.infer(*[TensorSpec.of(np.asarray(x)) for x in case.inputs], **attrs)
+            stage = "forward"
+            _forward(op, [np.array(x, copy=True) for x in case.inputs], attrs)
+    except Exception as exc:  # noqa: BLE001
+        return f"{stage} refuses {case.varied}={value_text(case.attrs[case.varied])}: {type(exc).__name__}: {exc}"
+    return ""
+
+
+def _distinct(values: Iterable[Any]) -> list[Any]:
+    found: list[Any] = []
+    for v in values:
+        if not any(_same(v, f) for f in found):
+            found.append(v)
+    return found
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        return isinstance(a, np.ndarray) and isinstance(b, np.ndarray) and a.shape == b.shape and bool(np.all(a == b))
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if type(a) is bool or type(b) is bool:
+        return type(a) is type(b) and a == b
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001
+        return False
 
 def _unchecked(i: int, x: np.ndarray) -> InputCheck:
     return InputCheck(i, x.shape, x.dtype.name, checked=False, passed=True)
 
 
-def _written(rule: str, before: list[np.ndarray], after: list[np.ndarray]) -> str:
+def _written(rule: str, before: list[np.ndarray], after: list[np.ndarray], names: Sequence[str] | None = None) -> str:
     """'' unless ``rule`` wrote into an argument (the engine shares those arrays between rules)."""
-    names = [f"input {i}" for i in range(len(after))]
-    if rule == "vjp":
-        names = ["g", "out"] + names[:-2]
+    names = list(names) if names is not None else [f"input {i}" for i in range(len(after))]
     for name, old, new in zip(names, before, after):
         if not np.array_equal(old, new, equal_nan=True):
             return f"{rule} wrote into its argument {name}; rules must not modify their arguments"
@@ -254,21 +656,32 @@ def _infer_problem(op: OpDef, inputs: list[np.ndarray], attrs: dict[str, Any]) -
     """'' when infer promises exactly what forward returns (in the inputs' own dtypes)."""
     if op.infer is None:
         return ""
-    spec = op.infer(*[TensorSpec.of(x) for x in inputs], **attrs)
-    out = np.asarray(op.forward(*inputs, **attrs))
-    promised = TensorSpec(tuple(spec[0]), np.dtype(spec[1]))
-    if promised != TensorSpec.of(out):
-        return f"infer promised {promised} but forward returned {TensorSpec.of(out)}"
+    specs = _promised(op, inputs, attrs)
+    outs, _ = _forward(op, inputs, attrs)
+    for j, (promised, out) in enumerate(zip(specs, outs)):
+        if promised != TensorSpec.of(out):
+            which = f" for output {j}" if len(outs) > 1 else ""
+            return f"infer promised {promised}{which} but forward returned {TensorSpec.of(out)}"
+    if len(specs) != len(outs):
+        return f"infer promised {len(specs)} values but forward returned {len(outs)}"
     return ""
 
 
-def _objective(op: OpDef, args: list[np.ndarray], attrs: dict[str, Any], v: np.ndarray) -> float:
-    """sum(forward(args) * v): the output projected on the cotangent."""
-    return float(np.sum(np.asarray(op.forward(*args, **attrs), dtype=np.float64) * v))
+def _promised(op: OpDef, inputs: Sequence[np.ndarray], attrs: Mapping[str, Any]) -> list[TensorSpec]:
+    """What infer promises, one TensorSpec per output."""
+    result = op.infer(*[TensorSpec.of(np.asarray(x)) for x in inputs], **attrs)  # type: ignore[misc]
+    specs = [result] if _n_outputs(op, attrs) == 1 else list(result)
+    return [TensorSpec(tuple(spec[0]), np.dtype(spec[1])) for spec in specs]
+
+
+def _objective(op: OpDef, args: list[np.ndarray], attrs: dict[str, Any], vs: Sequence[np.ndarray | None]) -> float:
+    """sum(forward(args) * v) over the float outputs: the outputs projected on the cotangents."""
+    outs, _ = _forward(op, args, attrs)
+    return float(sum(np.sum(np.asarray(out, dtype=np.float64) * v) for out, v in zip(outs, vs) if v is not None))
 
 
 def _numeric_gradient(op: OpDef, xs: list[np.ndarray], attrs: dict[str, Any], i: int,
-                      v: np.ndarray, eps: float) -> np.ndarray:
+                      vs: Sequence[np.ndarray | None], eps: float) -> np.ndarray:
     work = np.array(xs[i], dtype=np.float64, copy=True)
     flat = work.reshape(-1)  # a view: work is a fresh contiguous array
     args = list(xs)
@@ -277,16 +690,16 @@ def _numeric_gradient(op: OpDef, xs: list[np.ndarray], attrs: dict[str, Any], i:
     for k in range(work.size):
         centre = flat[k]
         flat[k] = up = centre + eps
-        f_up = _objective(op, args, attrs, v)
+        f_up = _objective(op, args, attrs, vs)
         flat[k] = down = centre - eps
-        f_down = _objective(op, args, attrs, v)
+        f_down = _objective(op, args, attrs, vs)
         flat[k] = centre
         grad[k] = (f_up - f_down) / (up - down)
     return grad.reshape(work.shape)
 
 
-def _check_input(op: OpDef, xs: list[np.ndarray], attrs: dict[str, Any], i: int, grad: Any, v: np.ndarray,
-                 eps: float, rtol: float, atol: float) -> InputCheck:
+def _check_input(op: OpDef, xs: list[np.ndarray], attrs: dict[str, Any], i: int, grad: Any,
+                 vs: Sequence[np.ndarray | None], eps: float, rtol: float, atol: float) -> InputCheck:
     x = xs[i]
     head = dict(index=i, shape=x.shape, dtype=x.dtype.name, checked=True)
     if grad is None:
@@ -296,7 +709,7 @@ def _check_input(op: OpDef, xs: list[np.ndarray], attrs: dict[str, Any], i: int,
             analytic = unbroadcast(np.asarray(grad, dtype=np.float64), x.shape)
         except (TypeError, ValueError) as exc:
             return InputCheck(**head, passed=False, problem=f"vjp gave a bad gradient: {exc}")
-    numeric = _numeric_gradient(op, xs, attrs, i, v, eps)
+    numeric = _numeric_gradient(op, xs, attrs, i, vs, eps)
     if x.size == 0:
         return InputCheck(**head, passed=True)
     err = np.abs(analytic - numeric)

@@ -7,7 +7,15 @@ The stubs (``chainrule_pb2.py``, ``chainrule_pb2.pyi``, ``chainrule_pb2_grpc.py`
 are generated beside ``chainrule.proto`` and committed; never edit them by
 hand. With ``proto/`` as the import root their imports read
 ``from chainrule.v1 import chainrule_pb2``, which is where packaging installs
-them. Works from any working directory.
+them. Works from any working directory. ``chainrule.binpb`` is generated and
+committed beside them too: the contract's descriptor (a FileDescriptorSet)
+with the comments the stubs lack, which server reflection serves
+(``chainrule.server.reflection``).
+
+The google/rpc files the contract imports are compiled from the copies in
+``proto/third_party/`` (the ones a client in another language uses, and buf
+compiles against); the generated code still imports ``google.rpc.*_pb2`` from
+googleapis-common-protos at run time, whose descriptors are the same files.
 
 The generated code records the grpcio-tools and protobuf versions that made
 it, so ``--check`` also fails when a different grpcio-tools is installed than
@@ -28,7 +36,10 @@ PROTO_ROOT = ROOT / "proto"
 # Path of the contract relative to PROTO_ROOT: this is also its import path.
 PROTO = "chainrule/v1/chainrule.proto"
 PACKAGE_DIR = PROTO_ROOT / "chainrule" / "v1"
-OUTPUTS = ("chainrule_pb2.py", "chainrule_pb2.pyi", "chainrule_pb2_grpc.py")
+# google/rpc/status.proto and error_details.proto, shipped for clients.
+THIRD_PARTY = PROTO_ROOT / "third_party"
+DESCRIPTOR_SET = "chainrule.binpb"
+OUTPUTS = ("chainrule_pb2.py", "chainrule_pb2.pyi", "chainrule_pb2_grpc.py", DESCRIPTOR_SET)
 
 
 def _package_root(module: str, marker: str) -> Path:
@@ -44,24 +55,28 @@ def _package_root(module: str, marker: str) -> Path:
 
 
 def include_paths() -> list[Path]:
-    """Import roots: ours, then the well-known types, then google.rpc."""
+    """Import roots: ours, then google.rpc (proto/third_party), then the well-known types."""
     return [
         PROTO_ROOT,
-        # google/protobuf/*.proto, bundled with grpcio-tools.
+        THIRD_PARTY,
+        # google/protobuf/*.proto, bundled with grpcio-tools (and with every protoc and buf).
         _package_root("grpc_tools", "_proto/google/protobuf/any.proto") / "_proto",
-        # google/rpc/status.proto, shipped by googleapis-common-protos.
-        _package_root("google.rpc.status_pb2", "google/rpc/status.proto"),
     ]
 
 
 def generate(out_dir: Path) -> None:
-    """Run protoc over the contract, writing the stubs under ``out_dir``."""
+    """Run protoc over the contract, writing the stubs and the descriptor set under ``out_dir``."""
+    package_out = out_dir / Path(PROTO).parent
+    package_out.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", "grpc_tools.protoc"]
     command += [f"-I{path}" for path in include_paths()]
     command += [
         f"--python_out={out_dir}",
         f"--pyi_out={out_dir}",
         f"--grpc_python_out={out_dir}",
+        # this file only (no imports), with its comments
+        "--include_source_info",
+        f"--descriptor_set_out={package_out / DESCRIPTOR_SET}",
         str(PROTO_ROOT / PROTO),
     ]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)

@@ -148,19 +148,81 @@ def _parse(name: str, text: str, kind: type) -> object:
         raise ConfigError(f"{variable}={text!r}: expected {'a whole number' if kind is int else 'a number'}") from None
 
 
+#: ``chainrule serve --help``: each setting's group and description, in the order shown. Every field
+#: of ServerConfig has one (tests/test_command_line.py checks it); docs/deploy.md tells the whole story.
+SETTINGS_HELP: dict[str, tuple[str, str]] = {
+    "host": ("listening", "address to listen on; 0.0.0.0 for every interface"),
+    "port": ("listening", "port to listen on; 0 picks a free one (printed at start)"),
+    "workers": ("listening", "worker processes sharing the port (SO_REUSEPORT), about one per core; "
+                             "1 serves in this process"),
+    "max_connection_age_seconds": ("listening", "close each client connection after this many seconds (0: never), "
+                                                "so that clients balancing over DNS find new replicas"),
+    "grace_seconds": ("listening", "seconds in-flight calls get to finish on SIGTERM or SIGINT"),
+    "max_message_bytes": ("limits", "largest request or response message; 0: the memory budget "
+                                    "(--max-memory-bytes), at most 2 GiB - 1"),
+    "max_nodes": ("limits", "most operator nodes in one graph"),
+    "max_tensor_elements": ("limits", "most elements in one tensor"),
+    "max_memory_bytes": ("limits", "bytes all values and gradients of one request may take, checked before work"),
+    "max_concurrent": ("limits", "calls served at once; more are refused at once (RESOURCE_EXHAUSTED), not queued"),
+    "max_compute_seconds": ("limits", "compute time of one Evaluate call, or of one input set of a stream"),
+    "max_training_seconds": ("limits", "time of one Optimize call (a whole training run)"),
+    "max_stream_seconds": ("limits", "how long one EvaluateStream call may stay open"),
+    "graph_cache_size": ("limits", "compiled graphs kept for graph_id requests (least recently used go first)"),
+    "plugins": ("plugins", "load only these plugins (default: every installed one)"),
+    "disable_plugins": ("plugins", "leave these plugins out"),
+    "prefer": ("plugins", "plugins that win when two provide the same operator name"),
+    "check_operators": ("plugins", "check each third-party operator's gradient against finite differences at "
+                                   "start and refuse those that fail"),
+    "check_cache_file": ("plugins", "where gradient-check verdicts are kept across restarts; empty: "
+                                    "~/.cache/chainrule/checks.json; off: no cache"),
+    "tls_cert": ("security", "the server's PEM certificate chain; with --tls-key, serve TLS"),
+    "tls_key": ("security", "the server's PEM private key"),
+    "tls_client_ca": ("security", "PEM CA bundle: clients must present a certificate it signed (mutual TLS)"),
+    "token_file": ("security", "file of accepted bearer tokens, one per line: every call then needs one"),
+    "open_health_and_reflection": ("security", "with --token-file, health checks and reflection still answer "
+                                               "without a token (for probes that cannot send one)"),
+    "shared_memory_dir": ("shared memory", "directory (/dev/shm/chainrule, say) through which clients on this host, "
+                                           "as this user, exchange tensors instead of sending them; empty: off"),
+    "reflection": ("operations", "serve gRPC reflection (grpcurl, grpcui)"),
+    "metrics_port": ("operations", "port of the Prometheus /metrics endpoint on --host; 0: off"),
+    "log_level": ("operations", "DEBUG, INFO, WARNING, ERROR or CRITICAL"),
+    "tune_malloc": ("operations", "keep freed large blocks for the next request (glibc); faster large tensors"),
+}
+_METAVARS = {"host": "ADDR", "log_level": "LEVEL", "port": "PORT", "metrics_port": "PORT"}
+_GROUP_TITLES = {"listening": "listening and processes", "limits": "limits (per request unless said)",
+                 "plugins": "plugins and gradient checks", "security": "transport security and authentication",
+                 "shared memory": "same-host clients", "operations": "operations"}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add one ``--flag`` per setting (defaults come from the environment, then the dataclass)."""
+    """Add one ``--flag`` per setting, described and grouped (defaults come from the environment,
+    then the dataclass)."""
     defaults = ServerConfig()
-    for f in fields(ServerConfig):
-        flag = "--" + f.name.replace("_", "-")
-        default = getattr(defaults, f.name)
-        env = "CHAINRULE_" + f.name.upper()
-        if f.name in _LISTS:
-            parser.add_argument(flag, default=None, help=f"comma-separated (env {env})")
-        elif isinstance(default, bool):
-            parser.add_argument(flag, default=None, action=argparse.BooleanOptionalAction, help=f"(env {env}; default {default})")
+    groups = {key: parser.add_argument_group(title) for key, title in _GROUP_TITLES.items()}
+    described = {f.name: f for f in fields(ServerConfig)}
+    names = [name for name in SETTINGS_HELP if name in described]
+    names += [name for name in described if name not in SETTINGS_HELP]  # (a new setting not described yet)
+    for name in names:
+        group_key, text = SETTINGS_HELP.get(name, ("operations", ""))
+        group = groups[group_key]
+        flag = "--" + name.replace("_", "-")
+        default = getattr(defaults, name)
+        env = "CHAINRULE_" + name.upper()
+        if name in _METAVARS:
+            metavar = _METAVARS[name]
+        elif name.endswith(("_file", "_dir", "_cert", "_key", "_ca")):
+            metavar = "PATH"
         else:
-            parser.add_argument(flag, default=None, type=type(default), help=f"(env {env}; default {default})")
+            metavar = {int: "N", float: "SECONDS" if name.endswith("_seconds") else "N"}.get(type(default), "TEXT")
+        if name in _LISTS:
+            group.add_argument(flag, default=None, metavar="NAMES", help=f"{text}; comma-separated (env {env})")
+        elif isinstance(default, bool):
+            group.add_argument(flag, default=None, action=argparse.BooleanOptionalAction,
+                               help=f"{text} (env {env}; default {'on' if default else 'off'})")
+        else:
+            shown = f"; default {default}" if default not in ("", None) else ""
+            group.add_argument(flag, default=None, type=type(default), metavar=metavar,
+                               help=f"{text} (env {env}{shown})")
 
 
 def from_sources(args: argparse.Namespace | None = None, env: Mapping[str, str] | None = None) -> ServerConfig:

@@ -14,12 +14,11 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from chainrule.plugins.manager import Loaded, load_plugins
 from chainrule.v1 import chainrule_pb2 as pb
 
-from . import auth, tls
+from . import auth, reflection, tls
 from .config import ServerConfig, plugin_filters
 from .guard import MalformedRequestInterceptor
 from .metrics import Exporter, Metrics
@@ -134,8 +133,9 @@ def create_server(
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     if config.reflection:
+        # v1 and v1alpha (grpcio-reflection has only v1alpha), with the contract's comments
         reflection.enable_server_reflection(
-            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server,
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name), server,
         )
     credentials = tls.server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
     bind = address or config.address

@@ -137,6 +137,25 @@ def _options(draw: st.DrawFn, request: pb.EvaluateRequest) -> None:
 
 
 small_shapes = st.lists(st.integers(1, 3), max_size=3)
+
+
+def _body(inputs: list[tuple[str, list[int]]], nodes: list[tuple[str, str, list[str]]], outputs: list[str]) -> pb.Graph:
+    graph = pb.Graph(outputs=outputs)
+    for name, shape in inputs:
+        graph.inputs.add(name=name, dtype=pb.FLOAT64, shape=shape)
+    for name, op, reads in nodes:
+        graph.nodes.add(name=name, op=op, inputs=reads)
+    return graph
+
+
+#: Bodies for graph attributes (scan's): one that works as a one-carry step, and broken ones.
+_BODIES = [
+    _body([("h", [2]), ("x", [2])], [("s", "add", ["h", "x"]), ("t", "tanh", ["s"])], ["t", "s"]),
+    _body([("h", [])], [("t", "tanh", ["h"])], ["t"]),
+    _body([("h", [2])], [("t", "nosuchop", ["h"])], ["t"]),
+    _body([("h", [2])], [("a", "tanh", ["b"]), ("b", "tanh", ["a"])], ["a"]),
+    _body([], [], []),
+]
 small_ints = st.integers(-3, 3) | st.sampled_from(HUGE)
 #: An attribute value of each schema kind (mostly well-typed; hostile in range).
 values_of_kind = {
@@ -148,6 +167,7 @@ values_of_kind = {
     "floats": st.lists(floats, max_size=3).map(lambda v: pb.AttrValue(floats=pb.Floats(values=v))),
     "tensor": tensors(shape=small_shapes, dtype=st.sampled_from([1, 1, 2, 3]), fitting=True).map(
         lambda t: pb.AttrValue(tensor=t)),
+    "graph": st.sampled_from(_BODIES).map(lambda g: pb.AttrValue(graph=g)),
 }
 
 

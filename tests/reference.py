@@ -60,16 +60,18 @@ def evaluate(graph, registry, inputs, output=None, seed=None):
     """
     order = topological_order(graph)
     values = dict(inputs)
+    saved = {}                                            # residuals: what a forward rule hands its vjp
     for node in order:                                    # forward: each operator's forward rule
         op = registry[node.op]
-        values[node.name] = op.forward(*[values[name] for name in node.inputs], **node.attrs)
+        values[node.name], saved[node.name] = op.apply(*[values[name] for name in node.inputs], **node.attrs)
 
     output = output or graph.outputs[0]
     grads = {name: np.zeros_like(value) for name, value in values.items()}
     grads[output] = np.ones_like(values[output]) if seed is None else np.array(seed, dtype=float)
     for node in reversed(order):                          # backward: the chain rule, outputs first
         op = registry[node.op]
-        parts = op.vjp(grads[node.name], values[node.name], *[values[name] for name in node.inputs], **node.attrs)
+        parts = op.apply_vjp(grads[node.name], values[node.name], *[values[name] for name in node.inputs],
+                             saved=saved[node.name], **node.attrs)
         for name, grad in zip(node.inputs, parts):
             if grad is not None:                          # None: that input has no gradient
                 grads[name] += unbroadcast(grad, np.shape(values[name]))  # fan-out adds up

@@ -17,12 +17,14 @@ import pytest
 from chainrule.core import (
     GraphIR, OpError, Registry, ShapeError, TensorSpec, check_attrs, compile_graph, evaluate, unbroadcast,
 )
-from chainrule.plugins.builtin import arith, common, compare, conv, elementwise, index, linalg, nn, reduce, select, shape
+from chainrule.plugins.builtin import (
+    arith, common, compare, control, conv, elementwise, index, linalg, nn, reduce, select, shape,
+)
 from chainrule.plugins.testing import assert_vjp, check_operator, check_vjp
 
 from rule_checks import assert_accepts_numpy_scalars, assert_layout_independent
 
-FAMILIES = (arith, elementwise, linalg, reduce, shape, nn, select, compare, index, conv)
+FAMILIES = (arith, elementwise, linalg, reduce, shape, nn, select, compare, index, conv, control)
 OPS = {op.name: op for family in FAMILIES for op in family.OPERATORS}
 BUILTIN_DIR = Path(common.__file__).parent
 
@@ -298,8 +300,12 @@ def test_operator_samples_pass_the_gradient_check(name):
 CASE_NAMES = {p.values[0] for p in CASES}
 
 
+#: Operators tested in files of their own: scan (tests/test_scan.py, against the unrolled graph).
+OWN_FILES = {"scan"}
+
+
 def test_every_operator_has_hand_picked_cases():
-    assert CASE_NAMES | {"stop_gradient"} == set(OPS)
+    assert CASE_NAMES | {"stop_gradient"} | OWN_FILES == set(OPS)
 
 
 def test_stop_gradient_passes_the_value_and_blocks_the_gradient():
@@ -328,7 +334,7 @@ def test_infer_gives_exactly_what_forward_returns(name, inputs, attrs, dtype):
         return
     with np.errstate(all="ignore"):
         try:
-            out = np.asarray(op.forward(*xs, **attrs))
+            out = np.asarray(op.apply(*xs, **attrs)[0])
         except OpError as exc:  # e.g. integers to negative integer powers
             assert dtype in ("int64", "int32"), exc
             return
@@ -354,7 +360,7 @@ def test_infer_follows_numpy_promotion_for_mixed_dtypes(name, inputs, attrs, dty
         pytest.fail(f"{name} refused {dtypes}: {exc}")
     with np.errstate(all="ignore"):
         try:
-            out = np.asarray(op.forward(*xs, **attrs))
+            out = np.asarray(op.apply(*xs, **attrs)[0])
         except OpError as exc:  # integers to negative integer powers
             assert name == "pow" and all(x.dtype.kind in "iub" for x in xs), exc
             return
@@ -399,15 +405,17 @@ def test_float32_inputs_give_float32_values_and_gradients(name, inputs, attrs):
     xs64 = make(inputs)
     xs32 = cast_floats(xs64, np.float32)
     with np.errstate(all="ignore"):
-        out32 = np.asarray(op.forward(*xs32, **attrs))
+        out32, saved32 = op.apply(*xs32, **attrs)
+        out32 = np.asarray(out32)
+        out64, saved64 = op.apply(*xs64, **attrs)
         if name in NOT_FLOAT_RESULT:  # bool or integer whatever the inputs' float width; no gradient
-            assert out32.dtype == np.asarray(op.forward(*xs64, **attrs)).dtype and out32.dtype.kind != "f" \
+            assert out32.dtype == np.asarray(out64).dtype and out32.dtype.kind != "f" \
                 or attrs.get("dtype") is not None
             return
         assert out32.dtype == np.float32
         g64 = np.random.default_rng(7).standard_normal(out32.shape)
-        grads32 = op.vjp(g64.astype(np.float32), out32, *xs32, **attrs)
-        grads64 = op.vjp(g64, np.asarray(op.forward(*xs64, **attrs)), *xs64, **attrs)
+        grads32 = op.apply_vjp(g64.astype(np.float32), out32, *xs32, saved=saved32, **attrs)
+        grads64 = op.apply_vjp(g64, np.asarray(out64), *xs64, saved=saved64, **attrs)
     for x, g32, g_ref in zip(xs32, grads32, grads64):
         if x.dtype.kind != "f":
             continue
@@ -450,7 +458,7 @@ FORWARD = [
 @pytest.mark.parametrize("name, xs, attrs, expected", FORWARD, ids=[f[0] for f in FORWARD])
 def test_forward_agrees_with_numpy(name, xs, attrs, expected):
     op = OPS[name]
-    np.testing.assert_allclose(op.forward(*xs, **check_attrs(op, attrs)), expected, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(op.apply(*xs, **check_attrs(op, attrs))[0], expected, rtol=1e-12, atol=1e-12)
 
 
 def test_stable_for_large_magnitudes_without_overflow():
@@ -631,7 +639,7 @@ def test_const_value_cannot_be_changed_through_the_result():
 def test_tables_fill_a_registry_and_follow_the_contract():
     ops = [op for family in FAMILIES for op in family.OPERATORS]
     registry = Registry(ops)  # validates every OpDef; a duplicate name would raise
-    assert len(registry) == len(ops) == len(CASE_NAMES | {"stop_gradient"})
+    assert len(registry) == len(ops) == len(CASE_NAMES | {"stop_gradient"} | OWN_FILES)
     for op in ops:
         assert op.infer is not None, op.name
         assert op.doc and "\n" not in op.doc and op.doc.endswith("."), op.name

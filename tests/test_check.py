@@ -148,9 +148,10 @@ def test_every_builtin_operator_passes_chainrule_check(capsys, site, monkeypatch
     builtins = load_plugins(entry_points=False, only=["builtin"]).registry
     assert set(rows) == {op.name for op in builtins}
     assert rows["stop_gradient"].endswith("exempt") and rows["matmul"].endswith("passed")
-    assert "OPERATOR" in out.splitlines()[0] and "SHAPES TRIED" in out and "MAX REL ERR" in out
-    n = len(builtins)
-    assert f"{n} operators: {n - 1} passed, 0 failed, 1 exempt" in out
+    assert "OPERATOR" in out.splitlines()[0] and "SHAPES TRIED" in out and "ATTRIBUTES TRIED" in out
+    assert "MAX REL ERR" in out
+    n, exempt = len(builtins), sum(1 for op in builtins if not op.gradcheck)
+    assert f"{n} operators: {n - exempt} passed, 0 failed, {exempt} exempt" in out
 
 
 def test_a_flipped_vjp_is_caught_naming_plugin_operator_input_position_and_both_numbers(flipped):
@@ -159,7 +160,11 @@ def test_a_flipped_vjp_is_caught_naming_plugin_operator_input_position_and_both_
     bad = checks["flip.swish"]
     assert not bad.passed and bad.status == "FAILED" and bad.plugin == "flip"
     assert bad.distribution == "chainrule-flipped" and bad.version == "0.1.0"
-    assert bad.shapes == (((),), ((4,),), ((2, 3),)) and bad.max_abs_error > 0.1
+    # the three made-up cases, then beta varied on the case of highest rank (the default 1.0 -> 1.5)
+    assert bad.shapes == (((),), ((4,),), ((2, 3),), ((2, 3),)) and bad.max_abs_error > 0.1
+    assert [(c.kind, c.attrs) for c in bad.cases] == [
+        ("default", (("beta", "1.0"),)), ("default", (("beta", "1.0"),)), ("default", (("beta", "1.0"),)),
+        ("varied", (("beta", "1.5"),)), ("float32", (("beta", "1.0"),))]
     match = re.search(r"plugin 'flip' \(distribution chainrule-flipped 0\.1\.0\): operator flip\.swish: "
                       r"input 0 at \(\): vjp gives (\S+), finite differences give (\S+) \(abs error", bad.message)
     assert match, bad.message
@@ -193,7 +198,10 @@ def test_an_operator_that_cannot_be_checked_fails_with_the_reason():
     assert not checks["odd.scaled"].passed and "plugin 'odd' (distribution chainrule-odd 1.0): operator odd.scaled: " \
         "the check could not run: ValueError: odd.scaled: attribute 'k' is required" in checks["odd.scaled"].message
     assert "give the operator a sample= rule" in checks["odd.scaled"].message
-    assert "operator odd.crash: the check could not run: IndexError" in checks["odd.crash"].message
+    assert "operator odd.crash: the check could not run (default case; inputs float64[]): IndexError" \
+        in checks["odd.crash"].message
+    assert checks["odd.crash"].message.endswith("fix: give the operator a @<operator>.sample rule (sample= of OpDef) "
+                                                "whose inputs and attributes its rules accept")
 
 
 # --- serve --check-operators --------------------------------------------------------------------------

@@ -103,6 +103,16 @@ def test_rnn_example_runs_locally(capsys):
     assert rnn.main(["--local"]) == 0
     out = capsys.readouterr().out
     assert out.count("equals dC/dW") == rnn.STEPS and "False" not in out
+    assert "scan: 7 nodes instead of 34" in out
+
+
+def test_rnn_scan_version_gives_the_unrolled_gradients_over_grpc(client, rnn_result):
+    inputs, unrolled = rnn_result
+    looped = client.evaluate(rnn.rnn_scan(), inputs)
+    assert float(looped.value) == pytest.approx(float(unrolled.value), rel=1e-14)
+    for name in inputs:
+        np.testing.assert_allclose(looped.grad[name], unrolled.grad[name], rtol=1e-12, atol=1e-14, err_msg=name)
+    assert len(rnn.rnn_scan(steps=1000).graph) == len(rnn.rnn_scan().graph)  # the graph does not grow with T
 
 
 # --- chainrule train -----------------------------------------------------------------------------------

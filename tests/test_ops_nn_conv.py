@@ -27,16 +27,14 @@ MINE = ("layer_norm", "einsum", "conv", "max_pool", "avg_pool")
 
 def run(name, *xs, **attrs):
     op = OPS[name]
-    return op.forward(*xs, **check_attrs(op, attrs))
+    return op.apply(*xs, **check_attrs(op, attrs))[0]
 
 
 def vjp(name, g, *xs, needs=None, **attrs):
     op = OPS[name]
     attrs = check_attrs(op, attrs)
-    out = op.forward(*xs, **attrs)
-    if needs is not None:
-        return op.vjp(g, out, *xs, needs=needs, **attrs)
-    return op.vjp(g, out, *xs, **attrs)
+    out, saved = op.apply(*xs, **attrs)
+    return op.apply_vjp(g, out, *xs, saved=saved, needs=needs, **attrs)
 
 
 def normal(*shape, seed=0):
@@ -456,13 +454,14 @@ def test_float32_inputs_give_float32_values_and_gradients(name, xs, attrs):
     op = OPS[name]
     attrs = check_attrs(op, attrs)
     xs32 = [x.astype(np.float32) for x in xs]
-    out32 = np.asarray(op.forward(*xs32, **attrs))
-    out64 = np.asarray(op.forward(*xs, **attrs))
+    out32, saved32 = op.apply(*xs32, **attrs)
+    out64, saved64 = op.apply(*xs, **attrs)
+    out32, out64 = np.asarray(out32), np.asarray(out64)
     assert out32.dtype == np.float32
     np.testing.assert_allclose(out32, out64, rtol=1e-4, atol=1e-4)
     g = normal(*out32.shape, seed=7)
-    grads32 = op.vjp(g.astype(np.float32), out32, *xs32, **attrs)
-    grads64 = op.vjp(g, out64, *xs, **attrs)
+    grads32 = op.apply_vjp(g.astype(np.float32), out32, *xs32, saved=saved32, **attrs)
+    grads64 = op.apply_vjp(g, out64, *xs, saved=saved64, **attrs)
     for x, g32, g64 in zip(xs32, grads32, grads64):
         assert np.asarray(g32).dtype == np.float32, name
         np.testing.assert_allclose(unbroadcast(g32, x.shape), unbroadcast(g64, x.shape), rtol=1e-3, atol=1e-4)
@@ -479,7 +478,7 @@ def test_infer_gives_exactly_what_forward_returns(name, xs, attrs, dtype):
     except OpError as exc:                           # only einsum refuses, and only all-bool inputs
         assert (name, dtype, exc.reason) == ("einsum", "bool", "DTYPE_MISMATCH"), exc
         return
-    out = np.asarray(op.forward(*xs, **attrs))
+    out = np.asarray(op.apply(*xs, **attrs)[0])
     assert TensorSpec.of(out) == TensorSpec(tuple(spec.shape), np.dtype(spec.dtype))
 
 
@@ -487,15 +486,17 @@ def test_infer_gives_exactly_what_forward_returns(name, xs, attrs, dtype):
 def test_rules_do_not_depend_on_memory_layout(name, xs, attrs):
     op = OPS[name]
     attrs = check_attrs(op, attrs)
-    out = np.asarray(op.forward(*xs, **attrs))
+    out, saved = op.apply(*xs, **attrs)
+    out = np.asarray(out)
     g = normal(*out.shape, seed=5)
-    expected = op.vjp(g, out, *xs, **attrs)
+    expected = op.apply_vjp(g, out, *xs, saved=saved, **attrs)
     strided = [np.repeat(x, 2, axis=-1)[..., ::2] if x.ndim else x for x in xs]
     reversed_ = [x[..., ::-1][..., ::-1] if x.ndim else x for x in xs]
     fortran = [np.asfortranarray(x) if x.ndim else x for x in xs]
     for other in (strided, reversed_, fortran):
-        np.testing.assert_allclose(op.forward(*other, **attrs), out, rtol=1e-13, atol=1e-14)
-        got = op.vjp(np.asfortranarray(g) if g.ndim else g, out, *other, **attrs)
+        other_out, other_saved = op.apply(*other, **attrs)
+        np.testing.assert_allclose(other_out, out, rtol=1e-13, atol=1e-14)
+        got = op.apply_vjp(np.asfortranarray(g) if g.ndim else g, out, *other, saved=other_saved, **attrs)
         for a, b in zip(got, expected):
             np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
 
@@ -507,11 +508,15 @@ def test_rules_do_not_write_into_their_arguments(name, xs, attrs):
     for x in xs:
         x.flags.writeable = False
     try:
-        out = np.asarray(op.forward(*xs, **attrs))
+        out, saved = op.apply(*xs, **attrs)
+        out = np.asarray(out)
         g = normal(*out.shape, seed=5)
         g.flags.writeable = False
         out.flags.writeable = False
-        op.vjp(g, out, *xs, **attrs)
+        for array in (saved if isinstance(saved, tuple) else (saved,)):  # residuals are read, not written
+            if isinstance(array, np.ndarray):
+                array.flags.writeable = False
+        op.apply_vjp(g, out, *xs, saved=saved, **attrs)
     finally:
         for x in xs:
             x.flags.writeable = True

@@ -9,6 +9,7 @@ missing and what is installed, and the server keeps serving.
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,9 +26,15 @@ INSTALLED = f"installed: chainrule {chainrule_version()}, chainrule-acme 0.2.0"
 
 def acme_module():
     """chainrule_acme, imported from its file (sys.path untouched: no entry point leaks into other tests)."""
-    spec = importlib.util.spec_from_file_location("chainrule_acme_for_versions", ACME)
+    spec = importlib.util.spec_from_file_location("chainrule_acme_for_versions", ACME,
+                                                  submodule_search_locations=[str(ACME.parent)])
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    sys.modules[spec.name] = module  # a package: its relative import (.logcosh) finds it here
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        for name in [n for n in sys.modules if n == spec.name or n.startswith(spec.name + ".")]:
+            del sys.modules[name]
     return module
 
 

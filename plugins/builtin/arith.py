@@ -25,7 +25,7 @@ from typing import Any, Callable
 import numpy as np
 
 from chainrule.core import OpDef, OpError, TensorSpec
-from chainrule.core.dtypes import FLOAT64
+from chainrule.core.dtypes import FLOAT64, NUMBER_DTYPES
 from chainrule.plugins.authoring import broadcast_inputs, table_hookimpl
 
 from .common import writable
@@ -284,12 +284,12 @@ OPERATORS: list[OpDef] = [
     OpDef("sub", 2, _sub, _sub_vjp, _numeric,
           doc="x - y with numpy broadcasting.", sample=_pair, scalar=(operator.sub, _sub_vjp)),
     OpDef("neg", 1, _neg, _neg_vjp, _numeric,
-          doc="-x elementwise.", scalar=(operator.neg, _neg_vjp)),
+          doc="-x elementwise.", scalar=(operator.neg, _neg_vjp), input_dtypes={"x": NUMBER_DTYPES}),
     OpDef("mul", 2, _mul, _mul_vjp, _numeric,
           doc="x * y with numpy broadcasting.", sample=_pair, scalar=(operator.mul, _mul_vjp)),
     OpDef("div", 2, operator.truediv, _div_vjp, _true_division,
           doc="x / y with numpy broadcasting; integer inputs give float64.", sample=_nonzero_divisor,
-          scalar=(operator.truediv, _div_vjp)),
+          scalar=(operator.truediv, _div_vjp), input_names=("x", "y")),
 
     # powers
     OpDef("pow", 2, _power, _pow_vjp, _numeric,

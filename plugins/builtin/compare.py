@@ -20,7 +20,7 @@ from typing import Any, Callable
 import numpy as np
 
 from chainrule.core import OpDef, OpError, TensorSpec, broadcast_shapes
-from chainrule.core.dtypes import BOOL
+from chainrule.core.dtypes import BOOL, BOOL_DTYPES
 from chainrule.plugins.authoring import table_hookimpl
 
 
@@ -91,13 +91,15 @@ def _logical_sample(rng):
 # --- the table -------------------------------------------------------------------------------
 
 def _comparison(name: str, ufunc: Any, doc: str) -> OpDef:
-    return OpDef(name, 2, ufunc, _no_gradient_2, _compared, doc=doc, sample=_compare_sample)
+    return OpDef(name, 2, ufunc, _no_gradient_2, _compared, doc=doc, sample=_compare_sample, input_names=("x", "y"))
 
 
 def _logical(name: str, arity: int, ufunc: Any, doc: str) -> OpDef:
     vjp = _no_gradient_2 if arity == 2 else _no_gradient_1
     sample = _logical_pair_sample if arity == 2 else _logical_sample
-    return OpDef(name, arity, ufunc, vjp, _bool_inputs(name), doc=doc, sample=sample)
+    names = ("x", "y")[:arity]
+    return OpDef(name, arity, ufunc, vjp, _bool_inputs(name), doc=doc, sample=sample,
+                 input_names=names, input_dtypes=dict.fromkeys(names, BOOL_DTYPES))
 
 
 OPERATORS: list[OpDef] = [

@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from chainrule.core import Attr, OpDef, OpError, TensorSpec
+from chainrule.core.dtypes import NUMBER_DTYPES
 from chainrule.plugins.authoring import float_like_input, table_hookimpl
 
 from .common import as_float, writable
@@ -454,9 +455,10 @@ OPERATORS: list[OpDef] = [
 
     # sign and magnitude: the gradient at the kink x = 0 is 0
     OpDef("abs", 1, np.abs, lambda g, out, x: (g * np.sign(x),), _numeric_input,
-          doc="|x| elementwise; gradient sign(x), 0 at x = 0.", sample=_off_zero),
+          doc="|x| elementwise; gradient sign(x), 0 at x = 0.", sample=_off_zero, input_dtypes={"x": NUMBER_DTYPES}),
     OpDef("relu", 1, lambda x: np.maximum(x, 0), lambda g, out, x: (g * (x > 0),), _numeric_input,
-          doc="max(x, 0) elementwise; gradient 1 for x > 0, else 0.", sample=_off_zero),
+          doc="max(x, 0) elementwise; gradient 1 for x > 0, else 0.", sample=_off_zero,
+          input_dtypes={"x": NUMBER_DTYPES}),
     OpDef("leaky_relu", 1,
           _leaky_relu, _leaky_relu_vjp, float_like_input, attrs={"alpha": Attr("float", 0.01, "slope for x <= 0")},
           doc="x for x > 0, alpha * x otherwise.", sample=_off_zero_alpha),

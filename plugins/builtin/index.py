@@ -49,6 +49,7 @@ from typing import Any
 import numpy as np
 
 from chainrule.core import Attr, OpDef, OpError, TensorSpec
+from chainrule.core.dtypes import INT_DTYPES
 from chainrule.plugins.authoring import table_hookimpl
 
 from .common import normalize_axes
@@ -170,12 +171,12 @@ OPERATORS: list[OpDef] = [
     OpDef("gather", 2, _gather, _gather_vjp, _gather_infer,
           attrs={"axis": Attr("int", 0, "the axis to index (negative counts from the end)")},
           doc="np.take(x, indices, axis): int indices, negative from the end; repeated indices sum their gradients.",
-          sample=_gather_sample),
+          sample=_gather_sample, input_dtypes={"indices": INT_DTYPES}),
     OpDef("one_hot", 1, _one_hot, _no_gradient, _one_hot_infer,
           attrs={"depth": Attr("int", doc="the number of classes: the length of the new last axis"),
                  "dtype": Attr("string", "float64", "float64, float32, int64, int32 or bool")},
           doc="One-hot rows of length depth on a new last axis (ONNX OneHot); out-of-range indices give zeros.",
-          sample=_one_hot_sample),
+          sample=_one_hot_sample, input_dtypes={"indices": INT_DTYPES}),
 ]
 
 register_operators = table_hookimpl(OPERATORS)

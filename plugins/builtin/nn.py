@@ -2,8 +2,10 @@
 
 All are computed stably (shifted by the maximum before ``exp``) and keep
 float32 as float32. The losses return a 0-d value: the mean over the batch.
-layer_norm (ONNX LayerNormalization) normalizes over the axes ``axis``..last;
-its vjp recomputes the normalized x̂ and 1/std rather than keeping them.
+layer_norm (ONNX LayerNormalization) normalizes over the axes ``axis``..last.
+log_softmax and layer_norm hand their vjps what the forward pass computed
+(softmax; x̂ and 1/std) as residuals (``OpDef.residuals``) instead of having
+them recompute it.
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from chainrule.core import Attr, OpDef, OpError, TensorSpec, broadcast_shapes
-from chainrule.core.dtypes import float_result
+from chainrule.core.dtypes import INT_DTYPES, float_result
 from chainrule.plugins.authoring import table_hookimpl
 
 from .common import as_float, logsumexp, normalize_axes, writable
@@ -35,11 +37,25 @@ def _softmax_vjp(g, out, x, *, axis=-1):
     return (d,)
 
 
-def _log_softmax_vjp(g, out, x, *, axis=-1):
-    p = writable(np.exp(out))                          # softmax
-    p *= np.sum(g, axis=axis, keepdims=True)
-    np.subtract(g, p, out=p)                           # g - softmax * sum(g)
-    return (p,)
+def _log_softmax(x: Any, *, axis: int = -1) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
+    """x - logsumexp(x) along ``axis``; and, as the vjp's residuals, the shifted exponentials and
+    their sums (softmax = e / total): computed here anyway, so the vjp takes no exp of its own."""
+    x = as_float(x)
+    axes = normalize_axes((axis,), x.ndim)
+    top = np.max(x, axis=axes, keepdims=True)
+    top = np.where(np.isfinite(top), top, 0)  # all -inf (or an inf): no shift, the log gives -inf (inf)
+    shifted = writable(x - top)
+    e = np.exp(shifted)
+    total = np.sum(e, axis=axes, keepdims=True)
+    shifted -= np.log(total)
+    return shifted, (e, total)
+
+
+def _log_softmax_vjp(g, out, x, *, axis=-1, saved):
+    e, total = saved
+    d = e * (np.sum(g, axis=axis, keepdims=True) / total)  # softmax * sum(g), softmax from the forward pass
+    np.subtract(g, d, out=d)                                # g - softmax * sum(g)
+    return (d,)
 
 
 def _along_axis(x: TensorSpec, *, axis: int = -1) -> TensorSpec:
@@ -151,31 +167,31 @@ def _layer_norm_dtype(x, scale, bias) -> np.dtype:
 
 
 def _layer_norm(x, scale, bias, *, axis=-1, epsilon=1e-5):
+    """The normalized x̂ * scale + bias, and (x̂, 1/std) as the vjp's residuals."""
     dtype = _layer_norm_dtype(x, scale, bias)
     axes = _normalized_axes(np.shape(x), np.shape(scale), np.shape(bias), axis, epsilon)
-    y, _ = _standardized(np.asarray(x).astype(dtype, copy=False), axes, epsilon)
-    y *= np.asarray(scale).astype(dtype, copy=False)
+    xhat, rstd = _standardized(np.asarray(x).astype(dtype, copy=False), axes, epsilon)
+    y = xhat * np.asarray(scale).astype(dtype, copy=False)
     y += np.asarray(bias).astype(dtype, copy=False)
-    return y
+    return y, (xhat, rstd)
 
 
-def _layer_norm_vjp(g, out, x, scale, bias, *, axis=-1, epsilon=1e-5, needs=(True, True, True)):
+def _layer_norm_vjp(g, out, x, scale, bias, *, axis=-1, epsilon=1e-5, needs=(True, True, True), saved):
     """dx = rstd * (ĝ - mean(ĝ) - x̂ * mean(ĝ * x̂)) with ĝ = g * scale (the means over the normalized
-    axes); dscale = g * x̂ and dbias = g, in the output's shape (the engine sums them back to their own)."""
+    axes); dscale = g * x̂ and dbias = g, in the output's shape (the engine sums them back to their own).
+    x̂ and 1/std come from the forward pass (``saved``); neither is written to."""
     dtype = _layer_norm_dtype(x, scale, bias)
     axes = _normalized_axes(np.shape(x), np.shape(scale), np.shape(bias), axis, epsilon)
-    x = np.asarray(x).astype(dtype, copy=False)
+    xhat, rstd = saved
     g = np.asarray(g).astype(dtype, copy=False)
-    xhat, rstd = _standardized(x, axes, epsilon)
     dx = dscale = None
     if needs[1]:
         dscale = g * xhat
     if needs[0]:
         dxhat = writable(g * np.asarray(scale).astype(dtype, copy=False))
-        projection = np.mean(dxhat * xhat, axis=axes, keepdims=True)
-        xhat *= projection                                 # x̂ * mean(ĝ x̂)
+        projection = xhat * np.mean(dxhat * xhat, axis=axes, keepdims=True)   # x̂ * mean(ĝ x̂)
         dxhat -= np.mean(dxhat, axis=axes, keepdims=True)
-        dxhat -= xhat
+        dxhat -= projection
         dxhat *= rstd
         dx = dxhat
     return dx, dscale, (g if needs[2] else None)
@@ -220,20 +236,19 @@ _AXIS = {"axis": Attr("int", -1, "the axis of classes (negative counts from the 
 OPERATORS: list[OpDef] = [
     OpDef("softmax", 1, lambda x, *, axis=-1: softmax(x, axis), _softmax_vjp, _along_axis, attrs=_AXIS,
           doc="exp(x) / sum(exp(x)) along an axis (default the last), computed stably.", sample=_softmax_sample),
-    OpDef("log_softmax", 1,
-          lambda x, *, axis=-1: as_float(x) - logsumexp(x, axis=(axis,), keepdims=True),
-          _log_softmax_vjp, _along_axis, attrs=_AXIS,
-          doc="x - logsumexp(x) along an axis (default the last), computed stably.", sample=_softmax_sample),
+    OpDef("log_softmax", 1, _log_softmax, _log_softmax_vjp, _along_axis, attrs=_AXIS,
+          doc="x - logsumexp(x) along an axis (default the last), computed stably.", sample=_softmax_sample,
+          residuals=True),
     OpDef("cross_entropy", 2, _cross_entropy, _cross_entropy_vjp, _cross_entropy_infer,
           doc="Mean over the batch of -log softmax(logits)[label]; logits [..., C], int labels [...].",
-          sample=_cross_entropy_sample),
+          sample=_cross_entropy_sample, input_dtypes={"labels": INT_DTYPES}),
     OpDef("mse", 2, _mse, _mse_vjp, _mse_infer,
           doc="Mean squared error mean((prediction - target)**2), with broadcasting.", sample=_mse_sample),
     OpDef("layer_norm", 3, _layer_norm, _layer_norm_vjp, _layer_norm_infer,
           attrs={"axis": Attr("int", -1, "the first normalized axis: axes axis..last are normalized"),
                  "epsilon": Attr("float", 1e-5, "added to the variance before the square root")},
           doc="ONNX LayerNormalization: (x - mean) / sqrt(var + epsilon) * scale + bias over axes axis..last.",
-          sample=_layer_norm_sample, selective_vjp=True),
+          sample=_layer_norm_sample, selective_vjp=True, residuals=True),
 ]
 
 register_operators = table_hookimpl(OPERATORS)

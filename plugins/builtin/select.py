@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from chainrule.core import Attr, OpDef, OpError, TensorSpec, broadcast_shapes
+from chainrule.core.dtypes import BOOL_DTYPES
 from chainrule.plugins.authoring import same_as_input, table_hookimpl
 
 
@@ -66,7 +67,7 @@ OPERATORS: list[OpDef] = [
           lambda g, out, cond, x, y: (None, np.where(cond, g, 0), np.where(cond, 0, g)),
           _where_infer,
           doc="x where cond is true, else y (bool cond, numpy broadcasting); cond gets no gradient.",
-          sample=_where_sample),
+          sample=_where_sample, input_names=("cond", "x", "y"), input_dtypes={"cond": BOOL_DTYPES}),
     OpDef("stop_gradient", 1, _identity, _no_gradient, same_as_input,
           doc="x unchanged, but no gradient flows back through it.", gradcheck=False,
           scalar=(_identity, _no_gradient)),

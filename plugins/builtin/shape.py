@@ -22,6 +22,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from chainrule.core import VARIADIC, Attr, OpDef, OpError, TensorSpec, unbroadcast
+from chainrule.core.dtypes import NUMBER_DTYPES
 from chainrule.core.tensor_spec import MAX_RANK
 from chainrule.plugins.authoring import table_hookimpl
 
@@ -408,7 +409,8 @@ OPERATORS: list[OpDef] = [
           attrs={"axis": Attr("int", doc="the axis to sum along (negative counts from the end)"),
                  "exclusive": Attr("bool", False, "leave each element out of its own sum (the first is 0)"),
                  "reverse": Attr("bool", False, "sum from the end of the axis")},
-          doc="Running sums along an axis, ONNX CumSum (exclusive and reverse flags).", sample=_cumsum_sample),
+          doc="Running sums along an axis, ONNX CumSum (exclusive and reverse flags).", sample=_cumsum_sample,
+          input_dtypes={"x": NUMBER_DTYPES}),
     OpDef("flip", 1, _flip,
           lambda g, out, x, *, axes=None: (_flip(g, axes=axes),), _flip_infer,
           attrs={"axes": Attr("ints", None, "the axes to reverse (negative allowed); none: all of them")},

@@ -51,13 +51,18 @@ _CLI_HINTS = {
 
 def rpc_message(exc: ChainruleRpcError) -> str:
     """A client error's message, with the flags to use where it names the Python API."""
-    message = exc.message
+    message = exc.message.replace("(or use chainrule.server.LocalClient in-process)",
+                                  "(`make run` in the repository), or work without a server: --local (ops: "
+                                  "leave out --server)")
     cause = exc.metadata.get("cause", "")
     if cause == "CONNECT_FAILED" and re.search(r"verif|certificate|SSL|TLS", exc.metadata.get("grpc_message", "")):
         cause = "TLS_HANDSHAKE"  # a certificate gRPC refused (a name that does not match...)
     hint = _CLI_HINTS.get(cause)
     if hint:
         message = f"{message}. {hint}"
+    if exc.reason == "SEED_REQUIRED" or (exc.field == "seed" and exc.reason == "SHAPE_MISMATCH"):
+        message = (f"{message}. On the command line: --seed VALUE, a JSON list or @file.npy of the output's shape "
+                   "(--seed '[1, 0, 0]' for the first element's gradient)")
     if exc.code.name == "UNAUTHENTICATED" and "--token-file" not in message:
         message = f"{message} (give the server's bearer token with --token-file PATH)"
     return message

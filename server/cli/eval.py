@@ -38,7 +38,8 @@ def add_eval_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("graph", type=Path, help="graph in the proto JSON format (chainrule.v1.Graph)")
     parser.add_argument("--input", "-i", action="append", default=[], metavar="NAME=VALUE",
                         help="a number, a JSON list, or @file.npy; repeat per input")
-    parser.add_argument("--output", default=None, help="which output to differentiate")
+    parser.add_argument("--output", default=None, metavar="NAME", help="which output node to differentiate "
+                                                                        "(default: the graph's only output)")
     parser.add_argument("--seed", default=None, metavar="VALUE",
                         help="d(loss)/d(output) to start from, needed for a non-scalar output: a number, "
                              "a JSON list, or @file.npy of the output's shape")
@@ -88,7 +89,7 @@ def load_graph(path: Path) -> Graph:
     try:
         return Graph.from_json(text)
     except json_format.ParseError as exc:
-        raise CommandError(f"{path}: not a chainrule graph: {exc}. Check the file against the chainrule.v1.Graph "
+        raise CommandError(f"{path}: not a chainrule graph: {str(exc).rstrip('.')}. Check the file against the chainrule.v1.Graph "
                            "JSON format (fields inputs, nodes, outputs; graph.save(path) writes one)") from None
 
 

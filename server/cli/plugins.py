@@ -1,4 +1,5 @@
-"""``chainrule ops [--json] [--server ADDR]``, ``chainrule plugins [--json]`` and ``chainrule check [--plugin NAME] [--op NAME]``.
+"""``chainrule ops [--json] [--server ADDR]``, ``chainrule plugins [--json]`` and
+``chainrule check [--plugin NAME] [--op NAME] [--cases] [--json]``.
 
 All three load plugins like ``serve`` does, so CHAINRULE_PLUGINS,
 CHAINRULE_DISABLE_PLUGINS and CHAINRULE_PREFER apply; ``ops --server`` lists
@@ -17,6 +18,8 @@ import json
 import sys
 from typing import Sequence
 
+from chainrule.core.dtypes import ALL_DTYPES
+from chainrule.core.operator import described_inputs
 from chainrule.plugins.checking import check_registry
 from chainrule.plugins.manager import Loaded, load_plugins, parse_names, plugin_matches
 
@@ -40,6 +43,9 @@ def add_plugin_parsers(commands: argparse._SubParsersAction) -> None:
                        help="only this plugin's operators (a name or its first dotted part: builtin); repeatable")
     check.add_argument("--op", action="append", default=None, metavar="NAME", help="only this operator; repeatable")
     check.add_argument("--prefer", default=None, metavar="NAMES", help="plugins that win a name conflict (env CHAINRULE_PREFER)")
+    check.add_argument("--cases", action="store_true",
+                       help="after the table, every case tried: its kind, inputs, attributes and result")
+    check.add_argument("--json", action="store_true", help="print the verdicts and their cases as JSON instead of a table")
     check.set_defaults(run=cmd_check)
 
 
@@ -95,19 +101,52 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"chainrule: error: no installed operator matches --plugin {' '.join(args.plugin or [])} "
               f"(plugins: {names})", file=sys.stderr)
         return 2
-    table = [("OPERATOR", "PLUGIN", "SHAPES TRIED", "MAX ABS ERR", "MAX REL ERR", "RESULT")]
-    table += [(c.op, c.plugin, c.shapes_text() or "-", _number(c.max_abs_error, c.checked),
+    failed = [c for c in checks if not c.passed]
+    if getattr(args, "json", False):
+        json.dump([_check_row(c) for c in checks], sys.stdout, indent=2)
+        print()
+        sys.stdout.flush()
+        _report([b.message for b in mine], "error")
+        return 1 if failed or mine else 0
+    table = [("OPERATOR", "PLUGIN", "SHAPES TRIED", "ATTRIBUTES TRIED", "MAX ABS ERR", "MAX REL ERR", "RESULT")]
+    table += [(c.op, c.plugin, c.shapes_text() or "-", c.attrs_text() or "-", _number(c.max_abs_error, c.checked),
                _number(c.max_rel_error, c.checked), c.status) for c in checks]
     _print_table(table)
-    failed = [c for c in checks if not c.passed]
+    if getattr(args, "cases", False):
+        for c in checks:
+            print(f"\n{c.op}" + ("" if c.checked else f": exempt: {c.message}"))
+            for case in c.cases:
+                print(f"  {case.describe()}")
     for c in failed:
         print(f"\nFAILED {c.message}")
     exempt = sum(1 for c in checks if not c.checked)
+    skipped = sum(c.skipped for c in checks)
     print(f"\n{len(checks)} operator{'s' * (len(checks) != 1)}: {len(checks) - len(failed) - exempt} passed, {len(failed)} failed, "
-          f"{exempt} exempt (gradcheck=False)" + (f"; {len(mine)} plugin{'s' * (len(mine) != 1)} broken" if mine else ""))
+          f"{exempt} exempt (gradcheck=False)" + (f"; {len(mine)} plugin{'s' * (len(mine) != 1)} broken" if mine else "")
+          + (f"; {skipped} varied case{'s' * (skipped != 1)} skipped (attribute values the operators refuse: "
+             f"--cases lists them)" if skipped else ""))
     sys.stdout.flush()
     _report([b.message for b in mine], "error")
     return 1 if failed or mine else 0
+
+
+def _check_row(check) -> dict:
+    """One verdict of ``chainrule check --json``: the operator, who provides it, the verdict and every case."""
+    return {
+        "op": check.op, "plugin": check.plugin, "distribution": check.distribution or None,
+        "version": check.version or None, "result": check.status,
+        "max_abs_error": _json_number(check.max_abs_error, check.checked),
+        "max_rel_error": _json_number(check.max_rel_error, check.checked),
+        "message": check.message or None,
+        "cases": [{"kind": case.kind, "inputs": case.inputs, "attrs": dict(case.attrs), "varied": case.varied or None,
+                   "result": case.status, "max_abs_error": _json_number(case.max_abs_error, case.kind != "float32"),
+                   "max_rel_error": _json_number(case.max_rel_error, case.kind != "float32"), "note": case.note or None}
+                  for case in check.cases],
+    }
+
+
+def _json_number(value: float, shown: bool) -> float | None:
+    return value if shown and value == value else None  # nan (a non-finite gradient) as null
 
 
 def _number(value: float, checked: bool) -> str:
@@ -126,12 +165,23 @@ def cmd_ops(args: argparse.Namespace) -> int:
         json.dump(rows, sys.stdout, indent=2)
         print()
         return 0
-    width = max((len(r["name"]) for r in rows), default=4)
-    pwidth = max((len(r["plugin"]) for r in rows), default=6)
-    for r in rows:
-        attrs = ", ".join(f"{k}:{v['type']}" for k, v in r["attrs"].items())
-        print(f"{r['name']:<{width}}  {r['plugin']:<{pwidth}}  {attrs:<28}  {r['doc']}")
+    table = [("OPERATOR", "PLUGIN", "INPUTS", "ATTRIBUTES", "DOC")]
+    table += [(r["name"], r["plugin"], inputs_text(r["inputs"]),
+               ", ".join(f"{k}:{v['type']}" for k, v in r["attrs"].items()), r["doc"]) for r in rows]
+    widths = [max(len(row[k]) for row in table) for k in range(3)] + [28]  # long attribute lists overflow
+    for row in table:
+        print("  ".join([cell.ljust(w) for cell, w in zip(row, widths)] + [row[-1]]).rstrip())
     return 0
+
+
+def inputs_text(inputs: Sequence[dict]) -> str:
+    """``logits, labels:int64|int32`` and ``xs...:float64|...``: each input's name, "..." for the inputs of a
+    variadic operator, and the dtypes it accepts unless it accepts all five."""
+    def one(i: dict) -> str:
+        name = i["name"] + ("..." if i["variadic"] else "")
+        return name if set(i["dtypes"]) >= set(ALL_DTYPES) else f"{name}:{'|'.join(i['dtypes'])}"
+
+    return ", ".join(one(i) for i in inputs) or "-"
 
 
 def _attr(kind: str, required: bool, default: object) -> dict:
@@ -148,6 +198,7 @@ def local_operators(prefer: Sequence[str] | None = None) -> list[dict]:
         {
             "name": op.name,
             "arity": "variadic" if op.variadic else op.arity,
+            "inputs": [{"name": i.name, "dtypes": list(i.dtypes), "variadic": i.variadic} for i in described_inputs(op)],
             "attrs": {name: _attr(a.kind, a.required, a.default) for name, a in op.attrs.items()},
             "plugin": op.plugin, "distribution": op.distribution, "version": op.version, "doc": op.doc,
         }
@@ -163,6 +214,7 @@ def remote_operators(args: argparse.Namespace) -> list[dict]:
         {
             "name": op.name,
             "arity": "variadic" if op.arity < 0 else op.arity,
+            "inputs": [{"name": i.name, "dtypes": list(i.dtypes), "variadic": i.variadic} for i in op.inputs],
             "attrs": {name: _attr(a.type, a.required, a.default) for name, a in op.attrs.items()},
             "plugin": op.plugin, "distribution": op.distribution or None, "version": op.version or None,
             "doc": op.doc,

@@ -20,9 +20,11 @@ def add_render_parser(commands: argparse._SubParsersAction) -> None:
                         help="a number, a JSON list, or @file.npy; repeat per input")
     parser.add_argument("--out", "-o", type=Path, required=True,
                         help="where to draw: .svg, .png or .pdf (needs Graphviz's dot), or .dot for the text")
-    parser.add_argument("--output", default=None, help="which output to differentiate")
-    parser.add_argument("--param", action="append", default=None, metavar="NAME",
-                        help="draw this input as a parameter, the others as data (repeat; default: every input)")
+    parser.add_argument("--output", default=None, metavar="NAME", help="which output node to differentiate "
+                                                                        "(default: the graph's only output)")
+    parser.add_argument("--param", "-p", action="append", default=None, metavar="NAME",
+                        help="draw this input as a parameter, the others as data (repeat, or separate names with "
+                             "commas; default: every input)")
     parser.add_argument("--contributions", action=argparse.BooleanOptionalAction, default=True,
                         help="label fan-out edges with their share of the gradient (default: on)")
     add_connection_arguments(parser, local="evaluate in-process, without a server")
@@ -34,7 +36,8 @@ def cmd_render(args: argparse.Namespace) -> int:
     inputs = dict(parse_input(text) for text in args.input)
     with client_for(args) as client:  # the diagram shows every value: ask for them
         result = client.evaluate(graph, inputs, output=args.output, contributions=args.contributions, values="all")
-    path = result.render(args.out, parameters=args.param)  # a RenderError is reported by errors.report
+    params = None if args.param is None else [name for text in args.param for name in text.split(",") if name]
+    path = result.render(args.out, parameters=params)  # a RenderError is reported by errors.report
     print(f"wrote {path}: {len(graph.message.inputs) + len(graph)} nodes, {result.output} = {result.value}")
     print(result.diagnostics)
     return 0

@@ -16,7 +16,12 @@ from ..workers import serve_workers
 
 
 def add_serve_parser(commands: argparse._SubParsersAction) -> None:
-    serve = commands.add_parser("serve", help="run the gRPC server")
+    serve = commands.add_parser(
+        "serve", help="run the gRPC server",
+        description="Serve the installed operators over gRPC until SIGTERM or SIGINT, then drain. Every setting "
+                    "is a flag and a CHAINRULE_* environment variable (flags win).",
+        epilog="Running it in production (--workers, replicas, TLS and tokens, health probes, limits, metrics, "
+               "shared memory): docs/deploy.md.")
     config_module.add_arguments(serve)
     serve.set_defaults(run=cmd_serve)
 

@@ -5,7 +5,9 @@ the ones named by ``--param`` are the parameters' initial values (or come
 from ``--init``, to resume from an earlier ``trained.npz``), the others stay
 fixed at every step. The run happens on a server (``--server``) or
 in-process (``--local``), with a progress bar on a terminal; the trained
-parameters are written to ``-o`` as ``.npz``.
+parameters are written to ``-o``/``--out`` as ``.npz`` (``--out`` is the file a
+command writes in eval, render and train alike; ``--output`` names the output node
+to differentiate in eval and render, the role ``--loss`` has here).
 """
 from __future__ import annotations
 
@@ -39,7 +41,8 @@ def add_train_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                         help="show a progress bar (default: when stderr is a terminal)")
     parser.add_argument("--timeout", type=float, help="deadline of the whole run, in seconds")
-    parser.add_argument("--output", "-o", type=Path, default=Path("trained.npz"), help="where to write the parameters")
+    parser.add_argument("--out", "-o", type=Path, default=Path("trained.npz"), metavar="PATH",
+                        help="where to write the trained parameters, as .npz (default trained.npz)")
     add_connection_arguments(parser, local="train in-process, without a server")
     parser.set_defaults(run=cmd_train)
 
@@ -69,9 +72,12 @@ def cmd_train(args: argparse.Namespace) -> int:
             beta1=args.beta1, beta2=args.beta2, eps=args.eps, steps=args.steps, target_loss=args.target_loss,
             report_every=args.report_every, progress=args.progress, timeout=args.timeout,
         )
-    np.savez(args.output, **result.params)
+    try:
+        np.savez(args.out, **result.params)
+    except OSError as exc:
+        raise CommandError(f"-o {args.out}: cannot write it ({exc.strerror or exc})") from None
     first = f"{result.losses[0]:.6g} -> " if len(result.losses) else ""
     stop = " (target reached)" if result.target_reached else ""
     print(f"loss {first}{result.loss:.6g} after {result.steps} steps{stop}, {result.elapsed:.2f}s; "
-          f"wrote {', '.join(result.params)} to {args.output}")
+          f"wrote {', '.join(result.params)} to {args.out}")
     return 0

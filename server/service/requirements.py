@@ -68,6 +68,11 @@ def check_requirements(metadata: Mapping[str, str], loaded: Loaded) -> None:
                              field=FIELD)
         if match["op"]:
             op = loaded.registry.find(match["name"])
+            if op is None and match["name"] in loaded.refused:
+                raise VersionMismatchError(
+                    f"graph requires operator '{match['name']}', which is installed but not served: the start-up "
+                    f"gradient check refused it ({loaded.refused[match['name']]})", field=FIELD, op=match["name"],
+                )
             if op is None:
                 raise VersionMismatchError(
                     f"graph requires operator '{match['name']}' but no installed plugin provides it "

@@ -24,9 +24,12 @@ from chainrule.core.engine import (
 )
 from chainrule.core.engine import evaluate as evaluate_plan
 from chainrule.core.errors import GraphError, LimitExceeded, SharedMemoryUnavailable, UnknownGraphError
+from chainrule.core.operator import described_inputs
 from chainrule.plugins.manager import Loaded, chainrule_version
 from chainrule.v1 import chainrule_pb2 as pb
-from chainrule.wire.convert import array_to_tensor, graph_from_proto, inputs_from_proto, python_to_attr, tensor_to_array
+from chainrule.wire.convert import (
+    NUMPY_TO_DTYPE, array_to_tensor, graph_from_proto, inputs_from_proto, python_to_attr, tensor_to_array,
+)
 from chainrule.wire.incoming import Incoming
 from chainrule.wire.outgoing import Carrier, Outgoing
 from chainrule.wire.shared_memory import SharedMemoryDir, TensorFile, check_total
@@ -122,9 +125,14 @@ class ChainruleService:
         chainrule.wire.incoming); the response's large tensors travel as ``carrier`` decides
         (the caller's choice of transport; by default all inside the message)."""
         incoming = request if isinstance(request, Incoming) else Incoming(request)
-        gid, plan = self.plan_for(incoming.message)
+        message = incoming.message
+        if message.shared_memory_output and message.response_encoding == pb.TENSOR_ENCODING_VALUES:
+            raise GraphError("response_encoding: TENSOR_ENCODING_VALUES puts every tensor in the response as "
+                             "numbers; it does not go with shared_memory_output (leave one out)",
+                             field="response_encoding")
+        gid, plan = self.plan_for(message)
         evaluation = self.run(plan, incoming, token, capacity=None if carrier is None else carrier.capacity)
-        return self.respond(gid, evaluation, incoming.message, Outgoing(pb.EvaluateResponse(), carrier))
+        return self.respond(gid, evaluation, message, Outgoing(pb.EvaluateResponse(), carrier))
 
     def open_output_file(self, name: str) -> TensorFile:
         """The shared-memory file a same-host client named for its outputs (checked before any work)."""
@@ -158,7 +166,8 @@ class ChainruleService:
         gradients = request.return_grads.mode != pb.Selection.NONE
         def fits(shapes: Shapes, out_slot: int) -> None:  # the engine calls it before the forward pass
             check_response_size(plan, shapes, out_slot, shown, wanted if gradients else (), capacity,
-                                contributions=gradients and request.contributions)
+                                contributions=gradients and request.contributions,
+                                as_values=request.response_encoding == pb.TENSOR_ENCODING_VALUES)
 
         return evaluate_plan(
             plan, inputs, output=request.output or None, seed=seed,
@@ -169,13 +178,16 @@ class ChainruleService:
         )
 
     def respond(self, gid: str, evaluation: Evaluation, request: pb.EvaluateRequest, outgoing: Outgoing) -> Outgoing:
-        """Fill ``outgoing`` with the response; its carrier decides where each tensor travels."""
+        """Fill ``outgoing`` with the response; its carrier decides where each tensor travels, unless
+        the request asked for every tensor as numbers (TENSOR_ENCODING_VALUES)."""
         plan = evaluation.plan
         response = outgoing.message
         response.output = evaluation.output_name
         response.graph_id = gid
+        as_values = request.response_encoding == pb.TENSOR_ENCODING_VALUES
+        outgoing.values = as_values
 
-        outgoing.put_tensor("output_value", evaluation.values[evaluation.output])
+        outgoing.put_tensor("output_value", evaluation.values[evaluation.output], node=evaluation.output_name)
         for k in _selected(plan, request.return_values, "return_values"):
             outgoing.put_map_tensor("values", plan.names[k], evaluation.values[k])
         if evaluation.grads is not None:
@@ -187,7 +199,7 @@ class ChainruleService:
                     response.no_gradient.append(plan.names[k])
         for c in evaluation.contributions:
             response.contributions.add(node=c.node, consumer=c.consumer, input_index=c.input_index,
-                                       gradient=array_to_tensor(c.gradient))
+                                       gradient=array_to_tensor(c.gradient, as_values=as_values))
         if request.diagnostics != pb.DIAGNOSTICS_OFF:
             response.diagnostics.SetInParent()  # present even when all is well: "diagnosed, nothing found"
             write_diagnostics(response.diagnostics, diagnose(evaluation))
@@ -216,9 +228,19 @@ PLAN_BYTES_PER_NODE = 1024
 
 
 def plan_bytes(plan: Plan) -> int:
-    """An estimate of the memory a cached plan keeps: per-node overhead plus its literal tensors."""
-    literals = sum(v.nbytes for attrs in plan.attrs for v in attrs.values() if isinstance(v, np.ndarray))
-    return len(plan) * PLAN_BYTES_PER_NODE + literals
+    """An estimate of the memory a cached plan keeps: per-node overhead plus its literal tensors,
+    the plans of its graph attributes (scan's body) included. Iterative over that nesting."""
+    total, pending = 0, [plan]
+    while pending:
+        current = pending.pop()
+        total += len(current) * PLAN_BYTES_PER_NODE
+        for attrs in current.attrs:
+            for value in attrs.values():
+                if isinstance(value, np.ndarray):
+                    total += value.nbytes
+                elif isinstance(value, Plan):
+                    pending.append(value)
+    return total
 
 
 def _describe(info: pb.OperatorInfo, op: OpDef, check: int) -> None:
@@ -228,6 +250,8 @@ def _describe(info: pb.OperatorInfo, op: OpDef, check: int) -> None:
         schema = info.attrs.add(name=name, type=attr.kind, required=attr.required, doc=attr.doc)
         if not attr.required and attr.default is not None:
             schema.default_value.CopyFrom(python_to_attr(attr.default))
+    for given in described_inputs(op):
+        info.inputs.add(name=given.name, dtypes=[NUMPY_TO_DTYPE[d] for d in given.dtypes], variadic=given.variadic)
 
 
 def _selected(plan: Plan, selection: pb.Selection, field: str) -> Iterable[int]:
@@ -243,23 +267,30 @@ def _selected(plan: Plan, selection: pb.Selection, field: str) -> Iterable[int]:
 
 #: Bytes a response spends on one tensor besides its data: map entry, name, dtype, shape (an upper bound).
 TENSOR_OVERHEAD_BYTES = 64
+#: What TENSOR_ENCODING_VALUES spends per element (a packed double), and besides (the DoubleList's key and length).
+VALUES_ELEMENT_BYTES, VALUES_OVERHEAD_BYTES = 8, 16
 
 
 def check_response_size(plan: Plan, shapes: Shapes, output: int, shown: Iterable[int],
-                        wanted: Iterable[int], capacity: int, *, contributions: bool = False) -> None:
+                        wanted: Iterable[int], capacity: int, *, contributions: bool = False,
+                        as_values: bool = False) -> None:
     """Refuse, before the forward pass, a response that would not fit ``capacity`` bytes.
 
     Sizes come from shape inference (``shapes``): the output's value, each
     selected value and each selected gradient of a float value (gradients of other
     dtypes are never sent), and with ``contributions`` every consumer's share of
     each fanned-out float value. A value whose operator has no infer rule has no size yet
-    and is not counted here (the memory budget still bounds it).
+    and is not counted here (the memory budget still bounds it). With ``as_values`` (the
+    request's TENSOR_ENCODING_VALUES) every element takes a double's 8 bytes, whatever its dtype.
     """
     specs, names = shapes.specs, plan.names
 
     def size(k: int) -> int:
         spec = specs[k]
-        return 0 if spec is None else spec.nbytes + len(names[k]) + TENSOR_OVERHEAD_BYTES
+        if spec is None:
+            return 0
+        data = spec.size * VALUES_ELEMENT_BYTES + VALUES_OVERHEAD_BYTES if as_values else spec.nbytes
+        return data + len(names[k]) + TENSOR_OVERHEAD_BYTES
 
     shown, wanted = list(shown), [k for k in wanted if shapes.differentiable[k]]
     total = size(output) + sum(size(k) for k in shown) + sum(size(k) for k in wanted)

@@ -105,7 +105,7 @@ def _options_of(request: pb.EvaluateRequest) -> pb.EvaluateRequest:
     """The request without its graph and input sets: what each input set is evaluated with."""
     options = pb.EvaluateRequest(output=request.output, unreached=request.unreached,
                                  contributions=request.contributions, diagnostics=request.diagnostics,
-                                 inputs=request.inputs)
+                                 response_encoding=request.response_encoding, inputs=request.inputs)
     for field in ("seed", "return_values", "return_grads"):
         if request.HasField(field):
             getattr(options, field).CopyFrom(getattr(request, field))

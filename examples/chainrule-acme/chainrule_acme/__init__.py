@@ -41,15 +41,16 @@ _C = float(np.sqrt(2 / np.pi))
 _A = 0.044715
 
 
-@ops.operator("acme.gelu", infer=float_like_input)
+@ops.operator("acme.gelu", infer=float_like_input, residuals=True)
 def gelu(x):
     """GELU, tanh approximation: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
-    return 0.5 * x * (1 + np.tanh(_C * (x + _A * x ** 3)))
+    t = np.tanh(_C * (x + _A * x ** 3))
+    return 0.5 * x * (1 + t), t  # t is the residual: the vjp needs it and need not take tanh again
 
 
 @gelu.vjp
-def _(g, out, x):
-    t = np.tanh(_C * (x + _A * x ** 3))
+def _(g, out, x, *, saved):
+    t = saved
     return (g * (0.5 * (1 + t) + 0.5 * x * (1 - t * t) * _C * (1 + 3 * _A * x * x)),)
 
 
@@ -82,4 +83,6 @@ def _(rng):
     return [3 * rng.standard_normal((3, 4)), rng.standard_normal(4)], {"delta": float(rng.uniform(0.5, 2.0))}
 
 
-register_operators = ops.hookimpl()
+from .logcosh import with_jax_operators  # noqa: E402  (acme.logcosh, from JAX, when JAX is installed)
+
+register_operators = with_jax_operators(ops).hookimpl()

@@ -12,6 +12,7 @@ import chainrule_acme
 from chainrule.client import GraphBuilder, InvalidArgument
 from chainrule.server import LocalClient
 from chainrule.plugins.manager import load_plugins
+from chainrule.plugins.jax_bridge import jax_available
 from chainrule.plugins.testing import assert_vjp, check_operator
 
 RNG = np.random.default_rng(7)
@@ -28,9 +29,10 @@ def acme(loaded):
     return {name: loaded.registry[name] for name in ("acme.swish", "acme.gelu", "acme.huber")}
 
 
-def test_the_plugin_registers_three_operators(loaded):
+def test_the_plugin_registers_three_operators_and_logcosh_with_jax(loaded):
     (info,) = [p for p in loaded.plugins if p.name == "acme"]
-    assert info.operators == ["acme.swish", "acme.gelu", "acme.huber"]
+    with_jax = ["acme.logcosh"] if jax_available() else []
+    assert info.operators == ["acme.swish", "acme.gelu", "acme.huber", *with_jax]
     assert loaded.registry["acme.swish"].attrs["beta"].default == 1.0
     assert loaded.registry["acme.huber"].arity == 2
 
@@ -56,7 +58,7 @@ def test_values(acme):
     swish, gelu, huber = acme["acme.swish"], acme["acme.gelu"], acme["acme.huber"]
     x = np.array([-2.0, 0.0, 1.0])
     np.testing.assert_allclose(swish.forward(x, beta=1.0), x / (1 + np.exp(-x)))
-    np.testing.assert_allclose(gelu.forward(np.array([0.0, 1.0])), [0.0, 0.8411919906082768])
+    np.testing.assert_allclose(gelu.apply(np.array([0.0, 1.0]))[0], [0.0, 0.8411919906082768])
     # residuals 0.5 (quadratic: 0.125) and 3 (linear: 1 * (3 - 0.5) = 2.5), averaged
     assert huber.forward(np.array([0.5, 3.0]), np.zeros(2), delta=1.0) == pytest.approx((0.125 + 2.5) / 2)
 
@@ -64,7 +66,7 @@ def test_values(acme):
 def test_float32_stays_float32(acme):
     x = RNG.standard_normal(5).astype(np.float32)
     assert acme["acme.swish"].forward(x, beta=1.0).dtype == np.float32
-    assert acme["acme.gelu"].forward(x).dtype == np.float32
+    assert acme["acme.gelu"].apply(x)[0].dtype == np.float32
 
 
 def test_a_graph_through_the_service(loaded):
@@ -87,3 +89,15 @@ def test_a_non_positive_delta_is_refused_naming_the_node(loaded):
     with LocalClient(loaded) as client, pytest.raises(InvalidArgument, match="loss.*delta must be > 0") as info:
         client.evaluate(loss, x=np.ones(3))
     assert info.value.reason == "BAD_ATTRIBUTE" and info.value.node == "loss"
+
+
+@pytest.mark.skipif(not jax_available(), reason="acme.logcosh needs JAX (pip install 'chainrule-acme[jax]')")
+def test_logcosh_from_jax_values_gradient_and_float32(loaded):
+    op = loaded.registry["acme.logcosh"]
+    x = np.array([-30.0, -1.0, 0.0, 0.5, 30.0])
+    np.testing.assert_allclose(op.forward(x), np.log(np.cosh(x)), rtol=1e-12)
+    (dx,) = op.vjp(np.ones(5), None, x)
+    np.testing.assert_allclose(dx, np.tanh(x), rtol=1e-12)
+    assert op.forward(x.astype(np.float32)).dtype == np.float32
+    reports = check_operator(op)
+    assert reports and all(r.passed for r in reports), "\n".join(map(str, reports))

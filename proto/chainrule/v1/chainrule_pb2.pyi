@@ -1,3 +1,4 @@
+from google.rpc import error_details_pb2 as _error_details_pb2
 from google.rpc import status_pb2 as _status_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
@@ -27,6 +28,11 @@ class DiagnosticsMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     DIAGNOSTICS_FULL: _ClassVar[DiagnosticsMode]
     DIAGNOSTICS_OFF: _ClassVar[DiagnosticsMode]
 
+class TensorEncoding(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TENSOR_ENCODING_DATA: _ClassVar[TensorEncoding]
+    TENSOR_ENCODING_VALUES: _ClassVar[TensorEncoding]
+
 class CheckStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     CHECK_NOT_RUN: _ClassVar[CheckStatus]
@@ -42,6 +48,8 @@ UNREACHED_ZEROS: Unreached
 UNREACHED_OMIT: Unreached
 DIAGNOSTICS_FULL: DiagnosticsMode
 DIAGNOSTICS_OFF: DiagnosticsMode
+TENSOR_ENCODING_DATA: TensorEncoding
+TENSOR_ENCODING_VALUES: TensorEncoding
 CHECK_NOT_RUN: CheckStatus
 CHECK_PASSED: CheckStatus
 CHECK_FAILED: CheckStatus
@@ -89,7 +97,7 @@ class Ints(_message.Message):
     def __init__(self, values: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class AttrValue(_message.Message):
-    __slots__ = ("f", "i", "s", "b", "floats", "ints", "tensor")
+    __slots__ = ("f", "i", "s", "b", "floats", "ints", "tensor", "graph")
     F_FIELD_NUMBER: _ClassVar[int]
     I_FIELD_NUMBER: _ClassVar[int]
     S_FIELD_NUMBER: _ClassVar[int]
@@ -97,6 +105,7 @@ class AttrValue(_message.Message):
     FLOATS_FIELD_NUMBER: _ClassVar[int]
     INTS_FIELD_NUMBER: _ClassVar[int]
     TENSOR_FIELD_NUMBER: _ClassVar[int]
+    GRAPH_FIELD_NUMBER: _ClassVar[int]
     f: float
     i: int
     s: str
@@ -104,10 +113,11 @@ class AttrValue(_message.Message):
     floats: Floats
     ints: Ints
     tensor: Tensor
-    def __init__(self, f: _Optional[float] = ..., i: _Optional[int] = ..., s: _Optional[str] = ..., b: _Optional[bool] = ..., floats: _Optional[_Union[Floats, _Mapping]] = ..., ints: _Optional[_Union[Ints, _Mapping]] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    graph: Graph
+    def __init__(self, f: _Optional[float] = ..., i: _Optional[int] = ..., s: _Optional[str] = ..., b: _Optional[bool] = ..., floats: _Optional[_Union[Floats, _Mapping]] = ..., ints: _Optional[_Union[Ints, _Mapping]] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ..., graph: _Optional[_Union[Graph, _Mapping]] = ...) -> None: ...
 
 class Node(_message.Message):
-    __slots__ = ("name", "op", "inputs", "attrs")
+    __slots__ = ("name", "op", "inputs", "attrs", "outputs")
     class AttrsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -119,11 +129,13 @@ class Node(_message.Message):
     OP_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     ATTRS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     name: str
     op: str
     inputs: _containers.RepeatedScalarFieldContainer[str]
     attrs: _containers.MessageMap[str, AttrValue]
-    def __init__(self, name: _Optional[str] = ..., op: _Optional[str] = ..., inputs: _Optional[_Iterable[str]] = ..., attrs: _Optional[_Mapping[str, AttrValue]] = ...) -> None: ...
+    outputs: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., op: _Optional[str] = ..., inputs: _Optional[_Iterable[str]] = ..., attrs: _Optional[_Mapping[str, AttrValue]] = ..., outputs: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class InputDecl(_message.Message):
     __slots__ = ("name", "dtype", "shape")
@@ -171,7 +183,7 @@ class Selection(_message.Message):
     def __init__(self, mode: _Optional[_Union[Selection.Mode, str]] = ..., names: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class EvaluateRequest(_message.Message):
-    __slots__ = ("graph", "graph_id", "inputs", "output", "seed", "return_values", "return_grads", "unreached", "contributions", "input_sets", "shared_memory_output", "diagnostics")
+    __slots__ = ("graph", "graph_id", "inputs", "output", "seed", "return_values", "return_grads", "unreached", "contributions", "input_sets", "shared_memory_output", "diagnostics", "response_encoding")
     class InputsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -191,6 +203,7 @@ class EvaluateRequest(_message.Message):
     INPUT_SETS_FIELD_NUMBER: _ClassVar[int]
     SHARED_MEMORY_OUTPUT_FIELD_NUMBER: _ClassVar[int]
     DIAGNOSTICS_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_ENCODING_FIELD_NUMBER: _ClassVar[int]
     graph: Graph
     graph_id: str
     inputs: _containers.MessageMap[str, Tensor]
@@ -203,7 +216,8 @@ class EvaluateRequest(_message.Message):
     input_sets: _containers.RepeatedCompositeFieldContainer[Batch]
     shared_memory_output: str
     diagnostics: DiagnosticsMode
-    def __init__(self, graph: _Optional[_Union[Graph, _Mapping]] = ..., graph_id: _Optional[str] = ..., inputs: _Optional[_Mapping[str, Tensor]] = ..., output: _Optional[str] = ..., seed: _Optional[_Union[Tensor, _Mapping]] = ..., return_values: _Optional[_Union[Selection, _Mapping]] = ..., return_grads: _Optional[_Union[Selection, _Mapping]] = ..., unreached: _Optional[_Union[Unreached, str]] = ..., contributions: _Optional[bool] = ..., input_sets: _Optional[_Iterable[_Union[Batch, _Mapping]]] = ..., shared_memory_output: _Optional[str] = ..., diagnostics: _Optional[_Union[DiagnosticsMode, str]] = ...) -> None: ...
+    response_encoding: TensorEncoding
+    def __init__(self, graph: _Optional[_Union[Graph, _Mapping]] = ..., graph_id: _Optional[str] = ..., inputs: _Optional[_Mapping[str, Tensor]] = ..., output: _Optional[str] = ..., seed: _Optional[_Union[Tensor, _Mapping]] = ..., return_values: _Optional[_Union[Selection, _Mapping]] = ..., return_grads: _Optional[_Union[Selection, _Mapping]] = ..., unreached: _Optional[_Union[Unreached, str]] = ..., contributions: _Optional[bool] = ..., input_sets: _Optional[_Iterable[_Union[Batch, _Mapping]]] = ..., shared_memory_output: _Optional[str] = ..., diagnostics: _Optional[_Union[DiagnosticsMode, str]] = ..., response_encoding: _Optional[_Union[TensorEncoding, str]] = ...) -> None: ...
 
 class EvaluateResponse(_message.Message):
     __slots__ = ("output_value", "output", "values", "gradients", "no_gradient", "diagnostics", "graph_id", "contributions")
@@ -322,7 +336,7 @@ class ListOperatorsResponse(_message.Message):
     def __init__(self, operators: _Optional[_Iterable[_Union[OperatorInfo, _Mapping]]] = ...) -> None: ...
 
 class OperatorInfo(_message.Message):
-    __slots__ = ("name", "arity", "attrs", "doc", "plugin", "distribution", "version", "check")
+    __slots__ = ("name", "arity", "attrs", "doc", "plugin", "distribution", "version", "check", "inputs")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ARITY_FIELD_NUMBER: _ClassVar[int]
     ATTRS_FIELD_NUMBER: _ClassVar[int]
@@ -331,6 +345,7 @@ class OperatorInfo(_message.Message):
     DISTRIBUTION_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     CHECK_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
     name: str
     arity: int
     attrs: _containers.RepeatedCompositeFieldContainer[AttrSchema]
@@ -339,7 +354,18 @@ class OperatorInfo(_message.Message):
     distribution: str
     version: str
     check: CheckStatus
-    def __init__(self, name: _Optional[str] = ..., arity: _Optional[int] = ..., attrs: _Optional[_Iterable[_Union[AttrSchema, _Mapping]]] = ..., doc: _Optional[str] = ..., plugin: _Optional[str] = ..., distribution: _Optional[str] = ..., version: _Optional[str] = ..., check: _Optional[_Union[CheckStatus, str]] = ...) -> None: ...
+    inputs: _containers.RepeatedCompositeFieldContainer[InputSchema]
+    def __init__(self, name: _Optional[str] = ..., arity: _Optional[int] = ..., attrs: _Optional[_Iterable[_Union[AttrSchema, _Mapping]]] = ..., doc: _Optional[str] = ..., plugin: _Optional[str] = ..., distribution: _Optional[str] = ..., version: _Optional[str] = ..., check: _Optional[_Union[CheckStatus, str]] = ..., inputs: _Optional[_Iterable[_Union[InputSchema, _Mapping]]] = ...) -> None: ...
+
+class InputSchema(_message.Message):
+    __slots__ = ("name", "dtypes", "variadic")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DTYPES_FIELD_NUMBER: _ClassVar[int]
+    VARIADIC_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    dtypes: _containers.RepeatedScalarFieldContainer[DType]
+    variadic: bool
+    def __init__(self, name: _Optional[str] = ..., dtypes: _Optional[_Iterable[_Union[DType, str]]] = ..., variadic: _Optional[bool] = ...) -> None: ...
 
 class AttrSchema(_message.Message):
     __slots__ = ("name", "type", "default_value", "required", "doc")

@@ -13,6 +13,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from chainrule.core import GraphIR, InputDecl, Node
+from chainrule.core.compile import MAX_GRAPH_NESTING
 from chainrule.core.errors import (
     BadAttributeError, BadTensorError, DTypeError, LimitExceeded, ShapeError, SharedMemoryUnavailable,
 )
@@ -154,10 +155,14 @@ def fill_tensor(tensor: pb.Tensor, array: Any, *, as_values: bool = False) -> pb
     return tensor
 
 
-def attr_to_python(value: pb.AttrValue, *, field: str, max_elements: int | None = None) -> Any:
+def attr_to_python(value: pb.AttrValue, *, field: str, max_elements: int | None = None, depth: int = 0) -> Any:
     kind = value.WhichOneof("value")
     if kind is None:
         raise BadAttributeError(f"{field}: no value set", field=field)
+    if kind == "graph":
+        if depth >= MAX_GRAPH_NESTING:
+            raise BadAttributeError(f"{field}: graphs nest more than {MAX_GRAPH_NESTING} deep", field=field)
+        return graph_from_proto(value.graph, max_elements=max_elements, field=field, depth=depth + 1)
     if kind == "floats":
         return list(value.floats.values)
     if kind == "ints":
@@ -195,6 +200,11 @@ def python_to_attr(value: Any) -> pb.AttrValue:
         return pb.AttrValue(s=value)
     if isinstance(value, np.ndarray):
         return pb.AttrValue(tensor=array_to_tensor(value))
+    if isinstance(value, pb.Graph):
+        return pb.AttrValue(graph=value)
+    message = getattr(value, "message", None)  # a client Graph
+    if isinstance(message, pb.Graph):
+        return pb.AttrValue(graph=message)
     if isinstance(value, (list, tuple)):
         if all(isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_)) for v in value):
             return pb.AttrValue(ints=pb.Ints(values=[_int64(v) for v in value]))
@@ -209,17 +219,20 @@ def python_to_attr(value: Any) -> pb.AttrValue:
     raise TypeError(f"cannot encode attribute value {value!r}")
 
 
-def graph_from_proto(graph: pb.Graph, *, max_elements: int | None = None) -> GraphIR:
-    """The core GraphIR of a Graph message."""
+def graph_from_proto(graph: pb.Graph, *, max_elements: int | None = None, field: str = "graph",
+                     depth: int = 0) -> GraphIR:
+    """The core GraphIR of a Graph message. ``field`` is its path in the request, for messages;
+    ``depth`` counts graph attributes around it (scan's body is 1 deep)."""
     inputs = tuple(
-        InputDecl(d.name, dtype_name(d.dtype, field=f"graph.inputs[{i}].dtype"), tuple(d.shape))
+        InputDecl(d.name, dtype_name(d.dtype, field=f"{field}.inputs[{i}].dtype"), tuple(d.shape))
         for i, d in enumerate(graph.inputs)
     )
     nodes = tuple(
         Node(
             n.name, n.op, tuple(n.inputs),
-            {key: attr_to_python(v, field=f"graph.nodes[{i}].attrs.{key}", max_elements=max_elements)
+            {key: attr_to_python(v, field=f"{field}.nodes[{i}].attrs.{key}", max_elements=max_elements, depth=depth)
              for key, v in n.attrs.items()},
+            tuple(n.outputs),
         )
         for i, n in enumerate(graph.nodes)
     )

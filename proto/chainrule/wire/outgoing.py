@@ -16,6 +16,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from chainrule.core.errors import BadTensorError
+
 from .convert import dtype_code, fill_tensor
 from .incoming import Incoming, RawTensor
 
@@ -223,27 +225,37 @@ class Outgoing:
 
     ``put_tensor``/``put_map_tensor`` place an array in the message, or give it
     to the carrier when the carrier takes it; the sender never branches on the
-    transport.
+    transport. With ``values=True`` (a request's TENSOR_ENCODING_VALUES) every
+    tensor goes inside the message as ``values``, one double per element, and
+    the carrier takes none; an int64 element a double cannot hold exactly is
+    refused (see :func:`check_exact_as_values`).
     """
 
-    __slots__ = ("message", "carrier")
+    __slots__ = ("message", "carrier", "values")
 
-    def __init__(self, message: Any, carrier: Carrier | None = None) -> None:
+    def __init__(self, message: Any, carrier: Carrier | None = None, *, values: bool = False) -> None:
         self.message = message
         self.carrier = carrier if carrier is not None else Carrier()
+        self.values = values
 
     def put_map_tensor(self, field: str, key: str, array: Any) -> None:
         """``message.<field>[key] = array`` for a ``map<string, Tensor>`` field."""
         array = np.asarray(array)
-        if self.carrier.takes(array):
+        if self.values:
+            check_exact_as_values(array, key)
+            fill_tensor(getattr(self.message, field)[key], array, as_values=True)
+        elif self.carrier.takes(array):
             self.carrier.put(self.message, field, key, array)
         else:
             fill_tensor(getattr(self.message, field)[key], array)
 
-    def put_tensor(self, field: str, array: Any) -> None:
-        """``message.<field> = array`` for a singular Tensor field."""
+    def put_tensor(self, field: str, array: Any, *, node: str = "") -> None:
+        """``message.<field> = array`` for a singular Tensor field (``node``: whose value it is, for an error)."""
         array = np.asarray(array)
-        if self.carrier.takes(array):
+        if self.values:
+            check_exact_as_values(array, node)
+            fill_tensor(getattr(self.message, field), array, as_values=True)
+        elif self.carrier.takes(array):
             self.carrier.put(self.message, field, None, array)
         else:
             fill_tensor(getattr(self.message, field), array)
@@ -258,6 +270,24 @@ class Outgoing:
     def parse(self) -> Any:
         """The complete message, every tensor inside it."""
         return self.incoming().complete()
+
+
+#: The largest magnitude up to which a double holds every integer exactly.
+EXACT_DOUBLE_INTEGER = 1 << 53
+
+
+def check_exact_as_values(array: np.ndarray, node: str) -> None:
+    """Refuse an int64 array with an element beyond 2**53 in magnitude: as a double in ``values`` it would
+    arrive rounded. INVALID_ARGUMENT (reason OUT_OF_RANGE) naming the node; the other dtypes always fit."""
+    if array.dtype.kind != "i" or array.dtype.itemsize < 8 or not array.size:
+        return
+    low, high = int(array.min()), int(array.max())
+    worst = high if high > EXACT_DOUBLE_INTEGER else low if low < -EXACT_DOUBLE_INTEGER else None
+    if worst is not None:
+        raise BadTensorError(
+            f"response_encoding: the int64 value of '{node}' holds {worst}, beyond 2**53 in magnitude, which a "
+            f"double in `values` cannot hold exactly; ask for TENSOR_ENCODING_DATA (raw bytes) instead",
+            node=node or None, field="response_encoding", reason="OUT_OF_RANGE")
 
 
 def serialize(message: Any) -> bytes:

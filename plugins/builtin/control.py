@@ -1,0 +1,213 @@
+"""Control flow: ``scan``, one body graph run once per step (``jax.lax.scan``, ONNX ``Scan``).
+
+A scan node's inputs are the initial carries, then the sequences (sliced along
+axis 0, one slice per step), then the constants (the same every step: shared
+weights). Its body is a graph-valued attribute whose inputs are, in that order,
+one carry, one slice and one constant each, and whose outputs are the new
+carries, then the per-step outputs. The node's values are the final carries,
+then the per-step outputs stacked along a new axis 0.
+
+The body is compiled once, with the graph around it; every step runs the same
+plan (no unrolling: a 1,000-step RNN is one body of a handful of nodes). The
+forward pass keeps each step's body values as the node's residuals, charged to
+the memory budget before the first step; the vjp walks the steps backwards,
+seeding the body's outputs with the carries' and outputs' gradients, and sums
+the constants' gradients over the steps (the shared-weight ``+=``). The stop
+token is checked at every step.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from chainrule.core import Attr, ChainruleError, GraphIR, OpDef, OpError, Plan, Registry, TensorSpec, compile_graph
+from chainrule.core.compile import Shapes, nested_error
+from chainrule.core.engine import current_run, run_backward, run_forward
+from chainrule.plugins.authoring import table_hookimpl
+
+
+@dataclass
+class _Steps:
+    """scan's residuals: the body's shapes and, per step, its values (and their own residuals)."""
+
+    shapes: Shapes
+    steps: list[Any]
+
+
+def _parts(inputs: Sequence[Any], num_carries: int, num_sequences: int) -> tuple[list, list, list]:
+    if num_carries < 0 or num_sequences < 0 or num_carries + num_sequences > len(inputs):
+        raise OpError(f"num_carries ({num_carries}) and num_sequences ({num_sequences}) must be >= 0 and "
+                      f"together at most the node's {len(inputs)} inputs", reason="BAD_ATTRIBUTE",
+                      field="attrs.num_carries")
+    split = num_carries + num_sequences
+    return list(inputs[:num_carries]), list(inputs[num_carries:split]), list(inputs[split:])
+
+
+def _length(sequence_shapes: list[tuple[int, ...]], length: int | None) -> int:
+    """The number of steps: the sequences' common first dimension, or ``length``."""
+    firsts = set()
+    for j, shape in enumerate(sequence_shapes):
+        if not shape:
+            raise OpError(f"sequence {j} is a scalar; a sequence is sliced along its axis 0", reason="SHAPE_MISMATCH")
+        firsts.add(shape[0])
+    if len(firsts) > 1:
+        raise OpError(f"the sequences have different lengths {sorted(firsts)} along axis 0", reason="SHAPE_MISMATCH")
+    if length is not None and length < 0:
+        raise OpError(f"length must be >= 0, got {length}", reason="BAD_ATTRIBUTE", field="attrs.length")
+    if firsts and length is not None and length not in firsts:
+        raise OpError(f"length {length} disagrees with the sequences' length {firsts.pop()}",
+                      reason="SHAPE_MISMATCH", field="attrs.length")
+    if not firsts and length is None:
+        raise OpError("with no sequences, say how many steps: the length attribute", reason="BAD_ATTRIBUTE",
+                      field="attrs.length")
+    return firsts.pop() if firsts else int(length)
+
+
+def _step_shapes(specs: Sequence[TensorSpec], body: Plan, num_carries: int, num_sequences: int) -> list[tuple[int, ...]]:
+    """The body's input shapes at each step, checked against the body's declarations."""
+    if len(specs) != body.n_inputs:
+        raise OpError(f"the body declares {body.n_inputs} inputs; the node gives {len(specs)} (carries, sequences, "
+                      f"then constants, one body input each)", reason="BAD_ARITY")
+    if len(body.outputs) < num_carries:
+        raise OpError(f"the body has {len(body.outputs)} outputs, fewer than its {num_carries} carries",
+                      reason="BAD_OUTPUT")
+    carries, sequences, consts = _parts(specs, num_carries, num_sequences)
+    shapes = [tuple(s.shape) for s in carries] + [tuple(s.shape[1:]) for s in sequences] + [tuple(s.shape) for s in consts]
+    for k, (spec, shape) in enumerate(zip(specs, shapes)):
+        name = body.names[k]
+        declared_dtype, declared_shape = body.input_dtypes[k], body.input_shapes[k]
+        if spec.dtype != declared_dtype:
+            raise OpError(f"body input '{name}' is declared {declared_dtype.name}; the node gives {spec.dtype.name}",
+                          reason="DTYPE_MISMATCH")
+        if len(shape) != len(declared_shape) or any(d not in (-1, n) for d, n in zip(declared_shape, shape)):
+            raise OpError(f"body input '{name}' is declared with shape {list(declared_shape)}; "
+                          f"each step gives {list(shape)}", reason="SHAPE_MISMATCH")
+    return shapes
+
+
+def _scan_infer(*specs: TensorSpec, body: Plan, num_carries: int, num_sequences: int = 0,
+                length: int | None = None) -> list[TensorSpec]:
+    step_shapes = _step_shapes(specs, body, num_carries, num_sequences)
+    sequences = _parts(specs, num_carries, num_sequences)[1]
+    steps = _length([s.shape for s in sequences], length)
+    shapes = body.specialize(step_shapes)
+    found = [shapes.specs[s] for s in body.outputs]
+    for i, spec in enumerate(found):
+        if spec is None:
+            raise OpError(f"body output '{body.names[body.outputs[i]]}' has no inferred shape (an operator without "
+                          f"an infer rule); scan needs every body operator to have one", reason="SHAPE_MISMATCH")
+    for i in range(num_carries):
+        if tuple(found[i]) != (tuple(specs[i].shape), specs[i].dtype):
+            raise OpError(f"body output '{body.names[body.outputs[i]]}' (new carry {i}) is {found[i]}, but the carry "
+                          f"is {TensorSpec(tuple(specs[i].shape), specs[i].dtype)}; a carry keeps its shape and dtype",
+                          reason="SHAPE_MISMATCH")
+    return found[:num_carries] + [TensorSpec((steps, *spec.shape), spec.dtype) for spec in found[num_carries:]]
+
+
+def _scan(*inputs: Any, body: Plan, num_carries: int, num_sequences: int = 0,
+          length: int | None = None) -> tuple[tuple[Any, ...], _Steps]:
+    run = current_run()
+    carries, sequences, consts = _parts(inputs, num_carries, num_sequences)
+    steps = _length([np.shape(s) for s in sequences], length)
+    shapes = body.specialize([np.shape(c) for c in carries] + [np.shape(s)[1:] for s in sequences]
+                             + [np.shape(c) for c in consts])
+    keep = run.keep_residuals  # False when no backward pass follows: nothing is kept per step
+    if keep:  # what the backward pass keeps: every step's body values; and one step's gradients at a time
+        run.charge(steps * shapes.value_bytes + shapes.grad_bytes, what="values, gradients and scan's per-step values")
+    outputs = body.outputs[num_carries:]
+    stacked = [np.empty((steps, *shapes.specs[s].shape), shapes.specs[s].dtype) for s in outputs]
+    kept: list[Any] = [None] * steps
+    arrays = carries + [None] * len(sequences) + consts
+    for t in range(steps):
+        run.check()
+        for j, sequence in enumerate(sequences):
+            arrays[num_carries + j] = sequence[t]
+        try:
+            values, saved = run_forward(body, shapes, arrays, run)
+        except ChainruleError as exc:
+            raise nested_error(exc, None, None, f"step {t}: ") from None
+        if keep:
+            kept[t] = (values, saved)
+        for i in range(num_carries):
+            arrays[i] = values[body.outputs[i]]
+        for out, s in zip(stacked, outputs):
+            out[t] = values[s]
+    return (*arrays[:num_carries], *stacked), _Steps(shapes, kept)
+
+
+def _scan_vjp(grads: tuple[Any, ...], outs: tuple[Any, ...], *inputs: Any, body: Plan, num_carries: int,
+              num_sequences: int = 0, length: int | None = None, saved: _Steps) -> tuple[Any, ...]:
+    """Walk the steps backwards: seed the body's outputs with the carries' gradients (from the
+    step after) and this step's slice of the outputs' gradients; the body's input gradients give
+    the carries' gradients for the step before, a slice of each sequence's, and a term of each
+    constant's sum."""
+    run = current_run()
+    carries, sequences, consts = _parts(inputs, num_carries, num_sequences)
+    shapes, kept = saved.shapes, saved.steps
+    carry_grads = list(grads[:num_carries])
+    output_grads = grads[num_carries:]
+    sequence_grads: list[Any] = [None] * len(sequences)
+    const_grads: list[Any] = [None] * len(consts)
+    first_const = num_carries + len(sequences)
+    slots = body.outputs
+    for t in range(len(kept) - 1, -1, -1):
+        run.check()
+        seeds = [(slots[i], g) for i, g in enumerate(carry_grads) if g is not None]
+        seeds += [(slots[num_carries + j], g[t]) for j, g in enumerate(output_grads) if g is not None]
+        if not seeds:
+            kept[t] = None
+            continue
+        values, inner = kept[t]
+        kept[t] = None  # this step's values are not needed again
+        try:
+            found = run_backward(body, shapes, shapes.grad_edges, values, inner, seeds, run)
+        except ChainruleError as exc:
+            raise nested_error(exc, None, None, f"step {t}: ") from None
+        carry_grads = found[:num_carries]
+        for j, sequence in enumerate(sequences):
+            g = found[num_carries + j]
+            if g is not None:
+                if sequence_grads[j] is None:
+                    sequence_grads[j] = np.zeros(np.shape(sequence), shapes.specs[num_carries + j].dtype)
+                sequence_grads[j][t] = g
+        for c in range(len(consts)):
+            g = found[first_const + c]
+            if g is None:
+                continue
+            if const_grads[c] is None:
+                const_grads[c] = np.array(g, copy=True)
+            else:
+                np.add(const_grads[c], g, out=const_grads[c])
+    return (*carry_grads, *sequence_grads, *const_grads)
+
+
+def _scan_sample(rng: np.random.Generator) -> tuple[list[np.ndarray], dict[str, Any]]:
+    """A body of wiring only (it needs no other operator, so no registry): the new carry is the
+    slice, the per-step outputs the previous carry and the constant. What the gradient checker
+    sees is scan's own work: slicing, carrying, stacking, and summing the constant over steps.
+    Bodies of real operators are checked against unrolled graphs in tests/test_scan.py."""
+    steps, size = int(rng.integers(1, 4)), int(rng.integers(1, 3))
+    body = GraphIR.build([("h", "float64", (size,)), ("x", "float64", (size,)), ("c", "float64", (size,))], [],
+                         ["x", "h", "c"])
+    inputs = [rng.standard_normal(size), rng.standard_normal((steps, size)), rng.standard_normal(size)]
+    return inputs, {"body": compile_graph(body, Registry()), "num_carries": 1, "num_sequences": 1}
+
+
+def _scan_outputs(attrs: dict[str, Any]) -> int:
+    return len(attrs["body"].outputs)
+
+
+OPERATORS: list[OpDef] = [
+    OpDef("scan", -1, _scan, _scan_vjp, _scan_infer,
+          attrs={"body": Attr("graph", doc="the step: inputs (carries, slices, constants) -> outputs (new carries, "
+                                           "per-step outputs)"),
+                 "num_carries": Attr("int", doc="how many of the node's first inputs are carries"),
+                 "num_sequences": Attr("int", 0, "how many inputs after the carries are sequences (sliced on axis 0)"),
+                 "length": Attr("int", None, "the number of steps, when there are no sequences")},
+          doc="Run a body graph once per step (jax.lax.scan): final carries, then per-step outputs stacked on axis 0.",
+          n_outputs=_scan_outputs, residuals=True, sample=_scan_sample),
+]
+
+register_operators = table_hookimpl(OPERATORS)
