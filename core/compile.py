@@ -170,6 +170,35 @@ class Plan(CompiledGraph):
         except KeyError:
             raise OutputError(f"{field}: no node or input named '{name}'", node=name, field=field) from None
 
+    def inner(self, name: str, *, field: str) -> tuple[int, "Plan", int]:
+        """Where ``node/value`` lies: a value inside the graph attribute of node ``node`` (scan's
+        body), named by the node's name, '/' and the value's name. Gives (the node's head slot, the
+        attribute's plan, the value's slot there); OutputError naming ``name`` when there is none.
+        One level: a body's own bodies are not reached."""
+        node, sep, rest = name.partition("/")
+        head = next((k for k, n in enumerate(self.node_names) if n == node and self.n_out[k] and sep), None)
+        bodies = [] if head is None else [v for v in self.attrs[head].values() if isinstance(v, Plan)]
+        if not bodies:
+            raise OutputError(f"{field}: no node or input named '{name}' (nor a node with a graph attribute "
+                              f"named '{node}')" if sep else f"{field}: no node or input named '{name}'",
+                              node=name, field=field)
+        body = bodies[0]
+        if rest not in body.index:
+            raise OutputError(f"{field}: '{name}': node '{node}''s graph has no node or input named '{rest}'",
+                              node=name, field=field)
+        return head, body, body.index[rest]
+
+    def inner_spec(self, name: str, shapes: Shapes, *, field: str) -> tuple[int, TensorSpec | None]:
+        """(times, spec) of ``node/value`` for these shapes: the value's spec inside the graph
+        attribute and how many times the node runs it (so asking for it returns times x spec);
+        (0, None) when the operator cannot say before running."""
+        head, body, slot = self.inner(name, field=field)
+        op, specs = self.ops[head], [shapes.specs[j] for j in self.in_slots[head]]
+        if op is None or op.inner_shapes is None or any(s is None for s in specs):
+            return 0, None
+        times, inner = op.inner_shapes(*specs, **self.attrs[head])
+        return times, inner.specs[slot]
+
     def specialize(self, input_shapes: Sequence[tuple[int, ...]]) -> Shapes:
         """Infer every value's spec for these input shapes and check the limits (cached)."""
         key = tuple(tuple(s) for s in input_shapes)

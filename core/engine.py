@@ -77,6 +77,10 @@ class Evaluation:
     output: int
     differentiable: list[bool]
     contributions: list[ContributionRecord] = field(default_factory=list)
+    #: Values and gradients inside graph attributes that ``evaluate(inner=...)`` asked for, by their
+    #: ``node/value`` name: one per step of the node, stacked along a new axis 0 (scan's body).
+    inner_values: dict[str, Any] = field(default_factory=dict)
+    inner_grads: dict[str, Any] = field(default_factory=dict)
 
     @property
     def output_name(self) -> str:
@@ -109,6 +113,7 @@ def evaluate(
     wrt: Iterable[str] | None = None,
     token: StopToken | None = None,
     before_work: Callable[[Shapes, int], None] | None = None,
+    inner: Iterable[str] = (),
 ) -> Evaluation:
     """Run forward, then (unless ``gradients=False``) backward from ``output``.
 
@@ -120,6 +125,9 @@ def evaluate(
     and other nodes get none. ``before_work(shapes, output_slot)`` runs once the
     inputs are checked and every shape is inferred, before anything is computed:
     a caller refuses a run there (the service: a response too large to send).
+    ``inner`` names values inside graph attributes (``"rnn/h"``: the value ``h`` of scan ``rnn``'s
+    body): their values at every step, and their gradients, come stacked in
+    ``Evaluation.inner_values`` / ``inner_grads``.
     """
     if unreached not in (UNREACHED_ZEROS, UNREACHED_OMIT):
         raise GraphError(f"unreached: expected 'zeros' or 'omit', got {unreached!r}", field="unreached")
@@ -132,9 +140,15 @@ def evaluate(
         before_work(shapes, out_slot)
     record: list[ContributionRecord] | None = [] if contributions else None
     wanted = None if wrt is None else frozenset(plan.slot(name, field="wrt") for name in wrt)
+    watch: dict[int, dict[int, str]] = {}
+    for name in inner:
+        head, body, slot = plan.inner(name, field="inner")
+        watch.setdefault(id(body), {})[slot] = name
+        if wanted is not None:  # the node's vjp must run for its graph's gradients: want its inputs'
+            wanted = wanted | frozenset(j for j in plan.in_slots[head] if shapes.differentiable[j])
     with np.errstate(all="ignore"):  # non-finite values are reported by diagnostics, not warnings
         floats = None
-        if plan.float_forwards is not None and shapes.float_scalars:
+        if plan.float_forwards is not None and shapes.float_scalars and not watch:
             floats = _run_on_floats(plan, shapes, arrays, out_slot, seed, gradients, wanted, record, token)
         if floats is not None:
             values, grads = floats
@@ -144,12 +158,13 @@ def evaluate(
             if record:
                 record.clear()  # a run on floats that gave up part-way
             run = RunContext(token, plan.limits, shapes.value_bytes + (shapes.grad_bytes if gradients else 0),
-                             keep_residuals=gradients)
+                             keep_residuals=gradients, watch=watch)
             values, saved = run_forward(plan, shapes, arrays, run)
             if not shapes.complete:
                 shapes = completed(plan, values)
             if not gradients:
-                return Evaluation(plan, values, None, out_slot, shapes.differentiable)
+                return Evaluation(plan, values, None, out_slot, shapes.differentiable,
+                                  inner_values=run.inner_values)
             seed_array = _seed(plan, shapes, out_slot, seed)
             edges = shapes.grad_edges if wanted is None else shapes.edges_toward(wanted, plan.in_slots)
             grads = run_backward(plan, shapes, edges, values, saved, [(out_slot, seed_array)], run, record)
@@ -159,6 +174,9 @@ def evaluate(
             if differentiable[k] and grads[k] is None:
                 spec = shapes.specs[k]
                 grads[k] = np.zeros(spec.shape, spec.dtype)  # type: ignore[union-attr]
+    if watch:
+        return Evaluation(plan, values, grads, out_slot, shapes.differentiable, record or [],
+                          run.inner_values, run.inner_grads)
     return Evaluation(plan, values, grads, out_slot, shapes.differentiable, record or [])
 
 
@@ -205,14 +223,20 @@ class RunContext:
     the stop token and the memory budget, charged as residuals and values without an infer
     rule appear, so a nested run cannot exceed what the whole call may hold."""
 
-    __slots__ = ("token", "limits", "charged", "keep_residuals")
+    __slots__ = ("token", "limits", "charged", "keep_residuals", "watch", "inner_values", "inner_grads")
 
-    def __init__(self, token: StopToken | None, limits: Any, planned: int, keep_residuals: bool = True) -> None:
+    def __init__(self, token: StopToken | None, limits: Any, planned: int, keep_residuals: bool = True,
+                 watch: dict[int, dict[int, str]] | None = None) -> None:
         self.token = token
         self.limits = limits
         self.charged = planned  # bytes: the plan's values (and gradients), known before the run
         #: False when no backward pass follows: residuals are dropped as they come (and not charged).
         self.keep_residuals = keep_residuals
+        #: Values inside graph attributes to collect: id(the attribute's plan) -> {slot: "node/value"}.
+        self.watch = watch or {}
+        #: What was collected, by "node/value": stacked over the node's steps.
+        self.inner_values: dict[str, Any] = {}
+        self.inner_grads: dict[str, Any] = {}
 
     def charge(self, nbytes: int, node: str | None = None, op: str | None = None, what: str = "values and gradients") -> None:
         """Count ``nbytes`` more against the memory budget, or raise LimitExceeded naming the node."""

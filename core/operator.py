@@ -107,6 +107,10 @@ class OpDef:
     #: it). The engine keeps ``saved`` until the node's vjp has run, counted in the memory
     #: budget, and drops it at once when no backward pass follows.
     residuals: bool = False
+    #: For an operator with a graph attribute that it runs several times (scan): ``inner_shapes(*specs,
+    #: **attrs) -> (times, shapes)``, how many times it runs the graph and the graph's Shapes, so that
+    #: values inside it asked for by name (``node/value``) are sized before any work.
+    inner_shapes: Callable[..., tuple[int, Any]] | None = None
     #: The inputs' names, in order (one name standing for all the inputs of a variadic
     #: operator), as ListOperators shows them. None: the forward rule's positional
     #: parameters (``def forward(logits, labels)``: "logits", "labels"; ``*xs``: "xs").

@@ -106,17 +106,20 @@ class InProcessTransport(Transport):
         seed = None if call.seed is None else np.asarray(call.seed)
         value_slots = _slots(plan, call.values, "return_values")  # unknown names fail before any work
         grad_slots = _slots(plan, call.grads, "return_grads")
+        inner_values, inner_grads = _inner(plan, call.values), _inner(plan, call.grads)  # "rnn/h": scan's body
         token = None if call.timeout is None else StopToken.after(call.timeout, what="the timeout")
         evaluation = evaluate_plan(
             plan, arrays, output=call.output or None, seed=seed, gradients=call.grads != "none",
-            wrt=None if isinstance(call.grads, str) else call.grads, unreached=call.unreached,
-            contributions=call.contributions, token=token,
+            wrt=None if isinstance(call.grads, str) else [name for name in call.grads if name not in inner_grads],
+            unreached=call.unreached, contributions=call.contributions, token=token,
+            inner=list(dict.fromkeys([*inner_values, *inner_grads])),
         )
         if seed is not None and isinstance(call.seed, np.ndarray):
             given.append(call.seed)
         detach = _Detacher(given)
         names, computed = plan.names, evaluation.values
         values = {names[k]: detach(computed[k]) for k in value_slots}
+        values.update((name, evaluation.inner_values[name]) for name in inner_values)
         grads: dict[str, Any] = {}
         no_gradient: list[str] = []
         if evaluation.grads is not None:
@@ -130,6 +133,7 @@ class InProcessTransport(Transport):
                         grads[names[k]] = found[k]
                     elif not evaluation.differentiable[k]:
                         no_gradient.append(names[k])
+            grads.update((name, evaluation.inner_grads[name]) for name in inner_grads if name in evaluation.inner_grads)
             if given:
                 grads = {name: detach(g) for name, g in grads.items()}
         contributions = [Contribution(c.node, c.consumer, c.input_index, detach(np.asarray(c.gradient)))
@@ -239,7 +243,15 @@ def _slots(plan: Plan, chosen: Selected, field: str) -> Iterable[int]:
         return ()
     if chosen == "all":
         return range(len(plan.names))
-    return [plan.slot(name, field=f"{field}.names") for name in chosen]  # (each name once already)
+    # (each name once already; names of values inside a graph attribute, "rnn/h", are _inner's)
+    return [plan.slot(name, field=f"{field}.names") for name in chosen if name in plan.index or "/" not in name]
+
+
+def _inner(plan: Plan, chosen: Selected) -> list[str]:
+    """Chosen names of values inside graph attributes (``node/value``: scan's body)."""
+    if isinstance(chosen, str):
+        return []
+    return [name for name in chosen if name not in plan.index and "/" in name]
 
 
 def _diagnostics(evaluation: Evaluation) -> pb.Diagnostics:

@@ -16,6 +16,7 @@ from chainrule.core import GraphIR, InputDecl, Limits, Node, StopToken, compile_
 from chainrule.core.errors import BadAttributeError, LimitExceeded, OutputError, UnknownNodeError
 from chainrule.plugins.manager import load_registry
 from chainrule.server import LocalClient
+from chainrule.wire.convert import graph_from_proto
 
 B, H, D, T = 3, 4, 2, 7
 REGISTRY = load_registry(entry_points=False)
@@ -262,3 +263,47 @@ def test_the_stop_token_is_checked_at_every_step():
         evaluate(plan, {"h0": np.zeros(2), "xs": np.zeros((50, 2))}, token=token)
     assert caught.value.reason == "CANCELLED"
     assert len(calls) <= 5  # stopped within a step of being told, not after 50
+
+
+def test_the_bodys_values_and_gradients_per_step_when_asked():
+    """rnn/h: the body's h at every step, stacked; its gradient at every step equals the unrolled
+    graph's gradient of that step's h."""
+    feed = _feed(5)
+    plan = compile_graph(graph_from_proto(scan_rnn().graph.message), REGISTRY)
+    body = plan.attrs[plan.index["rnn.0"]]["body"]
+    tanh = next(body.names[k] for k in range(len(body)) if body.ops[k] is not None and body.ops[k].name == "tanh")
+    asked = f"rnn/{tanh}"
+    scanned = evaluate(plan, feed, inner=[asked])
+    unrolled = LocalClient().evaluate(unrolled_rnn(), feed, values="all")
+    tanhs = sorted((name for name in unrolled.values if name.startswith("tanh")), key=lambda n: int(n.rsplit("_", 1)[1]))
+    assert scanned.inner_values[asked].shape == (T, B, H) and len(tanhs) == T
+    for t, name in enumerate(tanhs):
+        np.testing.assert_allclose(scanned.inner_values[asked][t], unrolled.values[name], rtol=1e-14)
+        np.testing.assert_allclose(scanned.inner_grads[asked][t], unrolled.grad[name], rtol=1e-12, atol=1e-13)
+
+
+def test_an_unknown_body_value_is_refused_naming_it():
+    plan = compile_graph(_outer(_body()), REGISTRY)
+    with pytest.raises(OutputError, match="'loop/nope': node 'loop''s graph has no node or input named 'nope'"):
+        evaluate(plan, {"h0": np.zeros(2), "xs": np.zeros((4, 2))}, inner=["loop/nope"])
+    result = evaluate(plan, {"h0": np.zeros(2), "xs": np.ones((4, 2))}, inner=["loop/s"], wrt=["h0"])
+    assert result.inner_values["loop/s"].shape == (4, 2) and result.inner_grads["loop/s"].shape == (4, 2)
+
+
+@pytest.mark.parametrize("where", ["local", "grpc"])
+def test_a_client_asks_for_the_body_values_by_node_slash_name(local, client, where):
+    caller = local if where == "local" else client
+    g = GraphBuilder()
+    h0, xs = g.input("h0", (2,)), g.input("xs", (4, 2))
+    final, _ = ops.scan(lambda h, x: ((h + x).tanh(name="h"), None), h0, xs, name="rnn")
+    loss = ops.sum(final).named("f")
+    feed = {"h0": np.array([0.1, -0.2]), "xs": np.arange(8.0).reshape(4, 2) / 10}
+    result = caller.evaluate(loss, feed, values=["rnn/h"], grads=["rnn/h", "h0"])
+    h = feed["h0"]
+    for t in range(4):
+        h = np.tanh(h + feed["xs"][t])
+        np.testing.assert_allclose(result.values["rnn/h"][t], h, rtol=1e-15)
+    assert result.grad["rnn/h"].shape == (4, 2)
+    np.testing.assert_allclose(result.grad["rnn/h"][-1], [1.0, 1.0])  # d sum(h_T) / d h_T
+    with pytest.raises(Exception, match="graph has no node or input named 'nope'"):
+        caller.evaluate(loss, feed, values=["rnn/nope"])

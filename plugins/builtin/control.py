@@ -106,6 +106,14 @@ def _scan_infer(*specs: TensorSpec, body: Plan, num_carries: int, num_sequences:
     return found[:num_carries] + [TensorSpec((steps, *spec.shape), spec.dtype) for spec in found[num_carries:]]
 
 
+def _scan_inner_shapes(*specs: TensorSpec, body: Plan, num_carries: int, num_sequences: int = 0,
+                       length: int | None = None) -> tuple[int, Shapes]:
+    """How many steps, and the body's shapes at each: what a value of the body asked for by name takes."""
+    sequences = _parts(specs, num_carries, num_sequences)[1]
+    return _length([s.shape for s in sequences], length), body.specialize(
+        _step_shapes(specs, body, num_carries, num_sequences))
+
+
 def _scan(*inputs: Any, body: Plan, num_carries: int, num_sequences: int = 0,
           length: int | None = None) -> tuple[tuple[Any, ...], _Steps]:
     run = current_run()
@@ -118,6 +126,7 @@ def _scan(*inputs: Any, body: Plan, num_carries: int, num_sequences: int = 0,
         run.charge(steps * shapes.value_bytes + shapes.grad_bytes, what="values, gradients and scan's per-step values")
     outputs = body.outputs[num_carries:]
     stacked = [np.empty((steps, *shapes.specs[s].shape), shapes.specs[s].dtype) for s in outputs]
+    watched = _watched(run, body, shapes, steps, run.inner_values, "values of scan's body asked for")
     kept: list[Any] = [None] * steps
     arrays = carries + [None] * len(sequences) + consts
     for t in range(steps):
@@ -134,7 +143,25 @@ def _scan(*inputs: Any, body: Plan, num_carries: int, num_sequences: int = 0,
             arrays[i] = values[body.outputs[i]]
         for out, s in zip(stacked, outputs):
             out[t] = values[s]
+        for s, out in watched:
+            out[t] = values[s]
     return (*arrays[:num_carries], *stacked), _Steps(shapes, kept)
+
+
+def _watched(run: Any, body: Plan, shapes: Shapes, steps: int, into: dict[str, Any], what: str, *,
+             zeros: bool = False) -> list[tuple[int, np.ndarray]]:
+    """(slot, stacked array) for each body value the evaluation asked for (``evaluate(inner=)``),
+    the arrays charged to the memory budget and put in ``into`` by their ``node/value`` names."""
+    asked = run.watch.get(id(body)) if run.watch else None
+    if not asked:
+        return []
+    found = []
+    for slot, name in asked.items():
+        spec = shapes.specs[slot]
+        run.charge(steps * spec.nbytes, what=what)
+        into[name] = (np.zeros if zeros else np.empty)((steps, *spec.shape), spec.dtype)
+        found.append((slot, into[name]))
+    return found
 
 
 def _scan_vjp(grads: tuple[Any, ...], outs: tuple[Any, ...], *inputs: Any, body: Plan, num_carries: int,
@@ -152,6 +179,9 @@ def _scan_vjp(grads: tuple[Any, ...], outs: tuple[Any, ...], *inputs: Any, body:
     const_grads: list[Any] = [None] * len(consts)
     first_const = num_carries + len(sequences)
     slots = body.outputs
+    watched = [(s, out) for s, out in _watched(run, body, shapes, len(kept), run.inner_grads,
+                                               "gradients of scan's body asked for", zeros=True)
+               if shapes.differentiable[s]]
     for t in range(len(kept) - 1, -1, -1):
         run.check()
         seeds = [(slots[i], g) for i, g in enumerate(carry_grads) if g is not None]
@@ -165,6 +195,9 @@ def _scan_vjp(grads: tuple[Any, ...], outs: tuple[Any, ...], *inputs: Any, body:
             found = run_backward(body, shapes, shapes.grad_edges, values, inner, seeds, run)
         except ChainruleError as exc:
             raise nested_error(exc, None, None, f"step {t}: ") from None
+        for s, out in watched:
+            if found[s] is not None:
+                out[t] = found[s]
         carry_grads = found[:num_carries]
         for j, sequence in enumerate(sequences):
             g = found[num_carries + j]
@@ -207,7 +240,7 @@ OPERATORS: list[OpDef] = [
                  "num_sequences": Attr("int", 0, "how many inputs after the carries are sequences (sliced on axis 0)"),
                  "length": Attr("int", None, "the number of steps, when there are no sequences")},
           doc="Run a body graph once per step (jax.lax.scan): final carries, then per-step outputs stacked on axis 0.",
-          n_outputs=_scan_outputs, residuals=True, sample=_scan_sample),
+          n_outputs=_scan_outputs, residuals=True, sample=_scan_sample, inner_shapes=_scan_inner_shapes),
 ]
 
 register_operators = table_hookimpl(OPERATORS)

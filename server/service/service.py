@@ -162,12 +162,15 @@ class ChainruleService:
         unreached = UNREACHED_OMIT if request.unreached == pb.UNREACHED_OMIT else UNREACHED_ZEROS
         shown = _selected(plan, request.return_values, "return_values")  # unknown names fail before any work
         wanted = _selected(plan, request.return_grads, "return_grads")
+        inner_shown = _inner(plan, request.return_values, "return_values")  # "node/value": inside scan's body
+        inner_wanted = _inner(plan, request.return_grads, "return_grads")
         listed = request.return_grads.mode == pb.Selection.LISTED
         gradients = request.return_grads.mode != pb.Selection.NONE
         def fits(shapes: Shapes, out_slot: int) -> None:  # the engine calls it before the forward pass
             check_response_size(plan, shapes, out_slot, shown, wanted if gradients else (), capacity,
                                 contributions=gradients and request.contributions,
-                                as_values=request.response_encoding == pb.TENSOR_ENCODING_VALUES)
+                                as_values=request.response_encoding == pb.TENSOR_ENCODING_VALUES,
+                                inner=[*inner_shown, *(inner_wanted if gradients else ())])
 
         return evaluate_plan(
             plan, inputs, output=request.output or None, seed=seed,
@@ -175,6 +178,7 @@ class ChainruleService:
             # Gradients nobody asked for are not computed (dL/dX of a data batch, say).
             wrt=[plan.names[k] for k in wanted] if listed else None,
             unreached=unreached, contributions=request.contributions, token=token,
+            inner=list(dict.fromkeys([*inner_shown, *inner_wanted])),
         )
 
     def respond(self, gid: str, evaluation: Evaluation, request: pb.EvaluateRequest, outgoing: Outgoing) -> Outgoing:
@@ -190,6 +194,8 @@ class ChainruleService:
         outgoing.put_tensor("output_value", evaluation.values[evaluation.output], node=evaluation.output_name)
         for k in _selected(plan, request.return_values, "return_values"):
             outgoing.put_map_tensor("values", plan.names[k], evaluation.values[k])
+        for name in _inner(plan, request.return_values, "return_values"):
+            outgoing.put_map_tensor("values", name, evaluation.inner_values[name])
         if evaluation.grads is not None:
             for k in _selected(plan, request.return_grads, "return_grads"):
                 g = evaluation.grads[k]
@@ -197,6 +203,11 @@ class ChainruleService:
                     outgoing.put_map_tensor("gradients", plan.names[k], g)
                 elif not evaluation.differentiable[k]:
                     response.no_gradient.append(plan.names[k])
+            for name in _inner(plan, request.return_grads, "return_grads"):
+                if name in evaluation.inner_grads:
+                    outgoing.put_map_tensor("gradients", name, evaluation.inner_grads[name])
+                else:
+                    response.no_gradient.append(name)
         for c in evaluation.contributions:
             response.contributions.add(node=c.node, consumer=c.consumer, input_index=c.input_index,
                                        gradient=array_to_tensor(c.gradient, as_values=as_values))
@@ -258,11 +269,23 @@ def _selected(plan: Plan, selection: pb.Selection, field: str) -> Iterable[int]:
     if selection.mode == pb.Selection.NONE:
         return ()
     if selection.mode == pb.Selection.LISTED:
-        # a name given twice is answered once (and counted once by the response's size)
-        return list(dict.fromkeys(plan.slot(name, field=f"{field}.names") for name in selection.names))
+        # a name given twice is answered once (and counted once by the response's size); names of
+        # values inside a graph attribute ("rnn/h") are _inner's
+        return list(dict.fromkeys(plan.slot(name, field=f"{field}.names") for name in selection.names
+                                  if name in plan.index or "/" not in name))
     if selection.names:
         raise GraphError(f"{field}: names are given but mode is not LISTED", field=f"{field}.mode")
     return range(len(plan.names))
+
+
+def _inner(plan: Plan, selection: pb.Selection, field: str) -> list[str]:
+    """The LISTED names of values inside graph attributes (``node/value``: scan's body), each checked."""
+    if selection.mode != pb.Selection.LISTED:
+        return []
+    found = [name for name in dict.fromkeys(selection.names) if name not in plan.index and "/" in name]
+    for name in found:
+        plan.inner(name, field=f"{field}.names")  # an unknown one fails before any work
+    return found
 
 
 #: Bytes a response spends on one tensor besides its data: map entry, name, dtype, shape (an upper bound).
@@ -273,7 +296,7 @@ VALUES_ELEMENT_BYTES, VALUES_OVERHEAD_BYTES = 8, 16
 
 def check_response_size(plan: Plan, shapes: Shapes, output: int, shown: Iterable[int],
                         wanted: Iterable[int], capacity: int, *, contributions: bool = False,
-                        as_values: bool = False) -> None:
+                        as_values: bool = False, inner: Iterable[str] = ()) -> None:
     """Refuse, before the forward pass, a response that would not fit ``capacity`` bytes.
 
     Sizes come from shape inference (``shapes``): the output's value, each
@@ -282,6 +305,7 @@ def check_response_size(plan: Plan, shapes: Shapes, output: int, shown: Iterable
     each fanned-out float value. A value whose operator has no infer rule has no size yet
     and is not counted here (the memory budget still bounds it). With ``as_values`` (the
     request's TENSOR_ENCODING_VALUES) every element takes a double's 8 bytes, whatever its dtype.
+    ``inner`` names values inside a graph attribute (``rnn/h``), each counted once per step.
     """
     specs, names = shapes.specs, plan.names
 
@@ -294,6 +318,12 @@ def check_response_size(plan: Plan, shapes: Shapes, output: int, shown: Iterable
 
     shown, wanted = list(shown), [k for k in wanted if shapes.differentiable[k]]
     total = size(output) + sum(size(k) for k in shown) + sum(size(k) for k in wanted)
+    for name in inner:  # values inside scan's body: one per step, stacked
+        times, spec = plan.inner_spec(name, shapes, field="return_values")
+        if spec is not None:
+            elements = times * spec.size
+            data = elements * VALUES_ELEMENT_BYTES + VALUES_OVERHEAD_BYTES if as_values else elements * spec.dtype.itemsize
+            total += data + len(name) + TENSOR_OVERHEAD_BYTES
     if contributions:
         total += sum(size(k) * n for k, n in enumerate(plan.consumers) if n > 1 and shapes.differentiable[k])
     if total > capacity:
