@@ -101,3 +101,30 @@ def test_compute_time_is_capped_without_a_client_deadline():
                 client.evaluate(graph, x=1.0, values="none", grads="none")
             assert info.value.reason == "DEADLINE_EXCEEDED"  # the server's answer, with details: not the client's deadline
             assert client.evaluate(ops.sum(GraphBuilder().input("x")), x=2.0).value == 2.0  # and it serves on
+
+
+def test_matmuls_gradient_of_a_broadcast_input_needs_no_broadcast_sized_temporary():
+    """Issue 14's 167-byte graph: matmul of two broadcast views. The vjp of the input that was broadcast
+    sums over the broadcast axes inside the product (einsum through BLAS), so the (N, N, N) temporary
+    it once built never exists: at N = 200 that was 64 MB; traced numpy allocations now stay small."""
+    import tracemalloc
+
+    import numpy as np
+
+    from chainrule.core import GraphIR, compile_graph, evaluate
+    from chainrule.plugins.manager import load_registry
+
+    n = 200
+    graph = GraphIR.build(
+        [("x", "float64", (1,))],
+        [("a", "broadcast_to", ("x",), {"shape": [n, 1, n]}), ("b", "broadcast_to", ("x",), {"shape": [1, n, n]}),
+         ("m", "matmul", ("a", "b")), ("s", "sum", ("m",))], "s")
+    plan = compile_graph(graph, load_registry(entry_points=False))
+    tracemalloc.start()
+    try:
+        result = evaluate(plan, {"x": np.array([0.5])})
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert float(result.grad("x")[0]) == 2 * 0.5 * n ** 3  # d/dx sum(x x) over n^3 terms
+    assert peak < 8 * n ** 3 / 8, f"peak {peak} bytes: a broadcast-sized temporary came back"

@@ -55,14 +55,36 @@ def _matmul_vjp(g, out, a, b, *, needs=(True, True)):
     g2 = np.expand_dims(g2, -1) if b.ndim == 1 else g2
     da = db = None
     if needs[0]:
-        da = np.matmul(g2, np.swapaxes(b2, -1, -2))
+        da = _summed_product(g2, np.swapaxes(b2, -1, -2), a2.shape[:-2])
         da = da[..., 0, :] if a.ndim == 1 else da   # drop the added row axis
     if needs[1] and b.ndim == 2 and a.ndim > 2:    # a batch times one matrix (a dense layer): one product
         db = np.matmul(a.reshape(-1, a.shape[-1]).T, g.reshape(-1, g.shape[-1]))  # no (batch, k, n) temporary
     elif needs[1]:
-        db = np.matmul(np.swapaxes(a2, -1, -2), g2)
+        db = _summed_product(np.swapaxes(a2, -1, -2), g2, b2.shape[:-2])
         db = db[..., 0] if b.ndim == 1 else db      # drop the added column axis
     return da, db
+
+
+_LETTERS = "abcdefghijklmnopqrstuvw"  # batch axes (x, y, z name the matrix axes)
+
+
+def _summed_product(x: np.ndarray, y: np.ndarray, batch: tuple[int, ...]) -> np.ndarray:
+    """``x @ y`` summed over the batch axes the input of shape ``batch`` was broadcast along: the
+    gradient of an input that was broadcast, computed without the broadcast-shaped temporary
+    (a (1, k, n) weight against an (N, m, k) batch: k x n, not N x k x n). Plain matmul when no axis
+    is summed."""
+    full = np.broadcast_shapes(x.shape[:-2], y.shape[:-2])
+    padded = (1,) * (len(full) - len(batch)) + tuple(batch)
+    summed = [i for i, (n, m) in enumerate(zip(full, padded)) if m == 1 and n != 1]
+    if not summed or len(full) > len(_LETTERS):  # (more batch axes than letters: the engine sums them back)
+        return np.matmul(x, y)
+    axes = _LETTERS[:len(full)]
+    kept = "".join(a for i, a in enumerate(axes) if i not in summed and i >= len(full) - len(batch))
+    x = np.broadcast_to(x, full + x.shape[-2:])
+    y = np.broadcast_to(y, full + y.shape[-2:])
+    # einsum with optimize contracts through BLAS (tensordot), so the summed axes never exist at full size
+    product = np.einsum(f"{axes}xy,{axes}yz->{kept}xz", x, y, optimize=True)
+    return product.reshape(tuple(batch) + product.shape[-2:]) if len(batch) else product
 
 
 def _matmul_sample(rng: np.random.Generator):
