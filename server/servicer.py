@@ -36,6 +36,28 @@ log = logging.getLogger("chainrule.server")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Chainrule"].full_name
 
 
+class _Slot:
+    """One call's admission slot, released once: when the work ends or when the call does (a deadline
+    or a cancel), whichever comes first."""
+
+    __slots__ = ("_semaphore", "_lock", "_held")
+
+    def __init__(self, semaphore: threading.BoundedSemaphore) -> None:
+        self._semaphore = semaphore
+        self._lock = threading.Lock()
+        self._held = False
+
+    def acquire(self) -> bool:
+        self._held = self._semaphore.acquire(blocking=False)
+        return self._held
+
+    def release(self) -> None:
+        with self._lock:
+            if self._held:
+                self._held = False
+                self._semaphore.release()
+
+
 class Servicer(pb_grpc.ChainruleServicer):
     """Converts calls into service calls and errors into statuses; nothing else."""
 
@@ -73,15 +95,18 @@ class Servicer(pb_grpc.ChainruleServicer):
             context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
         started = time.perf_counter()
         outcome = "OK"
-        admitted = False
+        slot = _Slot(self._slots)
         try:
-            admitted = self._slots.acquire(blocking=False)
-            if not admitted:
+            if not slot.acquire():
                 allowed = self.config.max_concurrent
                 raise LimitExceeded(
                     f"the server is already serving {allowed} calls (max_concurrent); retry later",
                     limit="max_concurrent", requested=allowed + 1, allowed=allowed,
                 )
+            # The call's end frees its slot even while abandoned work runs on to its next stop check
+            # (inside one BLAS product, say): the slot counts calls someone waits for, so a client's
+            # deadline or cancel never leaves it taken.
+            context.add_callback(slot.release)
             yield request_id
         except GeneratorExit:  # a streaming call closed by gRPC: the client went away
             outcome = "CANCELLED"
@@ -96,8 +121,7 @@ class Servicer(pb_grpc.ChainruleServicer):
             log.exception("request %s: unexpected error in %s", request_id, method)
             context.abort_with_status(_with_request_id(rpc_status.to_status(internal_status(request_id)), request_id))
         finally:
-            if admitted:
-                self._slots.release()
+            slot.release()
             log.info("%s id=%s nodes=%d %.1fms %s", method, request_id, size,
                      (time.perf_counter() - started) * 1000, outcome)
 

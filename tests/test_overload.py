@@ -55,3 +55,49 @@ def test_the_excess_of_4m_parallel_calls_is_refused_at_once_and_none_hangs(addre
         assert len(again) == M
         g = GraphBuilder()
         assert client.evaluate(g.input("x") * 2.0, x=21.0).value == 42.0
+
+
+def test_an_abandoned_calls_slot_is_free_when_its_deadline_passes():
+    """Work stuck inside one node (here a rule that sleeps 2 s; in life one huge BLAS product) cannot
+    stop before it returns; its call's admission slot is given back when the client's deadline
+    passes, so other clients are served meanwhile rather than refused."""
+    import types
+
+    import numpy as np
+
+    from chainrule.client import DeadlineExceeded
+    from chainrule.plugins import OperatorSet, same_as_input
+    from chainrule.plugins.manager import load_plugins
+    from chainrule.server import build_service
+
+    stuck = OperatorSet()
+
+    @stuck.operator("stuck.sleep", infer=same_as_input, gradcheck=False)
+    def sleep(x):
+        """x, two seconds later."""
+        if np.all(np.asarray(x) == 7.0):  # only the test's calls sleep (not the check at load)
+            time.sleep(2.0)
+        return x
+
+    @sleep.vjp
+    def _(g, out, x):
+        return (g,)
+
+    config = ServerConfig(max_concurrent=1, log_level="WARNING", check_operators=False)
+    loaded = load_plugins(entry_points=False, only=["builtin", "stuck"],
+                          extra=[("stuck", types.SimpleNamespace(register_operators=stuck.hookimpl()))])
+    running, port = create_server("127.0.0.1:0", config, service=build_service(config, loaded))
+    running.start()
+    try:
+        g = GraphBuilder()
+        slow = g.op("stuck.sleep", g.input("x"), name="slow")
+        with Client(f"127.0.0.1:{port}", timeout=30) as client:
+            started = time.monotonic()
+            with pytest.raises(DeadlineExceeded):
+                client.evaluate(slow, x=7.0, grads="none", timeout=0.3)
+            time.sleep(0.1)  # the server notices the call's end
+            # the only slot is free although the sleeping rule still runs: this call is admitted
+            assert client.evaluate(g.input("y") * 2.0, y=21.0).value == 42.0
+            assert time.monotonic() - started < 1.5  # (before the stuck rule returned)
+    finally:
+        running.stop(None).wait()
