@@ -13,8 +13,8 @@ from chainrule.v1 import chainrule_pb2 as pb
 
 from . import streams, training
 from .builder import GraphBuilder, Var
-from .errors import ChainruleRpcError
-from .graph import Graph
+from .errors import ChainruleRpcError, NotFound
+from .graph import DerivedGraph, Graph
 from .info import OperatorInfo, ServerInfo
 from .request import (
     EvaluateCall, Selectable, Selected, as_graph, check_unreached, is_unused_input, merge_inputs, parse_selection,
@@ -115,6 +115,45 @@ class ClientBase:
     def forget(self, graph: Graph) -> None:
         """Stop sending ``graph`` by id (the next evaluation sends it whole)."""
         self.transport.forget(graph)
+
+    def derive(self, target: Any, /, wrt: Any, *, output: Any = None, mode: str = "reverse", seed: bool = False,
+               timeout: float | None = None) -> DerivedGraph:
+        """The derivative of ``target`` as a new graph, built by the server from its operators'
+        symbolic rules (docs/derivatives.md): evaluate it, register it, render it, derive it again.
+
+        ``target`` is a Var (its graph, differentiated at it) or a Graph (``output=`` names the value
+        unless the graph has one output); ``wrt`` one or more Vars or names. ``mode="reverse"``: the
+        graph's outputs are the gradients (``.gradients`` maps each wrt name to its output); with
+        ``seed=True`` it takes the output's cotangent as an input (``.seed_input``), else the output
+        must have one element. ``mode="forward"``: a Jacobian-vector product, with one tangent input
+        per wrt name (``.tangents``) and the output's tangent as the output (``.tangent_output``).
+        """
+        if mode not in ("reverse", "forward"):
+            raise ValueError(f"mode: expected 'reverse' or 'forward', got {mode!r}")
+        given = [wrt] if isinstance(wrt, (str, Var)) else list(wrt)
+        graph, output_name = resolve_target(target, output)
+        if isinstance(target, Var):  # a wrt Var the output does not read is still declared (its gradient: zeros)
+            graph = target.builder.graph_for(target, *(w for w in given if isinstance(w, Var)))
+        names = [name_of(w) for w in given]
+        request = pb.DeriveRequest(output=output_name or "", wrt=names, seed=seed,
+                                   mode=pb.DERIVATIVE_MODE_FORWARD if mode == "forward" else pb.DERIVATIVE_MODE_REVERSE)
+        graph_id = self.transport.known_id(graph)
+        if graph_id is not None:
+            request.graph_id = graph_id
+        else:
+            request.graph.CopyFrom(graph.message)
+        timeout = self.timeout if timeout is None else timeout
+        try:
+            response = self.transport.derive(request, timeout)
+        except NotFound:
+            if graph_id is None:
+                raise
+            request.graph.CopyFrom(graph.message)
+            response = self.transport.derive(request, timeout)
+        derived = DerivedGraph.from_proto(response)
+        if response.graph_id:
+            self.transport.remember(derived, response.graph_id)
+        return derived
 
     def operators(self, *, timeout: float | None = None) -> list[OperatorInfo]:
         """Every operator the server can run, sorted by name."""

@@ -553,6 +553,22 @@ class GraphBuilder:
             self._version += 1
         return list(node.values)
 
+    def grad(self, f: Var, wrt: Sequence[Var] | Var, seed: Any = None, *, name: str | None = None) -> list[Var]:
+        """Symbolic gradients of ``f`` with respect to ``wrt``, one Var per wrt value (like
+        ``tf.gradients``): a ``grad`` node, which the server replaces by the nodes of the derivative
+        when it compiles the graph (docs/derivatives.md). ``seed`` is f's cotangent (a Var, or an array
+        of f's shape); without one, f must have one element. The gradients are values like any other:
+        ``g.grad(ops.sum(g.grad(f, [x])[0] * v), [x])`` is a Hessian-vector product."""
+        values = [wrt] if isinstance(wrt, Var) else list(wrt)
+        if not values:
+            raise ValueError("grad needs at least one value to differentiate with respect to")
+        self._check_own(f)
+        inputs = [f, *values]
+        if seed is not None:
+            inputs.append(self._lift(seed, f.dtype))
+        return self.several("grad", inputs, {"seeded": True if seed is not None else None},
+                            [v.dtype for v in values], name=name)
+
     def output(self, *values: Var) -> None:
         """Mark values as the graph's outputs (in order; repeated calls append)."""
         with self._lock:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import os
 import threading
+import time
 from collections.abc import Generator as GeneratorABC
 from typing import Any, Callable, Generator, Iterator, Sequence
 
@@ -23,7 +24,7 @@ from chainrule.wire.outgoing import Carrier, HandEncoded, Outgoing
 from chainrule.wire.shared_memory import directory_problem
 
 from .base import ClientBase
-from .channel import TLS, open_channel, target_for
+from .channel import IDEMPOTENT_METHODS, TLS, open_channel, retry_buffer_bytes, target_for
 from .errors import ChainruleRpcError, FailedPrecondition, from_rpc_error
 from .shared_memory import SharedMemoryStaging, StagingFile
 from .transport import Transport
@@ -93,7 +94,10 @@ class GrpcTransport(Transport):
         given = list(options or [])
         keys = {key for key, _ in given}
         defaults = [("grpc.max_send_message_length", max_message_bytes),
-                    ("grpc.max_receive_message_length", max_message_bytes)]
+                    ("grpc.max_receive_message_length", max_message_bytes),
+                    # A retried call's request is kept until its answer starts; gRPC's default
+                    # (256 KiB) would give up retrying any larger one (see channel.py).
+                    ("grpc.per_rpc_retry_buffer_size", retry_buffer_bytes(max_message_bytes))]
         channel_options = given + [(k, v) for k, v in defaults if k not in keys]
         self.channel = open_channel(address, options=channel_options, credentials=credentials, tls=tls, token=token)
         self._stub = chainrule_pb2_grpc.ChainruleStub(self.channel)
@@ -147,10 +151,23 @@ class GrpcTransport(Transport):
         return directory
 
     def _call(self, name: str, method: Callable[..., Any], request: Any, timeout: float | None) -> Any:
+        ends = None if timeout is None else time.monotonic() + timeout
         try:
             return method(request, timeout=timeout)
         except grpc.RpcError as error:
-            raise self.error(error, name) from None
+            failed = error
+        # gRPC retries an idempotent call until the server starts answering; one whose server died
+        # while sending the answer (UNAVAILABLE, after the headers) is sent once more here. Not with
+        # shared memory: the server that was writing our output file may still be alive.
+        if (failed.code() == grpc.StatusCode.UNAVAILABLE and name in IDEMPOTENT_METHODS  # type: ignore[attr-defined]
+                and not (name == "Evaluate" and self.shared_memory)):
+            remaining = None if ends is None else ends - time.monotonic()
+            if remaining is None or remaining > 0:
+                try:
+                    return method(request, timeout=remaining)
+                except grpc.RpcError as error:
+                    failed = error
+        raise self.error(failed, name) from None
 
     def error(self, error: grpc.RpcError, method: str) -> ChainruleRpcError:
         """The typed exception for a failed call of ``method``; the failures gRPC reports itself
@@ -168,6 +185,9 @@ class GrpcTransport(Transport):
 
     def list_operators(self, timeout: float | None) -> pb.ListOperatorsResponse:
         return self._call("ListOperators", self._stub.ListOperators, pb.ListOperatorsRequest(), timeout)
+
+    def derive(self, request: pb.DeriveRequest, timeout: float | None) -> pb.DeriveResponse:
+        return self._call("Derive", self._stub.Derive, request, timeout)
 
     def server_info(self, timeout: float | None) -> pb.ServerInfoResponse:
         return self._call("ServerInfo", self._stub.ServerInfo, pb.ServerInfoRequest(), timeout)

@@ -44,7 +44,7 @@ def result_dtype(op: str, dtypes: Sequence[str | None], attrs: Mapping[str, Any]
     A built-in operator follows its entry in :data:`OPERATORS`; another (a
     plugin's) is taken for an elementwise float function: the first float input's dtype.
     """
-    entry = OPERATORS.get(op)
+    entry = OPERATORS.get(op) or DERIVATIVE_OPERATORS.get(op)
     if entry is None:
         return next((d for d in dtypes if is_float(d)), None)
     return entry.dtype(*dtypes, **(attrs or {}))
@@ -121,6 +121,25 @@ def of_dtype_attr(*dtypes: str | None, dtype: Any = "float64", **_: Any) -> str 
 def bool_result(*dtypes: str | None, **_: Any) -> str | None:
     """bool whatever the inputs (comparisons and logic: masks); unknown while an input is."""
     return None if None in dtypes else "bool"
+
+
+def same_as_last(*dtypes: str | None, **_: Any) -> str | None:
+    """The last input's dtype (one_hot_like: the dtype of like)."""
+    return dtypes[-1] if dtypes else None
+
+
+def float_of_last(*dtypes: str | None, **_: Any) -> str | None:
+    """The last input's dtype if it is a float, else float64 (max_pool_grad, avg_pool_grad: x's)."""
+    last = dtypes[-1] if dtypes else None
+    return last if last is None or is_float(last) else DEFAULT
+
+
+def like_if_float(*dtypes: str | None, **_: Any) -> str | None:
+    """The second input's dtype when it is a float, else the first's (sum_to, broadcast_like: a gradient
+    takes its input's float dtype)."""
+    if len(dtypes) < 2 or None in dtypes[:2]:
+        return None
+    return dtypes[1] if is_float(dtypes[1]) else dtypes[0]
 
 
 def of_values(*_: str | None, **__: Any) -> str | None:
@@ -225,6 +244,39 @@ OPERATORS: Mapping[str, OpRule] = MappingProxyType({
     "where":         OpRule(3, promoted_after_first),  # cond is bool; x and y give the dtype
     "stop_gradient": OpRule(1, same_as_first),
     "const":         OpRule(0, of_value),
+    # derivative helpers of builtin.shape, builtin.index and builtin.conv (docs/derivatives.md)
+    "reshape_like":  OpRule(2, same_as_first),
+    "unslice":       OpRule(2, same_as_first),     # g's dtype, like's shape
+    "untile":        OpRule(2, same_as_first),
+    "concat_part":   OpRule(VARIADIC, same_as_first),
+    "scatter_add":   OpRule(3, same_as_first),     # x's dtype (updates cast to it)
+    "one_hot_like":  OpRule(2, same_as_last),
+    "conv_grad_x":   OpRule(3, float_of_promoted),
+    "conv_grad_w":   OpRule(3, float_of_promoted),
+    "max_pool_grad": OpRule(2, float_of_last),
+    "max_pool_pick": OpRule(2, float_of_promoted),
+    "avg_pool_grad": OpRule(2, float_of_last),
     # control flow (builtin.control): several values, typed by ops.scan from its carries and body
     "scan":          OpRule(VARIADIC, of_values),
+    # helpers of derivatives built as graphs (builtin.derivative, docs/derivatives.md)
+    "sum_to":        OpRule(2, like_if_float),     # g summed to like's shape, in like's float dtype
+    "broadcast_like": OpRule(2, like_if_float),
+    "unreduce":      OpRule(2, same_as_first),
+    "zeros_like":    OpRule(1, same_as_first),
+    "ones_like":     OpRule(1, same_as_first),
+    "scalar_like":   OpRule(1, float_of_first),
+    "group_size":    OpRule(1, float_of_first),
+    "step":          OpRule(2, float_of_promoted),
+    "extremum_weights": OpRule(2, float_of_promoted),
+    "prod_except":   OpRule(1, same_as_first),
+    "xmul":          OpRule(2, float_of_promoted),
+})
+
+#: The compile-time pseudo-operators ``grad`` and ``jvp`` (docs/derivatives.md): not operators of the
+#: server (ListOperators does not list them; the server expands them into the nodes of the derivative
+#: when it compiles a graph), so not in :data:`OPERATORS`. ``GraphBuilder.grad`` types each gradient as
+#: its wrt value; a jvp's tangent has the differentiated output's dtype.
+DERIVATIVE_OPERATORS: Mapping[str, OpRule] = MappingProxyType({
+    "grad":          OpRule(VARIADIC, of_values),
+    "jvp":           OpRule(VARIADIC, same_as_first),
 })

@@ -86,3 +86,35 @@ class Graph:
         """Read a graph file (``save``'s, or any proto JSON of chainrule.v1.Graph). The message equals
         the saved graph's, so the server gives it the same graph_id."""
         return cls.from_json(Path(path).read_text(encoding="utf-8"))
+
+
+class DerivedGraph(Graph):
+    """A derivative as a graph, from ``client.derive``: a Graph like any other (evaluate, register,
+    render, derive it again) that also says which of its names are what.
+
+    Reverse mode: ``gradients`` maps each wrt name to the output holding its gradient, and
+    ``seed_input`` names the seed input ("" when the seed is 1). Forward mode: ``tangents`` maps each
+    wrt name to the input taking its tangent, and ``tangent_output`` names the output's tangent.
+    ``output`` is the differentiated value, ``graph_id`` the id the server registered it under.
+    """
+
+    def __init__(self, message: pb.Graph, *, output: str = "", graph_id: str = "", gradients: dict | None = None,
+                 seed_input: str = "", tangents: dict | None = None, tangent_output: str = "") -> None:
+        super().__init__(message)
+        self.output = output
+        self.graph_id = graph_id
+        self.gradients: dict[str, str] = dict(gradients or {})
+        self.seed_input = seed_input
+        self.tangents: dict[str, str] = dict(tangents or {})
+        self.tangent_output = tangent_output
+
+    @classmethod
+    def from_proto(cls, response: pb.DeriveResponse) -> "DerivedGraph":
+        return cls(response.graph, output=response.output, graph_id=response.graph_id,
+                   gradients=dict(response.gradients), seed_input=response.seed_input,
+                   tangents=dict(response.tangents), tangent_output=response.tangent_output)
+
+    def __repr__(self) -> str:
+        what = (f"gradients {self.gradients}" if self.gradients else f"tangent {self.tangent_output!r} of "
+                f"{self.output!r} along {self.tangents}")
+        return f"<DerivedGraph of {self.output!r}: {len(self.message.inputs)} inputs, {len(self)} nodes, {what}>"

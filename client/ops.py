@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+import numpy as np
+
 from .builder import GraphBuilder, Var, gather_indices
 from .control import scan  # noqa: F401  (ops.scan: loops without unrolling)
 from .dtypes import OPERATORS as _OPERATORS, normalize
@@ -385,6 +387,200 @@ def where(cond: Any, x: Any, y: Any, *, name: str | None = None) -> Var:
 
 def stop_gradient(x: Var, *, name: str | None = None) -> Var:
     return op("stop_gradient", x, name=name)
+
+
+# --- derivative helpers of builtin.shape, builtin.index and builtin.conv (docs/derivatives.md) -------
+
+def reshape_like(x: Any, like: Any, *, name: str | None = None) -> Var:
+    """x reshaped to like's shape (like's values are not read)."""
+    return op("reshape_like", x, like, name=name)
+
+
+def unslice(g: Any, like: Any, starts: Sequence[int], ends: Sequence[int], axes: Sequence[int] | None = None,
+            steps: Sequence[int] | None = None, *, name: str | None = None) -> Var:
+    """Zeros of like's shape with g where ``slice(like, starts, ends, axes, steps)`` reads."""
+    return op("unslice", g, like, name=name, starts=_int_list(starts), ends=_int_list(ends), axes=_int_list(axes),
+              steps=_int_list(steps))
+
+
+def untile(g: Any, like: Any, repeats: int | Sequence[int], *, name: str | None = None) -> Var:
+    """g, a tiling of like's shape by ``repeats``, summed over its tiles."""
+    return op("untile", g, like, name=name, repeats=_int_list(repeats))
+
+
+def concat_part(g: Any, likes: Sequence[Any], part: int, axis: int | None = None, *, name: str | None = None) -> Var:
+    """The part of g, a concatenation along ``axis`` of values shaped like ``likes``, that ``likes[part]`` fills."""
+    return op("concat_part", g, *likes, name=name, part=int(part), axis=axis)
+
+
+def scatter_add(x: Any, indices: Any, updates: Any, axis: int | None = None, *, name: str | None = None) -> Var:
+    """x with ``updates`` added at ``indices`` along ``axis`` (repeated indices add up): gather's adjoint."""
+    return op("scatter_add", x, gather_indices(indices), updates, name=name, axis=axis)
+
+
+def one_hot_like(ids: Any, like: Any, *, name: str | None = None) -> Var:
+    """one_hot(ids) with depth like's last axis, in like's dtype."""
+    return op("one_hot_like", gather_indices(ids), like, name=name)
+
+
+def conv_grad_x(g: Any, w: Any, like: Any, strides: Sequence[int] | None = None, pads: Sequence[int] | None = None,
+                dilations: Sequence[int] | None = None, group: int | None = None, *, name: str | None = None) -> Var:
+    """conv's gradient for x (like: x) with cotangent g: the transposed convolution."""
+    return op("conv_grad_x", g, w, like, name=name, strides=_int_list(strides), pads=_int_list(pads),
+              dilations=_int_list(dilations), group=group)
+
+
+def conv_grad_w(x: Any, g: Any, like: Any, strides: Sequence[int] | None = None, pads: Sequence[int] | None = None,
+                dilations: Sequence[int] | None = None, group: int | None = None, *, name: str | None = None) -> Var:
+    """conv's gradient for w (like: w) with cotangent g."""
+    return op("conv_grad_w", x, g, like, name=name, strides=_int_list(strides), pads=_int_list(pads),
+              dilations=_int_list(dilations), group=group)
+
+
+def max_pool_grad(g: Any, x: Any, kernel_shape: Sequence[int], strides: Sequence[int] | None = None,
+                  pads: Sequence[int] | None = None, *, name: str | None = None) -> Var:
+    """max_pool's gradient: g routed to each window's first maximum of x."""
+    return op("max_pool_grad", g, x, name=name, kernel_shape=_int_list(kernel_shape), strides=_int_list(strides),
+              pads=_int_list(pads))
+
+
+def max_pool_pick(h: Any, x: Any, kernel_shape: Sequence[int], strides: Sequence[int] | None = None,
+                  pads: Sequence[int] | None = None, *, name: str | None = None) -> Var:
+    """Per window of x, h's value at the window's first maximum."""
+    return op("max_pool_pick", h, x, name=name, kernel_shape=_int_list(kernel_shape), strides=_int_list(strides),
+              pads=_int_list(pads))
+
+
+def avg_pool_grad(g: Any, like: Any, kernel_shape: Sequence[int], strides: Sequence[int] | None = None,
+                  pads: Sequence[int] | None = None, count_include_pad: bool | None = None, *,
+                  name: str | None = None) -> Var:
+    """avg_pool's gradient: g spread evenly over the windows of like's shape."""
+    return op("avg_pool_grad", g, like, name=name, kernel_shape=_int_list(kernel_shape), strides=_int_list(strides),
+              pads=_int_list(pads), count_include_pad=count_include_pad)
+
+
+# --- helpers of derivatives built as graphs (builtin.derivative, docs/derivatives.md) ----------------------
+
+def sum_to(g: Any, like: Any, *, name: str | None = None) -> Var:
+    """g summed over its broadcast axes down to like's shape (like's float dtype): the unbroadcast of a gradient."""
+    return op("sum_to", g, like, name=name)
+
+
+def broadcast_like(x: Any, like: Any, *, name: str | None = None) -> Var:
+    """x broadcast to like's shape (like's float dtype)."""
+    return op("broadcast_like", x, like, name=name)
+
+
+def unreduce(g: Any, like: Any, axis: int | Sequence[int] | None = None, keepdims: bool = False, *,
+             name: str | None = None) -> Var:
+    """g, a reduction of like over ``axis``, broadcast back to like's shape."""
+    return op("unreduce", g, like, name=name, axis=_int_list(axis), keepdims=True if keepdims else None)
+
+
+def zeros_like(x: Var, *, name: str | None = None) -> Var:
+    return op("zeros_like", x, name=name)
+
+
+def ones_like(x: Var, *, name: str | None = None) -> Var:
+    return op("ones_like", x, name=name)
+
+
+def scalar_like(x: Var, value: float = 0.0, *, name: str | None = None) -> Var:
+    """The 0-d ``value`` in x's float dtype."""
+    return op("scalar_like", x, name=name, value=float(value))
+
+
+def group_size(x: Var, axis: int | Sequence[int] | None = None, ddof: int | None = None, *,
+               name: str | None = None) -> Var:
+    """The number of elements per group of a reduction of x over ``axis``, minus ``ddof``, as a 0-d float."""
+    return op("group_size", x, name=name, axis=_int_list(axis), ddof=ddof)
+
+
+def step(x: Any, y: Any, tie: float | None = None, *, name: str | None = None) -> Var:
+    """1.0 where x > y, ``tie`` (0 by default) where x == y, else 0; no gradient."""
+    return op("step", x, y, name=name, tie=tie)
+
+
+def extremum_weights(x: Any, out: Any, axis: int | Sequence[int] | None = None, keepdims: bool = False, *,
+                     name: str | None = None) -> Var:
+    """Where x equals its group's max or min ``out``: 1 / the number of ties; else 0."""
+    return op("extremum_weights", x, out, name=name, axis=_int_list(axis), keepdims=True if keepdims else None)
+
+
+def prod_except(x: Var, axis: int | Sequence[int] | None = None, *, name: str | None = None) -> Var:
+    """Per element, the product of the other elements of its group (over ``axis``), without division."""
+    return op("prod_except", x, name=name, axis=_int_list(axis))
+
+
+def xmul(a: Any, b: Any, *, name: str | None = None) -> Var:
+    """a * b, and 0 where a == 0 whatever b."""
+    return op("xmul", a, b, name=name)
+
+
+# --- derivatives inside a graph (the server expands them when it compiles; docs/derivatives.md) -------------
+# Not operators (they are not in __all__, which lists one function per operator): GraphBuilder.grad and
+# these helpers build ``grad`` and ``jvp`` nodes.
+
+#: ops.hessian refuses inputs of more elements than this (a Hessian of n elements costs n HVPs).
+HESSIAN_LIMIT = 256
+
+
+def grad(f: Var, wrt: Sequence[Var] | Var, seed: Any = None, *, name: str | None = None) -> list[Var]:
+    """``f.builder.grad(f, wrt, seed)``: symbolic gradients of f, one Var per wrt value."""
+    return f.builder.grad(f, wrt, seed, name=name)
+
+
+def jvp(f: Var, wrt: Sequence[Var] | Var, tangents: Sequence[Any] | Any, *, name: str | None = None) -> Var:
+    """The Jacobian-vector product of f along ``tangents`` (one per wrt value, of its shape), in one
+    forward pass: a ``jvp`` node."""
+    values = [wrt] if isinstance(wrt, Var) else list(wrt)
+    given = [tangents] if isinstance(wrt, Var) else list(tangents)
+    if not values or len(given) != len(values):
+        raise ValueError(f"jvp takes one tangent per wrt value: {len(values)} values, {len(given)} tangents")
+    return f.builder.op("jvp", f, *values, *given, name=name)
+
+
+def hvp(f: Var, wrt: Sequence[Var] | Var, vectors: Sequence[Any] | Any, *, name: str | None = None) -> list[Var]:
+    """Hessian-vector products of a scalar f: the gradient of sum_i sum(grad_i * v_i), one Var per wrt value."""
+    values = [wrt] if isinstance(wrt, Var) else list(wrt)
+    given = [vectors] if isinstance(wrt, Var) else list(vectors)
+    if not values or len(given) != len(values):
+        raise ValueError(f"hvp takes one vector per wrt value: {len(values)} values, {len(given)} vectors")
+    grads = f.builder.grad(f, values)
+    total = None
+    for g, v in zip(grads, given):
+        term = sum(g * v)  # ops.sum
+        total = term if total is None else total + term
+    return f.builder.grad(total, values, name=name)
+
+
+def hessian(f: Var, x: Var, *, shape: Sequence[int] | None = None, limit: int = HESSIAN_LIMIT,
+            name: str | None = None) -> Var:
+    """The Hessian of a scalar f with respect to x, of shape x.shape + x.shape, built from one HVP per element
+    of x (one-hot vectors). ``shape`` gives x's shape when x is not a declared input. ValueError when x has
+    more than ``limit`` elements (256): use hvp instead."""
+    given = shape if shape is not None else x.shape
+    if given is None or any(int(n) < 0 for n in given):
+        raise ValueError(f"hessian needs the static shape of {x.name} (a node's, or one with a free size); "
+                         f"pass shape=(...)")
+    dims = tuple(int(n) for n in given)
+    size = 1
+    for n in dims:
+        size *= n
+    if size > limit:
+        raise ValueError(f"hessian of {x.name}: x has {size} elements (shape {list(dims)}), so its Hessian has "
+                         f"{size * size} and costs {size} Hessian-vector products; the limit is {limit} elements "
+                         f"(limit=): use ops.hvp for products with vectors")
+    builder = f.builder
+    (gx,) = builder.grad(f, [x])
+    rows = []
+    for k in range(size):
+        e = np.zeros(size, dtype=x.dtype or "float64")
+        e[k] = 1
+        (row,) = builder.grad(sum(gx * e.reshape(dims)), [x])
+        rows.append(row)
+    flat = stack(rows, axis=0)
+    return reshape(flat, list(dims) + list(dims), name=name)
 
 
 #: One function per built-in operator of the table in chainrule.client.dtypes (const is

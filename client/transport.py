@@ -107,6 +107,9 @@ class Transport:
     def list_operators(self, timeout: float | None) -> pb.ListOperatorsResponse:
         raise NotImplementedError
 
+    def derive(self, request: pb.DeriveRequest, timeout: float | None) -> pb.DeriveResponse:
+        raise NotImplementedError
+
     def server_info(self, timeout: float | None) -> pb.ServerInfoResponse:
         raise NotImplementedError
 

@@ -35,7 +35,7 @@ class Shapes:
 
     __slots__ = ("specs", "value_bytes", "grad_bytes", "differentiable", "grad_edges", "complete", "_pruned",
                  "shape_of", "dtype_of", "scalar_type", "float_scalars", "head_of", "result_shape",
-                 "result_scalar")
+                 "result_scalar", "operations")
 
     def __init__(self, specs: list[TensorSpec | None], in_slots: list[tuple[int, ...]], n_inputs: int,
                  head_of: list[int], unpacked: list[bool] | None = None) -> None:
@@ -73,6 +73,8 @@ class Shapes:
         self.value_bytes = sum(s.nbytes for s in specs if s is not None)
         self.grad_bytes = sum(s.nbytes for s, d in zip(specs, self.differentiable) if d)
         self._pruned: dict[frozenset[int], list[tuple[tuple[int, int], ...]]] = {}
+        #: The forward pass's floating-point operations (core/cost.py), counted once when first asked.
+        self.operations: float | None = None
 
     def edges_toward(self, wanted: frozenset[int], in_slots: list[tuple[int, ...]]) -> list[tuple[tuple[int, int], ...]]:
         """Gradient edges pruned to those on a path from a ``wanted`` slot to the output.

@@ -17,6 +17,7 @@ import numpy as np
 
 from .broadcast import unbroadcast
 from .compile import Plan, Shapes, check_memory, nested_error, node_error
+from .cost import minimum_seconds
 from .dtypes import is_differentiable
 from .errors import (
     BadTensorError, CancelledError, ChainruleError, DeadlineError, DTypeError, GraphError, LimitExceeded, MissingInputError,
@@ -136,6 +137,8 @@ def evaluate(
     shapes = plan.specialize([a.shape for a in arrays])
     if gradients:
         check_memory(plan.limits, shapes.value_bytes + shapes.grad_bytes)
+    if token is not None and token.deadline is not None:
+        _check_time(plan, shapes, gradients, token)
     if before_work is not None:
         before_work(shapes, out_slot)
     record: list[ContributionRecord] | None = [] if contributions else None
@@ -178,6 +181,17 @@ def evaluate(
         return Evaluation(plan, values, grads, out_slot, shapes.differentiable, record or [],
                           run.inner_values, run.inner_grads)
     return Evaluation(plan, values, grads, out_slot, shapes.differentiable, record or [])
+
+
+def _check_time(plan: Plan, shapes: Shapes, gradients: bool, token: StopToken) -> None:
+    """Refuse, before any work, a run whose least possible time exceeds what is left of the deadline."""
+    left = token.deadline - time.monotonic()
+    seconds, operations, nbytes = minimum_seconds(plan, shapes, gradients)
+    if seconds > left:
+        raise DeadlineError(
+            f"this call needs at least {seconds:.3g} s ({operations:.3g} floating-point operations and {nbytes} bytes "
+            f"of values{' and gradients' if gradients else ''}, at this server's best rates) and {token.what} "
+            f"leaves {max(left, 0.0):.3g} s: refused before starting. Allow more time, or send less work")
 
 
 def output_slot(plan: Plan, output: str | None) -> int:

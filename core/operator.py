@@ -111,6 +111,11 @@ class OpDef:
     #: **attrs) -> (times, shapes)``, how many times it runs the graph and the graph's Shapes, so that
     #: values inside it asked for by name (``node/value``) are sized before any work.
     inner_shapes: Callable[..., tuple[int, Any]] | None = None
+    #: ``cost(*specs, **attrs) -> float``: the floating-point operations forward does, from the input
+    #: specs, for operators far above one per output element (matmul, einsum, conv), so that a call
+    #: that cannot fit its deadline is refused before it starts (core/cost.py). Others count one per
+    #: element they produce.
+    cost: Callable[..., float] | None = None
     #: The inputs' names, in order (one name standing for all the inputs of a variadic
     #: operator), as ListOperators shows them. None: the forward rule's positional
     #: parameters (``def forward(logits, labels)``: "logits", "labels"; ``*xs``: "xs").
@@ -269,13 +274,15 @@ def check_attrs(op: OpDef, given: Mapping[str, Any], *, node: str | None = None)
         )
     checked: dict[str, Any] = {}
     for name, schema in op.attrs.items():
-        if name in given and given[name] is None:
+        if name in given and given[name] is None and schema.default is not None:
+            # None is a value only where it is the default ("unset", as sum's axis); elsewhere it would
+            # silently stand for a default the caller may not know, or for a required value
             raise BadAttributeError(
                 f"{_where(node, op)}attribute '{name}' is None; leave it out for its default"
                 + ("" if schema.required else f" ({schema.default!r})"),
                 node=node, op=op.name, field=f"attrs.{name}",
             )
-        if name not in given:
+        if name not in given or given[name] is None:
             if schema.required:
                 raise BadAttributeError(
                     f"{_where(node, op)}missing required attribute '{name}' ({schema.kind})",

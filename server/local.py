@@ -192,6 +192,9 @@ class InProcessTransport(Transport):
     def list_operators(self, timeout: float | None) -> pb.ListOperatorsResponse:
         return self._call(lambda: self.service.list_operators(pb.ListOperatorsRequest()))
 
+    def derive(self, request: pb.DeriveRequest, timeout: float | None) -> pb.DeriveResponse:
+        return self._call(lambda: self.service.derive(request))
+
     def server_info(self, timeout: float | None) -> pb.ServerInfoResponse:
         return self._call(lambda: self.service.server_info(pb.ServerInfoRequest()))
 

@@ -162,6 +162,10 @@ class Servicer(pb_grpc.ChainruleServicer):
     def RegisterGraph(self, request: pb.RegisterGraphRequest, context: grpc.ServicerContext) -> pb.RegisterGraphResponse:
         return self._call("RegisterGraph", context, lambda: self.service.register_graph(request), len(request.graph.nodes))
 
+    def Derive(self, request: pb.DeriveRequest, context: grpc.ServicerContext) -> pb.DeriveResponse:
+        size = len(request.graph.nodes) if request.HasField("graph") else 0
+        return self._call("Derive", context, lambda: self.service.derive(request), size)
+
     def ListOperators(self, request: pb.ListOperatorsRequest, context: grpc.ServicerContext) -> pb.ListOperatorsResponse:
         return self._call("ListOperators", context, lambda: self.service.list_operators(request))
 

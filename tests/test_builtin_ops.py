@@ -18,13 +18,13 @@ from chainrule.core import (
     GraphIR, OpError, Registry, ShapeError, TensorSpec, check_attrs, compile_graph, evaluate, unbroadcast,
 )
 from chainrule.plugins.builtin import (
-    arith, common, compare, control, conv, elementwise, index, linalg, nn, reduce, select, shape,
+    arith, common, compare, control, conv, derivative, elementwise, index, linalg, nn, reduce, select, shape,
 )
 from chainrule.plugins.testing import assert_vjp, check_operator, check_vjp
 
 from rule_checks import assert_accepts_numpy_scalars, assert_layout_independent
 
-FAMILIES = (arith, elementwise, linalg, reduce, shape, nn, select, compare, index, conv, control)
+FAMILIES = (arith, elementwise, linalg, reduce, shape, nn, select, compare, index, conv, control, derivative)
 OPS = {op.name: op for family in FAMILIES for op in family.OPERATORS}
 BUILTIN_DIR = Path(common.__file__).parent
 
@@ -300,8 +300,13 @@ def test_operator_samples_pass_the_gradient_check(name):
 CASE_NAMES = {p.values[0] for p in CASES}
 
 
-#: Operators tested in files of their own: scan (tests/test_scan.py, against the unrolled graph).
-OWN_FILES = {"scan"}
+#: Operators tested in files of their own: scan (tests/test_scan.py, against the unrolled graph); the
+#: derivative helpers of shape, index and conv (tests/test_symbolic_rules_more.py).
+OWN_FILES = {"scan", "reshape_like", "unslice", "untile", "concat_part", "scatter_add", "one_hot_like",
+             "conv_grad_x", "conv_grad_w", "max_pool_grad", "max_pool_pick", "avg_pool_grad",
+             # builtin.derivative: tests/test_symbolic.py
+             "sum_to", "broadcast_like", "unreduce", "zeros_like", "ones_like", "scalar_like", "group_size", "step",
+             "extremum_weights", "prod_except", "xmul"}
 
 
 def test_every_operator_has_hand_picked_cases():

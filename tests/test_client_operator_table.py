@@ -129,6 +129,11 @@ def test_every_builtin_operator_but_const_has_an_ops_function_that_makes_it():
         "avg_pool": lambda: ops.avg_pool(x, [2]),
         # scan's values are Vars of their own; the node they come from is the scan
         "scan": lambda: ops.scan(lambda c, step: (c + step, None), x, g.input("steps", (4, 2, 3)))[0].of,
+        # derivative helpers of builtin.shape, builtin.index and builtin.conv
+        "unslice": lambda: ops.unslice(x, x, [0], [2]), "untile": lambda: ops.untile(x, x, [1, 1]),
+        "concat_part": lambda: ops.concat_part(x, [x], 0), "scatter_add": lambda: ops.scatter_add(x, labels, x),
+        "one_hot_like": lambda: ops.one_hot_like(labels, x), "max_pool_grad": lambda: ops.max_pool_grad(x, x, [2]),
+        "max_pool_pick": lambda: ops.max_pool_pick(x, x, [2]), "avg_pool_grad": lambda: ops.avg_pool_grad(x, x, [2]),
     }
     for name in ops.__all__:
         if name == "op":

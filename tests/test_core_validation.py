@@ -172,3 +172,21 @@ def test_operators_without_infer_are_checked_as_values_appear(registry):
     assert info.value.node == "big" and info.value.limit == "max_memory_bytes"
     ev = evaluate(compile_graph(graph, ops), {"x": np.float64(1)})
     assert ev.value("s") == 0 and ev.grad("big").shape == (1000,)  # downstream shapes found at run time
+
+
+def test_none_for_an_attribute_with_a_real_default_is_refused_naming_it():
+    """Issue 17: "an int attribute given None silently takes its default". None is a value only where
+    it is the default itself (sum's axis: all axes)."""
+    import pytest
+
+    from chainrule.core import check_attrs
+    from chainrule.core.errors import BadAttributeError
+    from chainrule.plugins.manager import load_registry
+
+    registry = load_registry(entry_points=False)
+    with pytest.raises(BadAttributeError, match=r"attribute 'axis' is None; leave it out for its default \(-1\)") as caught:
+        check_attrs(registry["softmax"], {"axis": None}, node="p")
+    assert caught.value.field == "attrs.axis" and caught.value.node == "p"
+    with pytest.raises(BadAttributeError, match="attribute .epsilon. is None"):
+        check_attrs(registry["layer_norm"], {"epsilon": None})
+    assert check_attrs(registry["sum"], {"axis": None})["axis"] is None  # None is sum's own default

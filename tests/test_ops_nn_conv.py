@@ -540,7 +540,9 @@ def test_the_operators_follow_the_contract():
         assert op.infer is not None and op.sample is not None, op.name
         assert op.doc and "\n" not in op.doc and op.doc.endswith("."), op.name
     assert OPS["einsum"].variadic
-    assert [op.name for op in conv_family.OPERATORS] == ["conv", "max_pool", "avg_pool"]
+    assert [op.name for op in conv_family.OPERATORS] == ["conv", "max_pool", "avg_pool",  # and their derivatives' helpers
+                                                          "conv_grad_x", "conv_grad_w", "max_pool_grad", "max_pool_pick",
+                                                          "avg_pool_grad"]
 
 
 # --- refusals ------------------------------------------------------------------------------------

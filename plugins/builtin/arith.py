@@ -26,6 +26,7 @@ import numpy as np
 
 from chainrule.core import OpDef, OpError, TensorSpec
 from chainrule.core.dtypes import FLOAT64, NUMBER_DTYPES
+from chainrule.core.symbolic import with_symbolic
 from chainrule.plugins.authoring import broadcast_inputs, table_hookimpl
 
 from .common import writable
@@ -304,5 +305,106 @@ OPERATORS: list[OpDef] = [
           doc="Elementwise min(x, y); the smaller takes the gradient, ties split it 0.5 / 0.5.", sample=_apart,
           scalar=(_min_float, _route_float)),
 ]
+
+
+# --- symbolic rules (docs/derivatives.md): the same derivatives as graphs of registered operators, so
+# that gradients can be differentiated again and forward mode costs one pass. Gradients may keep the
+# broadcast shape: the deriver sums them back (sum_to). pow's rules multiply with xmul (0 where its first
+# factor is 0), as the numpy rule zeroes dx where y == 0 and dy where x == 0 (dy at x == 0 and y == 0 is
+# -inf here). maximum and minimum route with step (1 / 0.5 at a tie / 0). -------------------------------
+
+def _add_vjp_graph(b, g, out, x, y):
+    return g, g
+
+
+def _add_jvp_graph(b, tangents, out, x, y):
+    return b.add_tangents(*tangents)
+
+
+def _sub_vjp_graph(b, g, out, x, y):
+    return g, -g
+
+
+def _sub_jvp_graph(b, tangents, out, x, y):
+    tx, ty = tangents
+    if tx is not None and ty is not None:
+        return tx - ty
+    return tx if ty is None else -ty
+
+
+def _neg_vjp_graph(b, g, out, x):
+    return (-g,)
+
+
+def _neg_jvp_graph(b, tangents, out, x):
+    return -tangents[0]
+
+
+def _mul_vjp_graph(b, g, out, x, y):
+    return g * y, g * x
+
+
+def _mul_jvp_graph(b, tangents, out, x, y):
+    tx, ty = tangents
+    return b.add_tangents(None if tx is None else tx * y, None if ty is None else x * ty)
+
+
+def _div_vjp_graph(b, g, out, x, y):
+    dx = g / y
+    return dx, -(dx * out)                      # d(x/y)/dy = -out/y
+
+
+def _div_jvp_graph(b, tangents, out, x, y):
+    tx, ty = tangents
+    return b.add_tangents(tx, None if ty is None else -(out * ty)) / y
+
+
+def _pow_factors(b, out, x, y):
+    """d(x**y)/dx = y x**(y-1) (0 where y == 0) and d(x**y)/dy = out log x (0 where out == 0)."""
+    return b.op("xmul", y, b.op("pow", x, y - 1.0)), b.op("xmul", out, b.op("log", x))
+
+
+def _pow_vjp_graph(b, g, out, x, y):
+    dx, dy = _pow_factors(b, out, x, y)
+    return g * dx, g * dy
+
+
+def _pow_jvp_graph(b, tangents, out, x, y):
+    tx, ty = tangents
+    dx, dy = _pow_factors(b, out, x, y)
+    return b.add_tangents(None if tx is None else tx * dx, None if ty is None else ty * dy)
+
+
+def _routes(b, x, y, larger):
+    """The weights of x and y in maximum (larger) or minimum: 1 for the winner, 0.5 each at a tie."""
+    first, second = b.op("step", x, y, tie=0.5), b.op("step", y, x, tie=0.5)
+    return (first, second) if larger else (second, first)
+
+
+def _route_graphs(larger: bool):
+    def vjp_graph(b, g, out, x, y):
+        wx, wy = _routes(b, x, y, larger)
+        return g * wx, g * wy
+
+    def jvp_graph(b, tangents, out, x, y):
+        wx, wy = _routes(b, x, y, larger)
+        tx, ty = tangents
+        return b.add_tangents(None if tx is None else tx * wx, None if ty is None else ty * wy)
+    return vjp_graph, jvp_graph
+
+
+SYMBOLIC = {
+    #  name:     (vjp_graph,        jvp_graph)
+    "add":       (_add_vjp_graph,   _add_jvp_graph),
+    "sub":       (_sub_vjp_graph,   _sub_jvp_graph),
+    "neg":       (_neg_vjp_graph,   _neg_jvp_graph),
+    "mul":       (_mul_vjp_graph,   _mul_jvp_graph),
+    "div":       (_div_vjp_graph,   _div_jvp_graph),
+    "pow":       (_pow_vjp_graph,   _pow_jvp_graph),
+    "maximum":   _route_graphs(larger=True),
+    "minimum":   _route_graphs(larger=False),
+}
+
+OPERATORS = with_symbolic(OPERATORS, SYMBOLIC)
 
 register_operators = table_hookimpl(OPERATORS)

@@ -12,6 +12,8 @@ common dtype before comparing (int32 against float32 compares in float64). The
 logical operators take bool inputs only: numpy would give ``logical_and(2.5, 0)``
 a meaning ("nonzero"), but a mask that is really a float is almost always a
 mistake, so it is refused with DTYPE_MISMATCH and a hint to compare first.
+Their symbolic rules (``vjp_graph``, ``jvp_graph``; docs/derivatives.md) give
+None too: no derivative in any order or mode.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import numpy as np
 
 from chainrule.core import OpDef, OpError, TensorSpec, broadcast_shapes
 from chainrule.core.dtypes import BOOL, BOOL_DTYPES
+from chainrule.core.symbolic import no_jvp_graph, no_vjp_graph, with_symbolic
 from chainrule.plugins.authoring import table_hookimpl
 
 
@@ -117,5 +120,10 @@ OPERATORS: list[OpDef] = [
     _logical("logical_or", 2, np.logical_or, "x or y elementwise on bool masks, with numpy broadcasting."),
     _logical("logical_not", 1, np.logical_not, "not x elementwise on a bool mask."),
 ]
+
+#: No derivative in any order or mode: every symbolic rule gives None.
+SYMBOLIC = {op.name: (no_vjp_graph, no_jvp_graph) for op in OPERATORS}
+
+OPERATORS = with_symbolic(OPERATORS, SYMBOLIC)
 
 register_operators = table_hookimpl(OPERATORS)

@@ -35,6 +35,15 @@ How the rules compute (all with numpy and BLAS, no Python loop over pixels):
   spreads ``g / count`` back the same separable way.
 
 Integer and bool inputs give float64, float32 stays float32.
+
+Derivatives as graphs (docs/derivatives.md): the gradients are operators of
+this table too, with the rules above as their forward rules: conv_grad_x and
+conv_grad_w (conv's gradients for x and w), max_pool_grad (g routed to each
+window's first maximum) and max_pool_pick (a value read there: max_pool's
+jvp), avg_pool_grad. Each is linear in the value it moves, and the adjoint of
+one is another of them, conv or avg_pool, so derivatives built from them
+differentiate again; the positions of the maxima are piecewise constant in x,
+which gets no gradient through them.
 """
 from __future__ import annotations
 
@@ -47,6 +56,7 @@ from numpy.lib.stride_tricks import as_strided
 
 from chainrule.core import Attr, OpDef, OpError, TensorSpec
 from chainrule.core.dtypes import float_result
+from chainrule.core.symbolic import linear_jvp, with_symbolic
 from chainrule.plugins.authoring import table_hookimpl
 
 
@@ -211,6 +221,11 @@ def _conv_check(x: tuple[int, ...], w: tuple[int, ...], strides, pads, dilations
 def _conv_infer(x: TensorSpec, w: TensorSpec, *, strides=None, pads=None, dilations=None, group=1) -> TensorSpec:
     geo = _conv_check(tuple(x.shape), tuple(w.shape), strides, pads, dilations, group)
     return TensorSpec(geo.out_shape(x.shape[0], w.shape[0]), float_result(np.result_type(x.dtype, w.dtype)))
+
+
+def _conv_cost(x: TensorSpec, w: TensorSpec, **attrs: Any) -> float:
+    """Floating-point operations: a multiply and an add per output element per weight of its group."""
+    return 2.0 * math.prod(_conv_infer(x, w, **attrs).shape) * math.prod(w.shape[1:])
 
 
 #: Bytes of im2col columns built at a time. conv runs over the batch in chunks of samples whose
@@ -407,28 +422,50 @@ def _max_pool(x, *, kernel_shape, strides=None, pads=None):
     return out.reshape(geo.out_shape(*np.shape(x)[:2]))
 
 
-def _max_pool_vjp(g, out, x, *, kernel_shape, strides=None, pads=None):
-    dtype = float_result(np.asarray(x).dtype)
-    geo = _pool_check("max_pool", np.shape(x), kernel_shape, strides, pads)
+def _max_pool_winners(x, geo: _Geometry, dtype: np.dtype) -> tuple[tuple[int, ...], list, np.ndarray]:
+    """The padded input's shape, the kernel offsets, and per output the offset of its window's first
+    maximum (a strict ``>``: on a tie the earlier offset wins; forward's np.maximum lets nan win, and
+    so does the first nan here)."""
     x2 = _as_2d(x, dtype)
     xp = _padded(x2, geo, -np.inf)
     offsets = _offsets(geo)
-    nan = bool(np.isnan(x2).any())          # forward's np.maximum lets nan win: so does the first nan here
+    nan = bool(np.isnan(x2).any())
     best = xp[:, :, offsets[0][0], offsets[0][1]].copy()
     winner = np.zeros(best.shape, np.int32)
     for k, (rows, cols) in enumerate(offsets[1:], 1):
         candidate = xp[:, :, rows, cols]
-        better = candidate > best            # strict: on a tie the earlier offset keeps the gradient
+        better = candidate > best
         if nan:
             better |= np.isnan(candidate) & ~np.isnan(best)
         np.copyto(best, candidate, where=better)
         np.copyto(winner, k, where=better)
-    g2 = np.asarray(g).astype(dtype, copy=False).reshape(best.shape)
-    dxp = np.zeros(xp.shape, dtype)
+    return xp.shape, offsets, winner
+
+
+def _max_pool_vjp(g, out, x, *, kernel_shape, strides=None, pads=None):
+    """g routed to each window's first maximum (the rule of max_pool_grad too)."""
+    dtype = float_result(np.asarray(x).dtype)
+    geo = _pool_check("max_pool", np.shape(x), kernel_shape, strides, pads)
+    padded, offsets, winner = _max_pool_winners(x, geo, dtype)
+    g2 = np.asarray(g).astype(dtype, copy=False).reshape(winner.shape)
+    dxp = np.zeros(padded, dtype)
     zero = dtype.type(0)
     for k, (rows, cols) in enumerate(offsets):
         dxp[:, :, rows, cols] += np.where(winner == k, g2, zero)
     return (_cropped(dxp, geo, geo.spatial),)
+
+
+def _max_pool_pick(h, x, *, kernel_shape, strides=None, pads=None):
+    """Per window of x, h's value at the window's first maximum (max_pool_grad's adjoint; max_pool(x) is
+    max_pool_pick(x, x)). The padding holds 0 in h."""
+    dtype = float_result(np.result_type(h, x))
+    geo = _pool_check("max_pool_pick", np.shape(x), kernel_shape, strides, pads)
+    _, offsets, winner = _max_pool_winners(x, geo, dtype)
+    hp = _padded(_as_2d(h, dtype), geo, 0.0)
+    out = np.zeros(winner.shape, dtype)
+    for k, (rows, cols) in enumerate(offsets):
+        np.copyto(out, hp[:, :, rows, cols], where=winner == k)
+    return out.reshape(geo.out_shape(*np.shape(x)[:2]))
 
 
 def _pool_counts(geo: _Geometry, include_pad: bool, dtype: np.dtype) -> Any:
@@ -516,29 +553,230 @@ def _avg_pool_sample(rng):
     return [rng.standard_normal(shape)], {**attrs, "count_include_pad": bool(rng.integers(2))}
 
 
+# --- derivative helpers: the vjps as operators, for derivatives built as graphs ----------------------
+#
+# conv_grad_x and conv_grad_w are conv's two gradients (the transposed convolution, and the
+# correlation of x with g); max_pool_grad routes g to each window's maximum and max_pool_pick reads
+# a value there; avg_pool_grad spreads g over the windows. Each is linear in the value it moves,
+# and the adjoint of one is another of them (or conv, avg_pool): the symbolic rules below.
+
+def _stand_in(like, dtype: np.dtype) -> np.ndarray:
+    """Zeros of like's shape in ``dtype`` as a read-only broadcast view: like's shape, none of its values."""
+    return np.broadcast_to(np.zeros((), dtype), np.shape(like))
+
+
+def _conv_grad_check(op: str, x, w, g, strides, pads, dilations, group) -> np.dtype:
+    geo = _conv_check(tuple(x.shape), tuple(w.shape), strides, pads, dilations, group)
+    expected = geo.out_shape(x.shape[0], w.shape[0])
+    if tuple(g.shape) != expected:
+        raise OpError(f"{op}: g has shape {list(g.shape)}; conv of x {list(x.shape)} with w {list(w.shape)} gives "
+                      f"{list(expected)}", reason="SHAPE_MISMATCH")
+    return float_result(np.result_type(x.dtype, w.dtype, g.dtype))
+
+
+def _conv_grad_x_infer(g: TensorSpec, w: TensorSpec, like: TensorSpec, *, strides=None, pads=None, dilations=None,
+                       group=1) -> TensorSpec:
+    return TensorSpec(like.shape, _conv_grad_check("conv_grad_x", like, w, g, strides, pads, dilations, group))
+
+
+def _conv_grad_w_infer(x: TensorSpec, g: TensorSpec, like: TensorSpec, *, strides=None, pads=None, dilations=None,
+                       group=1) -> TensorSpec:
+    return TensorSpec(like.shape, _conv_grad_check("conv_grad_w", x, like, g, strides, pads, dilations, group))
+
+
+def _conv_grad_x(g, w, like, **attrs):
+    """conv's gradient for x with cotangent g (like: x's shape and dtype, values not read)."""
+    dtype = float_result(np.result_type(g, w, like))
+    return _conv_vjp(g, None, _stand_in(like, dtype), np.asarray(w).astype(dtype, copy=False),
+                     needs=(True, False), **attrs)[0]
+
+
+def _conv_grad_w(x, g, like, **attrs):
+    """conv's gradient for w with cotangent g (like: w's shape and dtype, values not read)."""
+    dtype = float_result(np.result_type(x, g, like))
+    return _conv_vjp(g, None, np.asarray(x).astype(dtype, copy=False), _stand_in(like, dtype),
+                     needs=(False, True), **attrs)[1]
+
+
+def _conv_grad_x_vjp(h, out, g, w, like, **attrs):
+    """<h, conv_grad_x(g, w)> = <conv(h, w), g>."""
+    return _conv(h, w, **attrs), _conv_grad_w(h, g, w, **attrs), None
+
+
+def _conv_grad_w_vjp(h, out, x, g, like, **attrs):
+    """<h, conv_grad_w(x, g)> = <conv(x, h), g>."""
+    return _conv_grad_x(g, h, x, **attrs), _conv(x, h, **attrs), None
+
+
+def _pool_grad_infer(op: str):
+    """infer of max_pool_grad and avg_pool_grad (g, x): g of the pool's output shape; x's shape, in a float."""
+    def infer(g: TensorSpec, x: TensorSpec, *, kernel_shape, strides=None, pads=None, **_: Any) -> TensorSpec:
+        geo = _pool_check(op, tuple(x.shape), kernel_shape, strides, pads)
+        expected = geo.out_shape(*x.shape[:2])
+        if tuple(g.shape) != expected:
+            raise OpError(f"g has shape {list(g.shape)}; pooling x {list(x.shape)} gives {list(expected)}",
+                          reason="SHAPE_MISMATCH")
+        return TensorSpec(x.shape, float_result(x.dtype))
+    return infer
+
+
+def _max_pool_pick_infer(h: TensorSpec, x: TensorSpec, *, kernel_shape, strides=None, pads=None) -> TensorSpec:
+    if tuple(h.shape) != tuple(x.shape):
+        raise OpError(f"h has shape {list(h.shape)}, x {list(x.shape)}; max_pool_pick reads h where x's windows "
+                      f"have their maxima", reason="SHAPE_MISMATCH")
+    geo = _pool_check("max_pool_pick", tuple(x.shape), kernel_shape, strides, pads)
+    return TensorSpec(geo.out_shape(*x.shape[:2]), float_result(np.result_type(h.dtype, x.dtype)))
+
+
+def _conv_grad_sample(rng, which: int):
+    [x, w], attrs = _conv_sample(rng)
+    g = rng.standard_normal(_conv_infer(TensorSpec.of(x), TensorSpec.of(w), **attrs).shape)
+    return ([g, w, x] if which == 0 else [x, g, w]), attrs
+
+
+def _pool_grad_sample(make):
+    def sample(rng):
+        [x], attrs = make(rng)
+        out = _pool_infer("max_pool")(TensorSpec.of(x), **attrs)
+        return [rng.standard_normal(out.shape), x], attrs
+    return sample
+
+
+def _max_pool_pick_sample(rng):
+    [x], attrs = _max_pool_sample(rng)
+    return [rng.standard_normal(x.shape), x], attrs
+
+
+# --- symbolic rules (docs/derivatives.md) --------------------------------------------------------------
+
+def _conv_vjp_graph(b, g, out, x, w, **attrs):
+    return b.op("conv_grad_x", g, w, x, **attrs), b.op("conv_grad_w", x, g, w, **attrs)
+
+
+def _conv_jvp_graph(b, tangents, out, x, w, **attrs):
+    tx, tw = tangents
+    return b.add_tangents(None if tx is None else b.op("conv", tx, w, **attrs),
+                          None if tw is None else b.op("conv", x, tw, **attrs))
+
+
+def _conv_grad_x_vjp_graph(b, h, out, g, w, like, **attrs):
+    return b.op("conv", h, w, **attrs), b.op("conv_grad_w", h, g, w, **attrs), None
+
+
+def _conv_grad_x_jvp_graph(b, tangents, out, g, w, like, **attrs):
+    tg, tw, _ = tangents
+    return b.add_tangents(None if tg is None else b.op("conv_grad_x", tg, w, like, **attrs),
+                          None if tw is None else b.op("conv_grad_x", g, tw, like, **attrs))
+
+
+def _conv_grad_w_vjp_graph(b, h, out, x, g, like, **attrs):
+    return b.op("conv_grad_x", g, h, x, **attrs), b.op("conv", x, h, **attrs), None
+
+
+def _conv_grad_w_jvp_graph(b, tangents, out, x, g, like, **attrs):
+    tx, tg, _ = tangents
+    return b.add_tangents(None if tx is None else b.op("conv_grad_w", tx, g, like, **attrs),
+                          None if tg is None else b.op("conv_grad_w", x, tg, like, **attrs))
+
+
+def _max_pool_vjp_graph(b, g, out, x, **attrs):
+    return (b.op("max_pool_grad", g, x, **attrs),)
+
+
+def _max_pool_jvp_graph(b, tangents, out, x, **attrs):
+    return b.op("max_pool_pick", tangents[0], x, **attrs)    # the winners do not move: x's tangent there
+
+
+def _max_pool_grad_vjp_graph(b, h, out, g, x, **attrs):
+    return b.op("max_pool_pick", h, x, **attrs), None        # piecewise constant in x: no gradient for it
+
+
+def _max_pool_pick_vjp_graph(b, h, out, v, x, **attrs):
+    return b.op("max_pool_grad", h, x, **attrs), None
+
+
+def _avg_pool_vjp_graph(b, g, out, x, **attrs):
+    return (b.op("avg_pool_grad", g, x, **attrs),)
+
+
+def _avg_pool_grad_vjp_graph(b, h, out, g, like, **attrs):
+    return b.op("avg_pool", h, **attrs), None
+
+
+def _first_linear_jvp(name: str):
+    """The jvp_graph of a helper linear in its first input whose other inputs do not move it (shapes,
+    or the positions of maxima): the operator on the first tangent."""
+    def jvp_graph(b, tangents, out, first, *rest, **attrs):
+        return None if tangents[0] is None else b.op(name, tangents[0], *rest, **attrs)
+    return jvp_graph
+
+
 # --- the table -------------------------------------------------------------------------------------
 
 _STRIDES = Attr("ints", None, "step per spatial axis (default all 1)")
 _PADS = Attr("ints", None, "zero padding: all begins, then all ends (default all 0)")
 _KERNEL = Attr("ints", doc="window size per spatial axis")
 
+_CONV_ATTRS = {"strides": _STRIDES, "pads": _PADS,
+               "dilations": Attr("ints", None, "kernel dilation per spatial axis (default all 1)"),
+               "group": Attr("int", 1, "channel groups: C and M divisible by it, w is [M, C/group, ...]")}
+_MAX_POOL_ATTRS = {"kernel_shape": _KERNEL, "strides": _STRIDES,
+                   "pads": Attr("ints", None, "padding that never wins: all begins, then all ends (default all 0)")}
+_AVG_POOL_ATTRS = {"kernel_shape": _KERNEL, "strides": _STRIDES, "pads": _PADS,
+                   "count_include_pad": Attr("bool", False, "divide by the kernel size even where it covers padding")}
+
 OPERATORS: list[OpDef] = [
-    OpDef("conv", 2, _conv, _conv_vjp, _conv_infer,
-          attrs={"strides": _STRIDES, "pads": _PADS,
-                 "dilations": Attr("ints", None, "kernel dilation per spatial axis (default all 1)"),
-                 "group": Attr("int", 1, "channel groups: C and M divisible by it, w is [M, C/group, ...]")},
+    OpDef("conv", 2, _conv, _conv_vjp, _conv_infer, attrs=_CONV_ATTRS, cost=_conv_cost,
           doc="ONNX Conv without bias: x [N, C, (H,) W] with w [M, C/group, (KH,) KW]; strides, pads, dilations, group.",
           sample=_conv_sample, selective_vjp=True),
-    OpDef("max_pool", 1, _max_pool, _max_pool_vjp, _pool_infer("max_pool"),
-          attrs={"kernel_shape": _KERNEL, "strides": _STRIDES,
-                 "pads": Attr("ints", None, "padding that never wins: all begins, then all ends (default all 0)")},
+    OpDef("max_pool", 1, _max_pool, _max_pool_vjp, _pool_infer("max_pool"), attrs=_MAX_POOL_ATTRS,
           doc="ONNX MaxPool on NCW/NCHW: the maximum of each window; on ties the first maximum gets the gradient.",
           sample=_max_pool_sample),
-    OpDef("avg_pool", 1, _avg_pool, _avg_pool_vjp, _pool_infer("avg_pool"),
-          attrs={"kernel_shape": _KERNEL, "strides": _STRIDES, "pads": _PADS,
-                 "count_include_pad": Attr("bool", False, "divide by the kernel size even where it covers padding")},
+    OpDef("avg_pool", 1, _avg_pool, _avg_pool_vjp, _pool_infer("avg_pool"), attrs=_AVG_POOL_ATTRS,
           doc="ONNX AveragePool on NCW/NCHW: the mean of each window (padding not counted unless count_include_pad).",
           sample=_avg_pool_sample),
+
+    # derivative helpers: the gradients above as operators (like: a value whose shape alone is read)
+    OpDef("conv_grad_x", 3, _conv_grad_x, _conv_grad_x_vjp, _conv_grad_x_infer, attrs=_CONV_ATTRS,
+          input_names=("g", "w", "like"),
+          doc="conv's gradient for x (the transposed convolution of g with w), of like's shape: like is x "
+              "(its values are not read).", sample=lambda rng: _conv_grad_sample(rng, 0)),
+    OpDef("conv_grad_w", 3, _conv_grad_w, _conv_grad_w_vjp, _conv_grad_w_infer, attrs=_CONV_ATTRS,
+          input_names=("x", "g", "like"),
+          doc="conv's gradient for w (the correlation of x with g), of like's shape: like is w (its values are "
+              "not read).", sample=lambda rng: _conv_grad_sample(rng, 1)),
+    OpDef("max_pool_grad", 2,
+          lambda g, x, **attrs: _max_pool_vjp(g, None, x, **attrs)[0],
+          lambda h, out, g, x, **attrs: (_max_pool_pick(h, x, **attrs), None),
+          _pool_grad_infer("max_pool_grad"), attrs=_MAX_POOL_ATTRS, input_names=("g", "x"),
+          doc="max_pool's gradient: g routed to the first maximum of each window of x; none for x.",
+          sample=_pool_grad_sample(_max_pool_sample)),
+    OpDef("max_pool_pick", 2, _max_pool_pick,
+          lambda g, out, h, x, **attrs: (_max_pool_vjp(g, None, x, **attrs)[0], None),
+          _max_pool_pick_infer, attrs=_MAX_POOL_ATTRS, input_names=("h", "x"),
+          doc="Per window of x, h's value at the window's first maximum (max_pool(x) is max_pool_pick(x, x)); "
+              "none for x.", sample=_max_pool_pick_sample),
+    OpDef("avg_pool_grad", 2,
+          lambda g, like, **attrs: _avg_pool_vjp(g, None, like, **attrs)[0],
+          lambda h, out, g, like, **attrs: (_avg_pool(h, **attrs), None),
+          _pool_grad_infer("avg_pool_grad"), attrs=_AVG_POOL_ATTRS, input_names=("g", "like"),
+          doc="avg_pool's gradient: g spread evenly over each window, of like's shape (like is x; its values "
+              "are not read).", sample=_pool_grad_sample(_avg_pool_sample)),
 ]
+
+SYMBOLIC = {
+    #  name:          (vjp_graph,                  jvp_graph)
+    "conv":           (_conv_vjp_graph,            _conv_jvp_graph),
+    "max_pool":       (_max_pool_vjp_graph,        _max_pool_jvp_graph),
+    "avg_pool":       (_avg_pool_vjp_graph,        linear_jvp("avg_pool")),
+    # the derivative helpers: adjoint pairs (conv_grad_x with conv, max_pool_grad with max_pool_pick...)
+    "conv_grad_x":    (_conv_grad_x_vjp_graph,     _conv_grad_x_jvp_graph),
+    "conv_grad_w":    (_conv_grad_w_vjp_graph,     _conv_grad_w_jvp_graph),
+    "max_pool_grad":  (_max_pool_grad_vjp_graph,   _first_linear_jvp("max_pool_grad")),
+    "max_pool_pick":  (_max_pool_pick_vjp_graph,   _first_linear_jvp("max_pool_pick")),
+    "avg_pool_grad":  (_avg_pool_grad_vjp_graph,   _first_linear_jvp("avg_pool_grad")),
+}
+
+OPERATORS = with_symbolic(OPERATORS, SYMBOLIC)
 
 register_operators = table_hookimpl(OPERATORS)

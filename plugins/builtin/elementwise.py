@@ -39,6 +39,7 @@ import numpy as np
 
 from chainrule.core import Attr, OpDef, OpError, TensorSpec
 from chainrule.core.dtypes import NUMBER_DTYPES
+from chainrule.core.symbolic import no_jvp_graph, no_vjp_graph, with_symbolic
 from chainrule.plugins.authoring import float_like_input, table_hookimpl
 
 from .common import as_float, writable
@@ -495,5 +496,83 @@ OPERATORS: list[OpDef] = [
 ]
 
 OPERATORS = [replace(op, scalar=FLOAT_RULES[op.name]) if op.name in FLOAT_RULES else op for op in OPERATORS]
+
+
+# --- symbolic rules (docs/derivatives.md): each function's derivative f'(x) as a graph of registered
+# operators; the vjp is g * f'(x) (or g / something) and the jvp t * f'(x), since an elementwise function's
+# Jacobian is diagonal. The masks of relu, leaky_relu and clip are builtin.derivative's step (no gradient of
+# its own), so their second derivatives are 0 away from the kinks. sign's derivative is 0: no rules. --------
+
+def _times(factor):
+    """(vjp_graph, jvp_graph) of an elementwise function whose derivative is ``factor(b, out, x, **attrs)``."""
+    def vjp_graph(b, g, out, x, **attrs):
+        return (g * factor(b, out, x, **attrs),)
+
+    def jvp_graph(b, tangents, out, x, **attrs):
+        return None if tangents[0] is None else tangents[0] * factor(b, out, x, **attrs)
+    return vjp_graph, jvp_graph
+
+
+def _over(divisor):
+    """(vjp_graph, jvp_graph) of an elementwise function whose derivative is ``1 / divisor(b, out, x)``."""
+    def vjp_graph(b, g, out, x, **attrs):
+        return (g / divisor(b, out, x),)
+
+    def jvp_graph(b, tangents, out, x, **attrs):
+        return None if tangents[0] is None else tangents[0] / divisor(b, out, x)
+    return vjp_graph, jvp_graph
+
+
+def _leaky_slope(b, out, x, *, alpha):
+    return b.op("step", x, 0.0) * (1.0 - alpha) + alpha        # 1 for x > 0, alpha otherwise
+
+
+def _clip_slope(b, out, x, *, min=None, max=None):  # noqa: A002
+    """1 inside [min, max], bounds included; 0 outside."""
+    slope = None
+    if min is not None:
+        slope = b.op("step", x, min, tie=1.0)
+    if max is not None:
+        upper = b.op("step", max, x, tie=1.0)
+        slope = upper if slope is None else slope * upper
+    return b.ones_like(x) if slope is None else slope
+
+
+def _erf_slope(b, out, x):
+    return b.op("exp", -(x * x)) * (2 / _SQRT_PI)                 # 2 / sqrt(pi) exp(-x**2)
+
+
+def _gelu_slope(b, out, x, *, approximate="none"):
+    if approximate == "tanh":                                      # x sigmoid(2z): s + x s (1 - s) 2z'
+        u = x * x
+        s = b.op("sigmoid", x * (u * _GELU_CUBIC + 1.0) * (2 * _SQRT_2_OVER_PI))
+        dz = (u * (3 * _GELU_CUBIC) + 1.0) * (2 * _SQRT_2_OVER_PI)
+        return s + x * (s * (1.0 - s)) * dz
+    cdf = b.op("erf", x * math.sqrt(0.5)) * 0.5 + 0.5              # Phi(x) + x phi(x)
+    return cdf + x * b.op("exp", x * x * -0.5) * (1 / math.sqrt(2 * math.pi))
+
+
+SYMBOLIC = {
+    #  name:       (vjp_graph, jvp_graph)
+    "exp":         _times(lambda b, out, x: out),
+    "log":         _over(lambda b, out, x: x),
+    "sqrt":        _over(lambda b, out, x: out * 2.0),
+    "softplus":    _times(lambda b, out, x: b.op("sigmoid", x)),
+    "abs":         _times(lambda b, out, x: b.op("sign", x)),
+    "relu":        _times(lambda b, out, x: b.op("step", x, 0.0)),
+    "leaky_relu":  _times(_leaky_slope),
+    "clip":        _times(_clip_slope),
+    "sin":         _times(lambda b, out, x: b.op("cos", x)),
+    "cos":         _times(lambda b, out, x: -b.op("sin", x)),
+    "tanh":        _times(lambda b, out, x: 1.0 - out * out),
+    "sigmoid":     _times(lambda b, out, x: out * (1.0 - out)),
+    "log1p":       _over(lambda b, out, x: x + 1.0),
+    "expm1":       _times(lambda b, out, x: out + 1.0),
+    "erf":         _times(_erf_slope),
+    "gelu":        _times(_gelu_slope),
+    "sign":        (no_vjp_graph, no_jvp_graph),
+}
+
+OPERATORS = with_symbolic(OPERATORS, SYMBOLIC)
 
 register_operators = table_hookimpl(OPERATORS)

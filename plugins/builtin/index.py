@@ -41,6 +41,13 @@ the result has shape ``indices.shape + (depth,)``, 1 at the index and 0
 elsewhere; negative indices count from the end (-depth .. -1) and an index
 out of range gives a row of zeros, not an error. dtype is one of float64,
 float32, int64, int32, bool. The indices get no gradient.
+
+Derivatives as graphs (docs/derivatives.md): gather's ``vjp_graph`` is
+``scatter_add(zeros_like(x), indices, g)`` and its ``jvp_graph`` gather of the
+tangent. scatter_add (x plus updates added at the indices, gather's adjoint)
+is an operator of this table with rules of its own (its vjp gathers), and so
+is one_hot_like (one_hot with the depth and dtype of another value's last
+axis), which cross_entropy's derivative uses. one_hot has no derivative.
 """
 from __future__ import annotations
 
@@ -49,7 +56,8 @@ from typing import Any
 import numpy as np
 
 from chainrule.core import Attr, OpDef, OpError, TensorSpec
-from chainrule.core.dtypes import INT_DTYPES
+from chainrule.core.dtypes import FLOAT_DTYPES, INT_DTYPES, is_differentiable
+from chainrule.core.symbolic import linear_jvp, no_jvp_graph, no_vjp_graph, with_symbolic
 from chainrule.plugins.authoring import table_hookimpl
 
 from .common import normalize_axes
@@ -161,6 +169,66 @@ def _one_hot_sample(rng: np.random.Generator):
     return [rng.integers(-5, 5, (2, 3))], {"depth": 4, "dtype": ["float64", "float32"][rng.integers(2)]}
 
 
+# --- derivative helpers: scatter_add (gather's gradient), one_hot_like --------------------------------
+
+def _scatter_add_infer(x: TensorSpec, indices: TensorSpec, updates: TensorSpec, *, axis: int = 0) -> TensorSpec:
+    taken = _gather_infer(x, indices, axis=axis).shape
+    if tuple(updates.shape) != taken:
+        raise OpError(f"updates have shape {list(updates.shape)}; gather(x, indices) of x {list(x.shape)} and "
+                      f"indices {list(indices.shape)} along axis {axis} has shape {list(taken)}",
+                      reason="SHAPE_MISMATCH")
+    for name, spec in (("x", x), ("updates", updates)):
+        if not is_differentiable(spec.dtype):
+            raise OpError(f"scatter_add adds gradients: {name} must be float32 or float64, got {spec.dtype.name}",
+                          reason="DTYPE_MISMATCH")
+    return x
+
+
+def _scatter_add(x, indices, updates, *, axis=0):
+    """x with updates added at the indices along axis (repeated indices add up): gather's adjoint."""
+    x = np.asarray(x)
+    (a,) = normalize_axes((axis,), x.ndim)
+    _in_range(np.asarray(indices), x.shape[a])
+    out = _gather_vjp(np.asarray(updates, dtype=x.dtype), None, x, indices, axis=axis)[0]
+    out += x
+    return out
+
+
+def _scatter_add_vjp(g, out, x, indices, updates, *, axis=0):
+    return g, None, _gather(g, indices, axis=axis)
+
+
+def _one_hot_like_infer(indices: TensorSpec, like: TensorSpec) -> TensorSpec:
+    _check_indices(indices, "one_hot_like")
+    if not like.shape:
+        raise OpError("like needs a last axis (the classes); a 0-d like has none", reason="SHAPE_MISMATCH")
+    return TensorSpec(tuple(indices.shape) + (like.shape[-1],), like.dtype)
+
+
+def _one_hot_like(indices, like):
+    return _one_hot(indices, depth=np.shape(like)[-1], dtype=np.asarray(like).dtype.name)
+
+
+def _scatter_add_sample(rng: np.random.Generator):
+    [x, indices], attrs = _gather_sample(rng)
+    return [rng.standard_normal(x.shape), indices, np.take(rng.standard_normal(x.shape), indices, attrs["axis"])], attrs
+
+
+def _one_hot_like_sample(rng: np.random.Generator):
+    like = rng.standard_normal([(4,), (2, 3), (3, 1, 5)][rng.integers(3)])
+    return [rng.integers(-like.shape[-1], like.shape[-1], [(), (3,), (2, 2)][rng.integers(3)]), like], {}
+
+
+# --- symbolic rules (docs/derivatives.md) --------------------------------------------------------------
+
+def _gather_vjp_graph(b, g, out, x, indices, *, axis=0):
+    return b.op("scatter_add", b.zeros_like(x), indices, g, axis=axis), None
+
+
+def _scatter_add_vjp_graph(b, g, out, x, indices, updates, *, axis=0):
+    return g, None, b.op("gather", g, indices, axis=axis)
+
+
 # --- the table -------------------------------------------------------------------------------
 
 def _no_gradient(g: Any, out: Any, indices: Any, **_: Any) -> tuple[None]:
@@ -177,6 +245,28 @@ OPERATORS: list[OpDef] = [
                  "dtype": Attr("string", "float64", "float64, float32, int64, int32 or bool")},
           doc="One-hot rows of length depth on a new last axis (ONNX OneHot); out-of-range indices give zeros.",
           sample=_one_hot_sample, input_dtypes={"indices": INT_DTYPES}),
+
+    # derivative helpers: gather's gradient, and one_hot of a depth read from another value's shape
+    OpDef("scatter_add", 3, _scatter_add, _scatter_add_vjp, _scatter_add_infer,
+          attrs={"axis": Attr("int", 0, "the axis the indices index (negative counts from the end)")},
+          doc="x with updates added at the indices along axis, repeated indices adding up (gather's adjoint: "
+              "updates have the shape of gather(x, indices, axis)).",
+          sample=_scatter_add_sample, input_names=("x", "indices", "updates"),
+          input_dtypes={"x": FLOAT_DTYPES, "indices": INT_DTYPES, "updates": FLOAT_DTYPES}),
+    OpDef("one_hot_like", 2, _one_hot_like, lambda g, out, indices, like: (None, None), _one_hot_like_infer,
+          doc="one_hot(indices) with depth like's last axis, in like's dtype (like's values are not read); "
+              "no gradient.", sample=_one_hot_like_sample, input_names=("indices", "like"),
+          input_dtypes={"indices": INT_DTYPES}),
 ]
+
+SYMBOLIC = {
+    #  name:          (vjp_graph,                  jvp_graph)
+    "gather":         (_gather_vjp_graph,          linear_jvp("gather")),
+    "one_hot":        (no_vjp_graph,               no_jvp_graph),
+    "scatter_add":    (_scatter_add_vjp_graph,     linear_jvp("scatter_add")),
+    "one_hot_like":   (no_vjp_graph,               no_jvp_graph),
+}
+
+OPERATORS = with_symbolic(OPERATORS, SYMBOLIC)
 
 register_operators = table_hookimpl(OPERATORS)

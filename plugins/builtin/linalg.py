@@ -20,7 +20,8 @@ from typing import Any, NamedTuple
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
-from chainrule.core import VARIADIC, Attr, OpDef, OpError, TensorSpec, broadcast_shapes
+from chainrule.core import VARIADIC, Attr, GraphError, OpDef, OpError, TensorSpec, broadcast_shapes
+from chainrule.core.symbolic import with_symbolic
 from chainrule.plugins.authoring import table_hookimpl
 
 
@@ -85,6 +86,11 @@ def _summed_product(x: np.ndarray, y: np.ndarray, batch: tuple[int, ...]) -> np.
     # einsum with optimize contracts through BLAS (tensordot), so the summed axes never exist at full size
     product = np.einsum(f"{axes}xy,{axes}yz->{kept}xz", x, y, optimize=True)
     return product.reshape(tuple(batch) + product.shape[-2:]) if len(batch) else product
+
+
+def _matmul_cost(a: TensorSpec, b: TensorSpec) -> float:
+    """Floating-point operations: a multiply and an add per output element per term of its sum."""
+    return 2.0 * math.prod(_matmul_infer(a, b).shape) * (a.shape[-1] if a.shape else 1)
 
 
 def _matmul_sample(rng: np.random.Generator):
@@ -347,7 +353,7 @@ def _einsum_sample(rng: np.random.Generator):
 OPERATORS: list[OpDef] = [
     OpDef("matmul", 2, np.matmul, _matmul_vjp, _matmul_infer,
           doc="Matrix product with numpy's rules: 1-D vectors, broadcast batch axes.", sample=_matmul_sample,
-          selective_vjp=True),
+          selective_vjp=True, cost=_matmul_cost),
     OpDef("transpose", 1,
           lambda x, *, axes=None: np.transpose(x, _permutation(np.ndim(x), axes)),
           lambda g, out, x, *, axes=None: (np.transpose(g, np.argsort(_permutation(np.ndim(x), axes))),),
@@ -360,5 +366,152 @@ OPERATORS: list[OpDef] = [
           doc="Einstein summation over one or more inputs, with numpy's np.einsum subscripts.",
           sample=_einsum_sample, selective_vjp=True),
 ]
+
+
+# --- symbolic rules (docs/derivatives.md): the gradients as graphs of registered operators. Ranks are
+# static (shape inference knows them); batch axes a gradient gains by broadcasting are summed back by the
+# deriver (sum_to). einsum's gradient for an input is an einsum of g, the other inputs and constant ones
+# vectors and identity matrices (for subscripts of the input alone, and for diagonals), with that input's
+# subscripts as the output. ------------------------------------------------------------------------------
+
+def _rank(b, x) -> int:
+    spec = b.spec(x)
+    if spec is None:
+        raise GraphError(f"{b.rule}the rank of '{x.name}' cannot be inferred (declare the graph's input shapes)",
+                         node=x.name)
+    return len(spec.shape)
+
+
+def _swap_last(b, x, rank: int):
+    return b.op("transpose", x, axes=list(range(rank - 2)) + [rank - 1, rank - 2])
+
+
+_BATCH = "zyxwvutsrqponml"   # subscripts for batch axes (matmul's own are a..k)
+
+
+def _matmul_vjp_graph(b, g, out, a, c):
+    ra, rc = _rank(b, a), _rank(b, c)
+    if ra == 1 and rc == 1:                          # a dot product: out is a scalar
+        return g * c, g * a
+    if ra == 1:                                      # a (k), c (... k n), out (... n)
+        return (b.op("einsum", g, c, equation="...n,...kn->...k"),
+                b.op("einsum", g, a, equation="...n,k->...kn"))
+    if rc == 1:                                      # a (... m k), c (k), out (... m)
+        return (b.op("einsum", g, c, equation="...m,k->...mk"),
+                b.op("einsum", g, a, equation="...m,...mk->...k"))
+    da = b.op("matmul", g, _swap_last(b, c, rc))
+    if rc == 2 and ra > 2:                           # a batch times one matrix (a dense layer): one contraction
+        batch = _BATCH[:ra - 2]
+        dc = b.op("einsum", a, g, equation=f"{batch}mk,{batch}mn->kn")
+    else:
+        dc = b.op("matmul", _swap_last(b, a, ra), g)
+    return da, dc
+
+
+def _matmul_jvp_graph(b, tangents, out, a, c):
+    ta, tc = tangents
+    return b.add_tangents(None if ta is None else b.op("matmul", ta, c), None if tc is None else b.op("matmul", a, tc))
+
+
+def _transpose_vjp_graph(b, g, out, x, *, axes=None):
+    if axes is None:                                 # reversing the axes is its own inverse
+        return (b.op("transpose", g),)
+    perm = [a % len(axes) for a in axes]
+    return (b.op("transpose", g, axes=[int(k) for k in np.argsort(perm)]),)
+
+
+def _transpose_jvp_graph(b, tangents, out, x, *, axes=None):
+    return b.op("transpose", tangents[0], axes=None if axes is None else list(axes))
+
+
+def _subscripts(labels) -> str:
+    return "".join("..." if label is Ellipsis else _char(label) for label in labels)
+
+
+def _einsum_terms(equation: str):
+    """Each operand's subscripts and the output's, the output made explicit (numpy's implicit form: the
+    ellipsis, then the subscripts used once, in alphabetical order)."""
+    operands, output = _parse_equation(equation)
+    if output is None:
+        counts: dict[int, int] = {}
+        for labels in operands:
+            for label in labels:
+                if label is not Ellipsis:
+                    counts[label] = counts.get(label, 0) + 1
+        ellipsis = (Ellipsis,) if any(Ellipsis in labels for labels in operands) else ()
+        output = ellipsis + tuple(sorted(label for label, n in counts.items() if n == 1))
+    return operands, output
+
+
+def _einsum_vjp_graph(b, g, out, *xs, equation: str):
+    """Input i's gradient: one einsum of g, the other inputs and constants, with i's subscripts as the
+    output: a ones vector for a subscript of i alone (the gradient is broadcast along it) and an identity
+    matrix tying each repeated subscript to a fresh one (the gradient lives on the diagonal). Those two
+    need the axis' size statically; where it varies, a subscript of i alone is put back with unreduce."""
+    operands, output = _einsum_terms(equation)
+    used = {label for labels in operands for label in labels if label is not Ellipsis}
+    free = [label for label in range(_LABELS) if label not in used]
+    grads = []
+    for i, x in enumerate(xs):
+        own = operands[i]
+        others = [j for j in range(len(xs)) if j != i]
+        present = set(output).union(*(operands[j] for j in others))
+        spec = b.spec(x)
+        rank = len(spec.shape) if spec is not None else None
+        terms = [_subscripts(output)] + [_subscripts(operands[j]) for j in others]
+        refs = [g] + [xs[j] for j in others]
+        target: list = []
+        alone: list[int] = []                       # positions of subscripts of x alone (no static size)
+        seen: set = set()
+        fresh = iter(free)
+        position = 0
+        for label in own:
+            if label is Ellipsis:
+                target.append(Ellipsis)
+                position += (rank - (len(own) - 1)) if rank is not None else 0
+                continue
+            size = spec.shape[position] if spec is not None else -1
+            if label in seen:                       # a diagonal: x's gradient is zero off it
+                if size < 0:
+                    raise GraphError(f"{b.rule}einsum {equation!r} repeats a subscript of input {i} on an axis of "
+                                     f"varying size; declare the input's shape", node=x.name)
+                twin = next(fresh)
+                terms.append(_subscripts((label, twin)))
+                refs.append(b.const(np.eye(size, dtype=spec.dtype)))
+                target.append(twin)
+            elif label not in present:              # summed over x alone: the gradient is broadcast along it
+                if size < 0:
+                    alone.append(position)
+                else:
+                    terms.append(_subscripts((label,)))
+                    refs.append(b.const(np.ones(size, dtype=spec.dtype)))
+                    target.append(label)
+            else:
+                target.append(label)
+            seen.add(label)
+            position += 1
+        if alone and len(set(label for label in own if label is not Ellipsis)) < len(own) - (Ellipsis in own):
+            raise GraphError(f"{b.rule}einsum {equation!r}: input {i} has a diagonal and an axis of varying size "
+                             f"summed over it alone; declare the input's shape", node=x.name)
+        grad = b.op("einsum", *refs, equation=f"{','.join(terms)}->{_subscripts(target)}")
+        if alone:
+            grad = b.op("unreduce", grad, x, axis=alone)
+        grads.append(grad)
+    return tuple(grads)
+
+
+def _einsum_jvp_graph(b, tangents, out, *xs, equation: str):
+    terms = [b.op("einsum", *xs[:i], t, *xs[i + 1:], equation=equation) for i, t in enumerate(tangents) if t is not None]
+    return b.add_tangents(*terms)
+
+
+SYMBOLIC = {
+    #  name:      (vjp_graph,             jvp_graph)
+    "matmul":     (_matmul_vjp_graph,     _matmul_jvp_graph),
+    "transpose":  (_transpose_vjp_graph,  _transpose_jvp_graph),
+    "einsum":     (_einsum_vjp_graph,     _einsum_jvp_graph),
+}
+
+OPERATORS = with_symbolic(OPERATORS, SYMBOLIC)
 
 register_operators = table_hookimpl(OPERATORS)

@@ -6,6 +6,13 @@ layer_norm (ONNX LayerNormalization) normalizes over the axes ``axis``..last.
 log_softmax and layer_norm hand their vjps what the forward pass computed
 (softmax; x̂ and 1/std) as residuals (``OpDef.residuals``) instead of having
 them recompute it.
+
+Their symbolic rules (``vjp_graph``, ``jvp_graph``; docs/derivatives.md) are the
+same formulas written with registered operators; a symbolic rule has no
+residuals, so softmax is recomputed as exp(out) and x̂ and 1/std from means and
+a square root (the derived graph computes them once). cross_entropy's use
+one_hot_like (builtin.index) and group_size (builtin.derivative), so that a
+batch of free size needs no static shape.
 """
 from __future__ import annotations
 
@@ -15,6 +22,7 @@ import numpy as np
 
 from chainrule.core import Attr, OpDef, OpError, TensorSpec, broadcast_shapes
 from chainrule.core.dtypes import INT_DTYPES, float_result
+from chainrule.core.symbolic import with_symbolic
 from chainrule.plugins.authoring import table_hookimpl
 
 from .common import as_float, logsumexp, normalize_axes, writable
@@ -197,6 +205,90 @@ def _layer_norm_vjp(g, out, x, scale, bias, *, axis=-1, epsilon=1e-5, needs=(Tru
     return dx, dscale, (g if needs[2] else None)
 
 
+# --- symbolic rules (docs/derivatives.md): plain formulas, what the residuals held recomputed ---------
+
+def _softmax_rule(b, v, y, axis):
+    """y * (v - sum(v * y)) along axis: softmax's Jacobian (symmetric) times v, for the vjp and the jvp."""
+    return y * (v - b.op("sum", v * y, axis=(axis,), keepdims=True))
+
+
+def _softmax_vjp_graph(b, g, out, x, *, axis=-1):
+    return (_softmax_rule(b, g, out, axis),)
+
+
+def _softmax_jvp_graph(b, tangents, out, x, *, axis=-1):
+    return _softmax_rule(b, tangents[0], out, axis)
+
+
+def _log_softmax_vjp_graph(b, g, out, x, *, axis=-1):
+    return (g - b.op("exp", out) * b.op("sum", g, axis=(axis,), keepdims=True),)   # g - softmax * sum(g)
+
+
+def _log_softmax_jvp_graph(b, tangents, out, x, *, axis=-1):
+    t = tangents[0]
+    return t - b.op("sum", b.op("exp", out) * t, axis=(axis,), keepdims=True)       # t - <softmax, t>
+
+
+def _cross_entropy_parts(b, logits, labels):
+    """softmax(logits) - one_hot(labels), and the batch size (the number of labels) as a float."""
+    p = b.op("softmax", logits, axis=-1)
+    return p - b.op("one_hot_like", labels, p), b.op("group_size", labels)
+
+
+def _cross_entropy_vjp_graph(b, g, out, logits, labels):
+    d, n = _cross_entropy_parts(b, logits, labels)
+    return d * (g / n), None
+
+
+def _cross_entropy_jvp_graph(b, tangents, out, logits, labels):
+    d, n = _cross_entropy_parts(b, logits, labels)
+    return b.op("sum", d * tangents[0]) / n
+
+
+def _mse_vjp_graph(b, g, out, prediction, target):
+    d = prediction - target
+    dp = d * (2 * g / b.op("group_size", d))
+    return dp, -dp
+
+
+def _mse_jvp_graph(b, tangents, out, prediction, target):
+    tp, tt = tangents
+    dt = tp if tt is None else -tt if tp is None else tp - tt
+    return b.op("mean", 2 * (prediction - target) * dt)
+
+
+def _layer_norm_parts(b, x, axis, epsilon):
+    """x̂ and 1/std recomputed (a symbolic rule has no residuals), and the normalized axes counted from
+    the end (so that they need no rank where axis is negative)."""
+    if axis < 0:
+        axes = tuple(range(axis, 0))
+    else:
+        spec = b.spec(x)
+        if spec is None:
+            raise ValueError(f"layer_norm with axis {axis} needs the rank of x, which shape inference cannot tell; "
+                             f"give axis counted from the end (axis={axis} - rank)")
+        axes = tuple(range(axis - len(spec.shape), 0))
+    xc = x - b.op("mean", x, axis=axes, keepdims=True)
+    rstd = 1 / b.op("sqrt", b.op("mean", xc * xc, axis=axes, keepdims=True) + epsilon)
+    return xc * rstd, rstd, (lambda v: b.op("mean", v, axis=axes, keepdims=True))
+
+
+def _layer_norm_vjp_graph(b, g, out, x, scale, bias, *, axis=-1, epsilon=1e-5):
+    xhat, rstd, mean = _layer_norm_parts(b, x, axis, epsilon)
+    gh = g * scale
+    return rstd * (gh - mean(gh) - xhat * mean(gh * xhat)), g * xhat, g
+
+
+def _layer_norm_jvp_graph(b, tangents, out, x, scale, bias, *, axis=-1, epsilon=1e-5):
+    tx, tscale, tbias = tangents
+    xhat, rstd, mean = _layer_norm_parts(b, x, axis, epsilon)
+    txhat = None
+    if tx is not None:
+        centred = tx - mean(tx)
+        txhat = rstd * (centred - xhat * mean(xhat * centred))   # the tangent of x̂
+    return b.add_tangents(None if txhat is None else txhat * scale, None if tscale is None else xhat * tscale, tbias)
+
+
 # --- gradient-check samples ------------------------------------------------------------------
 
 def _pick(rng: np.random.Generator, options: list) -> Any:
@@ -250,5 +342,16 @@ OPERATORS: list[OpDef] = [
           doc="ONNX LayerNormalization: (x - mean) / sqrt(var + epsilon) * scale + bias over axes axis..last.",
           sample=_layer_norm_sample, selective_vjp=True, residuals=True),
 ]
+
+SYMBOLIC = {
+    #  name:          (vjp_graph,                  jvp_graph)
+    "softmax":        (_softmax_vjp_graph,         _softmax_jvp_graph),
+    "log_softmax":    (_log_softmax_vjp_graph,     _log_softmax_jvp_graph),
+    "cross_entropy":  (_cross_entropy_vjp_graph,   _cross_entropy_jvp_graph),
+    "mse":            (_mse_vjp_graph,             _mse_jvp_graph),
+    "layer_norm":     (_layer_norm_vjp_graph,      _layer_norm_jvp_graph),
+}
+
+OPERATORS = with_symbolic(OPERATORS, SYMBOLIC)
 
 register_operators = table_hookimpl(OPERATORS)

@@ -43,6 +43,7 @@ import numpy as np
 
 from chainrule.core import Attr, OpDef, OpError, TensorSpec
 from chainrule.core.dtypes import float_result
+from chainrule.core.symbolic import no_jvp_graph, no_vjp_graph, with_symbolic
 from chainrule.plugins.authoring import table_hookimpl
 
 from .common import as_float, logsumexp, normalize_axes, writable
@@ -359,5 +360,97 @@ OPERATORS: list[OpDef] = [
           lambda x, *, axis=None, keepdims=False: _reduced_spec(x, axis, keepdims, float_result(x.dtype), nonempty="logsumexp"),
           attrs=_ATTRS, doc="log(sum(exp(x))) over axes, computed without overflow.", sample=_sample),
 ]
+
+
+# --- symbolic rules (docs/derivatives.md): the gradients as graphs of registered operators. ``unreduce``
+# (builtin.derivative) broadcasts a reduced value back over the reduced axes, reading the input's shape at
+# run time; ``group_size`` is the count (minus ddof) per group; ``extremum_weights`` routes max and min
+# (ties split evenly); ``prod_except`` is the product of the other elements. std's gradient is 0 where
+# std is 0, as the numpy rule's (xmul). argmax and argmin have no derivative. -------------------------------
+
+def _spread_graph(b, g, x, axis, keepdims):
+    return b.op("unreduce", g, x, axis=axis, keepdims=keepdims)
+
+
+def _sum_vjp_graph(b, g, out, x, *, axis=None, keepdims=False):
+    return (_spread_graph(b, g, x, axis, keepdims),)
+
+
+def _sum_jvp_graph(b, tangents, out, x, *, axis=None, keepdims=False):
+    return b.op("sum", tangents[0], axis=axis, keepdims=keepdims)
+
+
+def _mean_vjp_graph(b, g, out, x, *, axis=None, keepdims=False):
+    return (_spread_graph(b, g, x, axis, keepdims) / b.op("group_size", x, axis=axis),)
+
+
+def _mean_jvp_graph(b, tangents, out, x, *, axis=None, keepdims=False):
+    return b.op("mean", tangents[0], axis=axis, keepdims=keepdims)
+
+
+def _weighted_graphs(weights):
+    """(vjp_graph, jvp_graph) of a reduction whose gradient is ``weights(b, out, x, axis, keepdims)`` times
+    the spread g: vjp w * unreduce(g), jvp sum(w * t)."""
+    def vjp_graph(b, g, out, x, *, axis=None, keepdims=False):
+        return (weights(b, out, x, axis, keepdims) * _spread_graph(b, g, x, axis, keepdims),)
+
+    def jvp_graph(b, tangents, out, x, *, axis=None, keepdims=False):
+        return b.op("sum", weights(b, out, x, axis, keepdims) * tangents[0], axis=axis, keepdims=keepdims)
+    return vjp_graph, jvp_graph
+
+
+def _extremum(b, out, x, axis, keepdims):
+    return b.op("extremum_weights", x, out, axis=axis, keepdims=keepdims)
+
+
+def _softmax_weights(b, out, x, axis, keepdims):
+    return b.op("exp", x - _spread_graph(b, out, x, axis, keepdims))
+
+
+def _prod_weights(b, out, x, axis, keepdims):
+    return b.op("prod_except", x, axis=axis)
+
+
+def _centred_graph(b, x, axis):
+    return x - b.op("mean", x, axis=axis, keepdims=True)
+
+
+def _var_vjp_graph(b, g, out, x, *, axis=None, keepdims=False, ddof=0):
+    scale = 2.0 / b.op("group_size", x, axis=axis, ddof=ddof)
+    return (_spread_graph(b, g, x, axis, keepdims) * _centred_graph(b, x, axis) * scale,)
+
+
+def _var_jvp_graph(b, tangents, out, x, *, axis=None, keepdims=False, ddof=0):
+    scale = 2.0 / b.op("group_size", x, axis=axis, ddof=ddof)     # the mean's tangent drops: sum(x - mean) = 0
+    return b.op("sum", _centred_graph(b, x, axis) * tangents[0], axis=axis, keepdims=keepdims) * scale
+
+
+def _std_vjp_graph(b, g, out, x, *, axis=None, keepdims=False, ddof=0):
+    n = b.op("group_size", x, axis=axis, ddof=ddof)
+    spread = _spread_graph(b, g / out, x, axis, keepdims)        # inf where std is 0, where x - mean is 0 too
+    return (b.op("xmul", _centred_graph(b, x, axis), spread) / n,)
+
+
+def _std_jvp_graph(b, tangents, out, x, *, axis=None, keepdims=False, ddof=0):
+    n = b.op("group_size", x, axis=axis, ddof=ddof)
+    dot = b.op("sum", _centred_graph(b, x, axis) * tangents[0], axis=axis, keepdims=keepdims)
+    return b.op("xmul", dot / n, 1.0 / out)                         # 0 where std is 0
+
+
+SYMBOLIC = {
+    #  name:      (vjp_graph,        jvp_graph)
+    "sum":        (_sum_vjp_graph,   _sum_jvp_graph),
+    "mean":       (_mean_vjp_graph,  _mean_jvp_graph),
+    "max":        _weighted_graphs(_extremum),
+    "min":        _weighted_graphs(_extremum),
+    "logsumexp":  _weighted_graphs(_softmax_weights),
+    "prod":       _weighted_graphs(_prod_weights),
+    "var":        (_var_vjp_graph,   _var_jvp_graph),
+    "std":        (_std_vjp_graph,   _std_jvp_graph),
+    "argmax":     (no_vjp_graph,     no_jvp_graph),
+    "argmin":     (no_vjp_graph,     no_jvp_graph),
+}
+
+OPERATORS = with_symbolic(OPERATORS, SYMBOLIC)
 
 register_operators = table_hookimpl(OPERATORS)

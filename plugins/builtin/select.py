@@ -3,6 +3,10 @@
 ``None`` in a vjp result means "no gradient for this input": where's bool
 condition gets none, and stop_gradient gives none on purpose, which cuts the
 graph for the backward pass while the forward value passes through.
+
+Derivatives as graphs (docs/derivatives.md): where's ``vjp_graph`` and
+``jvp_graph`` select g, or the tangents, with the same condition;
+stop_gradient and const have none, in any order and mode.
 """
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ import numpy as np
 
 from chainrule.core import Attr, OpDef, OpError, TensorSpec, broadcast_shapes
 from chainrule.core.dtypes import BOOL_DTYPES
+from chainrule.core.symbolic import no_jvp_graph, no_vjp_graph, with_symbolic
 from chainrule.plugins.authoring import same_as_input, table_hookimpl
 
 
@@ -59,6 +64,19 @@ def _no_gradient(g, out, x):
     return (None,)
 
 
+# --- symbolic rules (docs/derivatives.md) --------------------------------------------------------------
+
+def _where_vjp_graph(b, g, out, cond, x, y):
+    zero = b.scalar(0.0, g)
+    return None, b.op("where", cond, g, zero), b.op("where", cond, zero, g)
+
+
+def _where_jvp_graph(b, tangents, out, cond, x, y):
+    _, tx, ty = tangents
+    zero = b.scalar(0.0, out)
+    return b.op("where", cond, zero if tx is None else tx, zero if ty is None else ty)
+
+
 # --- the table -------------------------------------------------------------------------------
 
 OPERATORS: list[OpDef] = [
@@ -77,5 +95,14 @@ OPERATORS: list[OpDef] = [
           sample=lambda rng: ([], {"value": rng.standard_normal((2, 3))}),
           scalar=(_const_float, _literal_vjp)),
 ]
+
+SYMBOLIC = {
+    #  name:          (vjp_graph,                  jvp_graph)
+    "where":          (_where_vjp_graph,           _where_jvp_graph),
+    "stop_gradient":  (no_vjp_graph,               no_jvp_graph),     # no gradient, on purpose: in every order
+    "const":          (no_vjp_graph,               no_jvp_graph),     # a literal has no inputs
+}
+
+OPERATORS = with_symbolic(OPERATORS, SYMBOLIC)
 
 register_operators = table_hookimpl(OPERATORS)

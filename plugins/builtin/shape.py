@@ -13,6 +13,17 @@ the axis may eat into the other side's padding), and only a result with a
 negative size is refused. cumsum follows ONNX CumSum: ``exclusive`` leaves
 each element out of its own sum, ``reverse`` sums from the end, and the
 result keeps the input's dtype (int32 stays int32, bool is refused).
+
+Derivatives as graphs (docs/derivatives.md): every operator here is linear, so
+its ``jvp_graph`` is the operator itself on the tangent (pad's pads it with 0)
+and its ``vjp_graph`` the adjoint: reshape_like (reshape, squeeze), squeeze
+(expand_dims), concat_part (concat), slice then squeeze (stack), unslice
+(slice), pad with the pads negated (pad: ``out[i] = x[i - begin]``), untile
+(tile), cumsum the other way, flip. reshape_like, unslice, untile and
+concat_part are operators of this table: they read the shape they restore from
+an input (``like``) whose values they never read, so that a derivative needs
+no static shape (inputs declared with -1 sizes), and the adjoint of each is the
+operator it undoes, so derivatives built from them differentiate again.
 """
 from __future__ import annotations
 
@@ -24,6 +35,7 @@ import numpy as np
 from chainrule.core import VARIADIC, Attr, OpDef, OpError, TensorSpec, unbroadcast
 from chainrule.core.dtypes import NUMBER_DTYPES
 from chainrule.core.tensor_spec import MAX_RANK
+from chainrule.core.symbolic import linear_jvp, with_symbolic
 from chainrule.plugins.authoring import table_hookimpl
 
 from .common import normalize_axes
@@ -269,6 +281,156 @@ def _flip_infer(x: TensorSpec, *, axes=None) -> TensorSpec:
     return x
 
 
+# --- derivative helpers: the shape-moving vjps as operators of their own ----------------------------
+#
+# A symbolic vjp (docs/derivatives.md) may not know shapes statically (an input declared with -1
+# sizes), so the gradients of reshape, squeeze, slice, concat and tile are operators that read the
+# shape they restore from an input ``like`` whose values they never read. Each is linear in its
+# first input, and the adjoint of one is the operator it undoes: their rules are one line each.
+
+def _reshape_like_infer(x: TensorSpec, like: TensorSpec) -> TensorSpec:
+    if x.size != like.size:
+        raise OpError(f"cannot reshape {list(x.shape)} ({x.size} elements) into {list(like.shape)} "
+                      f"({like.size} elements)", reason="SHAPE_MISMATCH")
+    return TensorSpec(like.shape, x.dtype)
+
+
+def _unslice(g, like, **attrs):
+    """g written into zeros of like's shape (g's dtype) where slice(like, **attrs) reads."""
+    dx = np.zeros(np.shape(like), np.asarray(g).dtype)
+    dx[_index(np.ndim(like), **attrs)] = g
+    return dx
+
+
+def _unslice_infer(g: TensorSpec, like: TensorSpec, **attrs: Any) -> TensorSpec:
+    cut = _slice_infer(like, **attrs).shape
+    if tuple(g.shape) != cut:
+        raise OpError(f"g has shape {list(g.shape)}; this slice of shape {list(like.shape)} has shape {list(cut)}",
+                      reason="SHAPE_MISMATCH")
+    return TensorSpec(like.shape, g.dtype)
+
+
+def _untile_infer(g: TensorSpec, like: TensorSpec, *, repeats) -> TensorSpec:
+    tiled = _tile_infer(like, repeats=repeats).shape
+    if tuple(g.shape) != tiled:
+        raise OpError(f"g has shape {list(g.shape)}; tiling shape {list(like.shape)} by {list(repeats)} gives "
+                      f"{list(tiled)}", reason="SHAPE_MISMATCH")
+    return TensorSpec(like.shape, g.dtype)
+
+
+def _part_bounds(likes: Sequence[Any], part: int, axis: int) -> tuple[int, slice]:
+    """(the axis, the range of it that input ``part`` of a concat of ``likes`` fills)."""
+    ax = _axis(axis, len(np.shape(likes[0])))
+    start = sum(np.shape(x)[ax] for x in likes[:part])
+    return ax, slice(start, start + np.shape(likes[part])[ax])
+
+
+def _concat_part(g, *likes, part, axis=0):
+    ax, span = _part_bounds(likes, part, axis)
+    return np.asarray(g)[(slice(None),) * ax + (span,)]
+
+
+def _concat_part_vjp(h, out, g, *likes, part, axis=0):
+    ax, span = _part_bounds(likes, part, axis)
+    dg = np.zeros(np.shape(g), np.asarray(h).dtype)
+    dg[(slice(None),) * ax + (span,)] = h
+    return (dg,) + (None,) * len(likes)
+
+
+def _concat_part_infer(g: TensorSpec, *likes: TensorSpec, part, axis=0) -> TensorSpec:
+    if not likes:
+        raise OpError("concat_part takes g, then the concatenated inputs (at least one)", reason="BAD_ARITY")
+    if not 0 <= part < len(likes):
+        raise OpError(f"part {part} is not one of the {len(likes)} concatenated inputs", reason="BAD_ATTRIBUTE",
+                      field="attrs.part")
+    joined = _concat_infer(*likes, axis=axis).shape
+    if tuple(g.shape) != joined:
+        raise OpError(f"g has shape {list(g.shape)}; the concatenation of the inputs has shape {list(joined)}",
+                      reason="SHAPE_MISMATCH")
+    return TensorSpec(likes[part].shape, g.dtype)
+
+
+# --- symbolic rules (docs/derivatives.md) --------------------------------------------------------------
+
+def _reshape_vjp_graph(b, g, out, x, **_):
+    return (b.op("reshape_like", g, x),)
+
+
+def _expand_dims_vjp_graph(b, g, out, x, *, axis):
+    return (b.op("squeeze", g, axis=axis),)      # the same axes: both count them in the result's rank
+
+
+def _broadcast_to_vjp_graph(b, g, out, x, *, shape):
+    return (g,)                                  # the deriver sums it back to x (sum_to)
+
+
+def _concat_vjp_graph(b, g, out, *xs, axis=0):
+    if len(xs) == 1:
+        return (g,)
+    return tuple(b.op("concat_part", g, *xs, part=i, axis=axis) for i in range(len(xs)))
+
+
+def _stack_vjp_graph(b, g, out, *xs, axis=0):
+    return tuple(b.op("squeeze", b.op("slice", g, starts=(i,), ends=(i + 1,), axes=(axis,)), axis=(axis,))
+                 for i in range(len(xs)))
+
+
+def _slice_vjp_graph(b, g, out, x, **attrs):
+    return (b.op("unslice", g, x, **attrs),)
+
+
+def _pad_vjp_graph(b, g, out, x, *, pads, value=0.0):
+    return (b.op("pad", g, pads=tuple(-p for p in pads)),)   # out[i] = x[i - begin]: the adjoint shifts back
+
+
+def _pad_jvp_graph(b, tangents, out, x, *, pads, value=0.0):
+    return b.op("pad", tangents[0], pads=pads)               # the padding is constant: its tangent is 0
+
+
+def _tile_vjp_graph(b, g, out, x, *, repeats):
+    return (b.op("untile", g, x, repeats=repeats),)
+
+
+def _cumsum_vjp_graph(b, g, out, x, *, axis, exclusive=False, reverse=False):
+    return (b.op("cumsum", g, axis=axis, exclusive=exclusive, reverse=not reverse),)
+
+
+def _flip_vjp_graph(b, g, out, x, *, axes=None):
+    return (b.op("flip", g, axes=axes),)
+
+
+def _first_linear_jvp(name: str):
+    """The jvp_graph of a helper linear in its first input whose other inputs give only shapes."""
+    def jvp_graph(b, tangents, out, first, *rest, **attrs):
+        return None if tangents[0] is None else b.op(name, tangents[0], *rest, **attrs)
+    return jvp_graph
+
+
+def _reshape_like_vjp_graph(b, h, out, x, like):
+    return b.op("reshape_like", h, x), None
+
+
+def _unslice_vjp_graph(b, h, out, g, like, **attrs):
+    return b.op("slice", h, **attrs), None
+
+
+def _untile_vjp_graph(b, h, out, g, like, *, repeats):
+    return b.op("tile", h, repeats=repeats), None
+
+
+def _concat_part_vjp_graph(b, h, out, g, *likes, part, axis=0):
+    parts = [h if i == part else b.zeros_like(x) for i, x in enumerate(likes)]
+    return (b.op("concat", *parts, axis=axis),) + (None,) * len(likes)
+
+
+def _joined_jvp(name: str):
+    """The jvp_graph of concat and stack: the operator on the tangents, zeros for an input without one
+    (an int input too: it is a constant, whatever linear_jvp would pass)."""
+    def jvp_graph(b, tangents, out, *xs, **attrs):
+        return b.op(name, *(b.zeros_like(x) if t is None else t for t, x in zip(tangents, xs)), **attrs)
+    return jvp_graph
+
+
 # --- gradient-check samples ------------------------------------------------------------------
 
 def _pick(rng: np.random.Generator, options: list) -> Any:
@@ -344,7 +506,34 @@ def _flip_sample(rng):
     return [np.asarray(rng.standard_normal(source))], attrs
 
 
+def _reshape_like_sample(rng):
+    x, like = _pick(rng, [((2, 3, 4), (6, 4)), ((2, 3, 4), (24,)), ((6,), (3, 1, 2)), ((), (1, 1))])
+    return [np.asarray(rng.standard_normal(x)), rng.standard_normal(like)], {}
+
+
+def _unslice_sample(rng):
+    [like], attrs = _slice_sample(rng)
+    return [rng.standard_normal(_slice_infer(TensorSpec.of(like), **attrs).shape), like], attrs
+
+
+def _untile_sample(rng):
+    [like], attrs = _tile_sample(rng)
+    return [rng.standard_normal(_tile_infer(TensorSpec.of(like), **attrs).shape), like], attrs
+
+
+def _concat_part_sample(rng):
+    likes, attrs = _concat_sample(rng)
+    g = rng.standard_normal(_concat_infer(*map(TensorSpec.of, likes), **attrs).shape)
+    return [g, *likes], {**attrs, "part": int(rng.integers(len(likes)))}
+
+
 # --- the table -------------------------------------------------------------------------------
+
+_SLICE_ATTRS = {"starts": Attr("ints", doc="first index per sliced axis (negative counts from the end)"),
+                "ends": Attr("ints", doc="end index (exclusive) per sliced axis; clamped like numpy"),
+                "axes": Attr("ints", None, "the sliced axes; none: the leading len(starts) axes"),
+                "steps": Attr("ints", None, "step per sliced axis (negative walks backwards); none: 1s")}
+_REPEATS = Attr("ints", doc="copies along each axis (one entry per axis, >= 0)")
 
 OPERATORS: list[OpDef] = [
     # same elements, new shape
@@ -386,10 +575,7 @@ OPERATORS: list[OpDef] = [
     # select a box: the gradient is scattered into zeros
     OpDef("slice", 1,
           lambda x, **attrs: x[_index(np.ndim(x), **attrs)], _slice_vjp, _slice_infer,
-          attrs={"starts": Attr("ints", doc="first index per sliced axis (negative counts from the end)"),
-                 "ends": Attr("ints", doc="end index (exclusive) per sliced axis; clamped like numpy"),
-                 "axes": Attr("ints", None, "the sliced axes; none: the leading len(starts) axes"),
-                 "steps": Attr("ints", None, "step per sliced axis (negative walks backwards); none: 1s")},
+          attrs=_SLICE_ATTRS,
           doc="x[start:end:step] along some axes, with numpy's negative indices and clamping.", sample=_slice_sample),
 
     # pad with a constant (negative pads crop), tile: the gradient is cut out, or summed over the tiles
@@ -401,7 +587,7 @@ OPERATORS: list[OpDef] = [
           sample=_pad_sample),
     OpDef("tile", 1,
           lambda x, *, repeats: np.tile(x, repeats), _tile_vjp, _tile_infer,
-          attrs={"repeats": Attr("ints", doc="copies along each axis (one entry per axis, >= 0)")},
+          attrs={"repeats": _REPEATS},
           doc="Repeat the whole tensor along each axis, as np.tile and ONNX Tile.", sample=_tile_sample),
 
     # running sums along an axis, and reversal: the gradient runs the other way
@@ -415,6 +601,53 @@ OPERATORS: list[OpDef] = [
           lambda g, out, x, *, axes=None: (_flip(g, axes=axes),), _flip_infer,
           attrs={"axes": Attr("ints", None, "the axes to reverse (negative allowed); none: all of them")},
           doc="Reverse the order of elements along some axes (all by default), as np.flip.", sample=_flip_sample),
+
+    # derivative helpers: the gradients above as operators, shaped by an input whose values they never read
+    OpDef("reshape_like", 2,
+          lambda x, like: np.reshape(x, np.shape(like)),
+          lambda g, out, x, like: (np.reshape(g, np.shape(x)), None),
+          _reshape_like_infer, input_names=("x", "like"),
+          doc="x reshaped to like's shape (like's values are not read): the gradient of reshape and squeeze.",
+          sample=_reshape_like_sample),
+    OpDef("unslice", 2, _unslice,
+          lambda h, out, g, like, **attrs: (np.asarray(h)[_index(np.ndim(like), **attrs)], None),
+          _unslice_infer, attrs=_SLICE_ATTRS, input_names=("g", "like"),
+          doc="Zeros of like's shape with g where slice(like, ...) reads (like's values are not read): "
+              "slice's gradient.", sample=_unslice_sample),
+    OpDef("untile", 2,
+          lambda g, like, *, repeats: _tile_vjp(g, None, like, repeats=repeats)[0],
+          lambda h, out, g, like, *, repeats: (np.tile(h, repeats), None),
+          _untile_infer, attrs={"repeats": _REPEATS}, input_names=("g", "like"),
+          doc="g, a tiling of like's shape, summed over its tiles (like's values are not read): tile's gradient.",
+          sample=_untile_sample),
+    OpDef("concat_part", VARIADIC, _concat_part, _concat_part_vjp, _concat_part_infer,
+          attrs={"part": Attr("int", doc="which of the concatenated inputs (0 for the first)"),
+                 "axis": Attr("int", 0, "the axis they were joined along (negative allowed)")},
+          input_names=("g_then_likes",),
+          doc="concat_part(g, *likes): the part of g, a concatenation of values shaped like the likes, that "
+              "likes[part] fills (the likes' values are not read): concat's gradient.", sample=_concat_part_sample),
 ]
+
+SYMBOLIC = {
+    #  name:          (vjp_graph,                  jvp_graph)
+    "reshape":        (_reshape_vjp_graph,         linear_jvp("reshape")),
+    "squeeze":        (_reshape_vjp_graph,         linear_jvp("squeeze")),
+    "expand_dims":    (_expand_dims_vjp_graph,     linear_jvp("expand_dims")),
+    "broadcast_to":   (_broadcast_to_vjp_graph,    linear_jvp("broadcast_to")),
+    "concat":         (_concat_vjp_graph,          _joined_jvp("concat")),
+    "stack":          (_stack_vjp_graph,           _joined_jvp("stack")),
+    "slice":          (_slice_vjp_graph,           linear_jvp("slice")),
+    "pad":            (_pad_vjp_graph,             _pad_jvp_graph),
+    "tile":           (_tile_vjp_graph,            linear_jvp("tile")),
+    "cumsum":         (_cumsum_vjp_graph,          linear_jvp("cumsum")),
+    "flip":           (_flip_vjp_graph,            linear_jvp("flip")),
+    # the derivative helpers: each one's adjoint is the operator it undoes
+    "reshape_like":   (_reshape_like_vjp_graph,    _first_linear_jvp("reshape_like")),
+    "unslice":        (_unslice_vjp_graph,         _first_linear_jvp("unslice")),
+    "untile":         (_untile_vjp_graph,          _first_linear_jvp("untile")),
+    "concat_part":    (_concat_part_vjp_graph,     _first_linear_jvp("concat_part")),
+}
+
+OPERATORS = with_symbolic(OPERATORS, SYMBOLIC)
 
 register_operators = table_hookimpl(OPERATORS)

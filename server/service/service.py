@@ -25,10 +25,12 @@ from chainrule.core.engine import (
 from chainrule.core.engine import evaluate as evaluate_plan
 from chainrule.core.errors import GraphError, LimitExceeded, SharedMemoryUnavailable, UnknownGraphError
 from chainrule.core.operator import described_inputs
+from chainrule.core.symbolic import derive_forward, derive_reverse, plan_to_graph
 from chainrule.plugins.manager import Loaded, chainrule_version
 from chainrule.v1 import chainrule_pb2 as pb
 from chainrule.wire.convert import (
-    NUMPY_TO_DTYPE, array_to_tensor, graph_from_proto, inputs_from_proto, python_to_attr, tensor_to_array,
+    NUMPY_TO_DTYPE, array_to_tensor, graph_from_proto, graph_to_proto, inputs_from_proto, python_to_attr,
+    tensor_to_array,
 )
 from chainrule.wire.incoming import Incoming
 from chainrule.wire.outgoing import Carrier, Outgoing
@@ -217,6 +219,35 @@ class ChainruleService:
         return outgoing
 
     # --- operators ------------------------------------------------------------------
+
+    # --- derivatives as graphs --------------------------------------------------------------
+
+    def derive(self, request: pb.DeriveRequest) -> pb.DeriveResponse:
+        """One Derive call: the derivative of a graph (or registered id) as a new graph, which is
+        compiled and registered here too (its id comes back), so that it can be evaluated by id."""
+        source = request.WhichOneof("source")
+        if source == "graph":
+            self.compile(request.graph)  # pins, validation and the cache, as for Evaluate
+            graph = graph_from_proto(request.graph, max_elements=self.limits.max_tensor_elements)
+        else:
+            graph = plan_to_graph(self.plan_for(request)[1])
+        wrt = list(request.wrt)
+        output = request.output or None
+        if request.mode == pb.DERIVATIVE_MODE_FORWARD:
+            if request.seed:
+                raise GraphError("seed: a seed input is for reverse mode; forward mode takes one tangent input "
+                                 "per wrt name", field="seed")
+            derived, names = derive_forward(graph, self.registry, output=output, wrt=wrt, limits=self.limits)
+        elif request.mode == pb.DERIVATIVE_MODE_REVERSE:
+            derived, names = derive_reverse(graph, self.registry, output=output, wrt=wrt, seed=request.seed,
+                                            limits=self.limits)
+        else:
+            raise GraphError(f"mode: unknown derivative mode {request.mode}", field="mode")
+        message = graph_to_proto(derived)
+        gid, _ = self.compile(message)
+        return pb.DeriveResponse(graph=message, graph_id=gid, output=names.output, seed_input=names.seed,
+                                 gradients=dict(names.gradients), tangents=dict(names.tangents),
+                                 tangent_output=names.tangent_output)
 
     def list_operators(self, request: pb.ListOperatorsRequest | None = None) -> pb.ListOperatorsResponse:
         """Every operator served, then those the start-up check refused (CHECK_FAILED, not served)."""

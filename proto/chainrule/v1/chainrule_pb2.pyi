@@ -38,6 +38,11 @@ class CheckStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     CHECK_NOT_RUN: _ClassVar[CheckStatus]
     CHECK_PASSED: _ClassVar[CheckStatus]
     CHECK_FAILED: _ClassVar[CheckStatus]
+
+class DerivativeMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DERIVATIVE_MODE_REVERSE: _ClassVar[DerivativeMode]
+    DERIVATIVE_MODE_FORWARD: _ClassVar[DerivativeMode]
 DTYPE_UNSPECIFIED: DType
 FLOAT64: DType
 FLOAT32: DType
@@ -53,6 +58,8 @@ TENSOR_ENCODING_VALUES: TensorEncoding
 CHECK_NOT_RUN: CheckStatus
 CHECK_PASSED: CheckStatus
 CHECK_FAILED: CheckStatus
+DERIVATIVE_MODE_REVERSE: DerivativeMode
+DERIVATIVE_MODE_FORWARD: DerivativeMode
 
 class Tensor(_message.Message):
     __slots__ = ("dtype", "shape", "data", "values", "shared_memory")
@@ -517,3 +524,51 @@ class OptimizeProgress(_message.Message):
     stopped_early: bool
     stop_reason: str
     def __init__(self, step: _Optional[int] = ..., loss: _Optional[float] = ..., grad_norms: _Optional[_Mapping[str, float]] = ..., elapsed_seconds: _Optional[float] = ..., done: _Optional[bool] = ..., parameters: _Optional[_Mapping[str, Tensor]] = ..., losses: _Optional[_Iterable[float]] = ..., target_reached: _Optional[bool] = ..., stopped_early: _Optional[bool] = ..., stop_reason: _Optional[str] = ...) -> None: ...
+
+class DeriveRequest(_message.Message):
+    __slots__ = ("graph", "graph_id", "output", "wrt", "mode", "seed")
+    GRAPH_FIELD_NUMBER: _ClassVar[int]
+    GRAPH_ID_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    WRT_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    graph: Graph
+    graph_id: str
+    output: str
+    wrt: _containers.RepeatedScalarFieldContainer[str]
+    mode: DerivativeMode
+    seed: bool
+    def __init__(self, graph: _Optional[_Union[Graph, _Mapping]] = ..., graph_id: _Optional[str] = ..., output: _Optional[str] = ..., wrt: _Optional[_Iterable[str]] = ..., mode: _Optional[_Union[DerivativeMode, str]] = ..., seed: _Optional[bool] = ...) -> None: ...
+
+class DeriveResponse(_message.Message):
+    __slots__ = ("graph", "graph_id", "output", "seed_input", "gradients", "tangents", "tangent_output")
+    class GradientsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    class TangentsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    GRAPH_FIELD_NUMBER: _ClassVar[int]
+    GRAPH_ID_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    SEED_INPUT_FIELD_NUMBER: _ClassVar[int]
+    GRADIENTS_FIELD_NUMBER: _ClassVar[int]
+    TANGENTS_FIELD_NUMBER: _ClassVar[int]
+    TANGENT_OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    graph: Graph
+    graph_id: str
+    output: str
+    seed_input: str
+    gradients: _containers.ScalarMap[str, str]
+    tangents: _containers.ScalarMap[str, str]
+    tangent_output: str
+    def __init__(self, graph: _Optional[_Union[Graph, _Mapping]] = ..., graph_id: _Optional[str] = ..., output: _Optional[str] = ..., seed_input: _Optional[str] = ..., gradients: _Optional[_Mapping[str, str]] = ..., tangents: _Optional[_Mapping[str, str]] = ..., tangent_output: _Optional[str] = ...) -> None: ...

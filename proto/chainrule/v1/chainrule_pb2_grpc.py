@@ -66,6 +66,11 @@ class ChainruleStub:
                 request_serializer=chainrule_dot_v1_dot_chainrule__pb2.OptimizeRequest.SerializeToString,
                 response_deserializer=chainrule_dot_v1_dot_chainrule__pb2.OptimizeProgress.FromString,
                 _registered_method=True)
+        self.Derive = channel.unary_unary(
+                '/chainrule.v1.Chainrule/Derive',
+                request_serializer=chainrule_dot_v1_dot_chainrule__pb2.DeriveRequest.SerializeToString,
+                response_deserializer=chainrule_dot_v1_dot_chainrule__pb2.DeriveResponse.FromString,
+                _registered_method=True)
 
 
 class ChainruleServicer:
@@ -131,6 +136,16 @@ class ChainruleServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Derive(self, request, context):
+        """Differentiates a graph symbolically and returns the derivative as a new
+        Graph of registered operators (see "Derive" below): reverse mode gives
+        the gradients of one output, forward mode a Jacobian-vector product. The
+        result can be evaluated, registered, rendered and differentiated again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ChainruleServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -163,6 +178,11 @@ def add_ChainruleServicer_to_server(servicer, server):
                     servicer.Optimize,
                     request_deserializer=chainrule_dot_v1_dot_chainrule__pb2.OptimizeRequest.FromString,
                     response_serializer=chainrule_dot_v1_dot_chainrule__pb2.OptimizeProgress.SerializeToString,
+            ),
+            'Derive': grpc.unary_unary_rpc_method_handler(
+                    servicer.Derive,
+                    request_deserializer=chainrule_dot_v1_dot_chainrule__pb2.DeriveRequest.FromString,
+                    response_serializer=chainrule_dot_v1_dot_chainrule__pb2.DeriveResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -329,6 +349,33 @@ class Chainrule:
             '/chainrule.v1.Chainrule/Optimize',
             chainrule_dot_v1_dot_chainrule__pb2.OptimizeRequest.SerializeToString,
             chainrule_dot_v1_dot_chainrule__pb2.OptimizeProgress.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Derive(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/chainrule.v1.Chainrule/Derive',
+            chainrule_dot_v1_dot_chainrule__pb2.DeriveRequest.SerializeToString,
+            chainrule_dot_v1_dot_chainrule__pb2.DeriveResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -239,6 +239,22 @@ def graph_from_proto(graph: pb.Graph, *, max_elements: int | None = None, field:
     return GraphIR(inputs, nodes, tuple(graph.outputs), dict(graph.metadata))
 
 
+def graph_to_proto(graph: GraphIR) -> pb.Graph:
+    """The Graph message of a core GraphIR (a derived graph, say); graph attributes are converted too.
+    Small constants stay readable lists of numbers only if written that way: tensors go as raw bytes."""
+    message = pb.Graph(outputs=list(graph.outputs), metadata=dict(graph.metadata))
+    for decl in graph.inputs:
+        message.inputs.add(name=decl.name, dtype=NUMPY_TO_DTYPE[str(decl.dtype)], shape=[int(n) for n in decl.shape])
+    for node in graph.nodes:
+        entry = message.nodes.add(name=node.name, op=node.op, inputs=list(node.inputs), outputs=list(node.outputs))
+        for key, value in node.attrs.items():
+            if isinstance(value, GraphIR):
+                entry.attrs[key].graph.CopyFrom(graph_to_proto(value))
+            else:
+                entry.attrs[key].CopyFrom(python_to_attr(value))
+    return message
+
+
 def inputs_from_proto(tensors: Mapping[str, Any], *, max_elements: int | None = None,
                       shared_memory: SharedMemoryDir | None = None) -> dict[str, np.ndarray]:
     return {name: tensor_to_array(t, field=f"inputs.{name}", max_elements=max_elements, shared_memory=shared_memory)

@@ -1,0 +1,70 @@
+"""Time is a promise (issue 14): a call whose least possible work cannot fit its deadline is refused
+before it starts, naming the estimate and the time left; one that fits runs as before.
+
+The estimate (core/cost.py) is a lower bound: each operator's declared arithmetic (OpDef.cost;
+matmul, einsum, conv and scan declare theirs) at this machine's peak rate, doubled.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from chainrule.client import DeadlineExceeded, GraphBuilder, ops
+from chainrule.core import GraphIR, StopToken, compile_graph, evaluate
+from chainrule.core.cost import minimum_seconds, peak_rates
+from chainrule.core.errors import DeadlineError
+from chainrule.plugins.manager import load_registry
+
+REGISTRY = load_registry(entry_points=False)
+
+
+def _matmul(n: int) -> GraphIR:
+    return GraphIR.build([("a", "float64", (n, n)), ("b", "float64", (n, n))],
+                         [("m", "matmul", ("a", "b")), ("s", "sum", ("m",))], "s")
+
+
+def test_a_huge_product_with_a_short_deadline_is_refused_before_it_starts():
+    n = 6400  # 2 n^3 = 524 GFLOP forward; the issue's attack ran 5 s past a 1 s deadline
+    plan = compile_graph(_matmul(n), REGISTRY)
+    a = np.broadcast_to(np.float64(1.0), (n, n))  # no memory: the refusal comes before anything is read
+    started = time.monotonic()
+    with pytest.raises(DeadlineError) as caught:
+        evaluate(plan, {"a": a, "b": a}, token=StopToken.after(1.0))
+    assert time.monotonic() - started < 0.5
+    message = str(caught.value)
+    assert "refused before starting" in message and "floating-point operations" in message
+    assert "the deadline leaves" in message
+
+
+def test_the_estimate_counts_declared_arithmetic_and_stays_below_the_real_time():
+    plan = compile_graph(_matmul(300), REGISTRY)
+    rng = np.random.default_rng(0)
+    feed = {"a": rng.standard_normal((300, 300)), "b": rng.standard_normal((300, 300))}
+    shapes = plan.specialize([(300, 300), (300, 300)])
+    seconds, operations, nbytes = minimum_seconds(plan, shapes, gradients=True)
+    assert operations >= 3 * 2 * 300 ** 3  # forward product, and twice that backward
+    started = time.perf_counter()
+    evaluate(plan, feed)
+    assert seconds < time.perf_counter() - started  # a lower bound
+    flops, bandwidth = peak_rates()
+    assert flops > 1e8 and bandwidth > 1e8
+
+
+def test_a_call_that_fits_its_deadline_runs():
+    plan = compile_graph(_matmul(50), REGISTRY)
+    result = evaluate(plan, {"a": np.eye(50), "b": np.eye(50)}, token=StopToken.after(5.0))
+    assert float(result.output_value) == 50.0
+
+
+def test_over_grpc_the_refusal_is_deadline_exceeded_and_the_server_goes_on(client):
+    g = GraphBuilder()
+    x = g.input("x", (1,))
+    big = ops.broadcast_to(x, (4000, 4000))  # a 4000^2 product from one number: 128 GFLOP forward
+    loss = (big @ big).sum()
+    started = time.monotonic()
+    with pytest.raises(DeadlineExceeded, match="refused before starting"):
+        client.evaluate(loss, x=np.ones(1), timeout=0.5)
+    assert time.monotonic() - started < 0.5
+    assert client.evaluate(g.input("y") * 2.0, y=4.0).value == 8.0
