@@ -6,10 +6,10 @@ import pytest
 
 from chainrule.client import GraphBuilder, InvalidArgument
 from chainrule.core import OpError
-from chainrule.plugins.builtin import arith, reduce
+from chainrule.plugins.builtin import arith, reduce, shape
 from chainrule.server import LocalClient
 
-OPS = {op.name: op for op in arith.OPERATORS + reduce.OPERATORS}
+OPS = {op.name: op for op in arith.OPERATORS + reduce.OPERATORS + shape.OPERATORS}
 I64 = np.iinfo(np.int64)
 I32 = np.iinfo(np.int32)
 
@@ -60,6 +60,15 @@ def test_reductions_refuse_overflow_per_group():
     refused("prod", np.array([[2 ** 40, 2], [2 ** 40, 2 ** 30]]), axis=[1])
     # int32 sums widen to int64, as numpy's: no overflow there
     assert OPS["sum"].forward(a(I32.max, 1, dtype=np.int32)) == 2 ** 31
+
+
+def test_running_sums_refuse_overflow_but_keep_what_fits():
+    refused("cumsum", a(I64.max, 1, -5), axis=0)  # the second partial sum leaves the range
+    refused("cumsum", a(1, 1, I32.max, dtype=np.int32), axis=0, reverse=True)
+    refused("cumsum", np.array([[1, I64.max], [I64.max, 1]]), axis=1)
+    kept = OPS["cumsum"].forward(a(I64.max, -I64.max, I64.max), axis=0)  # every partial sum fits
+    assert kept.tolist() == [I64.max, 0, I64.max]
+    assert OPS["cumsum"].forward(a(I32.max, I32.min, dtype=np.int32), axis=0, exclusive=True).tolist() == [0, I32.max]
 
 
 def test_floats_are_not_checked():

@@ -251,12 +251,27 @@ def _cumsum(x, *, axis, exclusive=False, reverse=False):
     if reverse:
         x = np.flip(x, ax)
     out = np.cumsum(x, axis=ax, dtype=x.dtype)
+    if out.dtype.kind in "iu" and out.size:
+        _check_int_cumsum(x, ax, out.dtype)
     if exclusive:
         before = (slice(None),) * ax
         shifted = np.zeros_like(out)
         shifted[before + (slice(1, None),)] = out[before + (slice(None, -1),)]
         out = shifted
     return np.flip(out, ax) if reverse else out
+
+
+def _check_int_cumsum(x: np.ndarray, ax: int, dtype: np.dtype) -> None:
+    """Refuse integer running sums that leave the dtype's range (numpy wraps them silently), as sum
+    does: a cheap bound first (length x max|x|), the exact sums with Python ints only past it."""
+    info = np.iinfo(dtype)
+    largest = max(abs(int(np.max(x))), abs(int(np.min(x))))
+    if largest * x.shape[ax] <= info.max:
+        return
+    exact = np.cumsum(x.astype(object), axis=ax)
+    if any(not info.min <= v <= info.max for v in exact.reshape(-1).tolist()):
+        raise OpError(f"cumsum overflows {dtype} (its range is {info.min} to {info.max}): numpy would wrap it "
+                      f"silently; use a float input", reason="OUT_OF_RANGE")
 
 
 def _cumsum_vjp(g, out, x, *, axis, exclusive=False, reverse=False):
