@@ -239,11 +239,13 @@ def coerce_attr(kind: str, value: Any, *, allow_nonfinite: bool = False) -> Any:
         items = (value,) if isinstance(value, (int, np.integer)) else value
         if isinstance(items, (str, bytes, Mapping)) or not isinstance(items, (Sequence, np.ndarray)):
             raise TypeError(f"expected a list of ints, got {_describe(value)}")
+        _check_list_length(items)
         return tuple(coerce_attr("int", item) for item in items)
     if kind == "floats":
         items = (value,) if isinstance(value, (int, float, np.integer, np.floating)) else value
         if isinstance(items, (str, bytes, Mapping)) or not isinstance(items, (Sequence, np.ndarray)):
             raise TypeError(f"expected a list of floats, got {_describe(value)}")
+        _check_list_length(items)
         return tuple(coerce_attr("float", item, allow_nonfinite=allow_nonfinite) for item in items)
     if kind == "graph":
         if not isinstance(value, (GraphIR, CompiledGraph)):
@@ -256,6 +258,18 @@ def coerce_attr(kind: str, value: Any, *, allow_nonfinite: bool = False) -> Any:
             raise TypeError(f"tensor dtype {value.dtype} is not supported")
         return value
     raise TypeError(f"unknown attribute kind {kind!r}")
+
+
+#: The most values an ``ints`` or ``floats`` attribute holds (axes, pads, strides, shapes need a few dozen;
+#: a tensor travels as a ``tensor`` attribute or an input). Longer lists are refused before each value is
+#: checked: 3.75 million ints once cost seconds of checking and of formatting the error.
+MAX_ATTR_LIST = 1 << 16
+
+
+def _check_list_length(items: Any) -> None:
+    if len(items) > MAX_ATTR_LIST:
+        raise ValueError(f"{len(items)} values; a list attribute holds at most {MAX_ATTR_LIST} "
+                         f"(send a tensor as an input or a tensor attribute)")
 
 
 def _describe(value: Any) -> str:

@@ -14,6 +14,7 @@ import numpy as np
 
 from chainrule.core import GraphIR, InputDecl, Node
 from chainrule.core.compile import MAX_GRAPH_NESTING
+from chainrule.core.operator import MAX_ATTR_LIST
 from chainrule.core.errors import (
     BadAttributeError, BadTensorError, DTypeError, LimitExceeded, ShapeError, SharedMemoryUnavailable,
 )
@@ -163,10 +164,12 @@ def attr_to_python(value: pb.AttrValue, *, field: str, max_elements: int | None 
         if depth >= MAX_GRAPH_NESTING:
             raise BadAttributeError(f"{field}: graphs nest more than {MAX_GRAPH_NESTING} deep", field=field)
         return graph_from_proto(value.graph, max_elements=max_elements, field=field, depth=depth + 1)
-    if kind == "floats":
-        return list(value.floats.values)
-    if kind == "ints":
-        return list(value.ints.values)
+    if kind in ("floats", "ints"):
+        values = getattr(value, kind).values
+        if len(values) > MAX_ATTR_LIST:  # refused before millions of values are copied and checked
+            raise BadAttributeError(f"{field}: {len(values)} values; a list attribute holds at most {MAX_ATTR_LIST} "
+                                    f"(send a tensor as an input or a tensor attribute)", field=field)
+        return list(values)
     if kind == "tensor":
         return tensor_to_array(value.tensor, field=field, max_elements=max_elements)
     return getattr(value, kind)
