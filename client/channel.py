@@ -8,9 +8,17 @@ config asks for the ``round_robin`` policy, which keeps a connection to each
 and spreads calls over them. Calls that are safe to repeat (all the unary
 ones: evaluation is a pure function of the request, and registration is keyed
 by content hash) are retried by gRPC when a replica is unavailable or shutting
-down, so a replica going away gracefully costs no failed call. (gRPC retries a
-call only until the server has sent response headers; a replica that crashes
-mid-call fails the calls it was computing.)
+down, so a replica going away gracefully costs no failed call. A replica
+that crashes mid-call costs none either: gRPC retries a call until the server
+has sent response headers, which a chainrule server sends only with a unary
+call's answer, and keeps each retryable request for that long
+(``grpc.per_rpc_retry_buffer_size``, sized by the Client for its message
+limit; gRPC's default of 256 KiB gives up retrying any larger request). The
+streaming calls are not retried (an Optimize run is not repeated behind its
+caller's back). A lost connection is re-established after 100 ms, not gRPC's
+default of 1 s, so that the retries, spread over a few hundred milliseconds,
+find a live server. A call whose server died while sending the answer (after
+its headers) is past gRPC's retries: the Client sends it once more itself.
 """
 from __future__ import annotations
 
@@ -24,7 +32,7 @@ import grpc
 
 SERVICE = "chainrule.v1.Chainrule"
 #: Methods gRPC may retry: repeating them changes nothing on the server.
-IDEMPOTENT_METHODS = ("Evaluate", "RegisterGraph", "ListOperators", "ServerInfo")
+IDEMPOTENT_METHODS = ("Evaluate", "RegisterGraph", "ListOperators", "ServerInfo", "Derive")  # pure functions of the request
 
 #: round_robin over every address of the target, and retries of idempotent calls (gRPC takes it
 #: as JSON text: open_channel serializes it, so `import chainrule.client` does not load json).
@@ -44,6 +52,19 @@ SERVICE_CONFIG: dict[str, Any] = {
         },
     }],
 }
+
+
+#: Reconnect backoff of a lost connection (gRPC's default is 1 s): a replica or worker that died
+#: is replaced by a live one (kernel's SO_REUSEPORT, round_robin) within the retries' backoffs.
+INITIAL_RECONNECT_BACKOFF_MS = 100
+#: What a retried call's request carries besides its message (metadata: path, deadline, token...).
+RETRY_METADATA_ALLOWANCE = 64 << 10
+
+
+def retry_buffer_bytes(max_message_bytes: int) -> int:
+    """``grpc.per_rpc_retry_buffer_size`` for a channel that sends messages up to ``max_message_bytes``:
+    every request that may be sent may be retried (gRPC counts its metadata too; a C int)."""
+    return min(max_message_bytes + RETRY_METADATA_ALLOWANCE, (1 << 31) - 1)
 
 
 @dataclass(frozen=True)
@@ -154,6 +175,8 @@ def open_channel(
         import json
 
         options.append(("grpc.service_config", json.dumps(SERVICE_CONFIG)))
+    if "grpc.initial_reconnect_backoff_ms" not in keys:
+        options.append(("grpc.initial_reconnect_backoff_ms", INITIAL_RECONNECT_BACKOFF_MS))
     if isinstance(tls, TLS) and tls.server_name and "grpc.ssl_target_name_override" not in keys:
         options.append(("grpc.ssl_target_name_override", tls.server_name))
     if credentials is None and tls:

@@ -31,15 +31,22 @@ UNREACHED_OMIT = "omit"
 
 
 class StopToken:
-    """Tells the engine to stop between nodes: a deadline and/or a cancel event."""
+    """Tells the engine to stop between nodes: a deadline and/or a cancel event. A training run
+    also stops, keeping what it trained, at its next step boundary once asked to wind down."""
 
-    __slots__ = ("deadline", "event", "what")
+    __slots__ = ("deadline", "event", "what", "winding_down")
 
     def __init__(self, deadline: float | None = None, event: threading.Event | None = None,
                  what: str = "the deadline") -> None:
         self.deadline = deadline  # time.monotonic() value
         self.event = event
         self.what = what  # which deadline, for the message: the client's, or a server limit
+        self.winding_down = ""  # why a training run should stop at its next step boundary (a server shutdown)
+
+    def wind_down(self, reason: str) -> None:
+        """Ask a training run to stop at its next step boundary and end normally with what it trained,
+        ``reason`` as its stop reason (nothing else changes: work between boundaries runs on)."""
+        self.winding_down = reason
 
     @classmethod
     def after(cls, seconds: float | None, event: threading.Event | None = None,

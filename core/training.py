@@ -14,7 +14,8 @@ boundary it estimates what one more step and the final report would take
 final loss and sending the report) and, when that would not end before the
 deadline, stops there with a final report marked ``stopped_early``. Only a
 step that overruns the deadline all the same, or a cancel, stops a run with
-an error and no final report.
+an error and no final report. A server shutting down asks its runs to wind
+down (``StopToken.wind_down``): each ends the same way at its next step boundary.
 """
 from __future__ import annotations
 
@@ -123,8 +124,11 @@ def training(
     (after the first step) where :func:`time_needed` says one more step and
     the final report would not end before it: the final report then carries
     the steps taken so far, ``stopped_early`` and the token's ``what`` as
-    ``stop_reason``. The token's cancel, or its deadline passing all the same
-    (a step far slower than the recent ones), still raises.
+    ``stop_reason``. A token asked to wind down (``StopToken.wind_down``: the
+    server is shutting down) stops the run the same way at its next step
+    boundary, the first one included, with the wind-down's reason. The
+    token's cancel, or its deadline passing all the same (a step far slower
+    than the recent ones), still raises.
     """
     if steps <= 0:
         raise GraphError(f"steps: must be > 0, got {steps}", field="steps")
@@ -155,6 +159,9 @@ def training(
     for k in range(steps):
         if token is not None:
             token.check()
+            if token.winding_down:  # the server is shutting down: end here with what was trained
+                taken = k
+                break
             if deadline is not None and k > 0:
                 now = time.monotonic()
                 recent.append(now - boundary)
@@ -189,7 +196,8 @@ def training(
     stopped = taken < steps
     yield Report(taken, value, _norms(grads), time.perf_counter() - started, tuple(losses),
                  done=True, params=params, target_reached=target_loss is not None and value <= target_loss,
-                 stopped_early=stopped, stop_reason=token.what if stopped and token is not None else "")
+                 stopped_early=stopped,
+                 stop_reason=(token.winding_down or token.what) if stopped and token is not None else "")
 
 
 def _norms(grads: Arrays) -> dict[str, float]:

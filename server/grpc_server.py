@@ -22,6 +22,7 @@ from . import auth, reflection, tls
 from .config import ServerConfig, plugin_filters
 from .guard import MalformedRequestInterceptor
 from .metrics import Exporter, Metrics
+from .ports import check_port_free
 from .service import ChainruleService
 from .servicer import SERVICE_NAME, Servicer, add_servicer
 
@@ -32,11 +33,12 @@ class ChainruleServer:
     """A built gRPC server with its health service: start it, stop it, or drain it gracefully."""
 
     def __init__(self, server: grpc.Server, health_servicer: health.HealthServicer, service: ChainruleService,
-                 metrics: Exporter | None = None) -> None:
+                 metrics: Exporter | None = None, servicer: Servicer | None = None) -> None:
         #: The underlying ``grpc.Server``.
         self.grpc_server = server
         self.health = health_servicer
         self.service = service
+        self.servicer = servicer
         #: The Prometheus endpoint (``metrics.port``), when metrics are on and exported by this process.
         self.metrics = metrics
 
@@ -49,10 +51,17 @@ class ChainruleServer:
             self.metrics.close()
         return self.grpc_server.stop(grace)
 
-    def drain(self, grace: float) -> threading.Event:
-        """Report NOT_SERVING, refuse new calls, let in-flight ones finish within ``grace``."""
+    def drain(self, grace: float, reason: str = "the server's shutdown") -> threading.Event:
+        """Report NOT_SERVING, refuse new calls (UNAVAILABLE), let in-flight ones finish within
+        ``grace``; training runs end at their next step with what they trained, stopped early for
+        ``reason``."""
         self.health.enter_graceful_shutdown()
-        return self.stop(grace)
+        stopped = self.stop(grace)
+        if self.servicer is not None:
+            runs = self.servicer.wind_down(reason)
+            if runs:
+                log.info("%d training run%s told to stop early (%s)", runs, "s" * (runs != 1), reason)
+        return stopped
 
     def wait_for_termination(self, timeout: float | None = None) -> bool:
         return self.grpc_server.wait_for_termination(timeout)
@@ -116,6 +125,14 @@ def create_server(
     # Threads beyond max_concurrent let refusals be answered at once; gRPC's own
     # limit is only a backstop (it counts calls until their clean-up ends).
     spare = max(4, config.max_concurrent // 2)
+    options = list(options or [])
+    # No SO_REUSEPORT unless asked (--workers shares its own port): a busy port is refused, not shared.
+    shared_port = dict(options).get("grpc.so_reuseport", 0)
+    bind = address or config.address
+    if not shared_port:
+        host, _, port_text = bind.rpartition(":")
+        if port_text.isdigit():
+            check_port_free(host, int(port_text))  # one line, before gRPC's bind (which logs several)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=config.max_concurrent + spare, thread_name_prefix="chainrule"),
         maximum_concurrent_rpcs=2 * config.max_concurrent + spare,
@@ -124,10 +141,12 @@ def create_server(
             ("grpc.max_receive_message_length", config.message_limit),
             ("grpc.max_send_message_length", config.message_limit),
             *connection_age_options(config),
-            *(options or []),
+            ("grpc.so_reuseport", shared_port),
+            *(o for o in options if o[0] != "grpc.so_reuseport"),
         ],
     )
-    add_servicer(server, Servicer(service, config, worker))
+    servicer = Servicer(service, config, worker)
+    add_servicer(server, servicer)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", SERVICE_NAME):
@@ -138,10 +157,9 @@ def create_server(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name), server,
         )
     credentials = tls.server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
-    bind = address or config.address
     try:
         port = server.add_secure_port(bind, credentials) if credentials else server.add_insecure_port(bind)
     except RuntimeError as exc:  # grpc raises RuntimeError when the address is taken or invalid
         raise OSError(f"could not bind {bind}: {exc}") from None
     exporter = Exporter(metrics.registry, config.host, config.metrics_port) if metrics and export_metrics else None
-    return ChainruleServer(server, health_servicer, service, exporter), port
+    return ChainruleServer(server, health_servicer, service, exporter, servicer), port

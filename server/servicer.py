@@ -68,6 +68,10 @@ class Servicer(pb_grpc.ChainruleServicer):
         # Admission control: excess calls are refused at once with RESOURCE_EXHAUSTED
         # naming the limit, rather than queueing behind slow ones.
         self._slots = threading.BoundedSemaphore(config.max_concurrent)
+        # The tokens of the Optimize runs in progress, told to wind down when the server shuts down.
+        self._training: set[StopToken] = set()
+        self._training_lock = threading.Lock()
+        self._winding_down = ""
 
     def _call(self, method: str, context: grpc.ServicerContext, work: Callable[[], Any], size: int = 0) -> Any:
         with self._serving(method, context, size, headers_first=False):
@@ -187,7 +191,33 @@ class Servicer(pb_grpc.ChainruleServicer):
         size = len(request.graph.nodes) if request.HasField("graph") else 0
         # A run its deadline would cut short stops in time with what it trained (stopped_early).
         token = self._token(context, self.config.max_training_seconds, "max_training_seconds", "training run")
-        return self._stream("Optimize", context, lambda request_id: optimize(self.service, request, token, request_id), size)
+
+        def work(request_id: str) -> Iterator[pb.OptimizeProgress]:
+            with self._training_run(token):
+                yield from optimize(self.service, request, token, request_id)
+
+        return self._stream("Optimize", context, work, size)
+
+    @contextmanager
+    def _training_run(self, token: StopToken) -> Iterator[None]:
+        with self._training_lock:
+            self._training.add(token)
+            if self._winding_down:
+                token.wind_down(self._winding_down)
+        try:
+            yield
+        finally:
+            with self._training_lock:
+                self._training.discard(token)
+
+    def wind_down(self, reason: str) -> int:
+        """The server is shutting down: every training run in progress (and any starting meanwhile)
+        ends at its next step boundary with what it trained, ``reason`` as its stop_reason. How many."""
+        with self._training_lock:
+            self._winding_down = reason
+            for token in self._training:
+                token.wind_down(reason)
+            return len(self._training)
 
 
 def _with_request_id(status: grpc.Status, request_id: str) -> grpc.Status:

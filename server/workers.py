@@ -6,10 +6,13 @@ workers before any gRPC object exists (gRPC does not survive a fork), and each
 worker binds the same port with SO_REUSEPORT: the kernel spreads incoming
 connections over them. The parent itself serves nothing: it forwards SIGTERM
 and SIGINT to the workers (each drains gracefully), serves the metrics of all
-workers when asked, and exits 0 once every worker has exited 0. When one
-worker exits, the others are stopped too; if it crashed (a nonzero exit code)
-the parent exits 1, so the supervisor (Kubernetes, systemd) restarts the whole
-unit: no home-made process management beyond that.
+workers when asked, and exits 0 once every worker has exited 0. A worker that
+dies unexpectedly (killed, crashed: a nonzero exit code) is restarted after a
+backoff while the others keep serving; one that crashes MAX_RESTARTS times
+within RESTART_WINDOW_SECONDS is a crash loop, so the parent stops the others
+and exits 1 for the supervisor (Kubernetes, systemd) to restart the whole unit.
+A worker that exits 0 was told to stop (someone signalled it): the others are
+stopped too.
 """
 from __future__ import annotations
 
@@ -24,12 +27,14 @@ import sys
 import tempfile
 import threading
 import time
+from collections import deque
 from dataclasses import replace
 from multiprocessing.synchronize import Semaphore
 
 from .auth import read_tokens
 from .config import ServerConfig
 from .grpc_server import create_server
+from .ports import check_port_free
 from .tls import read_pems
 
 log = logging.getLogger("chainrule.server")
@@ -39,6 +44,14 @@ STARTUP_SECONDS = 60.0
 #: Seconds beyond the grace period before a worker that ignores SIGTERM is killed.
 KILL_AFTER_SECONDS = 5.0
 STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+#: A worker that died is restarted after this many seconds, doubled for each of its recent
+#: crashes (0.5, 1, 2, 4, 8...), at most MAX_RESTART_BACKOFF_SECONDS.
+RESTART_BACKOFF_SECONDS = 0.5
+MAX_RESTART_BACKOFF_SECONDS = 30.0
+#: Restarts of one worker allowed within RESTART_WINDOW_SECONDS; its next crash in the window
+#: is a crash loop: the parent stops the others and exits 1.
+MAX_RESTARTS = 5
+RESTART_WINDOW_SECONDS = 60.0
 
 
 def reserve_port(host: str, port: int) -> socket.socket:
@@ -53,8 +66,14 @@ def reserve_port(host: str, port: int) -> socket.socket:
 def _worker(config: ServerConfig, index: int, ready: Semaphore) -> None:
     """Body of one worker process: serve until SIGTERM/SIGINT, then drain."""
     stopping = threading.Event()
+    received: list[str] = []
+
+    def on_signal(signum: int, _frame: object) -> None:
+        received.append(signal.Signals(signum).name)
+        stopping.set()
+
     for signum in STOP_SIGNALS:
-        signal.signal(signum, lambda *_: stopping.set())
+        signal.signal(signum, on_signal)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # blocked by the parent around the fork
     server, _ = create_server(config=config, worker=index, options=[("grpc.so_reuseport", 1)],
                               export_metrics=False)
@@ -63,7 +82,7 @@ def _worker(config: ServerConfig, index: int, ready: Semaphore) -> None:
     ready.release()
     while not stopping.wait(0.5):
         pass
-    server.drain(config.grace_seconds).wait()
+    server.drain(config.grace_seconds, reason=f"the server's shutdown ({received[0]})").wait()
     log.info("worker %d (pid %d) stopped", index, os.getpid())
 
 
@@ -73,6 +92,7 @@ def serve_workers(config: ServerConfig) -> int:
         read_pems(config.tls_cert, config.tls_key, config.tls_client_ca)
         if config.token_file:
             read_tokens(config.token_file)
+        check_port_free(config.host, config.port)  # SO_REUSEPORT would let us join another server's port
         reserved = reserve_port(config.host, config.port)
     except (OSError, ValueError) as exc:
         print(f"chainrule: error: {exc}", file=sys.stderr)
@@ -91,9 +111,6 @@ def serve_workers(config: ServerConfig) -> int:
 
 
 def _supervise(config: ServerConfig, port: int, with_metrics: bool) -> int:
-    context = multiprocessing.get_context("fork")
-    worker_config = replace(config, port=port, workers=1)
-    ready = context.Semaphore(0)
     stopping = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -103,32 +120,24 @@ def _supervise(config: ServerConfig, port: int, with_metrics: bool) -> int:
 
     for signum in STOP_SIGNALS:
         signal.signal(signum, on_signal)
-    workers = [context.Process(target=_worker, args=(worker_config, i, ready), name=f"chainrule-worker-{i}")
-               for i in range(config.workers)]
-    # Signals wait until every worker has its own handlers: none is lost in between.
-    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-    try:
-        for process in workers:
-            process.start()
-    finally:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    pool = _Pool(replace(config, port=port, workers=1), config.workers, with_metrics)
+    pool.start(range(config.workers))
     exporter = None
     try:
-        if not _await_ready(workers, ready, stopping):
+        if not _await_ready(pool.processes, pool.ready, stopping):
             log.error("a worker failed to start; stopping the others")
-            _stop(workers, config.grace_seconds)
+            _stop(pool.processes, config.grace_seconds)
             return 1
         if with_metrics:
             from .metrics import multiprocess_exporter
 
             exporter = multiprocess_exporter(config.host, config.metrics_port)
         print(f"chainrule listening on {config.host}:{port} ({config.workers} workers)", flush=True)
-        ended = _watch(workers, stopping)
-        if ended is not None:  # exit code 0: it was signalled itself (Ctrl-C reaches the whole process group)
-            (log.info if ended.exitcode == 0 else log.error)(
-                "worker pid %d exited with code %s; stopping the others", ended.pid, ended.exitcode)
-        codes = _stop(workers, config.grace_seconds)
+        ended = pool.watch(stopping)
+        codes = _stop([p for p in pool.processes if p is not None], config.grace_seconds)
         log.info("stopped (worker exit codes %s)", codes)
+        if ended is not None and ended.exitcode != 0:  # a crash loop: the unit is restarted from outside
+            return 1
         return 0 if all(code == 0 for code in codes) else 1
     finally:
         if exporter is not None:
@@ -136,9 +145,89 @@ def _supervise(config: ServerConfig, port: int, with_metrics: bool) -> int:
         if with_metrics:
             from .metrics import forget_process
 
-            for process in workers:
-                if process.pid is not None:
-                    forget_process(process.pid)
+            for pid in pool.pids:
+                forget_process(pid)
+
+
+class _Pool:
+    """The worker processes, by index; a dead one is replaced by a new process of the same index."""
+
+    def __init__(self, config: ServerConfig, size: int, with_metrics: bool) -> None:
+        self.config = config
+        self.with_metrics = with_metrics
+        self.context = multiprocessing.get_context("fork")
+        self.ready = self.context.Semaphore(0)
+        self.processes: list = [None] * size
+        self.pids: list[int] = []  # every worker ever started (their metrics files)
+        self.crashes: list[deque[float]] = [deque() for _ in range(size)]
+
+    def start(self, indices) -> None:
+        # Signals wait until every new worker has its own handlers: none is lost in between.
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            for index in indices:
+                process = self.context.Process(target=_worker, args=(self.config, index, self.ready),
+                                               name=f"chainrule-worker-{index}")
+                process.start()
+                self.processes[index] = process
+                self.pids.append(process.pid)
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+    def watch(self, stopping: threading.Event):
+        """Restart workers that die until a stop is asked for (None), a worker exits 0 (that worker:
+        it was told to stop), or one crashes in a loop (that worker)."""
+        due: dict[int, float] = {}  # index -> when to restart it
+        while not stopping.is_set():
+            live = {p.sentinel: i for i, p in enumerate(self.processes) if p is not None}
+            wait = 0.5 if not due else max(0.0, min(0.5, min(due.values()) - time.monotonic()))
+            for sentinel in multiprocessing.connection.wait(list(live), timeout=wait):
+                index = live[sentinel]
+                process = self.processes[index]
+                process.join()
+                if process.exitcode == 0:  # signalled itself (Ctrl-C reaches the whole process group)
+                    log.info("worker %d (pid %d) exited; stopping the others", index, process.pid)
+                    return process
+                delay = self._crashed(index, process)
+                if delay is None:
+                    return process
+                due[index] = time.monotonic() + delay
+                self.processes[index] = None  # a stop before its restart does not count it
+            now = time.monotonic()
+            restart = [i for i, when in due.items() if when <= now]
+            if restart and not stopping.is_set():
+                self.start(restart)
+                for index in restart:
+                    del due[index]
+                    log.warning("worker %d restarted as pid %d", index, self.processes[index].pid)
+        return None
+
+    def _crashed(self, index: int, process) -> float | None:
+        """Log a worker's unexpected end; the seconds before its restart, or None for a crash loop."""
+        if self.with_metrics:  # its in-flight gauges end with it; its counters still count
+            from .metrics import forget_process
+
+            forget_process(process.pid)
+        now = time.monotonic()
+        crashes = self.crashes[index]
+        while crashes and crashes[0] < now - RESTART_WINDOW_SECONDS:
+            crashes.popleft()
+        how = f"exited with code {process.exitcode}"
+        if process.exitcode < 0:
+            try:
+                how = f"was killed by {signal.Signals(-process.exitcode).name}"
+            except ValueError:
+                how = f"was killed by signal {-process.exitcode}"
+        if len(crashes) >= MAX_RESTARTS:
+            log.error("worker %d (pid %d) %s: %d crashes within %.0f s, a crash loop; stopping the others",
+                      index, process.pid, how, len(crashes) + 1, RESTART_WINDOW_SECONDS)
+            return None
+        crashes.append(now)
+        delay = min(MAX_RESTART_BACKOFF_SECONDS, RESTART_BACKOFF_SECONDS * 2 ** (len(crashes) - 1))
+        log.error("worker %d (pid %d) %s; restarting it in %.1f s (restart %d of %d allowed within %.0f s); "
+                  "the other workers keep serving", index, process.pid, how, delay, len(crashes), MAX_RESTARTS,
+                  RESTART_WINDOW_SECONDS)
+        return delay
 
 
 def _await_ready(workers: list, ready: Semaphore, stopping: threading.Event) -> bool:
@@ -151,16 +240,6 @@ def _await_ready(workers: list, ready: Semaphore, stopping: threading.Event) -> 
         elif time.monotonic() > deadline or any(p.exitcode is not None for p in workers):
             return False
     return True
-
-
-def _watch(workers: list, stopping: threading.Event):
-    """Block until a stop is asked for (None) or a worker exits (that worker)."""
-    sentinels = {p.sentinel: p for p in workers}
-    while not stopping.is_set():
-        done = multiprocessing.connection.wait(list(sentinels), timeout=0.5)
-        if done:
-            return sentinels[done[0]]
-    return None
 
 
 def _stop(workers: list, grace: float) -> list[int | None]:

@@ -63,15 +63,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(f"chainrule listening on {config.host}:{port}", flush=True)
 
     stopping = threading.Event()
+    received: list[str] = []
 
     def on_signal(signum: int, _frame: object) -> None:
-        log.info("received %s: draining for up to %.0fs", signal.Signals(signum).name, config.grace_seconds)
+        received.append(signal.Signals(signum).name)
+        log.info("received %s: draining for up to %.0fs", received[0], config.grace_seconds)
         stopping.set()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     while not stopping.wait(0.5):
         pass
-    server.drain(config.grace_seconds).wait()
+    server.drain(config.grace_seconds, reason=f"the server's shutdown ({received[0]})").wait()
     log.info("stopped")
     return 0
