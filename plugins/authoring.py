@@ -19,6 +19,10 @@ Example::
 
     register_operators = ops.hookimpl()   # the pluggy hook, ready to expose
 
+``@swish.vjp_graph`` and ``@swish.jvp_graph`` add the optional symbolic rules (the gradient and the
+forward-mode tangent written with registered operators through a builder ``b``, docs/derivatives.md),
+so that derivatives through the operator can be differentiated again and taken in forward mode.
+
 Attributes are keyword defaults: a float default makes a float attribute, a
 tuple of ints an ``ints`` attribute, and so on; pass an :class:`Attr` for a
 required attribute or one whose default is None. The other keywords of
@@ -88,7 +92,8 @@ def scalar_of_input(*specs: TensorSpec, **_: Any) -> TensorSpec:
 
 
 class OperatorDraft:
-    """An operator being declared: the forward rule now, vjp and infer by decorator."""
+    """An operator being declared: the forward rule now; vjp, infer, sample and the symbolic rules
+    (vjp_graph, jvp_graph) by decorator."""
 
     def __init__(self, name: str, forward: Callable[..., Any], attrs: dict[str, Attr],
                  infer: Callable[..., TensorSpec] | None, doc: str | None, arity: int | None, *,
@@ -103,6 +108,8 @@ class OperatorDraft:
         self.fields = fields  # further OpDef fields (input_names, input_dtypes)
         self._infer = infer
         self._vjp: Callable[..., Any] | None = None
+        self._vjp_graph: Callable[..., Any] | None = None
+        self._jvp_graph: Callable[..., Any] | None = None
         self._sample: Callable[..., Any] | None = None
         self.doc = doc if doc is not None else _first_line(forward.__doc__)
         self.arity = arity if arity is not None else _arity_of(forward)
@@ -110,6 +117,19 @@ class OperatorDraft:
     def vjp(self, rule: Callable[..., Any]) -> Callable[..., Any]:
         """Decorator: the gradient rule ``(g, out, *inputs, **attrs) -> gradients``."""
         self._vjp = rule
+        return rule
+
+    def vjp_graph(self, rule: Callable[..., Any]) -> Callable[..., Any]:
+        """Decorator: the symbolic gradient rule ``(b, g, out, *inputs, **attrs) -> gradients``, written with
+        registered operators through the builder ``b`` (one Ref or None per input), so that gradients through
+        the operator can be differentiated again (docs/derivatives.md)."""
+        self._vjp_graph = _symbolic_rule(self, "vjp_graph", rule, "(b, g, out, {inputs})")
+        return rule
+
+    def jvp_graph(self, rule: Callable[..., Any]) -> Callable[..., Any]:
+        """Decorator: the symbolic forward-mode rule ``(b, tangents, out, *inputs, **attrs) -> tangent``
+        (``tangents``: one Ref or None per input; return the output's tangent, or None)."""
+        self._jvp_graph = _symbolic_rule(self, "jvp_graph", rule, "(b, tangents, out, {inputs})")
         return rule
 
     def infer(self, rule: Callable[..., TensorSpec]) -> Callable[..., TensorSpec]:
@@ -127,7 +147,8 @@ class OperatorDraft:
         return OpDef(
             name=self.name, arity=self.arity, forward=self.forward, vjp=self._vjp,  # type: ignore[arg-type]
             infer=self._infer, attrs=self.attrs, doc=self.doc, sample=sample,
-            gradcheck=self.gradcheck, selective_vjp=self.selective_vjp, **self.fields,
+            gradcheck=self.gradcheck, selective_vjp=self.selective_vjp, vjp_graph=self._vjp_graph,
+            jvp_graph=self._jvp_graph, **self.fields,
         )
 
     def __call__(self, *inputs: Any, **attrs: Any) -> Any:
@@ -203,6 +224,8 @@ class OperatorSet:
 _FIELD_HINTS = {
     "forward": "the forward rule is the function the decorator is applied to",
     "vjp": "declare the gradient rule with the @<operator>.vjp decorator",
+    "vjp_graph": "declare the symbolic gradient rule with the @<operator>.vjp_graph decorator",
+    "jvp_graph": "declare the symbolic forward-mode rule with the @<operator>.jvp_graph decorator",
     "sample": "declare the gradient checker's inputs with the @<operator>.sample decorator",
     "attrs": "declare each attribute as a keyword of its own (limit=1.0)",
     "variadic": "a forward rule taking *inputs makes the operator variadic",  # a property, but read as a field
@@ -242,6 +265,48 @@ def _variations(name: str, schema: Mapping[str, Attr],
         except (TypeError, ValueError) as exc:
             raise InvalidOperatorError(f"operator '{name}': vary['{key}'] ({attr.kind}): {exc}", op=name) from None
     return checked
+
+
+def _symbolic_rule(draft: OperatorDraft, role: str, rule: Callable[..., Any], form: str) -> Callable[..., Any]:
+    """``rule``, checked as it is declared: a function taking the builder, the cotangent (or the tangents),
+    the output and one positional parameter per input; a numpy vjp's signature (``g, out, x``: no ``b``)
+    is the likely slip, refused with InvalidOperatorError naming the form. Whether it takes every declared
+    attribute is checked when the plugin loads, as for the other rules."""
+    if not callable(rule):
+        raise InvalidOperatorError(f"operator '{draft.name}': the {role} decorator was given a "
+                                   f"{type(rule).__name__}, not a function", op=draft.name)
+    try:
+        params = list(inspect.signature(rule).parameters.values())
+    except (TypeError, ValueError):  # a signature Python cannot read: left to the gradient check
+        return rule
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.name not in draft.attrs]
+    required = [p for p in positional if p.default is p.empty]
+    star = any(p.kind is p.VAR_POSITIONAL for p in params)
+    variadic = draft.arity == VARIADIC
+    wanted = 4 if variadic else 3 + draft.arity
+    if (len(positional) < wanted and not star) or (len(required) > wanted and not variadic):
+        inputs = "*xs" if variadic else ", ".join(_input_names(draft))
+        expected = form.format(inputs=inputs).replace(", )", ")")
+        names = ", ".join(p.name for p in positional) or "none"
+        raise InvalidOperatorError(
+            f"operator '{draft.name}': the {role} rule takes {len(positional)} positional parameter"
+            f"{'s' * (len(positional) != 1)} ({names}); a {role} rule takes {expected}"
+            + (" and the attributes as keywords" if draft.attrs else "")
+            + ": the builder b first, unlike a vjp", op=draft.name)
+    return rule
+
+
+def _input_names(draft: OperatorDraft) -> list[str]:
+    """The draft's input names: ``input_names=``, else the forward rule's positional parameters."""
+    given = draft.fields.get("input_names")
+    if given:
+        return list(given)
+    try:
+        params = inspect.signature(draft.forward).parameters.values()
+    except (TypeError, ValueError):
+        return [f"x{i}" for i in range(draft.arity)]
+    names = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return (names + [f"x{i}" for i in range(len(names), draft.arity)])[:draft.arity]
 
 
 def _first_line(text: str | None) -> str:

@@ -29,6 +29,7 @@ import logging
 import math
 import os
 import tempfile
+from contextvars import ContextVar
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -39,8 +40,8 @@ from chainrule.core import OpDef, Registry, check_attrs
 
 from .manager import Loaded, chainrule_version, plugin_matches
 from .testing import (
-    Case, GradCheckReport, attrs_text, check_case, check_cases, check_float32, gradient_exemption, sample_rule,
-    value_text,
+    SYMBOLIC_KINDS, Case, GradCheckReport, attrs_text, check_case, check_cases, check_float32, check_symbolic,
+    derivatives_text, gradient_exemption, sample_rule, value_text, with_builtins,
 )
 
 __all__ = [
@@ -53,12 +54,17 @@ log = logging.getLogger("chainrule.plugins")
 #: Seed of the random inputs and cotangents (per operator).
 SEED = 0
 
+#: The registry check_op's symbolic checks compile against when none is passed (check_and_refuse sets it
+#: for the operators it checks: the loaded plugins' and the built-in operators).
+_REGISTRY: ContextVar[Registry | None] = ContextVar("chainrule_check_registry", default=None)
+
 
 @dataclass(frozen=True)
 class CaseResult:
     """One case of a check, as shown by ``chainrule check --cases`` and kept in the cache."""
 
-    #: "sample", "default" (made-up inputs), "varied" (an attribute the checker changed) or "float32".
+    #: "sample", "default" (made-up inputs), "varied" (an attribute the checker changed), "second order"
+    #: (the vjp_graph: a gradient graph and its own gradient), "jvp" (the jvp_graph) or "float32".
     kind: str
     #: The inputs, e.g. ``float64[2, 3], int64[2]``.
     inputs: str
@@ -104,8 +110,12 @@ class OperatorCheck:
     #: On failure, one sentence naming the plugin, the operator, the input, the position and both
     #: numbers; for an exempt operator, why it is exempt; otherwise "".
     message: str = ""
-    #: Every case tried, with its inputs and attributes, in order (the float32 case last).
+    #: Every case tried, with its inputs and attributes, in order: first order, the symbolic rules'
+    #: ("second order", "jvp"), then float32.
     cases: tuple[CaseResult, ...] = ()
+    #: What was checked besides the vjp (testing.derivatives_text): "second order, jvp", one of them,
+    #: or "first order only" (no symbolic rules: not a failure); "" for an exempt operator.
+    derivatives: str = ""
 
     @property
     def status(self) -> str:
@@ -149,13 +159,17 @@ def provider(op: OpDef) -> str:
     return who
 
 
-def check_op(op: OpDef, seed: int = SEED) -> OperatorCheck:
-    """Compare ``op``'s vjp with finite differences on each of its cases, then check float32."""
+def check_op(op: OpDef, seed: int = SEED, registry: Registry | None = None) -> OperatorCheck:
+    """Compare ``op``'s vjp with finite differences on each of its cases, check its symbolic rules
+    (second order, jvp) where it has them, then check float32. ``registry``: the operators its symbolic
+    rules may use besides the built-in ones (the registry it was loaded with)."""
     head = dict(op=op.name, plugin=op.plugin, distribution=op.distribution, version=op.version)
     exemption = gradient_exemption(op)
     if exemption is not None:
         return OperatorCheck(**head, shapes=(), max_abs_error=0.0, max_rel_error=0.0, passed=True, checked=False,
                              message=exemption)
+    head["derivatives"] = derivatives_text(op)
+    registry = registry if registry is not None else _REGISTRY.get()
     reports: list[GradCheckReport] = []
     results: list[CaseResult] = []
     case: Case | None = None
@@ -166,6 +180,9 @@ def check_op(op: OpDef, seed: int = SEED) -> OperatorCheck:
             reports.append(report)
             results.append(_case_result(report, case))
         case = None
+        for report in check_symbolic(op, cases, registry, seed=seed):
+            reports.append(report)
+            results.append(_case_result(report, None))
         f32 = check_float32(op, cases, seed=seed)
         if f32 is not None:
             reports.append(f32)
@@ -179,7 +196,7 @@ def check_op(op: OpDef, seed: int = SEED) -> OperatorCheck:
                              passed=False, checked=True, cases=tuple(results),
                              message=f"{provider(op)}: operator {op.name}: the check could not run{where}: "
                                      f"{type(exc).__name__}: {exc}; fix: {fix}")
-    inputs_checked = [c for r in reports if r.kind != "float32" for c in r.inputs if c.checked]
+    inputs_checked = [c for r in reports if _first_order(r) for c in r.inputs if c.checked]
     failed = next((r for r in reports if not r.passed), None)
     return OperatorCheck(
         **head, shapes=_shapes(reports),
@@ -201,8 +218,9 @@ def check_registry(registry: Registry, only_ops: Sequence[str] | None = None, *,
     missing = [name for name in only_ops or () if name not in registry]
     if missing:
         raise LookupError(f"no operator '{missing[0]}' is installed")
+    derived = with_builtins(registry)  # what the derived graphs of the symbolic checks compile against
     return [
-        check_op(op, seed)
+        check_op(op, seed, derived)
         for op in registry
         if (only_ops is None or op.name in only_ops) and (plugins is None or plugin_matches(op.plugin, plugins))
     ]
@@ -220,17 +238,23 @@ def check_and_refuse(loaded: Loaded, logger: logging.Logger = log, *, builtins: 
     skip = set() if builtins else {p.name for p in loaded.plugins if p.builtin}
     checks: list[OperatorCheck] = []
     reused = 0
-    for op in loaded.registry:
-        if op.plugin in skip:
-            continue
-        verdict = cache.get(op) if cache is not None else None
-        if verdict is None:
-            verdict = check_op(op)
-            if cache is not None:
-                cache.put(verdict)
-        else:
-            reused += 1
-        checks.append(verdict)
+    token = _REGISTRY.set(None)
+    try:
+        for op in loaded.registry:
+            if op.plugin in skip:
+                continue
+            verdict = cache.get(op) if cache is not None else None
+            if verdict is None:
+                if _REGISTRY.get() is None:  # what the derived graphs compile against: built once
+                    _REGISTRY.set(with_builtins(loaded.registry))
+                verdict = check_op(op)
+                if cache is not None:
+                    cache.put(verdict)
+            else:
+                reused += 1
+            checks.append(verdict)
+    finally:
+        _REGISTRY.reset(token)
     if cache is not None:
         cache.save()
     refused = {c.op for c in checks if not c.passed}
@@ -264,7 +288,7 @@ class CheckCache:
     as a warning and the cache then works in memory only.
     """
 
-    FORMAT = 2  # 2: every verdict keeps its cases (CaseResult)
+    FORMAT = 3  # 2: every verdict keeps its cases (CaseResult); 3: and the symbolic rules' ("derivatives")
 
     def __init__(self, path: str | os.PathLike[str] | None = None, logger: logging.Logger = log) -> None:
         self.path = Path(path) if path else default_cache_path()
@@ -314,6 +338,7 @@ class CheckCache:
                 passed=bool(entry["passed"]), checked=bool(entry["checked"]), message=str(entry["message"]),
                 cases=tuple(CaseResult(**{**case, "attrs": tuple((str(k), str(v)) for k, v in case["attrs"])})
                             for case in entry["cases"]),
+                derivatives=str(entry["derivatives"]),
             )
         except (KeyError, TypeError, ValueError):
             return None
@@ -353,8 +378,7 @@ class CheckCache:
 def _case(report: GradCheckReport, op: OpDef) -> str:
     """``; inputs float64[2, 3], attrs beta=1.5``: enough to reproduce a failure; for a case the
     checker made by varying an attribute, which one and what the sample rule left it at."""
-    inputs = ", ".join(f"{c.dtype}{list(c.shape)}" for c in report.inputs)
-    text = f"; inputs {inputs}" + (f", attrs {attrs_text(report.attrs)}" if report.attrs else "")
+    text = f"; inputs {report.inputs_text()}" + (f", attrs {attrs_text(report.attrs)}" if report.attrs else "")
     if report.kind == "varied":
         value = value_text(report.attrs[report.varied])
         text += (f" ({report.varied}={value} is a value the checker tried: the sample rule never draws it; "
@@ -366,9 +390,11 @@ def _case_result(report: GradCheckReport, case: Case | None) -> CaseResult:
     checked = [c for c in report.inputs if c.checked]
     status = "skipped" if report.skipped else ("passed" if report.passed else "FAILED")
     note = report.skipped or ("" if report.passed else report.failure_message().split(": ", 1)[-1])
+    if report.kind in SYMBOLIC_KINDS:  # the kind heads the line already
+        note = note.removeprefix(f"{report.kind}: ")
     return CaseResult(
         kind=report.kind,
-        inputs=", ".join(f"{c.dtype}{list(c.shape)}" for c in report.inputs) if report.inputs or case is None
+        inputs=report.inputs_text() if report.inputs or report.case_inputs or case is None
         else _inputs_text(case.inputs),
         attrs=tuple((name, value_text(value)) for name, value in report.attrs.items()), status=status,
         max_abs_error=_largest(c.max_abs_error for c in checked), max_rel_error=_largest(c.max_rel_error for c in checked),
@@ -394,8 +420,13 @@ def _inputs_text(inputs: Sequence[Any]) -> str:
 
 
 def _shapes(reports: Sequence[GradCheckReport]) -> tuple[tuple[tuple[int, ...], ...], ...]:
-    """The input shapes of each case checked by finite differences."""
-    return tuple(tuple(c.shape for c in r.inputs) for r in reports if r.kind != "float32" and not r.skipped)
+    """The input shapes of each case whose vjp was checked by finite differences."""
+    return tuple(tuple(c.shape for c in r.inputs) for r in reports if _first_order(r) and not r.skipped)
+
+
+def _first_order(report: GradCheckReport) -> bool:
+    """Whether ``report`` compares the vjp with finite differences (not float32, not a symbolic rule)."""
+    return report.kind != "float32" and report.kind not in SYMBOLIC_KINDS
 
 
 def _short(value: str) -> str:

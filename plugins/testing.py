@@ -36,6 +36,13 @@ check) tries, :func:`check_cases`:
   over the values the author declares with :class:`Sample` (``vary=``), which also replace
   the automatic ones (``()``: never vary it). A varied case whose attributes infer or forward
   refuse is *skipped*, not failed: the schema does not say which values are valid;
+* **the symbolic rules** (:func:`check_symbolic`), on the first :data:`SYMBOLIC_CASES` sample
+  cases, in float64, for an operator that has them (docs/derivatives.md): "second order" for a
+  ``vjp_graph`` (:func:`check_second_order`: the gradient graph it builds must give the vjp's
+  gradient, and that graph derived again a Hessian-vector product matching finite differences of
+  the vjp's gradients) and "jvp" for a ``jvp_graph`` (:func:`check_jvp`: the forward-mode graph
+  must match finite differences of forward along random tangents). An operator without them is
+  "first order only" (:func:`derivatives_text`), not a failure;
 * **float32**: the first case with float inputs, in float32, must give a float32 output (or
   the dtype infer promises) and float32 gradients (:func:`check_float32`); a float64 constant
   in a rule silently doubles its memory and time and is caught here.
@@ -46,6 +53,7 @@ vjp call on the first case, judging only the vjp result's type and count.
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -56,8 +64,10 @@ from chainrule.core import OpDef, OpError, TensorSpec, check_attrs, coerce_attr,
 __all__ = [
     "DEFAULT_SHAPES", "Case", "GradCheckReport", "GradientCheckError", "InputCheck", "MAX_VARIATIONS",
     "SAMPLES_PER_OPERATOR", "Sample", "assert_vjp", "automatic_values", "check_case", "check_cases",
-    "check_float32", "check_operator", "check_vjp", "declared_variations", "gradient_exemption", "sample_inputs",
-    "sample_rule", "vjp_contract_problem",
+    "check_float32", "check_jvp", "check_operator", "check_second_order", "check_symbolic", "check_vjp",
+    "declared_variations", "derivatives_text", "gradient_exemption", "sample_inputs", "sample_rule",
+    "symbolic_registry", "symbolic_rules", "vjp_contract_problem", "with_builtins", "FIRST_ORDER_ONLY",
+    "SYMBOLIC_CASES", "SYMBOLIC_KINDS",
 ]
 
 #: Shapes of the random float64 inputs made up for an operator without ``sample``.
@@ -153,9 +163,19 @@ class InputCheck:
     numeric: float = 0.0
     #: A broken contract (e.g. a gradient of the wrong shape), if any.
     problem: str = ""
+    #: What was compared, for the symbolic checks: "output" for a JVP (the output's tangent), and the
+    #: names of the two numbers (default: the vjp against finite differences).
+    label: str = ""
+    analytic_name: str = "vjp"
+    numeric_name: str = "finite differences"
+
+    @property
+    def what(self) -> str:
+        """``input 0`` (or the label: ``output``)."""
+        return self.label or f"input {self.index}"
 
     def describe(self) -> str:
-        head = f"input {self.index} {self.dtype}{list(self.shape)}"
+        head = f"{self.what} {self.dtype}{list(self.shape)}"
         if not self.checked:
             return f"{head}: skipped (no gradient for {self.dtype})"
         if self.problem:
@@ -164,7 +184,7 @@ class InputCheck:
             return f"{head}: ok (no elements)"
         verdict = "ok" if self.passed else "FAILED"
         return (f"{head}: {verdict}: max abs error {self.max_abs_error:.3g}, max rel error {self.max_rel_error:.3g}; "
-                f"worst at {self.position}: vjp {self.analytic:.6g}, finite differences {self.numeric:.6g}")
+                f"worst at {self.position}: {self.analytic_name} {self.analytic:.6g}, {self.numeric_name} {self.numeric:.6g}")
 
 
 @dataclass(frozen=True)
@@ -184,6 +204,9 @@ class GradCheckReport:
     #: Non-empty when the case was not checked: the reason (a varied attribute value the
     #: operator refuses). A skipped case counts as passed.
     skipped: str = ""
+    #: The case's inputs as ``(dtype, shape)`` pairs, for a report whose ``inputs`` are not one per
+    #: input (a JVP's are the output's tangents); empty: read them off ``inputs``.
+    case_inputs: tuple[tuple[str, tuple[int, ...]], ...] = ()
 
     @property
     def passed(self) -> bool:
@@ -192,6 +215,11 @@ class GradCheckReport:
     @property
     def failures(self) -> list[InputCheck]:
         return [c for c in self.inputs if not c.passed]
+
+    def inputs_text(self) -> str:
+        """``float64[2, 3], int64[2]``: the case's inputs."""
+        pairs = self.case_inputs or tuple((c.dtype, tuple(c.shape)) for c in self.inputs)
+        return ", ".join(f"{dtype}{list(shape)}" for dtype, shape in pairs)
 
     def case_text(self) -> str:
         """``varied case, attrs stride=2, padding=0``: which case this is, with every attribute."""
@@ -207,21 +235,24 @@ class GradCheckReport:
         if self.problem:
             head += f": {self.problem}"
         if self.kind == "float32":  # a dtype check: nothing compared per input
-            inputs = ", ".join(f"{c.dtype}{list(c.shape)}" for c in self.inputs)
-            return f"{head}; inputs {inputs}" + ("" if self.problem else "; float32 output and gradients")
+            return f"{head}; inputs {self.inputs_text()}" + ("" if self.problem else "; float32 output and gradients")
+        if self.case_inputs:
+            head += f"; inputs {self.inputs_text()}"
         return "\n".join([head] + [f"  {c.describe()}" for c in self.inputs])
 
     __str__ = describe
 
     def failure_message(self) -> str:
-        """The first failure as one sentence, naming the operator, input, position and both numbers."""
+        """The first failure as one sentence, naming the operator, input, position and both numbers
+        (and, for a symbolic check, its kind: ``acme.cube: second order: input 0 at (1,): ...``)."""
+        head = f"{self.op}: {self.kind}: " if self.kind in SYMBOLIC_KINDS else f"{self.op}: "
         if self.problem:
-            return f"{self.op}: {self.problem}"
+            return f"{head}{self.problem}"
         for c in self.failures:
             if c.problem:
-                return f"{self.op}: input {c.index}: {c.problem}"
-            return (f"{self.op}: input {c.index} at {c.position}: vjp gives {c.analytic:.6g}, "
-                    f"finite differences give {c.numeric:.6g} (abs error {abs(c.analytic - c.numeric):.3g})")
+                return f"{head}{c.what}: {c.problem}"
+            return (f"{head}{c.what} at {c.position}: {c.analytic_name} gives {c.analytic:.6g}, "
+                    f"{c.numeric_name} {_verb(c.numeric_name)} {c.numeric:.6g} (abs error {abs(c.analytic - c.numeric):.3g})")
         return f"{self.op}: passed"
 
 
@@ -457,16 +488,333 @@ def check_float32(op: OpDef, cases: Sequence[Case], *, seed: int = 0) -> GradChe
     return report
 
 
-def check_operator(op: OpDef, rng: np.random.Generator | None = None) -> list[GradCheckReport]:
-    """:func:`check_case` on every case of :func:`check_cases`, then :func:`check_float32` (no report
-    for an exempt operator). Skipped varied cases are reported, as passed with ``skipped`` set."""
+def check_operator(op: OpDef, rng: np.random.Generator | None = None, registry: Any = None) -> list[GradCheckReport]:
+    """:func:`check_case` on every case of :func:`check_cases`, then the symbolic rules' checks
+    (:func:`check_symbolic`: reports of kinds "second order" and "jvp", none for an operator without
+    vjp_graph and jvp_graph), then :func:`check_float32` (no report for an exempt operator). Skipped
+    varied cases are reported, as passed with ``skipped`` set. ``registry``: the operators the symbolic
+    rules may use besides the built-in ones (:func:`symbolic_registry`)."""
     if gradient_exemption(op) is not None:
         return []
     rng = rng if rng is not None else np.random.default_rng(0)
     cases = check_cases(op, rng)
     reports = [check_case(op, case) for case in cases]
+    reports += check_symbolic(op, cases, registry)
     f32 = check_float32(op, cases)
     return reports + ([f32] if f32 is not None else [])
+
+
+# --- the symbolic rules: second derivatives and JVPs ---------------------------------------------
+
+#: The kinds of the symbolic checks' reports, one per rule: ``vjp_graph`` (a gradient graph,
+#: differentiated again) and ``jvp_graph`` (forward mode).
+SYMBOLIC_KINDS = ("second order", "jvp")
+
+#: What :func:`derivatives_text` says of an operator without symbolic rules.
+FIRST_ORDER_ONLY = "first order only"
+
+#: How many of the operator's sample (or made-up) cases the symbolic checks try, per rule.
+SYMBOLIC_CASES = 3
+
+#: Tolerances of the symbolic checks (float64): ``|got - expected| <= atol * scale + rtol * |expected|``,
+#: ``scale`` the largest ``|expected|`` of the input (at least 1): finite differences of gradients
+#: cancel digits in proportion to the gradients' size.
+SYMBOLIC_RTOL = 1e-4
+SYMBOLIC_ATOL = 1e-6
+
+
+def symbolic_rules(op: OpDef) -> tuple[str, ...]:
+    """The symbolic rules ``op`` has, of ``("vjp_graph", "jvp_graph")``."""
+    return tuple(rule for rule in ("vjp_graph", "jvp_graph") if getattr(op, rule, None) is not None)
+
+
+def derivatives_text(op: OpDef) -> str:
+    """What the checker compares of ``op``'s derivatives besides its vjp: ``second order, jvp`` (or one
+    of them), or ``first order only`` for an operator without symbolic rules (not a failure: it works
+    to first order; Derive, grad and jvp nodes through it are MISSING_RULE)."""
+    kinds = [kind for kind, rule in zip(SYMBOLIC_KINDS, ("vjp_graph", "jvp_graph")) if getattr(op, rule, None) is not None]
+    return ", ".join(kinds) or FIRST_ORDER_ONLY
+
+
+_BUILTINS: list[Any] = []
+_BUILTINS_LOCK = threading.Lock()
+
+
+def symbolic_registry(op: OpDef, registry: Any = None) -> Any:
+    """A Registry in which ``op``'s derived graphs compile: the built-in operators (the derivatives'
+    helpers among them), then ``registry``'s operators, then ``op`` itself (each replacing a name
+    before it). Pass the registry the operator was loaded with when its rules use its plugin's
+    other operators."""
+    if registry is not None and registry.find(op.name) is op and _has_builtins(registry):
+        return registry
+    combined = with_builtins(registry)
+    combined.add(op, replace=True)
+    return combined
+
+
+def with_builtins(registry: Any = None) -> Any:
+    """A new Registry: the built-in operators, then ``registry``'s (replacing a built-in of the same name)."""
+    from chainrule.core import Registry
+
+    combined = Registry(_builtin_ops())
+    for other in registry or ():
+        combined.add(other, replace=True)
+    return combined
+
+
+#: Loads the built-in operators: set by chainrule.plugins.manager when it is imported (this module
+#: cannot import the manager, which imports it for the check at load).
+builtin_loader: Callable[[], Iterable[OpDef]] | None = None
+
+
+def _builtin_ops() -> list[OpDef]:
+    """The built-in operators, loaded once per process."""
+    with _BUILTINS_LOCK:
+        if not _BUILTINS:
+            if builtin_loader is None:  # (chainrule.plugins imports the manager, which sets it)
+                raise RuntimeError("chainrule.plugins.manager is not imported: import chainrule.plugins")
+            _BUILTINS.extend(builtin_loader())
+    return _BUILTINS
+
+
+def _has_builtins(registry: Any) -> bool:
+    return all(registry.find(name) is not None for name in ("add", "mul", "sum", "sum_to", "zeros_like"))
+
+
+def check_symbolic(op: OpDef, cases: Sequence[Case] | None = None, registry: Any = None, *, seed: int = 0,
+                   **tolerances: Any) -> list[GradCheckReport]:
+    """The symbolic rules' checks on the first :data:`SYMBOLIC_CASES` sample (or made-up) cases of
+    ``cases`` (default: :func:`check_cases`): :func:`check_second_order` when ``op`` has a vjp_graph,
+    then :func:`check_jvp` when it has a jvp_graph. No report for an operator without them or exempt
+    from the check, nor for a case without a float input and a float output (nothing to compare).
+    ``registry``: see :func:`symbolic_registry`."""
+    if gradient_exemption(op) is not None or not symbolic_rules(op):
+        return []
+    if cases is None:
+        cases = check_cases(op, np.random.default_rng(seed))
+    base = [case for case in cases if case.kind in ("sample", "default")][:SYMBOLIC_CASES]
+    registry = symbolic_registry(op, registry)
+    reports: list[GradCheckReport] = []
+    for kind, check in (("vjp_graph", check_second_order), ("jvp_graph", check_jvp)):
+        if getattr(op, kind) is None:
+            continue
+        for case in base:
+            report = check(op, case, registry, seed=seed, **tolerances)
+            if report.problem or any(c.checked for c in report.inputs):
+                reports.append(report)
+    return reports
+
+
+def check_second_order(op: OpDef, case: Case, registry: Any = None, *, seed: int = 0, eps: float = 1e-6,
+                       rtol: float = SYMBOLIC_RTOL, atol: float = SYMBOLIC_ATOL) -> GradCheckReport:
+    """Check ``op.vjp_graph`` on one case (in float64), with the scalar ``L = sum(w * y * y)`` of the
+    operator's output ``y`` (``w`` random; summed over its float outputs), which is not linear in ``y``:
+
+    1. the gradient graph (:func:`~chainrule.core.symbolic.derive_reverse`) must give the gradient the
+       engine's numpy vjp gives;
+    2. that graph, derived again, gives the Hessian-vector product ``H v`` (``v`` random), which must
+       match central finite differences of the numpy gradients along ``v``:
+       ``(grad L(x + eps v) - grad L(x - eps v)) / 2 eps``.
+
+    One :class:`InputCheck` per input (int and bool inputs unchecked). A derivation that fails (a rule
+    that raises, an operator without the rule a second derivative needs: MISSING_RULE) is the report's
+    ``problem``.
+    """
+    from chainrule.core import compile_graph, derive_reverse
+
+    registry = symbolic_registry(op, registry)
+    xs, attrs, report = _symbolic_start(op, case, "second order")
+    floats = [i for i, x in enumerate(xs) if x.dtype.kind == "f"]
+    stage = "forward"
+    try:
+        with np.errstate(all="ignore"):
+            outs, _ = _forward(op, [x.copy() for x in xs], attrs)
+            report = _replace(report, output_shape=outs[0].shape)
+            float_outs = [j for j, out in enumerate(outs) if out.dtype.kind == "f"]
+            if not floats or not float_outs:
+                return report
+            rng = np.random.default_rng(seed)
+            weights = {f"w{j}": rng.standard_normal(outs[j].shape) for j in float_outs}
+            vs = {f"v{i}": rng.standard_normal(xs[i].shape) for i in floats}
+            graph = _objective_graph(op, xs, case.attrs, outs, float_outs)
+            feeds = {**{f"x{i}": x for i, x in enumerate(xs)}, **weights}
+            wrt = [f"x{i}" for i in floats]
+            stage = "the engine's gradient (the numpy vjp)"
+            plan = compile_graph(graph, registry)
+            expected = _engine_gradients(plan, feeds, wrt)
+            stage = "deriving the gradient graph (vjp_graph)"
+            derived, names = derive_reverse(graph, registry, output="L", wrt=wrt)
+            grads = [names.gradients[w] for w in wrt]
+            stage = "running the gradient graph"
+            got = _run_derived(derived, registry, feeds, grads)
+            checks = {i: _compare(i, xs[i], g, e, rtol, atol, "vjp_graph's gradient", "the vjp")
+                      for i, g, e in zip(floats, got, expected)}
+            if all(c.passed for c in checks.values()):
+                stage = "deriving the gradient graph again (the second derivative)"
+                dotted = _dot_graph(derived, grads, [(f"v{i}", xs[i].shape) for i in floats])
+                second, names2 = derive_reverse(dotted, registry, output="S", wrt=wrt)
+                stage = "running the second-derivative graph"
+                hv = _run_derived(second, registry, {**feeds, **vs}, [names2.gradients[w] for w in wrt])
+                stage = "the engine's gradient (the numpy vjp)"
+                plus = _engine_gradients(plan, {**feeds, **{f"x{i}": xs[i] + eps * vs[f"v{i}"] for i in floats}}, wrt)
+                minus = _engine_gradients(plan, {**feeds, **{f"x{i}": xs[i] - eps * vs[f"v{i}"] for i in floats}}, wrt)
+                checks = {i: _compare(i, xs[i], h, (p - m) / (2 * eps), rtol, atol, "H v through vjp_graph",
+                                      "finite differences of the vjp")
+                          for i, h, p, m in zip(floats, hv, plus, minus)}
+    except Exception as exc:  # noqa: BLE001 - a plugin's rule may raise anything; the report names it
+        return _replace(report, problem=f"{stage}: {_error_text(exc)}")
+    inputs = tuple(checks.get(i) or _unchecked(i, x) for i, x in enumerate(xs))
+    return _replace(report, inputs=inputs)
+
+
+def check_jvp(op: OpDef, case: Case, registry: Any = None, *, seed: int = 0, eps: float = 1e-6,
+              rtol: float = SYMBOLIC_RTOL, atol: float = SYMBOLIC_ATOL) -> GradCheckReport:
+    """Check ``op.jvp_graph`` on one case (in float64): the forward-mode graph
+    (:func:`~chainrule.core.symbolic.derive_forward`) of each float output, with random tangents for
+    every float input, must give central finite differences of the forward rule along the tangents,
+    ``(forward(x + eps t) - forward(x - eps t)) / 2 eps``, element by element. One :class:`InputCheck`
+    per float output (label ``output``); ``case_inputs`` holds the inputs."""
+    from chainrule.core import derive_forward
+
+    registry = symbolic_registry(op, registry)
+    xs, attrs, report = _symbolic_start(op, case, "jvp")
+    report = _replace(report, inputs=(), case_inputs=tuple((x.dtype.name, tuple(x.shape)) for x in xs))
+    floats = [i for i, x in enumerate(xs) if x.dtype.kind == "f"]
+    stage = "forward"
+    checks: list[InputCheck] = []
+    try:
+        with np.errstate(all="ignore"):
+            outs, _ = _forward(op, [x.copy() for x in xs], attrs)
+            report = _replace(report, output_shape=outs[0].shape)
+            float_outs = [j for j, out in enumerate(outs) if out.dtype.kind == "f"]
+            if not floats or not float_outs:
+                return report
+            rng = np.random.default_rng(seed)
+            ts = {i: rng.standard_normal(xs[i].shape) for i in floats}
+            plus, _ = _forward(op, [x + eps * ts[i] if i in ts else x.copy() for i, x in enumerate(xs)], attrs)
+            minus, _ = _forward(op, [x - eps * ts[i] if i in ts else x.copy() for i, x in enumerate(xs)], attrs)
+            graph = _op_graph(op, xs, case.attrs, len(outs))
+            feeds = {f"x{i}": x for i, x in enumerate(xs)}
+            several = len(outs) > 1
+            for j in float_outs:
+                stage = "deriving the forward-mode graph (jvp_graph)"
+                derived, names = derive_forward(graph, registry, output=graph.outputs[j], wrt=[f"x{i}" for i in floats])
+                stage = "running the forward-mode graph"
+                tangents = {names.tangents[f"x{i}"]: ts[i] for i in floats}
+                (got,) = _run_derived(derived, registry, {**feeds, **tangents}, [names.tangent_output])
+                numeric = (np.asarray(plus[j], np.float64) - np.asarray(minus[j], np.float64)) / (2 * eps)
+                label = f"output {j}" if several else "output"
+                check = _compare(j, outs[j], got, numeric, rtol, atol, "jvp_graph", "finite differences of forward")
+                checks.append(replace(check, label=label))
+    except Exception as exc:  # noqa: BLE001 - a plugin's rule may raise anything; the report names it
+        return _replace(report, inputs=tuple(checks), problem=f"{stage}: {_error_text(exc)}")
+    return _replace(report, inputs=tuple(checks))
+
+
+def _symbolic_start(op: OpDef, case: Case, kind: str) -> tuple[list[np.ndarray], dict[str, Any], GradCheckReport]:
+    """The case's inputs in float64 (float32 promoted; finite differences need the precision), its
+    checked attributes, and an empty report of ``kind``."""
+    attrs = check_attrs(op, case.attrs)
+    xs = [np.asarray(x) for x in case.inputs]
+    xs = [x.astype(np.float64) if x.dtype.kind == "f" else x.copy() for x in xs]
+    report = GradCheckReport(op.name, tuple(_unchecked(i, x) for i, x in enumerate(xs)), attrs, (), kind=kind)
+    return xs, attrs, report
+
+
+def _op_graph(op: OpDef, xs: Sequence[np.ndarray], attrs: Mapping[str, Any], count: int) -> Any:
+    """x0, x1... -> y = op(x...): one value ``y``, or ``y.0``, ``y.1``... for an operator with several."""
+    from chainrule.core import GraphIR, InputDecl, Node
+
+    decls = tuple(InputDecl(f"x{i}", x.dtype.name, tuple(x.shape)) for i, x in enumerate(xs))
+    outputs = tuple(f"y.{j}" for j in range(count)) if op.several else ()
+    node = Node("y", op.name, tuple(d.name for d in decls), dict(attrs), outputs)
+    return GraphIR(decls, (node,), outputs or ("y",))
+
+
+def _objective_graph(op: OpDef, xs: Sequence[np.ndarray], attrs: Mapping[str, Any], outs: Sequence[np.ndarray],
+                     float_outs: Sequence[int]) -> Any:
+    """The op's graph, then L = sum over its float outputs y_j of sum(w_j * y_j * y_j) (inputs w_j)."""
+    from chainrule.core import GraphIR, InputDecl, Node
+
+    graph = _op_graph(op, xs, attrs, len(outs))
+    inputs = list(graph.inputs)
+    nodes = list(graph.nodes)
+    terms = []
+    for j in float_outs:
+        y, s = graph.outputs[j], "L" if len(float_outs) == 1 else f"s{j}"
+        inputs.append(InputDecl(f"w{j}", "float64", tuple(outs[j].shape)))
+        nodes += [Node(f"yy{j}", "mul", (y, y)), Node(f"wyy{j}", "mul", (f"w{j}", f"yy{j}")), Node(s, "sum", (f"wyy{j}",))]
+        terms.append(s)
+    return GraphIR(tuple(inputs), tuple(nodes) + _sum_nodes(terms, "L"), ("L",))
+
+
+def _dot_graph(derived: Any, grads: Sequence[str], vectors: Sequence[tuple[str, tuple[int, ...]]]) -> Any:
+    """The gradient graph, then S = sum_i sum(grad_i * v_i) (inputs v_i): its gradient is H v."""
+    from chainrule.core import GraphIR, InputDecl, Node
+
+    inputs = list(derived.inputs) + [InputDecl(name, "float64", shape) for name, shape in vectors]
+    nodes = list(derived.nodes)
+    terms = []
+    for k, (g, (v, _)) in enumerate(zip(grads, vectors)):
+        s = "S" if len(grads) == 1 else f"check.s{k}"
+        nodes += [Node(f"check.gv{k}", "mul", (g, v)), Node(s, "sum", (f"check.gv{k}",))]
+        terms.append(s)
+    return GraphIR(tuple(inputs), tuple(nodes) + _sum_nodes(terms, "S"), ("S",), dict(derived.metadata))
+
+
+def _sum_nodes(terms: Sequence[str], name: str) -> tuple[Any, ...]:
+    """Nodes adding ``terms`` up into a value named ``name`` (none for one term, named so already)."""
+    from chainrule.core import Node
+
+    nodes, total = [], terms[0]
+    for k, term in enumerate(terms[1:]):
+        nodes.append(Node(name if k == len(terms) - 2 else f"{name}.{k}", "add", (total, term)))
+        total = nodes[-1].name
+    return tuple(nodes)
+
+
+def _engine_gradients(plan: Any, feeds: Mapping[str, np.ndarray], wrt: Sequence[str]) -> list[np.ndarray]:
+    """The engine's gradients (numpy vjps) of the plan's output with respect to ``wrt``."""
+    from chainrule.core import evaluate
+
+    ev = evaluate(plan, feeds, wrt=wrt)
+    return [np.asarray(ev.grad(w), dtype=np.float64) for w in wrt]
+
+
+def _run_derived(graph: Any, registry: Any, feeds: Mapping[str, np.ndarray], names: Sequence[str]) -> list[np.ndarray]:
+    """The values ``names`` of a derived graph (forward only)."""
+    from chainrule.core import compile_graph, evaluate
+
+    ev = evaluate(compile_graph(graph, registry), feeds, output=names[0], gradients=False)
+    return [np.asarray(ev.value(name), dtype=np.float64) for name in names]
+
+
+def _compare(index: int, x: np.ndarray, got: np.ndarray, expected: np.ndarray, rtol: float, atol: float,
+             analytic_name: str, numeric_name: str) -> InputCheck:
+    """One array against another (of ``x``'s shape), with the symbolic checks' scaled tolerance."""
+    head = dict(index=index, shape=tuple(x.shape), dtype=x.dtype.name, checked=True, analytic_name=analytic_name,
+                numeric_name=numeric_name)
+    got, expected = np.asarray(got, dtype=np.float64), np.asarray(expected, dtype=np.float64)
+    if got.shape != expected.shape:
+        return InputCheck(**head, passed=False, problem=f"{analytic_name} has shape {list(got.shape)}, "
+                                                       f"expected {list(expected.shape)}")
+    if got.size == 0:
+        return InputCheck(**head, passed=True)
+    finite = expected[np.isfinite(expected)]
+    scale = max(1.0, float(np.max(np.abs(finite))) if finite.size else 1.0)
+    return _judged(head, got, expected, atol * scale, rtol)
+
+
+def _error_text(exc: BaseException) -> str:
+    from chainrule.core import ChainruleError
+
+    text = exc.message if isinstance(exc, ChainruleError) else str(exc)
+    return f"{type(exc).__name__}: {text}"
+
+
+def _verb(name: str) -> str:
+    """``give`` after a plural (``finite differences``), else ``gives``."""
+    return "give" if name.startswith("finite differences") else "gives"
 
 
 def vjp_contract_problem(op: OpDef) -> tuple[str, str] | None:
@@ -712,13 +1060,20 @@ def _check_input(op: OpDef, xs: list[np.ndarray], attrs: dict[str, Any], i: int,
     numeric = _numeric_gradient(op, xs, attrs, i, vs, eps)
     if x.size == 0:
         return InputCheck(**head, passed=True)
+    return _judged(head, analytic, numeric, atol, rtol)
+
+
+def _judged(head: dict[str, Any], analytic: np.ndarray, numeric: np.ndarray, atol: float, rtol: float) -> InputCheck:
+    """An InputCheck of ``analytic`` against ``numeric`` (same shape, not empty): each element must be
+    within ``atol + rtol * |numeric|``; the worst position (relative to that) is reported."""
+    shape = numeric.shape
     err = np.abs(analytic - numeric)
     allowed = atol + rtol * np.abs(numeric)
     with np.errstate(all="ignore"):
         badness = np.where(err == 0, 0.0, err / allowed)
         rel = np.where(err == 0, 0.0, err / np.maximum(np.abs(analytic), np.abs(numeric)))
     badness = np.where(np.isnan(badness), np.inf, badness)
-    worst = np.unravel_index(int(np.argmax(badness)), x.shape)
+    worst = np.unravel_index(int(np.argmax(badness)), shape)
     position = tuple(int(k) for k in worst)
     return InputCheck(
         **head,

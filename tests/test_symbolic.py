@@ -372,3 +372,23 @@ def test_einsum_second_derivatives_and_jvps_for_every_form(equation, shapes, mon
     inputs = [rng.standard_normal(s) for s in shapes]
     monkeypatch.setattr(sys.modules[__name__], "_cases", lambda name: [(inputs, {"equation": equation})])
     test_gradient_hvp_and_jvp_match_numpy_rules_and_finite_differences("einsum")
+
+
+def test_prod_except_numpy_gradient_is_exact_at_zeros():
+    """prod_except's numpy vjp computes rows holding zeros exactly (its symbolic rules divide by x and
+    hold away from zeros only, so its gradient-check sample draws none): finite differences agree."""
+    from chainrule.plugins.builtin.derivative import OPERATORS as DERIVATIVE_OPS
+
+    op = next(o for o in DERIVATIVE_OPS if o.name == "prod_except")
+    rng = np.random.default_rng(2)
+    for row in ([1.5, 0.0, -0.7, 2.0], [0.0, 0.0, 1.3, -0.4], [0.8, -1.1, 0.0, 0.0]):
+        x = np.array([row, [0.9, 1.2, -0.5, 0.3]])
+        g = rng.standard_normal(x.shape)
+        (analytic,) = op.vjp(g, op.forward(x, axis=(1,)), x, axis=(1,))
+        numeric = np.zeros_like(x)
+        for index in np.ndindex(x.shape):
+            up, down = x.copy(), x.copy()
+            up[index] += 1e-6
+            down[index] -= 1e-6
+            numeric[index] = np.sum(g * (op.forward(up, axis=(1,)) - op.forward(down, axis=(1,)))) / 2e-6
+        np.testing.assert_allclose(analytic, numeric, rtol=1e-6, atol=1e-8)

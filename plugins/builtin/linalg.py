@@ -493,6 +493,14 @@ def _einsum_vjp_graph(b, g, out, *xs, equation: str):
         if alone and len(set(label for label in own if label is not Ellipsis)) < len(own) - (Ellipsis in own):
             raise GraphError(f"{b.rule}einsum {equation!r}: input {i} has a diagonal and an axis of varying size "
                              f"summed over it alone; declare the input's shape", node=x.name)
+        if Ellipsis not in target and any(Ellipsis in labels for labels in [output, *(operands[j] for j in others)]):
+            # x has no broadcast axes but the others do (a vector times a batch of matrices): keep them in
+            # the gradient, whose broadcast shape the deriver sums back to x's (sum_to)
+            if alone:
+                raise GraphError(f"{b.rule}einsum {equation!r}: input {i} is broadcast against the others and "
+                                 f"has an axis of varying size summed over it alone; declare the input's shape",
+                                 node=x.name)
+            target.insert(0, Ellipsis)
         grad = b.op("einsum", *refs, equation=f"{','.join(terms)}->{_subscripts(target)}")
         if alone:
             grad = b.op("unreduce", grad, x, axis=alone)

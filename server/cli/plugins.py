@@ -1,6 +1,11 @@
 """``chainrule ops [--json] [--server ADDR]``, ``chainrule plugins [--json]`` and
 ``chainrule check [--plugin NAME] [--op NAME] [--cases] [--json]``.
 
+``check`` compares each operator's vjp with finite differences and, for an operator with symbolic
+rules (docs/derivatives.md), its second derivatives (vjp_graph) and JVPs (jvp_graph): ``--cases``
+lists those as "second order" and "jvp" lines, and the summary names the operators without them
+("first order only", not a failure); ``--json`` gives each verdict's "derivatives".
+
 All three load plugins like ``serve`` does, so CHAINRULE_PLUGINS,
 CHAINRULE_DISABLE_PLUGINS and CHAINRULE_PREFER apply; ``ops --server`` lists
 a running server's operators instead (ListOperators), in the same format.
@@ -22,6 +27,7 @@ from chainrule.core.dtypes import ALL_DTYPES
 from chainrule.core.operator import described_inputs
 from chainrule.plugins.checking import check_registry
 from chainrule.plugins.manager import Loaded, load_plugins, parse_names, plugin_matches
+from chainrule.plugins.testing import FIRST_ORDER_ONLY
 
 from .connect import add_connection_arguments, remote_client
 
@@ -38,7 +44,8 @@ def add_plugin_parsers(commands: argparse._SubParsersAction) -> None:
     plugins.add_argument("--prefer", default=None, metavar="NAMES", help="plugins that win a name conflict (env CHAINRULE_PREFER)")
     plugins.set_defaults(run=cmd_plugins)
 
-    check = commands.add_parser("check", help="compare every operator's vjp with finite differences; exit 1 on a failure")
+    check = commands.add_parser("check", help="compare every operator's vjp (and its symbolic rules: second derivatives, "
+                                              "JVPs) with finite differences; exit 1 on a failure")
     check.add_argument("--plugin", action="append", default=None, metavar="NAME",
                        help="only this plugin's operators (a name or its first dotted part: builtin); repeatable")
     check.add_argument("--op", action="append", default=None, metavar="NAME", help="only this operator; repeatable")
@@ -117,14 +124,22 @@ def cmd_check(args: argparse.Namespace) -> int:
             print(f"\n{c.op}" + ("" if c.checked else f": exempt: {c.message}"))
             for case in c.cases:
                 print(f"  {case.describe()}")
+            if c.derivatives == FIRST_ORDER_ONLY:
+                print(f"  {FIRST_ORDER_ONLY}: no vjp_graph or jvp_graph (second derivatives and JVPs through it are "
+                      f"MISSING_RULE)")
     for c in failed:
         print(f"\nFAILED {c.message}")
     exempt = sum(1 for c in checks if not c.checked)
     skipped = sum(c.skipped for c in checks)
+    symbolic = sum(1 for c in checks if c.derivatives not in ("", FIRST_ORDER_ONLY))
+    first_only = [c.op for c in checks if c.derivatives == FIRST_ORDER_ONLY]
     print(f"\n{len(checks)} operator{'s' * (len(checks) != 1)}: {len(checks) - len(failed) - exempt} passed, {len(failed)} failed, "
           f"{exempt} exempt (gradcheck=False)" + (f"; {len(mine)} plugin{'s' * (len(mine) != 1)} broken" if mine else "")
           + (f"; {skipped} varied case{'s' * (skipped != 1)} skipped (attribute values the operators refuse: "
-             f"--cases lists them)" if skipped else ""))
+             f"--cases lists them)" if skipped else "")
+          + (f"; symbolic rules checked for {symbolic} (second order, jvp)" if symbolic else "")
+          + (f"; first order only (no symbolic rules): {', '.join(first_only)}" if 0 < len(first_only) <= 5
+             else f"; {len(first_only)} first order only (no symbolic rules)" if first_only else ""))
     sys.stdout.flush()
     _report([b.message for b in mine], "error")
     return 1 if failed or mine else 0
@@ -134,7 +149,7 @@ def _check_row(check) -> dict:
     """One verdict of ``chainrule check --json``: the operator, who provides it, the verdict and every case."""
     return {
         "op": check.op, "plugin": check.plugin, "distribution": check.distribution or None,
-        "version": check.version or None, "result": check.status,
+        "version": check.version or None, "result": check.status, "derivatives": check.derivatives or None,
         "max_abs_error": _json_number(check.max_abs_error, check.checked),
         "max_rel_error": _json_number(check.max_rel_error, check.checked),
         "message": check.message or None,
