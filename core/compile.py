@@ -150,6 +150,9 @@ class Plan(CompiledGraph):
         #: Nodes the backward pass calls through engine._general_vjp: selective, several values or residuals.
         self.several = [op is not None and op.several for op in ops]
         self.general = [sel or res or sev for sel, res, sev in zip(self.selective, self.residual, self.several)]
+        #: Selective vjps with neither residuals nor several values: called inline with needs=.
+        self.plain_selective = [sel and not un for sel, un in zip(self.selective, [r or v for r, v in
+                                                                                  zip(self.residual, self.several)])]
         #: Heads whose forward result the engine takes apart: residuals or several values.
         self.unpacked = [res or sev for res, sev in zip(self.residual, self.several)]
         # The same rules for Python floats, when every operator has them (see OpDef.scalar).

@@ -519,6 +519,7 @@ def _backward(
     so a sum is added in place only into an array this loop allocated.
     """
     vjps, general, ins, attrs, n_out = plan.vjps, plan.general, plan.in_slots, plan.attrs, plan.n_out
+    plain_selective = plan.plain_selective
     shape_of, dtype_of, scalar_type = shapes.shape_of, shapes.dtype_of, shapes.scalar_type
     ndarray = np.ndarray
     grads: list[Any] = [None] * len(ins)
@@ -534,10 +535,15 @@ def _backward(
             token.check()
         s = ins[k]
         try:
-            if general[k]:  # selective vjp, residuals, several values: the slower general call
-                parts = _general_vjp(plan, k, grads, values, saved, edges[k])
-                if parts is None:  # none of the node's values got a gradient
-                    continue
+            if general[k]:  # selective vjp, residuals, several values
+                if plain_selective[k]:  # selective only (matmul): tell the rule which gradients are wanted
+                    needed = {pos for pos, _ in edges[k]}
+                    parts = vjps[k](g, values[k], *[values[j] for j in s],
+                                    needs=tuple(pos in needed for pos in range(len(s))), **attrs[k])
+                else:  # residuals or several values: the slower general call
+                    parts = _general_vjp(plan, k, grads, values, saved, edges[k])
+                    if parts is None:  # none of the node's values got a gradient
+                        continue
             elif len(s) == 2:  # arity fast paths: no list built for one or two inputs
                 parts = vjps[k](g, values[k], values[s[0]], values[s[1]], **attrs[k])
             elif len(s) == 1:

@@ -50,6 +50,8 @@ def _matmul_vjp(g, out, a, b, *, needs=(True, True)):
     """``g @ bᵀ`` and ``aᵀ @ g``; ``needs`` (from the engine) skips a product nobody wants, e.g. for a data batch."""
     if a.ndim == 1 and b.ndim == 1:                 # vector · vector: out is a scalar
         return (g * b if needs[0] else None), (g * a if needs[1] else None)
+    if a.ndim == 2 and b.ndim == 2:                 # matrix · matrix (a dense layer's product): at once
+        return (np.matmul(g, b.T) if needs[0] else None), (np.matmul(a.T, g) if needs[1] else None)
     a2 = a[np.newaxis, :] if a.ndim == 1 else a     # row vector (1, k)
     b2 = b[:, np.newaxis] if b.ndim == 1 else b     # column vector (k, 1)
     g2 = np.expand_dims(g, -2) if a.ndim == 1 else g
@@ -74,6 +76,8 @@ def _summed_product(x: np.ndarray, y: np.ndarray, batch: tuple[int, ...]) -> np.
     gradient of an input that was broadcast, computed without the broadcast-shaped temporary
     (a (1, k, n) weight against an (N, m, k) batch: k x n, not N x k x n). Plain matmul when no axis
     is summed."""
+    if x.ndim == y.ndim == len(batch) + 2 and x.shape[:-2] == y.shape[:-2] == tuple(batch):
+        return np.matmul(x, y)  # nothing broadcast (plain matrices among them): the common case, at once
     full = np.broadcast_shapes(x.shape[:-2], y.shape[:-2])
     padded = (1,) * (len(full) - len(batch)) + tuple(batch)
     summed = [i for i, (n, m) in enumerate(zip(full, padded)) if m == 1 and n != 1]
