@@ -61,6 +61,7 @@ bench: install
 	$(BIN)/python benchmarks/server_bench.py
 	$(BIN)/python benchmarks/stream_bench.py
 	$(BIN)/python benchmarks/user_bench.py
+	$(BIN)/python benchmarks/hvp_bench.py
 
 # A bounded hostile-input campaign against a server subprocess (two minutes).
 fuzz: install
