@@ -40,6 +40,9 @@ class ServerConfig:
     max_training_seconds: float = 3600.0
     #: How long one EvaluateStream call may stay open (it holds an admission slot meanwhile).
     max_stream_seconds: float = 600.0
+    #: How long an EvaluateStream call may wait for the client's next message (its first one
+    #: included) before it is ended: a stream that sends nothing gives its slot back.
+    stream_idle_seconds: float = 30.0
     #: Seconds in-flight calls get to finish on SIGTERM/SIGINT.
     grace_seconds: float = 10.0
     graph_cache_size: int = 256
@@ -104,7 +107,8 @@ class ServerConfig:
             problems.append(f"max_message_bytes must be 0 (derived from max_memory_bytes) or from 1024 to "
                             f"{MAX_GRPC_MESSAGE_BYTES} (got {self.max_message_bytes})")
         problems += [f"{name} must be positive (got {getattr(self, name)})"
-                     for name in ("max_compute_seconds", "max_training_seconds", "max_stream_seconds")
+                     for name in ("max_compute_seconds", "max_training_seconds", "max_stream_seconds",
+                                  "stream_idle_seconds")
                      if not getattr(self, name) > 0]
         problems += [f"{name} must be a port number from 0 to 65535 (got {getattr(self, name)})"
                      for name in ("port", "metrics_port") if not 0 <= getattr(self, name) <= 65535]
@@ -167,6 +171,8 @@ SETTINGS_HELP: dict[str, tuple[str, str]] = {
     "max_compute_seconds": ("limits", "compute time of one Evaluate call, or of one input set of a stream"),
     "max_training_seconds": ("limits", "time of one Optimize call (a whole training run)"),
     "max_stream_seconds": ("limits", "how long one EvaluateStream call may stay open"),
+    "stream_idle_seconds": ("limits", "how long an EvaluateStream call may wait for the client's next message "
+                                      "before it is ended (DEADLINE_EXCEEDED), its slot given back"),
     "graph_cache_size": ("limits", "compiled graphs kept for graph_id requests (least recently used go first)"),
     "plugins": ("plugins", "load only these plugins (default: every installed one)"),
     "disable_plugins": ("plugins", "leave these plugins out"),

@@ -20,7 +20,7 @@ import grpc
 from grpc_status import rpc_status
 
 from chainrule.core import StopToken
-from chainrule.core.errors import CancelledError, ChainruleError, LimitExceeded, OperatorFailure
+from chainrule.core.errors import CancelledError, ChainruleError, DeadlineError, LimitExceeded, OperatorFailure
 from chainrule.v1 import chainrule_pb2 as pb
 from chainrule.v1 import chainrule_pb2_grpc as pb_grpc
 from chainrule.wire import outgoing
@@ -184,7 +184,7 @@ class Servicer(pb_grpc.ChainruleServicer):
         # limit (with its google.rpc details) and which frees the admission slot.
         token = call_token(context, self.config.max_stream_seconds)
         return self._stream("EvaluateStream", context, lambda request_id: evaluate_stream(
-            self.service, client_requests(requests, token), token,
+            self.service, client_requests(requests, token, self.config.stream_idle_seconds), token,
             self.config.max_compute_seconds, request_id, max_reply_bytes=self.config.message_limit // 2))
 
     def Optimize(self, request: pb.OptimizeRequest, context: grpc.ServicerContext) -> Iterator[pb.OptimizeProgress]:
@@ -263,11 +263,14 @@ def call_token(context: grpc.ServicerContext, max_seconds: float) -> StopToken:
 _END = object()
 
 
-def client_requests(requests: Iterator[pb.EvaluateRequest], call: StopToken | None = None) -> Iterator[pb.EvaluateRequest]:
+def client_requests(requests: Iterator[pb.EvaluateRequest], call: StopToken | None = None,
+                    idle_seconds: float | None = None) -> Iterator[pb.EvaluateRequest]:
     """The request stream, with a client gone mid-stream reported as CANCELLED (not an internal error).
 
     With a ``call`` token that has a deadline, each message is awaited only until that deadline:
-    then ``call.check()`` raises (DeadlineError naming the limit) in the caller's thread. grpc's
+    then ``call.check()`` raises (DeadlineError naming the limit) in the caller's thread; and only
+    ``idle_seconds`` (the server's stream_idle_seconds), after which a DeadlineError names that
+    limit: a stream that sends nothing, or headers only, gives its admission slot back. grpc's
     request iterator cannot be waited on with a timeout, and ``context.abort`` from another
     thread leaves the handler blocked in it (grpc 1.85; grpc/grpc#41074), so a helper thread
     reads the messages, one at a time and only when asked (no read-ahead). It ends with the
@@ -302,12 +305,19 @@ def client_requests(requests: Iterator[pb.EvaluateRequest], call: StopToken | No
     try:
         while True:
             wanted.release()
+            idle_until = None if idle_seconds is None else time.monotonic() + idle_seconds
             while True:
+                until = call.deadline if idle_until is None else min(call.deadline, idle_until)
                 try:
-                    item = ready.get(timeout=max(0.0, call.deadline - time.monotonic()) + 0.001)
+                    item = ready.get(timeout=max(0.0, until - time.monotonic()) + 0.001)
                     break
                 except queue.Empty:
                     call.check()  # raises once the deadline has passed (or the call was cancelled)
+                    if idle_until is not None and time.monotonic() >= idle_until:
+                        raise DeadlineError(
+                            f"the stream sent no message for {idle_seconds:g} s (the server's stream_idle_seconds); "
+                            f"it was ended and its slot given back: send the next request sooner, or open a "
+                            f"stream when there is work")
             if item is _END:
                 return
             if isinstance(item, grpc.RpcError):

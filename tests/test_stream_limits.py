@@ -132,3 +132,45 @@ def test_client_requests_reads_no_message_before_it_is_asked_for():
     time.sleep(0.05)
     assert read == [0]  # no read-ahead: the client's flow control still applies
     it.close()
+
+
+@pytest.mark.parametrize("answered_first", [True, False])
+def test_a_stream_that_sends_nothing_is_ended_after_stream_idle_seconds_and_gives_its_slot_back(answered_first):
+    """Issue 14: idle streams kept slots for all of max_stream_seconds (600 s by default). A stream that
+    sends no message (its first one included: headers only) for stream_idle_seconds is ended, naming
+    that limit, while max_stream_seconds is far away."""
+    srv, port = create_server("127.0.0.1:0", ServerConfig(max_concurrent=1, max_stream_seconds=60,
+                                                          stream_idle_seconds=0.5, log_level="WARNING"))
+    srv.start()
+    try:
+        with Client(f"127.0.0.1:{port}", timeout=30) as c:
+            release = threading.Event()
+
+            def requests():
+                if answered_first:
+                    yield request(2.0)
+                release.wait(20)
+
+            call = ChainruleStub(c.channel).EvaluateStream(requests(), timeout=30)
+            started = time.monotonic()
+            try:
+                if answered_first:
+                    assert next(call).response.values
+                with pytest.raises(grpc.RpcError) as info:
+                    next(call)
+            finally:
+                release.set()
+            assert 0.4 <= time.monotonic() - started < 5
+            assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert "sent no message for 0.5 s (the server's stream_idle_seconds)" in info.value.details()
+            g = GraphBuilder()
+            assert c.evaluate((g.input("x") * 3.0).named("f"), {"x": 2.0}).value == 6.0  # the slot is free
+            # a stream that keeps sending is not idle, however long it lasts in all
+            def steady():
+                for k in range(4):
+                    time.sleep(0.3)
+                    yield request(float(k), graph=(k == 0))
+            answers = list(ChainruleStub(c.channel).EvaluateStream(steady(), timeout=30))
+            assert [a.index for a in answers] == [0, 1, 2, 3]
+    finally:
+        srv.stop(grace=None).wait()
