@@ -505,7 +505,21 @@ def _topological_order(graph: GraphIR, node_inputs: list[tuple[int, ...]], n_inp
             if p >= n_inputs:
                 pending[i] += 1
                 children[p - n_inputs].append(i)
-    ready = deque(i for i in range(n) if pending[i] == 0)
+    order = kahn_order(pending, children)
+    if len(order) == n:
+        return order
+    cycle = _find_cycle(pending, node_inputs, n_inputs)
+    names = [graph.nodes[i].name for i in cycle]
+    path = " -> ".join(names + [names[0]])
+    raise CycleError(f"node '{names[0]}' ({graph.nodes[cycle[0]].op}): graph has a cycle: {path}",
+                     node=names[0], op=graph.nodes[cycle[0]].op)
+
+
+def kahn_order(pending: list[int], children: list[list[int]]) -> list[int]:
+    """Kahn's algorithm: indices in an order where each comes after all it waits for. ``pending[i]``
+    counts what i waits for, ``children[j]`` lists who waits for j; afterwards ``pending`` is nonzero
+    exactly at the indices left out (a cycle, or what waits for one)."""
+    ready = deque(i for i, count in enumerate(pending) if count == 0)
     order: list[int] = []
     while ready:
         i = ready.popleft()
@@ -514,13 +528,7 @@ def _topological_order(graph: GraphIR, node_inputs: list[tuple[int, ...]], n_inp
             pending[c] -= 1
             if pending[c] == 0:
                 ready.append(c)
-    if len(order) == n:
-        return order
-    cycle = _find_cycle(pending, node_inputs, n_inputs)
-    names = [graph.nodes[i].name for i in cycle]
-    path = " -> ".join(names + [names[0]])
-    raise CycleError(f"node '{names[0]}' ({graph.nodes[cycle[0]].op}): graph has a cycle: {path}",
-                     node=names[0], op=graph.nodes[cycle[0]].op)
+    return order
 
 
 def _find_cycle(pending: list[int], node_inputs: list[tuple[int, ...]], n_inputs: int) -> list[int]:

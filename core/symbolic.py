@@ -15,14 +15,13 @@ docs/derivatives.md describes the API for rule authors. All walks are iterative.
 """
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
 from . import compile as _compile
-from .compile import DERIVATIVE_OPS, Plan, compile_graph
+from .compile import DERIVATIVE_OPS, Plan, compile_graph, kahn_order
 from .dtypes import is_differentiable
 from .errors import (
     ArityError, BadAttributeError, ChainruleError, CycleError, DTypeError, GraphError, LimitExceeded, MissingRuleError,
@@ -782,15 +781,7 @@ def _order(inputs: Sequence[InputDecl], nodes: Sequence[Node]) -> list[int]:
             if j is not None:
                 pending[i] += 1
                 children[j].append(i)
-    ready = deque(i for i in range(len(nodes)) if pending[i] == 0)
-    order = []
-    while ready:
-        i = ready.popleft()
-        order.append(i)
-        for c in children[i]:
-            pending[c] -= 1
-            if pending[c] == 0:
-                ready.append(c)
+    order = kahn_order(pending, children)
     if len(order) != len(nodes):
         stuck = next(nodes[i] for i in range(len(nodes)) if pending[i])
         raise CycleError(f"node '{stuck.name}' ({stuck.op}): graph has a cycle", node=stuck.name, op=stuck.op)
