@@ -59,7 +59,7 @@ from chainrule.server import LocalClient
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from core_bench import network_graph, network_inputs, network_numpy  # noqa: E402
-from user_bench import OthersMeter, first_line, network_target  # noqa: E402
+from user_bench import OthersMeter, first_line, network_target, timed_in_turn  # noqa: E402
 
 try:
     import torch
@@ -276,30 +276,9 @@ KINDS = ("gradient", "hvp", "forward", "jvp")
 
 def timings(repeats: int, cases: dict[Any, Callable[[], Any]], *, warmup: int = 2,
             settle: float = 0.3) -> tuple[dict[Any, float | str], dict[Any, float | str]]:
-    """(best, median) milliseconds per call of each case, the cases timed in turn; a case whose call
-    raises gets "fails: <first line>" (user_bench.medians, keeping the best time too). ``settle`` seconds
-    pass before each call: BLAS threads keep spinning after a matrix product and would slow the next."""
-    failed: dict[Any, str] = {}
-    alive: dict[Any, Callable[[], Any]] = {}
-    for key, fn in cases.items():
-        try:
-            for _ in range(warmup):
-                fn()
-            alive[key] = fn
-        except Exception as exc:  # noqa: BLE001 (reported in the table)
-            failed[key] = "fails: " + first_line(exc)
-    times: dict[Any, list[float]] = {key: [] for key in alive}
-    for _ in range(repeats):
-        for key, fn in list(alive.items()):
-            time.sleep(settle)
-            start = time.perf_counter()
-            try:
-                fn()
-            except Exception as exc:  # noqa: BLE001
-                failed[key] = "fails: " + first_line(exc)
-                del alive[key]
-                continue
-            times[key].append(time.perf_counter() - start)
+    """(best, median) milliseconds per call of each case, the cases timed in turn (user_bench's
+    timed_in_turn); "fails: <first line>" for a case whose call raised."""
+    times, failed = timed_in_turn(repeats, cases, warmup=warmup, settle=settle)
     best = {key: failed[key] if key in failed else min(times[key]) * 1e3 for key in cases}
     median = {key: failed[key] if key in failed else statistics.median(times[key]) * 1e3 for key in cases}
     return best, median

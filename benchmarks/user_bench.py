@@ -85,24 +85,24 @@ def first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}"[:200]
 
 
-def medians(repeats: int, cases: dict[str, Callable[[], Any]], *, warmup: int = 2,
-            settle: float = 0.0) -> dict[str, float | str]:
-    """Median seconds per call of each case, timed in turn so that the machine's drifts hit every
-    case alike; a case whose call raises gets "fails: <first line>" instead (and is not timed on).
+def timed_in_turn(repeats: int, cases: dict[Any, Callable[[], Any]], *, warmup: int = 2,
+                  settle: float = 0.0) -> tuple[dict[Any, list[float]], dict[Any, str]]:
+    """Seconds of each call of each case, the cases timed in turn so that the machine's drifts hit every
+    case alike; and the cases whose call raised, with "fails: <first line>" (not timed on).
 
     ``settle`` seconds pass before each call: BLAS threads keep spinning for a while after a
     matrix product, and would otherwise slow whichever process computes next.
     """
-    results: dict[str, float | str] = {}
-    alive: dict[str, Callable[[], Any]] = {}
+    failed: dict[Any, str] = {}
+    alive: dict[Any, Callable[[], Any]] = {}
     for name, fn in cases.items():
         try:
             for _ in range(warmup):
                 fn()
             alive[name] = fn
         except Exception as exc:  # noqa: BLE001 (reported in the table)
-            results[name] = "fails: " + first_line(exc)
-    times: dict[str, list[float]] = {name: [] for name in alive}
+            failed[name] = "fails: " + first_line(exc)
+    times: dict[Any, list[float]] = {name: [] for name in alive}
     for _ in range(repeats):
         for name, fn in list(alive.items()):
             time.sleep(settle)
@@ -110,13 +110,19 @@ def medians(repeats: int, cases: dict[str, Callable[[], Any]], *, warmup: int = 
             try:
                 fn()
             except Exception as exc:  # noqa: BLE001
-                results[name] = "fails: " + first_line(exc)
+                failed[name] = "fails: " + first_line(exc)
                 del alive[name]
+                del times[name]
                 continue
             times[name].append(time.perf_counter() - start)
-    for name in alive:
-        results[name] = statistics.median(times[name])
-    return {name: results[name] for name in cases}
+    return times, failed
+
+
+def medians(repeats: int, cases: dict[str, Callable[[], Any]], *, warmup: int = 2,
+            settle: float = 0.0) -> dict[str, float | str]:
+    """Median seconds per call of each case (timed_in_turn); "fails: <first line>" for a case that raised."""
+    times, failed = timed_in_turn(repeats, cases, warmup=warmup, settle=settle)
+    return {name: failed[name] if name in failed else statistics.median(times[name]) for name in cases}
 
 
 def once(fn: Callable[[], Any]) -> float | str:
