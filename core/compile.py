@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -121,6 +121,7 @@ class Plan(CompiledGraph):
         limits: Limits,
         n_out: list[int] | None = None,
         node_names: list[str] | None = None,
+        stop: Callable[[], None] | None = None,
     ) -> None:
         self.names = names
         self.ops = ops
@@ -164,7 +165,7 @@ class Plan(CompiledGraph):
         self._shapes: dict[tuple[tuple[int, ...], ...], Shapes] = {}
         self._lock = threading.Lock()
         if all(-1 not in shape for shape in input_shapes):
-            self.specialize(input_shapes)
+            self.specialize(input_shapes, stop=stop)
 
     def __len__(self) -> int:
         return len(self.names)
@@ -204,8 +205,9 @@ class Plan(CompiledGraph):
         times, inner = op.inner_shapes(*specs, **self.attrs[head])
         return times, inner.specs[slot]
 
-    def specialize(self, input_shapes: Sequence[tuple[int, ...]]) -> Shapes:
-        """Infer every value's spec for these input shapes and check the limits (cached)."""
+    def specialize(self, input_shapes: Sequence[tuple[int, ...]], *, stop: Callable[[], None] | None = None) -> Shapes:
+        """Infer every value's spec for these input shapes and check the limits (cached). ``stop``
+        (a StopToken's check) is called every 4,096 nodes: a million-node graph takes seconds."""
         key = tuple(tuple(s) for s in input_shapes)
         cached = self._shapes.get(key)
         if cached is not None:
@@ -216,6 +218,8 @@ class Plan(CompiledGraph):
         specs.extend([None] * (len(self.names) - self.n_inputs))
         limit = self.limits.max_tensor_elements
         for k in range(self.n_inputs, len(self.names)):
+            if stop is not None and not k & 4095:
+                stop()
             op = self.ops[k]  # an OpDef: slots past the inputs are nodes
             inputs = [specs[j] for j in self.in_slots[k]]
             if op is None or op.infer is None or not self.n_out[k] or any(s is None for s in inputs):
@@ -333,12 +337,14 @@ DERIVATIVE_OPS = frozenset({"grad", "jvp"})
 expand_derivatives: Any = None
 
 
-def compile_graph(graph: GraphIR, registry: Registry, limits: Limits | None = None, *, depth: int = 0) -> Plan:
+def compile_graph(graph: GraphIR, registry: Registry, limits: Limits | None = None, *, depth: int = 0,
+                  stop: Callable[[], None] | None = None) -> Plan:
     """Check ``graph`` against ``registry`` and build its Plan, or raise a GraphError subclass.
 
     A ``graph`` attribute (scan's body) is compiled here too, against the same
     registry and limits, and reaches the operator as a Plan; its errors name the
-    outer node and the attribute first. ``depth`` counts that nesting.
+    outer node and the attribute first. ``depth`` counts that nesting. ``stop`` (a StopToken's
+    check) is called every 4,096 nodes, so that compiling a huge graph ends with its caller's deadline.
     """
     limits = limits or Limits()
     if expand_derivatives is not None and any(node.op in DERIVATIVE_OPS for node in graph.nodes):
@@ -371,6 +377,8 @@ def compile_graph(graph: GraphIR, registry: Registry, limits: Limits | None = No
     counts: list[int] = []
     several: dict[str, tuple[str, ...]] = {}  # name of a several-output node -> its values' names
     for i, node in enumerate(graph.nodes):
+        if stop is not None and not i & 4095:
+            stop()
         op = registry.find(node.op)
         if op is None:
             raise UnknownOperatorError(
@@ -451,7 +459,7 @@ def compile_graph(graph: GraphIR, registry: Registry, limits: Limits | None = No
     return Plan(
         names=names, ops=plan_ops, in_slots=in_slots, attrs=plan_attrs,
         input_dtypes=input_dtypes, input_shapes=input_shapes, outputs=tuple(outputs),
-        metadata=graph.metadata, limits=limits, n_out=n_out, node_names=node_names,
+        metadata=graph.metadata, limits=limits, n_out=n_out, node_names=node_names, stop=stop,
     )
 
 

@@ -68,3 +68,23 @@ def test_over_grpc_the_refusal_is_deadline_exceeded_and_the_server_goes_on(clien
         client.evaluate(loss, x=np.ones(1), timeout=0.5)
     assert time.monotonic() - started < 0.5
     assert client.evaluate(g.input("y") * 2.0, y=4.0).value == 8.0
+
+
+def test_compiling_a_huge_graph_stops_with_its_deadline():
+    """Issue 14: a million-node graph compiled for 21 s past a 1 s deadline. Decoding, compiling and
+    shape inference now check the call's token every 4,096 nodes."""
+    from chainrule.server import ServerConfig
+    from chainrule.server.grpc_server import build_service
+    from chainrule.v1 import chainrule_pb2 as pb
+
+    service = build_service(ServerConfig(log_level="WARNING"))
+    graph = pb.Graph(outputs=["n199999"])
+    graph.inputs.add(name="x", dtype=pb.FLOAT64)
+    previous = "x"
+    for i in range(200_000):
+        previous = graph.nodes.add(name=f"n{i}", op="neg", inputs=[previous]).name
+    started = time.monotonic()
+    with pytest.raises(DeadlineError, match="the deadline passed"):
+        service.compile(graph, StopToken.after(0.2))
+    assert time.monotonic() - started < 1.5  # (uninterrupted, this compile takes about 4 s)
+    assert not service._plans  # nothing half-compiled was cached

@@ -34,7 +34,7 @@ def optimize(service: ChainruleService, request: pb.OptimizeRequest, token: Stop
     ends with a final message marked ``stopped_early`` (see ``core.training``); a
     cancelled or failed run raises and yields no final message.
     """
-    _, plan = service.plan_for(request)  # type: ignore[arg-type]  (same graph/graph_id oneof as EvaluateRequest)
+    _, plan = service.plan_for(request, token)  # type: ignore[arg-type]  (same graph/graph_id oneof as EvaluateRequest)
     limit = service.limits.max_tensor_elements
 
     tensors = _request_tensors(request)

@@ -67,15 +67,17 @@ class ChainruleService:
 
     # --- graphs -------------------------------------------------------------------
 
-    def compile(self, graph: pb.Graph) -> tuple[str, Plan]:
-        """Compile (or fetch from the cache) a graph message; returns its id and plan."""
+    def compile(self, graph: pb.Graph, token: StopToken | None = None) -> tuple[str, Plan]:
+        """Compile (or fetch from the cache) a graph message; returns its id and plan. ``token``
+        stops a long compile (a million nodes take seconds) with its call's deadline."""
         gid = graph_id(graph)
         plan = self._cached(gid)
         if plan is None:
-            core_graph = graph_from_proto(graph, max_elements=self.limits.max_tensor_elements)
+            stop = None if token is None else token.check
+            core_graph = graph_from_proto(graph, max_elements=self.limits.max_tensor_elements, stop=stop)
             # Pins first: a graph needing a missing plugin is FAILED_PRECONDITION, not "unknown operator".
             self._check_requirements(core_graph)
-            plan = compile_graph(core_graph, self.registry, self.limits)
+            plan = compile_graph(core_graph, self.registry, self.limits, stop=stop)
             size = plan_bytes(plan)
             with self._lock:
                 self._plans[gid] = plan
@@ -104,7 +106,7 @@ class ChainruleService:
         # Operator nodes only, as the proto says and as max_nodes counts them: what the graph's `nodes` holds.
         return pb.RegisterGraphResponse(graph_id=gid, node_count=len(plan) - plan.n_inputs)
 
-    def plan_for(self, request: pb.EvaluateRequest) -> tuple[str, Plan]:
+    def plan_for(self, request: pb.EvaluateRequest, token: StopToken | None = None) -> tuple[str, Plan]:
         """The id and plan a request names: its graph (compiled, or from the cache) or a registered id."""
         source = request.WhichOneof("source")
         if source == "graph_id":
@@ -116,7 +118,7 @@ class ChainruleService:
                 )
             return request.graph_id, plan
         if source == "graph":
-            return self.compile(request.graph)
+            return self.compile(request.graph, token)
         raise GraphError("request has neither a graph nor a graph_id", field="graph")
 
     # --- evaluation -----------------------------------------------------------------
@@ -132,7 +134,7 @@ class ChainruleService:
             raise GraphError("response_encoding: TENSOR_ENCODING_VALUES puts every tensor in the response as "
                              "numbers; it does not go with shared_memory_output (leave one out)",
                              field="response_encoding")
-        gid, plan = self.plan_for(message)
+        gid, plan = self.plan_for(message, token)
         evaluation = self.run(plan, incoming, token, capacity=None if carrier is None else carrier.capacity)
         return self.respond(gid, evaluation, message, Outgoing(pb.EvaluateResponse(), carrier))
 

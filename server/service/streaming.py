@@ -43,7 +43,7 @@ def evaluate_stream(service: ChainruleService, requests: Iterable[pb.EvaluateReq
             call.check()
         if request.WhichOneof("source") is not None:
             try:
-                graph = service.plan_for(request)
+                graph = service.plan_for(request, call)
             except ChainruleError as exc:
                 graph = exc  # later requests without a graph fail the same way
         elif graph is None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import sys
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
@@ -223,23 +223,25 @@ def python_to_attr(value: Any) -> pb.AttrValue:
 
 
 def graph_from_proto(graph: pb.Graph, *, max_elements: int | None = None, field: str = "graph",
-                     depth: int = 0) -> GraphIR:
+                     depth: int = 0, stop: Callable[[], None] | None = None) -> GraphIR:
     """The core GraphIR of a Graph message. ``field`` is its path in the request, for messages;
-    ``depth`` counts graph attributes around it (scan's body is 1 deep)."""
+    ``depth`` counts graph attributes around it (scan's body is 1 deep). ``stop`` (a StopToken's
+    check) is called every 4,096 nodes."""
     inputs = tuple(
         InputDecl(d.name, dtype_name(d.dtype, field=f"{field}.inputs[{i}].dtype"), tuple(d.shape))
         for i, d in enumerate(graph.inputs)
     )
-    nodes = tuple(
-        Node(
+    nodes = []
+    for i, n in enumerate(graph.nodes):
+        if stop is not None and not i & 4095:
+            stop()
+        nodes.append(Node(
             n.name, n.op, tuple(n.inputs),
             {key: attr_to_python(v, field=f"{field}.nodes[{i}].attrs.{key}", max_elements=max_elements, depth=depth)
              for key, v in n.attrs.items()},
             tuple(n.outputs),
-        )
-        for i, n in enumerate(graph.nodes)
-    )
-    return GraphIR(inputs, nodes, tuple(graph.outputs), dict(graph.metadata))
+        ))
+    return GraphIR(inputs, tuple(nodes), tuple(graph.outputs), dict(graph.metadata))
 
 
 def graph_to_proto(graph: GraphIR) -> pb.Graph:
