@@ -90,7 +90,7 @@ def _answer(service: ChainruleService, graph: tuple[str, Plan] | ChainruleError,
         try:
             # Written in place, every tensor inside: this message nests in the stream's reply.
             service.respond(gid, service.run(plan, request, token, capacity=capacity), request,
-                            Outgoing(answer.response))
+                            Outgoing(answer.response), token)
             return
         except CancelledError:
             raise
