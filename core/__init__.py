@@ -12,7 +12,6 @@ from .graph import GraphIR, InputDecl, Node
 from .limits import Limits
 from .operator import ATTR_KINDS, VARIADIC, Attr, OpDef, check_attrs, coerce_attr, validate_opdef
 from .registry import Registry
-from .symbolic import DerivedNames, SymbolicBuilder, derive_forward, derive_reverse  # installs grad/jvp expansion
 from .tensor_spec import TensorSpec
 
 __all__ = [
@@ -22,3 +21,16 @@ __all__ = [
     "broadcast_shapes", "check_attrs", "coerce_attr", "compile_graph", "derive_forward", "derive_reverse",
     "evaluate", "is_differentiable", "parse_dtype", "unbroadcast", "validate_opdef",
 ]
+
+#: Loaded on first use (PEP 562): the symbolic derivatives take 10 ms to import, and
+#: ``import chainrule.client`` reaches this package through the wire codecs. chainrule.plugins'
+#: built-in families import chainrule.core.symbolic, which installs the grad/jvp expansion.
+_SYMBOLIC = ("DerivedNames", "SymbolicBuilder", "derive_forward", "derive_reverse")
+
+
+def __getattr__(name: str):
+    if name in _SYMBOLIC:
+        from . import symbolic
+
+        return getattr(symbolic, name)
+    raise AttributeError(f"module 'chainrule.core' has no attribute {name!r}")

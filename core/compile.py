@@ -347,7 +347,11 @@ def compile_graph(graph: GraphIR, registry: Registry, limits: Limits | None = No
     check) is called every 4,096 nodes, so that compiling a huge graph ends with its caller's deadline.
     """
     limits = limits or Limits()
-    if expand_derivatives is not None and any(node.op in DERIVATIVE_OPS for node in graph.nodes):
+    if any(node.op in DERIVATIVE_OPS for node in graph.nodes):
+        if expand_derivatives is None:  # (chainrule.core.symbolic installs it; every built-in family imports it)
+            raise GraphError("grad and jvp nodes need chainrule.core.symbolic, which is not imported: import it, "
+                             "or load the built-in operators (chainrule.plugins), whose rules they use",
+                             field="graph.nodes")
         graph = expand_derivatives(graph, registry, limits)
     n_total = len(graph.nodes)
     if n_total > limits.max_nodes:
