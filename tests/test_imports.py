@@ -68,3 +68,24 @@ def test_import_contracts_are_kept():
     out = subprocess.run([sys.executable, "-c", code, "--no-cache"], cwd=ROOT, capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0, f"lint-imports failed (exit {out.returncode}):\n{out.stdout}\n{out.stderr}"
+
+
+def test_the_client_does_not_load_the_symbolic_derivatives_and_a_grad_node_without_them_is_named():
+    """chainrule.core.symbolic (10 ms) loads on first use; compiled without it, a grad node is a clear error."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, chainrule.client\n"
+        "assert 'chainrule.core.symbolic' not in sys.modules, 'the client loaded the symbolic derivatives'\n"
+        "from chainrule.core import GraphIR, Registry, compile_graph\n"
+        "from chainrule.core.errors import GraphError\n"
+        "g = GraphIR.build([('x', 'float64', ())], [('d', 'grad', ('x', 'x'))], 'x')\n"
+        "try:\n"
+        "    compile_graph(g, Registry())\n"
+        "except GraphError as e:\n"
+        "    print(e)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "grad and jvp nodes need chainrule.core.symbolic" in done.stdout
