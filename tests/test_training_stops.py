@@ -147,3 +147,19 @@ def test_the_estimate_budgets_the_step_the_final_loss_and_the_report():
     assert time_needed(0.0, 0) == SEND_SECONDS
     assert time_needed(1.0, 0) == pytest.approx(STEP_SAFETY_FACTOR + 1 + SEND_SECONDS)
     assert time_needed(0.0, 25_000_000) > time_needed(0.0, 0)
+
+
+def test_chainrule_train_says_it_stopped_early_and_why(tmp_path, capsys):
+    """The command line keeps what a run cut short trained, and says so (issue 14)."""
+    from chainrule.server.cli import main as chainrule
+
+    graph, data, out = tmp_path / "q.json", tmp_path / "d.npz", tmp_path / "w.npz"
+    quadratic().graph.save(graph)
+    np.savez(data, w=np.zeros(3), c=C, a=A)
+    code = chainrule(["train", str(graph), "--data", str(data), "--param", "w", "--optimizer", "sgd", "--lr", "1e-4",
+                      "--steps", str(STEPS), "--timeout", "1.5", "--local", "--no-progress", "-o", str(out)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "(stopped early: the client's deadline)" in printed
+    with np.load(out) as saved:
+        assert not np.array_equal(saved["w"], np.zeros(3))  # the steps taken are kept

@@ -78,6 +78,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise CommandError(f"-o {args.out}: cannot write it ({exc.strerror or exc})") from None
     first = f"{result.losses[0]:.6g} -> " if len(result.losses) else ""
     stop = " (target reached)" if result.target_reached else ""
+    if result.stopped_early:  # a deadline, the server's time cap or its shutdown: what was trained is kept
+        stop = f" (stopped early: {result.stop_reason})"
     print(f"loss {first}{result.loss:.6g} after {result.steps} steps{stop}, {result.elapsed:.2f}s; "
           f"wrote {', '.join(result.params)} to {args.out}")
     return 0
