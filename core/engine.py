@@ -21,7 +21,7 @@ from .cost import minimum_seconds
 from .dtypes import is_differentiable
 from .errors import (
     BadTensorError, CancelledError, ChainruleError, DeadlineError, DTypeError, GraphError, LimitExceeded, MissingInputError,
-    OpError, OperatorFailure, OutputError, SeedError, ShapeError, UnexpectedInputError, where,
+    OpError, OperatorFailure, OptionError, OutputError, SeedError, ShapeError, UnexpectedInputError, where,
 )
 from .limits import Limits
 from .tensor_spec import TensorSpec
@@ -138,7 +138,7 @@ def evaluate(
     ``Evaluation.inner_values`` / ``inner_grads``.
     """
     if unreached not in (UNREACHED_ZEROS, UNREACHED_OMIT):
-        raise GraphError(f"unreached: expected 'zeros' or 'omit', got {unreached!r}", field="unreached")
+        raise OptionError(f"unreached: expected 'zeros' or 'omit', got {unreached!r}", field="unreached")
     out_slot = output_slot(plan, output)
     arrays = checked_inputs(plan, inputs)
     shapes = plan.specialize([a.shape for a in arrays])

@@ -20,7 +20,7 @@ from typing import Any
 __all__ = [
     "ArityError", "BadAttributeError", "BadTensorError", "CancelledError", "ChainruleError", "CycleError",
     "DTypeError", "DeadlineError", "DuplicateNodeError", "DuplicateOperatorError", "GraphError",
-    "InvalidOperatorError", "LimitExceeded", "MissingInputError", "MissingRuleError", "OpError", "OperatorFailure",
+    "InvalidOperatorError", "LimitExceeded", "MissingInputError", "MissingRuleError", "OpError", "OptionError", "OperatorFailure",
     "OutputError",
     "PluginError", "SeedError", "ShapeError", "SharedMemoryFull", "SharedMemoryUnavailable", "UnexpectedInputError",
     "UnknownGraphError", "UnknownNodeError", "UnknownOperatorError", "VersionMismatchError", "where",
@@ -136,6 +136,14 @@ class OutputError(GraphError):
 
 class SeedError(GraphError):
     reason = "SEED_REQUIRED"
+
+
+class OptionError(GraphError):
+    """A request's option is invalid: a field other than the graph and its tensors (Optimize's steps
+    or target_loss, a Selection's mode and names, unreached, response_encoding, wrt...); ``field``
+    names it."""
+
+    reason = "BAD_OPTION"
 
 
 class MissingRuleError(GraphError):

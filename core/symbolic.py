@@ -25,7 +25,7 @@ from .compile import DERIVATIVE_OPS, Plan, compile_graph, kahn_order
 from .dtypes import is_differentiable
 from .errors import (
     ArityError, BadAttributeError, ChainruleError, CycleError, DTypeError, GraphError, LimitExceeded, MissingRuleError,
-    OperatorFailure, OutputError, SeedError, ShapeError, UnknownNodeError, UnknownOperatorError, where,
+    OperatorFailure, OptionError, OutputError, SeedError, ShapeError, UnknownNodeError, UnknownOperatorError, where,
 )
 from .graph import GraphIR, InputDecl, Node
 from .limits import Limits
@@ -611,7 +611,7 @@ def _check_request(src: _Source, output: str, wrt: Sequence[str]) -> None:
         raise DTypeError(f"output: '{output}' is {src.spec(output).dtype.name}; only float values have derivatives",
                          node=output, field="output")
     if not wrt:
-        raise GraphError("wrt: name at least one graph input or node to differentiate with respect to", field="wrt")
+        raise OptionError("wrt: name at least one graph input or node to differentiate with respect to", field="wrt")
     for i, w in enumerate(wrt):
         src.check_name(w, f"wrt[{i}]")
         if not src.differentiable(w):
@@ -691,7 +691,7 @@ def derive_forward(graph: GraphIR, registry: Registry, *, output: str | None = N
     src = _Source(graph, registry, limits)
     _check_request(src, output, wrt)
     if len(set(wrt)) != len(wrt):
-        raise GraphError("wrt: a name is given twice; forward mode takes one tangent per value", field="wrt")
+        raise OptionError("wrt: a name is given twice; forward mode takes one tangent per value", field="wrt")
     inputs = list(graph.inputs)
     declared = {d.name: d for d in graph.inputs}
     tangents: dict[str, Ref] = {}

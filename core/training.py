@@ -30,7 +30,7 @@ import numpy as np
 from .compile import Plan
 from .dtypes import is_differentiable
 from .engine import StopToken, evaluate
-from .errors import DTypeError, GraphError, MissingInputError, OutputError, ShapeError, UnexpectedInputError
+from .errors import DTypeError, GraphError, MissingInputError, OptionError, OutputError, ShapeError, UnexpectedInputError
 from .optim import Optimizer
 
 Arrays = Mapping[str, np.ndarray]
@@ -131,14 +131,14 @@ def training(
     than the recent ones), still raises.
     """
     if steps <= 0:
-        raise GraphError(f"steps: must be > 0, got {steps}", field="steps")
+        raise OptionError(f"steps: must be > 0, got {steps}", field="steps")
     if report_every < 0:
-        raise GraphError(f"report_every: must be >= 0, got {report_every}", field="report_every")
+        raise OptionError(f"report_every: must be >= 0, got {report_every}", field="report_every")
     if not report_seconds >= 0:
-        raise GraphError(f"report_interval_seconds: must be >= 0, got {report_seconds}",
+        raise OptionError(f"report_interval_seconds: must be >= 0, got {report_seconds}",
                          field="report_interval_seconds")
     if target_loss is not None and math.isnan(target_loss):  # no loss is ever <= NaN: it would never stop early
-        raise GraphError("target_loss: NaN can never be reached; leave it unset to run every step",
+        raise OptionError("target_loss: NaN can never be reached; leave it unset to run every step",
                          field="target_loss")
     feeds = check_feeds(plan, params, fixed or {}, batches, token)
     out = _loss_slot(plan, loss)
@@ -222,7 +222,7 @@ def check_feeds(plan: Plan, params: Arrays, fixed: Arrays, batches: Sequence[Arr
     (``token`` is checked every 1,024 batches: a request may carry a million)."""
     declared = {plan.names[k]: k for k in range(plan.n_inputs)}
     if not params:
-        raise GraphError("parameters: name at least one graph input to train", field="parameters")
+        raise OptionError("parameters: name at least one graph input to train", field="parameters")
     for name, value in params.items():
         if name not in declared:
             what = "a node" if name in plan.index else "not in the graph"
@@ -241,10 +241,10 @@ def check_feeds(plan: Plan, params: Arrays, fixed: Arrays, batches: Sequence[Arr
                 raise UnexpectedInputError(f"{where}.{name}: the graph declares no input '{name}'",
                                            node=name, field=f"{where}.{name}")
             if name in params:
-                raise GraphError(f"{where}.{name}: '{name}' is a parameter; feed it only in initial",
+                raise OptionError(f"{where}.{name}: '{name}' is a parameter; feed it only in initial",
                                  node=name, field=f"{where}.{name}")
             if where != "fixed_inputs" and name in fixed:
-                raise GraphError(f"{where}.{name}: '{name}' is also in fixed_inputs; feed it in one place only",
+                raise OptionError(f"{where}.{name}: '{name}' is also in fixed_inputs; feed it in one place only",
                                  node=name, field=f"{where}.{name}")
             _check_value(plan, declared[name], value, f"{where}.{name}")
     for name in declared:

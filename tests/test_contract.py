@@ -111,7 +111,7 @@ def test_evaluate_refuses_input_sets_with_invalid_argument(stub):
     with pytest.raises(grpc.RpcError) as caught:
         stub.Evaluate(request, timeout=30)
     code, reason, metadata = reason_of(caught.value)
-    assert code == grpc.StatusCode.INVALID_ARGUMENT and reason == "INVALID_GRAPH"
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and reason == "BAD_OPTION"
     assert metadata["field"] == "input_sets"
 
 
@@ -322,3 +322,33 @@ def test_the_proto_header_lists_every_reason_once_and_points_to_the_docs():
         listed.extend(name.strip() for name in line.split(","))
     assert len(listed) == len(set(listed)), sorted(listed)
     assert set(listed) == set(documented()), (set(listed) ^ set(documented()))
+
+
+def test_bad_options_have_a_reason_of_their_own_not_invalid_graph(stub):
+    """Issue 16: INVALID_GRAPH was a catch-all for things that are not graphs (steps: 0, a NaN
+    target_loss, names with mode ALL). They are BAD_OPTION, naming the field."""
+    import numpy as np
+
+    from chainrule.client import GraphBuilder, InvalidArgument
+    from chainrule.server import LocalClient
+
+    g = GraphBuilder()
+    w = g.input("w", (2,))
+    loss = (w * w).sum().named("L")
+    client = LocalClient()
+    cases = [
+        (lambda: client.optimize(loss, {"w": np.ones(2)}, {}, steps=0, progress=False), "steps"),
+        (lambda: client.optimize(loss, {"w": np.ones(2)}, {}, steps=3, target_loss=float("nan"), progress=False),
+         "target_loss"),
+    ]
+    for call, field in cases:
+        with pytest.raises(InvalidArgument) as caught:
+            call()
+        assert caught.value.reason == "BAD_OPTION" and caught.value.metadata["field"] == field
+    request = pb.EvaluateRequest(graph=small_graph(), inputs=small_inputs())
+    request.return_values.names.append("x")  # names, but mode ALL (the default)
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.Evaluate(request, timeout=30)
+    code, reason, metadata = reason_of(caught.value)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and reason == "BAD_OPTION"
+    assert metadata["field"] == "return_values.mode"

@@ -205,9 +205,9 @@ def test_an_operator_without_symbolic_rules_is_missing_rule(plugin_client):
 @pytest.mark.parametrize("request_fields, reason", [
     ({"wrt": ["nope"]}, "BAD_OUTPUT"),
     ({"wrt": ["labels"]}, "DTYPE_MISMATCH"),
-    ({"wrt": []}, "INVALID_GRAPH"),
+    ({"wrt": []}, "BAD_OPTION"),
     ({"wrt": ["x"], "output": "missing"}, "BAD_OUTPUT"),
-    ({"wrt": ["x"], "seed": True, "mode": pb.DERIVATIVE_MODE_FORWARD}, "INVALID_GRAPH"),
+    ({"wrt": ["x"], "seed": True, "mode": pb.DERIVATIVE_MODE_FORWARD}, "BAD_OPTION"),
     ({"wrt": ["x"], "output": "v"}, "SEED_REQUIRED"),
 ])
 def test_bad_derive_requests_are_invalid_argument(address, request_fields, reason):

@@ -13,7 +13,7 @@ from typing import Iterator
 import numpy as np
 
 from chainrule.core import StopToken
-from chainrule.core.errors import GraphError, LimitExceeded, MissingInputError, UnexpectedInputError
+from chainrule.core.errors import GraphError, LimitExceeded, MissingInputError, OptionError, UnexpectedInputError
 from chainrule.core.optim import Optimizer, make_optimizer
 from chainrule.core.training import Report, training
 from chainrule.v1 import chainrule_pb2 as pb
@@ -47,7 +47,7 @@ def optimize(service: ChainruleService, request: pb.OptimizeRequest, token: Stop
     params = {}
     for name in request.parameters:
         if name in params:
-            raise GraphError(f"parameters: '{name}' is listed twice", node=name, field="parameters")
+            raise OptionError(f"parameters: '{name}' is listed twice", node=name, field="parameters")
         if name not in request.initial:
             raise MissingInputError(f"initial.{name}: parameter '{name}' has no initial value", node=name,
                                     field=f"initial.{name}")

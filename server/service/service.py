@@ -23,7 +23,7 @@ from chainrule.core.engine import (
     UNREACHED_OMIT, UNREACHED_ZEROS, Evaluation, check_input_names,
 )
 from chainrule.core.engine import evaluate as evaluate_plan
-from chainrule.core.errors import GraphError, LimitExceeded, SharedMemoryUnavailable, UnknownGraphError
+from chainrule.core.errors import GraphError, LimitExceeded, OptionError, SharedMemoryUnavailable, UnknownGraphError
 from chainrule.core.operator import described_inputs
 from chainrule.core.symbolic import derive_forward, derive_reverse, plan_to_graph
 from chainrule.plugins.manager import Loaded, chainrule_version
@@ -131,7 +131,7 @@ class ChainruleService:
         incoming = request if isinstance(request, Incoming) else Incoming(request)
         message = incoming.message
         if message.shared_memory_output and message.response_encoding == pb.TENSOR_ENCODING_VALUES:
-            raise GraphError("response_encoding: TENSOR_ENCODING_VALUES puts every tensor in the response as "
+            raise OptionError("response_encoding: TENSOR_ENCODING_VALUES puts every tensor in the response as "
                              "numbers; it does not go with shared_memory_output (leave one out)",
                              field="response_encoding")
         gid, plan = self.plan_for(message, token)
@@ -153,7 +153,7 @@ class ChainruleService:
         incoming = request if isinstance(request, Incoming) else Incoming(request)
         request = incoming.message
         if len(request.input_sets):
-            raise GraphError("input_sets: several input sets go through EvaluateStream; Evaluate takes `inputs`",
+            raise OptionError("input_sets: several input sets go through EvaluateStream; Evaluate takes `inputs`",
                              field="input_sets")
         limit = self.limits.max_tensor_elements
         tensors, seed_tensor = incoming.tensor_map("inputs"), incoming.tensor("seed")
@@ -243,14 +243,14 @@ class ChainruleService:
         output = request.output or None
         if request.mode == pb.DERIVATIVE_MODE_FORWARD:
             if request.seed:
-                raise GraphError("seed: a seed input is for reverse mode; forward mode takes one tangent input "
+                raise OptionError("seed: a seed input is for reverse mode; forward mode takes one tangent input "
                                  "per wrt name", field="seed")
             derived, names = derive_forward(graph, self.registry, output=output, wrt=wrt, limits=self.limits)
         elif request.mode == pb.DERIVATIVE_MODE_REVERSE:
             derived, names = derive_reverse(graph, self.registry, output=output, wrt=wrt, seed=request.seed,
                                             limits=self.limits)
         else:
-            raise GraphError(f"mode: unknown derivative mode {request.mode}", field="mode")
+            raise OptionError(f"mode: unknown derivative mode {request.mode}", field="mode")
         message = graph_to_proto(derived)
         gid, _ = self.compile(message)
         return pb.DeriveResponse(graph=message, graph_id=gid, output=names.output, seed_input=names.seed,
@@ -313,7 +313,7 @@ def _selected(plan: Plan, selection: pb.Selection, field: str) -> Iterable[int]:
         return list(dict.fromkeys(plan.slot(name, field=f"{field}.names") for name in selection.names
                                   if name in plan.index or "/" not in name))
     if selection.names:
-        raise GraphError(f"{field}: names are given but mode is not LISTED", field=f"{field}.mode")
+        raise OptionError(f"{field}: names are given but mode is not LISTED", field=f"{field}.mode")
     return range(len(plan.names))
 
 

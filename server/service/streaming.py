@@ -14,7 +14,7 @@ import time
 from typing import Iterable, Iterator
 
 from chainrule.core import Plan, StopToken
-from chainrule.core.errors import CancelledError, ChainruleError, GraphError, OperatorFailure
+from chainrule.core.errors import CancelledError, ChainruleError, GraphError, OperatorFailure, OptionError
 from chainrule.v1 import chainrule_pb2 as pb
 from chainrule.wire.outgoing import Outgoing
 from chainrule.wire.status import status_for
@@ -49,7 +49,7 @@ def evaluate_stream(service: ChainruleService, requests: Iterable[pb.EvaluateReq
         elif graph is None:
             graph = GraphError("the first request of a stream needs a graph or a graph_id", field="graph")
         # Answers travel inside the stream's messages: refuse rather than ignore an output file.
-        graph_or_refusal = graph if not request.shared_memory_output else GraphError(
+        graph_or_refusal = graph if not request.shared_memory_output else OptionError(
             "shared_memory_output: EvaluateStream answers in its messages; only Evaluate writes outputs "
             "to shared memory", field="shared_memory_output")
         if not request.input_sets:
