@@ -122,6 +122,7 @@ class Plan(CompiledGraph):
         n_out: list[int] | None = None,
         node_names: list[str] | None = None,
         stop: Callable[[], None] | None = None,
+        origin: list[int] | None = None,
     ) -> None:
         self.names = names
         self.ops = ops
@@ -138,6 +139,9 @@ class Plan(CompiledGraph):
         self.n_out = n_out or [1] * len(names)
         #: Per slot: the node's name, for messages (a several-output node's values have names of their own).
         self.node_names = node_names or names
+        #: Per slot: the node's position in the request's graph.nodes, for error fields (None when the
+        #: graph's grad and jvp nodes were expanded: its nodes are no longer the request's).
+        self.origin = origin
         head_of, head = [], 0
         for k, count in enumerate(self.n_out):
             head = k if count else head
@@ -175,6 +179,15 @@ class Plan(CompiledGraph):
             return self.index[name]
         except KeyError:
             raise OutputError(f"{field}: no node or input named '{name}'", node=name, field=field) from None
+
+    def request_index(self, name: str) -> int | None:
+        """The position in the request's graph.nodes of the node that ``name`` (a value or node) names."""
+        if self.origin is None:
+            return None
+        slot = self.index.get(name)
+        if slot is None:
+            slot = next((k for k, n in enumerate(self.node_names) if n == name), None)
+        return None if slot is None or slot < self.n_inputs else self.origin[slot]
 
     def inner(self, name: str, *, field: str) -> tuple[int, "Plan", int]:
         """Where ``node/value`` lies: a value inside the graph attribute of node ``node`` (scan's
@@ -314,14 +327,36 @@ def node_error(exc: ChainruleError, node: str, op: OpDef) -> GraphError:
 
 def nested_error(exc: ChainruleError, node: str, op: OpDef | None, what: str = "") -> ChainruleError:
     """The same error, raised by a graph inside ``node`` (scan's body), with the outer node
-    named first: ``node 'rnn' (scan): step 3: node 'h' (tanh): ...``. Its class, reason and
-    metadata stay the inner error's, so its status code does not change."""
+    named first: ``node 'rnn' (scan): step 3: node 'h' (tanh): ...``. Its class and reason stay
+    the inner error's, so its status code does not change; its node and field become the outer
+    node's (the inner one is in the message), so that the field is a path in the caller's request."""
     message = f"{where(node, op.name if op else None)}{what}{exc.message}"
     nested = type(exc).__new__(type(exc))  # (copy.copy would call __init__ without its keywords)
     Exception.__init__(nested, message)
     nested.__dict__.update(exc.__dict__)
     nested.message = message
+    if node is not None:
+        nested.node, nested.field = node, None
     return nested
+
+
+def with_request_path(exc: ChainruleError, index_of: Callable[[str], int | None]) -> ChainruleError:
+    """``exc`` with its field made a path in the request (``graph.nodes[4]``, ``graph.nodes[4].attrs.axis``)
+    where it names a node and its field is missing or relative to the node (``attrs.axis``):
+    BadRequest.field is always a request path. ``index_of(name)`` is the node's position in the
+    request's ``graph.nodes`` (None: not a node of it)."""
+    if exc.node is None or (exc.field and not exc.field.startswith("attrs.")):
+        return exc
+    index = index_of(exc.node)
+    if index is not None:
+        exc.field = f"graph.nodes[{index}]" + (f".{exc.field}" if exc.field else "")
+    return exc
+
+
+def _request_index(graph: GraphIR) -> Callable[[str], int | None]:
+    def index_of(name: str) -> int | None:
+        return next((i for i, node in enumerate(graph.nodes) if name == node.name or name in node.outputs), None)
+    return index_of
 
 
 #: How deep graph attributes may nest (a scan in a scan's body is depth 2).
@@ -346,8 +381,18 @@ def compile_graph(graph: GraphIR, registry: Registry, limits: Limits | None = No
     outer node and the attribute first. ``depth`` counts that nesting. ``stop`` (a StopToken's
     check) is called every 4,096 nodes, so that compiling a huge graph ends with its caller's deadline.
     """
+    try:
+        return _compile_graph(graph, registry, limits, depth=depth, stop=stop)
+    except ChainruleError as exc:
+        raise with_request_path(exc, _request_index(graph))
+
+
+def _compile_graph(graph: GraphIR, registry: Registry, limits: Limits | None, *, depth: int,
+                   stop: Callable[[], None] | None) -> Plan:
     limits = limits or Limits()
+    expanded = False
     if any(node.op in DERIVATIVE_OPS for node in graph.nodes):
+        expanded = True
         if expand_derivatives is None:  # (chainrule.core.symbolic installs it; every built-in family imports it)
             raise GraphError("grad and jvp nodes need chainrule.core.symbolic, which is not imported: import it, "
                              "or load the built-in operators (chainrule.plugins), whose rules they use",
@@ -445,9 +490,11 @@ def compile_graph(graph: GraphIR, registry: Registry, limits: Limits | None = No
     plan_attrs: list[dict[str, Any]] = [{}] * n_inputs
     in_slots: list[tuple[int, ...]] = [()] * n_inputs
     n_out = [1] * n_inputs
+    origin = [-1] * n_inputs  # per slot: the node's position in the request's graph.nodes
     for i in order:
         node = graph.nodes[i]
         for j, name in enumerate(node.value_names):
+            origin.append(i)
             names.append(name)
             node_names.append(node.name)
             plan_ops.append(ops[i])
@@ -464,6 +511,7 @@ def compile_graph(graph: GraphIR, registry: Registry, limits: Limits | None = No
         names=names, ops=plan_ops, in_slots=in_slots, attrs=plan_attrs,
         input_dtypes=input_dtypes, input_shapes=input_shapes, outputs=tuple(outputs),
         metadata=graph.metadata, limits=limits, n_out=n_out, node_names=node_names, stop=stop,
+        origin=None if expanded else origin,
     )
 
 

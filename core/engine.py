@@ -7,6 +7,7 @@ gradients and accumulating them with ``+`` where a value fans out.
 """
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from contextvars import ContextVar
@@ -16,7 +17,7 @@ from typing import Any, Callable, Iterable, Mapping
 import numpy as np
 
 from .broadcast import unbroadcast
-from .compile import Plan, Shapes, check_memory, nested_error, node_error
+from .compile import Plan, Shapes, check_memory, nested_error, node_error, with_request_path
 from .cost import minimum_seconds
 from .dtypes import is_differentiable
 from .errors import (
@@ -109,6 +110,18 @@ class Evaluation:
         return None if g is None else np.asarray(g)
 
 
+def _request_paths(run: Callable[..., Evaluation]) -> Callable[..., Evaluation]:
+    """An error's field becomes a path in the request (``graph.nodes[4]``) where it names a node."""
+    @functools.wraps(run)
+    def evaluate(plan: Plan, inputs: Mapping[str, Any], **options: Any) -> Evaluation:
+        try:
+            return run(plan, inputs, **options)
+        except ChainruleError as exc:
+            raise with_request_path(exc, plan.request_index)
+    return evaluate
+
+
+@_request_paths
 def evaluate(
     plan: Plan,
     inputs: Mapping[str, Any],

@@ -213,7 +213,8 @@ def test_a_non_finite_float_attribute_is_bad_attribute_naming_it(address, value)
                 client.evaluate(graph(op, **attrs), x=np.ones(3))
             name = next(iter(attrs))
             assert info.value.code.name == "INVALID_ARGUMENT" and info.value.reason == "BAD_ATTRIBUTE"
-            assert info.value.field == f"attrs.{name}" and info.value.metadata["node"] == "h"
+            # a path in the request (issue 16): the node's position in graph.nodes, then the attribute
+            assert info.value.field == f"graph.nodes[0].attrs.{name}" and info.value.metadata["node"] == "h"
             assert f"'{name}'" in str(info.value) and "finite" in str(info.value)
 
 

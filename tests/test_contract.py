@@ -352,3 +352,56 @@ def test_bad_options_have_a_reason_of_their_own_not_invalid_graph(stub):
     code, reason, metadata = reason_of(caught.value)
     assert code == grpc.StatusCode.INVALID_ARGUMENT and reason == "BAD_OPTION"
     assert metadata["field"] == "return_values.mode"
+
+
+def _bad_request_fields(error: grpc.RpcError) -> list[str]:
+    from google.rpc import error_details_pb2
+    from grpc_status import rpc_status
+
+    status = rpc_status.from_call(error)
+    fields = []
+    for detail in status.details:
+        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            fields += [v.field for v in bad.field_violations]
+    return fields
+
+
+def test_bad_request_field_is_always_a_request_path(stub):
+    """Issue 16: BadRequest.field was sometimes a bare node name ('f') or relative ('attrs.axis').
+    Errors of a node now name its place in the request: compile time, run time, by graph_id too."""
+    import numpy as np
+
+    from chainrule.client import GraphBuilder, ops
+    from chainrule.wire.convert import array_to_tensor
+
+    g = GraphBuilder()
+    a, b = g.input("a", (2,)), g.input("b", (3,))
+    h = (a * 2.0).named("h")
+    f = (h + b).named("f")  # shapes (2,) and (3,): refused by shape inference
+    message = f.graph.message
+    position = [n.name for n in message.nodes].index("f")
+    request = pb.EvaluateRequest(graph=message, output="f")
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.Evaluate(request, timeout=30)
+    assert _bad_request_fields(caught.value) == [f"graph.nodes[{position}]"]
+
+    g = GraphBuilder()
+    x = g.input("x", (2, 3))
+    s = x.sum(axis=7, name="s")
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.Evaluate(pb.EvaluateRequest(graph=s.graph.message), timeout=30)
+    assert _bad_request_fields(caught.value) == ["graph.nodes[0].attrs.axis"]
+
+    g = GraphBuilder()
+    table, ids = g.input("table", (4, 2)), g.input("ids", (3,), "int64")
+    picked = ops.gather(table, ids, name="picked").sum(name="total")
+    graph_id = stub.RegisterGraph(pb.RegisterGraphRequest(graph=picked.graph.message), timeout=30).graph_id
+    request = pb.EvaluateRequest(graph_id=graph_id)
+    request.inputs["table"].CopyFrom(array_to_tensor(np.zeros((4, 2))))
+    request.inputs["ids"].CopyFrom(array_to_tensor(np.array([0, 9, 1])))  # out of range at run time
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.Evaluate(request, timeout=30)
+    position = [n.name for n in picked.graph.message.nodes].index("picked")
+    assert _bad_request_fields(caught.value) == [f"graph.nodes[{position}]"]

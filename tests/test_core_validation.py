@@ -41,7 +41,7 @@ def test_wrong_arity(registry):
 def test_bad_attribute_type(registry):
     with pytest.raises(E.BadAttributeError, match="node 'l' \\(leaky_relu\\): attribute 'alpha': expected a float") as info:
         compile_(registry, [("x",)], [("l", "leaky_relu", ("x",), {"alpha": "big"})], ["l"])
-    assert info.value.field == "attrs.alpha"
+    assert info.value.field == "graph.nodes[0].attrs.alpha"  # a path in the request
 
 
 def test_unknown_attribute(registry):

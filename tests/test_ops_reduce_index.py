@@ -572,7 +572,8 @@ def test_refusals_reach_the_client_before_anything_runs():
     with LocalClient() as client:
         with pytest.raises(InvalidArgument, match="ddof 3 leaves no degrees of freedom") as info:
             client.evaluate(x.var(axis=1, ddof=3, name="v").sum(), x=np.ones((2, 3)))
-        assert (info.value.node, info.value.reason, info.value.field) == ("v", "BAD_ATTRIBUTE", "attrs.ddof")
+        assert (info.value.node, info.value.reason, info.value.field) == ("v", "BAD_ATTRIBUTE",
+                                                                          "graph.nodes[0].attrs.ddof")
         with pytest.raises(InvalidArgument, match="gather indices must be int32 or int64") as info:
             client.evaluate(ops.gather(x, labels, name="gx").sum(), x=np.ones((2, 3)), labels=np.zeros(2))
         assert (info.value.node, info.value.reason) == ("gx", "DTYPE_MISMATCH")
