@@ -52,14 +52,14 @@ from typing import Any, Callable
 import numpy as np
 
 from chainrule.client import ops
-from chainrule.core import GraphIR, InputDecl, Node, compile_graph, evaluate
-from chainrule.core.symbolic import derive_forward, derive_reverse
+from chainrule.core import compile_graph, evaluate
+from chainrule.core.symbolic import derive_forward, derive_reverse, hvp_graph
 from chainrule.plugins.manager import load_plugins
 from chainrule.server import LocalClient
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from core_bench import network_graph, network_inputs, network_numpy  # noqa: E402
-from user_bench import OthersMeter, first_line, network_target, timed_in_turn  # noqa: E402
+from user_bench import OthersMeter, checked, first_line, network_target, timed_in_turn  # noqa: E402
 
 try:
     import torch
@@ -110,37 +110,7 @@ def check_jvp(got: Any, expected: float, what: str) -> None:
         raise AssertionError(f"{what}: JVP {float(got)!r} differs from sum(grad·t) = {expected!r}")
 
 
-def checked(call: Callable[[], Any], check: Callable[[Any], None]) -> Callable[[], Any]:
-    """``call``, its first result checked (a wrong answer fails the row)."""
-    state = {"checked": False}
-
-    def run() -> Any:
-        result = call()
-        if not state["checked"]:
-            check(result)
-            state["checked"] = True
-        return result
-
-    return run
-
-
 # --- the four paths: each gives {gradient, hvp, forward, jvp} callables --------------------------------
-
-def hvp_graph(graph: GraphIR, output: str, wrt: list[str], shapes: list[tuple]) -> GraphIR:
-    """graph + S = Σ sum(grad(output, wrt)_i · v_i), through a ``grad`` node (what ops.hvp builds)."""
-    grads = tuple(f"G.{w}" for w in wrt)
-    vs = [InputDecl(f"v.{w}", "float64", s) for w, s in zip(wrt, shapes)]
-    nodes = list(graph.nodes) + [Node("G", "grad", (output, *wrt), {}, grads)]
-    total = None
-    for w, g, v in zip(wrt, grads, vs):
-        nodes += [Node(f"gv.{w}", "mul", (g, v.name)), Node(f"s.{w}", "sum", (f"gv.{w}",))]
-        if total is None:
-            total = f"s.{w}"
-        else:
-            nodes.append(Node(f"S.{w}", "add", (total, f"s.{w}")))
-            total = f"S.{w}"
-    return GraphIR(graph.inputs + tuple(vs), tuple(nodes), (total,))
-
 
 def core_cases(inputs, v, t, notes: list[str]) -> dict[str, Callable[[], Any]]:
     registry = load_plugins(entry_points=False, only=["builtin"]).registry
@@ -148,8 +118,7 @@ def core_cases(inputs, v, t, notes: list[str]) -> dict[str, Callable[[], Any]]:
     plan = compile_graph(graph, registry)
 
     start = time.perf_counter()
-    shapes = [inputs[name].shape for name in PARAMS]
-    second, names = derive_reverse(hvp_graph(graph, "C", PARAMS, shapes), registry, wrt=PARAMS)
+    second, names = derive_reverse(hvp_graph(graph, "C", PARAMS), registry, wrt=PARAMS)
     hvp_plan = compile_graph(second, registry)
     derived_hvp = time.perf_counter() - start
     start = time.perf_counter()

@@ -34,7 +34,7 @@ from .registry import Registry
 from .tensor_spec import TensorSpec
 
 __all__ = [
-    "DerivedNames", "Ref", "SymbolicBuilder", "derive_forward", "derive_reverse", "expand_derivatives",
+    "DerivedNames", "Ref", "SymbolicBuilder", "derive_forward", "derive_reverse", "expand_derivatives", "hvp_graph",
     "linear_jvp", "no_jvp_graph", "no_vjp_graph", "plan_to_graph", "with_symbolic",
 ]
 
@@ -81,6 +81,25 @@ def linear_jvp(op_name: str) -> Callable[..., Any]:
         return b.op(op_name, *args, **attrs)
     jvp_graph.__name__ = f"linear_jvp_{op_name}"
     return jvp_graph
+
+
+def hvp_graph(graph: GraphIR, output: str, wrt: Sequence[str]) -> GraphIR:
+    """``graph`` plus ``S = Σ_i sum(grad(output, wrt)_i · v_i)`` through a ``grad`` node, with an input
+    ``v.<name>`` per wrt name (declared like that input): what ``ops.hvp`` builds. Its reverse derivative
+    with respect to ``wrt`` is the Hessian-vector product of ``output`` along the v's."""
+    declared = {d.name: d for d in graph.inputs}
+    grads = tuple(f"G.{w}" for w in wrt)
+    vs = [InputDecl(f"v.{w}", declared[w].dtype, declared[w].shape) for w in wrt]
+    nodes = list(graph.nodes) + [Node("G", "grad", (output, *wrt), {}, grads)]
+    total = None
+    for w, g, v in zip(wrt, grads, vs):
+        nodes += [Node(f"gv.{w}", "mul", (g, v.name)), Node(f"s.{w}", "sum", (f"gv.{w}",))]
+        if total is None:
+            total = f"s.{w}"
+        else:
+            nodes.append(Node(f"S.{w}", "add", (total, f"s.{w}")))
+            total = f"S.{w}"
+    return GraphIR(graph.inputs + tuple(vs), tuple(nodes), (total,))
 
 
 # --- symbolic values ------------------------------------------------------------------------------

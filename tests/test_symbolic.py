@@ -22,7 +22,7 @@ import pytest
 
 from chainrule.core import GraphIR, InputDecl, Node, compile_graph, evaluate
 from chainrule.core.errors import MissingRuleError, SeedError
-from chainrule.core.symbolic import derive_forward, derive_reverse
+from chainrule.core.symbolic import derive_forward, derive_reverse, hvp_graph
 from chainrule.plugins.manager import load_plugins
 from chainrule.plugins.testing import sample_inputs
 
@@ -51,22 +51,6 @@ def _op_graph(name: str, inputs: list[np.ndarray], attrs: dict, weights: np.ndar
     if weights is not None:
         nodes += [Node("w", "const", (), {"value": weights}), Node("yw", "mul", ("y", "w")), Node("L", "sum", ("yw",))]
     return GraphIR(tuple(decls), tuple(nodes), ("L",) if weights is not None else ("y",))
-
-
-def _hvp_graph(graph: GraphIR, output: str, wrt: list[str], shapes: list[tuple]) -> GraphIR:
-    """graph + S = sum_i sum(grad(output, wrt)_i * v_i), through a ``grad`` node."""
-    grads = tuple(f"G.{w}" for w in wrt)
-    vs = [InputDecl(f"v.{w}", "float64", s) for w, s in zip(wrt, shapes)]
-    nodes = list(graph.nodes) + [Node("G", "grad", (output, *wrt), {}, grads)]
-    terms = []
-    for w, g, v in zip(wrt, grads, vs):
-        nodes += [Node(f"gv.{w}", "mul", (g, v.name)), Node(f"s.{w}", "sum", (f"gv.{w}",))]
-        terms.append(f"s.{w}")
-    total = terms[0]
-    for k, term in enumerate(terms[1:]):
-        nodes.append(Node(f"S{k}", "add", (total, term)))
-        total = f"S{k}"
-    return GraphIR(graph.inputs + tuple(vs), tuple(nodes), (total,))
 
 
 def _close(a, b, what, rtol=1e-5, atol=1e-6):
@@ -113,7 +97,7 @@ def test_gradient_hvp_and_jvp_match_numpy_rules_and_finite_differences(name):
 
         # second order: H v through a grad node, against finite differences of the numpy gradients
         vs = {f"v.{w}": rng.standard_normal(s) for w, s in zip(floats, shapes)}
-        hvp, hnames = derive_reverse(_hvp_graph(graph, "L", floats, shapes), R, wrt=floats)
+        hvp, hnames = derive_reverse(hvp_graph(graph, "L", floats), R, wrt=floats)
         got = _run(hvp, {**feeds, **vs})
         plus = {**feeds, **{w: feeds[w] + EPS * vs[f"v.{w}"] for w in floats}}
         minus = {**feeds, **{w: feeds[w] - EPS * vs[f"v.{w}"] for w in floats}}
@@ -290,10 +274,9 @@ def _network() -> tuple[GraphIR, list[str], dict]:
 
 def test_four_layer_network_hvp_matches_finite_differences_of_gradients():
     graph, params, feeds = _network()
-    shapes = [feeds[p].shape for p in params]
     rng = np.random.default_rng(5)
     vs = {f"v.{p}": rng.standard_normal(feeds[p].shape) for p in params}
-    hvp, names = derive_reverse(_hvp_graph(graph, "C", params, shapes), R, wrt=params)
+    hvp, names = derive_reverse(hvp_graph(graph, "C", params), R, wrt=params)
     got = _run(hvp, {**feeds, **vs})
     plus = {**feeds, **{p: feeds[p] + EPS * vs[f"v.{p}"] for p in params}}
     minus = {**feeds, **{p: feeds[p] - EPS * vs[f"v.{p}"] for p in params}}

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from chainrule.core import GraphIR, InputDecl, Node, compile_graph, evaluate
-from chainrule.core.symbolic import derive_forward, derive_reverse
+from chainrule.core.symbolic import derive_forward, derive_reverse, hvp_graph
 from chainrule.plugins.manager import load_plugins
 from chainrule.plugins.testing import sample_inputs
 
@@ -75,22 +75,6 @@ def _op_graph(name: str, decls: tuple[InputDecl, ...], attrs: dict, weights: np.
     return GraphIR(decls, tuple(nodes), ("L",))
 
 
-def _hvp_graph(graph: GraphIR, output: str, wrt: list[str], shapes: list[tuple]) -> GraphIR:
-    """graph + S = sum_i sum(grad(output, wrt)_i * v_i), through a ``grad`` node."""
-    grads = tuple(f"G.{w}" for w in wrt)
-    vs = [InputDecl(f"v.{w}", "float64", s) for w, s in zip(wrt, shapes)]
-    nodes = list(graph.nodes) + [Node("G", "grad", (output, *wrt), {}, grads)]
-    total = None
-    for w, g, v in zip(wrt, grads, vs):
-        nodes += [Node(f"gv.{w}", "mul", (g, v.name)), Node(f"s.{w}", "sum", (f"gv.{w}",))]
-        if total is None:
-            total = f"s.{w}"
-        else:
-            nodes.append(Node(f"S.{w}", "add", (total, f"s.{w}")))
-            total = f"S.{w}"
-    return GraphIR(graph.inputs + tuple(vs), tuple(nodes), (total,))
-
-
 def _close(a, b, what, rtol=1e-5, atol=1e-6):
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     assert a.shape == b.shape, (what, a.shape, b.shape)
@@ -119,8 +103,7 @@ def _check_gradient_and_hvp(name, inputs, attrs, decls, rng, what=""):
         _close(values[names.gradients[w]], expected, f"{name}{what} gradient of {w}")
 
     vs = {f"v.{w}": rng.standard_normal(s) for w, s in zip(floats, shapes)}
-    free_shapes = [next(d.shape for d in decls if d.name == w) for w in floats]
-    hvp, hnames = derive_reverse(_hvp_graph(graph, "L", floats, free_shapes), R, wrt=floats)
+    hvp, hnames = derive_reverse(hvp_graph(graph, "L", floats), R, wrt=floats)
     got = _run(hvp, {**feeds, **vs})
     plus = {**feeds, **{w: feeds[w] + EPS * vs[f"v.{w}"] for w in floats}}
     minus = {**feeds, **{w: feeds[w] - EPS * vs[f"v.{w}"] for w in floats}}
@@ -340,9 +323,8 @@ def _check_graph(graph: GraphIR, feeds: dict, wrt: list[str], rng, values: tuple
     got = _run(derived, feeds)
     for w, expected in zip(wrt, _numpy_grads(graph, feeds, output, wrt)):
         _close(got[names.gradients[w]], expected, f"gradient of {w}")
-    shapes = [next(d.shape for d in graph.inputs if d.name == w) for w in wrt]
     vs = {f"v.{w}": rng.standard_normal(feeds[w].shape) for w in wrt}
-    hvp, hnames = derive_reverse(_hvp_graph(graph, output, wrt, shapes), R, wrt=wrt)
+    hvp, hnames = derive_reverse(hvp_graph(graph, output, wrt), R, wrt=wrt)
     got = _run(hvp, {**feeds, **vs})
     plus = {**feeds, **{w: feeds[w] + EPS * vs[f"v.{w}"] for w in wrt}}
     minus = {**feeds, **{w: feeds[w] - EPS * vs[f"v.{w}"] for w in wrt}}
