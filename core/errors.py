@@ -185,6 +185,13 @@ class CancelledError(ChainruleError):
     reason = "CANCELLED"
 
 
+class ShuttingDown(ChainruleError):
+    """The server is shutting down: a stream ended after the answers it had sent (UNAVAILABLE);
+    send the rest again, to this server's replacement or another replica."""
+
+    reason = "SHUTTING_DOWN"
+
+
 # --- the service's own refusals ------------------------------------------------------
 
 class UnknownGraphError(ChainruleError):

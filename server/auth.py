@@ -2,7 +2,9 @@
 
 Each call must carry ``authorization: Bearer <token>`` metadata naming one of
 the tokens of the token file; otherwise it is answered UNAUTHENTICATED before
-any handler runs (the request is not even parsed). Tokens are compared with
+any handler runs. The request message is neither awaited nor read, so a caller
+without a token holds no server thread and cannot make the server receive a
+large message. Tokens are compared with
 ``hmac.compare_digest`` against every accepted token, so the time taken says
 nothing about how much of a guess was right. Health checks and reflection may
 stay open (``open_health_and_reflection``), since load-balancer and Kubernetes
@@ -71,14 +73,11 @@ def _refuse(request: object, context: grpc.ServicerContext) -> None:
 
 
 def _refusal(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-    """A handler of the same streaming kind as ``handler`` that refuses at once (no deserializer: nothing is parsed)."""
-    if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(_refuse)
-    if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(_refuse)
-    if handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(_refuse)
-    return grpc.unary_unary_rpc_method_handler(_refuse)
+    """A handler that refuses at once, whatever the method's kind: a request-streaming one with no
+    deserializer, so gRPC runs it without waiting for (or reading) the request message. A unary
+    handler would first wait for the whole message, holding a server thread: a caller without a
+    token could then make the server receive a large message, or hold threads by sending headers only."""
+    return grpc.stream_stream_rpc_method_handler(_refuse)
 
 
 class TokenAuthInterceptor(grpc.ServerInterceptor):

@@ -38,10 +38,14 @@ class ServerConfig:
     max_compute_seconds: float = 60.0
     #: The same cap for one Optimize call (a whole training run).
     max_training_seconds: float = 3600.0
-    #: How long one EvaluateStream call may stay open (it holds an admission slot meanwhile).
+    #: How long one EvaluateStream call may stay open.
     max_stream_seconds: float = 600.0
+    #: EvaluateStream calls open at once; more are refused at once (RESOURCE_EXHAUSTED). An open
+    #: stream holds a thread, and an admission slot only while it computes an input set, so
+    #: streams that wait for their client's next message never keep other calls from running.
+    max_streams: int = 128
     #: How long an EvaluateStream call may wait for the client's next message (its first one
-    #: included) before it is ended: a stream that sends nothing gives its slot back.
+    #: included) before it is ended: a stream that sends nothing gives its thread back.
     stream_idle_seconds: float = 30.0
     #: Seconds in-flight calls get to finish on SIGTERM/SIGINT.
     grace_seconds: float = 10.0
@@ -99,8 +103,8 @@ class ServerConfig:
         """Raise ConfigError for settings no server can run with (a zero limit, a bad port...)."""
         problems = [
             f"{name} must be at least {low} (got {getattr(self, name)})"
-            for name, low in (("max_concurrent", 1), ("graph_cache_size", 1), ("max_nodes", 1), ("workers", 1),
-                              ("max_tensor_elements", 1), ("max_memory_bytes", 1))
+            for name, low in (("max_concurrent", 1), ("max_streams", 1), ("graph_cache_size", 1), ("max_nodes", 1),
+                              ("workers", 1), ("max_tensor_elements", 1), ("max_memory_bytes", 1))
             if getattr(self, name) < low
         ]
         if self.max_message_bytes != 0 and not 1024 <= self.max_message_bytes <= MAX_GRPC_MESSAGE_BYTES:
@@ -171,8 +175,10 @@ SETTINGS_HELP: dict[str, tuple[str, str]] = {
     "max_compute_seconds": ("limits", "compute time of one Evaluate call, or of one input set of a stream"),
     "max_training_seconds": ("limits", "time of one Optimize call (a whole training run)"),
     "max_stream_seconds": ("limits", "how long one EvaluateStream call may stay open"),
+    "max_streams": ("limits", "EvaluateStream calls open at once; more are refused at once (RESOURCE_EXHAUSTED); "
+                              "a stream takes an admission slot only while it computes"),
     "stream_idle_seconds": ("limits", "how long an EvaluateStream call may wait for the client's next message "
-                                      "before it is ended (DEADLINE_EXCEEDED), its slot given back"),
+                                      "before it is ended (DEADLINE_EXCEEDED)"),
     "graph_cache_size": ("limits", "compiled graphs kept for graph_id requests (least recently used go first)"),
     "plugins": ("plugins", "load only these plugins (default: every installed one)"),
     "disable_plugins": ("plugins", "leave these plugins out"),

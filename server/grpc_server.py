@@ -122,9 +122,12 @@ def create_server(
     interceptors = [i for i in (metrics and metrics.interceptor(service),
                                 auth.interceptor_for(config.token_file, config.open_health_and_reflection),
                                 MalformedRequestInterceptor(SERVICE_NAME)) if i]
-    # Threads beyond max_concurrent let refusals be answered at once; gRPC's own
-    # limit is only a backstop (it counts calls until their clean-up ends).
+    # Threads: one per admitted call, one per open EvaluateStream (which waits for its client's
+    # messages in it, without an admission slot), and spare ones so that refusals and health
+    # checks are answered at once whatever the others do. gRPC's own limit is only a backstop
+    # (it counts calls until their clean-up ends).
     spare = max(4, config.max_concurrent // 2)
+    threads = config.max_concurrent + config.max_streams + spare
     options = list(options or [])
     # No SO_REUSEPORT unless asked (--workers shares its own port): a busy port is refused, not shared.
     shared_port = dict(options).get("grpc.so_reuseport", 0)
@@ -134,8 +137,8 @@ def create_server(
         if port_text.isdigit():
             check_port_free(host, int(port_text))  # one line, before gRPC's bind (which logs several)
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=config.max_concurrent + spare, thread_name_prefix="chainrule"),
-        maximum_concurrent_rpcs=2 * config.max_concurrent + spare,
+        futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="chainrule"),
+        maximum_concurrent_rpcs=threads + config.max_concurrent,
         interceptors=interceptors,
         options=[
             ("grpc.max_receive_message_length", config.message_limit),

@@ -20,7 +20,9 @@ import grpc
 from grpc_status import rpc_status
 
 from chainrule.core import StopToken
-from chainrule.core.errors import CancelledError, ChainruleError, DeadlineError, LimitExceeded, OperatorFailure
+from chainrule.core.errors import (
+    CancelledError, ChainruleError, DeadlineError, LimitExceeded, OperatorFailure, ShuttingDown,
+)
 from chainrule.v1 import chainrule_pb2 as pb
 from chainrule.v1 import chainrule_pb2_grpc as pb_grpc
 from chainrule.wire import outgoing
@@ -68,9 +70,14 @@ class Servicer(pb_grpc.ChainruleServicer):
         # Admission control: excess calls are refused at once with RESOURCE_EXHAUSTED
         # naming the limit, rather than queueing behind slow ones.
         self._slots = threading.BoundedSemaphore(config.max_concurrent)
+        # Open EvaluateStream calls: each holds a thread (waiting for its client's messages),
+        # and a slot of _slots only while it computes an input set.
+        self._streams = threading.BoundedSemaphore(config.max_streams)
         # The tokens of the Optimize runs in progress, told to wind down when the server shuts down.
         self._training: set[StopToken] = set()
         self._training_lock = threading.Lock()
+        # Why the server is shutting down, once it is: training runs stop at their next step and
+        # streams before reading another message.
         self._winding_down = ""
 
     def _call(self, method: str, context: grpc.ServicerContext, work: Callable[[], Any], size: int = 0) -> Any:
@@ -78,14 +85,35 @@ class Servicer(pb_grpc.ChainruleServicer):
             return work()
 
     def _stream(self, method: str, context: grpc.ServicerContext, work: Callable[[str], Iterator[Any]],
-                size: int = 0) -> Iterator[Any]:
-        """Like _call for a streaming response; ``work`` gets the request id. The slot is held to the end."""
-        with self._serving(method, context, size) as request_id:
+                size: int = 0, streams: bool = False) -> Iterator[Any]:
+        """Like _call for a streaming response; ``work`` gets the request id. The slot is held to the
+        end: an admission slot, or with ``streams`` one of the open-stream slots (max_streams)."""
+        with self._serving(method, context, size, streams=streams) as request_id:
             yield from work(request_id)
+
+    def _refusal(self, streams: bool) -> LimitExceeded:
+        if streams:
+            allowed = self.config.max_streams
+            return LimitExceeded(
+                f"the server already has {allowed} EvaluateStream calls open (max_streams); retry later, or send "
+                f"more input sets through fewer streams", limit="max_streams", requested=allowed + 1, allowed=allowed)
+        allowed = self.config.max_concurrent
+        return LimitExceeded(f"the server is already serving {allowed} calls (max_concurrent); retry later",
+                             limit="max_concurrent", requested=allowed + 1, allowed=allowed)
+
+    @contextmanager
+    def _admitted(self) -> Iterator[None]:
+        """An admission slot for one input set of a stream, or LimitExceeded (max_concurrent)."""
+        if not self._slots.acquire(blocking=False):
+            raise self._refusal(streams=False)
+        try:
+            yield
+        finally:
+            self._slots.release()
 
     @contextmanager
     def _serving(self, method: str, context: grpc.ServicerContext, size: int,
-                 headers_first: bool = True) -> Iterator[str]:
+                 headers_first: bool = True, streams: bool = False) -> Iterator[str]:
         """Request id, admission control, error statuses and the log line around one call.
 
         The request id travels in the trailers of a unary call (headers sent early would
@@ -99,14 +127,10 @@ class Servicer(pb_grpc.ChainruleServicer):
             context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
         started = time.perf_counter()
         outcome = "OK"
-        slot = _Slot(self._slots)
+        slot = _Slot(self._streams if streams else self._slots)
         try:
             if not slot.acquire():
-                allowed = self.config.max_concurrent
-                raise LimitExceeded(
-                    f"the server is already serving {allowed} calls (max_concurrent); retry later",
-                    limit="max_concurrent", requested=allowed + 1, allowed=allowed,
-                )
+                raise self._refusal(streams)
             # The call's end frees its slot even while abandoned work runs on to its next stop check
             # (inside one BLAS product, say): the slot counts calls someone waits for, so a client's
             # deadline or cancel never leaves it taken.
@@ -168,7 +192,7 @@ class Servicer(pb_grpc.ChainruleServicer):
 
     def Derive(self, request: pb.DeriveRequest, context: grpc.ServicerContext) -> pb.DeriveResponse:
         size = len(request.graph.nodes) if request.HasField("graph") else 0
-        return self._call("Derive", context, lambda: self.service.derive(request), size)
+        return self._call("Derive", context, lambda: self.service.derive(request, self.config.message_limit), size)
 
     def ListOperators(self, request: pb.ListOperatorsRequest, context: grpc.ServicerContext) -> pb.ListOperatorsResponse:
         return self._call("ListOperators", context, lambda: self.service.list_operators(request))
@@ -182,10 +206,13 @@ class Servicer(pb_grpc.ChainruleServicer):
         # client_requests waits for each message only until the token's deadline, then raises
         # DeadlineError in this thread, which _serving turns into DEADLINE_EXCEEDED naming the
         # limit (with its google.rpc details) and which frees the admission slot.
+        # The stream holds no admission slot while it waits: each input set takes one as it is computed.
         token = call_token(context, self.config.max_stream_seconds)
         return self._stream("EvaluateStream", context, lambda request_id: evaluate_stream(
-            self.service, client_requests(requests, token, self.config.stream_idle_seconds), token,
-            self.config.max_compute_seconds, request_id, max_reply_bytes=self.config.message_limit // 2))
+            self.service, client_requests(requests, token, self.config.stream_idle_seconds,
+                                          lambda: self._winding_down), token,
+            self.config.max_compute_seconds, request_id, max_reply_bytes=self.config.message_limit // 2,
+            admit=self._admitted), streams=True)
 
     def Optimize(self, request: pb.OptimizeRequest, context: grpc.ServicerContext) -> Iterator[pb.OptimizeProgress]:
         size = len(request.graph.nodes) if request.HasField("graph") else 0
@@ -212,7 +239,9 @@ class Servicer(pb_grpc.ChainruleServicer):
 
     def wind_down(self, reason: str) -> int:
         """The server is shutting down: every training run in progress (and any starting meanwhile)
-        ends at its next step boundary with what it trained, ``reason`` as its stop_reason. How many."""
+        ends at its next step boundary with what it trained, ``reason`` as its stop_reason; every
+        EvaluateStream ends before reading another message (SHUTTING_DOWN), its answers sent.
+        How many training runs."""
         with self._training_lock:
             self._winding_down = reason
             for token in self._training:
@@ -261,16 +290,28 @@ def call_token(context: grpc.ServicerContext, max_seconds: float) -> StopToken:
 
 
 _END = object()
+#: How often a stream waiting for its client's next message looks whether the server is closing.
+CLOSING_POLL_SECONDS = 0.1
+
+
+def _check_open(closing: Callable[[], str] | None) -> None:
+    """Raise ShuttingDown once the server has begun to shut down (``closing()`` gives why)."""
+    reason = closing() if closing is not None else ""
+    if reason:
+        raise ShuttingDown(f"the stream was ended by {reason}; the answers sent so far stand: send the remaining "
+                           f"requests again, to another replica or once the server is back")
 
 
 def client_requests(requests: Iterator[pb.EvaluateRequest], call: StopToken | None = None,
-                    idle_seconds: float | None = None) -> Iterator[pb.EvaluateRequest]:
+                    idle_seconds: float | None = None,
+                    closing: Callable[[], str] | None = None) -> Iterator[pb.EvaluateRequest]:
     """The request stream, with a client gone mid-stream reported as CANCELLED (not an internal error).
 
     With a ``call`` token that has a deadline, each message is awaited only until that deadline:
     then ``call.check()`` raises (DeadlineError naming the limit) in the caller's thread; and only
     ``idle_seconds`` (the server's stream_idle_seconds), after which a DeadlineError names that
-    limit: a stream that sends nothing, or headers only, gives its admission slot back. grpc's
+    limit: a stream that sends nothing, or headers only, gives its thread back. Once ``closing()``
+    gives a reason (the server shuts down), no further message is read: ShuttingDown ends the stream. grpc's
     request iterator cannot be waited on with a timeout, and ``context.abort`` from another
     thread leaves the handler blocked in it (grpc 1.85; grpc/grpc#41074), so a helper thread
     reads the messages, one at a time and only when asked (no read-ahead). It ends with the
@@ -304,14 +345,18 @@ def client_requests(requests: Iterator[pb.EvaluateRequest], call: StopToken | No
     threading.Thread(target=read, name="chainrule-stream-reader", daemon=True).start()
     try:
         while True:
+            _check_open(closing)
             wanted.release()
             idle_until = None if idle_seconds is None else time.monotonic() + idle_seconds
             while True:
                 until = call.deadline if idle_until is None else min(call.deadline, idle_until)
+                if closing is not None:  # wake up now and then to see whether the server is closing
+                    until = min(until, time.monotonic() + CLOSING_POLL_SECONDS)
                 try:
                     item = ready.get(timeout=max(0.0, until - time.monotonic()) + 0.001)
                     break
                 except queue.Empty:
+                    _check_open(closing)
                     call.check()  # raises once the deadline has passed (or the call was cancelled)
                     if idle_until is not None and time.monotonic() >= idle_until:
                         raise DeadlineError(

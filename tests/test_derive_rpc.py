@@ -16,7 +16,7 @@ from chainrule.client.graph import DerivedGraph
 from chainrule.client.render import to_dot
 from chainrule.plugins import OperatorSet
 from chainrule.plugins.manager import load_plugins
-from chainrule.server import LocalClient, create_server
+from chainrule.server import LocalClient, ServerConfig, create_server
 from chainrule.server.service import ChainruleService
 from chainrule.v1 import chainrule_pb2 as pb
 
@@ -236,3 +236,26 @@ def test_an_unknown_graph_id_is_not_found(address):
         with pytest.raises(grpc.RpcError) as caught:
             pb_grpc.ChainruleStub(channel).Derive(pb.DeriveRequest(graph_id="0" * 64, wrt=["x"]), timeout=30)
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_a_derived_graph_too_large_to_send_is_refused_naming_the_limit():
+    """The response's size is checked before the derived graph is compiled, registered or sent."""
+    g = GraphBuilder()
+    x = g.input("x", (4,))
+    h = x
+    for _ in range(400):  # a chain whose derivative has a few thousand nodes
+        h = ops.tanh(h) * 1.5
+    f = ops.sum(h).named("f")
+    server, port = create_server("127.0.0.1:0", ServerConfig(max_message_bytes=64 * 1024, log_level="ERROR"))
+    server.start()
+    try:
+        with Client(f"127.0.0.1:{port}", timeout=30) as client:
+            with pytest.raises(ChainruleRpcError) as info:
+                client.derive(f, [x])
+            assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert info.value.metadata["limit"] == "max_message_bytes"
+            assert int(info.value.metadata["requested"]) > 64 * 1024
+            assert "wrt" in info.value.message
+            assert len(server.service._plans) == 1  # the graph itself, not its derivative
+    finally:
+        server.stop(grace=None).wait()

@@ -230,9 +230,13 @@ class ChainruleService:
 
     # --- derivatives as graphs --------------------------------------------------------------
 
-    def derive(self, request: pb.DeriveRequest) -> pb.DeriveResponse:
+    def derive(self, request: pb.DeriveRequest, capacity: int | None = None) -> pb.DeriveResponse:
         """One Derive call: the derivative of a graph (or registered id) as a new graph, which is
-        compiled and registered here too (its id comes back), so that it can be evaluated by id."""
+        compiled and registered here too (its id comes back), so that it can be evaluated by id.
+
+        The derived graph is at most ``max_nodes`` nodes, built from the graph alone (no tensor
+        is computed); one whose message passes ``capacity`` bytes is refused before it is
+        compiled, registered or sent."""
         source = request.WhichOneof("source")
         if source == "graph":
             self.compile(request.graph)  # pins, validation and the cache, as for Evaluate
@@ -251,11 +255,18 @@ class ChainruleService:
                                             limits=self.limits)
         else:
             raise OptionError(f"mode: unknown derivative mode {request.mode}", field="mode")
-        message = graph_to_proto(derived)
-        gid, _ = self.compile(message)
-        return pb.DeriveResponse(graph=message, graph_id=gid, output=names.output, seed_input=names.seed,
-                                 gradients=dict(names.gradients), tangents=dict(names.tangents),
-                                 tangent_output=names.tangent_output)
+        response = pb.DeriveResponse(graph=graph_to_proto(derived), output=names.output, seed_input=names.seed,
+                                     gradients=dict(names.gradients), tangents=dict(names.tangents),
+                                     tangent_output=names.tangent_output)
+        size = response.ByteSize() + GRAPH_ID_BYTES
+        if capacity is not None and size > capacity:
+            raise LimitExceeded(
+                f"the derived graph's response takes {size} bytes ({len(response.graph.nodes)} nodes); this server sends at "
+                f"most {capacity} bytes in one message (max_message_bytes). Derive with respect to fewer inputs "
+                f"(wrt), evaluate the derivative directly (Evaluate with grads=), or start the server with a larger "
+                f"--max-message-bytes", limit="max_message_bytes", requested=size, allowed=capacity, field="graph")
+        response.graph_id, _ = self.compile(response.graph)
+        return response
 
     def list_operators(self, request: pb.ListOperatorsRequest | None = None) -> pb.ListOperatorsResponse:
         """Every operator served, then those the start-up check refused (CHECK_FAILED, not served)."""
@@ -275,6 +286,8 @@ class ChainruleService:
 #: attribute dicts and the inferred specs: about 510 bytes measured with tracemalloc on a 100,000-node
 #: chain, counted twice over for the shape specializations a plan adds per input-shape signature.
 PLAN_BYTES_PER_NODE = 1024
+#: Bytes a graph id and its field tag take in a message, at most.
+GRAPH_ID_BYTES = 80
 
 
 def plan_bytes(plan: Plan) -> int:

@@ -4,14 +4,15 @@
 and the in-process client. The graph is compiled once: a request without a
 graph or graph_id reuses the previous request's. A failing input set is
 answered with its own ``google.rpc.Status`` and the stream goes on; only a
-cancelled call or a passed call deadline ends it. The server's compute cap
+cancelled call, a passed call deadline or the server's shutdown ends it. The server's compute cap
 (``max_compute_seconds``) applies to each input set, like to one Evaluate.
 """
 from __future__ import annotations
 
 import logging
 import time
-from typing import Iterable, Iterator
+from contextlib import nullcontext
+from typing import Callable, ContextManager, Iterable, Iterator
 
 from chainrule.core import Plan, StopToken
 from chainrule.core.errors import CancelledError, ChainruleError, GraphError, OperatorFailure, OptionError
@@ -26,7 +27,8 @@ log = logging.getLogger("chainrule.server.service.streaming")
 
 def evaluate_stream(service: ChainruleService, requests: Iterable[pb.EvaluateRequest], call: StopToken | None = None,
                     item_seconds: float | None = None, request_id: str = "",
-                    max_reply_bytes: int | None = None) -> Iterator[pb.EvaluateStreamResponse]:
+                    max_reply_bytes: int | None = None,
+                    admit: Callable[[], ContextManager[None]] = nullcontext) -> Iterator[pb.EvaluateStreamResponse]:
     """Answer each request (or each of its input sets) in order.
 
     ``call`` stops the whole stream (client deadline, cancellation), checked
@@ -34,7 +36,9 @@ def evaluate_stream(service: ChainruleService, requests: Iterable[pb.EvaluateReq
     input set. The answers to one message's sets go out in one reply, or in
     several consecutive ones once a reply holds ``max_reply_bytes``, so that
     no reply passes the message limit and none piles up in memory; an answer
-    larger than ``max_reply_bytes`` is refused before it is computed.
+    larger than ``max_reply_bytes`` is refused before it is computed. ``admit()`` is entered
+    around the work of each input set (the server's admission slot: a busy server answers that
+    set with RESOURCE_EXHAUSTED, and the stream goes on).
     """
     index = 0
     graph: tuple[str, Plan] | ChainruleError | None = None
@@ -55,7 +59,7 @@ def evaluate_stream(service: ChainruleService, requests: Iterable[pb.EvaluateReq
         if not request.input_sets:
             answer = pb.EvaluateStreamResponse(index=index)
             _answer(service, graph_or_refusal, request, answer, _item_token(call, item_seconds), request_id,
-                    max_reply_bytes)
+                    max_reply_bytes, admit)
             index += 1
             yield answer
             continue
@@ -73,7 +77,7 @@ def evaluate_stream(service: ChainruleService, requests: Iterable[pb.EvaluateReq
             item.inputs.MergeFrom(input_set.inputs)
             answer = response.results.add(index=index)
             _answer(service, graph_or_refusal, item, answer, _item_token(call, item_seconds), request_id,
-                    max_reply_bytes)
+                    max_reply_bytes, admit)
             reply_bytes += answer.ByteSize()
             index += 1
         yield response
@@ -81,16 +85,17 @@ def evaluate_stream(service: ChainruleService, requests: Iterable[pb.EvaluateReq
 
 def _answer(service: ChainruleService, graph: tuple[str, Plan] | ChainruleError, request: pb.EvaluateRequest,
             answer: pb.EvaluateStreamResponse, token: StopToken | None, request_id: str,
-            capacity: int | None) -> None:
+            capacity: int | None, admit: Callable[[], ContextManager[None]] = nullcontext) -> None:
     """Fill ``answer`` with the response, or with the error status of this input set (one too large
     for ``capacity`` bytes is refused before it is computed)."""
     error = graph  # a graph that failed to compile fails every input set run on it
     if not isinstance(graph, ChainruleError):
         gid, plan = graph
         try:
-            # Written in place, every tensor inside: this message nests in the stream's reply.
-            service.respond(gid, service.run(plan, request, token, capacity=capacity), request,
-                            Outgoing(answer.response), token)
+            with admit():
+                # Written in place, every tensor inside: this message nests in the stream's reply.
+                service.respond(gid, service.run(plan, request, token, capacity=capacity), request,
+                                Outgoing(answer.response), token)
             return
         except CancelledError:
             raise

@@ -12,7 +12,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 
 from chainrule.core.errors import (
     CancelledError, ChainruleError, DeadlineError, GraphError, LimitExceeded, OperatorFailure, SharedMemoryFull,
-    SharedMemoryUnavailable, UnknownGraphError, VersionMismatchError,
+    SharedMemoryUnavailable, ShuttingDown, UnknownGraphError, VersionMismatchError,
 )
 
 DOMAIN = "chainrule.dev"
@@ -34,6 +34,8 @@ def code_for(exc: ChainruleError) -> int:
         return code_pb2.DEADLINE_EXCEEDED
     if isinstance(exc, CancelledError):
         return code_pb2.CANCELLED
+    if isinstance(exc, ShuttingDown):
+        return code_pb2.UNAVAILABLE
     return code_pb2.INTERNAL
 
 
