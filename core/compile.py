@@ -158,6 +158,10 @@ class Plan(CompiledGraph):
         #: Selective vjps with neither residuals nor several values: called inline with needs=.
         self.plain_selective = [sel and not un for sel, un in zip(self.selective, [r or v for r, v in
                                                                                   zip(self.residual, self.several)])]
+        #: The heads of nodes with residuals, whose bytes are counted before a run; not those of an
+        #: operator that runs a graph (scan), which counts every step's values itself before its first.
+        self.residual_heads = [k for k, (op, res, n) in enumerate(zip(ops, self.residual, self.n_out))
+                               if res and n and op.inner_shapes is None]
         #: Heads whose forward result the engine takes apart: residuals or several values.
         self.unpacked = [res or sev for res, sev in zip(self.residual, self.several)]
         # The same rules for Python floats, when every operator has them (see OpDef.scalar).
@@ -166,6 +170,9 @@ class Plan(CompiledGraph):
         self.float_forwards = [None] * self.n_inputs + [r[0] for r in scalar] if floats_possible else None
         self.float_vjps = [None] * self.n_inputs + [r[1] for r in scalar] if floats_possible else None
         self.consumers = _count_consumers(in_slots, len(names))
+        #: Per slot: the input slot over whose buffer the node may write its value (-1: none); the
+        #: engine checks the buffer itself at run time (see engine._forward and OpDef.forward_into).
+        self.into = _dead_after_reading(ops, in_slots, self.n_inputs, self.consumers)
         self._shapes: dict[tuple[tuple[int, ...], ...], Shapes] = {}
         self._lock = threading.Lock()
         if all(-1 not in shape for shape in input_shapes):
@@ -604,6 +611,29 @@ def _find_cycle(pending: list[int], node_inputs: list[tuple[int, ...]], n_inputs
     cycle = path[seen[i]:]
     cycle.reverse()  # data-flow direction: producer -> consumer
     return cycle
+
+
+def _dead_after_reading(ops: list[OpDef | None], in_slots: list[tuple[int, ...]], n_inputs: int,
+                        consumers: list[int]) -> list[int]:
+    """Per slot k, an input j of k that no rule reads once k's forward has read it, else -1.
+
+    j qualifies when k is its only reader, j's operator makes fresh arrays (it has
+    ``forward_into`` itself: elementwise, never a view of its input nor a residual) and
+    its vjp does not read its output, and k's vjp does not read k's inputs. Whether j's
+    value is returned is the caller's to say (engine.evaluate's ``keep``).
+    """
+    into = [-1] * len(in_slots)
+    for k in range(n_inputs, len(in_slots)):
+        op = ops[k]
+        if op is None or op.forward_into is None or op.vjp_reads not in ("output", "none"):
+            continue
+        for j in in_slots[k]:
+            producer = ops[j] if j >= n_inputs else None
+            if (consumers[j] == 1 and producer is not None and producer.forward_into is not None
+                    and producer.vjp_reads in ("inputs", "none")):
+                into[k] = j
+                break
+    return into
 
 
 def _count_consumers(in_slots: list[tuple[int, ...]], n: int) -> list[int]:

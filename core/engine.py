@@ -21,7 +21,7 @@ from .compile import Plan, Shapes, check_memory, nested_error, node_error, with_
 from .cost import minimum_seconds
 from .dtypes import is_differentiable
 from .errors import (
-    BadTensorError, CancelledError, ChainruleError, DeadlineError, DTypeError, GraphError, LimitExceeded, MissingInputError,
+    BadTensorError, CancelledError, ChainruleError, DeadlineError, DTypeError, LimitExceeded, MissingInputError,
     OpError, OperatorFailure, OptionError, OutputError, SeedError, ShapeError, UnexpectedInputError, where,
 )
 from .limits import Limits
@@ -135,6 +135,7 @@ def evaluate(
     token: StopToken | None = None,
     before_work: Callable[[Shapes, int], None] | None = None,
     inner: Iterable[str] = (),
+    keep: Iterable[str] | None = None,
 ) -> Evaluation:
     """Run forward, then (unless ``gradients=False``) backward from ``output``.
 
@@ -148,7 +149,10 @@ def evaluate(
     a caller refuses a run there (the service: a response too large to send).
     ``inner`` names values inside graph attributes (``"rnn/h"``: the value ``h`` of scan ``rnn``'s
     body): their values at every step, and their gradients, come stacked in
-    ``Evaluation.inner_values`` / ``inner_grads``.
+    ``Evaluation.inner_values`` / ``inner_grads``. ``keep`` names the values the caller will read
+    (the output's is always kept): the others' buffers may then be written over once their last
+    reader has run (``OpDef.forward_into``), and ``Evaluation.values`` holds None for those.
+    None (the default) keeps every value.
     """
     if unreached not in (UNREACHED_ZEROS, UNREACHED_OMIT):
         raise OptionError(f"unreached: expected 'zeros' or 'omit', got {unreached!r}", field="unreached")
@@ -182,15 +186,22 @@ def evaluate(
                 record.clear()  # a run on floats that gave up part-way
             run = RunContext(token, plan.limits, shapes.value_bytes + (shapes.grad_bytes if gradients else 0),
                              keep_residuals=gradients, watch=watch)
+            if keep is not None and shapes.complete and not watch:
+                run.reuse = _reusable(plan, keep, out_slot)
+            if gradients and plan.residual_heads:  # residuals, as large as their node's values, counted before work
+                run.allowance = _residual_allowance(plan, shapes)
+                run.charge(sum(run.allowance.values()), what="values, gradients and residuals")
             values, saved = run_forward(plan, shapes, arrays, run)
             if not shapes.complete:
                 shapes = completed(plan, values)
             if not gradients:
+                _forget(values, run.overwritten)
                 return Evaluation(plan, values, None, out_slot, shapes.differentiable,
                                   inner_values=run.inner_values)
             seed_array = _seed(plan, shapes, out_slot, seed)
             edges = shapes.grad_edges if wanted is None else shapes.edges_toward(wanted, plan.in_slots)
             grads = run_backward(plan, shapes, edges, values, saved, [(out_slot, seed_array)], run, record)
+            _forget(values, run.overwritten)
     if unreached == UNREACHED_ZEROS:
         differentiable = shapes.differentiable
         for k in range(len(differentiable)) if wanted is None else wanted:
@@ -201,6 +212,20 @@ def evaluate(
         return Evaluation(plan, values, grads, out_slot, shapes.differentiable, record or [],
                           run.inner_values, run.inner_grads)
     return Evaluation(plan, values, grads, out_slot, shapes.differentiable, record or [])
+
+
+def _reusable(plan: Plan, keep: Iterable[str], out_slot: int) -> list[int] | None:
+    """``plan.into`` without the slots whose values the caller keeps; None when nothing is left."""
+    kept = {plan.slot(name, field="return_values") for name in keep}
+    kept.add(out_slot)
+    into = [-1 if j in kept else j for j in plan.into]
+    return into if any(j >= 0 for j in into) else None
+
+
+def _forget(values: list[Any], overwritten: list[int] | None) -> None:
+    """None for the values whose buffers later values were written over (nobody may read them)."""
+    for j in overwritten or ():
+        values[j] = None
 
 
 def _check_time(plan: Plan, shapes: Shapes, gradients: bool, token: StopToken) -> None:
@@ -257,7 +282,8 @@ class RunContext:
     the stop token and the memory budget, charged as residuals and values without an infer
     rule appear, so a nested run cannot exceed what the whole call may hold."""
 
-    __slots__ = ("token", "limits", "charged", "keep_residuals", "watch", "inner_values", "inner_grads")
+    __slots__ = ("token", "limits", "charged", "keep_residuals", "watch", "inner_values", "inner_grads", "reuse",
+                 "overwritten", "allowance")
 
     def __init__(self, token: StopToken | None, limits: Any, planned: int, keep_residuals: bool = True,
                  watch: dict[int, dict[int, str]] | None = None) -> None:
@@ -271,6 +297,14 @@ class RunContext:
         #: What was collected, by "node/value": stacked over the node's steps.
         self.inner_values: dict[str, Any] = {}
         self.inner_grads: dict[str, Any] = {}
+        #: Per slot of the outer plan: the input whose buffer its value may be written into (-1:
+        #: none), or None for no reuse at all (see evaluate's ``keep``).
+        self.reuse: list[int] | None = None
+        #: The slots whose buffers were written over.
+        self.overwritten: list[int] | None = None
+        #: Per slot of the outer plan whose operator has residuals: the bytes already charged for
+        #: them before the run (only more than that is charged as they appear).
+        self.allowance: dict[int, int] | None = None
 
     def charge(self, nbytes: int, node: str | None = None, op: str | None = None, what: str = "values and gradients") -> None:
         """Count ``nbytes`` more against the memory budget, or raise LimitExceeded naming the node."""
@@ -314,12 +348,21 @@ def _forward(plan: Plan, shapes: Shapes, arrays: list[Any], run: RunContext) -> 
     token = run.token
     values: list[Any] = arrays + [None] * (len(ins) - plan.n_inputs)
     saved: list[Any] | None = None
+    reuse, allowance = run.reuse, run.allowance
+    run.allowance = None  # for this plan only, not for graphs run inside its operators
+    if reuse is not None:
+        run.reuse = None
+        run.overwritten = []
     for k in range(plan.n_inputs, len(ins)):
         if token is not None and not k & 7:  # every 8th node: a check costs as much as a scalar op
             token.check()
         s = ins[k]
         try:
-            if len(s) == 2:
+            if reuse is not None and reuse[k] >= 0 and _fits(values[reuse[k]], shape_of[k], dtype_of[k]):
+                j = reuse[k]  # write over j's buffer: no rule reads it again (compile._dead_after_reading)
+                v = plan.ops[k].forward_into(values[j], *[values[i] for i in s], **attrs[k])
+                run.overwritten.append(j)
+            elif len(s) == 2:
                 v = forwards[k](values[s[0]], values[s[1]], **attrs[k])
             elif len(s) == 1:
                 v = forwards[k](values[s[0]], **attrs[k])
@@ -337,7 +380,7 @@ def _forward(plan: Plan, shapes: Shapes, arrays: list[Any], run: RunContext) -> 
             if plan.unpacked[k]:
                 if saved is None:
                     saved = [None] * len(ins)
-                v = _unpack(plan, shapes, k, v, values, saved, run)
+                v = _unpack(plan, shapes, k, v, values, saved, run, allowance.get(k, 0) if allowance else 0)
             else:
                 v = _fit_value(plan, k, v, shapes.specs[k])
                 if shapes.specs[k] is None:  # no infer rule: charge the memory budget as values appear
@@ -346,11 +389,34 @@ def _forward(plan: Plan, shapes: Shapes, arrays: list[Any], run: RunContext) -> 
     return values, saved
 
 
+#: Smallest buffer worth writing over: below it, numpy's cache of small blocks makes a fresh
+#: array cheap and the ``out=`` call costs more than it saves.
+REUSE_MIN_ELEMENTS = 1 << 14
+
+
+def _fits(buffer: Any, shape: tuple[int, ...], dtype: np.dtype) -> bool:
+    """Whether ``buffer`` can take a result of ``shape`` and ``dtype``: a large float array of
+    them that owns its memory (not a view of another value) and may be written."""
+    return (type(buffer) is np.ndarray and buffer.size >= REUSE_MIN_ELEMENTS and buffer.shape == shape
+            and buffer.dtype == dtype and dtype.kind == "f" and buffer.base is None and buffer.flags.writeable)
+
+
+def _residual_allowance(plan: Plan, shapes: Shapes) -> dict[int, int]:
+    """Bytes to count for the residuals of each node that keeps some, before any work: as many as
+    the node's own values (what layer_norm, log_softmax and gelu keep), 0 for values without a spec."""
+    allowance = {}
+    for k in plan.residual_heads:
+        specs = shapes.specs[k:k + plan.n_out[k]]
+        allowance[k] = sum(spec.nbytes for spec in specs if spec is not None)
+    return allowance
+
+
 def _unpack(plan: Plan, shapes: Shapes, k: int, result: Any, values: list[Any], saved: list[Any],
-            run: RunContext) -> Any:
+            run: RunContext, allowance: int = 0) -> Any:
     """Take apart what the forward rule of a node with residuals or several values returned:
-    keep the residuals (charged to the memory budget), put the later values in their slots,
-    and return the first value, each checked against its spec."""
+    keep the residuals (charged to the memory budget beyond the ``allowance`` counted before
+    the run), put the later values in their slots, and return the first value, each checked
+    against its spec."""
     op, node = plan.ops[k], plan.node_names[k]
     if op.residuals:
         if not isinstance(result, tuple) or len(result) != 2:
@@ -359,7 +425,9 @@ def _unpack(plan: Plan, shapes: Shapes, k: int, result: Any, values: list[Any], 
         result, residuals = result
         if run.keep_residuals:
             saved[k] = residuals
-            run.charge(_nbytes(residuals), node, op.name, "values, gradients and residuals")
+            beyond = _nbytes(residuals) - allowance
+            if beyond > 0:
+                run.charge(beyond, node, op.name, "values, gradients and residuals")
     count = plan.n_out[k]
     if not op.several:
         results = [result]

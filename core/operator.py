@@ -124,6 +124,17 @@ class OpDef:
     #: INT_DTYPES...), as ListOperators shows them; an input left out lists every dtype.
     #: Declare what the infer rule accepts: ``input_dtypes={"labels": INT_DTYPES}``.
     input_dtypes: Mapping[str, Sequence[str]] = field(default_factory=dict)
+    #: What the vjp reads of the forward pass besides shapes and dtypes: ``"inputs"``, ``"output"``,
+    #: ``"both"`` (the default: assume everything) or ``"none"`` (add: ``g, g``). With
+    #: ``forward_into``, it lets the engine write a value over a buffer no rule will read again.
+    vjp_reads: str = "both"
+    #: For an elementwise operator on floats: ``forward_into(out, *inputs, **attrs)`` computes the
+    #: forward result into ``out`` (a float array of the result's shape and dtype, which may be one
+    #: of the inputs) and returns it. The engine calls it instead of forward when an input's buffer
+    #: is dead once this node has read it (read by this node alone, not returned, and neither vjp
+    #: reads it: see ``vjp_reads``), sparing a fresh array and its page faults on large tensors,
+    #: as hand-written in-place numpy does. Its result must equal forward's, bit for bit.
+    forward_into: Callable[..., Any] | None = None
     #: Optional symbolic reverse rule, ``vjp_graph(b, g, out, *inputs, **attrs) -> tuple`` (a Ref or None
     #: per input), written with registered operators through ``b`` (a chainrule.core.symbolic.SymbolicBuilder),
     #: so that a derivative is a graph that can be differentiated again (docs/derivatives.md).
@@ -318,6 +329,10 @@ def _where(node: str | None, op: OpDef) -> str:
     return f"node '{node}' ({op.name}): " if node is not None else f"operator '{op.name}': "
 
 
+#: The values of ``OpDef.vjp_reads``.
+VJP_READS = ("both", "inputs", "output", "none")
+
+
 def validate_opdef(op: Any, *, plugin: str | None = None) -> None:
     """Raise InvalidOperatorError naming the plugin and the reason if ``op`` breaks the contract."""
     who = f"plugin '{plugin}': " if plugin else ""
@@ -344,6 +359,12 @@ def validate_opdef(op: Any, *, plugin: str | None = None) -> None:
                                        or op.n_outputs < 1):
         raise InvalidOperatorError(f"{what}n_outputs must be a count >= 1 or a function of the attributes, "
                                    f"got {op.n_outputs!r}", plugin=plugin, op=op.name)
+    if op.vjp_reads not in VJP_READS:
+        raise InvalidOperatorError(f"{what}vjp_reads must be one of {', '.join(VJP_READS)}, got {op.vjp_reads!r}",
+                                   plugin=plugin, op=op.name)
+    if op.forward_into is not None and (not callable(op.forward_into) or op.n_outputs != 1 or op.residuals):
+        raise InvalidOperatorError(f"{what}forward_into must be callable, for one output without residuals",
+                                   plugin=plugin, op=op.name)
     if op.scalar is not None and (op.n_outputs != 1 or op.residuals):
         raise InvalidOperatorError(f"{what}scalar rules are for one output without residuals; drop scalar=",
                                    plugin=plugin, op=op.name)

@@ -76,15 +76,35 @@ def test_without_a_backward_pass_residuals_are_not_kept_or_charged():
     assert seen["saved"]() is None
 
 
-def test_residuals_count_in_the_memory_budget():
+def test_residuals_count_in_the_memory_budget_before_any_work():
     seen: dict = {}
     op = _square_with_residual(seen)
-    # values 8000 + 8000 + 8 and gradients as much fit in 32,100 bytes; the residual's 8,000 more do not
+    # values 8000 + 8000 + 8 and gradients as much fit in 32,100 bytes; the residual's 8,000 more
+    # (estimated as large as the node's value) do not: refused before the forward pass
     limits = Limits(max_memory_bytes=32_100)
     plan = compile_graph(_graph(1000), _registry(op), limits)
     with pytest.raises(LimitExceeded, match="values, gradients and residuals") as caught:
         evaluate(plan, {"x": np.ones(1000)})
-    assert caught.value.node == "s" and caught.value.requested == 32_016 + 8_000
+    assert caught.value.requested == 32_016 + 8_000
+    assert "saved" not in seen  # the forward rule never ran
+
+
+def test_residuals_larger_than_their_estimate_are_charged_as_they_appear():
+    seen: dict = {}
+
+    def forward(x):
+        kept = np.concatenate([x, x, x])  # three times the node's value
+        seen["ran"] = True
+        return x * x, kept
+
+    op = OpDef("t.hoard", 1, forward, lambda g, out, x, *, saved: (g * 2 * saved[:x.size],),
+               lambda x: TensorSpec(x.shape, x.dtype), residuals=True)
+    graph = GraphIR.build([("x", "float64", (1000,))], [("s", "t.hoard", ("x",)), ("f", "sum", ("s",))], "f")
+    # values and gradients 32,016 bytes, the estimate 8,000 more: fits in 41,000; the other 16,000 do not
+    plan = compile_graph(graph, _registry(op), Limits(max_memory_bytes=41_000))
+    with pytest.raises(LimitExceeded, match="values, gradients and residuals") as caught:
+        evaluate(plan, {"x": np.ones(1000)})
+    assert seen["ran"] and caught.value.node == "s" and caught.value.requested == 32_016 + 24_000
 
 
 def test_a_forward_rule_that_forgets_its_residuals_is_named():

@@ -281,16 +281,20 @@ def _apart(rng):
 OPERATORS: list[OpDef] = [
     # sums distribute the gradient, products swap it
     OpDef("add", 2, _add, _add_vjp, _numeric,
-          doc="x + y with numpy broadcasting.", sample=_pair, scalar=(operator.add, _add_vjp)),
+          doc="x + y with numpy broadcasting.", sample=_pair, scalar=(operator.add, _add_vjp),
+          vjp_reads="none", forward_into=lambda out, x, y: np.add(x, y, out=out)),
     OpDef("sub", 2, _sub, _sub_vjp, _numeric,
-          doc="x - y with numpy broadcasting.", sample=_pair, scalar=(operator.sub, _sub_vjp)),
+          doc="x - y with numpy broadcasting.", sample=_pair, scalar=(operator.sub, _sub_vjp),
+          vjp_reads="none", forward_into=lambda out, x, y: np.subtract(x, y, out=out)),
     OpDef("neg", 1, _neg, _neg_vjp, _numeric,
-          doc="-x elementwise.", scalar=(operator.neg, _neg_vjp), input_dtypes={"x": NUMBER_DTYPES}),
+          doc="-x elementwise.", scalar=(operator.neg, _neg_vjp), input_dtypes={"x": NUMBER_DTYPES},
+          vjp_reads="none", forward_into=lambda out, x: np.negative(x, out=out)),
     OpDef("mul", 2, _mul, _mul_vjp, _numeric,
-          doc="x * y with numpy broadcasting.", sample=_pair, scalar=(operator.mul, _mul_vjp)),
+          doc="x * y with numpy broadcasting.", sample=_pair, scalar=(operator.mul, _mul_vjp),
+          vjp_reads="inputs", forward_into=lambda out, x, y: np.multiply(x, y, out=out)),
     OpDef("div", 2, operator.truediv, _div_vjp, _true_division,
           doc="x / y with numpy broadcasting; integer inputs give float64.", sample=_nonzero_divisor,
-          scalar=(operator.truediv, _div_vjp), input_names=("x", "y")),
+          scalar=(operator.truediv, _div_vjp), input_names=("x", "y"), vjp_reads="both"),
 
     # powers
     OpDef("pow", 2, _power, _pow_vjp, _numeric,

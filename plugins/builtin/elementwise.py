@@ -68,6 +68,17 @@ def sigmoid(x: Any) -> np.ndarray:
         return e
 
 
+def sigmoid_into(out: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """:func:`sigmoid` of a float array written into ``out`` (which may be ``x`` itself): the same
+    four passes, so the same bits, without a fresh buffer."""
+    with np.errstate(over="ignore"):
+        np.negative(x, out=out)
+        np.exp(out, out=out)
+        out += 1
+        np.reciprocal(out, out=out)
+    return out
+
+
 def softplus(x: Any) -> np.ndarray:
     """log(1 + exp(x)) = max(x, 0) + log1p(exp(-|x|)): no overflow, exact for large |x|."""
     x = as_float(x)
@@ -446,11 +457,13 @@ FLOAT_RULES = {
 OPERATORS: list[OpDef] = [
     # exponentials and logarithms
     OpDef("exp", 1, lambda x: np.exp(as_float(x)), lambda g, out, x: (g * out,), float_like_input,
-          doc="e**x elementwise."),
+          doc="e**x elementwise.", vjp_reads="output", forward_into=lambda out, x: np.exp(x, out=out)),
     OpDef("log", 1, lambda x: np.log(as_float(x)), lambda g, out, x: (g / x,), float_like_input,
-          doc="Natural logarithm elementwise (-inf at 0, nan below).", sample=_positive),
+          doc="Natural logarithm elementwise (-inf at 0, nan below).", sample=_positive,
+          vjp_reads="inputs", forward_into=lambda out, x: np.log(x, out=out)),
     OpDef("sqrt", 1, lambda x: np.sqrt(as_float(x)), _sqrt_vjp, float_like_input,
-          doc="Square root elementwise.", sample=_positive),
+          doc="Square root elementwise.", sample=_positive,
+          vjp_reads="output", forward_into=lambda out, x: np.sqrt(x, out=out)),
     OpDef("softplus", 1, softplus, _softplus_vjp, float_like_input,
           doc="log(1 + e**x), computed without overflow."),
 
@@ -459,7 +472,7 @@ OPERATORS: list[OpDef] = [
           doc="|x| elementwise; gradient sign(x), 0 at x = 0.", sample=_off_zero, input_dtypes={"x": NUMBER_DTYPES}),
     OpDef("relu", 1, lambda x: np.maximum(x, 0), lambda g, out, x: (g * (x > 0),), _numeric_input,
           doc="max(x, 0) elementwise; gradient 1 for x > 0, else 0.", sample=_off_zero,
-          input_dtypes={"x": NUMBER_DTYPES}),
+          input_dtypes={"x": NUMBER_DTYPES}, vjp_reads="inputs", forward_into=lambda out, x: np.maximum(x, 0, out=out)),
     OpDef("leaky_relu", 1,
           _leaky_relu, _leaky_relu_vjp, float_like_input, attrs={"alpha": Attr("float", 0.01, "slope for x <= 0")},
           doc="x for x > 0, alpha * x otherwise.", sample=_off_zero_alpha),
@@ -474,9 +487,10 @@ OPERATORS: list[OpDef] = [
     OpDef("cos", 1, lambda x: np.cos(as_float(x)), lambda g, out, x: (-g * np.sin(x),), float_like_input,
           doc="Cosine elementwise (radians)."),
     OpDef("tanh", 1, lambda x: np.tanh(as_float(x)), _tanh_vjp, float_like_input,
-          doc="Hyperbolic tangent elementwise."),
+          doc="Hyperbolic tangent elementwise.", vjp_reads="output", forward_into=lambda out, x: np.tanh(x, out=out)),
     OpDef("sigmoid", 1, sigmoid, _sigmoid_vjp, float_like_input,
-          doc="Logistic function 1 / (1 + e**-x), computed without overflow."),
+          doc="Logistic function 1 / (1 + e**-x), computed without overflow.",
+          vjp_reads="output", forward_into=lambda out, x: sigmoid_into(out, x)),
 
     # accurate near zero, and the error function
     OpDef("log1p", 1, lambda x: np.log1p(as_float(x)), lambda g, out, x: (g / (1 + x),), float_like_input,

@@ -1,0 +1,119 @@
+"""Values written over buffers whose last reader has run (OpDef.forward_into, engine ``keep=``).
+
+The engine may write an elementwise node's value into an input's buffer when no rule reads that
+input again and the caller does not keep it. Checked here: the answers are bit for bit those of
+a run that keeps every value, the caller's arrays are never written, a kept or fanned-out value
+is never written over, an overwritten value reads as None rather than as another node's numbers,
+and every built-in ``forward_into`` gives forward's bits.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from chainrule.core import GraphIR, compile_graph, evaluate
+from chainrule.core.engine import REUSE_MIN_ELEMENTS
+from chainrule.plugins.manager import load_registry
+
+REGISTRY = load_registry(entry_points=False)
+N = REUSE_MIN_ELEMENTS * 2
+
+
+def _sigmoid_sum(n: int = N) -> GraphIR:
+    """The user's elementwise workload: f = sum(sigmoid(a * b + c))."""
+    return GraphIR.build([("a", "float64", (n,)), ("b", "float64", (n,)), ("c", "float64", (n,))],
+                         [("t", "mul", ("a", "b")), ("u", "add", ("t", "c")), ("s", "sigmoid", ("u",)),
+                          ("f", "sum", ("s",))], "f")
+
+
+def _inputs(names: str, n: int = N, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {name: rng.uniform(0.5, 1.5, n) for name in names}
+
+
+def _same(a, b) -> None:
+    assert np.array_equal(np.asarray(a), np.asarray(b)), "not bit for bit the same"
+
+
+def test_the_sigmoid_sum_writes_over_two_dead_buffers_with_the_same_answers():
+    plan = compile_graph(_sigmoid_sum(), REGISTRY)
+    inputs = _inputs("abc")
+    originals = {k: v.copy() for k, v in inputs.items()}
+    everything = evaluate(plan, inputs, wrt=list("abc"))
+    lean = evaluate(plan, inputs, wrt=list("abc"), keep=())
+    _same(everything.output_value, lean.output_value)
+    for name in "abc":
+        _same(everything.grad(name), lean.grad(name))
+        _same(inputs[name], originals[name])  # the caller's arrays are never written
+    overwritten = [plan.names[k] for k, v in enumerate(lean.values) if v is None]
+    assert overwritten == ["t", "u"]  # t's buffer took u, then s: one fresh array instead of three
+
+
+def test_kept_values_are_never_written_over():
+    plan = compile_graph(_sigmoid_sum(), REGISTRY)
+    inputs = _inputs("abc")
+    everything = evaluate(plan, inputs, wrt=list("abc"))
+    lean = evaluate(plan, inputs, wrt=list("abc"), keep=["t"])
+    _same(lean.value("t"), everything.value("t"))
+    assert lean.values[plan.slot("u")] is None  # u's buffer, not t's, took s
+    _same(lean.value("s"), everything.value("s"))
+
+
+def test_without_keep_every_value_is_kept():
+    plan = compile_graph(_sigmoid_sum(), REGISTRY)
+    result = evaluate(plan, _inputs("abc"))
+    assert all(v is not None for v in result.values)
+
+
+def test_a_value_read_twice_or_through_a_view_or_by_its_own_vjp_is_not_written_over():
+    graph = GraphIR.build(
+        [("a", "float64", (N,)), ("b", "float64", (N,))],
+        [("t", "mul", ("a", "b")),            # read twice: by u and by v
+         ("u", "add", ("t", "a")), ("v", "tanh", ("t",)),
+         ("w", "exp", ("v",)),                # tanh's vjp reads its output v: w gets a fresh buffer
+         ("r", "reshape", ("w",), {"shape": [2, N // 2]}), ("q", "neg", ("r",)),  # r is a view of w
+         ("z", "add", ("u", "w")), ("m", "sum", ("z",)), ("n", "sum", ("q",)), ("f", "add", ("m", "n"))],
+        "f")
+    plan = compile_graph(graph, REGISTRY)
+    inputs = _inputs("ab")
+    everything = evaluate(plan, inputs)
+    lean = evaluate(plan, inputs, keep=())
+    _same(everything.output_value, lean.output_value)
+    for name in plan.names:
+        if everything.grads[plan.slot(name)] is not None:
+            _same(everything.grad(name), lean.grad(name))
+    for name in ("t", "v", "w", "r"):
+        assert lean.values[plan.slot(name)] is not None, name
+
+
+def test_small_arrays_and_integers_get_fresh_buffers():
+    small = compile_graph(_sigmoid_sum(100), REGISTRY)
+    assert all(v is not None for v in evaluate(small, _inputs("abc", 100), keep=()).values)
+    ints = GraphIR.build([("a", "int64", (N,)), ("b", "int64", (N,))],
+                         [("t", "mul", ("a", "b")), ("u", "add", ("t", "a")), ("f", "sum", ("u",))], "f")
+    plan = compile_graph(ints, REGISTRY)
+    arrays = {"a": np.arange(N, dtype=np.int64), "b": np.ones(N, dtype=np.int64)}
+    result = evaluate(plan, arrays, gradients=False, keep=())
+    assert all(v is not None for v in result.values)
+    assert int(result.output_value) == int((np.arange(N) * 2).sum())
+
+
+FORWARD_INTO = [op for op in REGISTRY if op.forward_into is not None]
+
+
+def test_some_builtins_write_in_place():
+    assert {"add", "sub", "mul", "neg", "exp", "tanh", "sigmoid"} <= {op.name for op in FORWARD_INTO}
+
+
+@pytest.mark.parametrize("op", FORWARD_INTO, ids=lambda op: op.name)
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_every_forward_into_gives_forwards_bits_over_its_own_input(op, dtype):
+    rng = np.random.default_rng(3)
+    inputs = [rng.uniform(0.1, 3.0, N).astype(dtype) for _ in range(op.arity)]
+    expected = np.asarray(op.forward(*inputs))
+    for position in range(op.arity):  # the buffer written over is each input in turn
+        given = [x.copy() for x in inputs]
+        got = op.forward_into(given[position], *given)
+        assert got is given[position]
+        _same(got, expected)
+        assert got.dtype == expected.dtype
