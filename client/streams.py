@@ -8,17 +8,25 @@ busy: the calls take the input sets a message at a time from the one
 iterable, at most :data:`WINDOW` messages ahead of their answers, so a faster
 replica takes more and none takes everything before the others start; the
 results are put back in input-set order.
+
+A call that ends UNAVAILABLE (its server shutting down, SHUTTING_DOWN, or the
+connection lost with a replica killed) is followed by another that sends its
+unanswered input sets again, up to :data:`RESENDS` times within the timeout:
+an evaluation has no side effects, so answering a set twice is harmless, and
+the channel takes the new call to a live replica.
 """
 from __future__ import annotations
 
 import itertools
 import threading
+import time
+from collections import deque
 from contextlib import closing
 from typing import Any, Iterable, Iterator, Mapping
 
 from chainrule.v1 import chainrule_pb2 as pb
 
-from .errors import ChainruleRpcError, from_status
+from .errors import ChainruleRpcError, Unavailable, from_status
 from .graph import Graph
 from .request import Selectable, evaluate_request, input_tensors, resolve_target
 from .result import Result
@@ -27,6 +35,18 @@ from .transport import Transport
 #: Messages of input sets one of the parallel calls may have sent and not seen answered before it
 #: takes more: enough that its server always has the next one at hand.
 WINDOW = 4
+#: How many times a call that ended UNAVAILABLE is followed by one sending its unanswered sets again.
+RESENDS = 2
+
+
+def _resendable(exc: BaseException, attempt: int, deadline: float | None) -> bool:
+    """Whether a call that failed with ``exc`` (on its ``attempt``-th resend) is followed by another."""
+    in_time = deadline is None or time.monotonic() < deadline
+    return isinstance(exc, Unavailable) and attempt < RESENDS and in_time
+
+
+def _left(deadline: float | None) -> float | None:
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
 
 
 def evaluate_many(
@@ -52,21 +72,73 @@ def evaluate_many(
                          batch=batch, errors=errors).run(parallel)
     results: list[Result | ChainruleRpcError] = []
     unsendable: list[Exception] = []  # an input set that could not be encoded (gRPC would report "UNKNOWN")
-    requests = _until_unsendable(_stream_requests(graph, options, common, input_sets, batch), unsendable)
-    with closing(transport.evaluate_stream(requests, timeout)) as responses:  # closing early ends the call
-        for response in responses:
-            for item in response.results or [response]:
-                if item.WhichOneof("result") == "response":
-                    results.append(Result(item.response, graph, diagnosed=diagnostics))
-                    continue
-                error = from_status(item.error)
-                error.index = item.index  # type: ignore[attr-defined]  (which input set failed)
-                if errors == "raise":
-                    raise error
-                results.append(error)
+    sets = _Unanswered(input_sets)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    for attempt in itertools.count():
+        requests = _until_unsendable(_stream_requests(graph, options, common, sets.stream(), batch), unsendable)
+        try:
+            with closing(transport.evaluate_stream(requests, _left(deadline))) as responses:  # closing ends the call
+                for response in responses:
+                    for item in response.results or [response]:
+                        sets.answered()
+                        if item.WhichOneof("result") == "response":
+                            results.append(Result(item.response, graph, diagnosed=diagnostics))
+                            continue
+                        error = from_status(item.error)
+                        error.index = len(results)  # type: ignore[attr-defined]  (which input set failed)
+                        if errors == "raise":
+                            raise error
+                        results.append(error)
+            break
+        except Unavailable as exc:
+            if unsendable or not _resendable(exc, attempt, deadline):
+                raise
+            sets.rewind()  # the sets sent and not answered go first on the next call
     if unsendable:
         raise unsendable[0]
     return results
+
+
+class _Unanswered:
+    """The caller's input sets, remembering those sent and not yet answered, so that after a call
+    that ended UNAVAILABLE the next one sends them again. Read by gRPC's thread; each call reads
+    its own :meth:`stream`, which ends once a later call has begun (a call gRPC has ended may
+    still ask for one more set: it must not take one)."""
+
+    def __init__(self, input_sets: Iterable[Mapping[Any, Any]]) -> None:
+        self._source = iter(input_sets)
+        self._waiting: deque = deque()  # sent, in order, not answered yet
+        self._again: deque = deque()    # to send first on the next call
+        self._generation = 0
+        self._lock = threading.Lock()
+
+    def stream(self) -> Iterator[Mapping[Any, Any]]:
+        with self._lock:
+            self._generation += 1
+            generation = self._generation
+        while True:
+            with self._lock:
+                if generation != self._generation:
+                    return
+                if self._again:
+                    item = self._again.popleft()
+                else:
+                    try:
+                        item = next(self._source)
+                    except StopIteration:
+                        return
+                self._waiting.append(item)
+            yield item
+
+    def answered(self) -> None:
+        with self._lock:
+            self._waiting.popleft()
+
+    def rewind(self) -> None:
+        with self._lock:
+            self._generation += 1
+            self._again.extendleft(reversed(self._waiting))
+            self._waiting.clear()
 
 
 def _until_unsendable(requests: Iterator[pb.EvaluateRequest], unsendable: list[Exception]
@@ -126,6 +198,9 @@ class _Call:
     def __init__(self) -> None:
         self.sent: list[int] = []
         self.answered = 0
+        self.sets: dict[int, Mapping[Any, Any]] = {}  # the sets sent and not answered, by their places
+        self.again: list[int] = []  # places of sets to send first, on a call following one that ended UNAVAILABLE
+        self.generation = 0  # which of its calls is current: an ended call's request iterator takes nothing
         self.responses: Any = None  # the transport's response generator, once opened
         self.ended = False  # its thread is done with it
         self.cancelled = False
@@ -187,25 +262,47 @@ class _Parallel:
     # --- one call, in its own thread -----------------------------------------------------------
 
     def _serve(self, call: _Call) -> None:
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
         try:
-            responses = self.transport.evaluate_stream(self._requests(call), self.timeout)
-            with self.lock:
-                call.responses = responses
-                cancelled = call.cancelled
-            with closing(responses):  # closing early cancels the call
-                if cancelled:
+            for attempt in itertools.count():
+                try:
+                    self._one_call(call, _left(deadline))
                     return
-                for response in responses:
-                    for item in response.results or [response]:
-                        self._answer(call, item)
-                    if self._moot(call):
-                        return
+                except Unavailable as exc:
+                    if not _resendable(exc, attempt, deadline) or not self._resend(call):
+                        raise
         except BaseException as exc:  # noqa: BLE001 - settled below, raised by run()
             self._fail_call(call, exc)
         finally:
             with self.lock:
                 call.ended = True
                 self.lock.notify_all()  # its request iterator may be waiting for answers
+
+    def _one_call(self, call: _Call, timeout: float | None) -> None:
+        responses = self.transport.evaluate_stream(self._requests(call), timeout)
+        with self.lock:
+            call.responses = responses
+            cancelled = call.cancelled
+        with closing(responses):  # closing early cancels the call
+            if cancelled:
+                return
+            for response in responses:
+                for item in response.results or [response]:
+                    self._answer(call, item)
+                if self._moot(call):
+                    return
+
+    def _resend(self, call: _Call) -> bool:
+        """Prepare ``call`` to send its unanswered sets again on a new call; False when it is cancelled."""
+        with self.lock:
+            if call.cancelled:
+                return False
+            call.again = call.sent[call.answered:]
+            call.sent, call.answered = [], 0
+            call.generation += 1
+            call.responses = None
+            self.lock.notify_all()  # the ended call's request iterator stops waiting
+            return True
 
     def _answer(self, call: _Call, item: pb.EvaluateStreamResponse) -> None:
         if item.WhichOneof("result") == "response":
@@ -217,6 +314,7 @@ class _Parallel:
                 raise RuntimeError(f"evaluate_many: an answer to input set {item.index} of a stream, "
                                    f"expected {call.answered}")
             index = call.sent[item.index]
+            call.sets.pop(index, None)
             call.answered += 1
             self.lock.notify_all()  # a window opens
             if isinstance(outcome, ChainruleRpcError):
@@ -287,8 +385,9 @@ class _Parallel:
 
     def _requests(self, call: _Call) -> Iterator[pb.EvaluateRequest]:
         first = True
+        generation = call.generation
         while True:
-            taken = self._take(call)
+            taken = self._again(call, generation) or self._take(call, generation)
             if taken is None:
                 return
             start, sets = taken
@@ -304,17 +403,27 @@ class _Parallel:
             yield _message(self.graph, self.options, self.common, tensors, self.batch, first=first)
             first = False
 
-    def _take(self, call: _Call) -> tuple[int, list[Mapping[Any, Any]]] | None:
+    def _again(self, call: _Call, generation: int) -> tuple[int, list[Mapping[Any, Any]]] | None:
+        """Up to ``batch`` of the sets an earlier call of ``call`` left unanswered, each sent as its
+        own message (their places need not follow each other); None when there are none left."""
+        with self.lock:
+            if not call.again or call.generation != generation or call.cancelled:
+                return None
+            place = call.again.pop(0)
+            call.sent.append(place)
+            return place, [call.sets[place]]
+
+    def _take(self, call: _Call, generation: int) -> tuple[int, list[Mapping[Any, Any]]] | None:
         """The next ``batch`` input sets for ``call`` and the place of the first, once it has fewer
         than WINDOW messages unanswered; None when there are no more, or it is to stop."""
         with self.lock:
             # Waiting for answers on the thread that reads them (in-process) would never end.
-            while (self.dispatching and not call.cancelled and not call.ended
+            while (self.dispatching and not call.cancelled and not call.ended and call.generation == generation
                    and threading.current_thread() is not call.thread
                    and len(call.sent) - call.answered >= WINDOW * self.batch):
                 self.lock.wait()
-            if not self.dispatching or call.cancelled or call.ended:
-                return None
+            if not self.dispatching or call.cancelled or call.ended or call.generation != generation:
+                return None  # (another generation: a call that has ended takes nothing)
         with self.source_lock:
             with self.lock:
                 if not self.dispatching:
@@ -332,6 +441,10 @@ class _Parallel:
                 self.next_index = start + len(sets)  # taken, so later sets keep their places
                 self.results.extend([None] * len(sets))
                 if not sets or call.cancelled:  # (cancelled: after a failure, which will be raised)
+                    return None
+                call.sets.update(zip(range(start, start + len(sets)), sets))
+                if call.generation != generation:  # its call ended meanwhile: the next call sends them
+                    call.again.extend(range(start, start + len(sets)))
                     return None
                 call.sent.extend(range(start, start + len(sets)))
         return start, sets

@@ -166,3 +166,22 @@ def test_in_process_too():
         returned = local.evaluate_many(f, sets, parallel=3, batch=4, errors="return")
     assert isinstance(returned[70], InvalidArgument)
     assert [returned[k].value for k in range(120) if k != 70] == [expected(k) for k in range(120) if k != 70]
+
+
+def _draining(replicas, after: int, sets: int):
+    """Input sets 0..sets-1; once ``after`` of them are taken, the replica serving an open
+    EvaluateStream (both, with parallel=2: the first) shuts down gracefully, as on SIGTERM."""
+    for k in range(sets):
+        if k == after:
+            serving = [r for r in replicas if r.in_flight() > 0] or replicas
+            serving[0].server.drain(grace=10, reason="a SIGTERM in the test")
+        yield {"x": float(k), "y": 2.0}
+
+
+@pytest.mark.parametrize("parallel", [1, 2])
+def test_a_replica_shutting_down_mid_stream_loses_no_input_set(replicas, client, parallel):
+    """Its streams end SHUTTING_DOWN after the answers they sent; the client sends the unanswered
+    sets again on a new call, which the channel takes to the other replica."""
+    _, f = product(work=20_000)
+    results = client.evaluate_many(f, _draining(replicas, after=12, sets=40), batch=2, parallel=parallel)
+    assert [r.value for r in results] == pytest.approx([expected(k) for k in range(40)], rel=1e-12)
