@@ -258,23 +258,34 @@ def check_input_names(plan: Plan, names: Iterable[str]) -> None:
 
 def checked_inputs(plan: Plan, inputs: Mapping[str, Any]) -> list[np.ndarray]:
     """The inputs as arrays in slot order, each checked against its declaration (name, dtype, shape)."""
-    check_input_names(plan, inputs)
+    if len(inputs) != plan.n_inputs:  # all declared names are looked up below: an extra one shows in the count
+        check_input_names(plan, inputs)
     arrays = []
+    names, dtypes, shapes = plan.names, plan.input_dtypes, plan.input_shapes
     for k in range(plan.n_inputs):
-        name = plan.names[k]
-        if name not in inputs:
+        name = names[k]
+        value = inputs.get(name, _MISSING)
+        if type(value) is np.ndarray:  # the common case: no conversion
+            array = value
+        elif value is _MISSING:
+            check_input_names(plan, inputs)  # an undeclared name is the clearer error, when there is one
             raise MissingInputError(f"input '{name}' is declared by the graph but was not given", node=name, field=f"inputs.{name}")
-        value = inputs[name]
-        if not isinstance(value, (np.ndarray, np.generic)):
+        elif isinstance(value, (np.ndarray, np.generic)):
+            array = np.asarray(value)
+        else:
             raise BadTensorError(f"input '{name}': expected a numpy array, got {type(value).__name__}", node=name, field=f"inputs.{name}")
-        array = np.asarray(value)
-        declared_dtype, declared_shape = plan.input_dtypes[k], plan.input_shapes[k]
+        declared_dtype, declared_shape = dtypes[k], shapes[k]
         if array.dtype != declared_dtype:
             raise DTypeError(f"input '{name}': declared {declared_dtype.name}, got {array.dtype.name}", node=name, field=f"inputs.{name}")
-        if len(array.shape) != len(declared_shape) or any(d not in (-1, n) for d, n in zip(declared_shape, array.shape)):
-            raise ShapeError(f"input '{name}': declared shape {list(declared_shape)}, got {list(array.shape)}", node=name, field=f"inputs.{name}")
+        shape = array.shape
+        if shape != declared_shape and (len(shape) != len(declared_shape)
+                                        or any(d not in (-1, n) for d, n in zip(declared_shape, shape))):
+            raise ShapeError(f"input '{name}': declared shape {list(declared_shape)}, got {list(shape)}", node=name, field=f"inputs.{name}")
         arrays.append(array)
     return arrays
+
+
+_MISSING = object()
 
 
 class RunContext:
