@@ -17,8 +17,8 @@ from .errors import ChainruleRpcError, NotFound
 from .graph import DerivedGraph, Graph
 from .info import OperatorInfo, ServerInfo
 from .request import (
-    EvaluateCall, Selectable, Selected, as_graph, check_unreached, is_unused_input, merge_inputs, parse_selection,
-    resolve_target,
+    EvaluateCall, Selectable, Selected, as_graph, check_unreached, merge_inputs, parse_selection, resolve_target,
+    without_unused_inputs,
 )
 from .result import Result, name_of
 from .training import Progress, TrainResult
@@ -93,9 +93,8 @@ class ClientBase:
             graph, output_name = owner.graph_for(*wanted), target.name
         else:
             graph, output_name = resolve_target(target, output)
-        feeds = merge_inputs(inputs, named_inputs, graph.builder)
-        if graph.builder is not None:  # a builder input this graph does not use: nothing to feed
-            feeds = {name: value for name, value in feeds.items() if not is_unused_input(graph, name)}
+        # (a value for a builder input this graph does not use is dropped: nothing to feed)
+        feeds = without_unused_inputs(graph, merge_inputs(inputs, named_inputs, graph.builder))
         call = EvaluateCall(graph, output_name, feeds, seed, chosen_values, chosen_grads, unreached,
                             contributions, diagnostics, self.timeout if timeout is None else timeout)
         return self.transport.evaluate(call)
@@ -252,4 +251,4 @@ def _vars_named(builder: GraphBuilder | None, chosen: Selected) -> list[Var]:
     """The builder's Vars among the selected names (others are left for the service to refuse)."""
     if builder is None or isinstance(chosen, str):
         return []
-    return [builder[name] for name in chosen if name in builder]
+    return builder.vars_named(chosen)

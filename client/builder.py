@@ -22,6 +22,7 @@ from __future__ import annotations
 import itertools
 import threading
 from collections import OrderedDict
+from operator import is_
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -615,25 +616,35 @@ class GraphBuilder:
         :attr:`GRAPH_CACHE_SIZE` target tuples are kept. The walk is iterative,
         so chains of any length work.
         """
+        key = tuple(map(id, targets))
+        with self._lock:  # the common case first: these very targets again (checked when first seen)
+            graph = self._cached_graph(key, targets)
+        if graph is not None:
+            return graph
         if not targets:
             raise ValueError("graph_for needs at least one Var")
         for v in targets:
             self._check_own(v)
-        key = tuple(id(v) for v in targets)
         with self._lock:
-            meta = tuple(sorted(self.metadata.items()))
-            entry = self._pruned.get(key)
-            if entry is not None and entry.valid(targets, meta, self._renames):
-                self._pruned.move_to_end(key)
-                return entry.graph
+            graph = self._cached_graph(key, targets)  # built meanwhile by another thread
+            if graph is not None:
+                return graph
             inputs, nodes = _ancestors(targets)
             graph = Graph(self._message(inputs, nodes, _unique(targets)), builder=self)
             named = inputs + nodes + [value for node in nodes for value in node.values]
-            self._pruned[key] = _Pruned(targets, named, meta, self._renames, graph)
+            self._pruned[key] = _Pruned(targets, named, dict(self.metadata), self._renames, graph)
             self._pruned.move_to_end(key)
             while len(self._pruned) > self.GRAPH_CACHE_SIZE:
                 self._pruned.popitem(last=False)
             return graph
+
+    def _cached_graph(self, key: tuple[int, ...], targets: tuple[Var, ...]) -> Graph | None:
+        """The graph_for result kept for ``targets`` if it still holds (under the lock), else None."""
+        entry = self._pruned.get(key)
+        if entry is None or not entry.valid(targets, self.metadata, self._renames):
+            return None
+        self._pruned.move_to_end(key)
+        return entry.graph
 
     def _message(self, inputs: Iterable[Var], nodes: Iterable[Var], outputs: Iterable[Var]) -> pb.Graph:
         message = pb.Graph(outputs=[v.name for v in outputs], metadata=self.metadata)
@@ -648,6 +659,11 @@ class GraphBuilder:
 
     def __getitem__(self, name: str) -> Var:
         return self._names[name]
+
+    def vars_named(self, names: Iterable[str]) -> list[Var]:
+        """The Vars of ``names`` that this builder knows, in order (unknown names are skipped)."""
+        known = self._names.get
+        return [v for v in map(known, names) if v is not None]
 
     def __contains__(self, name: object) -> bool:
         return name in self._names
@@ -779,7 +795,7 @@ class _Pruned:
 
     __slots__ = ("targets", "members", "names", "metadata", "renames", "graph")
 
-    def __init__(self, targets: tuple[Var, ...], members: list[Var], metadata: tuple[Any, ...], renames: int,
+    def __init__(self, targets: tuple[Var, ...], members: list[Var], metadata: dict[str, str], renames: int,
                  graph: Graph) -> None:
         self.targets = targets
         self.members = members
@@ -788,8 +804,10 @@ class _Pruned:
         self.renames = renames
         self.graph = graph
 
-    def valid(self, targets: tuple[Var, ...], metadata: tuple[Any, ...], renames: int) -> bool:
-        if len(targets) != len(self.targets) or any(a is not b for a, b in zip(targets, self.targets)):
+    def valid(self, targets: tuple[Var, ...], metadata: dict[str, str], renames: int) -> bool:
+        """Whether this entry is the graph of ``targets`` under the builder's ``metadata`` (compared with
+        a copy taken when it was built) after ``renames`` renames."""
+        if len(targets) != len(self.targets) or not all(map(is_, targets, self.targets)):
             return False  # another tuple of Vars under recycled ids
         if metadata != self.metadata:
             return False

@@ -7,8 +7,8 @@ the server reports the mismatch (DTYPE_MISMATCH, naming the input).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Mapping, Sequence, Union
+from itertools import repeat
+from typing import Any, Mapping, NamedTuple, Sequence, Union
 
 import numpy as np
 
@@ -58,12 +58,28 @@ def resolve_target(target: Any, output: Any = None) -> tuple[Graph, str]:
 def merge_inputs(inputs: Mapping[Any, Any] | None, named: Mapping[str, Any], owner: Any = None) -> dict[str, Any]:
     """One name -> value dict from the positional mapping (names or Vars of ``owner``) and keyword inputs."""
     merged: dict[str, Any] = {}
-    for key, value in list((inputs or {}).items()) + list(named.items()):
-        name = name_of(key, owner)
+    if inputs:
+        if type(inputs) is dict and all(map(isinstance, inputs, repeat(str))):  # names only: nothing to resolve
+            merged.update(inputs)
+        else:
+            for key, value in inputs.items():
+                name = name_of(key, owner)
+                if name in merged:
+                    raise TypeError(f"input '{name}' is given twice")
+                merged[name] = value
+    for name, value in named.items():
         if name in merged:
             raise TypeError(f"input '{name}' is given twice")
         merged[name] = value
     return merged
+
+
+def without_unused_inputs(graph: Graph, feeds: dict[str, Any]) -> dict[str, Any]:
+    """``feeds`` without the inputs of the graph's builder that this (pruned) graph does not use
+    (see :func:`is_unused_input`); ``feeds`` itself when every name is declared, the common case."""
+    if graph.builder is None or feeds.keys() <= graph.inputs.keys():
+        return feeds
+    return {name: value for name, value in feeds.items() if not is_unused_input(graph, name)}
 
 
 def to_array(name: str, value: Any, declared: str | None) -> np.ndarray:
@@ -123,6 +139,8 @@ def parse_selection(spec: Selectable | None, field: str, owner: Any = None) -> S
         if spec in ("all", "none"):
             return spec
         raise ValueError(f"{field}: expected 'all', 'none' or a list of names, got {spec!r}")
+    if type(spec) in (list, tuple) and all(map(isinstance, spec, repeat(str))):  # names only: nothing to resolve
+        return tuple(dict.fromkeys(spec))
     return tuple(dict.fromkeys(name_of(k, owner) for k in spec))
 
 
@@ -136,10 +154,12 @@ def selection(spec: Selectable | None, field: str, owner: Any = None) -> pb.Sele
     return pb.Selection(mode=pb.Selection.LISTED, names=chosen)
 
 
-@dataclass(frozen=True)
-class EvaluateCall:
+class EvaluateCall(NamedTuple):
     """One ``evaluate`` as the user asked for it, checked and resolved, before any transport
-    decides how it travels (a request message, or the engine called in this process)."""
+    decides how it travels (a request message, or the engine called in this process).
+
+    Immutable; a NamedTuple rather than a frozen dataclass because one is made per call, and
+    a frozen dataclass of ten fields takes three times as long to make (1 µs against 0.3 µs)."""
 
     graph: Graph
     output: str                 # "" lets the server pick the graph's only output
@@ -202,8 +222,19 @@ def evaluate_request(
             raise TypeError(f"input '{name}': {exc.message}") from None
     if seed is not None:
         request.seed.CopyFrom(to_tensor("seed", seed, None))
-    for field, spec in (("return_values", values), ("return_grads", grads)):
-        chosen = selection(spec, field, graph.builder)
-        if chosen is not None:
-            getattr(request, field).CopyFrom(chosen)
+    _select_into(request.return_values, values, "return_values", graph.builder)
+    _select_into(request.return_grads, grads, "return_grads", graph.builder)
     return outgoing
+
+
+def _select_into(message: pb.Selection, spec: Selectable | None, field: str, owner: Any) -> None:
+    """Write :func:`selection` into a request's Selection field in place ("all": left unset),
+    without building a Selection message to copy."""
+    chosen = parse_selection(spec, field, owner)
+    if chosen == "all":
+        return
+    if chosen == "none":
+        message.mode = pb.Selection.NONE
+        return
+    message.mode = pb.Selection.LISTED
+    message.names.extend(chosen)

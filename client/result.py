@@ -86,11 +86,15 @@ class Arrays(Mapping[str, np.ndarray]):
 def _as_array(tensor: Any, field: str) -> np.ndarray:
     """A tensor of a response (Tensor message or RawTensor) or of an in-process evaluation (an
     array or numpy scalar the caller may not change: read-only)."""
-    if isinstance(tensor, (np.ndarray, np.generic, float)):
+    if isinstance(tensor, (np.generic, float)):
+        array = np.asarray(tensor)  # a new 0-d array, ours alone: frozen as it is
+        array.setflags(write=False)
+        return array
+    if isinstance(tensor, np.ndarray):
         array = np.asarray(tensor)
         if array.flags.writeable:
             array = array.view()  # a view of our own to freeze; the engine's array stays as it was
-            array.flags.writeable = False
+            array.setflags(write=False)
         return array
     return tensor_to_array(tensor, field=field)
 

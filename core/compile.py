@@ -173,6 +173,7 @@ class Plan(CompiledGraph):
         #: Per slot: the input slot over whose buffer the node may write its value (-1: none); the
         #: engine checks the buffer itself at run time (see engine._forward and OpDef.forward_into).
         self.into = _dead_after_reading(ops, in_slots, self.n_inputs, self.consumers)
+        self._reuse: dict[frozenset[int], list[int] | None] = {}
         self._shapes: dict[tuple[tuple[int, ...], ...], Shapes] = {}
         self._lock = threading.Lock()
         if all(-1 not in shape for shape in input_shapes):
@@ -180,6 +181,17 @@ class Plan(CompiledGraph):
 
     def __len__(self) -> int:
         return len(self.names)
+
+    def reuse_for(self, kept: frozenset[int]) -> list[int] | None:
+        """:attr:`into` without the inputs in ``kept`` (slots whose values the caller reads after
+        the run); None when no node may write over an input then. Cached per ``kept``."""
+        if kept in self._reuse:
+            return self._reuse[kept]
+        into = [-1 if j in kept else j for j in self.into]
+        found = into if any(j >= 0 for j in into) else None
+        if len(self._reuse) < 8:  # a small fixed set per plan; a race only recomputes
+            self._reuse[kept] = found
+        return found
 
     def slot(self, name: str, *, field: str = "output") -> int:
         try:

@@ -216,10 +216,8 @@ def evaluate(
 
 def _reusable(plan: Plan, keep: Iterable[str], out_slot: int) -> list[int] | None:
     """``plan.into`` without the slots whose values the caller keeps; None when nothing is left."""
-    kept = {plan.slot(name, field="return_values") for name in keep}
-    kept.add(out_slot)
-    into = [-1 if j in kept else j for j in plan.into]
-    return into if any(j >= 0 for j in into) else None
+    kept = frozenset([out_slot, *(plan.slot(name, field="return_values") for name in keep)])
+    return plan.reuse_for(kept)
 
 
 def _forget(values: list[Any], overwritten: list[int] | None) -> None:

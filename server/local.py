@@ -69,7 +69,9 @@ class InProcessTransport(Transport):
 
     ``evaluate`` runs the engine on the caller's arrays and builds the Result
     from the engine's arrays: no request or response message, and the plan of
-    each Graph object is kept, so a call costs what the engine costs. It makes
+    each Graph object is kept with what every call of it reuses (the inputs'
+    dtypes; per selection, the slots to return and the engine's ``wrt=``), so
+    a call costs what the engine costs and little more. It makes
     the same checks as the service (the same compile, limits and engine), so
     answers are bit-identical to a server's. The other calls, and
     ``send_evaluate`` (the message path), hand messages to the service, with
@@ -79,7 +81,7 @@ class InProcessTransport(Transport):
     def __init__(self, service: ChainruleService) -> None:
         super().__init__()
         self.service = service
-        self._plans: weakref.WeakKeyDictionary[Graph, tuple[str, Plan]] = weakref.WeakKeyDictionary()
+        self._plans: weakref.WeakKeyDictionary[Graph, _Compiled] = weakref.WeakKeyDictionary()
         self._plans_lock = threading.Lock()
 
     def carrier(self) -> Carrier:
@@ -91,88 +93,78 @@ class InProcessTransport(Transport):
         except ChainruleError as exc:
             raise from_status(status_for(exc)) from exc
 
-    def _plan(self, graph: Graph) -> tuple[str, Plan]:
+    def _compiled(self, graph: Graph) -> "_Compiled":
+        """The graph's plan and what calls of it reuse: compiled on its first call, then kept per
+        Graph object (a builder returns the same Graph while nothing it depends on changes)."""
         with self._plans_lock:
             known = self._plans.get(graph)
         if known is None:
-            known = self.service.compile(graph.message)  # cached there too, by content hash
+            gid, plan = self.service.compile(graph.message)  # cached there too, by content hash
+            known = _Compiled(gid, plan, graph)
             with self._plans_lock:
                 self._plans[graph] = known
         return known
 
     def _evaluate(self, call: EvaluateCall) -> Result:
-        gid, plan = self._plan(call.graph)
-        arrays, given = self._inputs(call)
+        compiled = self._compiled(call.graph)
+        arrays, roots = self._inputs(call, compiled.dtypes)
         seed = None if call.seed is None else np.asarray(call.seed)
-        value_slots = _slots(plan, call.values, "return_values")  # unknown names fail before any work
-        grad_slots = _slots(plan, call.grads, "return_grads")
-        inner_values, inner_grads = _inner(plan, call.values), _inner(plan, call.grads)  # "rnn/h": scan's body
+        recipe = compiled.recipe(call.values, call.grads)  # unknown names fail before any work
         token = None if call.timeout is None else StopToken.after(call.timeout, what="the timeout")
         evaluation = evaluate_plan(
-            plan, arrays, output=call.output or None, seed=seed, gradients=call.grads != "none",
-            wrt=None if isinstance(call.grads, str) else [name for name in call.grads if name not in inner_grads],
-            unreached=call.unreached, contributions=call.contributions, token=token,
-            inner=list(dict.fromkeys([*inner_values, *inner_grads])),
+            compiled.plan, arrays, output=call.output or None, seed=seed, gradients=call.grads != "none",
+            wrt=recipe.wrt, unreached=call.unreached, contributions=call.contributions, token=token,
+            inner=recipe.inner, keep=None if call.diagnostics else recipe.keep,  # diagnostics read every value
         )
         if seed is not None and isinstance(call.seed, np.ndarray):
-            given.append(call.seed)
-        detach = _Detacher(given)
-        names, computed = plan.names, evaluation.values
-        values = {names[k]: detach(computed[k]) for k in value_slots}
-        values.update((name, evaluation.inner_values[name]) for name in inner_values)
-        grads: dict[str, Any] = {}
-        no_gradient: list[str] = []
-        if evaluation.grads is not None:
-            found = evaluation.grads
-            if call.grads == "all":  # the default: one pass over the slots, no per-slot calls
-                grads = {name: g for name, g in zip(names, found) if g is not None}
-                no_gradient = [name for name, g, d in zip(names, found, evaluation.differentiable) if g is None and not d]
-            else:
-                for k in grad_slots:
-                    if found[k] is not None:
-                        grads[names[k]] = found[k]
-                    elif not evaluation.differentiable[k]:
-                        no_gradient.append(names[k])
-            grads.update((name, evaluation.inner_grads[name]) for name in inner_grads if name in evaluation.inner_grads)
-            if given:
-                grads = {name: detach(g) for name, g in grads.items()}
-        contributions = [Contribution(c.node, c.consumer, c.input_index, detach(np.asarray(c.gradient)))
-                         for c in evaluation.contributions]
+            roots.add(_root_id(call.seed))
+        computed = evaluation.values
+        values = {name: computed[k] for name, k in recipe.values}
+        grads, no_gradient = _gradients(evaluation, recipe)
+        if roots:  # results that may share memory with an array the caller gave are copied
+            _detach_all(values, roots)
+            _detach_all(grads, roots)
+        if recipe.inner_values:  # stacked step by step: fresh arrays
+            values.update((name, evaluation.inner_values[name]) for name in recipe.inner_values)
+        contributions = [Contribution(c.node, c.consumer, c.input_index, _detach(np.asarray(c.gradient), roots))
+                         for c in evaluation.contributions] if evaluation.contributions else []
         return Result.of_arrays(
-            call.graph, output=evaluation.output_name, graph_id=gid,
-            value=detach(evaluation.values[evaluation.output]), values=values, grads=grads,
+            call.graph, output=evaluation.output_name, graph_id=compiled.gid,
+            value=_detach(computed[evaluation.output], roots), values=values, grads=grads,
             no_gradient=no_gradient, diagnostics=_diagnostics(evaluation) if call.diagnostics else None,
             contributions=contributions,
         )
 
-    def _inputs(self, call: EvaluateCall) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
+    def _inputs(self, call: EvaluateCall, dtypes: dict[str, np.dtype]) -> tuple[dict[str, np.ndarray], set[int]]:
         """The feeds as arrays the engine may read (read-only views of the caller's own), converted
-        to their declared dtypes as the message path converts them; and the caller's arrays."""
-        declared = call.graph.inputs
+        to their declared dtypes as the message path converts them; and the ids of the objects that
+        own the memory of the caller's arrays among them (see :func:`_root_id`).
+
+        ``dtypes`` maps each declared input to its numpy dtype: an array of that dtype (so native
+        and sendable), the common case, is handed over as a read-only view after one size check."""
         limit = self.service.limits.max_tensor_elements
         arrays: dict[str, np.ndarray] = {}
-        given: list[np.ndarray] = []
+        roots: set[int] = set()
         for name, value in call.feeds.items():
-            spec = declared.get(name)
-            if type(value) is np.ndarray and spec is not None and value.dtype == _DTYPES.get(spec.dtype):
-                array = value  # the common case: an array of the declared dtype, as it is
+            expected = dtypes.get(name)
+            if expected is not None and type(value) is np.ndarray and value.dtype == expected:
+                array = value
+                if limit is not None and array.size > limit:
+                    check_element_count(array.shape, array.size, limit, f"inputs.{name}")
             elif isinstance(value, pb.Tensor):
                 arrays[name] = tensor_to_array(value, field=f"inputs.{name}", max_elements=limit)
                 continue
             else:
-                array = to_array(name, value, spec.dtype if spec else None)
-            if dtype_code(array.dtype) is None:
-                raise TypeError(f"input '{name}': dtype {array.dtype} cannot be sent; "
-                                "supported: float64, float32, int64, int32, bool")
-            if array.dtype.byteorder not in "=|":
-                array = array.astype(array.dtype.newbyteorder("="))
-            check_element_count(array.shape, array.size, limit, f"inputs.{name}")
-            if array is value or (type(value) is np.ndarray and np.may_share_memory(array, value)):
-                given.append(value)
-                array = array.view()
-                array.flags.writeable = False  # an operator never writes its inputs; the caller's stay theirs
+                array = _converted(call.graph, name, value)
+                check_element_count(array.shape, array.size, limit, f"inputs.{name}")
+                if array is not value and (type(value) is not np.ndarray or not np.may_share_memory(array, value)):
+                    arrays[name] = array  # a new array of our own
+                    continue
+            roots.add(id(value) if value.base is None else _root_id(value))
+            array = array.view()
+            array.setflags(write=False)  # an operator never writes its inputs; the caller's stay theirs
             arrays[name] = array
-        return arrays, given
+        return arrays, roots
 
     @staticmethod
     def _call(work: Callable[[], Any]) -> Any:
@@ -241,6 +233,60 @@ def _detached(response: Incoming, request: Outgoing) -> Incoming:
 _DTYPES = {name: np.dtype(name) for name in ("float64", "float32", "int64", "int32", "bool")}
 
 
+class _Recipe:
+    """What one selection of values and gradients asks of a plan, resolved once per plan and
+    selection: the (name, slot) pairs to return, and the engine's ``wrt=`` and ``inner=``.
+
+    Building one raises the error an unknown name deserves (OutputError naming the field),
+    so a selection that fails is never kept and fails alike every time."""
+
+    __slots__ = ("values", "grads", "all_grads", "inner_values", "inner_grads", "wrt", "inner", "keep")
+
+    def __init__(self, plan: Plan, values: Selected, grads: Selected) -> None:
+        names = plan.names
+        self.values: list[tuple[str, int]] = [(names[k], k) for k in _slots(plan, values, "return_values")]
+        grad_slots = _slots(plan, grads, "return_grads")
+        #: Names of values inside graph attributes ("rnn/h": scan's body), which the engine collects.
+        self.inner_values: list[str] = _inner(plan, values)
+        self.inner_grads: list[str] = _inner(plan, grads)
+        #: grads="all" (the default): every slot's gradient, read in one pass, no pairs kept.
+        self.all_grads = grads == "all"
+        self.grads: list[tuple[str, int]] = [] if self.all_grads else [(names[k], k) for k in grad_slots]
+        self.wrt: tuple[str, ...] | None = (
+            None if isinstance(grads, str) else tuple(name for name in grads if name not in self.inner_grads))
+        self.inner: tuple[str, ...] = tuple(dict.fromkeys([*self.inner_values, *self.inner_grads]))
+        #: The values read after the run (the output's besides): others' buffers may be written over.
+        self.keep: tuple[str, ...] = tuple(name for name, _ in self.values)
+
+
+class _Compiled:
+    """A graph's plan and what every call of it reuses: its id, the numpy dtype of each declared
+    input (to hand over an array of that dtype without converting it), and a :class:`_Recipe`
+    per selection asked for (at most :attr:`MAX_RECIPES`; beyond, they are worked out afresh)."""
+
+    __slots__ = ("gid", "plan", "dtypes", "_recipes")
+
+    MAX_RECIPES = 32
+
+    def __init__(self, gid: str, plan: Plan, graph: Graph) -> None:
+        self.gid = gid
+        self.plan = plan
+        self.dtypes: dict[str, np.dtype] = {
+            name: _DTYPES[spec.dtype] for name, spec in graph.inputs.items() if spec.dtype in _DTYPES}
+        self._recipes: dict[tuple[Selected, Selected], _Recipe] = {}
+
+    def recipe(self, values: Selected, grads: Selected) -> _Recipe:
+        """The recipe of this selection (selections are tuples of names or "all"/"none": hashable)."""
+        key = (values, grads)
+        recipe = self._recipes.get(key)
+        if recipe is None:
+            recipe = _Recipe(self.plan, values, grads)
+            if len(self._recipes) >= self.MAX_RECIPES:
+                self._recipes = {}  # rebound, not cleared: a concurrent reader keeps a whole dict
+            self._recipes[key] = recipe
+        return recipe
+
+
 def _slots(plan: Plan, chosen: Selected, field: str) -> Iterable[int]:
     if chosen == "none":
         return ()
@@ -257,33 +303,78 @@ def _inner(plan: Plan, chosen: Selected) -> list[str]:
     return [name for name in chosen if name not in plan.index and "/" in name]
 
 
+def _converted(graph: Graph, name: str, value: Any) -> np.ndarray:
+    """A feed that is not an array of its declared dtype, as the message path would encode it:
+    cast to the declared dtype where that keeps its values, in native byte order, or TypeError."""
+    spec = graph.inputs.get(name)
+    array = to_array(name, value, spec.dtype if spec else None)
+    if dtype_code(array.dtype) is None:
+        raise TypeError(f"input '{name}': dtype {array.dtype} cannot be sent; "
+                        "supported: float64, float32, int64, int32, bool")
+    if array.dtype.byteorder not in "=|":
+        array = array.astype(array.dtype.newbyteorder("="))
+    return array
+
+
+def _gradients(evaluation: Evaluation, recipe: _Recipe) -> tuple[dict[str, Any], list[str]]:
+    """The selected gradients by name, and the selected names that have none because they cannot
+    (constants, integer- and bool-typed values) rather than because none reached them."""
+    found = evaluation.grads
+    if found is None:
+        return {}, []
+    if recipe.all_grads:  # the default: one pass over the slots, no per-slot calls
+        names = evaluation.plan.names
+        grads = {name: g for name, g in zip(names, found) if g is not None}
+        no_gradient = [name for name, g, d in zip(names, found, evaluation.differentiable) if g is None and not d]
+    else:
+        grads, no_gradient = {}, []
+        differentiable = evaluation.differentiable
+        for name, k in recipe.grads:
+            g = found[k]
+            if g is not None:
+                grads[name] = g
+            elif not differentiable[k]:
+                no_gradient.append(name)
+    if recipe.inner_grads:
+        inner = evaluation.inner_grads
+        grads.update((name, inner[name]) for name in recipe.inner_grads if name in inner)
+    return grads, no_gradient
+
+
 def _diagnostics(evaluation: Evaluation) -> pb.Diagnostics:
     message = pb.Diagnostics()
     write_diagnostics(message, diagnose(evaluation))
     return message
 
 
-class _Detacher:
-    """Copies a result that may share memory with an array the caller gave (an input's own value, a
-    reshape of it, the seed passed through), so that a Result stays what the call returned.
+# --- results never alias the caller's arrays ------------------------------------------------------
+#
+# A result may share memory with an array the caller gave (an input's own value, a reshape of it,
+# the seed passed through); it is copied, so that a Result stays what the call returned whatever
+# the caller later writes. Arrays that share memory share the object at the root of their ``base``
+# chain (the caller's array, or the buffer under it), so one set lookup per result decides,
+# however many inputs.
 
-    Arrays that share memory share the object at the root of their ``base`` chain (the caller's
-    array, or the buffer under it), so one set lookup per result decides, however many inputs.
-    """
-
-    __slots__ = ("roots",)
-
-    def __init__(self, given: list[np.ndarray]) -> None:
-        self.roots = {id(_root(g)) for g in given}
-
-    def __call__(self, value: Any) -> Any:
-        if self.roots and isinstance(value, np.ndarray) and id(_root(value)) in self.roots:
-            return value.copy()
-        return value
+def _root_id(array: np.ndarray) -> int:
+    """The id of the object that owns an array's memory: the end of its chain of bases."""
+    base = array.base
+    if base is None:  # the common case: the array owns its memory
+        return id(array)
+    while isinstance(base, np.ndarray) and base.base is not None:
+        base = base.base
+    return id(base)
 
 
-def _root(array: np.ndarray) -> Any:
-    """The object that owns an array's memory: the end of its chain of bases."""
-    while isinstance(array, np.ndarray) and array.base is not None:
-        array = array.base
-    return array
+def _detach(value: Any, roots: set[int]) -> Any:
+    """``value``, or a copy of it when it may share memory with one of the caller's arrays (``roots``)."""
+    if roots and isinstance(value, np.ndarray) and _root_id(value) in roots:
+        return value.copy()
+    return value
+
+
+def _detach_all(results: dict[str, Any], roots: set[int]) -> None:
+    """:func:`_detach` every result of ``results``, in place."""
+    shared = [name for name, value in results.items()  # (an array that owns its memory is its own root)
+              if isinstance(value, np.ndarray) and (id(value) if value.base is None else _root_id(value)) in roots]
+    for name in shared:
+        results[name] = results[name].copy()

@@ -117,3 +117,28 @@ def test_every_forward_into_gives_forwards_bits_over_its_own_input(op, dtype):
         assert got is given[position]
         _same(got, expected)
         assert got.dtype == expected.dtype
+
+
+def test_local_client_writes_over_dead_buffers_and_returns_what_was_asked():
+    """Through LocalClient: the same answers whether the engine may write over buffers (the
+    default) or must keep every value (diagnostics read them all); a value asked for by name is
+    kept intact; the caller's arrays are untouched."""
+    from chainrule.client import GraphBuilder
+    from chainrule.server import LocalClient
+
+    g = GraphBuilder()
+    a, b, c = (g.input(name, shape=(N,)) for name in "abc")
+    t = (a * b).named("t")
+    u = (t + c).named("u")
+    f = u.sigmoid().sum().named("f")
+    inputs = _inputs("abc")
+    originals = {k: v.copy() for k, v in inputs.items()}
+    with LocalClient() as client:
+        lean = client.evaluate(f, inputs, grads=list("abc"), diagnostics=False)
+        full = client.evaluate(f, inputs, grads=list("abc"), diagnostics=True)
+        asked = client.evaluate(f, inputs, grads=list("abc"), values=["u"], diagnostics=False)
+    _same(lean.value, full.value)
+    for name in "abc":
+        _same(lean.grad[name], full.grad[name])
+        _same(inputs[name], originals[name])
+    _same(asked.values["u"], originals["a"] * originals["b"] + originals["c"])
