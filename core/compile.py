@@ -35,7 +35,7 @@ class Shapes:
 
     __slots__ = ("specs", "value_bytes", "grad_bytes", "differentiable", "grad_edges", "complete", "_pruned",
                  "shape_of", "dtype_of", "scalar_type", "float_scalars", "head_of", "result_shape",
-                 "result_scalar", "operations")
+                 "result_scalar", "operations", "workspace_bytes")
 
     def __init__(self, specs: list[TensorSpec | None], in_slots: list[tuple[int, ...]], n_inputs: int,
                  head_of: list[int], unpacked: list[bool] | None = None) -> None:
@@ -72,6 +72,7 @@ class Shapes:
         self.float_scalars = all(s is not None and s.shape == () and s.dtype == _FLOAT64 for s in specs)
         self.value_bytes = sum(s.nbytes for s in specs if s is not None)
         self.grad_bytes = sum(s.nbytes for s, d in zip(specs, self.differentiable) if d)
+        self.workspace_bytes = _workspace(specs, in_slots, n_inputs)
         self._pruned: dict[frozenset[int], list[tuple[tuple[int, int], ...]]] = {}
         #: The forward pass's floating-point operations (core/cost.py), counted once when first asked.
         self.operations: float | None = None
@@ -273,6 +274,29 @@ class Plan(CompiledGraph):
                 self._shapes.pop(next(iter(self._shapes)))
             self._shapes[key] = shapes
         return shapes
+
+
+#: What one rule may allocate besides the values and gradients the plan counts, in arrays as large as
+#: the largest its node reads or makes: a vjp's temporaries (``g * y`` before it is summed back to
+#: y's shape, ``1 - out`` then ``* g``). Rules run one at a time, so the largest node's counts.
+WORKSPACE_ARRAYS = 2
+
+
+def _workspace(specs: list[TensorSpec | None], in_slots: list[tuple[int, ...]], n_inputs: int) -> int:
+    """Bytes of temporaries one rule may hold at once: WORKSPACE_ARRAYS of its node's largest array."""
+    widest = 0
+    for k in range(n_inputs, len(specs)):
+        spec = specs[k]
+        if spec is None:
+            continue
+        nbytes = spec.nbytes
+        for j in in_slots[k]:
+            given = specs[j]
+            if given is not None and given.nbytes > nbytes:
+                nbytes = given.nbytes
+        if nbytes > widest:
+            widest = nbytes
+    return WORKSPACE_ARRAYS * widest
 
 
 def check_memory(limits: Limits, total: int, what: str = "values and gradients", node: str | None = None,

@@ -5,12 +5,17 @@ No stop check can interrupt one node (a 6400 x 6400 matmul is one BLAS call of s
 whose work surely outlasts its deadline is refused up front instead of running on after its caller
 has gone. The bound is honest in one direction only: it counts each operator's arithmetic (its
 ``OpDef.cost``: matmul, einsum and conv declare theirs; other operators count one operation per
-element they produce) at this machine's peak rate, measured once, doubled, and the bytes of every
-value and gradient at its peak memory bandwidth, also doubled. A run refused by it could not have
-finished; many runs it admits still will not, and the stop token ends those between nodes.
+element they produce) at this machine's peak rate and the bytes of every value and gradient at its
+peak memory bandwidth. Each rate is measured once, multiplied by :data:`MARGIN`, and never taken
+below a floor per CPU (:data:`FLOOR_FLOPS_PER_CPU`, :data:`FLOOR_BYTES_PER_SECOND`): a measurement
+taken while other processes share the CPUs reads several times too slow (a 3000² matmul was once
+refused as needing 10 s, and took 3), and a bound too high refuses calls that would have finished,
+while one too low only admits calls that the stop token then ends (between nodes, and between the
+blocks of a large matmul or convolution). A run refused by it could not have finished.
 """
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -21,10 +26,17 @@ from .compile import Plan, Shapes
 _rates: tuple[float, float] | None = None
 _lock = threading.Lock()
 
+#: How much faster than measured the machine is assumed to be: the measurement may run beside other work.
+MARGIN = 4.0
+#: The least rates assumed whatever the measurement: double-precision FMA units do several times this.
+FLOOR_FLOPS_PER_CPU = 16e9
+FLOOR_BYTES_PER_SECOND = 20e9
+
 
 def peak_rates() -> tuple[float, float]:
     """(floating-point operations per second, bytes per second): this machine's best of a few short
-    measurements (a 256 x 256 matmul; an 8 MiB copy), each doubled so that a bound using them stays low."""
+    measurements (a 256 x 256 matmul; an 8 MiB copy), times MARGIN and at least the floors, so that
+    a bound using them stays low."""
     global _rates
     if _rates is not None:  # measured once: every call with a deadline asks
         return _rates
@@ -40,7 +52,9 @@ def peak_rates() -> tuple[float, float]:
                 start = time.perf_counter()
                 np.copyto(target, source)
                 best_copy = min(best_copy, time.perf_counter() - start)
-            _rates = (2 * 2 * 256 ** 3 / best_matmul, 2 * 2 * source.nbytes / best_copy)
+            cpus = os.cpu_count() or 1
+            _rates = (max(MARGIN * 2 * 256 ** 3 / best_matmul, FLOOR_FLOPS_PER_CPU * cpus),
+                      max(MARGIN * 2 * source.nbytes / best_copy, FLOOR_BYTES_PER_SECOND))
         return _rates
 
 

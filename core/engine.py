@@ -133,7 +133,7 @@ def evaluate(
     contributions: bool = False,
     wrt: Iterable[str] | None = None,
     token: StopToken | None = None,
-    before_work: Callable[[Shapes, int], None] | None = None,
+    before_work: Callable[[Shapes, int], int | None] | None = None,
     inner: Iterable[str] = (),
     keep: Iterable[str] | None = None,
 ) -> Evaluation:
@@ -146,7 +146,8 @@ def evaluate(
     gradients are then computed only along paths from them to the output,
     and other nodes get none. ``before_work(shapes, output_slot)`` runs once the
     inputs are checked and every shape is inferred, before anything is computed:
-    a caller refuses a run there (the service: a response too large to send).
+    a caller refuses a run there (the service: a response too large to send), or returns the bytes it
+    will hold beside the run (the response it will build), counted with the run's own.
     ``inner`` names values inside graph attributes (``"rnn/h"``: the value ``h`` of scan ``rnn``'s
     body): their values at every step, and their gradients, come stacked in
     ``Evaluation.inner_values`` / ``inner_grads``. ``keep`` names the values the caller will read
@@ -159,12 +160,28 @@ def evaluate(
     out_slot = output_slot(plan, output)
     arrays = checked_inputs(plan, inputs)
     shapes = plan.specialize([a.shape for a in arrays])
-    if gradients:
-        check_memory(plan.limits, shapes.value_bytes + shapes.grad_bytes)
+    planned = shapes.value_bytes + (shapes.grad_bytes if gradients else 0) + shapes.workspace_bytes
+    check_memory(plan.limits, planned, "values, gradients and workspace" if gradients else "values and workspace")
     if token is not None and token.deadline is not None:
         _check_time(plan, shapes, gradients, token)
     if before_work is not None:
-        before_work(shapes, out_slot)
+        beside = before_work(shapes, out_slot)
+        if beside:
+            planned += beside
+            check_memory(plan.limits, planned, "values, gradients, workspace and the response")
+    hold = plan.limits.ledger.hold(planned)  # refused while other calls hold too much of the budget
+    try:
+        return _evaluate(plan, arrays, shapes, out_slot, planned, hold, seed=seed, gradients=gradients,
+                         unreached=unreached, contributions=contributions, wrt=wrt, token=token, inner=inner,
+                         keep=keep)
+    finally:
+        hold.release()
+
+
+def _evaluate(plan: Plan, arrays: list[np.ndarray], shapes: Shapes, out_slot: int, planned: int, hold: Any, *,
+              seed: Any, gradients: bool, unreached: str, contributions: bool, wrt: Iterable[str] | None,
+              token: StopToken | None, inner: Iterable[str], keep: Iterable[str] | None) -> Evaluation:
+    """evaluate() once its checks are done and its memory is held."""
     record: list[ContributionRecord] | None = [] if contributions else None
     wanted = None if wrt is None else frozenset(plan.slot(name, field="wrt") for name in wrt)
     watch: dict[int, dict[int, str]] = {}
@@ -184,8 +201,7 @@ def evaluate(
         else:
             if record:
                 record.clear()  # a run on floats that gave up part-way
-            run = RunContext(token, plan.limits, shapes.value_bytes + (shapes.grad_bytes if gradients else 0),
-                             keep_residuals=gradients, watch=watch)
+            run = RunContext(token, plan.limits, planned, keep_residuals=gradients, watch=watch, hold=hold)
             if keep is not None and shapes.complete and not watch:
                 run.reuse = _reusable(plan, keep, out_slot)
             if gradients and plan.residual_heads:  # residuals, as large as their node's values, counted before work
@@ -292,13 +308,15 @@ class RunContext:
     rule appear, so a nested run cannot exceed what the whole call may hold."""
 
     __slots__ = ("token", "limits", "charged", "keep_residuals", "watch", "inner_values", "inner_grads", "reuse",
-                 "overwritten", "allowance")
+                 "overwritten", "allowance", "hold")
 
     def __init__(self, token: StopToken | None, limits: Any, planned: int, keep_residuals: bool = True,
-                 watch: dict[int, dict[int, str]] | None = None) -> None:
+                 watch: dict[int, dict[int, str]] | None = None, hold: Any = None) -> None:
         self.token = token
         self.limits = limits
-        self.charged = planned  # bytes: the plan's values (and gradients), known before the run
+        self.charged = planned  # bytes: the plan's values (and gradients, workspace), known before the run
+        #: What the evaluation holds in its Limits' ledger (core.limits.Hold): charges add to it.
+        self.hold = hold
         #: False when no backward pass follows: residuals are dropped as they come (and not charged).
         self.keep_residuals = keep_residuals
         #: Values inside graph attributes to collect: id(the attribute's plan) -> {slot: "node/value"}.
@@ -319,6 +337,8 @@ class RunContext:
         """Count ``nbytes`` more against the memory budget, or raise LimitExceeded naming the node."""
         self.charged += nbytes
         check_memory(self.limits, self.charged, what, node=node, op=op)
+        if self.hold is not None:
+            self.hold.add(nbytes)
 
     def check(self) -> None:
         if self.token is not None:

@@ -1,7 +1,65 @@
-"""Resource limits for one request, with safe defaults."""
+"""Resource limits for one request, with safe defaults, and the ledger of the memory that the
+evaluations in progress hold against them."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
+
+from .errors import LimitExceeded
+
+
+class MemoryLedger:
+    """The bytes held by the evaluations in progress that share one :class:`Limits`: one server's,
+    or one LocalClient's. ``max_memory_bytes`` bounds one request and all of them together, so a
+    server's memory stays within its budget however many calls it admits (``max_concurrent`` counts
+    calls; this counts what they hold). An evaluation takes what it will allocate before it starts
+    (values, gradients, workspace, its response) and gives it back when it ends."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.held = 0
+        self._lock = threading.Lock()
+
+    def hold(self, nbytes: int) -> "Hold":
+        """Take ``nbytes`` for one evaluation, or raise LimitExceeded (retry later) when the others hold
+        too much of the budget; give them back with the Hold's ``release``."""
+        hold = Hold(self)
+        hold.add(nbytes)
+        return hold
+
+    def _take(self, nbytes: int) -> None:
+        with self._lock:
+            if self.held + nbytes > self.capacity:
+                free = max(0, self.capacity - self.held)
+                raise LimitExceeded(
+                    f"this call needs {nbytes} bytes more and the calls in progress hold {self.held} of the "
+                    f"{self.capacity} bytes this server may use (max_memory_bytes): retry later, or send "
+                    f"less work", limit="max_memory_bytes", requested=nbytes, allowed=free)
+            self.held += nbytes
+
+    def _give_back(self, nbytes: int) -> None:
+        with self._lock:
+            self.held -= nbytes
+
+
+class Hold:
+    """What one evaluation holds in a ledger: more may be taken as it runs, all is given back once."""
+
+    __slots__ = ("_ledger", "nbytes")
+
+    def __init__(self, ledger: MemoryLedger) -> None:
+        self._ledger = ledger
+        self.nbytes = 0
+
+    def add(self, nbytes: int) -> None:
+        if nbytes > 0:
+            self._ledger._take(nbytes)
+            self.nbytes += nbytes
+
+    def release(self) -> None:
+        taken, self.nbytes = self.nbytes, 0
+        if taken:
+            self._ledger._give_back(taken)
 
 
 @dataclass(frozen=True)
@@ -12,5 +70,12 @@ class Limits:
     max_nodes: int = 1_000_000
     #: Elements in any one tensor (inputs, values, gradients).
     max_tensor_elements: int = 1 << 28
-    #: Bytes of all values and gradients of one evaluation together.
+    #: Bytes of the values, gradients, workspace and response of one evaluation, and of all the
+    #: evaluations in progress under these limits together (see :class:`MemoryLedger`).
     max_memory_bytes: int = 4 << 30
+    #: The ledger of those evaluations: one per Limits object (``dataclasses.replace`` makes a new
+    #: one), shared by every plan compiled with it.
+    ledger: MemoryLedger = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ledger", MemoryLedger(self.max_memory_bytes))

@@ -67,8 +67,8 @@ def test_residuals_are_dropped_once_the_vjp_ran():
 def test_without_a_backward_pass_residuals_are_not_kept_or_charged():
     seen: dict = {}
     op = _square_with_residual(seen)
-    # 4 float64 values of 8 elements: values alone take 32 + 64 + 64 + 8 bytes; the residual 64 more.
-    limits = Limits(max_memory_bytes=200)
+    # values take 64 + 64 + 8 bytes and the workspace 2 x 64 (264 in all); the residual would take 64 more
+    limits = Limits(max_memory_bytes=300)
     plan = compile_graph(_graph(8), _registry(op), limits)
     result = evaluate(plan, {"x": np.ones(8)}, gradients=False)  # fits: nothing kept
     assert result.grads is None
@@ -79,13 +79,13 @@ def test_without_a_backward_pass_residuals_are_not_kept_or_charged():
 def test_residuals_count_in_the_memory_budget_before_any_work():
     seen: dict = {}
     op = _square_with_residual(seen)
-    # values 8000 + 8000 + 8 and gradients as much fit in 32,100 bytes; the residual's 8,000 more
-    # (estimated as large as the node's value) do not: refused before the forward pass
-    limits = Limits(max_memory_bytes=32_100)
+    # values 8000 + 8000 + 8, gradients as much and the workspace (2 x 8000) fit in 48,100 bytes; the
+    # residual's 8,000 more (estimated as large as the node's value) do not: refused before the forward pass
+    limits = Limits(max_memory_bytes=48_100)
     plan = compile_graph(_graph(1000), _registry(op), limits)
     with pytest.raises(LimitExceeded, match="values, gradients and residuals") as caught:
         evaluate(plan, {"x": np.ones(1000)})
-    assert caught.value.requested == 32_016 + 8_000
+    assert caught.value.requested == 48_016 + 8_000
     assert "saved" not in seen  # the forward rule never ran
 
 
@@ -100,11 +100,11 @@ def test_residuals_larger_than_their_estimate_are_charged_as_they_appear():
     op = OpDef("t.hoard", 1, forward, lambda g, out, x, *, saved: (g * 2 * saved[:x.size],),
                lambda x: TensorSpec(x.shape, x.dtype), residuals=True)
     graph = GraphIR.build([("x", "float64", (1000,))], [("s", "t.hoard", ("x",)), ("f", "sum", ("s",))], "f")
-    # values and gradients 32,016 bytes, the estimate 8,000 more: fits in 41,000; the other 16,000 do not
-    plan = compile_graph(graph, _registry(op), Limits(max_memory_bytes=41_000))
+    # values, gradients and workspace 48,016 bytes, the estimate 8,000 more: fits in 57,000; the other 16,000 do not
+    plan = compile_graph(graph, _registry(op), Limits(max_memory_bytes=57_000))
     with pytest.raises(LimitExceeded, match="values, gradients and residuals") as caught:
         evaluate(plan, {"x": np.ones(1000)})
-    assert seen["ran"] and caught.value.node == "s" and caught.value.requested == 32_016 + 24_000
+    assert seen["ran"] and caught.value.node == "s" and caught.value.requested == 48_016 + 24_000
 
 
 def test_a_forward_rule_that_forgets_its_residuals_is_named():

@@ -1,0 +1,86 @@
+"""The memory budget holds for all evaluations at once, not for each alone (issue 14).
+
+Evaluations compiled with one Limits share its ledger: each takes what it will allocate
+(values, gradients, workspace) before it starts and gives it back when it ends, so a
+second call that would take the process past ``max_memory_bytes`` is refused, naming the
+limit and saying to retry, while the first runs; and runs once the first has ended.
+"""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from chainrule.core import GraphIR, Limits, OpDef, Registry, TensorSpec, compile_graph, evaluate
+from chainrule.core.errors import LimitExceeded
+from chainrule.core.limits import MemoryLedger
+from chainrule.plugins.manager import load_registry
+
+BUILTIN = load_registry(entry_points=False)
+
+
+def _waiting_registry(started: threading.Event, release: threading.Event) -> Registry:
+    def forward(x):
+        started.set()
+        release.wait(20)
+        return x * 1.0
+
+    waiting = OpDef("t.wait", 1, forward, lambda g, out, x: (g,), lambda x: TensorSpec(x.shape, x.dtype))
+    return Registry([*BUILTIN, waiting])
+
+
+def _graph(op: str, n: int) -> GraphIR:
+    return GraphIR.build([("x", "float64", (n,))], [("w", op, ("x",)), ("f", "sum", ("w",))], "f")
+
+
+def test_a_second_call_is_refused_while_the_first_holds_the_budget_and_runs_after():
+    started, release = threading.Event(), threading.Event()
+    limits = Limits(max_memory_bytes=80_000)  # one call (48,016 bytes with gradients and workspace) fits, not two
+    registry = _waiting_registry(started, release)
+    slow = compile_graph(_graph("t.wait", 1000), registry, limits)
+    quick = compile_graph(_graph("exp", 1000), registry, limits)
+    first = threading.Thread(target=evaluate, args=(slow, {"x": np.ones(1000)}))
+    first.start()
+    try:
+        assert started.wait(10)
+        assert limits.ledger.held > 0
+        with pytest.raises(LimitExceeded, match="retry later") as caught:
+            evaluate(quick, {"x": np.ones(1000)})
+        assert caught.value.limit == "max_memory_bytes"
+        assert caught.value.allowed < caught.value.requested  # what was free, against what it needed
+    finally:
+        release.set()
+        first.join(10)
+    assert limits.ledger.held == 0  # given back when the first ended
+    assert float(evaluate(quick, {"x": np.zeros(1000)}).output_value) == 1000.0
+
+
+def test_a_failing_call_gives_its_memory_back():
+    limits = Limits(max_memory_bytes=1 << 20)
+    plan = compile_graph(_graph("log", 100), BUILTIN, limits)
+    with pytest.raises(Exception):
+        evaluate(plan, {"x": np.ones(100)}, seed=np.ones(3))  # a bad seed, found after the memory is taken
+    assert limits.ledger.held == 0
+
+
+def test_a_ledger_refuses_past_its_capacity_and_takes_back_all_of_a_hold():
+    ledger = MemoryLedger(100)
+    first = ledger.hold(60)
+    with pytest.raises(LimitExceeded):
+        ledger.hold(50)
+    first.add(30)
+    assert ledger.held == 90
+    first.release()
+    first.release()  # once only
+    assert ledger.held == 0
+    ledger.hold(100).release()
+
+
+def test_each_limits_object_has_a_ledger_of_its_own_budget():
+    from dataclasses import replace
+
+    small = Limits(max_memory_bytes=10)
+    larger = replace(small, max_memory_bytes=1000)
+    assert small.ledger is not larger.ledger and larger.ledger.capacity == 1000
+    assert small == Limits(max_memory_bytes=10)  # the ledger is not part of what limits are
