@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test install stubs buf bench fuzz clean
+.PHONY: run test install stubs buf bench fuzz scenarios clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -66,6 +66,11 @@ bench: install
 # A bounded hostile-input campaign against a server subprocess (two minutes).
 fuzz: install
 	$(BIN)/python tests/fuzz_campaign.py --seconds 120
+
+# Issue 14's attacks on real `chainrule serve` processes at a 1 GiB budget, one row per scenario
+# (codes, wrong answers, peak RSS, CPU after deadlines, lost calls); 5-6 minutes (at most 10), not CI.
+scenarios: install
+	$(BIN)/python benchmarks/scenarios.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
