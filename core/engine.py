@@ -379,6 +379,7 @@ def _forward(plan: Plan, shapes: Shapes, arrays: list[Any], run: RunContext) -> 
     saved: list[Any] | None = None
     reuse, allowance = run.reuse, run.allowance
     run.allowance = None  # for this plan only, not for graphs run inside its operators
+    chunked = _chunked(plan, shapes) if token is not None else None
     if reuse is not None:
         run.reuse = None
         run.overwritten = []
@@ -387,7 +388,15 @@ def _forward(plan: Plan, shapes: Shapes, arrays: list[Any], run: RunContext) -> 
             token.check()
         s = ins[k]
         try:
-            if reuse is not None and reuse[k] >= 0 and _fits(values[reuse[k]], shape_of[k], dtype_of[k]):
+            if chunked is not None and k in chunked:  # one large elementwise node: in blocks, stop checks between
+                j = reuse[k] if reuse is not None else -1
+                if j >= 0 and _fits(values[j], shape_of[k], dtype_of[k]):
+                    run.overwritten.append(j)
+                    out = values[j]
+                else:
+                    out = np.empty(shape_of[k], dtype_of[k])
+                v = _forward_in_blocks(plan.ops[k].forward_into, out, [values[i] for i in s], attrs[k], token)
+            elif reuse is not None and reuse[k] >= 0 and _fits(values[reuse[k]], shape_of[k], dtype_of[k]):
                 j = reuse[k]  # write over j's buffer: no rule reads it again (compile._dead_after_reading)
                 v = plan.ops[k].forward_into(values[j], *[values[i] for i in s], **attrs[k])
                 run.overwritten.append(j)
@@ -416,6 +425,62 @@ def _forward(plan: Plan, shapes: Shapes, arrays: list[Any], run: RunContext) -> 
                     run.charge(v.nbytes * 2, plan.node_names[k], plan.ops[k].name)
         values[k] = v
     return values, saved
+
+
+#: Elementwise nodes with at least this many elements run in blocks of BLOCK_ELEMENTS when a stop
+#: token is given: one pass of a costly ufunc (pow, tanh) over 36 million values takes a second,
+#: which no check between nodes could interrupt; a block takes milliseconds.
+BLOCKED_MIN_ELEMENTS = 1 << 22
+BLOCK_ELEMENTS = 1 << 20
+
+
+def _chunked(plan: Plan, shapes: Shapes) -> frozenset[int] | None:
+    """The nodes of ``shapes`` run in blocks (cached on it), None when there are none: those with
+    ``forward_into`` (elementwise) and a float result of at least BLOCKED_MIN_ELEMENTS whose inputs
+    all have the result's shape."""
+    found = shapes.chunked
+    if found is None:
+        specs = shapes.specs
+        found = frozenset(
+            k for k in range(plan.n_inputs, len(plan.names))
+            if plan.ops[k] is not None and plan.ops[k].forward_into is not None and specs[k] is not None
+            and specs[k].size >= BLOCKED_MIN_ELEMENTS and specs[k].dtype.kind == "f" and specs[k].shape
+            and all(specs[j] is not None and specs[j].shape == specs[k].shape for j in plan.in_slots[k]))
+        shapes.chunked = found
+    return found or None
+
+
+def _blocks(shape: tuple[int, ...]) -> Iterable[slice]:
+    """Slices along axis 0, each of about BLOCK_ELEMENTS elements (at least one row)."""
+    rows = shape[0]
+    per_row = max(1, int(np.prod(shape[1:], dtype=np.int64))) if len(shape) > 1 else 1
+    step = max(1, BLOCK_ELEMENTS // per_row)
+    return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
+
+
+def _forward_in_blocks(into: Callable[..., Any], out: np.ndarray, inputs: list[Any], attrs: dict[str, Any],
+                       token: StopToken) -> np.ndarray:
+    """An elementwise forward written into ``out`` block by block (the same bits as in one pass)."""
+    for block in _blocks(out.shape):
+        token.check()
+        into(out[block], *[x[block] for x in inputs], **attrs)
+    return out
+
+
+def _vjp_in_blocks(vjp: Callable[..., Any], g: Any, out: Any, inputs: list[Any], attrs: dict[str, Any],
+                   token: StopToken) -> list[Any]:
+    """An elementwise vjp run block by block into full-size gradients (the same bits as in one pass)."""
+    parts: list[Any] = [None] * len(inputs)
+    for block in _blocks(out.shape):
+        token.check()
+        pieces = vjp(g[block], out[block], *[x[block] for x in inputs], **attrs)
+        for pos, piece in enumerate(pieces):
+            if piece is None:
+                continue
+            if parts[pos] is None:
+                parts[pos] = np.empty(out.shape, np.result_type(piece))
+            parts[pos][block] = piece
+    return parts
 
 
 #: Smallest buffer worth writing over: below it, numpy's cache of small blocks makes a fresh
@@ -634,6 +699,7 @@ def _backward(
     ndarray = np.ndarray
     grads: list[Any] = [None] * len(ins)
     owned = [False] * len(ins)  # True where grads[j] is a buffer we allocated and may add into
+    chunked = _chunked(plan, shapes) if token is not None else None
     for slot, seed in seeds:  # several seeds (a body's outputs) may name one slot: add them
         grads[slot] = seed if grads[slot] is None else grads[slot] + seed
     start = max(slot for slot, _ in seeds)
@@ -645,7 +711,9 @@ def _backward(
             token.check()
         s = ins[k]
         try:
-            if general[k]:  # selective vjp, residuals, several values
+            if chunked is not None and k in chunked:  # one large elementwise node: in blocks, stop checks between
+                parts = _vjp_in_blocks(vjps[k], g, values[k], [values[j] for j in s], attrs[k], token)
+            elif general[k]:  # selective vjp, residuals, several values
                 if plain_selective[k]:  # selective only (matmul): tell the rule which gradients are wanted
                     needed = {pos for pos, _ in edges[k]}
                     parts = vjps[k](g, values[k], *[values[j] for j in s],

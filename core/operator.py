@@ -133,7 +133,9 @@ class OpDef:
     #: of the inputs) and returns it. The engine calls it instead of forward when an input's buffer
     #: is dead once this node has read it (read by this node alone, not returned, and neither vjp
     #: reads it: see ``vjp_reads``), sparing a fresh array and its page faults on large tensors,
-    #: as hand-written in-place numpy does. Its result must equal forward's, bit for bit.
+    #: as hand-written in-place numpy does. Its result must equal forward's, bit for bit. Declaring it
+    #: says the operator is elementwise (forward and vjp alike): on large float arrays the engine
+    #: may run both block by block, checking for a stop between blocks.
     forward_into: Callable[..., Any] | None = None
     #: Optional symbolic reverse rule, ``vjp_graph(b, g, out, *inputs, **attrs) -> tuple`` (a Ref or None
     #: per input), written with registered operators through ``b`` (a chainrule.core.symbolic.SymbolicBuilder),

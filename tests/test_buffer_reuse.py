@@ -142,3 +142,43 @@ def test_local_client_writes_over_dead_buffers_and_returns_what_was_asked():
         _same(lean.grad[name], full.grad[name])
         _same(inputs[name], originals[name])
     _same(asked.values["u"], originals["a"] * originals["b"] + originals["c"])
+
+
+# --- large elementwise nodes run in blocks, with a stop check between blocks --------------------------
+
+def test_blocks_give_the_same_bits_and_a_cancel_stops_between_them(monkeypatch):
+    import threading
+
+    from chainrule.core import OpDef, Registry, StopToken, TensorSpec
+    from chainrule.core import engine
+    from chainrule.core.errors import CancelledError
+
+    monkeypatch.setattr(engine, "BLOCKED_MIN_ELEMENTS", 1 << 12)
+    monkeypatch.setattr(engine, "BLOCK_ELEMENTS", 1 << 10)
+    graph = GraphIR.build([("x", "float64", (200, 100)), ("y", "float64", (200, 100))],
+                          [("p", "pow", ("x", "y")), ("t", "tanh", ("p",)), ("m", "mul", ("t", "x")),
+                           ("f", "sum", ("m",))], "f")
+    plan = compile_graph(graph, REGISTRY)
+    rng = np.random.default_rng(5)
+    inputs = {"x": rng.uniform(0.5, 1.5, (200, 100)), "y": rng.uniform(-1, 1, (200, 100))}
+    whole = evaluate(plan, inputs)
+    blocked = evaluate(plan, inputs, token=StopToken.after(600))
+    for name in plan.names:
+        _same(whole.value(name), blocked.value(name))
+        if whole.grads[plan.slot(name)] is not None:
+            _same(whole.grad(name), blocked.grad(name))
+
+    cancel, blocks = threading.Event(), []
+
+    def counted_exp(out, x):
+        blocks.append(1)
+        cancel.set()  # the caller goes away during the first block
+        return np.exp(x, out=out)
+
+    slow = OpDef("t.exp", 1, np.exp, lambda g, out, x: (g * out,), lambda x: TensorSpec(x.shape, x.dtype),
+                 vjp_reads="output", forward_into=counted_exp)
+    one = GraphIR.build([("x", "float64", (200, 100))], [("e", "t.exp", ("x",)), ("f", "sum", ("e",))], "f")
+    with pytest.raises(CancelledError):
+        evaluate(compile_graph(one, Registry([*REGISTRY, slow])), {"x": np.zeros((200, 100))},
+                 token=StopToken(None, cancel))
+    assert blocks == [1]  # stopped at the next block, not after the ~20 blocks of the node

@@ -299,7 +299,8 @@ OPERATORS: list[OpDef] = [
     # powers
     OpDef("pow", 2, _power, _pow_vjp, _numeric,
           doc="x ** y; the gradient for y is g * out * log(x), and 0 where x == 0.", sample=_positive_base,
-          scalar=(_pow_float, _pow_vjp_float)),
+          scalar=(_pow_float, _pow_vjp_float),
+          vjp_reads="both", forward_into=lambda out, x, y: np.power(x, y, out=out)),
 
     # max routes the gradient to the winner
     OpDef("maximum", 2, np.maximum, _route, _numeric,
