@@ -3,6 +3,8 @@
     python benchmarks/user_bench.py            # every case (a few minutes)
     python benchmarks/user_bench.py --quick    # fewer repeats
     python benchmarks/user_bench.py --profile  # also cProfile of LocalClient.evaluate (scalar chain, small MLP)
+    python benchmarks/user_bench.py --only small-network   # one section (chain, small-network,
+                                                           # large-network, elementwise-1e6, elementwise-1e7)
 
 Three workloads, each through ``LocalClient().evaluate`` (in this process) and
 ``Client(address).evaluate`` (to ``chainrule serve --host 127.0.0.1 --port 0``,
@@ -15,7 +17,7 @@ backward (core_bench.py's) and, when installed, PyTorch and micrograd:
     (batch 32, 4-4-4-1) and large (batch 4096, 512 features and hidden), against
     core_bench's hand-written numpy; the small call over gRPC also against a bare
     grpcio echo server (its own process) moving the call's own request and
-    response byte sizes;
+    response byte sizes (the request by graph id, as every call after the first);
 (c) sum(sigmoid(a * b + c)) at 10^6 and 10^7 elements, against core_bench's
     hand-written numpy (and, for reference, an in-place numpy variant).
 
@@ -250,12 +252,15 @@ def start_chainrule() -> Process:
 ECHO_OPTIONS = [("grpc.max_receive_message_length", (1 << 31) - 1), ("grpc.max_send_message_length", (1 << 31) - 1)]
 
 
-def raw_evaluate_request(f: Any, inputs: dict[str, Any], grads: list[str]) -> bytes:
-    """The protobuf EvaluateRequest of ``client.evaluate(f, inputs, grads=grads, diagnostics=False)``,
-    encoded by protobuf (the client's own encoding may add a few alignment bytes)."""
+def raw_evaluate_request(f: Any, inputs: dict[str, Any], grads: list[str], graph_id: str) -> bytes:
+    """The protobuf EvaluateRequest that ``client.evaluate(f, inputs, grads=grads, diagnostics=False)``
+    sends once the client knows the graph's id (every call after the first), encoded by protobuf (the
+    client's own encoding may add a few alignment bytes); the server's answer to it is the response
+    that call receives."""
     from chainrule.wire.convert import array_to_tensor
 
-    request = pb.EvaluateRequest(graph=f.graph.message, output=f.name, diagnostics=pb.DIAGNOSTICS_OFF,
+    request = pb.EvaluateRequest(graph_id=graph_id, output=f.name, diagnostics=pb.DIAGNOSTICS_OFF,
+                                 return_values=pb.Selection(mode=pb.Selection.NONE),
                                  return_grads=pb.Selection(mode=pb.Selection.LISTED, names=grads))
     for name, value in inputs.items():
         request.inputs[name].CopyFrom(array_to_tensor(np.asarray(value, dtype=np.float64)))
@@ -426,7 +431,8 @@ def bench_small_network(rows: list[Row], local: LocalClient, remote: Client, rep
     # Over gRPC: p50 against a bare echo of the call's own request and response sizes.
     remote_call = checked(lambda: remote.evaluate(f, inputs, grads=PARAMS, diagnostics=False), check)
     try:
-        request = raw_evaluate_request(f, inputs, PARAMS)
+        graph_id = remote_call().graph_id  # the client learns the graph's id: from now on, its calls send it
+        request = raw_evaluate_request(f, inputs, PARAMS, graph_id)
         raw_call = grpc.insecure_channel(remote.address).unary_unary("/chainrule.v1.Chainrule/Evaluate")
         response = raw_call(request)
         pb.EvaluateResponse.FromString(response)  # a real answer, not an error page
@@ -583,10 +589,16 @@ class OthersMeter:
         return max(0.0, (now[1] - last[1]) - (now[2] - last[2])) / (now[0] - last[0])
 
 
+#: The sections of the table, in order; ``--only NAME`` runs some of them.
+SECTIONS = ("chain", "small-network", "large-network", "elementwise-1e6", "elementwise-1e7")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats")
     parser.add_argument("--profile", action="store_true", help="also profile LocalClient.evaluate")
+    parser.add_argument("--only", action="append", choices=SECTIONS, metavar="SECTION",
+                        help=f"run only this section (again for several): {', '.join(SECTIONS)}")
     parser.add_argument("--echo-server", nargs=2, type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.echo_server:
@@ -599,13 +611,17 @@ def main() -> None:
     try:
         with LocalClient() as local, Client(server.address) as remote:
             meter, whole = OthersMeter(), OthersMeter()
-            for section in (
-                lambda: bench_chain(rows, local, remote, 3 if quick else 9),
-                lambda: bench_small_network(rows, local, remote, 100 if quick else 1000, 300 if quick else 2000),
-                lambda: bench_large_network(rows, local, remote, 3 if quick else 9),
-                lambda: bench_elementwise(rows, local, remote, 3 if quick else 21, 1_000_000, 1.0),
-                lambda: bench_elementwise(rows, local, remote, 2 if quick else 5, 10_000_000, 0.8),
-            ):
+            sections = {
+                "chain": lambda: bench_chain(rows, local, remote, 3 if quick else 9),
+                "small-network": lambda: bench_small_network(rows, local, remote, 100 if quick else 1000,
+                                                             300 if quick else 2000),
+                "large-network": lambda: bench_large_network(rows, local, remote, 3 if quick else 9),
+                "elementwise-1e6": lambda: bench_elementwise(rows, local, remote, 3 if quick else 21, 1_000_000, 1.0),
+                "elementwise-1e7": lambda: bench_elementwise(rows, local, remote, 2 if quick else 5, 10_000_000, 0.8),
+            }
+            for name, section in sections.items():
+                if args.only and name not in args.only:
+                    continue
                 first = len(rows)
                 meter.read()
                 section()

@@ -20,7 +20,7 @@ import grpc
 from chainrule.v1 import chainrule_pb2 as pb, chainrule_pb2_grpc
 from chainrule.wire import outgoing
 from chainrule.wire.incoming import Incoming, read_message
-from chainrule.wire.outgoing import Carrier, HandEncoded, Outgoing
+from chainrule.wire.outgoing import AllHandEncoded, Carrier, Outgoing
 from chainrule.wire.shared_memory import directory_problem
 
 from .base import ClientBase
@@ -101,7 +101,7 @@ class GrpcTransport(Transport):
         channel_options = given + [(k, v) for k, v in defaults if k not in keys]
         self.channel = open_channel(address, options=channel_options, credentials=credentials, tls=tls, token=token)
         self._stub = chainrule_pb2_grpc.ChainruleStub(self.channel)
-        # Evaluate with large inputs hand-encoded (see chainrule.wire.outgoing): one copy, not three;
+        # Evaluate with its inputs hand-encoded (see chainrule.wire.outgoing): one copy, not three;
         # large outputs read as views of the received bytes (chainrule.wire.incoming): no copy.
         self.evaluate_call = self.channel.unary_unary(
             "/chainrule.v1.Chainrule/Evaluate",
@@ -110,7 +110,7 @@ class GrpcTransport(Transport):
         )
 
     def carrier(self) -> Carrier:
-        return HandEncoded()
+        return AllHandEncoded()
 
     def close(self) -> None:
         self.channel.close()

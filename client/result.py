@@ -213,7 +213,7 @@ class Result:
         self.graph = graph  # the evaluated graph, which to_dot() and render() draw
         self.output: str = message.output
         self.graph_id: str = message.graph_id
-        self.no_gradient: tuple[str, ...] = tuple(message.no_gradient)
+        self.no_gradient: tuple[str, ...] = tuple(message.no_gradient[:])  # (a slice is made in C)
         owner = getattr(graph, "builder", None)
         self.values = Arrays(self._incoming.tensor_map("values"), "values", owner=owner)
         self.grad = Arrays(self._incoming.tensor_map("gradients"), "gradients", frozenset(self.no_gradient), owner)

@@ -30,7 +30,8 @@ class ServerConfig:
     max_message_bytes: int = 0
     max_nodes: int = 1_000_000
     max_tensor_elements: int = 1 << 27
-    #: Bytes all values and gradients of one request may take (checked by shape inference first).
+    #: Bytes the values, gradients, workspace and response of one request may take, and of all the
+    #: requests in progress together (checked from shape inference, before work).
     max_memory_bytes: int = 2 << 30
     #: Calls served at once; more get RESOURCE_EXHAUSTED at once instead of queueing.
     max_concurrent: int = 16
@@ -170,7 +171,8 @@ SETTINGS_HELP: dict[str, tuple[str, str]] = {
                                     "(--max-memory-bytes), at most 2 GiB - 1"),
     "max_nodes": ("limits", "most operator nodes in one graph"),
     "max_tensor_elements": ("limits", "most elements in one tensor"),
-    "max_memory_bytes": ("limits", "bytes all values and gradients of one request may take, checked before work"),
+    "max_memory_bytes": ("limits", "bytes the values, gradients, temporaries and response of one request may "
+                                   "take, and of all requests in progress together; checked before work"),
     "max_concurrent": ("limits", "calls served at once; more are refused at once (RESOURCE_EXHAUSTED), not queued"),
     "max_compute_seconds": ("limits", "compute time of one Evaluate call, or of one input set of a stream"),
     "max_training_seconds": ("limits", "time of one Optimize call (a whole training run)"),

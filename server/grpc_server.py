@@ -20,7 +20,6 @@ from chainrule.v1 import chainrule_pb2 as pb
 
 from . import auth, reflection, tls
 from .config import ServerConfig, plugin_filters
-from .guard import MalformedRequestInterceptor
 from .metrics import Exporter, Metrics
 from .ports import check_port_free
 from .service import ChainruleService
@@ -119,9 +118,10 @@ def create_server(
     service = service or build_service(config)
     metrics = Metrics() if config.metrics_port else None
     # Outermost first: metrics count every call, refused ones too; auth refuses before parsing.
+    # (Malformed requests are refused by the servicer's own handlers: see add_servicer. With
+    # neither metrics nor tokens, no interceptor runs: gRPC then spends nothing on them per call.)
     interceptors = [i for i in (metrics and metrics.interceptor(service),
-                                auth.interceptor_for(config.token_file, config.open_health_and_reflection),
-                                MalformedRequestInterceptor(SERVICE_NAME)) if i]
+                                auth.interceptor_for(config.token_file, config.open_health_and_reflection)) if i]
     # Threads: one per admitted call, one per open EvaluateStream (which waits for its client's
     # messages in it, without an admission slot), and spare ones so that refusals and health
     # checks are answered at once whatever the others do. gRPC's own limit is only a backstop

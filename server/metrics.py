@@ -25,7 +25,7 @@ from chainrule.core.errors import ChainruleError
 from chainrule.v1 import chainrule_pb2 as pb
 from chainrule.wire.outgoing import Outgoing
 
-from .guard import behavior_field
+from .guard import HandlerCache, behavior_field
 from .service import ChainruleService
 
 #: Request latency buckets (seconds): sub-millisecond cache hits up to the compute cap.
@@ -62,6 +62,7 @@ class MetricsInterceptor(grpc.ServerInterceptor):
     def __init__(self, metrics: Metrics, service: ChainruleService) -> None:
         self.metrics = metrics
         self.service = service
+        self._wrapped = HandlerCache()  # the measuring handler per method, made once (see HandlerCache)
 
     def intercept_service(
         self,
@@ -71,7 +72,11 @@ class MetricsInterceptor(grpc.ServerInterceptor):
         handler = continuation(handler_call_details)
         if handler is None or not hasattr(handler, "_replace"):  # unknown method: gRPC answers UNIMPLEMENTED
             return handler
-        method = handler_call_details.method.lstrip("/")
+        return self._wrapped.get(handler_call_details.method, handler, self._wrap)
+
+    def _wrap(self, full_method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        """``handler`` measured: its metric children looked up once here, not on every call."""
+        method = full_method.lstrip("/")
         kind = behavior_field(handler)
         return handler._replace(**{
             "request_deserializer": self._count_in(method, handler.request_deserializer),

@@ -84,3 +84,28 @@ def test_each_limits_object_has_a_ledger_of_its_own_budget():
     larger = replace(small, max_memory_bytes=1000)
     assert small.ledger is not larger.ledger and larger.ledger.capacity == 1000
     assert small == Limits(max_memory_bytes=10)  # the ledger is not part of what limits are
+
+
+def test_the_response_counts_in_the_budget_before_the_forward_pass():
+    """A response that fits the message limit but not the memory left beside the values it is
+    built from is refused before any work; asking for less makes the same graph fit."""
+    from chainrule.client import Client, GraphBuilder, ResourceExhausted, ops
+    from chainrule.server import ServerConfig, create_server
+
+    n = 100_000  # values 2 x 8n, gradients as much, workspace 2 x 8n: 48n; the default response 16n, twice
+    g = GraphBuilder()
+    x = g.input("x", (1,))
+    f = ops.sum(ops.exp(ops.broadcast_to(x, [n]))).named("f")
+    server, port = create_server("127.0.0.1:0", ServerConfig(max_memory_bytes=64 * n, log_level="ERROR"))
+    server.start()
+    try:
+        with Client(f"127.0.0.1:{port}", timeout=30) as client:
+            with pytest.raises(ResourceExhausted) as caught:
+                client.evaluate(f, x=np.ones(1))  # every gradient: b's and e's, 800 KB each
+            assert caught.value.metadata["limit"] == "max_memory_bytes"
+            assert "response" in caught.value.message
+            assert server.service.limits.ledger.held == 0
+            result = client.evaluate(f, x=np.ones(1), grads=["x"])  # a response of a few bytes fits
+            assert float(result.grad["x"][0]) == pytest.approx(n * np.e)
+    finally:
+        server.stop(grace=None).wait()

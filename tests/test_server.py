@@ -180,11 +180,24 @@ def test_a_message_over_the_size_limit_is_resource_exhausted(client):
 
 
 def test_one_log_line_per_request_without_tensor_contents(client, caplog):
-    with caplog.at_level(logging.INFO, logger="chainrule.server"):
+    # A call answered OK is logged at DEBUG (writing a line per call costs the answer more than the
+    # rest of the server's bookkeeping), any other outcome at INFO.
+    with caplog.at_level(logging.DEBUG, logger="chainrule.server"):
         client.evaluate(scalar_sum(), x=123456.0, y=654321.0)
-    lines = [r.getMessage() for r in caplog.records if r.name == "chainrule.server"]
+    records = [r for r in caplog.records if r.name == "chainrule.server"]
+    lines = [r.getMessage() for r in records]
     assert len(lines) == 1 and lines[0].startswith("Evaluate") and lines[0].endswith("OK")
+    assert records[0].levelno == logging.DEBUG
     assert "123456" not in lines[0] and "654321" not in lines[0]
+
+
+def test_a_failed_call_is_logged_at_info(client, caplog):
+    with caplog.at_level(logging.INFO, logger="chainrule.server"):
+        client.evaluate(scalar_sum(), x=1.0, y=2.0)  # OK: not at INFO
+        with pytest.raises(InvalidArgument):
+            client.evaluate(scalar_sum(), x=1.0)  # y missing
+    lines = [r.getMessage() for r in caplog.records if r.name == "chainrule.server" and r.levelno == logging.INFO]
+    assert len(lines) == 1 and lines[0].startswith("Evaluate") and lines[0].endswith("INVALID_ARGUMENT"), lines
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:

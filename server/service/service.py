@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+import weakref
 from collections import OrderedDict
 from typing import Iterable, Sequence
 
@@ -64,6 +65,8 @@ class ChainruleService:
         #: Bytes the cached plans may hold in all (their literal tensors and per-node lists, estimated).
         self._cache_bytes_budget = self.limits.max_memory_bytes
         self._lock = threading.Lock()
+        #: Per plan: what each selection asks of it (see asked()); dropped with the plan.
+        self._asked: weakref.WeakKeyDictionary[Plan, dict[tuple, Asked]] = weakref.WeakKeyDictionary()
 
     # --- graphs -------------------------------------------------------------------
 
@@ -135,8 +138,8 @@ class ChainruleService:
                              "numbers; it does not go with shared_memory_output (leave one out)",
                              field="response_encoding")
         gid, plan = self.plan_for(message, token)
-        evaluation = self.run(plan, incoming, token, capacity=None if carrier is None else carrier.capacity)
-        return self.respond(gid, evaluation, message, Outgoing(pb.EvaluateResponse(), carrier), token)
+        evaluation, asked = self._run(plan, incoming, token, None if carrier is None else carrier.capacity)
+        return self.respond(gid, evaluation, message, Outgoing(pb.EvaluateResponse(), carrier), token, asked=asked)
 
     def open_output_file(self, name: str) -> TensorFile:
         """The shared-memory file a same-host client named for its outputs (checked before any work)."""
@@ -150,6 +153,11 @@ class ChainruleService:
             capacity: int | None = None) -> Evaluation:
         """Decode the request's inputs and options and run the plan; every field is checked before work,
         and so is the size of the response when it must fit ``capacity`` bytes."""
+        return self._run(plan, request, token, capacity)[0]
+
+    def _run(self, plan: Plan, request: Incoming | pb.EvaluateRequest, token: StopToken | None,
+             capacity: int | None) -> tuple[Evaluation, "Asked"]:
+        """run(), and what the request's selections ask of the plan (for respond)."""
         incoming = request if isinstance(request, Incoming) else Incoming(request)
         request = incoming.message
         if len(request.input_sets):
@@ -164,33 +172,56 @@ class ChainruleService:
         seed = None if seed_tensor is None else tensor_to_array(
             seed_tensor, field="seed", max_elements=limit, shared_memory=self.shared_memory)
         unreached = UNREACHED_OMIT if request.unreached == pb.UNREACHED_OMIT else UNREACHED_ZEROS
-        shown = _selected(plan, request.return_values, "return_values")  # unknown names fail before any work
-        wanted = _selected(plan, request.return_grads, "return_grads")
-        inner_shown = _inner(plan, request.return_values, "return_values")  # "node/value": inside scan's body
-        inner_wanted = _inner(plan, request.return_grads, "return_grads")
-        listed = request.return_grads.mode == pb.Selection.LISTED
-        gradients = request.return_grads.mode != pb.Selection.NONE
-        def fits(shapes: Shapes, out_slot: int) -> None:  # the engine calls it before the forward pass
-            check_response_size(plan, shapes, out_slot, shown, wanted if gradients else (), capacity,
-                                contributions=gradients and request.contributions,
-                                as_values=request.response_encoding == pb.TENSOR_ENCODING_VALUES,
-                                inner=[*inner_shown, *(inner_wanted if gradients else ())])
+        asked = self.asked(plan, request)  # unknown names fail before any work
+        contributions = request.contributions
+        fits = None
+        if capacity is not None:
+            as_values = request.response_encoding == pb.TENSOR_ENCODING_VALUES
 
-        return evaluate_plan(
+            def fits(shapes: Shapes, out_slot: int) -> int:  # the engine calls it before the forward pass
+                size = asked.check_size(shapes, out_slot, capacity, contributions=contributions and asked.gradients,
+                                        as_values=as_values)
+                # held in the memory budget with the run: the response is built beside the values,
+                # then copied once more into gRPC's buffers
+                return RESPONSE_COPIES * size
+
+        evaluation = evaluate_plan(
             plan, inputs, output=request.output or None, seed=seed,
-            gradients=gradients, before_work=None if capacity is None else fits,
+            gradients=asked.gradients, before_work=fits,
             # Gradients nobody asked for are not computed (dL/dX of a data batch, say).
-            wrt=[plan.names[k] for k in wanted] if listed else None,
-            unreached=unreached, contributions=request.contributions, token=token,
-            inner=list(dict.fromkeys([*inner_shown, *inner_wanted])),
+            wrt=asked.wrt, unreached=unreached, contributions=contributions, token=token, inner=asked.inner,
+            # values nobody reads after the run may be written over (diagnostics read them all)
+            keep=None if request.diagnostics != pb.DIAGNOSTICS_OFF else asked.keep,
         )
+        return evaluation, asked
+
+    def asked(self, plan: Plan, request: pb.EvaluateRequest) -> "Asked":
+        """What ``request``'s return_values and return_grads ask of ``plan``, resolved once per plan
+        and selection (a call's bookkeeping that does not depend on its inputs); an unknown name
+        raises, every time (a failing selection is never kept)."""
+        values, grads = request.return_values, request.return_grads
+        if len(values.names) + len(grads.names) > MAX_KEPT_SELECTION_NAMES:  # not kept: see the constant
+            return Asked(plan, values, grads)
+        key = (values.mode, tuple(values.names[:]), grads.mode, tuple(grads.names[:]))  # (slices: made in C)
+        known = self._asked.get(plan)
+        if known is None:
+            known = self._asked.setdefault(plan, {})
+        found = known.get(key)
+        if found is None:
+            found = Asked(plan, values, grads)
+            if len(known) >= MAX_SELECTIONS_PER_PLAN:
+                known.clear()
+            known[key] = found
+        return found
 
     def respond(self, gid: str, evaluation: Evaluation, request: pb.EvaluateRequest, outgoing: Outgoing,
-                token: StopToken | None = None) -> Outgoing:
+                token: StopToken | None = None, *, asked: "Asked | None" = None) -> Outgoing:
         """Fill ``outgoing`` with the response; its carrier decides where each tensor travels, unless
         the request asked for every tensor as numbers (TENSOR_ENCODING_VALUES). ``token`` is checked
         every 1,024 tensors: the values and gradients of a million nodes take seconds to encode."""
         plan = evaluation.plan
+        if asked is None:  # (run's, when the caller has it)
+            asked = self.asked(plan, request)
         response = outgoing.message
         response.output = evaluation.output_name
         response.graph_id = gid
@@ -198,22 +229,24 @@ class ChainruleService:
         outgoing.values = as_values
 
         outgoing.put_tensor("output_value", evaluation.values[evaluation.output], node=evaluation.output_name)
-        for n, k in enumerate(_selected(plan, request.return_values, "return_values")):
+        names = plan.names
+        for n, k in enumerate(asked.shown):
             if token is not None and not n & 1023:
                 token.check()
-            outgoing.put_map_tensor("values", plan.names[k], evaluation.values[k])
-        for name in _inner(plan, request.return_values, "return_values"):
+            outgoing.put_map_tensor("values", names[k], evaluation.values[k])
+        for name in asked.inner_shown:
             outgoing.put_map_tensor("values", name, evaluation.inner_values[name])
         if evaluation.grads is not None:
-            for n, k in enumerate(_selected(plan, request.return_grads, "return_grads")):
+            grads, differentiable = evaluation.grads, evaluation.differentiable
+            for n, k in enumerate(asked.wanted):
                 if token is not None and not n & 1023:
                     token.check()
-                g = evaluation.grads[k]
+                g = grads[k]
                 if g is not None:
-                    outgoing.put_map_tensor("gradients", plan.names[k], g)
-                elif not evaluation.differentiable[k]:
-                    response.no_gradient.append(plan.names[k])
-            for name in _inner(plan, request.return_grads, "return_grads"):
+                    outgoing.put_map_tensor("gradients", names[k], g)
+                elif not differentiable[k]:
+                    response.no_gradient.append(names[k])
+            for name in asked.inner_wanted:
                 if name in evaluation.inner_grads:
                     outgoing.put_map_tensor("gradients", name, evaluation.inner_grads[name])
                 else:
@@ -286,6 +319,9 @@ class ChainruleService:
 #: attribute dicts and the inferred specs: about 510 bytes measured with tracemalloc on a 100,000-node
 #: chain, counted twice over for the shape specializations a plan adds per input-shape signature.
 PLAN_BYTES_PER_NODE = 1024
+#: How many copies of a response the memory budget counts: the message built beside the values, and
+#: gRPC's own copy of it (its Python API takes only bytes, so the encoded message cannot be lent).
+RESPONSE_COPIES = 2
 #: Bytes a graph id and its field tag take in a message, at most.
 GRAPH_ID_BYTES = 80
 
@@ -346,13 +382,81 @@ TENSOR_OVERHEAD_BYTES = 64
 VALUES_ELEMENT_BYTES, VALUES_OVERHEAD_BYTES = 8, 16
 
 
+#: Selections kept per plan (see ChainruleService.asked); beyond, they are worked out afresh.
+MAX_SELECTIONS_PER_PLAN = 32
+#: Response sizes kept per selection: one per input-shape signature, output and options.
+MAX_SIZES_PER_SELECTION = 64
+#: Selections naming more nodes than this are worked out on every call, never kept: a request may
+#: name a node millions of times, and a kept key would hold every copy of the name.
+MAX_KEPT_SELECTION_NAMES = 4096
+
+
+class Asked:
+    """What one request's selections ask of a plan: the slots whose values (``shown``) and
+    gradients (``wanted``) go into the response, the ``node/value`` names inside graph attributes
+    (``inner_shown``, ``inner_wanted``), and the engine's ``gradients``, ``wrt`` and ``inner``.
+
+    Resolved once per plan and selection (ChainruleService.asked): a call that asks what the
+    previous one asked repeats none of it. The response's size for given shapes is kept too
+    (:meth:`check_size`). Building one raises the error an unknown name deserves."""
+
+    __slots__ = ("shown", "wanted", "inner_shown", "inner_wanted", "gradients", "wrt", "inner", "keep", "_plan",
+                 "_sizes")
+
+    def __init__(self, plan: Plan, values: pb.Selection, grads: pb.Selection) -> None:
+        self._plan = weakref.ref(plan)  # (kept per plan, so it must not keep its plan alive)
+        self.shown: Sequence[int] = _selected(plan, values, "return_values")
+        self.wanted: Sequence[int] = _selected(plan, grads, "return_grads")
+        self.inner_shown: list[str] = _inner(plan, values, "return_values")
+        self.inner_wanted: list[str] = _inner(plan, grads, "return_grads")
+        self.gradients = grads.mode != pb.Selection.NONE
+        listed = grads.mode == pb.Selection.LISTED
+        self.wrt: list[str] | None = [plan.names[k] for k in self.wanted] if listed else None
+        self.inner: list[str] = list(dict.fromkeys([*self.inner_shown, *self.inner_wanted]))
+        #: The values the response carries (the output's besides): the engine's ``keep``.
+        self.keep: list[str] = [plan.names[k] for k in self.shown]
+        self._sizes: dict[tuple, tuple[Shapes, int]] = {}
+
+    def check_size(self, shapes: Shapes, output: int, capacity: int, *, contributions: bool,
+                   as_values: bool) -> int:
+        """check_response_size for this selection, its byte count worked out once per shapes; the count."""
+        key = (id(shapes), output, contributions, as_values)
+        known = self._sizes.get(key)
+        if known is not None and known[0] is shapes:
+            total = known[1]
+        else:
+            plan = self._plan()
+            assert plan is not None  # the caller holds the plan it runs
+            gradients = self.wanted if self.gradients else ()
+            total = response_bytes(plan, shapes, output, self.shown, gradients, contributions=contributions,
+                                   as_values=as_values,
+                                   inner=[*self.inner_shown, *(self.inner_wanted if self.gradients else ())])
+            if len(self._sizes) >= MAX_SIZES_PER_SELECTION:
+                self._sizes.clear()
+            self._sizes[key] = (shapes, total)
+        if total > capacity:
+            refuse_response(total, len(self.shown), len([k for k in (self.wanted if self.gradients else ())
+                                                         if shapes.differentiable[k]]),
+                            capacity, contributions=contributions)
+        return total
+
+
 def check_response_size(plan: Plan, shapes: Shapes, output: int, shown: Iterable[int],
                         wanted: Iterable[int], capacity: int, *, contributions: bool = False,
                         as_values: bool = False, inner: Iterable[str] = ()) -> None:
-    """Refuse, before the forward pass, a response that would not fit ``capacity`` bytes.
+    """Refuse, before the forward pass, a response that would not fit ``capacity`` bytes
+    (its size: :func:`response_bytes`)."""
+    shown, wanted = list(shown), [k for k in wanted if shapes.differentiable[k]]
+    total = response_bytes(plan, shapes, output, shown, wanted, contributions=contributions, as_values=as_values,
+                           inner=inner)
+    if total > capacity:
+        refuse_response(total, len(shown), len(wanted), capacity, contributions=contributions)
 
-    Sizes come from shape inference (``shapes``): the output's value, each
-    selected value and each selected gradient of a float value (gradients of other
+
+def response_bytes(plan: Plan, shapes: Shapes, output: int, shown: Iterable[int], wanted: Iterable[int], *,
+                   contributions: bool = False, as_values: bool = False, inner: Iterable[str] = ()) -> int:
+    """The bytes a response takes at most, from shape inference (``shapes``): the output's value,
+    each selected value and each selected gradient of a float value (gradients of other
     dtypes are never sent), and with ``contributions`` every consumer's share of
     each fanned-out float value. A value whose operator has no infer rule has no size yet
     and is not counted here (the memory budget still bounds it). With ``as_values`` (the
@@ -368,7 +472,7 @@ def check_response_size(plan: Plan, shapes: Shapes, output: int, shown: Iterable
         data = spec.size * VALUES_ELEMENT_BYTES + VALUES_OVERHEAD_BYTES if as_values else spec.nbytes
         return data + len(names[k]) + TENSOR_OVERHEAD_BYTES
 
-    shown, wanted = list(shown), [k for k in wanted if shapes.differentiable[k]]
+    wanted = [k for k in wanted if shapes.differentiable[k]]
     total = size(output) + sum(size(k) for k in shown) + sum(size(k) for k in wanted)
     for name in inner:  # values inside scan's body: one per step, stacked
         times, spec = plan.inner_spec(name, shapes, field="return_values")
@@ -378,15 +482,19 @@ def check_response_size(plan: Plan, shapes: Shapes, output: int, shown: Iterable
             total += data + len(name) + TENSOR_OVERHEAD_BYTES
     if contributions:
         total += sum(size(k) * n for k, n in enumerate(plan.consumers) if n > 1 and shapes.differentiable[k])
-    if total > capacity:
-        raise LimitExceeded(
-            f"the response would take about {total} bytes ({len(shown)} values, {len(wanted)} gradients, the "
-            f"output's value{' and the contributions' if contributions else ''}); this server sends at most {capacity} bytes in one message (max_message_bytes). "
-            "Nothing was computed. Ask for fewer values or gradients (values=/grads=, return_values/"
-            "return_grads) or no contributions, use shared memory on the same host (Client(..., shared_memory=True)), or start "
-            "the server with a larger --max-message-bytes / --max-memory-bytes",
-            limit="max_message_bytes", requested=total, allowed=capacity, field="return_values",
-        )
+    return total
+
+
+def refuse_response(total: int, values: int, gradients: int, capacity: int, *, contributions: bool) -> None:
+    """RESOURCE_EXHAUSTED (max_message_bytes) for a response of ``total`` bytes: nothing was computed."""
+    raise LimitExceeded(
+        f"the response would take about {total} bytes ({values} values, {gradients} gradients, the "
+        f"output's value{' and the contributions' if contributions else ''}); this server sends at most {capacity} bytes in one message (max_message_bytes). "
+        "Nothing was computed. Ask for fewer values or gradients (values=/grads=, return_values/"
+        "return_grads) or no contributions, use shared memory on the same host (Client(..., shared_memory=True)), or start "
+        "the server with a larger --max-message-bytes / --max-memory-bytes",
+        limit="max_message_bytes", requested=total, allowed=capacity, field="return_values",
+    )
 
 
 def write_diagnostics(message: pb.Diagnostics, diagnostics: DiagnosticReport) -> None:

@@ -71,8 +71,36 @@ def tensor_to_array(tensor: pb.Tensor | RawTensor, *, field: str, max_elements: 
     read-only however it was made, so that an operator writing into its input fails alike for every
     sender, whatever the byte offsets of its message."""
     array = _decode(tensor, field, max_elements, shared_memory)
-    array.flags.writeable = False
+    if array.flags.writeable:  # (a view of immutable bytes already is not)
+        array.setflags(write=False)
     return array
+
+
+#: Shapes found sound (no negative dimension, addressable), with their element counts, by
+#: ``(shape, itemsize)``: the checks cost more than decoding a small tensor does, and calls repeat
+#: their shapes. Bounded: emptied when full.
+_SOUND_SHAPES: dict[tuple[tuple[int, ...], int], int] = {}
+MAX_SOUND_SHAPES = 4096
+
+
+def element_count(shape: tuple[int, ...], dtype: np.dtype, field: str) -> int:
+    """The number of elements of a tensor of ``shape``; ShapeError for a negative dimension or a
+    shape numpy cannot represent."""
+    key = (shape, dtype.itemsize)
+    count = _SOUND_SHAPES.get(key)
+    if count is not None:
+        return count
+    if shape:  # a scalar needs none of these checks
+        if any(n < 0 for n in shape):
+            raise ShapeError(f"{field}: negative dimension in shape {shape_text(shape)}", field=f"{field}.shape")
+        problem = unrepresentable(shape, dtype.itemsize)
+        if problem:
+            raise ShapeError(f"{field}: shape {shape_text(shape)}: {problem}", field=f"{field}.shape")
+    count = math.prod(shape)
+    if len(_SOUND_SHAPES) >= MAX_SOUND_SHAPES:
+        _SOUND_SHAPES.clear()
+    _SOUND_SHAPES[key] = count
+    return count
 
 
 def _decode(tensor: pb.Tensor | RawTensor, field: str, max_elements: int | None,
@@ -80,24 +108,20 @@ def _decode(tensor: pb.Tensor | RawTensor, field: str, max_elements: int | None,
     dtype = DTYPE_TO_NUMPY.get(tensor.dtype)
     if dtype is None:
         raise DTypeError(f"{field}: unknown dtype code {tensor.dtype}", field=f"{field}.dtype")
-    shape = tuple(tensor.shape)
-    if shape:  # a scalar (the common case of small graphs) needs none of these checks
-        if any(n < 0 for n in shape):
-            raise ShapeError(f"{field}: negative dimension in shape {shape_text(shape)}", field=f"{field}.shape")
-        problem = unrepresentable(shape, dtype.itemsize)
-        if problem:
-            raise ShapeError(f"{field}: shape {shape_text(shape)}: {problem}", field=f"{field}.shape")
-    count = math.prod(shape)
-    check_element_count(shape, count, max_elements, field)
+    shape = tuple(tensor.shape[:])  # (a slice is a list made in C; iterating protobuf's container is not)
+    count = element_count(shape, dtype, field)
+    if max_elements is not None and count > max_elements:
+        check_element_count(shape, count, max_elements, field)
     payload = "data" if isinstance(tensor, RawTensor) else tensor.WhichOneof("payload")
     if payload == "data":
+        data = tensor.data
         expected = count * dtype.itemsize
-        if len(tensor.data) != expected:
+        if len(data) != expected:
             raise BadTensorError(
-                f"{field}: data has {len(tensor.data)} bytes; shape {list(shape)} of {dtype.name} needs {expected}",
+                f"{field}: data has {len(data)} bytes; shape {list(shape)} of {dtype.name} needs {expected}",
                 field=f"{field}.data",
             )
-        array = np.frombuffer(tensor.data, dtype=dtype).reshape(shape)
+        array = np.ndarray(shape, dtype, data)  # a view, like frombuffer(...).reshape(...) in one step
         if not array.flags.aligned:  # a view of a received message (incoming.py) at an odd offset
             array = array.copy()  # numpy runs up to 15x slower on misaligned data
         return array if _LITTLE_ENDIAN_HOST else array.astype(dtype.newbyteorder("="))
@@ -139,6 +163,16 @@ def array_to_tensor(array: Any, *, as_values: bool = False) -> pb.Tensor:
 def fill_tensor(tensor: pb.Tensor, array: Any, *, as_values: bool = False) -> pb.Tensor:
     """Write an array into an existing Tensor message (a map entry, say) without an extra copy."""
     array = np.asarray(array)
+    if not as_values and _LITTLE_ENDIAN_HOST:
+        code = DTYPE_CODES.get(array.dtype)  # only native dtypes, so little-endian ones, are found
+        if code is not None:  # the common case, in as few steps as it takes (a response has many)
+            tensor.dtype = code
+            if array.ndim:
+                tensor.shape[:] = array.shape
+            elif tensor.shape:
+                del tensor.shape[:]
+            tensor.data = array.tobytes()  # C order
+            return tensor
     code = dtype_code(array.dtype)
     if code is None:
         raise DTypeError(f"dtype {array.dtype} cannot be sent; supported: {', '.join(NUMPY_TO_DTYPE)}")

@@ -1,4 +1,5 @@
-"""Hand-encoded protobuf for large tensors: one copy instead of three.
+"""Hand-encoded protobuf for tensors: one copy instead of three for large ones, a fraction of the
+runtime's work for small ones (``AllHandEncoded``).
 
 Serializing a message that holds a 16 MiB ``bytes`` field costs protobuf about
 10 ms (it copies the payload into its arena, then into the output), against
@@ -12,13 +13,15 @@ aligned offset.
 """
 from __future__ import annotations
 
+import math
+import sys
 from typing import Any, Callable
 
 import numpy as np
 
 from chainrule.core.errors import BadTensorError
 
-from .convert import dtype_code, fill_tensor
+from .convert import DTYPE_CODES, DTYPE_TO_NUMPY, dtype_code, fill_tensor
 from .incoming import Incoming, RawTensor
 
 #: Tensors with more payload bytes than this are encoded by hand.
@@ -169,6 +172,59 @@ class HandEncoded(Carrier):
 
     def received(self, message: Any) -> Incoming:
         return Incoming(type(message).FromString(self.serialize(message)) if self.parts else message)
+
+
+class AllHandEncoded(HandEncoded):
+    """For gRPC calls of any size: every tensor encoded by hand, large ones as HandEncoded does,
+    small ones as a field header and the array's bytes.
+
+    Protobuf's runtime spends about 3 µs on a small tensor (a map entry made, four fields set,
+    the entry serialized), and a call of a small graph sends and answers a dozen of them: more
+    than the rest of the client's work. The header (field key and lengths, dtype, shape, data
+    key: everything but the data) depends only on the field, the map key, the dtype and the shape,
+    so it is made once and kept (:func:`small_tensor_header`); a tensor then costs a dictionary
+    lookup and ``tobytes``: the 8 inputs of a small MLP's request take 6 µs instead of 26.
+    Any protobuf parser reads the same message.
+    """
+
+    def takes(self, array: np.ndarray) -> bool:
+        return _LITTLE_ENDIAN_HOST and (array.dtype in DTYPE_CODES or _large(array))
+
+    def put(self, message: Any, field: str, key: str | None, array: np.ndarray) -> None:
+        if array.nbytes > LARGE_TENSOR_BYTES:
+            super().put(message, field, key, array)
+            return
+        header = small_tensor_header(message.DESCRIPTOR, field, key, DTYPE_CODES[array.dtype], array.shape)
+        data = array.tobytes()  # C order, native (little-endian: see takes)
+        self.parts += (header, data)
+        self._size += len(header) + len(data)
+
+
+#: Headers of small tensors by (message type, field, map key, dtype code, shape); emptied when full.
+_HEADERS: dict[tuple[Any, str, str | None, int, tuple[int, ...]], bytes] = {}
+MAX_HEADERS = 4096
+#: Map keys (node and input names) longer than this get their headers made afresh each time, not kept.
+MAX_KEPT_KEY_LENGTH = 256
+_LITTLE_ENDIAN_HOST = sys.byteorder == "little"
+
+
+def small_tensor_header(descriptor: Any, field: str, key: str | None, dtype: int, shape: tuple[int, ...]) -> bytes:
+    """The bytes of a Tensor field (``key`` None) or ``map<string, Tensor>`` entry of ``descriptor``'s
+    ``field`` that come before its data (``dtype`` and ``shape``'s data: their byte count follows), kept."""
+    cache_key = (descriptor, field, key, dtype, shape)
+    header = _HEADERS.get(cache_key)
+    if header is None:
+        data_length = math.prod(shape) * DTYPE_TO_NUMPY[dtype].itemsize
+        tensor = (_key(1, _WIRE_VARINT) + _varint(dtype) if dtype else b"") + _shape_fields(shape, False)
+        tensor += _key(3, _WIRE_BYTES) + _varint(data_length)
+        number = descriptor.fields_by_name[field].number
+        prefix = field_prefix(number) if key is None else map_entry_prefix(number, key)
+        header = prefix(len(tensor) + data_length) + tensor
+        if key is None or len(key) <= MAX_KEPT_KEY_LENGTH:  # (a long name is not worth the memory)
+            if len(_HEADERS) >= MAX_HEADERS:
+                _HEADERS.clear()
+            _HEADERS[cache_key] = header
+    return header
 
 
 class InProcess(Carrier):
