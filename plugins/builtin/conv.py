@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import math
 from functools import lru_cache
-from typing import Any, NamedTuple
+from typing import Any, Callable, Iterator, NamedTuple
 
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
@@ -58,6 +58,8 @@ from chainrule.core import Attr, OpDef, OpError, TensorSpec
 from chainrule.core.dtypes import float_result
 from chainrule.core.symbolic import linear_jvp, with_symbolic
 from chainrule.plugins.authoring import table_hookimpl
+
+from .common import MOVE_COST, block_operations, matmul_into, stop_check, stop_check_for, summed_matmul
 
 
 # --- geometry: attributes checked once, the 1-D case as 2-D --------------------------------------
@@ -250,8 +252,18 @@ class _Im2col:
         self.buffer = np.empty((self.chunk, c, kh, kw, oh, ow), x.dtype)
         self.padded: np.ndarray | None = None   # the padded chunk: border zeroed once, interior per chunk
 
-    def chunks(self):
-        return [(n0, min(self.n, n0 + self.chunk)) for n0 in range(0, self.n, self.chunk)]
+    def stop_check(self, rows: int) -> Callable[[], None] | None:
+        """The run's stop check for products of ``rows`` rows per group with the columns of every sample
+        (and building those columns), or None when they take less than a block or nothing can stop the run."""
+        columns = self.n * self.group * self.k * self.l
+        return stop_check() if columns * (2.0 * rows + MOVE_COST) > block_operations(True) else None
+
+    def chunks(self, check: Callable[[], None] | None) -> Iterator[tuple[int, int]]:
+        """(first, last + 1) sample of each chunk, after a stop ``check`` (None: nothing can stop the run)."""
+        for n0 in range(0, self.n, self.chunk):
+            if check is not None:
+                check()
+            yield n0, min(self.n, n0 + self.chunk)
 
     def workspace(self, count: int) -> np.ndarray:
         """The buffer as [count, G, K, L], for the columns' gradient."""
@@ -289,8 +301,9 @@ def _conv(x, w, *, strides=None, pads=None, dilations=None, group=1):
     kernels = _kernels(w, group, dtype)
     im2col = _Im2col(_as_2d(x, dtype), geo, group)
     out = np.empty((im2col.n, group, kernels.shape[1], im2col.l), dtype)
-    for n0, n1 in im2col.chunks():
-        np.matmul(kernels, im2col.columns(n0, n1), out=out[n0:n1])  # [n, G, M/G, OH*OW]: NCHW already
+    budget, check = block_operations(True), im2col.stop_check(kernels.shape[1])
+    for n0, n1 in im2col.chunks(check):  # [n, G, M/G, OH*OW]: NCHW already; large products in blocks
+        matmul_into(kernels, im2col.columns(n0, n1), out[n0:n1], budget, check)
     return out.reshape(geo.out_shape(im2col.n, np.shape(w)[0]))
 
 
@@ -305,12 +318,14 @@ def _conv_vjp(g, out, x, w, *, strides=None, pads=None, dilations=None, group=1,
     g = np.asarray(g).astype(dtype, copy=False).reshape(im2col.n, group, kernels.shape[1], im2col.l)
     dx = np.empty((im2col.n, x_shape[1]) + geo.size, dtype) if needs[0] else None
     dw = np.zeros(kernels.shape, dtype) if needs[1] else None
-    for n0, n1 in im2col.chunks():
+    budget, check = block_operations(True), im2col.stop_check(2 * kernels.shape[1])
+    for n0, n1 in im2col.chunks(check):  # large products in blocks with stop checks (common.matmul_into)
         if needs[0]:   # the transposed convolution: wᵀ @ g, then col2im
-            dcols = np.matmul(kernels.swapaxes(-1, -2), g[n0:n1], out=im2col.workspace(n1 - n0))
+            dcols = im2col.workspace(n1 - n0)
+            matmul_into(kernels.swapaxes(-1, -2), g[n0:n1], dcols, budget, check)
             _col2im(dcols, geo, dx[n0:n1])
-        if needs[1]:   # g @ colsᵀ, summed over the samples
-            dw += np.matmul(g[n0:n1], im2col.columns(n0, n1).swapaxes(-1, -2)).sum(axis=0)
+        if needs[1]:   # g @ colsᵀ, summed over the samples (no [n, G, M/G, K] temporary)
+            dw += summed_matmul(g[n0:n1], im2col.columns(n0, n1).swapaxes(-1, -2), (group,)).reshape(dw.shape)
     return (None if dx is None else dx.reshape(x_shape)), (None if dw is None else dw.reshape(w_shape))
 
 
@@ -417,7 +432,9 @@ def _max_pool(x, *, kernel_shape, strides=None, pads=None):
     xp = _padded(_as_2d(x, dtype), geo, -np.inf)
     (rows, cols), *rest = _offsets(geo)
     out = xp[:, :, rows, cols].copy()
+    check = stop_check_for(out.size * len(rest))  # (a large kernel: work far beyond the output's size)
     for rows, cols in rest:
+        check()
         np.maximum(out, xp[:, :, rows, cols], out=out)
     return out.reshape(geo.out_shape(*np.shape(x)[:2]))
 
@@ -432,7 +449,9 @@ def _max_pool_winners(x, geo: _Geometry, dtype: np.dtype) -> tuple[tuple[int, ..
     nan = bool(np.isnan(x2).any())
     best = xp[:, :, offsets[0][0], offsets[0][1]].copy()
     winner = np.zeros(best.shape, np.int32)
+    check = stop_check_for(4 * best.size * len(offsets))
     for k, (rows, cols) in enumerate(offsets[1:], 1):
+        check()
         candidate = xp[:, :, rows, cols]
         better = candidate > best
         if nan:
@@ -450,7 +469,9 @@ def _max_pool_vjp(g, out, x, *, kernel_shape, strides=None, pads=None):
     g2 = np.asarray(g).astype(dtype, copy=False).reshape(winner.shape)
     dxp = np.zeros(padded, dtype)
     zero = dtype.type(0)
+    check = stop_check_for(3 * winner.size * len(offsets))
     for k, (rows, cols) in enumerate(offsets):
+        check()
         dxp[:, :, rows, cols] += np.where(winner == k, g2, zero)
     return (_cropped(dxp, geo, geo.spatial),)
 
@@ -463,7 +484,9 @@ def _max_pool_pick(h, x, *, kernel_shape, strides=None, pads=None):
     _, offsets, winner = _max_pool_winners(x, geo, dtype)
     hp = _padded(_as_2d(h, dtype), geo, 0.0)
     out = np.zeros(winner.shape, dtype)
+    check = stop_check_for(2 * winner.size * len(offsets))
     for k, (rows, cols) in enumerate(offsets):
+        check()
         np.copyto(out, hp[:, :, rows, cols], where=winner == k)
     return out.reshape(geo.out_shape(*np.shape(x)[:2]))
 
@@ -486,10 +509,13 @@ def _avg_pool(x, *, kernel_shape, strides=None, pads=None, count_include_pad=Fal
     geo = _pool_check("avg_pool", np.shape(x), kernel_shape, strides, pads)
     xp = _padded(_as_2d(x, dtype), geo, 0.0)
     rows = xp[:, :, :, geo.cols(0)].copy()                  # separable: sum along W, then along H
+    check = stop_check_for(rows.size * sum(geo.kernel))
     for j in range(1, geo.kernel[1]):
+        check()
         rows += xp[:, :, :, geo.cols(j)]
     out = rows[:, :, geo.rows(0), :].copy()
     for i in range(1, geo.kernel[0]):
+        check()
         out += rows[:, :, geo.rows(i), :]
     out /= _pool_counts(geo, count_include_pad, dtype)
     return out.reshape(geo.out_shape(*np.shape(x)[:2]))
@@ -504,10 +530,13 @@ def _avg_pool_vjp(g, out, x, *, kernel_shape, strides=None, pads=None, count_inc
     share /= _pool_counts(geo, count_include_pad, dtype)
     height, width = geo.padded
     rows = np.zeros((n, c, height, geo.out[1]), dtype)            # spread along H, then along W
+    check = stop_check_for(rows.size * sum(geo.kernel))
     for i in range(geo.kernel[0]):
+        check()
         rows[:, :, geo.rows(i), :] += share
     dxp = np.zeros((n, c, height, width), dtype)
     for j in range(geo.kernel[1]):
+        check()
         dxp[:, :, :, geo.cols(j)] += rows
     return (_cropped(dxp, geo, geo.spatial),)
 

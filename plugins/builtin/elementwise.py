@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -88,6 +88,29 @@ def softplus(x: Any) -> np.ndarray:
     np.log1p(e, out=e)
     e += np.maximum(x, 0)
     return e
+
+
+def softplus_into(out: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """:func:`softplus` written into ``out`` (which may be ``x`` itself): the same passes, so the same
+    bits (max(x, 0) taken first, before ``out`` overwrites x)."""
+    positive = np.maximum(x, 0)
+    np.abs(x, out=out)
+    np.negative(out, out=out)
+    np.exp(out, out=out)
+    np.log1p(out, out=out)
+    out += positive
+    return out
+
+
+def copied_into(rule: Callable[..., np.ndarray]) -> Callable[..., np.ndarray]:
+    """A ``forward_into`` for a rule that has no in-place form (erf, gelu): its fresh result copied into
+    ``out``, a pass of about 1 ns per element beside its 20-35. What it gains is the engine's blocks:
+    declaring forward_into says the operator is elementwise, so a large node runs block by block with
+    stop checks between (core/engine.py), where erf of 1.3e8 elements ran 4 s in one piece."""
+    def into(out: np.ndarray, x: np.ndarray, **attrs: Any) -> np.ndarray:
+        np.copyto(out, rule(x, **attrs))
+        return out
+    return into
 
 
 # --- vjp rules that update one fresh buffer in place --------------------------------------
@@ -465,7 +488,7 @@ OPERATORS: list[OpDef] = [
           doc="Square root elementwise.", sample=_positive,
           vjp_reads="output", forward_into=lambda out, x: np.sqrt(x, out=out)),
     OpDef("softplus", 1, softplus, _softplus_vjp, float_like_input,
-          doc="log(1 + e**x), computed without overflow."),
+          doc="log(1 + e**x), computed without overflow.", forward_into=softplus_into),
 
     # sign and magnitude: the gradient at the kink x = 0 is 0
     OpDef("abs", 1, np.abs, lambda g, out, x: (g * np.sign(x),), _numeric_input,
@@ -483,9 +506,9 @@ OPERATORS: list[OpDef] = [
 
     # trigonometric and squashing
     OpDef("sin", 1, lambda x: np.sin(as_float(x)), lambda g, out, x: (g * np.cos(x),), float_like_input,
-          doc="Sine elementwise (radians)."),
+          doc="Sine elementwise (radians).", forward_into=lambda out, x: np.sin(x, out=out)),
     OpDef("cos", 1, lambda x: np.cos(as_float(x)), lambda g, out, x: (-g * np.sin(x),), float_like_input,
-          doc="Cosine elementwise (radians)."),
+          doc="Cosine elementwise (radians).", forward_into=lambda out, x: np.cos(x, out=out)),
     OpDef("tanh", 1, lambda x: np.tanh(as_float(x)), _tanh_vjp, float_like_input,
           doc="Hyperbolic tangent elementwise.", vjp_reads="output", forward_into=lambda out, x: np.tanh(x, out=out)),
     OpDef("sigmoid", 1, sigmoid, _sigmoid_vjp, float_like_input,
@@ -498,8 +521,9 @@ OPERATORS: list[OpDef] = [
     OpDef("expm1", 1, lambda x: np.expm1(as_float(x)), lambda g, out, x: (g * (out + 1),), float_like_input,
           doc="e**x - 1 elementwise, accurate for small x."),
     OpDef("erf", 1, erf, _erf_vjp, float_like_input,
-          doc="Error function 2/sqrt(pi) * integral of exp(-t**2) from 0 to x, elementwise (without scipy)."),
-    OpDef("gelu", 1, _gelu, _gelu_vjp, _gelu_infer,
+          doc="Error function 2/sqrt(pi) * integral of exp(-t**2) from 0 to x, elementwise (without scipy).",
+          forward_into=copied_into(erf)),
+    OpDef("gelu", 1, _gelu, _gelu_vjp, _gelu_infer, forward_into=copied_into(_gelu),
           attrs={"approximate": Attr("string", "none", "'none': x * Phi(x) exactly; 'tanh': the tanh approximation")},
           doc="Gaussian error linear unit x * Phi(x), Phi the standard normal CDF; approximate='tanh' approximates it.",
           sample=_gelu_sample),

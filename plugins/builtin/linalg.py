@@ -24,6 +24,8 @@ from chainrule.core import VARIADIC, Attr, GraphError, OpDef, OpError, TensorSpe
 from chainrule.core.symbolic import with_symbolic
 from chainrule.plugins.authoring import table_hookimpl
 
+from .common import matmul, summed_matmul
+
 
 # --- matmul ----------------------------------------------------------------------------------
 
@@ -47,49 +49,27 @@ def _matmul_infer(a: TensorSpec, b: TensorSpec) -> TensorSpec:
 
 
 def _matmul_vjp(g, out, a, b, *, needs=(True, True)):
-    """``g @ bᵀ`` and ``aᵀ @ g``; ``needs`` (from the engine) skips a product nobody wants, e.g. for a data batch."""
+    """``g @ bᵀ`` and ``aᵀ @ g``; ``needs`` (from the engine) skips a product nobody wants, e.g. for a data batch.
+    Large products run in blocks with stop checks (common.matmul, summed_matmul), like the forward."""
     if a.ndim == 1 and b.ndim == 1:                 # vector · vector: out is a scalar
         return (g * b if needs[0] else None), (g * a if needs[1] else None)
     if a.ndim == 2 and b.ndim == 2:                 # matrix · matrix (a dense layer's product): at once
-        return (np.matmul(g, b.T) if needs[0] else None), (np.matmul(a.T, g) if needs[1] else None)
+        return (matmul(g, b.T) if needs[0] else None), (matmul(a.T, g) if needs[1] else None)
     a2 = a[np.newaxis, :] if a.ndim == 1 else a     # row vector (1, k)
     b2 = b[:, np.newaxis] if b.ndim == 1 else b     # column vector (k, 1)
     g2 = np.expand_dims(g, -2) if a.ndim == 1 else g
     g2 = np.expand_dims(g2, -1) if b.ndim == 1 else g2
     da = db = None
     if needs[0]:
-        da = _summed_product(g2, np.swapaxes(b2, -1, -2), a2.shape[:-2])
+        da = summed_matmul(g2, np.swapaxes(b2, -1, -2), a2.shape[:-2])
         da = da[..., 0, :] if a.ndim == 1 else da   # drop the added row axis
-    if needs[1] and b.ndim == 2 and a.ndim > 2:    # a batch times one matrix (a dense layer): one product
-        db = np.matmul(a.reshape(-1, a.shape[-1]).T, g.reshape(-1, g.shape[-1]))  # no (batch, k, n) temporary
+    if needs[1] and b.ndim == 2 and a.ndim > 2 and a.flags.c_contiguous and g.flags.c_contiguous:
+        # a batch times one matrix (a dense layer): one product, no (batch, k, n) temporary
+        db = matmul(a.reshape(-1, a.shape[-1]).T, g.reshape(-1, g.shape[-1]))
     elif needs[1]:
-        db = _summed_product(np.swapaxes(a2, -1, -2), g2, b2.shape[:-2])
+        db = summed_matmul(np.swapaxes(a2, -1, -2), g2, b2.shape[:-2])
         db = db[..., 0] if b.ndim == 1 else db      # drop the added column axis
     return da, db
-
-
-_LETTERS = "abcdefghijklmnopqrstuvw"  # batch axes (x, y, z name the matrix axes)
-
-
-def _summed_product(x: np.ndarray, y: np.ndarray, batch: tuple[int, ...]) -> np.ndarray:
-    """``x @ y`` summed over the batch axes the input of shape ``batch`` was broadcast along: the
-    gradient of an input that was broadcast, computed without the broadcast-shaped temporary
-    (a (1, k, n) weight against an (N, m, k) batch: k x n, not N x k x n). Plain matmul when no axis
-    is summed."""
-    if x.ndim == y.ndim == len(batch) + 2 and x.shape[:-2] == y.shape[:-2] == tuple(batch):
-        return np.matmul(x, y)  # nothing broadcast (plain matrices among them): the common case, at once
-    full = np.broadcast_shapes(x.shape[:-2], y.shape[:-2])
-    padded = (1,) * (len(full) - len(batch)) + tuple(batch)
-    summed = [i for i, (n, m) in enumerate(zip(full, padded)) if m == 1 and n != 1]
-    if not summed or len(full) > len(_LETTERS):  # (more batch axes than letters: the engine sums them back)
-        return np.matmul(x, y)
-    axes = _LETTERS[:len(full)]
-    kept = "".join(a for i, a in enumerate(axes) if i not in summed and i >= len(full) - len(batch))
-    x = np.broadcast_to(x, full + x.shape[-2:])
-    y = np.broadcast_to(y, full + y.shape[-2:])
-    # einsum with optimize contracts through BLAS (tensordot), so the summed axes never exist at full size
-    product = np.einsum(f"{axes}xy,{axes}yz->{kept}xz", x, y, optimize=True)
-    return product.reshape(tuple(batch) + product.shape[-2:]) if len(batch) else product
 
 
 def _matmul_cost(a: TensorSpec, b: TensorSpec) -> float:
@@ -355,7 +335,7 @@ def _einsum_sample(rng: np.random.Generator):
 # --- the table -------------------------------------------------------------------------------
 
 OPERATORS: list[OpDef] = [
-    OpDef("matmul", 2, np.matmul, _matmul_vjp, _matmul_infer,
+    OpDef("matmul", 2, matmul, _matmul_vjp, _matmul_infer,
           doc="Matrix product with numpy's rules: 1-D vectors, broadcast batch axes.", sample=_matmul_sample,
           selective_vjp=True, cost=_matmul_cost),
     OpDef("transpose", 1,
