@@ -35,7 +35,7 @@ class Shapes:
 
     __slots__ = ("specs", "value_bytes", "grad_bytes", "differentiable", "grad_edges", "complete", "_pruned",
                  "shape_of", "dtype_of", "scalar_type", "float_scalars", "head_of", "result_shape",
-                 "result_scalar", "operations", "workspace_bytes", "chunked")
+                 "result_scalar", "operations", "workspace_bytes", "chunked", "large")
 
     def __init__(self, specs: list[TensorSpec | None], in_slots: list[tuple[int, ...]], n_inputs: int,
                  head_of: list[int], unpacked: list[bool] | None = None) -> None:
@@ -75,6 +75,8 @@ class Shapes:
         self.workspace_bytes = _workspace(specs, in_slots, n_inputs)
         #: The large elementwise nodes the engine runs in blocks, between stop checks (engine._chunked).
         self.chunked: frozenset[int] | None = None
+        #: The nodes large enough for a stop check of their own (engine._large).
+        self.large: frozenset[int] | None = None
         self._pruned: dict[frozenset[int], list[tuple[tuple[int, int], ...]]] = {}
         #: The forward pass's floating-point operations (core/cost.py), counted once when first asked.
         self.operations: float | None = None

@@ -380,12 +380,13 @@ def _forward(plan: Plan, shapes: Shapes, arrays: list[Any], run: RunContext) -> 
     reuse, allowance = run.reuse, run.allowance
     run.allowance = None  # for this plan only, not for graphs run inside its operators
     chunked = _chunked(plan, shapes) if token is not None else None
+    large = _large(plan, shapes) if token is not None else ()
     if reuse is not None:
         run.reuse = None
         run.overwritten = []
     for k in range(plan.n_inputs, len(ins)):
-        if token is not None and not k & 7:  # every 8th node: a check costs as much as a scalar op
-            token.check()
+        if token is not None and (not k & 7 or k in large):  # every 8th node (a check costs as much as a
+            token.check()                                     # scalar op), and before every large one
         s = ins[k]
         try:
             if chunked is not None and k in chunked:  # one large elementwise node: in blocks, stop checks between
@@ -432,6 +433,21 @@ def _forward(plan: Plan, shapes: Shapes, arrays: list[Any], run: RunContext) -> 
 #: which no check between nodes could interrupt; a block takes milliseconds.
 BLOCKED_MIN_ELEMENTS = 1 << 22
 BLOCK_ELEMENTS = 1 << 20
+
+
+#: Nodes whose value has at least this many elements get a stop check of their own (others one
+#: every eighth node): seven such nodes in a row could run a second or more past a deadline.
+CHECKED_MIN_ELEMENTS = 1 << 20
+
+
+def _large(plan: Plan, shapes: Shapes) -> frozenset[int]:
+    """The slots of ``shapes`` with at least CHECKED_MIN_ELEMENTS elements (cached on it)."""
+    found = shapes.large
+    if found is None:
+        found = frozenset(k for k, spec in enumerate(shapes.specs)
+                          if spec is not None and spec.size >= CHECKED_MIN_ELEMENTS)
+        shapes.large = found
+    return found
 
 
 def _chunked(plan: Plan, shapes: Shapes) -> frozenset[int] | None:
@@ -700,6 +716,7 @@ def _backward(
     grads: list[Any] = [None] * len(ins)
     owned = [False] * len(ins)  # True where grads[j] is a buffer we allocated and may add into
     chunked = _chunked(plan, shapes) if token is not None else None
+    large = _large(plan, shapes) if token is not None else ()
     for slot, seed in seeds:  # several seeds (a body's outputs) may name one slot: add them
         grads[slot] = seed if grads[slot] is None else grads[slot] + seed
     start = max(slot for slot, _ in seeds)
@@ -707,7 +724,7 @@ def _backward(
         g = grads[k]
         if (g is None and n_out[k] < 2) or not edges[k]:  # skip: no gradient reached k, or no input wants one
             continue
-        if token is not None and not k & 7:  # every 8th node: a check costs as much as a scalar op
+        if token is not None and (not k & 7 or k in large):  # every 8th node, and before every large one
             token.check()
         s = ins[k]
         try:

@@ -182,3 +182,17 @@ def test_blocks_give_the_same_bits_and_a_cancel_stops_between_them(monkeypatch):
         evaluate(compile_graph(one, Registry([*REGISTRY, slow])), {"x": np.zeros((200, 100))},
                  token=StopToken(None, cancel))
     assert blocks == [1]  # stopped at the next block, not after the ~20 blocks of the node
+
+
+def test_a_sums_gradient_of_ones_is_not_multiplied_in_and_changes_no_bit():
+    from chainrule.plugins.builtin.elementwise import ones_broadcast
+
+    assert ones_broadcast(np.broadcast_to(np.float64(1.0), (5, 3)))
+    assert not ones_broadcast(np.broadcast_to(np.float64(2.0), (5, 3)))
+    assert not ones_broadcast(np.ones((5, 3)))  # a real array: it could hold anything after its first 1
+    assert not ones_broadcast(np.float64(1.0))
+    sigmoid = REGISTRY["sigmoid"]
+    out = sigmoid.forward(np.random.default_rng(2).normal(size=N))
+    (lean,) = sigmoid.vjp(np.broadcast_to(np.float64(1.0), out.shape), out, None)
+    (full,) = sigmoid.vjp(np.ones(out.shape), out, None)
+    _same(lean, full)

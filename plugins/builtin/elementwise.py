@@ -115,12 +115,20 @@ def copied_into(rule: Callable[..., np.ndarray]) -> Callable[..., np.ndarray]:
 
 # --- vjp rules that update one fresh buffer in place --------------------------------------
 
+def ones_broadcast(g: Any) -> bool:
+    """Whether ``g`` is one 1 broadcast to a shape (the gradient a sum hands back): multiplying
+    by it is a pass over the array that changes no bit (x * 1 is x), so it can be left out.
+    Every element of an array whose strides are all 0 is the one element at its start."""
+    return type(g) is np.ndarray and g.ndim > 0 and not any(g.strides) and g.size > 0 and g.flat[0] == 1
+
+
 def _tanh_vjp(g, out, x):
     if out.size < IN_PLACE_MIN:
         return (g * (1 - out * out),)
     d = out * out
     np.subtract(1, d, out=d)            # 1 - tanh²
-    d *= g
+    if not ones_broadcast(g):
+        d *= g
     return (d,)
 
 
@@ -129,7 +137,8 @@ def _sigmoid_vjp(g, out, x):
         return (g * out * (1 - out),)
     d = np.subtract(1, out)
     d *= out                            # σ (1 - σ)
-    d *= g
+    if not ones_broadcast(g):
+        d *= g
     return (d,)
 
 
