@@ -242,6 +242,24 @@ class Plan(CompiledGraph):
         times, inner = op.inner_shapes(*specs, **self.attrs[head])
         return times, inner.specs[slot]
 
+    def _declared_workspace(self, specs: list[TensorSpec | None]) -> int:
+        """The largest workspace an operator of this plan declares for these specs (OpDef.workspace), 0 if none."""
+        largest = 0
+        for k, op in enumerate(self.ops):
+            if op is None or op.workspace is None or not self.n_out[k]:
+                continue
+            inputs = [specs[j] for j in self.in_slots[k]]
+            if any(spec is None for spec in inputs):
+                continue
+            try:
+                declared = int(op.workspace(*inputs, **self.attrs[k]))
+            except Exception as exc:  # the plugin's bug: named, as a broken infer rule is
+                raise OperatorFailure(f"{where(self.node_names[k], op.name)}workspace rule raised "
+                                      f"{type(exc).__name__}: {exc}", node=self.node_names[k], op=op.name,
+                                      plugin=op.plugin) from exc
+            largest = max(largest, declared)
+        return largest
+
     def specialize(self, input_shapes: Sequence[tuple[int, ...]], *, stop: Callable[[], None] | None = None) -> Shapes:
         """Infer every value's spec for these input shapes and check the limits (cached). ``stop``
         (a StopToken's check) is called every 4,096 nodes: a million-node graph takes seconds."""
@@ -272,6 +290,7 @@ class Plan(CompiledGraph):
                     )
             specs[k:k + len(found)] = found
         shapes = Shapes(specs, self.in_slots, self.n_inputs, self.head_of, self.unpacked)
+        shapes.workspace_bytes = max(shapes.workspace_bytes, self._declared_workspace(specs))
         check_memory(self.limits, shapes.value_bytes, "values")  # the least any run needs
         with self._lock:  # plans are shared by concurrent requests
             if len(self._shapes) >= _SPEC_CACHE_SIZE:

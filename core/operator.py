@@ -116,6 +116,10 @@ class OpDef:
     #: that cannot fit its deadline is refused before it starts (core/cost.py). Others count one per
     #: element they produce.
     cost: Callable[..., float] | None = None
+    #: ``workspace(*specs, **attrs) -> int``: bytes of temporaries the rules hold at once, for operators
+    #: whose rules need more than the engine assumes (two arrays as large as the largest the node reads
+    #: or makes): conv's im2col columns. Counted in the memory budget before any work.
+    workspace: Callable[..., int] | None = None
     #: The inputs' names, in order (one name standing for all the inputs of a variadic
     #: operator), as ListOperators shows them. None: the forward rule's positional
     #: parameters (``def forward(logits, labels)``: "logits", "labels"; ``*xs``: "xs").
@@ -351,7 +355,7 @@ def validate_opdef(op: Any, *, plugin: str | None = None) -> None:
         raise InvalidOperatorError(f"{what}has no vjp (gradient rule)", plugin=plugin, op=op.name)
     if op.infer is not None and not callable(op.infer):
         raise InvalidOperatorError(f"{what}infer is not callable", plugin=plugin, op=op.name)
-    for role in ("vjp_graph", "jvp_graph"):
+    for role in ("vjp_graph", "jvp_graph", "workspace"):
         if getattr(op, role) is not None and not callable(getattr(op, role)):
             raise InvalidOperatorError(f"{what}{role} is not callable", plugin=plugin, op=op.name)
     problem = inputs_problem(op)

@@ -109,3 +109,17 @@ def test_the_response_counts_in_the_budget_before_the_forward_pass():
             assert float(result.grad["x"][0]) == pytest.approx(n * np.e)
     finally:
         server.stop(grace=None).wait()
+
+
+def test_a_declared_workspace_counts_before_any_work():
+    """conv declares its im2col columns (OpDef.workspace): a budget that holds the values and
+    gradients but not the columns refuses the call before it starts."""
+    graph = GraphIR.build([("x", "float64", (1, 4, 64, 64)), ("w", "float64", (8, 4, 3, 3))],
+                          [("y", "conv", ("x", "w"), {"pads": [1, 1, 1, 1]}), ("f", "sum", ("y",))], "f")
+    inputs = {"x": np.ones((1, 4, 64, 64)), "w": np.ones((8, 4, 3, 3))}
+    tight = compile_graph(graph, BUILTIN, Limits(max_memory_bytes=3 << 20))
+    with pytest.raises(LimitExceeded, match="workspace") as caught:
+        evaluate(tight, inputs)
+    assert caught.value.requested > 4 << 20  # two 2 MiB column chunks at least
+    roomy = compile_graph(graph, BUILTIN, Limits(max_memory_bytes=8 << 20))
+    assert float(evaluate(roomy, inputs).output_value) > 0

@@ -238,6 +238,26 @@ def _conv_cost(x: TensorSpec, w: TensorSpec, **attrs: Any) -> float:
 WORKSPACE_BYTES = 2 << 20
 
 
+def _columns_bytes(x: TensorSpec, kernel: tuple[int, ...], out: tuple[int, ...]) -> int:
+    """What _Im2col holds for x: one chunk of columns (at least a whole sample's, C * kernel * out
+    elements, however large) and the padded copy of the chunk, counted as large again."""
+    per_sample = x.shape[1] * math.prod(kernel) * math.prod(out) * x.dtype.itemsize
+    return 2 * max(per_sample, WORKSPACE_BYTES)
+
+
+def _conv_workspace(x: TensorSpec, w: TensorSpec, **attrs: Any) -> int:
+    out = _conv_infer(x, w, **attrs).shape
+    return _columns_bytes(x, tuple(w.shape[2:]), tuple(out[2:]))
+
+
+def _conv_grad_x_workspace(g: TensorSpec, w: TensorSpec, like: TensorSpec, **attrs: Any) -> int:
+    return _columns_bytes(TensorSpec(like.shape, g.dtype), tuple(w.shape[2:]), tuple(g.shape[2:]))
+
+
+def _conv_grad_w_workspace(x: TensorSpec, g: TensorSpec, like: TensorSpec, **attrs: Any) -> int:
+    return _columns_bytes(x, tuple(like.shape[2:]), tuple(g.shape[2:]))
+
+
 class _Im2col:
     """im2col of x [N, C, H, W] over the batch in chunks, into one reused workspace."""
 
@@ -755,7 +775,7 @@ _AVG_POOL_ATTRS = {"kernel_shape": _KERNEL, "strides": _STRIDES, "pads": _PADS,
                    "count_include_pad": Attr("bool", False, "divide by the kernel size even where it covers padding")}
 
 OPERATORS: list[OpDef] = [
-    OpDef("conv", 2, _conv, _conv_vjp, _conv_infer, attrs=_CONV_ATTRS, cost=_conv_cost,
+    OpDef("conv", 2, _conv, _conv_vjp, _conv_infer, attrs=_CONV_ATTRS, cost=_conv_cost, workspace=_conv_workspace,
           doc="ONNX Conv without bias: x [N, C, (H,) W] with w [M, C/group, (KH,) KW]; strides, pads, dilations, group.",
           sample=_conv_sample, selective_vjp=True),
     OpDef("max_pool", 1, _max_pool, _max_pool_vjp, _pool_infer("max_pool"), attrs=_MAX_POOL_ATTRS,
@@ -767,10 +787,12 @@ OPERATORS: list[OpDef] = [
 
     # derivative helpers: the gradients above as operators (like: a value whose shape alone is read)
     OpDef("conv_grad_x", 3, _conv_grad_x, _conv_grad_x_vjp, _conv_grad_x_infer, attrs=_CONV_ATTRS,
+          workspace=_conv_grad_x_workspace,
           input_names=("g", "w", "like"),
           doc="conv's gradient for x (the transposed convolution of g with w), of like's shape: like is x "
               "(its values are not read).", sample=lambda rng: _conv_grad_sample(rng, 0)),
     OpDef("conv_grad_w", 3, _conv_grad_w, _conv_grad_w_vjp, _conv_grad_w_infer, attrs=_CONV_ATTRS,
+          workspace=_conv_grad_w_workspace,
           input_names=("x", "g", "like"),
           doc="conv's gradient for w (the correlation of x with g), of like's shape: like is w (its values are "
               "not read).", sample=lambda rng: _conv_grad_sample(rng, 1)),
