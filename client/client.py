@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
+import random
 import threading
 import time
 from collections.abc import Generator as GeneratorABC
@@ -33,6 +34,8 @@ from .transport import Transport
 #: real tensors). The server bounds what it accepts and sends by its memory budget, and refuses a
 #: response too large for its limit before computing it, so the client adds no wall of its own.
 MAX_MESSAGE_BYTES = (1 << 31) - 1
+#: How many times a call refused "not now" (RetryInfo) is sent again, each after twice the last delay.
+BUSY_RETRIES = 5
 
 
 class Client(ClientBase):
@@ -51,6 +54,10 @@ class Client(ClientBase):
     shared-memory directory instead of sending them (the server needs
     ``--shared-memory-dir`` and the client must run as its user, on its host,
     with this one address; see chainrule.client.shared_memory).
+    A call the server refuses "not now" (RESOURCE_EXHAUSTED with RetryInfo:
+    all its ``max_concurrent`` slots taken, or its memory budget held by other
+    calls; refused before any work) is sent again after the delay the server
+    names, doubled each time, up to ``busy_retries`` times within the timeout.
     """
 
     transport: "GrpcTransport"
@@ -59,9 +66,11 @@ class Client(ClientBase):
                  options: Sequence[tuple[str, Any]] | None = None,
                  credentials: grpc.ChannelCredentials | None = None,
                  tls: bool | TLS | None = None, token: str | None = None,
-                 max_message_bytes: int = MAX_MESSAGE_BYTES, shared_memory: bool = False) -> None:
+                 max_message_bytes: int = MAX_MESSAGE_BYTES, shared_memory: bool = False,
+                 busy_retries: int = BUSY_RETRIES) -> None:
         super().__init__(GrpcTransport(address, options=options, credentials=credentials, tls=tls, token=token,
-                                       max_message_bytes=max_message_bytes, shared_memory=shared_memory),
+                                       max_message_bytes=max_message_bytes, shared_memory=shared_memory,
+                                       busy_retries=busy_retries),
                          timeout=timeout)
 
     @property
@@ -83,9 +92,11 @@ class GrpcTransport(Transport):
 
     def __init__(self, address: str | Sequence[str], *, options: Sequence[tuple[str, Any]] | None,
                  credentials: grpc.ChannelCredentials | None, tls: bool | TLS | None, token: str | None,
-                 max_message_bytes: int, shared_memory: bool) -> None:
+                 max_message_bytes: int, shared_memory: bool, busy_retries: int = BUSY_RETRIES) -> None:
         super().__init__()
         self.address = target_for(address)
+        #: How many times a call refused "not now" (RetryInfo) is sent again (0: never).
+        self.busy_retries = busy_retries
         if shared_memory and "," in self.address:  # each server would need our files on its host
             raise ValueError(f"shared_memory=True needs a single server on this host, not several: {address!r}")
         self.shared_memory = shared_memory
@@ -152,6 +163,22 @@ class GrpcTransport(Transport):
 
     def _call(self, name: str, method: Callable[..., Any], request: Any, timeout: float | None) -> Any:
         ends = None if timeout is None else time.monotonic() + timeout
+        for attempt in range(self.busy_retries + 1):
+            try:
+                return self._call_once(name, method, request, ends)
+            except ChainruleRpcError as error:
+                # A refusal that says "not now" (RetryInfo: the server busy, or its memory held by other
+                # calls) comes before any work: an idempotent call is sent again after the delay it names,
+                # doubled each time, while the timeout allows.
+                delay = None if error.retry_delay is None else error.retry_delay * (2 ** attempt) * random.uniform(1, 1.5)
+                if (delay is None or name not in IDEMPOTENT_METHODS or attempt == self.busy_retries
+                        or (ends is not None and time.monotonic() + delay >= ends)):
+                    raise
+                time.sleep(delay)
+        raise AssertionError("unreachable")
+
+    def _call_once(self, name: str, method: Callable[..., Any], request: Any, ends: float | None) -> Any:
+        timeout = None if ends is None else max(0.0, ends - time.monotonic())
         try:
             return method(request, timeout=timeout)
         except grpc.RpcError as error:

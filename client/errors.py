@@ -40,6 +40,9 @@ class ChainruleRpcError(Exception):
         self.metadata: dict[str, str] = dict(metadata or {})
         #: BadRequest field violations as (field, description) pairs.
         self.violations: list[tuple[str, str]] = list(violations or [])
+        #: RetryInfo's delay in seconds, for a refusal that only says "not now" (the server busy, or its
+        #: memory held by other calls): the client sends such a call again after it. None otherwise.
+        self.retry_delay: float | None = None
 
     @property
     def node(self) -> str | None:
@@ -129,6 +132,7 @@ def from_status(status: status_pb2.Status) -> ChainruleRpcError:
     """The typed exception for a google.rpc.Status (as LocalClient and streams receive them)."""
     code = _CODE_OF_NUMBER.get(status.code, grpc.StatusCode.UNKNOWN)
     reason, metadata, violations = "", {}, []
+    retry_delay: float | None = None
     for detail in status.details:
         if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
             info = error_details_pb2.ErrorInfo()
@@ -138,7 +142,13 @@ def from_status(status: status_pb2.Status) -> ChainruleRpcError:
             bad = error_details_pb2.BadRequest()
             detail.Unpack(bad)
             violations.extend((v.field, v.description) for v in bad.field_violations)
-    return error_class(code)(code, status.message, reason=reason, metadata=metadata, violations=violations)
+        elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            retry = error_details_pb2.RetryInfo()
+            detail.Unpack(retry)
+            retry_delay = retry.retry_delay.ToTimedelta().total_seconds()
+    error = error_class(code)(code, status.message, reason=reason, metadata=metadata, violations=violations)
+    error.retry_delay = retry_delay
+    return error
 
 
 def from_rpc_error(error: grpc.RpcError, *, address: str | None = None, method: str | None = None,

@@ -164,11 +164,15 @@ class LimitExceeded(ChainruleError):
 
     reason = "LIMIT_EXCEEDED"
 
-    def __init__(self, message: str, *, limit: str, requested: int, allowed: int, **where_: Any) -> None:
+    def __init__(self, message: str, *, limit: str, requested: int, allowed: int, retry_after: float | None = None,
+                 **where_: Any) -> None:
         super().__init__(message, **where_)
         self.limit = limit
         self.requested = requested
         self.allowed = allowed
+        #: Seconds after which the same call may succeed, for a refusal that only says "not now" (the
+        #: server busy: max_concurrent, or its memory held by other calls); None when retrying is futile.
+        self.retry_after = retry_after
 
 
 # --- stopping work ----------------------------------------------------------------

@@ -8,6 +8,10 @@ from dataclasses import dataclass, field
 from .errors import LimitExceeded
 
 
+#: What a refusal for want of memory held by other calls suggests waiting before the call is sent again.
+RETRY_AFTER_SECONDS = 0.05
+
+
 class MemoryLedger:
     """The bytes held by the evaluations in progress that share one :class:`Limits`: one server's,
     or one LocalClient's. ``max_memory_bytes`` bounds one request and all of them together, so a
@@ -34,7 +38,8 @@ class MemoryLedger:
                 raise LimitExceeded(
                     f"this call needs {nbytes} bytes more and the calls in progress hold {self.held} of the "
                     f"{self.capacity} bytes this server may use (max_memory_bytes): retry later, or send "
-                    f"less work", limit="max_memory_bytes", requested=nbytes, allowed=free)
+                    f"less work", limit="max_memory_bytes", requested=nbytes, allowed=free,
+                    retry_after=RETRY_AFTER_SECONDS)
             self.held += nbytes
 
     def _give_back(self, nbytes: int) -> None:

@@ -20,6 +20,7 @@ import grpc
 from grpc_status import rpc_status
 
 from chainrule.core import StopToken
+from chainrule.core.limits import RETRY_AFTER_SECONDS
 from chainrule.core.errors import (
     CancelledError, ChainruleError, DeadlineError, LimitExceeded, OperatorFailure, ShuttingDown,
 )
@@ -209,10 +210,12 @@ class Servicer(pb_grpc.ChainruleServicer):
             allowed = self.config.max_streams
             return LimitExceeded(
                 f"the server already has {allowed} EvaluateStream calls open (max_streams); retry later, or send "
-                f"more input sets through fewer streams", limit="max_streams", requested=allowed + 1, allowed=allowed)
+                f"more input sets through fewer streams", limit="max_streams", requested=allowed + 1, allowed=allowed,
+                retry_after=RETRY_AFTER_SECONDS)
         allowed = self.config.max_concurrent
         return LimitExceeded(f"the server is already serving {allowed} calls (max_concurrent); retry later",
-                             limit="max_concurrent", requested=allowed + 1, allowed=allowed)
+                             limit="max_concurrent", requested=allowed + 1, allowed=allowed,
+                             retry_after=RETRY_AFTER_SECONDS)
 
     @contextmanager
     def _admitted(self) -> Iterator[None]:

@@ -40,7 +40,8 @@ def test_the_excess_of_4m_parallel_calls_is_refused_at_once_and_none_hangs(addre
         except ResourceExhausted as exc:
             return "RESOURCE_EXHAUSTED", time.monotonic(), exc
 
-    with Client(address, timeout=60) as client, ThreadPoolExecutor(4 * M) as pool:
+    # busy_retries=0: the refusals themselves are under test (the client would otherwise send them again)
+    with Client(address, timeout=60, busy_retries=0) as client, ThreadPoolExecutor(4 * M) as pool:
         client.evaluate(graph, x=0.0, values="none", grads="none")  # compiled and cached: all calls start alike
         outcomes = list(pool.map(call, [client] * (4 * M)))  # a hang would fail with DEADLINE_EXCEEDED
         served = [t for code, t, _ in outcomes if code == "OK"]
@@ -49,6 +50,7 @@ def test_the_excess_of_4m_parallel_calls_is_refused_at_once_and_none_hangs(addre
         # Refused at once: every refusal arrived while the admitted calls were still computing.
         assert max(t for t, _ in refused) < min(served)
         assert all(exc.metadata["limit"] == "max_concurrent" for _, exc in refused)
+        assert all(exc.retry_delay and exc.retry_delay > 0 for _, exc in refused)  # RetryInfo: "not now"
 
         # Back to normal: the slots are free again, M calls at once all succeed, and a small call answers.
         again = list(pool.map(lambda c: c.evaluate(slow_graph(steps=20), x=0.0).value, [client] * M))
@@ -99,5 +101,42 @@ def test_an_abandoned_calls_slot_is_free_when_its_deadline_passes():
             # the only slot is free although the sleeping rule still runs: this call is admitted
             assert client.evaluate(g.input("y") * 2.0, y=21.0).value == 42.0
             assert time.monotonic() - started < 1.5  # (before the stuck rule returned)
+    finally:
+        running.stop(None).wait()
+
+
+def test_the_client_sends_a_call_refused_not_now_again_after_the_delay_the_server_names():
+    """A server with one slot, taken by a call of about 0.3 s: a second call is refused before any
+    work with RetryInfo, and the client (busy_retries, the default) sends it again until it is
+    served; with busy_retries=0 the refusal reaches the caller."""
+    running, port = create_server("127.0.0.1:0", ServerConfig(max_concurrent=1, log_level="ERROR"))
+    running.start()
+    try:
+        address = f"127.0.0.1:{port}"
+        slow = slow_graph(steps=300)
+        g = GraphBuilder()
+        quick = g.input("x") * 2.0
+        with Client(address, timeout=60) as client, Client(address, timeout=60, busy_retries=0) as impatient:
+            client.evaluate(slow, x=0.0, values="none", grads="none")  # compiled: the timed call only computes
+            started = threading.Event()
+
+            def hold_the_slot() -> None:
+                started.set()
+                client.evaluate(slow, x=0.0, values="none", grads="none")
+
+            holder = threading.Thread(target=hold_the_slot)
+            holder.start()
+            started.wait(5)
+            refused = None
+            for _ in range(100):  # until the slow call holds the slot
+                try:
+                    impatient.evaluate(quick, x=1.0)
+                    time.sleep(0.005)
+                except ResourceExhausted as exc:
+                    refused = exc
+                    break
+            assert refused is not None and refused.retry_delay > 0
+            assert client.evaluate(quick, x=21.0).value == 42.0  # refused at first, then served
+            holder.join(30)
     finally:
         running.stop(None).wait()

@@ -7,7 +7,9 @@ operator and limit figures as metadata) and, for invalid requests,
 """
 from __future__ import annotations
 
-from google.protobuf import any_pb2
+from datetime import timedelta
+
+from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
 from chainrule.core.errors import (
@@ -82,6 +84,11 @@ def status_for(exc: ChainruleError, request_id: str = "") -> status_pb2.Status:
         violation = error_details_pb2.BadRequest.FieldViolation(field=_clip(exc.field or exc.node or ""),
                                                                 description=message)
         details.append(_pack(error_details_pb2.BadRequest(field_violations=[violation])))
+    retry_after = getattr(exc, "retry_after", None)
+    if retry_after:  # "not now": google.rpc.RetryInfo says when the same call may succeed
+        delay = duration_pb2.Duration()
+        delay.FromTimedelta(timedelta(seconds=retry_after))
+        details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
     return status_pb2.Status(code=code, message=message, details=details)
 
 
