@@ -310,3 +310,46 @@ def test_slow_elementwise_rules_write_into_a_buffer_with_the_same_bits(name, dty
     if x.dtype == expected.dtype:
         same = x.copy()
         np.testing.assert_array_equal(op.forward_into(same, same), expected)
+
+
+# --- einsum -------------------------------------------------------------------------------------------
+
+EINSUMS = [
+    ("ij,jk->ik", [(40, 30), (30, 20)]),
+    ("bij,bjk->bik", [(6, 10, 8), (6, 8, 7)]),
+    ("ij,ij->i", [(50, 30), (50, 30)]),
+    ("i,j->ij", [(40,), (30,)]),
+    ("ii->i", [(20, 20)]),            # a diagonal: its label cannot be cut, one piece
+    ("ij->", [(30, 40)]),             # a full contraction: no output label to cut along, one piece
+]
+WHOLE = {"ii->i", "ij->"}
+
+
+@pytest.mark.parametrize("equation,shapes", EINSUMS, ids=[e for e, _ in EINSUMS])
+def test_einsum_and_its_gradients_in_blocks_equal_the_unblocked_ones(monkeypatch, equation, shapes):
+    rng = np.random.default_rng(9)
+    xs = [rng.normal(size=s) for s in shapes]
+    names = [f"x{i}" for i in range(len(xs))]
+    plan = _plan([(n, "float64", s) for n, s in zip(names, shapes)],
+                 [("e", "einsum", tuple(names), {"equation": equation}), ("f", "sum", ("e",))], "f")
+    inputs = dict(zip(names, xs))
+    whole = evaluate(plan, inputs)
+    checks: list[int] = []
+    monkeypatch.setattr(linalg, "block_operations", lambda blas: 200.0)
+    monkeypatch.setattr(linalg, "stop_check", lambda: lambda: checks.append(1))
+    blocked = evaluate(plan, inputs)
+    np.testing.assert_allclose(blocked.value("e"), whole.value("e"), rtol=1e-12, atol=1e-12)
+    for name in names:
+        np.testing.assert_allclose(blocked.grad(name), whole.grad(name), rtol=1e-12, atol=1e-12)
+    if equation not in WHOLE:
+        assert len(checks) > 2  # cut into blocks, each after a check
+
+
+def test_a_cancel_stops_a_large_einsum():
+    n = 2000
+    plan = _plan([("a", "float64", (n, n)), ("b", "float64", (n, n))],
+                 [("e", "einsum", ("a", "b"), {"equation": "ij,jk->ik"}), ("f", "sum", ("e",))], "f")
+    inputs = {"a": np.ones((n, n)), "b": np.ones((n, n))}
+    alone = _seconds(lambda: evaluate(plan, inputs, gradients=False))
+    latency = _cancel_latency(alone / 4, lambda token: evaluate(plan, inputs, gradients=False, token=token))
+    _stopped_soon(latency, alone * 3 / 4)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from functools import lru_cache
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
@@ -24,7 +24,7 @@ from chainrule.core import VARIADIC, Attr, GraphError, OpDef, OpError, TensorSpe
 from chainrule.core.symbolic import with_symbolic
 from chainrule.plugins.authoring import table_hookimpl
 
-from .common import matmul, summed_matmul
+from .common import block_operations, matmul, stop_check, summed_matmul
 
 
 # --- matmul ----------------------------------------------------------------------------------
@@ -263,9 +263,45 @@ def _fit_equation(equation: str, shapes: tuple[tuple[int, ...], ...]) -> _Einsum
 
 
 def _contract(operands: list, labels: list, output: list, work: int):
-    """np.einsum in sublist form; numpy's path optimizer (BLAS for pairs) once the work is worth it."""
+    """np.einsum in sublist form; numpy's path optimizer (BLAS for pairs) once the work is worth it.
+    Work of more than a block, in a run that can be stopped, goes in blocks (see _blocked)."""
+    optimize = len(operands) > 1 and work > 4096
+    blas = all(np.result_type(x).kind == "f" for x in operands)
+    check = stop_check() if 2.0 * work > block_operations(blas) else None
+    if check is not None:
+        blocked = _blocked(operands, labels, output, work, optimize, check, block_operations(blas))
+        if blocked is not None:
+            return blocked
     args = [item for pair in zip(operands, labels) for item in pair]
-    return np.einsum(*args, list(output), optimize=len(operands) > 1 and work > 4096)
+    return np.einsum(*args, list(output), optimize=optimize)
+
+
+def _blocked(operands: list, labels: list, output: list, work: int, optimize: bool,
+             check: Callable[[], None], per_block: float) -> Any:
+    """The contraction computed in slices of one output label (the first that each operand holds at
+    most once), each about a block's work, with a stop check before each; None when no label allows
+    it (a full contraction, or a label repeated within an operand)."""
+    label = next((lab for lab in output if output.count(lab) == 1 and all(ls.count(lab) <= 1 for ls in labels)),
+                 None)
+    holders = [ls.index(label) if label in ls else None for ls in labels] if label is not None else []
+    size = next((np.shape(x)[axis] for x, axis in zip(operands, holders) if axis is not None), 1)
+    if label is None or size < 2:
+        return None
+    step = max(1, int(size * per_block // (2.0 * work)))
+    at = output.index(label)
+    result = None
+    for start in range(0, size, step):
+        check()
+        part = slice(start, min(start + step, size))
+        sliced = [x if axis is None else x[(slice(None),) * axis + (part,)] for x, axis in zip(operands, holders)]
+        args = [item for pair in zip(sliced, labels) for item in pair]
+        piece = np.einsum(*args, list(output), optimize=optimize)
+        if result is None:
+            shape = list(np.shape(piece))
+            shape[at] = size
+            result = np.empty(shape, np.result_type(piece))
+        result[(slice(None),) * at + (part,)] = piece
+    return result
 
 
 def _einsum_infer(*xs: TensorSpec, equation: str) -> TensorSpec:
@@ -275,6 +311,11 @@ def _einsum_infer(*xs: TensorSpec, equation: str) -> TensorSpec:
         raise OpError("all inputs are bool; einsum sums products and needs an int or float input",
                       reason="DTYPE_MISMATCH")
     return TensorSpec(fitted.shape, dtype)
+
+
+def _einsum_cost(*xs: TensorSpec, equation: str) -> float:
+    """Floating-point operations: a multiply and an add for every combination of the labels' values."""
+    return 2.0 * _fit_equation(equation, tuple(tuple(x.shape) for x in xs)).work
 
 
 def _einsum(*xs, equation: str):
@@ -344,7 +385,7 @@ OPERATORS: list[OpDef] = [
           _transpose_infer,
           attrs={"axes": Attr("ints", None, "the new order of the axes (negative allowed); none: reversed")},
           doc="Permute the axes (reverse them by default).", sample=_transpose_sample),
-    OpDef("einsum", VARIADIC, _einsum, _einsum_vjp, _einsum_infer,
+    OpDef("einsum", VARIADIC, _einsum, _einsum_vjp, _einsum_infer, cost=_einsum_cost,
           attrs={"equation": Attr("string", doc="numpy's subscripts: 'ij,jk->ik', implicit 'ij,jk', '...' for "
                                                 "broadcast axes, repeated subscripts for diagonals")},
           doc="Einstein summation over one or more inputs, with numpy's np.einsum subscripts.",
