@@ -144,16 +144,6 @@ def parse_selection(spec: Selectable | None, field: str, owner: Any = None) -> S
     return tuple(dict.fromkeys(name_of(k, owner) for k in spec))
 
 
-def selection(spec: Selectable | None, field: str, owner: Any = None) -> pb.Selection | None:
-    """``"all"`` (None), ``"none"`` or a list of names/Vars (of ``owner``) as a Selection message."""
-    chosen = parse_selection(spec, field, owner)
-    if chosen == "all":
-        return None
-    if chosen == "none":
-        return pb.Selection(mode=pb.Selection.NONE)
-    return pb.Selection(mode=pb.Selection.LISTED, names=chosen)
-
-
 class EvaluateCall(NamedTuple):
     """One ``evaluate`` as the user asked for it, checked and resolved, before any transport
     decides how it travels (a request message, or the engine called in this process).
@@ -228,8 +218,8 @@ def evaluate_request(
 
 
 def _select_into(message: pb.Selection, spec: Selectable | None, field: str, owner: Any) -> None:
-    """Write :func:`selection` into a request's Selection field in place ("all": left unset),
-    without building a Selection message to copy."""
+    """Write a selection (``"all"``, ``"none"`` or names/Vars of ``owner``) into a request's Selection
+    field in place ("all": left unset)."""
     chosen = parse_selection(spec, field, owner)
     if chosen == "all":
         return

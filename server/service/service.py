@@ -174,7 +174,7 @@ class ChainruleService:
         unreached = UNREACHED_OMIT if request.unreached == pb.UNREACHED_OMIT else UNREACHED_ZEROS
         asked = self.asked(plan, request)  # unknown names fail before any work
         contributions = request.contributions
-        fits = None
+        before_work = None
         if capacity is not None:
             as_values = request.response_encoding == pb.TENSOR_ENCODING_VALUES
 
@@ -185,9 +185,11 @@ class ChainruleService:
                 # then copied once more into gRPC's buffers
                 return RESPONSE_COPIES * size
 
+            before_work = fits
+
         evaluation = evaluate_plan(
             plan, inputs, output=request.output or None, seed=seed,
-            gradients=asked.gradients, before_work=fits,
+            gradients=asked.gradients, before_work=before_work,
             # Gradients nobody asked for are not computed (dL/dX of a data batch, say).
             wrt=asked.wrt, unreached=unreached, contributions=contributions, token=token, inner=asked.inner,
             # values nobody reads after the run may be written over (diagnostics read them all)
@@ -419,7 +421,8 @@ class Asked:
 
     def check_size(self, shapes: Shapes, output: int, capacity: int, *, contributions: bool,
                    as_values: bool) -> int:
-        """check_response_size for this selection, its byte count worked out once per shapes; the count."""
+        """The response's bytes for this selection (response_bytes, worked out once per shapes); a
+        response that would not fit ``capacity`` bytes is refused (refuse_response)."""
         key = (id(shapes), output, contributions, as_values)
         known = self._sizes.get(key)
         if known is not None and known[0] is shapes:
@@ -439,18 +442,6 @@ class Asked:
                                                          if shapes.differentiable[k]]),
                             capacity, contributions=contributions)
         return total
-
-
-def check_response_size(plan: Plan, shapes: Shapes, output: int, shown: Iterable[int],
-                        wanted: Iterable[int], capacity: int, *, contributions: bool = False,
-                        as_values: bool = False, inner: Iterable[str] = ()) -> None:
-    """Refuse, before the forward pass, a response that would not fit ``capacity`` bytes
-    (its size: :func:`response_bytes`)."""
-    shown, wanted = list(shown), [k for k in wanted if shapes.differentiable[k]]
-    total = response_bytes(plan, shapes, output, shown, wanted, contributions=contributions, as_values=as_values,
-                           inner=inner)
-    if total > capacity:
-        refuse_response(total, len(shown), len(wanted), capacity, contributions=contributions)
 
 
 def response_bytes(plan: Plan, shapes: Shapes, output: int, shown: Iterable[int], wanted: Iterable[int], *,
