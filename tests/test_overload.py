@@ -105,15 +105,26 @@ def test_an_abandoned_calls_slot_is_free_when_its_deadline_passes():
         running.stop(None).wait()
 
 
-def test_the_client_sends_a_call_refused_not_now_again_after_the_delay_the_server_names():
+def test_the_client_sends_a_call_refused_not_now_again_after_the_delay_the_server_names(monkeypatch):
     """A server with one slot, taken by a call of about 0.3 s: a second call is refused before any
     work with RetryInfo, and the client (busy_retries, the default) sends it again until it is
     served; with busy_retries=0 the refusal reaches the caller."""
+    from chainrule.client import client as client_module
+
+    waits: list[float] = []  # the delays this thread's client waited before sending a call again
+    real_sleep, caller = time.sleep, threading.get_ident()
+
+    def sleep(seconds: float) -> None:
+        if threading.get_ident() == caller:
+            waits.append(seconds)
+        real_sleep(seconds)
+
+    monkeypatch.setattr(client_module.time, "sleep", sleep)
     running, port = create_server("127.0.0.1:0", ServerConfig(max_concurrent=1, log_level="ERROR"))
     running.start()
     try:
         address = f"127.0.0.1:{port}"
-        slow = slow_graph(steps=300)
+        slow = slow_graph(steps=1500)
         g = GraphBuilder()
         quick = g.input("x") * 2.0
         with Client(address, timeout=60) as client, Client(address, timeout=60, busy_retries=0) as impatient:
@@ -136,7 +147,9 @@ def test_the_client_sends_a_call_refused_not_now_again_after_the_delay_the_serve
                     refused = exc
                     break
             assert refused is not None and refused.retry_delay > 0
+            assert not waits
             assert client.evaluate(quick, x=21.0).value == 42.0  # refused at first, then served
+            assert waits and waits[0] >= refused.retry_delay  # it was sent again, after the delay named
             holder.join(30)
     finally:
         running.stop(None).wait()

@@ -235,54 +235,50 @@ def test_a_deadline_ends_a_message_of_many_sets_and_frees_the_slot():
 
 # --- admission control: a stream holds one slot for its whole length -----------------------------------
 
+def quiet_stream(stub: ChainruleStub, release: threading.Event):
+    """An EvaluateStream whose client sends one request, reads its answer, then goes quiet until
+    ``release`` (or 20 s)."""
+
+    def requests():
+        yield raw(scalar_graph(), x=1.0)
+        release.wait(20)
+
+    call = stub.EvaluateStream(requests(), timeout=30)
+    assert next(call).index == 0
+    return call
+
+
 def test_an_open_stream_takes_a_slot_only_while_it_computes():
     """An open stream waiting for its client's next message leaves the admission slot to others."""
-    server, port = create_server("127.0.0.1:0", ServerConfig(max_concurrent=1))
-    server.start()
-    try:
-        with Client(f"127.0.0.1:{port}", timeout=30) as c:
-            stub = ChainruleStub(c.channel)
-            answered, between = threading.Event(), []
+    with client_of(max_concurrent=1) as c:
+        stub = ChainruleStub(c.channel)
+        answered, between = threading.Event(), []
 
-            def requests():
-                yield raw(scalar_graph(), x=1.0)
-                answered.wait(10)  # the stream is open on the server, waiting: another call runs
-                between.append(c.evaluate(neuron(), input_sets(1)[0]).value)
-                yield raw(x=2.0)
+        def requests():
+            yield raw(scalar_graph(), x=1.0)
+            answered.wait(10)  # the stream is open on the server, waiting: another call runs
+            between.append(c.evaluate(neuron(), input_sets(1)[0]).value)
+            yield raw(x=2.0)
 
-            answers = []
-            for answer in stub.EvaluateStream(requests(), timeout=30):
-                answers.append(answer)
-                answered.set()
-            assert len(between) == 1 and between[0] > 0
-            assert [a.WhichOneof("result") for a in answers] == ["response", "response"]
-    finally:
-        server.stop(grace=None).wait()
+        answers = []
+        for answer in stub.EvaluateStream(requests(), timeout=30):
+            answers.append(answer)
+            answered.set()
+        assert len(between) == 1 and between[0] > 0
+        assert [a.WhichOneof("result") for a in answers] == ["response", "response"]
 
 
 def test_streams_beyond_max_streams_are_refused_at_once_naming_the_limit():
-    server, port = create_server("127.0.0.1:0", ServerConfig(max_streams=1))
-    server.start()
-    try:
-        with Client(f"127.0.0.1:{port}", timeout=30) as c:
-            stub = ChainruleStub(c.channel)
-            release = threading.Event()
-
-            def quiet():
-                yield raw(scalar_graph(), x=1.0)
-                release.wait(20)
-
-            first = stub.EvaluateStream(quiet(), timeout=30)
-            assert next(first).index == 0
-            with pytest.raises(grpc.RpcError) as info:
-                list(stub.EvaluateStream(iter([raw(scalar_graph(), x=1.0)]), timeout=30))
-            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-            assert "max_streams" in info.value.details()
-            assert c.evaluate(neuron(), input_sets(1)[0]).value > 0  # unary calls are not streams
-            release.set()
-            first.cancel()
-    finally:
-        server.stop(grace=None).wait()
+    with client_of(max_streams=1) as c:
+        stub, release = ChainruleStub(c.channel), threading.Event()
+        first = quiet_stream(stub, release)
+        with pytest.raises(grpc.RpcError) as info:
+            list(stub.EvaluateStream(iter([raw(scalar_graph(), x=1.0)]), timeout=30))
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "max_streams" in info.value.details()
+        assert c.evaluate(neuron(), input_sets(1)[0]).value > 0  # unary calls are not streams
+        release.set()
+        first.cancel()
 
 
 def test_cancelling_a_stream_frees_its_slot_without_an_internal_error(caplog):
@@ -314,36 +310,24 @@ def test_cancelling_a_stream_frees_its_slot_without_an_internal_error(caplog):
 
 
 def test_an_idle_stream_is_ended_after_max_stream_seconds_and_frees_its_place():
-    server, port = create_server("127.0.0.1:0", ServerConfig(max_streams=1, max_stream_seconds=0.5))
-    server.start()
-    try:
-        with Client(f"127.0.0.1:{port}", timeout=30) as c:
-            stub = ChainruleStub(c.channel)
-            release = threading.Event()
-
-            def requests():
-                yield raw(scalar_graph(), x=1.0)
-                release.wait(20)  # a client that opens a stream and goes quiet
-
-            call = stub.EvaluateStream(requests(), timeout=30)
-            assert next(call).index == 0
-            started = time.monotonic()
-            while True:  # the stream's place is taken until the server ends the idle stream
-                try:
-                    answers = list(stub.EvaluateStream(iter([raw(scalar_graph(), x=3.0)]), timeout=30))
-                    assert answers[0].WhichOneof("result") == "response"
-                    break
-                except grpc.RpcError as exc:
-                    assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, exc
-                    assert time.monotonic() - started < 5, "the idle stream kept its place"
-                    time.sleep(0.02)
-            assert time.monotonic() - started >= 0.3
-            with pytest.raises(grpc.RpcError) as info:
-                next(call)
-            assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED  # see tests/test_stream_limits.py
-            release.set()
-    finally:
-        server.stop(grace=None).wait()
+    with client_of(max_streams=1, max_stream_seconds=0.5) as c:
+        stub, release = ChainruleStub(c.channel), threading.Event()
+        call = quiet_stream(stub, release)  # a client that opens a stream and goes quiet
+        started = time.monotonic()
+        while True:  # the stream's place is taken until the server ends the idle stream
+            try:
+                answers = list(stub.EvaluateStream(iter([raw(scalar_graph(), x=3.0)]), timeout=30))
+                assert answers[0].WhichOneof("result") == "response"
+                break
+            except grpc.RpcError as exc:
+                assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, exc
+                assert time.monotonic() - started < 5, "the idle stream kept its place"
+                time.sleep(0.02)
+        assert time.monotonic() - started >= 0.3
+        with pytest.raises(grpc.RpcError) as info:
+            next(call)
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED  # see tests/test_stream_limits.py
+        release.set()
 
 
 def test_the_compute_cap_applies_to_each_input_set_and_the_stream_goes_on():
