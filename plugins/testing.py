@@ -628,9 +628,7 @@ def check_second_order(op: OpDef, case: Case, registry: Any = None, *, seed: int
     stage = "forward"
     try:
         with np.errstate(all="ignore"):
-            outs, _ = _forward(op, [x.copy() for x in xs], attrs)
-            report = _replace(report, output_shape=outs[0].shape)
-            float_outs = [j for j, out in enumerate(outs) if out.dtype.kind == "f"]
+            outs, float_outs, report = _float_outputs(op, xs, attrs, report)
             if not floats or not float_outs:
                 return report
             rng = np.random.default_rng(seed)
@@ -667,6 +665,15 @@ def check_second_order(op: OpDef, case: Case, registry: Any = None, *, seed: int
     return _replace(report, inputs=inputs)
 
 
+def _float_outputs(op: OpDef, xs: list[np.ndarray], attrs: dict[str, Any],
+                   report: GradCheckReport) -> tuple[list[Any], list[int], GradCheckReport]:
+    """Forward once (on copies of ``xs``): the outputs, the positions of the float ones, and the
+    report with the output's shape."""
+    outs, _ = _forward(op, [x.copy() for x in xs], attrs)
+    return outs, [j for j, out in enumerate(outs) if out.dtype.kind == "f"], _replace(
+        report, output_shape=outs[0].shape)
+
+
 def check_jvp(op: OpDef, case: Case, registry: Any = None, *, seed: int = 0, eps: float = 1e-6,
               rtol: float = SYMBOLIC_RTOL, atol: float = SYMBOLIC_ATOL) -> GradCheckReport:
     """Check ``op.jvp_graph`` on one case (in float64): the forward-mode graph
@@ -684,9 +691,7 @@ def check_jvp(op: OpDef, case: Case, registry: Any = None, *, seed: int = 0, eps
     checks: list[InputCheck] = []
     try:
         with np.errstate(all="ignore"):
-            outs, _ = _forward(op, [x.copy() for x in xs], attrs)
-            report = _replace(report, output_shape=outs[0].shape)
-            float_outs = [j for j, out in enumerate(outs) if out.dtype.kind == "f"]
+            outs, float_outs, report = _float_outputs(op, xs, attrs, report)
             if not floats or not float_outs:
                 return report
             rng = np.random.default_rng(seed)

@@ -22,26 +22,12 @@ import pytest
 
 from chainrule.core import GraphIR, InputDecl, Node, compile_graph, evaluate
 from chainrule.core.errors import MissingRuleError, SeedError
-from chainrule.core.symbolic import derive_forward, derive_reverse, hvp_graph
-from chainrule.plugins.manager import load_plugins
+from chainrule.core.symbolic import derive_forward, derive_reverse
 from chainrule.plugins.testing import sample_inputs
 
-LOADED = load_plugins(env={}, entry_points=False, only=["builtin"])
-R = LOADED.registry
+from symbolic_checks import EPS, R, check_hvp, close as _close, numpy_grads as _numpy_grads, run as _run
 FAMILIES = ("builtin.arith", "builtin.elementwise", "builtin.reduce", "builtin.linalg", "builtin.derivative")
 OPS = sorted(op.name for op in R if op.plugin in FAMILIES)
-EPS = 1e-6
-
-
-def _run(graph: GraphIR, feeds: dict, output: str | None = None) -> dict[str, np.ndarray]:
-    """Every output of ``graph`` (forward only)."""
-    ev = evaluate(compile_graph(graph, R), feeds, output=output or graph.outputs[0], gradients=False)
-    return {name: np.asarray(ev.value(name)) for name in graph.outputs}
-
-
-def _numpy_grads(graph: GraphIR, feeds: dict, output: str, wrt: list[str], seed=None) -> list[np.ndarray]:
-    ev = evaluate(compile_graph(graph, R), feeds, output=output, seed=seed, wrt=wrt)
-    return [np.asarray(ev.grad(w), dtype=np.float64) for w in wrt]
 
 
 def _op_graph(name: str, inputs: list[np.ndarray], attrs: dict, weights: np.ndarray | None):
@@ -51,13 +37,6 @@ def _op_graph(name: str, inputs: list[np.ndarray], attrs: dict, weights: np.ndar
     if weights is not None:
         nodes += [Node("w", "const", (), {"value": weights}), Node("yw", "mul", ("y", "w")), Node("L", "sum", ("yw",))]
     return GraphIR(tuple(decls), tuple(nodes), ("L",) if weights is not None else ("y",))
-
-
-def _close(a, b, what, rtol=1e-5, atol=1e-6):
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    scale = max(1.0, float(np.max(np.abs(b))) if b.size else 1.0)
-    assert a.shape == b.shape, (what, a.shape, b.shape)
-    assert np.allclose(a, b, rtol=rtol, atol=atol * scale), f"{what}: {a} != {b} (max err {np.max(np.abs(a - b))})"
 
 
 def _cases(name: str):
@@ -97,12 +76,7 @@ def test_gradient_hvp_and_jvp_match_numpy_rules_and_finite_differences(name):
 
         # second order: H v through a grad node, against finite differences of the numpy gradients
         vs = {f"v.{w}": rng.standard_normal(s) for w, s in zip(floats, shapes)}
-        hvp, hnames = derive_reverse(hvp_graph(graph, "L", floats), R, wrt=floats)
-        got = _run(hvp, {**feeds, **vs})
-        plus = {**feeds, **{w: feeds[w] + EPS * vs[f"v.{w}"] for w in floats}}
-        minus = {**feeds, **{w: feeds[w] - EPS * vs[f"v.{w}"] for w in floats}}
-        for w, gp, gm in zip(floats, _numpy_grads(graph, plus, "L", floats), _numpy_grads(graph, minus, "L", floats)):
-            _close(got[hnames.gradients[w]], (gp - gm) / (2 * EPS), f"{name} Hv for {w}", rtol=1e-4, atol=1e-6)
+        check_hvp(graph, "L", floats, feeds, vs, f"{name} ")
 
         # forward mode: the JVP is the reverse-mode Jacobian times the tangents
         ts = {w: rng.standard_normal(s) for w, s in zip(floats, shapes)}
@@ -276,12 +250,7 @@ def test_four_layer_network_hvp_matches_finite_differences_of_gradients():
     graph, params, feeds = _network()
     rng = np.random.default_rng(5)
     vs = {f"v.{p}": rng.standard_normal(feeds[p].shape) for p in params}
-    hvp, names = derive_reverse(hvp_graph(graph, "C", params), R, wrt=params)
-    got = _run(hvp, {**feeds, **vs})
-    plus = {**feeds, **{p: feeds[p] + EPS * vs[f"v.{p}"] for p in params}}
-    minus = {**feeds, **{p: feeds[p] - EPS * vs[f"v.{p}"] for p in params}}
-    for p, gp, gm in zip(params, _numpy_grads(graph, plus, "C", params), _numpy_grads(graph, minus, "C", params)):
-        _close(got[names.gradients[p]], (gp - gm) / (2 * EPS), f"Hv for {p}", rtol=1e-5, atol=1e-8)
+    check_hvp(graph, "C", params, feeds, vs, "", rtol=1e-5, atol=1e-8)
     # and the JVP (forward mode, one pass) is the gradient's dot product with the tangents
     forward, fnames = derive_forward(graph, R, wrt=params)
     jvp = _run(forward, {**feeds, **{fnames.tangents[p]: vs[f"v.{p}"] for p in params}})[fnames.tangent_output]

@@ -23,11 +23,9 @@ import pytest
 
 from chainrule.core import GraphIR, InputDecl, Node, compile_graph, evaluate
 from chainrule.core.symbolic import derive_forward, derive_reverse, hvp_graph
-from chainrule.plugins.manager import load_plugins
 from chainrule.plugins.testing import sample_inputs
 
-LOADED = load_plugins(env={}, entry_points=False, only=["builtin"])
-R = LOADED.registry
+from symbolic_checks import EPS, R, check_hvp, close as _close, numpy_grads as _numpy_grads, run as _run
 FAMILIES = ("builtin.shape", "builtin.index", "builtin.select", "builtin.compare", "builtin.nn", "builtin.conv",
             "builtin.control")
 OPS = sorted(op.name for op in R if op.plugin in FAMILIES)
@@ -38,21 +36,9 @@ NOTHING_TO_DIFFERENTIATE = {"const", "one_hot", "less", "less_equal", "greater",
                             "not_equal", "logical_and", "logical_or", "logical_not"}
 #: Operators with several values, tested below on graphs of their own.
 OWN_TESTS = {"scan"}
-EPS = 1e-6
 
 
 # --- the harness -------------------------------------------------------------------------------------
-
-def _run(graph: GraphIR, feeds: dict) -> dict[str, np.ndarray]:
-    """Every output of ``graph`` (forward only)."""
-    ev = evaluate(compile_graph(graph, R), feeds, output=graph.outputs[0], gradients=False)
-    return {name: np.asarray(ev.value(name)) for name in graph.outputs}
-
-
-def _numpy_grads(graph: GraphIR, feeds: dict, output: str, wrt: list[str], seed=None) -> list[np.ndarray]:
-    ev = evaluate(compile_graph(graph, R), feeds, output=output, seed=seed, wrt=wrt)
-    return [np.asarray(ev.grad(w), dtype=np.float64) for w in wrt]
-
 
 def _decls(inputs: list[np.ndarray], free: dict[int, tuple[int, ...]] | None = None) -> tuple[InputDecl, ...]:
     """x0, x1...; ``free`` maps an input to the axes declared with size -1."""
@@ -73,13 +59,6 @@ def _op_graph(name: str, decls: tuple[InputDecl, ...], attrs: dict, weights: np.
     nodes += [Node("yw", "mul", ("y", "y" if weights is None else "w")), Node("yyw", "mul", ("yw", "y")),
               Node("L", "sum", ("yyw",))]
     return GraphIR(decls, tuple(nodes), ("L",))
-
-
-def _close(a, b, what, rtol=1e-5, atol=1e-6):
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    assert a.shape == b.shape, (what, a.shape, b.shape)
-    scale = max(1.0, float(np.max(np.abs(b))) if b.size else 1.0)
-    assert np.allclose(a, b, rtol=rtol, atol=atol * scale), f"{what}: {a} != {b} (max err {np.max(np.abs(a - b))})"
 
 
 def _floats(inputs: list[np.ndarray]) -> list[str]:
@@ -103,12 +82,7 @@ def _check_gradient_and_hvp(name, inputs, attrs, decls, rng, what=""):
         _close(values[names.gradients[w]], expected, f"{name}{what} gradient of {w}")
 
     vs = {f"v.{w}": rng.standard_normal(s) for w, s in zip(floats, shapes)}
-    hvp, hnames = derive_reverse(hvp_graph(graph, "L", floats), R, wrt=floats)
-    got = _run(hvp, {**feeds, **vs})
-    plus = {**feeds, **{w: feeds[w] + EPS * vs[f"v.{w}"] for w in floats}}
-    minus = {**feeds, **{w: feeds[w] - EPS * vs[f"v.{w}"] for w in floats}}
-    for w, gp, gm in zip(floats, _numpy_grads(graph, plus, "L", floats), _numpy_grads(graph, minus, "L", floats)):
-        _close(got[hnames.gradients[w]], (gp - gm) / (2 * EPS), f"{name}{what} Hv for {w}", rtol=1e-4, atol=1e-6)
+    check_hvp(graph, "L", floats, feeds, vs, f"{name}{what} ")
     return True
 
 
