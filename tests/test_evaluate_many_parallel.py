@@ -168,20 +168,26 @@ def test_in_process_too():
     assert [returned[k].value for k in range(120) if k != 70] == [expected(k) for k in range(120) if k != 70]
 
 
-def _draining(replicas, after: int, sets: int):
+def _interrupted(replicas, after: int, sets: int, how: str):
     """Input sets 0..sets-1; once ``after`` of them are taken, the replica serving an open
-    EvaluateStream (both, with parallel=2: the first) shuts down gracefully, as on SIGTERM."""
+    EvaluateStream (both, with parallel=2: the first) shuts down gracefully, as on SIGTERM
+    (``how="drain"``), or stops at once, its connections dropped (``how="stop"``)."""
     for k in range(sets):
         if k == after:
             serving = [r for r in replicas if r.in_flight() > 0] or replicas
-            serving[0].server.drain(grace=10, reason="a SIGTERM in the test")
+            if how == "drain":
+                serving[0].server.drain(grace=10, reason="a SIGTERM in the test")
+            else:
+                serving[0].server.stop(None)
         yield {"x": float(k), "y": 2.0}
 
 
+@pytest.mark.parametrize("how", ["drain", "stop"])
 @pytest.mark.parametrize("parallel", [1, 2])
-def test_a_replica_shutting_down_mid_stream_loses_no_input_set(replicas, client, parallel):
-    """Its streams end SHUTTING_DOWN after the answers they sent; the client sends the unanswered
-    sets again on a new call, which the channel takes to the other replica."""
+def test_a_replica_going_away_mid_stream_loses_no_input_set(replicas, client, parallel, how):
+    """Its streams end (SHUTTING_DOWN after the answers they sent, or with the connection); the
+    client sends the unanswered sets again on a new call, which the channel takes to the other
+    replica."""
     _, f = product(work=20_000)
-    results = client.evaluate_many(f, _draining(replicas, after=12, sets=40), batch=2, parallel=parallel)
+    results = client.evaluate_many(f, _interrupted(replicas, after=12, sets=40, how=how), batch=2, parallel=parallel)
     assert [r.value for r in results] == pytest.approx([expected(k) for k in range(40)], rel=1e-12)
