@@ -136,6 +136,7 @@ def evaluate(
     before_work: Callable[[Shapes, int], int | None] | None = None,
     inner: Iterable[str] = (),
     keep: Iterable[str] | None = None,
+    hold: Any = None,
 ) -> Evaluation:
     """Run forward, then (unless ``gradients=False``) backward from ``output``.
 
@@ -153,7 +154,10 @@ def evaluate(
     ``Evaluation.inner_values`` / ``inner_grads``. ``keep`` names the values the caller will read
     (the output's is always kept): the others' buffers may then be written over once their last
     reader has run (``OpDef.forward_into``), and ``Evaluation.values`` holds None for those.
-    None (the default) keeps every value.
+    None (the default) keeps every value. The run's bytes are taken from ``plan.limits.ledger``
+    before any work and given back when it ends; with ``hold`` (a core.limits.Hold) they are
+    added to it instead, for the caller to give back once what it builds from the run (a
+    response) is gone too.
     """
     if unreached not in (UNREACHED_ZEROS, UNREACHED_OMIT):
         raise OptionError(f"unreached: expected 'zeros' or 'omit', got {unreached!r}", field="unreached")
@@ -169,13 +173,18 @@ def evaluate(
         if beside:
             planned += beside
             check_memory(plan.limits, planned, "values, gradients, workspace and the response")
-    hold = plan.limits.ledger.hold(planned)  # refused while other calls hold too much of the budget
+    own = hold is None
+    if own:
+        hold = plan.limits.ledger.hold(planned)  # refused while other calls hold too much of the budget
+    else:
+        hold.add(planned)
     try:
         return _evaluate(plan, arrays, shapes, out_slot, planned, hold, seed=seed, gradients=gradients,
                          unreached=unreached, contributions=contributions, wrt=wrt, token=token, inner=inner,
                          keep=keep)
     finally:
-        hold.release()
+        if own:
+            hold.release()
 
 
 def _evaluate(plan: Plan, arrays: list[np.ndarray], shapes: Shapes, out_slot: int, planned: int, hold: Any, *,

@@ -48,21 +48,31 @@ class MemoryLedger:
 
 
 class Hold:
-    """What one evaluation holds in a ledger: more may be taken as it runs, all is given back once."""
+    """What one evaluation holds in a ledger: more may be taken as it runs, all is given back once
+    every one of its ``parties`` has released it (a server's call: the handler whose work and
+    response hold the arrays, and gRPC once it has sent the response or ended the call)."""
 
-    __slots__ = ("_ledger", "nbytes")
+    __slots__ = ("_ledger", "nbytes", "_parties", "_lock")
 
-    def __init__(self, ledger: MemoryLedger) -> None:
+    def __init__(self, ledger: MemoryLedger, parties: int = 1) -> None:
         self._ledger = ledger
         self.nbytes = 0
+        self._parties = parties
+        self._lock = threading.Lock()
 
     def add(self, nbytes: int) -> None:
         if nbytes > 0:
             self._ledger._take(nbytes)
-            self.nbytes += nbytes
+            with self._lock:
+                self.nbytes += nbytes
 
     def release(self) -> None:
-        taken, self.nbytes = self.nbytes, 0
+        """One party is done; the last gives the bytes back (later calls do nothing)."""
+        with self._lock:
+            self._parties -= 1
+            if self._parties > 0:
+                return
+            taken, self.nbytes = self.nbytes, 0
         if taken:
             self._ledger._give_back(taken)
 

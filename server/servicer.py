@@ -20,7 +20,7 @@ import grpc
 from grpc_status import rpc_status
 
 from chainrule.core import StopToken
-from chainrule.core.limits import RETRY_AFTER_SECONDS
+from chainrule.core.limits import RETRY_AFTER_SECONDS, Hold
 from chainrule.core.errors import (
     CancelledError, ChainruleError, DeadlineError, LimitExceeded, OperatorFailure, ShuttingDown,
 )
@@ -292,12 +292,21 @@ class Servicer(pb_grpc.ChainruleServicer):
     def _evaluate(self, request: Incoming, context: grpc.ServicerContext, call: _UnaryCall) -> Outgoing:
         """The response's tensors hand-encoded into the reply, or its large ones written into the
         shared-memory file a same-host client named (opened and checked before any work)."""
-        output_file = request.message.shared_memory_output
-        if not output_file:
-            token = self._token(context, ended=call)
-            return self.service.evaluate(request, token, AllHandEncoded(capacity=self.config.message_limit))
-        with self._shared_memory_carrier(output_file) as carrier:
-            return self.service.evaluate(request, self._token(context, ended=call), carrier)
+        # The run's memory and its response's stay counted until both the work here and gRPC's
+        # sending of the response (or end of the call) are done.
+        hold = Hold(self.service.limits.ledger, parties=2)
+        if not context.add_callback(hold.release):  # the call has ended already
+            hold.release()
+        try:
+            output_file = request.message.shared_memory_output
+            if not output_file:
+                token = self._token(context, ended=call)
+                return self.service.evaluate(request, token, AllHandEncoded(capacity=self.config.message_limit),
+                                             hold=hold)
+            with self._shared_memory_carrier(output_file) as carrier:
+                return self.service.evaluate(request, self._token(context, ended=call), carrier, hold=hold)
+        finally:
+            hold.release()
 
     @contextmanager
     def _shared_memory_carrier(self, output_file: str) -> Iterator[Carrier]:

@@ -123,3 +123,49 @@ def test_a_declared_workspace_counts_before_any_work():
     assert caught.value.requested > 4 << 20  # two 2 MiB column chunks at least
     roomy = compile_graph(graph, BUILTIN, Limits(max_memory_bytes=8 << 20))
     assert float(evaluate(roomy, inputs).output_value) > 0
+
+
+def test_a_servers_calls_give_all_their_memory_back_however_they_end():
+    """The server holds a call's memory until both its work and gRPC's sending of the response are
+    done: after calls that succeed, fail, are refused or pass their deadline mid-run, nothing is
+    left held (a leak would shrink the budget for good)."""
+    import time
+
+    from chainrule.client import Client, DeadlineExceeded, GraphBuilder, InvalidArgument, ResourceExhausted, ops
+    from chainrule.server import ServerConfig, create_server
+
+    from serving import slow_graph
+
+    server, port = create_server("127.0.0.1:0", ServerConfig(max_memory_bytes=64 << 20, log_level="ERROR"))
+    server.start()
+    ledger = server.service.limits.ledger
+    try:
+        with Client(f"127.0.0.1:{port}", timeout=30, busy_retries=0) as client:
+            g = GraphBuilder()
+            x = g.input("x", (1000,))
+            assert float(client.evaluate(ops.sum(ops.exp(x)), x=np.zeros(1000)).value) == 1000.0
+            with pytest.raises(InvalidArgument):
+                client.evaluate(ops.exp(x), x=np.zeros(1000), seed=np.ones(3))
+            with pytest.raises(ResourceExhausted):
+                client.evaluate(ops.sum(ops.broadcast_to(g.input("y", (1,)), [1 << 24])), y=np.ones(1))
+            with pytest.raises(DeadlineExceeded):
+                client.evaluate(slow_graph(3000), x=0.5, timeout=0.3)
+            for _ in range(200):  # the abandoned run stops at its next check, then gives its memory back
+                if ledger.held == 0:
+                    break
+                time.sleep(0.01)
+            assert ledger.held == 0
+    finally:
+        server.stop(grace=None).wait()
+
+
+def test_a_hold_shared_by_two_parties_is_given_back_by_the_last():
+    ledger = MemoryLedger(100)
+    from chainrule.core.limits import Hold
+
+    hold = Hold(ledger, parties=2)
+    hold.add(70)
+    hold.release()
+    assert ledger.held == 70  # the other party (the response still being sent) holds it
+    hold.release()
+    assert ledger.held == 0

@@ -25,6 +25,7 @@ from chainrule.core.engine import (
 )
 from chainrule.core.engine import evaluate as evaluate_plan
 from chainrule.core.errors import GraphError, LimitExceeded, OptionError, SharedMemoryUnavailable, UnknownGraphError
+from chainrule.core.limits import Hold
 from chainrule.core.operator import described_inputs
 from chainrule.core.symbolic import derive_forward, derive_reverse, plan_to_graph
 from chainrule.plugins.manager import Loaded, chainrule_version
@@ -127,10 +128,12 @@ class ChainruleService:
     # --- evaluation -----------------------------------------------------------------
 
     def evaluate(self, request: Incoming | pb.EvaluateRequest, token: StopToken | None = None,
-                 carrier: Carrier | None = None) -> Outgoing:
+                 carrier: Carrier | None = None, hold: Hold | None = None) -> Outgoing:
         """One Evaluate call. Large input tensors may come as views of received bytes (see
         chainrule.wire.incoming); the response's large tensors travel as ``carrier`` decides
-        (the caller's choice of transport; by default all inside the message)."""
+        (the caller's choice of transport; by default all inside the message). With ``hold`` (of
+        ``self.limits.ledger``) the run's memory and its response's stay counted until the
+        caller releases it, once the response is sent."""
         incoming = request if isinstance(request, Incoming) else Incoming(request)
         message = incoming.message
         if message.shared_memory_output and message.response_encoding == pb.TENSOR_ENCODING_VALUES:
@@ -138,7 +141,7 @@ class ChainruleService:
                              "numbers; it does not go with shared_memory_output (leave one out)",
                              field="response_encoding")
         gid, plan = self.plan_for(message, token)
-        evaluation, asked = self._run(plan, incoming, token, None if carrier is None else carrier.capacity)
+        evaluation, asked = self._run(plan, incoming, token, None if carrier is None else carrier.capacity, hold)
         return self.respond(gid, evaluation, message, Outgoing(pb.EvaluateResponse(), carrier), token, asked=asked)
 
     def open_output_file(self, name: str) -> TensorFile:
@@ -150,13 +153,13 @@ class ChainruleService:
         return self.shared_memory.open_output(name, field="shared_memory_output")
 
     def run(self, plan: Plan, request: Incoming | pb.EvaluateRequest, token: StopToken | None, *,
-            capacity: int | None = None) -> Evaluation:
+            capacity: int | None = None, hold: Hold | None = None) -> Evaluation:
         """Decode the request's inputs and options and run the plan; every field is checked before work,
-        and so is the size of the response when it must fit ``capacity`` bytes."""
-        return self._run(plan, request, token, capacity)[0]
+        and so is the size of the response when it must fit ``capacity`` bytes (see evaluate's ``hold``)."""
+        return self._run(plan, request, token, capacity, hold)[0]
 
     def _run(self, plan: Plan, request: Incoming | pb.EvaluateRequest, token: StopToken | None,
-             capacity: int | None) -> tuple[Evaluation, "Asked"]:
+             capacity: int | None, hold: Hold | None = None) -> tuple[Evaluation, "Asked"]:
         """run(), and what the request's selections ask of the plan (for respond)."""
         incoming = request if isinstance(request, Incoming) else Incoming(request)
         request = incoming.message
@@ -193,7 +196,7 @@ class ChainruleService:
             # Gradients nobody asked for are not computed (dL/dX of a data batch, say).
             wrt=asked.wrt, unreached=unreached, contributions=contributions, token=token, inner=asked.inner,
             # values nobody reads after the run may be written over (diagnostics read them all)
-            keep=None if request.diagnostics != pb.DIAGNOSTICS_OFF else asked.keep,
+            keep=None if request.diagnostics != pb.DIAGNOSTICS_OFF else asked.keep, hold=hold,
         )
         return evaluation, asked
 

@@ -16,6 +16,7 @@ from typing import Callable, ContextManager, Iterable, Iterator
 
 from chainrule.core import Plan, StopToken
 from chainrule.core.errors import CancelledError, ChainruleError, GraphError, OperatorFailure, OptionError
+from chainrule.core.limits import Hold
 from chainrule.v1 import chainrule_pb2 as pb
 from chainrule.wire.outgoing import Outgoing
 from chainrule.wire.status import status_for
@@ -92,10 +93,14 @@ def _answer(service: ChainruleService, graph: tuple[str, Plan] | ChainruleError,
     if not isinstance(graph, ChainruleError):
         gid, plan = graph
         try:
-            with admit():
-                # Written in place, every tensor inside: this message nests in the stream's reply.
-                service.respond(gid, service.run(plan, request, token, capacity=capacity), request,
-                                Outgoing(answer.response), token)
+            hold = Hold(plan.limits.ledger)  # the run's memory, counted until its answer is written
+            try:
+                with admit():
+                    # Written in place, every tensor inside: this message nests in the stream's reply.
+                    service.respond(gid, service.run(plan, request, token, capacity=capacity, hold=hold), request,
+                                    Outgoing(answer.response), token)
+            finally:
+                hold.release()
             return
         except CancelledError:
             raise
