@@ -35,7 +35,7 @@ class Shapes:
 
     __slots__ = ("specs", "value_bytes", "grad_bytes", "differentiable", "grad_edges", "complete", "_pruned",
                  "shape_of", "dtype_of", "scalar_type", "float_scalars", "head_of", "result_shape",
-                 "result_scalar", "operations", "workspace_bytes", "chunked", "large")
+                 "result_scalar", "operations", "workspace_bytes", "chunked", "large", "programs")
 
     def __init__(self, specs: list[TensorSpec | None], in_slots: list[tuple[int, ...]], n_inputs: int,
                  head_of: list[int], unpacked: list[bool] | None = None) -> None:
@@ -80,6 +80,9 @@ class Shapes:
         self._pruned: dict[frozenset[int], list[tuple[tuple[int, int], ...]]] = {}
         #: The forward pass's floating-point operations (core/cost.py), counted once when first asked.
         self.operations: float | None = None
+        #: Straight-line programs (core/program.py) by (output slot, wanted slots, gradients), or
+        #: how many runs each combination has had before it gets one.
+        self.programs: dict[tuple[Any, ...], Any] = {}
 
     def edges_toward(self, wanted: frozenset[int], in_slots: list[tuple[int, ...]]) -> list[tuple[tuple[int, int], ...]]:
         """Gradient edges pruned to those on a path from a ``wanted`` slot to the output.

@@ -16,15 +16,16 @@ from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
-from .broadcast import unbroadcast
 from .compile import Plan, Shapes, check_memory, nested_error, node_error, with_request_path
 from .cost import minimum_seconds
 from .dtypes import is_differentiable
 from .errors import (
-    BadTensorError, CancelledError, ChainruleError, DeadlineError, DTypeError, LimitExceeded, MissingInputError,
-    OpError, OperatorFailure, OptionError, OutputError, SeedError, ShapeError, UnexpectedInputError, where,
+    BadTensorError, CancelledError, ChainruleError, DeadlineError, DTypeError, MissingInputError,
+    OpError, OperatorFailure, OptionError, OutputError, SeedError, ShapeError, UnexpectedInputError,
 )
 from .limits import Limits
+from .program import program_for
+from .rule_checks import contract, failure, fit_grad, fit_value
 from .tensor_spec import TensorSpec
 
 UNREACHED_ZEROS = "zeros"
@@ -207,6 +208,16 @@ def _evaluate(plan: Plan, arrays: list[np.ndarray], shapes: Shapes, out_slot: in
             values, grads = floats
             if grads is None:
                 return Evaluation(plan, values, None, out_slot, shapes.differentiable)
+        elif not watch and record is None and shapes.complete and (
+                program := program_for(plan, shapes, out_slot, wanted, _edges(plan, shapes, wanted) if gradients else None)):
+            # a small plan run before: its straight-line program (the same rules in the same order)
+            outer = _current_run.set(RunContext(token, plan.limits, planned, keep_residuals=gradients, hold=hold))
+            try:
+                values, grads = program(arrays, lambda: _seed(plan, shapes, out_slot, seed), token)
+            finally:
+                _current_run.reset(outer)
+            if grads is None:
+                return Evaluation(plan, values, None, out_slot, shapes.differentiable)
         else:
             if record:
                 record.clear()  # a run on floats that gave up part-way
@@ -224,8 +235,8 @@ def _evaluate(plan: Plan, arrays: list[np.ndarray], shapes: Shapes, out_slot: in
                 return Evaluation(plan, values, None, out_slot, shapes.differentiable,
                                   inner_values=run.inner_values)
             seed_array = _seed(plan, shapes, out_slot, seed)
-            edges = shapes.grad_edges if wanted is None else shapes.edges_toward(wanted, plan.in_slots)
-            grads = run_backward(plan, shapes, edges, values, saved, [(out_slot, seed_array)], run, record)
+            grads = run_backward(plan, shapes, _edges(plan, shapes, wanted), values, saved, [(out_slot, seed_array)],
+                                 run, record)
             _forget(values, run.overwritten)
     if unreached == UNREACHED_ZEROS:
         differentiable = shapes.differentiable
@@ -237,6 +248,11 @@ def _evaluate(plan: Plan, arrays: list[np.ndarray], shapes: Shapes, out_slot: in
         return Evaluation(plan, values, grads, out_slot, shapes.differentiable, record or [],
                           run.inner_values, run.inner_grads)
     return Evaluation(plan, values, grads, out_slot, shapes.differentiable, record or [])
+
+
+def _edges(plan: Plan, shapes: Shapes, wanted: frozenset[int] | None) -> list[tuple[tuple[int, int], ...]]:
+    """The gradient edges the backward pass follows: all, or those toward the ``wanted`` slots."""
+    return shapes.grad_edges if wanted is None else shapes.edges_toward(wanted, plan.in_slots)
 
 
 def _reusable(plan: Plan, keep: Iterable[str], out_slot: int) -> list[int] | None:
@@ -423,14 +439,14 @@ def _forward(plan: Plan, shapes: Shapes, arrays: list[Any], run: RunContext) -> 
         except ChainruleError as exc:  # from a graph run inside the operator (scan's body)
             raise nested_error(exc, plan.node_names[k], plan.ops[k]) from None
         except Exception as exc:
-            raise _failure(plan.ops[k], plan.node_names[k], "forward", exc) from exc
+            raise failure(plan.ops[k], plan.node_names[k], "forward", exc) from exc
         if (v.shape != shape_of[k] or v.dtype != dtype_of[k]) if type(v) is ndarray else type(v) is not scalar_type[k]:
             if plan.unpacked[k]:
                 if saved is None:
                     saved = [None] * len(ins)
                 v = _unpack(plan, shapes, k, v, values, saved, run, allowance.get(k, 0) if allowance else 0)
             else:
-                v = _fit_value(plan, k, v, shapes.specs[k])
+                v = fit_value(plan, k, v, shapes.specs[k])
                 if shapes.specs[k] is None:  # no infer rule: charge the memory budget as values appear
                     run.charge(v.nbytes * 2, plan.node_names[k], plan.ops[k].name)
         values[k] = v
@@ -539,7 +555,7 @@ def _unpack(plan: Plan, shapes: Shapes, k: int, result: Any, values: list[Any], 
     op, node = plan.ops[k], plan.node_names[k]
     if op.residuals:
         if not isinstance(result, tuple) or len(result) != 2:
-            raise _contract(op, node, f"forward returned {type(result).__name__}, expected (result, saved) "
+            raise contract(op, node, f"forward returned {type(result).__name__}, expected (result, saved) "
                                       f"(the operator declares residuals)")
         result, residuals = result
         if run.keep_residuals:
@@ -553,10 +569,10 @@ def _unpack(plan: Plan, shapes: Shapes, k: int, result: Any, values: list[Any], 
     elif isinstance(result, (tuple, list)) and len(result) == count:
         results = list(result)
     else:
-        raise _contract(op, node, f"forward returned {type(result).__name__}, expected a tuple of {count} values")
+        raise contract(op, node, f"forward returned {type(result).__name__}, expected a tuple of {count} values")
     for j, value in enumerate(results):
         spec = shapes.specs[k + j]
-        fitted = _fit_value(plan, k + j, value, spec)
+        fitted = fit_value(plan, k + j, value, spec)
         if spec is None:  # no infer rule: charge the memory budget as values appear
             run.charge(fitted.nbytes * 2, node, op.name)
         values[k + j] = fitted
@@ -605,7 +621,7 @@ def _run_on_floats(
             else:
                 v = forwards[k](*[values[j] for j in s], **attrs[k])
             if type(v) is not float:
-                raise _contract(plan.ops[k], plan.names[k], f"scalar forward returned {type(v).__name__}, not float")
+                raise contract(plan.ops[k], plan.names[k], f"scalar forward returned {type(v).__name__}, not float")
             values[k] = v
         if not gradients:
             return values, None
@@ -631,7 +647,7 @@ def _run_on_floats(
                 if gj is None:
                     continue
                 if type(gj) is not float:
-                    raise _contract(plan.ops[k], plan.names[k], f"scalar vjp gave {type(gj).__name__}, not float")
+                    raise contract(plan.ops[k], plan.names[k], f"scalar vjp gave {type(gj).__name__}, not float")
                 if record is not None and plan.consumers[j] > 1:
                     record.append(ContributionRecord(plan.names[j], plan.names[k], pos, np.float64(gj)))
                 current = grads[j]
@@ -641,26 +657,10 @@ def _run_on_floats(
     except (OperatorFailure, ChainruleError):
         raise
     except Exception as exc:
-        raise _failure(plan.ops[k], plan.names[k], "scalar rule", exc) from exc
+        raise failure(plan.ops[k], plan.names[k], "scalar rule", exc) from exc
     return values, grads
 
 
-def _fit_value(plan: Plan, k: int, value: Any, spec: TensorSpec | None) -> np.ndarray:
-    """Accept a forward result that is a Python scalar or list; check it against the spec."""
-    op, name = plan.ops[k], plan.names[k]
-    array = np.asarray(value)
-    if spec is None:
-        if array.dtype.kind not in "fiub":
-            raise _contract(op, name, f"forward returned dtype {array.dtype}")
-        if array.size > plan.limits.max_tensor_elements:
-            raise LimitExceeded(
-                f"{where(name, op.name)}value has {array.size} elements; the limit per tensor is {plan.limits.max_tensor_elements}",
-                limit="max_tensor_elements", requested=array.size, allowed=plan.limits.max_tensor_elements, node=name, op=op.name,
-            )
-        return array
-    if array.shape != spec.shape or (array.dtype != spec.dtype and not np.can_cast(array.dtype, spec.dtype, "same_kind")):
-        raise _contract(op, name, f"forward returned {array.dtype.name}{list(array.shape)} but infer promised {spec}")
-    return array.astype(spec.dtype, copy=False)
 
 
 def _seed(plan: Plan, shapes: Shapes, out_slot: int, seed: Any) -> np.ndarray:
@@ -755,7 +755,7 @@ def _backward(
             else:
                 parts = vjps[k](g, values[k], *[values[j] for j in s], **attrs[k])
             if len(parts) != len(s):  # contract check: one gradient (or None) per input
-                raise _contract(plan.ops[k], plan.node_names[k], f"vjp returned {len(parts)} gradients for {len(s)} inputs")
+                raise contract(plan.ops[k], plan.node_names[k], f"vjp returned {len(parts)} gradients for {len(s)} inputs")
         except OperatorFailure:
             raise
         except OpError as exc:
@@ -763,7 +763,7 @@ def _backward(
         except ChainruleError as exc:  # from a graph run inside the operator (scan's body)
             raise nested_error(exc, plan.node_names[k], plan.ops[k]) from None
         except Exception as exc:
-            raise _failure(plan.ops[k], plan.node_names[k], "vjp", exc) from exc
+            raise failure(plan.ops[k], plan.node_names[k], "vjp", exc) from exc
         for pos, j in edges[k]:  # input pos of k is slot j
             gj = parts[pos]
             if gj is None:  # the rule gives this input no gradient
@@ -772,9 +772,9 @@ def _backward(
             t = type(gj)
             if t is ndarray:
                 if gj.shape != shape_of[j] or gj.dtype != dtype_of[j]:
-                    gj = _fit_grad(plan, k, pos, gj, shapes.specs[j])
+                    gj = fit_grad(plan, k, pos, gj, shapes.specs[j])
             elif t is not scalar_type[j]:
-                gj = _fit_grad(plan, k, pos, gj, shapes.specs[j])
+                gj = fit_grad(plan, k, pos, gj, shapes.specs[j])
             if record is not None and plan.consumers[j] > 1:  # contribution log: the += made visible
                 record.append(ContributionRecord(plan.names[j], plan.node_names[k], pos, gj))
             # grads[j] += gj, with buffer ownership: the first contribution is kept as given (no
@@ -814,28 +814,3 @@ def _general_vjp(plan: Plan, k: int, grads: list[Any], values: list[Any], saved:
     if saved is not None:
         saved[k] = None  # the residuals' last reader has run
     return parts
-
-
-def _fit_grad(plan: Plan, k: int, pos: int, grad: Any, spec: TensorSpec) -> np.ndarray:
-    """Sum a broadcast-shaped gradient back to its input's shape and dtype, or fail naming the rule."""
-    op, name = plan.ops[k], plan.names[k]
-    array = np.asarray(grad)
-    if array.dtype.kind not in "fiu":
-        raise _contract(op, name, f"vjp gave input {pos} a gradient of dtype {array.dtype}")
-    try:
-        array = unbroadcast(array, spec.shape)
-    except ValueError as exc:
-        raise _contract(op, name, f"vjp gave input {pos} ({plan.names[plan.in_slots[k][pos]]}) a bad gradient: {exc}") from None
-    return array.astype(spec.dtype, copy=False)
-
-
-def _contract(op: Any, node: str, what: str) -> OperatorFailure:
-    return OperatorFailure(f"{where(node, op.name)}{what}", node=node, op=op.name, plugin=op.plugin)
-
-
-def _failure(op: Any, node: str, rule: str, exc: Exception) -> OperatorFailure:
-    return OperatorFailure(
-        f"{where(node, op.name)}{rule} rule raised {type(exc).__name__}: {exc}"
-        + (f" (plugin '{op.plugin}')" if op.plugin else ""),
-        node=node, op=op.name, plugin=op.plugin,
-    )

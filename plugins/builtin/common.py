@@ -158,8 +158,8 @@ def matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     otherwise, as before (a product too small for a block costs only a bound read off the sizes). A
     large product that nothing can stop goes through blocks too, UNSTOPPABLE_BLOCKS times larger:
     they read broadcast operands once, not once per product of the batch as numpy does."""
-    if _surely_small(a, b):
-        return np.matmul(a, b)
+    if a.size * b.size * (2.0 + 3 * MOVE_COST) <= BLOCK_SECONDS * LOOP_RATE or _surely_small(a, b):
+        return np.matmul(a, b)  # (the first test: _surely_small's bound at its largest, k = m = n = 1)
     check = stop_check()
     blas = a.dtype.kind == "f" or b.dtype.kind == "f"   # else numpy's own integer (bool) loop
     budget = block_operations(blas) * (1 if check else UNSTOPPABLE_BLOCKS)
