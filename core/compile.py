@@ -182,6 +182,7 @@ class Plan(CompiledGraph):
         #: engine checks the buffer itself at run time (see engine._forward and OpDef.forward_into).
         self.into = _dead_after_reading(ops, in_slots, self.n_inputs, self.consumers)
         self._reuse: dict[frozenset[int], list[int] | None] = {}
+        self._slot_sets: dict[tuple[str, ...], frozenset[int]] = {}
         self._shapes: dict[tuple[tuple[int, ...], ...], Shapes] = {}
         self._lock = threading.Lock()
         if all(-1 not in shape for shape in input_shapes):
@@ -200,6 +201,22 @@ class Plan(CompiledGraph):
         if len(self._reuse) < 8:  # a small fixed set per plan; a race only recomputes
             self._reuse[kept] = found
         return found
+
+    def slots_of(self, names: Sequence[str], *, field: str = "wrt") -> frozenset[int]:
+        """The slots of ``names`` (a caller's ``wrt``), cached per tuple of names: calls repeat them."""
+        key = names if type(names) is tuple else tuple(names)
+        found = self._slot_sets.get(key)
+        if found is None:
+            found = frozenset(self.slot(name, field=field) for name in key)
+            if len(self._slot_sets) < 64:  # a small fixed set per plan; a race only recomputes
+                self._slot_sets[key] = found
+        return found
+
+    def shapes_for(self, arrays: Sequence[Any]) -> Shapes:
+        """:meth:`specialize` for the shapes of ``arrays``, found in the cache without rebuilding its key."""
+        key = tuple([a.shape for a in arrays])
+        found = self._shapes.get(key)
+        return found if found is not None else self.specialize(key)
 
     def slot(self, name: str, *, field: str = "output") -> int:
         try:

@@ -164,7 +164,7 @@ def evaluate(
         raise OptionError(f"unreached: expected 'zeros' or 'omit', got {unreached!r}", field="unreached")
     out_slot = output_slot(plan, output)
     arrays = checked_inputs(plan, inputs)
-    shapes = plan.specialize([a.shape for a in arrays])
+    shapes = plan.shapes_for(arrays)
     planned = shapes.value_bytes + (shapes.grad_bytes if gradients else 0) + shapes.workspace_bytes
     check_memory(plan.limits, planned, "values, gradients and workspace" if gradients else "values and workspace")
     if token is not None and token.deadline is not None:
@@ -193,7 +193,7 @@ def _evaluate(plan: Plan, arrays: list[np.ndarray], shapes: Shapes, out_slot: in
               token: StopToken | None, inner: Iterable[str], keep: Iterable[str] | None) -> Evaluation:
     """evaluate() once its checks are done and its memory is held."""
     record: list[ContributionRecord] | None = [] if contributions else None
-    wanted = None if wrt is None else frozenset(plan.slot(name, field="wrt") for name in wrt)
+    wanted = None if wrt is None else plan.slots_of(wrt)
     watch: dict[int, dict[int, str]] = {}
     for name in inner:
         head, body, slot = plan.inner(name, field="inner")
@@ -378,6 +378,13 @@ def current_run() -> RunContext:
     """The RunContext of the evaluation whose operator is running (one without limits outside any)."""
     run = _current_run.get()
     return run if run is not None else RunContext(None, _NO_LIMITS, 0)
+
+
+def running_rules() -> bool:
+    """Whether an evaluation's rules are running now, in this thread: they run under
+    ``np.errstate(all="ignore")``, so a rule need not pay for an errstate of its own (about 1.3 us,
+    the price of a small sigmoid's arithmetic) to keep an overflow quiet."""
+    return _current_run.get() is not None
 
 
 def completed(plan: Plan, values: list[Any]) -> Shapes:

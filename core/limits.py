@@ -32,49 +32,45 @@ class MemoryLedger:
         return hold
 
     def _take(self, nbytes: int) -> None:
-        with self._lock:
-            if self.held + nbytes > self.capacity:
-                free = max(0, self.capacity - self.held)
-                raise LimitExceeded(
-                    f"this call needs {nbytes} bytes more and the calls in progress hold {self.held} of the "
-                    f"{self.capacity} bytes this server may use (max_memory_bytes): retry later, or send "
-                    f"less work", limit="max_memory_bytes", requested=nbytes, allowed=free,
-                    retry_after=RETRY_AFTER_SECONDS)
-            self.held += nbytes
-
-    def _give_back(self, nbytes: int) -> None:
-        with self._lock:
-            self.held -= nbytes
+        """Add ``nbytes`` to what is held (the caller holds ``_lock``), or raise LimitExceeded."""
+        if self.held + nbytes > self.capacity:
+            free = max(0, self.capacity - self.held)
+            raise LimitExceeded(
+                f"this call needs {nbytes} bytes more and the calls in progress hold {self.held} of the "
+                f"{self.capacity} bytes this server may use (max_memory_bytes): retry later, or send "
+                f"less work", limit="max_memory_bytes", requested=nbytes, allowed=free,
+                retry_after=RETRY_AFTER_SECONDS)
+        self.held += nbytes
 
 
 class Hold:
     """What one evaluation holds in a ledger: more may be taken as it runs, all is given back once
     every one of its ``parties`` has released it (a server's call: the handler whose work and
-    response hold the arrays, and gRPC once it has sent the response or ended the call)."""
+    response hold the arrays, and gRPC once it has sent the response or ended the call). Every
+    change goes under the ledger's one lock: two acquisitions per evaluation, no lock of its own."""
 
-    __slots__ = ("_ledger", "nbytes", "_parties", "_lock")
+    __slots__ = ("_ledger", "nbytes", "_parties")
 
     def __init__(self, ledger: MemoryLedger, parties: int = 1) -> None:
         self._ledger = ledger
         self.nbytes = 0
         self._parties = parties
-        self._lock = threading.Lock()
 
     def add(self, nbytes: int) -> None:
         if nbytes > 0:
-            self._ledger._take(nbytes)
-            with self._lock:
+            ledger = self._ledger
+            with ledger._lock:
+                ledger._take(nbytes)
                 self.nbytes += nbytes
 
     def release(self) -> None:
         """One party is done; the last gives the bytes back (later calls do nothing)."""
-        with self._lock:
+        ledger = self._ledger
+        with ledger._lock:
             self._parties -= 1
-            if self._parties > 0:
-                return
-            taken, self.nbytes = self.nbytes, 0
-        if taken:
-            self._ledger._give_back(taken)
+            if self._parties == 0:
+                ledger.held -= self.nbytes
+                self.nbytes = 0
 
 
 @dataclass(frozen=True)

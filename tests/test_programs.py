@@ -178,3 +178,23 @@ def test_a_programs_source_may_not_hold_text():
         _checked("def program(arrays, seed, token):\n    v1 = f1('x')\n", {"f1": None})
     with pytest.raises(AssertionError, match="unknown name"):
         _checked("def program(arrays, seed, token):\n    v1 = open(v0)\n", {})
+
+
+def test_a_small_sigmoid_skips_its_errstate_only_under_the_engine(registry):
+    """sigmoid leaves overflow to the engine's errstate while rules run (engine.running_rules); its
+    exp overflows at x = -1000 either way, and nobody hears of it: not through the loops, not
+    through a program, not called directly (its own errstate)."""
+    import warnings
+
+    from chainrule.core.engine import running_rules
+    graph = GraphIR((InputDecl("x", shape=(3,)),), (Node("y", "sigmoid", ("x",)), Node("f", "sum", ("y",))), ("f",))
+    plan = compile_graph(graph, registry)
+    inputs = {"x": np.array([-1000.0, 0.0, 1000.0])}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with np.errstate(over="raise"):
+            for _ in range(3):
+                run = evaluate(plan, inputs)
+                np.testing.assert_array_equal(run.value("y"), [0.0, 0.5, 1.0])
+            np.testing.assert_array_equal(registry["sigmoid"].forward(inputs["x"]), [0.0, 0.5, 1.0])
+    assert programs_of(plan, inputs) and not running_rules()

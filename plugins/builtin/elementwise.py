@@ -39,6 +39,7 @@ import numpy as np
 
 from chainrule.core import Attr, OpDef, OpError, TensorSpec
 from chainrule.core.dtypes import NUMBER_DTYPES
+from chainrule.core.engine import running_rules
 from chainrule.core.symbolic import no_jvp_graph, no_vjp_graph, with_symbolic
 from chainrule.plugins.authoring import float_like_input, table_hookimpl
 
@@ -58,6 +59,8 @@ def sigmoid(x: Any) -> np.ndarray:
     (the true value is below 1e-308): no nan and no overflow warning. Four passes
     over one buffer for large arrays, against four allocations for the naive formula."""
     x = as_float(x)
+    if x.size < IN_PLACE_MIN and running_rules():  # the engine's errstate already keeps exp's overflow quiet
+        return 1 / (1 + np.exp(-x))
     with np.errstate(over="ignore"):
         if x.size < IN_PLACE_MIN:
             return 1 / (1 + np.exp(-x))
