@@ -23,6 +23,7 @@ from .errors import (
     BadTensorError, CancelledError, ChainruleError, DeadlineError, DTypeError, MissingInputError,
     OpError, OperatorFailure, OptionError, OutputError, SeedError, ShapeError, UnexpectedInputError,
 )
+from . import parallel
 from .limits import Limits
 from .program import program_for
 from .rule_checks import contract, failure, fit_grad, fit_value
@@ -411,7 +412,7 @@ def _forward(plan: Plan, shapes: Shapes, arrays: list[Any], run: RunContext) -> 
     saved: list[Any] | None = None
     reuse, allowance = run.reuse, run.allowance
     run.allowance = None  # for this plan only, not for graphs run inside its operators
-    chunked = _chunked(plan, shapes) if token is not None else None
+    chunked = _split(plan, shapes, token)
     large = _large(plan, shapes) if token is not None else ()
     if reuse is not None:
         run.reuse = None
@@ -421,8 +422,8 @@ def _forward(plan: Plan, shapes: Shapes, arrays: list[Any], run: RunContext) -> 
             token.check()                                     # scalar op), and before every large one
         s = ins[k]
         try:
-            if chunked is not None and k in chunked:  # one large elementwise node: in blocks, stop checks between
-                j = reuse[k] if reuse is not None else -1
+            if chunked is not None and k in chunked:  # a large elementwise node: in blocks, on every intra-op
+                j = reuse[k] if reuse is not None else -1  # thread, stop checks between blocks
                 if j >= 0 and _fits(values[j], shape_of[k], dtype_of[k]):
                     run.overwritten.append(j)
                     out = values[j]
@@ -466,6 +467,13 @@ def _forward(plan: Plan, shapes: Shapes, arrays: list[Any], run: RunContext) -> 
 BLOCKED_MIN_ELEMENTS = 1 << 22
 BLOCK_ELEMENTS = 1 << 20
 
+#: Elementwise nodes with at least this many elements run their forward on every intra-op thread
+#: (core/parallel.py), when there are several: a pass over 2 MiB of float64 takes 0.1 ms or more,
+#: and handing half of it to another thread about 0.03.
+PARALLEL_MIN_ELEMENTS = 1 << 18
+#: The least a thread's block holds when a node is cut for threads.
+MIN_SHARE_ELEMENTS = 1 << 15
+
 
 #: Nodes whose value has at least this many elements get a stop check of their own (others one
 #: every eighth node): seven such nodes in a row could run a second or more past a deadline.
@@ -482,36 +490,53 @@ def _large(plan: Plan, shapes: Shapes) -> frozenset[int]:
     return found
 
 
-def _chunked(plan: Plan, shapes: Shapes) -> frozenset[int] | None:
-    """The nodes of ``shapes`` run in blocks (cached on it), None when there are none: those with
-    ``forward_into`` (elementwise) and a float result of at least BLOCKED_MIN_ELEMENTS whose inputs
-    all have the result's shape."""
-    found = shapes.chunked
+def _split(plan: Plan, shapes: Shapes, token: StopToken | None) -> frozenset[int] | None:
+    """The nodes whose forward runs in blocks: on every intra-op thread when there are several, and
+    with stop checks between blocks when a token is given; None when there are none."""
+    least = PARALLEL_MIN_ELEMENTS if parallel.threads() > 1 else None
+    if token is not None:
+        least = BLOCKED_MIN_ELEMENTS if least is None else min(least, BLOCKED_MIN_ELEMENTS)
+    return None if least is None else _chunked(plan, shapes, least)
+
+
+def _chunked(plan: Plan, shapes: Shapes, minimum: int = BLOCKED_MIN_ELEMENTS) -> frozenset[int] | None:
+    """The nodes of ``shapes`` that may run in blocks (cached on it per ``minimum``), None when there
+    are none: those with ``forward_into`` (elementwise) and a float result of at least ``minimum``
+    elements whose inputs all have the result's shape."""
+    found = shapes.chunked.get(minimum)
     if found is None:
         specs = shapes.specs
         found = frozenset(
             k for k in range(plan.n_inputs, len(plan.names))
             if plan.ops[k] is not None and plan.ops[k].forward_into is not None and specs[k] is not None
-            and specs[k].size >= BLOCKED_MIN_ELEMENTS and specs[k].dtype.kind == "f" and specs[k].shape
+            and specs[k].size >= minimum and specs[k].dtype.kind == "f" and specs[k].shape
             and all(specs[j] is not None and specs[j].shape == specs[k].shape for j in plan.in_slots[k]))
-        shapes.chunked = found
+        shapes.chunked[minimum] = found
     return found or None
 
 
-def _blocks(shape: tuple[int, ...]) -> Iterable[slice]:
-    """Slices along axis 0, each of about BLOCK_ELEMENTS elements (at least one row)."""
-    rows = shape[0]
-    per_row = max(1, int(np.prod(shape[1:], dtype=np.int64))) if len(shape) > 1 else 1
-    step = max(1, BLOCK_ELEMENTS // per_row)
-    return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
+def _blocks(shape: tuple[int, ...], threads: int = 1) -> list[tuple[slice, ...]]:
+    """Index tuples cutting ``shape`` along its first axis longer than 1 into blocks of at most
+    BLOCK_ELEMENTS elements (at least one row each), and into at least ``threads`` blocks where
+    that axis is long enough (but none under MIN_SHARE_ELEMENTS then: a rule may pick its method by
+    size, erf below 1,025 elements, and a block must take the whole array's)."""
+    axis = next((i for i, n in enumerate(shape) if n > 1), 0)
+    rows = shape[axis]
+    per_row = max(1, int(np.prod(shape[axis + 1:], dtype=np.int64)))
+    shared = max(-(-rows // threads), -(-MIN_SHARE_ELEMENTS // per_row))  # rows per thread, not too few
+    step = max(1, min(BLOCK_ELEMENTS // per_row, shared))
+    lead = (slice(None),) * axis  # (the axes before it have length 1)
+    return [(*lead, slice(start, min(start + step, rows))) for start in range(0, rows, step)]
 
 
 def _forward_in_blocks(into: Callable[..., Any], out: np.ndarray, inputs: list[Any], attrs: dict[str, Any],
-                       token: StopToken) -> np.ndarray:
-    """An elementwise forward written into ``out`` block by block (the same bits as in one pass)."""
-    for block in _blocks(out.shape):
-        token.check()
+                       token: StopToken | None) -> np.ndarray:
+    """An elementwise forward written into ``out`` block by block, the blocks shared out over the
+    intra-op threads (the same bits as in one pass)."""
+    def write(block: tuple[slice, ...]) -> None:
         into(out[block], *[x[block] for x in inputs], **attrs)
+
+    parallel.run_shares(write, _blocks(out.shape, parallel.threads()), None if token is None else token.check)
     return out
 
 
@@ -731,7 +756,7 @@ def _backward(
     ndarray = np.ndarray
     grads: list[Any] = [None] * len(ins)
     owned = [False] * len(ins)  # True where grads[j] is a buffer we allocated and may add into
-    chunked = _chunked(plan, shapes) if token is not None else None
+    chunked = _chunked(plan, shapes) if token is not None else None  # (vjps: in blocks for stop checks only)
     large = _large(plan, shapes) if token is not None else ()
     for slot, seed in seeds:  # several seeds (a body's outputs) may name one slot: add them
         grads[slot] = seed if grads[slot] is None else grads[slot] + seed

@@ -146,15 +146,18 @@ def test_local_client_writes_over_dead_buffers_and_returns_what_was_asked():
 
 # --- large elementwise nodes run in blocks, with a stop check between blocks --------------------------
 
-def test_blocks_give_the_same_bits_and_a_cancel_stops_between_them(monkeypatch):
+def test_blocks_give_the_same_bits_and_a_cancel_stops_between_them(monkeypatch, request):
     import threading
 
     from chainrule.core import OpDef, Registry, StopToken, TensorSpec
-    from chainrule.core import engine
+    from chainrule.core import engine, parallel
     from chainrule.core.errors import CancelledError
 
     monkeypatch.setattr(engine, "BLOCKED_MIN_ELEMENTS", 1 << 12)
     monkeypatch.setattr(engine, "BLOCK_ELEMENTS", 1 << 10)
+    threads = parallel.threads()
+    parallel.set_threads(1)  # one thread takes the blocks in turn (tests/test_intra_op_threads.py: several)
+    request.addfinalizer(lambda: parallel.set_threads(threads))
     graph = GraphIR.build([("x", "float64", (200, 100)), ("y", "float64", (200, 100))],
                           [("p", "pow", ("x", "y")), ("t", "tanh", ("p",)), ("m", "mul", ("t", "x")),
                            ("f", "sum", ("m",))], "f")
