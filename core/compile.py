@@ -73,8 +73,9 @@ class Shapes:
         self.value_bytes = sum(s.nbytes for s in specs if s is not None)
         self.grad_bytes = sum(s.nbytes for s, d in zip(specs, self.differentiable) if d)
         self.workspace_bytes = _workspace(specs, in_slots, n_inputs)
-        #: The large elementwise nodes the engine may run in blocks, by the least size it runs so (engine._chunked).
-        self.chunked: dict[int, frozenset[int]] = {}
+        #: The large elementwise nodes the engine may run in blocks, by the least size it runs so
+        #: (engine._chunked), and those whose vjp it runs so (engine._split_vjps).
+        self.chunked: dict[Any, frozenset[int]] = {}
         #: The nodes large enough for a stop check of their own (engine._large).
         self.large: frozenset[int] | None = None
         self._pruned: dict[frozenset[int], list[tuple[tuple[int, int], ...]]] = {}

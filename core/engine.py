@@ -471,8 +471,9 @@ BLOCK_ELEMENTS = 1 << 20
 #: (core/parallel.py), when there are several: a pass over 2 MiB of float64 takes 0.1 ms or more,
 #: and handing half of it to another thread about 0.03.
 PARALLEL_MIN_ELEMENTS = 1 << 18
-#: The least a thread's block holds when a node is cut for threads.
+#: The least a block holds when a node is cut for threads, and about how many blocks each thread gets.
 MIN_SHARE_ELEMENTS = 1 << 15
+BLOCKS_PER_THREAD = 4
 
 
 #: Nodes whose value has at least this many elements get a stop check of their own (others one
@@ -499,6 +500,25 @@ def _split(plan: Plan, shapes: Shapes, token: StopToken | None) -> frozenset[int
     return None if least is None else _chunked(plan, shapes, least)
 
 
+def _split_vjps(plan: Plan, shapes: Shapes, token: StopToken | None) -> frozenset[int] | None:
+    """The nodes whose vjp runs through ``vjp_into`` in blocks (the nodes _split cuts whose operator has
+    one and whose inputs share the node's dtype), cached on ``shapes``; None when there are none."""
+    least = PARALLEL_MIN_ELEMENTS if parallel.threads() > 1 else None
+    if token is not None:
+        least = BLOCKED_MIN_ELEMENTS if least is None else min(least, BLOCKED_MIN_ELEMENTS)
+    if least is None:
+        return None
+    key = ("vjp_into", least)
+    found = shapes.chunked.get(key)
+    if found is None:
+        specs = shapes.specs
+        found = frozenset(k for k in _chunked(plan, shapes, least) or ()
+                          if plan.ops[k].vjp_into is not None
+                          and all(specs[j].dtype == specs[k].dtype for j in plan.in_slots[k]))
+        shapes.chunked[key] = found
+    return found or None
+
+
 def _chunked(plan: Plan, shapes: Shapes, minimum: int = BLOCKED_MIN_ELEMENTS) -> frozenset[int] | None:
     """The nodes of ``shapes`` that may run in blocks (cached on it per ``minimum``), None when there
     are none: those with ``forward_into`` (elementwise) and a float result of at least ``minimum``
@@ -517,13 +537,16 @@ def _chunked(plan: Plan, shapes: Shapes, minimum: int = BLOCKED_MIN_ELEMENTS) ->
 
 def _blocks(shape: tuple[int, ...], threads: int = 1) -> list[tuple[slice, ...]]:
     """Index tuples cutting ``shape`` along its first axis longer than 1 into blocks of at most
-    BLOCK_ELEMENTS elements (at least one row each), and into at least ``threads`` blocks where
-    that axis is long enough (but none under MIN_SHARE_ELEMENTS then: a rule may pick its method by
-    size, erf below 1,025 elements, and a block must take the whole array's)."""
+    BLOCK_ELEMENTS elements (at least one row each), and with several ``threads`` into about
+    BLOCKS_PER_THREAD blocks per thread where that axis is long enough (but none under
+    MIN_SHARE_ELEMENTS then: a rule may pick its method by size, erf below 1,025 elements, and a
+    block must take the whole array's)."""
     axis = next((i for i, n in enumerate(shape) if n > 1), 0)
     rows = shape[axis]
     per_row = max(1, int(np.prod(shape[axis + 1:], dtype=np.int64)))
-    shared = max(-(-rows // threads), -(-MIN_SHARE_ELEMENTS // per_row))  # rows per thread, not too few
+    # about BLOCKS_PER_THREAD blocks for each thread (a thread that gets no core leaves its blocks to
+    # the others), none under MIN_SHARE_ELEMENTS
+    shared = max(-(-rows // (threads * BLOCKS_PER_THREAD)), -(-MIN_SHARE_ELEMENTS // per_row)) if threads > 1 else rows
     step = max(1, min(BLOCK_ELEMENTS // per_row, shared))
     lead = (slice(None),) * axis  # (the axes before it have length 1)
     return [(*lead, slice(start, min(start + step, rows))) for start in range(0, rows, step)]
@@ -538,6 +561,21 @@ def _forward_in_blocks(into: Callable[..., Any], out: np.ndarray, inputs: list[A
 
     parallel.run_shares(write, _blocks(out.shape, parallel.threads()), None if token is None else token.check)
     return out
+
+
+def _vjp_into_blocks(into: Callable[..., Any], edges: tuple[tuple[int, int], ...], g: Any, out: np.ndarray,
+                     inputs: list[Any], attrs: dict[str, Any], token: StopToken | None) -> list[Any]:
+    """An elementwise vjp written by its ``vjp_into`` into fresh gradients, one for each input an edge
+    wants, block by block, the blocks shared out over the intra-op threads (the same bits as vjp's)."""
+    wanted = {pos for pos, _ in edges}
+    grads = [np.empty(out.shape, out.dtype) if pos in wanted else None for pos in range(len(inputs))]
+
+    def write(block: tuple[slice, ...]) -> None:
+        into([None if d is None else d[block] for d in grads], g[block], out[block], *[x[block] for x in inputs],
+             **attrs)
+
+    parallel.run_shares(write, _blocks(out.shape, parallel.threads()), None if token is None else token.check)
+    return grads
 
 
 def _vjp_in_blocks(vjp: Callable[..., Any], g: Any, out: Any, inputs: list[Any], attrs: dict[str, Any],
@@ -756,7 +794,8 @@ def _backward(
     ndarray = np.ndarray
     grads: list[Any] = [None] * len(ins)
     owned = [False] * len(ins)  # True where grads[j] is a buffer we allocated and may add into
-    chunked = _chunked(plan, shapes) if token is not None else None  # (vjps: in blocks for stop checks only)
+    split = _split_vjps(plan, shapes, token)  # vjps written into gradients in blocks, on every intra-op thread
+    chunked = _chunked(plan, shapes) if token is not None else None  # other vjps: in blocks for stop checks
     large = _large(plan, shapes) if token is not None else ()
     for slot, seed in seeds:  # several seeds (a body's outputs) may name one slot: add them
         grads[slot] = seed if grads[slot] is None else grads[slot] + seed
@@ -769,7 +808,10 @@ def _backward(
             token.check()
         s = ins[k]
         try:
-            if chunked is not None and k in chunked:  # one large elementwise node: in blocks, stop checks between
+            if split is not None and k in split:  # a large elementwise node: its vjp_into in blocks, on threads
+                parts = _vjp_into_blocks(plan.ops[k].vjp_into, edges[k], g, values[k], [values[j] for j in s],
+                                         attrs[k], token)
+            elif chunked is not None and k in chunked:  # one large elementwise node: in blocks, stop checks between
                 parts = _vjp_in_blocks(vjps[k], g, values[k], [values[j] for j in s], attrs[k], token)
             elif general[k]:  # selective vjp, residuals, several values
                 if plain_selective[k]:  # selective only (matmul): tell the rule which gradients are wanted

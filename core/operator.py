@@ -141,6 +141,14 @@ class OpDef:
     #: says the operator is elementwise (forward and vjp alike): on large float arrays the engine
     #: may run both block by block, checking for a stop between blocks.
     forward_into: Callable[..., Any] | None = None
+    #: For an elementwise operator (one with ``forward_into``) whose vjp computes its gradients
+    #: afresh (mul: ``g * y, g * x``; not add's ``g, g``): ``vjp_into(grads, g, out, *inputs,
+    #: **attrs)`` writes the gradient of input i into ``grads[i]``, a float array of the node's shape
+    #: and dtype, or leaves it when ``grads[i]`` is None (nobody wants it), and returns nothing. The
+    #: engine then runs a large node's vjp in blocks on every intra-op thread (core/parallel.py), on
+    #: nodes of at least 2^18 elements whose inputs share their shape and dtype. Its results must
+    #: equal vjp's there, bit for bit.
+    vjp_into: Callable[..., Any] | None = None
     #: Optional symbolic reverse rule, ``vjp_graph(b, g, out, *inputs, **attrs) -> tuple`` (a Ref or None
     #: per input), written with registered operators through ``b`` (a chainrule.core.symbolic.SymbolicBuilder),
     #: so that a derivative is a graph that can be differentiated again (docs/derivatives.md).
@@ -368,6 +376,9 @@ def validate_opdef(op: Any, *, plugin: str | None = None) -> None:
     if op.vjp_reads not in VJP_READS:
         raise InvalidOperatorError(f"{what}vjp_reads must be one of {', '.join(VJP_READS)}, got {op.vjp_reads!r}",
                                    plugin=plugin, op=op.name)
+    if op.vjp_into is not None and (not callable(op.vjp_into) or op.forward_into is None):
+        raise InvalidOperatorError(f"{what}vjp_into must be callable, for an operator with forward_into (elementwise)",
+                                   op=op.name, plugin=plugin)
     if op.forward_into is not None and (not callable(op.forward_into) or op.n_outputs != 1 or op.residuals):
         raise InvalidOperatorError(f"{what}forward_into must be callable, for one output without residuals",
                                    plugin=plugin, op=op.name)

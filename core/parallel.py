@@ -1,12 +1,16 @@
-"""Intra-op threads: a large elementwise node's forward runs in slices on several threads at once.
+"""Intra-op threads: a large elementwise node runs in slices on several threads at once.
 
 numpy runs a ufunc on one core and lets go of the GIL while it loops, so slices of one
-elementwise node (``OpDef.forward_into``: each element depends only on the same element of
-the inputs) can run on every core, each slice written into its part of the result: the same
-bits as one pass, in a fraction of the time (sigmoid over 10^6 values: 1.86 ms on one core,
-1.01 ms on two). PyTorch does the same for its CPU kernels (``at::parallel_for``, as many
-threads as cores). Only forward passes are split: a vjp has no ``out=`` form, so its slices
-would be copied into whole gradients, an extra pass that eats the gain.
+elementwise node (``OpDef.forward_into``, and ``OpDef.vjp_into`` backward: each element depends
+only on the same element of the inputs) can run on every core, each slice written into its
+part of the result: the same bits as one pass, in a fraction of the time (sigmoid over 10^6
+values: 1.86 ms on one core, 1.01 ms on two). PyTorch does the same for its CPU kernels
+(``at::parallel_for``, as many threads as cores). A vjp without ``vjp_into`` is not cut: its
+slices would be copied into whole gradients, an extra pass that eats the gain.
+
+Blocks are handed out one at a time to whichever thread is free (dynamic scheduling, as
+OpenMP's ``schedule(dynamic)``): on a busy machine a helper that gets no core leaves its blocks
+to the others instead of making them wait.
 
 ``set_threads(1)`` turns it off: for a server running one process per core (``--workers``),
 or a caller that runs its own threads.
@@ -17,7 +21,7 @@ import contextvars
 import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 
 def _cores() -> int:
@@ -73,30 +77,39 @@ def _helpers() -> ThreadPoolExecutor:
 
 
 def run_shares(work: Callable[[Any], None], blocks: Sequence[Any], check: Callable[[], None] | None = None) -> None:
-    """``work(block)`` for every block, the blocks shared out over :func:`threads` threads in
-    contiguous runs (the calling thread takes the first), ``check`` (a stop token's) before each
-    block. Returns once every share has ended, so no thread still writes when it returns or
-    raises; raises the first share's exception. Helpers run in a copy of the caller's context:
-    numpy's errstate (a context variable) and the engine's run come along."""
+    """``work(block)`` for every block, on up to :func:`threads` threads: each takes the next block
+    not yet taken until none is left (so a helper that gets no core costs nothing: the others take
+    its blocks), ``check`` (a stop token's) before each block. The calling thread works too, then
+    cancels the helpers that have not started and waits for those that have, so no thread still
+    writes when this returns or raises; raises the first exception. Helpers run in a copy of the
+    caller's context: numpy's errstate (a context variable) and the engine's run come along."""
     count = min(_threads, len(blocks))
     if count <= 1:
-        _share(work, blocks, check)
+        _take(work, blocks, iter(range(len(blocks))), check)
         return
-    shares = [blocks[i * len(blocks) // count:(i + 1) * len(blocks) // count] for i in range(count)]
+    taken = iter(range(len(blocks)))  # next() on it is atomic under the GIL: each block goes to one thread
     pool = _helpers()
     futures: list[Future[None]] = [
-        pool.submit(contextvars.copy_context().run, _share, work, share, check) for share in shares[1:]]
+        pool.submit(contextvars.copy_context().run, _take, work, blocks, taken, check) for _ in range(count - 1)]
     try:
-        _share(work, shares[0], check)
+        _take(work, blocks, taken, check)
     finally:
-        for future in futures:  # wait for every one, whatever happened here
-            future.exception()
+        for future in futures:  # a helper not started yet has nothing left to do; one started is waited for
+            if not future.cancel():
+                future.exception()
     for future in futures:
-        future.result()
+        if not future.cancelled():
+            future.result()
 
 
-def _share(work: Callable[[Any], None], blocks: Sequence[Any], check: Callable[[], None] | None) -> None:
-    for block in blocks:
-        if check is not None:
-            check()
-        work(block)
+def _take(work: Callable[[Any], None], blocks: Sequence[Any], taken: Iterator[int],
+          check: Callable[[], None] | None) -> None:
+    for index in taken:
+        try:
+            if check is not None:
+                check()
+            work(blocks[index])
+        except BaseException:
+            for _ in taken:  # leave the others no block: they end at once
+                pass
+            raise

@@ -119,6 +119,48 @@ def test_every_forward_into_gives_forwards_bits_over_its_own_input(op, dtype):
         assert got.dtype == expected.dtype
 
 
+VJP_INTO = [op for op in REGISTRY if op.vjp_into is not None]
+
+
+def test_some_builtins_write_their_gradients_in_place():
+    assert {"mul", "exp", "log", "sin", "tanh", "sigmoid"} <= {op.name for op in VJP_INTO}
+
+
+@pytest.mark.parametrize("op", VJP_INTO, ids=lambda op: op.name)
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("seed", ["array", "ones"])  # a gradient, or a sum's broadcast 1 (skipped by some)
+def test_every_vjp_into_gives_vjps_bits_whole_and_in_slices(op, dtype, seed):
+    """On a node large enough to be cut (at least 2^18 elements), whole and slice by slice, for each
+    set of wanted gradients: vjp's bits, and nothing written where no gradient is wanted."""
+    from chainrule.core.engine import PARALLEL_MIN_ELEMENTS
+    n = PARALLEL_MIN_ELEMENTS
+    rng = np.random.default_rng(4)
+    inputs = [rng.uniform(0.1, 3.0, n).astype(dtype) for _ in range(op.arity)]
+    out = np.asarray(op.forward(*inputs))
+    g = rng.normal(size=n).astype(dtype) if seed == "array" else np.broadcast_to(np.ones((), dtype), (n,))
+    expected = op.vjp(g, out, *inputs)
+    for wanted in ({0}, set(range(op.arity))):
+        grads = [np.full(n, np.nan, dtype) if pos in wanted else None for pos in range(op.arity)]
+        op.vjp_into(grads, g, out, *inputs)
+        sliced = [np.full(n, np.nan, dtype) if pos in wanted else None for pos in range(op.arity)]
+        for block in (slice(0, n // 3), slice(n // 3, n)):
+            op.vjp_into([None if d is None else d[block] for d in sliced], g[block], out[block],
+                        *[x[block] for x in inputs])
+        for pos in range(op.arity):
+            if pos in wanted:
+                _same(grads[pos], np.asarray(expected[pos]).astype(dtype, copy=False))
+                _same(sliced[pos], grads[pos])
+
+
+def test_vjp_into_needs_an_elementwise_operator():
+    from chainrule.core import OpDef
+    from chainrule.core.errors import InvalidOperatorError
+    from chainrule.core.operator import validate_opdef
+    with pytest.raises(InvalidOperatorError, match="vjp_into must be callable, for an operator with forward_into"):
+        validate_opdef(OpDef("t.no_into", 1, np.exp, lambda g, out, x: (g * out,), lambda x: x,
+                             vjp_into=lambda grads, g, out, x: None))
+
+
 def test_local_client_writes_over_dead_buffers_and_returns_what_was_asked():
     """Through LocalClient: the same answers whether the engine may write over buffers (the
     default) or must keep every value (diagnostics read them all); a value asked for by name is

@@ -172,6 +172,15 @@ def _mul_vjp(g, out, x, y):
     return g * y, g * x
 
 
+def _mul_vjp_into(grads, g, out, x, y):
+    """:func:`_mul_vjp` written into the gradients wanted."""
+    dx, dy = grads
+    if dx is not None:
+        np.multiply(g, y, out=dx)
+    if dy is not None:
+        np.multiply(g, x, out=dy)
+
+
 def _div_vjp(g, out, x, y):
     dx = g / y
     return dx, -dx * out                        # d(x/y)/dy = -x/y² = -out/y
@@ -291,7 +300,7 @@ OPERATORS: list[OpDef] = [
           vjp_reads="none", forward_into=lambda out, x: np.negative(x, out=out)),
     OpDef("mul", 2, _mul, _mul_vjp, _numeric,
           doc="x * y with numpy broadcasting.", sample=_pair, scalar=(operator.mul, _mul_vjp),
-          vjp_reads="inputs", forward_into=lambda out, x, y: np.multiply(x, y, out=out)),
+          vjp_reads="inputs", forward_into=lambda out, x, y: np.multiply(x, y, out=out), vjp_into=_mul_vjp_into),
     OpDef("div", 2, operator.truediv, _div_vjp, _true_division,
           doc="x / y with numpy broadcasting; integer inputs give float64.", sample=_nonzero_divisor,
           scalar=(operator.truediv, _div_vjp), input_names=("x", "y"), vjp_reads="both"),

@@ -145,6 +145,33 @@ def _sigmoid_vjp(g, out, x):
     return (d,)
 
 
+def _tanh_vjp_into(grads, g, out, x):
+    """:func:`_tanh_vjp`'s large-array passes, written into ``grads[0]``."""
+    d = grads[0]
+    np.multiply(out, out, out=d)
+    np.subtract(1, d, out=d)
+    if not ones_broadcast(g):
+        d *= g
+
+
+def _sigmoid_vjp_into(grads, g, out, x):
+    """:func:`_sigmoid_vjp`'s large-array passes, written into ``grads[0]``."""
+    d = grads[0]
+    np.subtract(1, out, out=d)
+    d *= out
+    if not ones_broadcast(g):
+        d *= g
+
+
+def _times_g_into(rule: Callable[..., Any]) -> Callable[..., None]:
+    """A ``vjp_into`` for a vjp ``g * rule(x)``: rule's result written into ``grads[0]``, then multiplied
+    by g (x * y is y * x, bit for bit)."""
+    def into(grads, g, out, x):
+        rule(grads[0], out, x)
+        np.multiply(grads[0], g, out=grads[0])
+    return into
+
+
 def _sqrt_vjp(g, out, x):
     d = writable(g / out)
     d *= 0.5                            # d√x/dx = 1 / (2 √x)
@@ -492,10 +519,12 @@ FLOAT_RULES = {
 OPERATORS: list[OpDef] = [
     # exponentials and logarithms
     OpDef("exp", 1, lambda x: np.exp(as_float(x)), lambda g, out, x: (g * out,), float_like_input,
-          doc="e**x elementwise.", vjp_reads="output", forward_into=lambda out, x: np.exp(x, out=out)),
+          doc="e**x elementwise.", vjp_reads="output", forward_into=lambda out, x: np.exp(x, out=out),
+          vjp_into=lambda grads, g, out, x: np.multiply(g, out, out=grads[0])),
     OpDef("log", 1, lambda x: np.log(as_float(x)), lambda g, out, x: (g / x,), float_like_input,
           doc="Natural logarithm elementwise (-inf at 0, nan below).", sample=_positive,
-          vjp_reads="inputs", forward_into=lambda out, x: np.log(x, out=out)),
+          vjp_reads="inputs", forward_into=lambda out, x: np.log(x, out=out),
+          vjp_into=lambda grads, g, out, x: np.divide(g, x, out=grads[0])),
     OpDef("sqrt", 1, lambda x: np.sqrt(as_float(x)), _sqrt_vjp, float_like_input,
           doc="Square root elementwise.", sample=_positive,
           vjp_reads="output", forward_into=lambda out, x: np.sqrt(x, out=out)),
@@ -518,14 +547,16 @@ OPERATORS: list[OpDef] = [
 
     # trigonometric and squashing
     OpDef("sin", 1, lambda x: np.sin(as_float(x)), lambda g, out, x: (g * np.cos(x),), float_like_input,
-          doc="Sine elementwise (radians).", forward_into=lambda out, x: np.sin(x, out=out)),
+          doc="Sine elementwise (radians).", forward_into=lambda out, x: np.sin(x, out=out),
+          vjp_into=_times_g_into(lambda d, out, x: np.cos(x, out=d))),
     OpDef("cos", 1, lambda x: np.cos(as_float(x)), lambda g, out, x: (-g * np.sin(x),), float_like_input,
           doc="Cosine elementwise (radians).", forward_into=lambda out, x: np.cos(x, out=out)),
     OpDef("tanh", 1, lambda x: np.tanh(as_float(x)), _tanh_vjp, float_like_input,
-          doc="Hyperbolic tangent elementwise.", vjp_reads="output", forward_into=lambda out, x: np.tanh(x, out=out)),
+          doc="Hyperbolic tangent elementwise.", vjp_reads="output", forward_into=lambda out, x: np.tanh(x, out=out),
+          vjp_into=_tanh_vjp_into),
     OpDef("sigmoid", 1, sigmoid, _sigmoid_vjp, float_like_input,
           doc="Logistic function 1 / (1 + e**-x), computed without overflow.",
-          vjp_reads="output", forward_into=lambda out, x: sigmoid_into(out, x)),
+          vjp_reads="output", forward_into=lambda out, x: sigmoid_into(out, x), vjp_into=_sigmoid_vjp_into),
 
     # accurate near zero, and the error function
     OpDef("log1p", 1, lambda x: np.log1p(as_float(x)), lambda g, out, x: (g / (1 + x),), float_like_input,
