@@ -3,7 +3,9 @@
 ``Client`` sends requests over gRPC, ``LocalClient`` hands them to the
 service in-process. Checking arguments, choosing what to send (only what the
 output needs) and the feeds happen here, once; the transport carries the
-call, so the two give identical results.
+call, so the two give identical results. What a call resolves to before its
+inputs are read is kept per client (request.CallTemplates): a repeated call
+parses and prunes nothing again.
 """
 from __future__ import annotations
 
@@ -12,14 +14,11 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 from chainrule.v1 import chainrule_pb2 as pb
 
 from . import streams, training
-from .builder import GraphBuilder, Var
+from .builder import Var
 from .errors import ChainruleRpcError, NotFound
 from .graph import DerivedGraph, Graph
 from .info import OperatorInfo, ServerInfo
-from .request import (
-    EvaluateCall, Selectable, Selected, as_graph, check_unreached, merge_inputs, parse_selection, resolve_target,
-    without_unused_inputs,
-)
+from .request import CallTemplates, EvaluateCall, Selectable, as_graph, resolve_target
 from .result import Result, name_of
 from .training import Progress, TrainResult
 from .transport import Transport
@@ -33,6 +32,8 @@ class ClientBase:
         #: How this client reaches its service (see transport.py).
         self.transport = transport
         self.timeout = timeout
+        #: What each form of evaluate call resolved to (graph, selections), reused by the next alike.
+        self._templates = CallTemplates()
 
     def close(self) -> None:
         """Release the connection (nothing to release in-process)."""
@@ -80,23 +81,10 @@ class ClientBase:
         spares the server the numerical health check (about one read of every
         tensor); ``Result.diagnostics`` is then None.
         """
-        owner = target.builder if isinstance(target, Var) else None
-        chosen_values = parse_selection(values, "values", owner)
-        chosen_grads = parse_selection(grads, "grads", owner)
-        check_unreached(unreached)
-        if isinstance(target, Var):
-            # Only what the output needs, and the nodes asked for by name: unrelated nodes of the
-            # builder are not sent, their inputs need no feeds and their errors do not matter.
-            if output is not None and name_of(output) != target.name:
-                raise TypeError(f"output={name_of(output)!r} conflicts with the Var '{target.name}' being evaluated")
-            wanted = [target, *_vars_named(owner, chosen_values), *_vars_named(owner, chosen_grads)]
-            graph, output_name = owner.graph_for(*wanted), target.name
-        else:
-            graph, output_name = resolve_target(target, output)
-        # (a value for a builder input this graph does not use is dropped: nothing to feed)
-        feeds = without_unused_inputs(graph, merge_inputs(inputs, named_inputs, graph.builder))
-        call = EvaluateCall(graph, output_name, feeds, seed, chosen_values, chosen_grads, unreached,
-                            contributions, diagnostics, self.timeout if timeout is None else timeout)
+        template = self._templates.template(target, output, values, grads, unreached)
+        call = EvaluateCall(template.graph, template.output, template.feeds(inputs, named_inputs), seed,
+                            template.values, template.grads, unreached, contributions, diagnostics,
+                            self.timeout if timeout is None else timeout, template)
         return self.transport.evaluate(call)
 
     def register(self, graph: Any, *, timeout: float | None = None) -> str:
@@ -246,9 +234,3 @@ class ClientBase:
         return training.optimize(self.transport, request, self.timeout if timeout is None else timeout,
                                  progress=progress, callback=callback)
 
-
-def _vars_named(builder: GraphBuilder | None, chosen: Selected) -> list[Var]:
-    """The builder's Vars among the selected names (others are left for the service to refuse)."""
-    if builder is None or isinstance(chosen, str):
-        return []
-    return builder.vars_named(chosen)

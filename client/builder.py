@@ -478,6 +478,12 @@ class GraphBuilder:
         self._renames = 0
         self._pruned: OrderedDict[tuple[int, ...], _Pruned] = OrderedDict()
 
+    @property
+    def version(self) -> int:
+        """Bumped by every change of what the builder declares: a node, an input, a name, the marked
+        outputs (not by the metadata, a plain dict). Equal versions: the same graphs."""
+        return self._version
+
     # --- declaring ---------------------------------------------------------------------
 
     def input(self, name: str, shape: Sequence[int] = (), dtype: Any = "float64", *, replace: bool = False) -> Var:

@@ -77,14 +77,21 @@ def merge_inputs(inputs: Mapping[Any, Any] | None, named: Mapping[str, Any], own
 def without_unused_inputs(graph: Graph, feeds: dict[str, Any]) -> dict[str, Any]:
     """``feeds`` without the inputs of the graph's builder that this (pruned) graph does not use
     (see :func:`is_unused_input`); ``feeds`` itself when every name is declared, the common case."""
-    if graph.builder is None or feeds.keys() <= graph.inputs.keys():
+    declared = graph.inputs
+    if graph.builder is None or feeds.keys() <= declared.keys():
         return feeds
-    return {name: value for name, value in feeds.items() if not is_unused_input(graph, name)}
+    return {name: value for name, value in feeds.items() if name in declared or not is_unused_input(graph, name)}
+
+
+#: Declared dtype names as numpy dtypes: comparing dtypes is fast, a dtype with a name is not.
+_DECLARED = {name: np.dtype(name) for name in ("float64", "float32", "int64", "int32", "bool")}
 
 
 def to_array(name: str, value: Any, declared: str | None) -> np.ndarray:
     """One input as an array, converted to the declared dtype when that is a same-kind cast
     that keeps every value (2**40 does not fit an int32, 1e300 a float32: a TypeError says so)."""
+    if type(value) is np.ndarray and value.dtype == _DECLARED.get(declared):  # the common case
+        return value
     array = np.asarray(value)
     if declared is None or array.dtype == declared or not np.can_cast(array.dtype, declared, "same_kind"):
         return array
@@ -149,7 +156,9 @@ class EvaluateCall(NamedTuple):
     decides how it travels (a request message, or the engine called in this process).
 
     Immutable; a NamedTuple rather than a frozen dataclass because one is made per call, and
-    a frozen dataclass of ten fields takes three times as long to make (1 µs against 0.3 µs)."""
+    a frozen dataclass of ten fields takes three times as long to make (1 µs against 0.3 µs).
+    ``template``: the :class:`CallTemplate` it was made from, when there is one; a transport may
+    keep in its ``memo`` what it derives from the graph and selections alone."""
 
     graph: Graph
     output: str                 # "" lets the server pick the graph's only output
@@ -161,6 +170,7 @@ class EvaluateCall(NamedTuple):
     contributions: bool
     diagnostics: bool
     timeout: float | None
+    template: "CallTemplate | None" = None
 
     def request(self, *, graph_id: str | None = None, carrier: Carrier | None = None) -> Outgoing:
         """The EvaluateRequest of this call (see :func:`evaluate_request`)."""
@@ -228,3 +238,162 @@ def _select_into(message: pb.Selection, spec: Selectable | None, field: str, own
         return
     message.mode = pb.Selection.LISTED
     message.names.extend(chosen)
+
+
+# --- what a call resolves to before its inputs are looked at ----------------------------------------
+
+class CallTemplate:
+    """One form of ``evaluate`` call resolved: the graph to run, its output's name, the parsed
+    selections and the declared inputs' names; nothing that depends on the inputs' values.
+
+    A client keeps one per target and selections (:class:`CallTemplates`) and reuses it while it is
+    :meth:`current`, so that a repeated call parses, prunes and merges nothing again. ``memo``
+    belongs to the transport: what it derives from the template alone (a plan, a recipe)."""
+
+    __slots__ = ("graph", "output", "values", "grads", "declared", "with_unused", "reusable", "builder", "version",
+                 "metadata", "memo")
+
+    def __init__(self, graph: Graph, output: str, values: Selected, grads: Selected, *, reusable: bool,
+                 builder: GraphBuilder | None = None, version: int = 0, metadata: dict[str, str] | None = None) -> None:
+        self.graph = graph
+        self.output = output
+        self.values = values
+        self.grads = grads
+        #: The graph's input names (a keys view): feeds naming exactly these need no merging or pruning.
+        self.declared = graph.inputs.keys()
+        #: The names a call fed besides some unused inputs of the builder (see :meth:`feeds`).
+        self.with_unused: frozenset[str] = frozenset()
+        #: False when reusing it could go stale unnoticed (Vars named in a Graph's selections: renames).
+        self.reusable = reusable
+        #: For a Var's call: its builder, and the builder's version and metadata the graph was pruned under.
+        self.builder = builder
+        self.version = version
+        self.metadata = metadata
+        self.memo: Any = None
+
+    def current(self) -> bool:
+        """Whether the template still says what resolving its call again would: a Graph's always (graphs
+        are frozen); a Var's while its builder has neither changed (a node, a name) nor its metadata."""
+        builder = self.builder
+        return builder is None or (builder.version == self.version and builder.metadata == self.metadata)
+
+    def feeds(self, inputs: Mapping[Any, Any] | None, named: dict[str, Any]) -> Mapping[str, Any]:
+        """The call's inputs by name (see :func:`merge_inputs`, :func:`without_unused_inputs`).
+
+        The common case costs one comparison: a dict naming exactly the declared inputs is the
+        feeds as it is (read, never changed), the caller's mapping or the keyword arguments. A dict
+        with the names of the last call that also fed unused inputs of the builder loses those alone."""
+        given = inputs if not named else named if not inputs else None
+        if type(given) is dict:
+            if _names_equal(given, self.declared):
+                return given
+            if _names_equal(given, self.with_unused):
+                declared = self.declared
+                return {name: value for name, value in given.items() if name in declared}
+        feeds = without_unused_inputs(self.graph, merge_inputs(inputs, named, self.graph.builder))
+        if self.builder is not None and type(given) is dict and feeds.keys() <= self.declared:
+            self._remember_unused(given)
+        return feeds
+
+    def _remember_unused(self, given: dict[Any, Any]) -> None:
+        """Keep the names of ``given``, whose undeclared names all were unused inputs of the builder
+        (dropped), when they are names: the same names next time drop the same. Only for a Var's
+        template, which is not reused once its builder changed (what is unused may change with it)."""
+        if all(map(isinstance, given, repeat(str))):
+            self.with_unused = frozenset(given)
+
+
+class CallTemplates:
+    """A client's :class:`CallTemplate` per call form: the target (a Var or a Graph, by identity), ``output``
+    and the selections as given. At most :attr:`MAX_TEMPLATES`, then started afresh; read and replaced
+    without a lock (a dict's get and set are atomic, and a template is made alike by any thread)."""
+
+    MAX_TEMPLATES = 64
+
+    def __init__(self) -> None:
+        self._known: dict[tuple[Any, ...], CallTemplate] = {}
+
+    def template(self, target: Any, output: Any, values: Selectable | None, grads: Selectable | None,
+                 unreached: str) -> CallTemplate:
+        """The call's template, kept or resolved now (:func:`resolve_call`: the errors of a bad call).
+        ``unreached`` is checked on every call."""
+        key: tuple[Any, ...] | None = (target, output, _selection_key(values), _selection_key(grads))
+        try:
+            known = self._known.get(key)
+        except TypeError:  # a form not kept (see _selection_key), or a Var compared with a name
+            known = key = None
+        if known is not None and known.current():
+            if unreached != "zeros":
+                check_unreached(unreached)
+            return known
+        template = resolve_call(target, output, values, grads, unreached)
+        if key is not None and template.reusable:
+            known_now = self._known
+            if len(known_now) >= self.MAX_TEMPLATES:
+                known_now = self._known = {}  # rebound, not cleared: a concurrent reader keeps a whole dict
+            known_now[key] = template
+        return template
+
+
+def resolve_call(target: Any, output: Any, values: Selectable | None, grads: Selectable | None,
+                 unreached: str) -> CallTemplate:
+    """Check a call's arguments and resolve its target: a Var gives the graph of what it and the
+    nodes named in ``values``/``grads`` need (``builder.graph_for``), a Graph itself."""
+    owner = target.builder if isinstance(target, Var) else None
+    chosen_values = parse_selection(values, "values", owner)
+    chosen_grads = parse_selection(grads, "grads", owner)
+    check_unreached(unreached)
+    if owner is None:
+        graph, output_name = resolve_target(target, output)
+        reusable = isinstance(target, Graph) and _names_only(output, values, grads)
+        return CallTemplate(graph, output_name, chosen_values, chosen_grads, reusable=reusable)
+    if output is not None and name_of(output) != target.name:
+        raise TypeError(f"output={name_of(output)!r} conflicts with the Var '{target.name}' being evaluated")
+    version, metadata = owner.version, dict(owner.metadata)  # read first: a change meanwhile shows later
+    # Only what the output needs, and the nodes asked for by name: unrelated nodes of the builder
+    # are not sent, their inputs need no feeds and their errors do not matter.
+    wanted = [target, *_vars_named(owner, chosen_values), *_vars_named(owner, chosen_grads)]
+    return CallTemplate(owner.graph_for(*wanted), target.name, chosen_values, chosen_grads, reusable=True,
+                        builder=owner, version=version, metadata=metadata)
+
+
+def _vars_named(builder: GraphBuilder, chosen: Selected) -> list[Var]:
+    """The builder's Vars among the selected names (others are left for the service to refuse)."""
+    if isinstance(chosen, str):
+        return []
+    return builder.vars_named(chosen)
+
+
+class _NotKept:
+    """A selection of a form not kept (an iterator is read once): unhashable, so that no key holding
+    it is looked up or kept."""
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+_NOT_KEPT = _NotKept()
+
+
+def _selection_key(spec: Any) -> Any:
+    """A selection as part of a template's key: names or "all"/"none" as given, a list as a tuple."""
+    kind = type(spec)
+    if kind is str or spec is None:
+        return spec
+    if kind is list or kind is tuple:
+        return tuple(spec)
+    return _NOT_KEPT
+
+
+def _names_only(output: Any, *selections: Any) -> bool:
+    """Whether ``output`` and the selections are names only (no Var, whose name may change)."""
+    if output is not None and not isinstance(output, str):
+        return False
+    return all(isinstance(s, str) or s is None or all(map(isinstance, s, repeat(str))) for s in selections)
+
+
+def _names_equal(given: dict[Any, Any], declared: Any) -> bool:
+    """Whether ``given``'s keys are exactly the ``declared`` names (a Var key never is)."""
+    try:
+        return given.keys() == declared
+    except TypeError:  # a Var key whose hash met a name's: Vars refuse == with strings
+        return False

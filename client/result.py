@@ -3,7 +3,8 @@
 From a response message, tensors are decoded lazily, on first access, and
 without a copy: the arrays are read-only views of the response's bytes
 (``np.array(a)`` for a writable copy). From an in-process evaluation
-(``Result.of_arrays``), they are the engine's own arrays, read-only too.
+(``Result.of_arrays``), they are the engine's own arrays, wrapped read-only
+on first access too.
 Mappings accept a builder Var or a name as key.
 """
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping
 
 import numpy as np
 
-from chainrule.wire.convert import DTYPE_NAMES, array_to_tensor, tensor_to_array
+from chainrule.wire.convert import DTYPE_NAMES, array_to_tensor, plain_array, tensor_to_array
 from chainrule.wire.incoming import Incoming
 from chainrule.v1 import chainrule_pb2 as pb
 
@@ -86,6 +87,9 @@ class Arrays(Mapping[str, np.ndarray]):
 def _as_array(tensor: Any, field: str) -> np.ndarray:
     """A tensor of a response (Tensor message or RawTensor) or of an in-process evaluation (an
     array or numpy scalar the caller may not change: read-only)."""
+    array = plain_array(tensor)  # the common small Tensor message, the short way
+    if array is not None:
+        return array
     if isinstance(tensor, (np.generic, float)):
         array = np.asarray(tensor)  # a new 0-d array, ours alone: frozen as it is
         array.setflags(write=False)
@@ -215,8 +219,11 @@ class Result:
         self.graph_id: str = message.graph_id
         self.no_gradient: tuple[str, ...] = tuple(message.no_gradient[:])  # (a slice is made in C)
         owner = getattr(graph, "builder", None)
-        self.values = Arrays(self._incoming.tensor_map("values"), "values", owner=owner)
-        self.grad = Arrays(self._incoming.tensor_map("gradients"), "gradients", frozenset(self.no_gradient), owner)
+        self._values: Arrays | None = Arrays(self._incoming.tensor_map("values"), "values", owner=owner)
+        self._grad: Arrays | None = Arrays(self._incoming.tensor_map("gradients"), "gradients",
+                                           frozenset(self.no_gradient), owner)
+        #: An in-process evaluation's arrays (output value, values, gradients), read on first access.
+        self._engines: tuple[Any, Mapping[str, Any], Mapping[str, Any]] | None = None
         self._value: np.ndarray | None = None
         self._diagnosed = diagnosed
         self._diagnostics: Diagnostics | None = None
@@ -228,7 +235,8 @@ class Result:
                   diagnostics: pb.Diagnostics | None = None,
                   contributions: list[Contribution] | None = None) -> "Result":
         """A result of an evaluation in this process: the engine's arrays, no response message.
-        ``diagnostics`` None: not diagnosed."""
+        ``diagnostics`` None: not diagnosed. They are wrapped (read-only) on first access, as a
+        response's tensors are decoded: a call whose result is read in part pays for that part."""
         result = cls.__new__(cls)
         result._incoming = None
         result._message = pb.EvaluateResponse(diagnostics=diagnostics) if diagnostics is not None else None
@@ -236,10 +244,8 @@ class Result:
         result.output = output
         result.graph_id = graph_id
         result.no_gradient = tuple(no_gradient)
-        owner = getattr(graph, "builder", None)
-        result.values = Arrays(values, "values", owner=owner)
-        result.grad = Arrays(grads, "gradients", frozenset(result.no_gradient), owner)
-        result._value = _as_array(value, "output_value")
+        result._engines = (value, values, grads)
+        result._values = result._grad = result._value = None
         result._diagnosed = diagnostics is not None
         result._diagnostics = None
         result._contributions = contributions if contributions is not None else []
@@ -266,17 +272,39 @@ class Result:
         return message
 
     @property
+    def values(self) -> Arrays:
+        """The selected values by name (a Var or a name as key)."""
+        arrays = self._values
+        if arrays is None:  # (two threads may both make one: alike, one is kept)
+            arrays = self._values = Arrays(self._engines[1], "values", owner=getattr(self.graph, "builder", None))
+        return arrays
+
+    @property
+    def grad(self) -> Arrays:
+        """The gradients of the output by name (a Var or a name as key)."""
+        arrays = self._grad
+        if arrays is None:
+            arrays = self._grad = Arrays(self._engines[2], "gradients", frozenset(self.no_gradient),
+                                         getattr(self.graph, "builder", None))
+        return arrays
+
+    @property
     def grads(self) -> Arrays:
         """Same mapping as :attr:`grad`."""
         return self.grad
 
     @property
     def value(self) -> np.ndarray:
-        if self._value is None:
-            tensor = self._incoming.tensor("output_value")
-            self._value = tensor_to_array(self._message.output_value if tensor is None else tensor,
-                                          field="output_value")
-        return self._value
+        value = self._value
+        if value is None:
+            value = self._value = self._output_value()
+        return value
+
+    def _output_value(self) -> np.ndarray:
+        if self._engines is not None:
+            return _as_array(self._engines[0], "output_value")
+        tensor = self._incoming.tensor("output_value")
+        return _as_array(self._message.output_value if tensor is None else tensor, "output_value")
 
     @property
     def diagnostics(self) -> Diagnostics | None:

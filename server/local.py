@@ -10,6 +10,7 @@ calls a remote service imports none of this.
 """
 from __future__ import annotations
 
+import sys
 import threading
 import warnings
 import weakref
@@ -70,8 +71,12 @@ class InProcessTransport(Transport):
     ``evaluate`` runs the engine on the caller's arrays and builds the Result
     from the engine's arrays: no request or response message, and the plan of
     each Graph object is kept with what every call of it reuses (the inputs'
-    dtypes; per selection, the slots to return and the engine's ``wrt=``), so
-    a call costs what the engine costs and little more. It makes
+    dtypes; per selection, the slots to return and the engine's ``wrt=``), in
+    the call's template too (``EvaluateCall.template.memo``: a repeated call
+    looks nothing up), so a call costs what the engine costs and little more.
+    The caller's arrays go to the engine as read-only views, so that no operator
+    writes them and only a result that is a view can share their memory (those
+    are copied). It makes
     the same checks as the service (the same compile, limits and engine), so
     answers are bit-identical to a server's. The other calls, and
     ``send_evaluate`` (the message path), hand messages to the service, with
@@ -105,66 +110,69 @@ class InProcessTransport(Transport):
                 self._plans[graph] = known
         return known
 
+    def _kept(self, call: EvaluateCall) -> "tuple[_Compiled, _Recipe | None]":
+        """The plan and recipe kept in the call's template by an earlier call of it (no lock, no
+        lookup), else the plan and None: the recipe is worked out after the inputs are checked."""
+        template = call.template
+        memo = None if template is None else template.memo
+        if memo is not None and memo[0] is self:
+            return memo[1], memo[2]
+        return self._compiled(call.graph), None
+
+    def _recipe(self, call: EvaluateCall, compiled: "_Compiled") -> "_Recipe":
+        """The selection's recipe (unknown names fail here, before any work), kept in the call's template."""
+        recipe = compiled.recipe(call.values, call.grads)
+        if call.template is not None:
+            call.template.memo = (self, compiled, recipe)
+        return recipe
+
     def _evaluate(self, call: EvaluateCall) -> Result:
-        compiled = self._compiled(call.graph)
-        arrays, roots = self._inputs(call, compiled.dtypes)
-        seed = None if call.seed is None else np.asarray(call.seed)
-        recipe = compiled.recipe(call.values, call.grads)  # unknown names fail before any work
-        token = None if call.timeout is None else StopToken.after(call.timeout, what="the timeout")
-        evaluation = evaluate_plan(
-            compiled.plan, arrays, output=call.output or None, seed=seed, gradients=call.grads != "none",
-            wrt=recipe.wrt, unreached=call.unreached, contributions=call.contributions, token=token,
-            inner=recipe.inner, keep=None if call.diagnostics else recipe.keep,  # diagnostics read every value
-        )
-        if seed is not None and isinstance(call.seed, np.ndarray):
-            roots.add(_root_id(call.seed))
+        compiled, recipe = self._kept(call)
+        arrays = self._inputs(call, compiled.dtypes)
+        seed = None if call.seed is None else _handed_over(call.seed)
+        if recipe is None:
+            recipe = self._recipe(call, compiled)
+        evaluation = _run(compiled.plan, arrays, seed, call, recipe)
         computed = evaluation.values
-        values = {name: computed[k] for name, k in recipe.values}
+        value = computed[evaluation.output]
+        values = {name: computed[k] for name, k in recipe.values} if recipe.values else {}
         grads, no_gradient = _gradients(evaluation, recipe)
-        if roots:  # results that may share memory with an array the caller gave are copied
-            _detach_all(values, roots)
-            _detach_all(grads, roots)
+        contributions: list[Contribution] = []
+        if evaluation.contributions or _any_view(value, values, grads):  # (the common case: neither)
+            callers = _CallersMemory(arrays, seed)
+            value = callers.detach(value)
+            callers.detach_all(values)
+            callers.detach_all(grads)
+            contributions = [Contribution(c.node, c.consumer, c.input_index, callers.detach(np.asarray(c.gradient)))
+                             for c in evaluation.contributions]
         if recipe.inner_values:  # stacked step by step: fresh arrays
             values.update((name, evaluation.inner_values[name]) for name in recipe.inner_values)
-        contributions = [Contribution(c.node, c.consumer, c.input_index, _detach(np.asarray(c.gradient), roots))
-                         for c in evaluation.contributions] if evaluation.contributions else []
         return Result.of_arrays(
-            call.graph, output=evaluation.output_name, graph_id=compiled.gid,
-            value=_detach(computed[evaluation.output], roots), values=values, grads=grads,
-            no_gradient=no_gradient, diagnostics=_diagnostics(evaluation) if call.diagnostics else None,
+            call.graph, output=evaluation.output_name, graph_id=compiled.gid, value=value, values=values,
+            grads=grads, no_gradient=no_gradient, diagnostics=_diagnostics(evaluation) if call.diagnostics else None,
             contributions=contributions,
         )
 
-    def _inputs(self, call: EvaluateCall, dtypes: dict[str, np.dtype]) -> tuple[dict[str, np.ndarray], set[int]]:
-        """The feeds as arrays the engine may read (read-only views of the caller's own), converted
-        to their declared dtypes as the message path converts them; and the ids of the objects that
-        own the memory of the caller's arrays among them (see :func:`_root_id`).
+    def _inputs(self, call: EvaluateCall, dtypes: dict[str, np.dtype]) -> dict[str, Any]:
+        """The feeds as arrays the engine may read: read-only views of the caller's own, converted
+        to their declared dtypes as the message path converts them.
 
         ``dtypes`` maps each declared input to its numpy dtype: an array of that dtype (so native
         and sendable), the common case, is handed over as a read-only view after one size check."""
         limit = self.service.limits.max_tensor_elements
-        arrays: dict[str, np.ndarray] = {}
-        roots: set[int] = set()
+        below = _NO_LIMIT if limit is None else limit
+        declared = dtypes.get
+        arrays: dict[str, Any] = {}
         for name, value in call.feeds.items():
-            expected = dtypes.get(name)
-            if expected is not None and type(value) is np.ndarray and value.dtype == expected:
-                array = value
-                if limit is not None and array.size > limit:
-                    check_element_count(array.shape, array.size, limit, f"inputs.{name}")
-            elif isinstance(value, pb.Tensor):
-                arrays[name] = tensor_to_array(value, field=f"inputs.{name}", max_elements=limit)
-                continue
+            expected = declared(name)
+            if type(value) is np.ndarray and expected is not None and value.dtype == expected and value.size <= below:
+                arrays[name] = array = value.view()
+                _freeze(array, False)  # an operator never writes its inputs; the caller's stay theirs
+            elif type(value) is float and expected is _FLOAT64:
+                arrays[name] = np.asarray(value)  # what _other_input makes of it, sooner: a new 0-d array
             else:
-                array = _converted(call.graph, name, value)
-                check_element_count(array.shape, array.size, limit, f"inputs.{name}")
-                if array is not value and (type(value) is not np.ndarray or not np.may_share_memory(array, value)):
-                    arrays[name] = array  # a new array of our own
-                    continue
-            roots.add(id(value) if value.base is None else _root_id(value))
-            array = array.view()
-            array.setflags(write=False)  # an operator never writes its inputs; the caller's stay theirs
-            arrays[name] = array
-        return arrays, roots
+                arrays[name] = _other_input(call.graph, name, value, limit)
+        return arrays
 
     @staticmethod
     def _call(work: Callable[[], Any]) -> Any:
@@ -316,6 +324,21 @@ def _converted(graph: Graph, name: str, value: Any) -> np.ndarray:
     return array
 
 
+def _run(plan: Plan, arrays: dict[str, Any], seed: Any, call: EvaluateCall, recipe: _Recipe) -> Evaluation:
+    """The engine's run of the call. The common call passes only the options it sets: each keyword
+    argument costs, twice (the engine's wrapper passes them on)."""
+    output = call.output or None
+    gradients = call.grads != "none"
+    keep = None if call.diagnostics else recipe.keep  # diagnostics read every value
+    if seed is None and call.timeout is None and call.unreached == "zeros" and not call.contributions:
+        return evaluate_plan(plan, arrays, output=output, gradients=gradients, wrt=recipe.wrt, inner=recipe.inner,
+                             keep=keep)
+    token = None if call.timeout is None else StopToken.after(call.timeout, what="the timeout")
+    return evaluate_plan(plan, arrays, output=output, seed=seed, gradients=gradients, wrt=recipe.wrt,
+                         unreached=call.unreached, contributions=call.contributions, token=token,
+                         inner=recipe.inner, keep=keep)
+
+
 def _gradients(evaluation: Evaluation, recipe: _Recipe) -> tuple[dict[str, Any], list[str]]:
     """The selected gradients by name, and the selected names that have none because they cannot
     (constants, integer- and bool-typed values) rather than because none reached them."""
@@ -347,13 +370,98 @@ def _diagnostics(evaluation: Evaluation) -> pb.Diagnostics:
     return message
 
 
-# --- results never alias the caller's arrays ------------------------------------------------------
-#
-# A result may share memory with an array the caller gave (an input's own value, a reshape of it,
-# the seed passed through); it is copied, so that a Result stays what the call returned whatever
-# the caller later writes. Arrays that share memory share the object at the root of their ``base``
-# chain (the caller's array, or the buffer under it), so one set lookup per result decides,
-# however many inputs.
+# --- the caller's arrays: handed over read-only, never aliased by results -----------------------------
+
+#: ``setflags`` called positionally: twice as fast as ``array.setflags(write=False)``.
+_freeze = np.ndarray.setflags
+#: No limit on a tensor's elements (max_tensor_elements None).
+_NO_LIMIT = sys.maxsize
+_FLOAT64 = _DTYPES["float64"]
+
+
+def _other_input(graph: Graph, name: str, value: Any, limit: int | None) -> Any:
+    """A feed that is not an array of its declared dtype: a Tensor message decoded, anything else
+    converted as the message path converts it (:func:`_converted`); read-only when it is (or shares
+    memory with) the caller's array."""
+    if isinstance(value, pb.Tensor):
+        return tensor_to_array(value, field=f"inputs.{name}", max_elements=limit)
+    array = _converted(graph, name, value)
+    check_element_count(array.shape, array.size, limit, f"inputs.{name}")
+    if array is not value and array.base is None:
+        return array  # a new array of our own (from a number, a list, a cast)
+    return _handed_over(array)
+
+
+def _handed_over(value: Any) -> Any:
+    """``value`` as the engine may hold it: an array, read-only when it may be the caller's memory
+    (the value itself, a view of it as of a subclass, or an object exposing its buffer). The engine
+    never holds a caller's array object then, so only a view can share the caller's memory."""
+    array = np.asarray(value)
+    if array is value or array.base is not None:
+        array = array.view()
+        _freeze(array, False)
+    return array
+
+
+def _any_view(value: Any, values: dict[str, Any], grads: dict[str, Any]) -> bool:
+    """Whether any result is a view (``base`` set): only a view can share the caller's memory."""
+    if isinstance(value, np.ndarray) and value.base is not None:
+        return True
+    for results in (values, grads):
+        for result in results.values():
+            if isinstance(result, np.ndarray) and result.base is not None:
+                return True
+    return False
+
+
+class _CallersMemory:
+    """Tells which results share memory with the arrays handed to the engine (:func:`_handed_over`),
+    to copy those: a Result stays what the call returned whatever the caller later writes.
+
+    The engine holds views of the caller's arrays, never the arrays, so only a result that is a view
+    (``base`` set) can share their memory; the common case, every result its own array, costs one
+    attribute read per result. Arrays that share memory share the object at the root of their ``base``
+    chain (the caller's array, or the buffer under it): those roots are found on the first view."""
+
+    __slots__ = ("_arrays", "_seed", "_roots")
+
+    def __init__(self, arrays: dict[str, Any], seed: Any) -> None:
+        self._arrays = arrays  # what the engine was given
+        self._seed = seed
+        self._roots: set[int] | None = None
+
+    def detach(self, value: Any) -> Any:
+        """``value``, or a copy of it when it may share memory with one of the caller's arrays."""
+        if isinstance(value, np.ndarray) and value.base is not None and _root_of_view(value) in self._roots_of():
+            return value.copy()
+        return value
+
+    def detach_all(self, results: dict[str, Any]) -> None:
+        """:meth:`detach` every result of ``results``, in place."""
+        roots = None
+        for name, value in results.items():
+            if isinstance(value, np.ndarray) and value.base is not None:
+                if roots is None:
+                    roots = self._roots_of()
+                if _root_of_view(value) in roots:
+                    results[name] = value.copy()  # (a value replaced, no key added: the loop goes on)
+
+    def _roots_of(self) -> set[int]:
+        """The ids of the objects at the roots of the handed-over arrays (found once)."""
+        roots = self._roots
+        if roots is None:
+            handed = (*self._arrays.values(), self._seed)
+            roots = self._roots = {_root_id(a) for a in handed if isinstance(a, np.ndarray)}
+        return roots
+
+
+def _root_of_view(view: np.ndarray) -> int:
+    """:func:`_root_id` of a view, the common case first: a view of an array that owns its memory."""
+    base = view.base
+    if type(base) is np.ndarray and base.base is None:
+        return id(base)
+    return _root_id(view)
+
 
 def _root_id(array: np.ndarray) -> int:
     """The id of the object that owns an array's memory: the end of its chain of bases."""
@@ -363,18 +471,3 @@ def _root_id(array: np.ndarray) -> int:
     while isinstance(base, np.ndarray) and base.base is not None:
         base = base.base
     return id(base)
-
-
-def _detach(value: Any, roots: set[int]) -> Any:
-    """``value``, or a copy of it when it may share memory with one of the caller's arrays (``roots``)."""
-    if roots and isinstance(value, np.ndarray) and _root_id(value) in roots:
-        return value.copy()
-    return value
-
-
-def _detach_all(results: dict[str, Any], roots: set[int]) -> None:
-    """:func:`_detach` every result of ``results``, in place."""
-    shared = [name for name, value in results.items()  # (an array that owns its memory is its own root)
-              if isinstance(value, np.ndarray) and (id(value) if value.base is None else _root_id(value)) in roots]
-    for name in shared:
-        results[name] = results[name].copy()

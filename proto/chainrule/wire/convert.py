@@ -296,31 +296,37 @@ def graph_to_proto(graph: GraphIR) -> pb.Graph:
 
 def inputs_from_proto(tensors: Mapping[str, Any], *, max_elements: int | None = None,
                       shared_memory: SharedMemoryDir | None = None) -> dict[str, np.ndarray]:
-    """The request's input tensors as read-only arrays, each checked as tensor_to_array checks it.
-
-    The common small tensor takes the fewest steps (each protobuf attribute read costs): a Tensor
-    message of a known dtype, a shape already found sound (element_count's cache) within
-    ``max_elements``, not empty, and data of the right length, on a little-endian host, becomes a
-    view of the message's immutable bytes, so read-only. Anything else goes to tensor_to_array."""
+    """The request's input tensors as read-only arrays, each checked as tensor_to_array checks it
+    (the common small one the short way: :func:`plain_array`)."""
     arrays = {}
-    known, sound, plain = DTYPE_TO_NUMPY, _SOUND_SHAPES, _LITTLE_ENDIAN_HOST
     for name in list(tensors):  # (keys then get: faster than items() on protobuf's map)
         tensor = tensors[name]
-        if plain and type(tensor) is _TENSOR:
-            dtype = known.get(tensor.dtype)
-            if dtype is not None:
-                shape = tuple(tensor.shape[:])
-                count = sound.get((shape, dtype.itemsize))
-                if count and (max_elements is None or count <= max_elements):
-                    data = tensor.data  # (empty unless the payload is data: then the length test fails)
-                    if len(data) == count * dtype.itemsize:
-                        array = np.ndarray(shape, dtype, data)
-                        if array.flags.aligned:
-                            arrays[name] = array
-                            continue
-        arrays[name] = tensor_to_array(tensor, field=f"inputs.{name}", max_elements=max_elements,
-                                       shared_memory=shared_memory)
+        array = plain_array(tensor, max_elements)
+        arrays[name] = array if array is not None else tensor_to_array(
+            tensor, field=f"inputs.{name}", max_elements=max_elements, shared_memory=shared_memory)
     return arrays
+
+
+def plain_array(tensor: Any, max_elements: int | None = None) -> np.ndarray | None:
+    """The common small tensor decoded in the fewest steps (each protobuf attribute read costs): a
+    Tensor message of a known dtype, a shape already found sound (element_count's cache) within
+    ``max_elements``, not empty, and data of the right length, on a little-endian host, becomes a
+    view of the message's immutable bytes, so read-only. None for anything else, which
+    tensor_to_array decodes, with its checks and errors."""
+    if type(tensor) is not _TENSOR or not _LITTLE_ENDIAN_HOST:
+        return None
+    dtype = DTYPE_TO_NUMPY.get(tensor.dtype)
+    if dtype is None:
+        return None
+    shape = tuple(tensor.shape[:])
+    count = _SOUND_SHAPES.get((shape, dtype.itemsize))
+    if not count or (max_elements is not None and count > max_elements):
+        return None
+    data = tensor.data  # (empty unless the payload is data: then the length test fails)
+    if len(data) != count * dtype.itemsize:
+        return None
+    array = np.ndarray(shape, dtype, data)
+    return array if array.flags.aligned else None
 
 
 _TENSOR = type(pb.Tensor())
