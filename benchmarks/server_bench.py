@@ -124,7 +124,7 @@ def main() -> None:
     echo_channel = grpc.insecure_channel(echo_address, options=OPTIONS)
     echo_call = echo_channel.unary_unary("/bench.Echo/Echo")
     payload = data.tobytes()
-    with Client(address) as client, Client(address, shared_memory=True) as same_host:
+    with Client(address, shared_memory=False) as client, Client(address, shared_memory=True) as same_host:
         for c in (client, same_host):
             result = c.evaluate(f, x=data, values=["x"], grads=["x"])
             assert np.array_equal(result.values["x"], data) and np.all(result.grad["x"] == 2.0)

@@ -9,9 +9,7 @@ Example::
 from __future__ import annotations
 
 import functools
-import os
 import random
-import threading
 import time
 from collections.abc import Generator as GeneratorABC
 from typing import Any, Callable, Generator, Iterator, Sequence
@@ -22,12 +20,12 @@ from chainrule.v1 import chainrule_pb2 as pb, chainrule_pb2_grpc
 from chainrule.wire import outgoing
 from chainrule.wire.incoming import Incoming, read_message
 from chainrule.wire.outgoing import AllHandEncoded, Carrier, Outgoing
-from chainrule.wire.shared_memory import directory_problem
 
 from .base import ClientBase
 from .channel import IDEMPOTENT_METHODS, TLS, open_channel, retry_buffer_bytes, target_for
-from .errors import ChainruleRpcError, FailedPrecondition, from_rpc_error
-from .shared_memory import SharedMemoryStaging, StagingFile
+from .errors import ChainruleRpcError, from_rpc_error
+from .request import EvaluateCall
+from .shared_memory import SameHost, StagingFile
 from .transport import Transport
 
 #: Default send/receive limit: gRPC's ceiling (2 GiB - 1; its own default of 4 MiB is too small for
@@ -49,11 +47,15 @@ class Client(ClientBase):
     ``tls=True`` or a :class:`~chainrule.client.channel.TLS` makes a secure
     channel (``credentials``, ready-made gRPC credentials, also do);
     ``token`` is sent as ``authorization: Bearer <token>``.
-    ``shared_memory=True`` exchanges the large inputs and outputs of
-    ``evaluate`` with a server on the same host through files of its
-    shared-memory directory instead of sending them (the server needs
-    ``--shared-memory-dir`` and the client must run as its user, on its host,
-    with this one address; see chainrule.client.shared_memory).
+    ``shared_memory`` says when the large inputs and outputs of ``evaluate``
+    go through files of the server's shared-memory directory instead of the
+    messages, which only works with one address, on the server's host, as
+    the server's user (see chainrule.client.shared_memory): ``"auto"`` (the
+    default) for calls whose input arrays add up to 256 KiB or more, once
+    one ServerInfo call has shown the server's directory usable from here,
+    otherwise (and after a call that shared memory failed) quietly through
+    the messages; ``True`` for every call, a reason it cannot being a
+    FailedPrecondition; ``False`` never.
     A call the server refuses "not now" (RESOURCE_EXHAUSTED with RetryInfo:
     all its ``max_concurrent`` slots taken, or its memory budget held by other
     calls; refused before any work) is sent again after the delay the server
@@ -66,7 +68,7 @@ class Client(ClientBase):
                  options: Sequence[tuple[str, Any]] | None = None,
                  credentials: grpc.ChannelCredentials | None = None,
                  tls: bool | TLS | None = None, token: str | None = None,
-                 max_message_bytes: int = MAX_MESSAGE_BYTES, shared_memory: bool = False,
+                 max_message_bytes: int = MAX_MESSAGE_BYTES, shared_memory: bool | str = "auto",
                  busy_retries: int = BUSY_RETRIES) -> None:
         super().__init__(GrpcTransport(address, options=options, credentials=credentials, tls=tls, token=token,
                                        max_message_bytes=max_message_bytes, shared_memory=shared_memory,
@@ -92,16 +94,14 @@ class GrpcTransport(Transport):
 
     def __init__(self, address: str | Sequence[str], *, options: Sequence[tuple[str, Any]] | None,
                  credentials: grpc.ChannelCredentials | None, tls: bool | TLS | None, token: str | None,
-                 max_message_bytes: int, shared_memory: bool, busy_retries: int = BUSY_RETRIES) -> None:
+                 max_message_bytes: int, shared_memory: bool | str = "auto",
+                 busy_retries: int = BUSY_RETRIES) -> None:
         super().__init__()
         self.address = target_for(address)
         #: How many times a call refused "not now" (RetryInfo) is sent again (0: never).
         self.busy_retries = busy_retries
-        if shared_memory and "," in self.address:  # each server would need our files on its host
-            raise ValueError(f"shared_memory=True needs a single server on this host, not several: {address!r}")
-        self.shared_memory = shared_memory
-        self._shared: SharedMemoryStaging | None = None
-        self._shared_lock = threading.Lock()
+        #: When evaluate's large tensors go through shared memory (see chainrule.client.shared_memory).
+        self.same_host = SameHost(shared_memory, self.address)
         given = list(options or [])
         keys = {key for key, _ in given}
         defaults = [("grpc.max_send_message_length", max_message_bytes),
@@ -125,41 +125,20 @@ class GrpcTransport(Transport):
 
     def close(self) -> None:
         self.channel.close()
-        if self._shared is not None:
-            self._shared.close()
+        self.same_host.close()
 
-    def staging(self, timeout: float | None) -> StagingFile | None:
-        if not self.shared_memory:
-            return None
-        with self._shared_lock:
-            if self._shared is None:
-                self._shared = SharedMemoryStaging(self._shared_memory_dir(timeout))
-        return self._shared.acquire()
+    def staging(self, call: EvaluateCall) -> StagingFile | None:
+        return self.same_host.staging(call.feeds, call.timeout, self._shared_memory_dir)
 
     def unstage(self, file: StagingFile, *, reusable: bool) -> None:
-        if self._shared is not None:
-            self._shared.release(file, reusable=reusable)
+        self.same_host.release(file, reusable=reusable)
 
     def _shared_memory_dir(self, timeout: float | None) -> str:
-        """The server's shared-memory directory, which must exist on this host too."""
-        directory = self.server_info(timeout).shared_memory_dir
-        if not directory:
-            raise FailedPrecondition(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"the server at {self.address} does not accept shared memory (start it with --shared-memory-dir), "
-                "so shared_memory=True cannot be used", reason="SHARED_MEMORY_DISABLED")
-        if not os.path.isdir(directory):
-            raise FailedPrecondition(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"the server's shared-memory directory {directory!r} is not on this host: shared memory needs "
-                "the client and the server on the same machine", reason="SHARED_MEMORY_UNREACHABLE")
-        problem = directory_problem(directory)
-        if problem:  # another user's directory: the server could not read our files, and should not
-            raise FailedPrecondition(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"{problem}: shared memory needs the client to run as the server's user",
-                reason="SHARED_MEMORY_FORBIDDEN")
-        return directory
+        """The directory the server advertises for shared memory ("" when it takes none)."""
+        return self.server_info(timeout).shared_memory_dir
+
+    def shared_memory_failed(self, error: ChainruleRpcError) -> bool:
+        return self.same_host.failed(error)
 
     def _call(self, name: str, method: Callable[..., Any], request: Any, timeout: float | None) -> Any:
         ends = None if timeout is None else time.monotonic() + timeout
@@ -184,10 +163,11 @@ class GrpcTransport(Transport):
         except grpc.RpcError as error:
             failed = error
         # gRPC retries an idempotent call until the server starts answering; one whose server died
-        # while sending the answer (UNAVAILABLE, after the headers) is sent once more here. Not with
-        # shared memory: the server that was writing our output file may still be alive.
+        # while sending the answer (UNAVAILABLE, after the headers) is sent once more here. Not a
+        # call in shared memory: the server that was writing its output file may still be alive
+        # (in auto mode, Transport.evaluate sends it again through the messages, with new files).
         if (failed.code() == grpc.StatusCode.UNAVAILABLE and name in IDEMPOTENT_METHODS  # type: ignore[attr-defined]
-                and not (name == "Evaluate" and self.shared_memory)):
+                and not _in_shared_memory(request)):
             remaining = None if ends is None else ends - time.monotonic()
             if remaining is None or remaining > 0:
                 try:
@@ -260,6 +240,11 @@ class CallResponses(GeneratorABC):
     def close(self) -> None:
         self._closed = True
         self._call.cancel()  # thread-safe; a no-op once the call has ended
+
+
+def _in_shared_memory(request: Any) -> bool:
+    """Whether ``request`` is an Evaluate call whose answer the server writes into our files."""
+    return isinstance(request, Outgoing) and bool(request.message.shared_memory_output)
 
 
 def _connected(channel: grpc.Channel) -> bool | None:

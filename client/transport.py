@@ -21,7 +21,7 @@ from chainrule.wire.incoming import Incoming
 from chainrule.wire.outgoing import Carrier, Outgoing, SharedMemory
 from chainrule.wire.status import status_for
 
-from .errors import NotFound, from_status
+from .errors import ChainruleRpcError, NotFound, from_status
 from .graph import Graph
 from .request import EvaluateCall
 from .result import Result
@@ -61,35 +61,50 @@ class Transport:
         The graph travels whole the first time and by id afterwards; a service
         that does not know the id (restarted, evicted it, or another replica
         behind a balancer) answers NOT_FOUND, and the call is sent again with
-        the graph, which that very service then compiles and keeps.
+        the graph, which that very service then compiles and keeps. Large
+        tensors go through shared memory when :meth:`staging` gives files for
+        them; a call that shared memory failed goes through the messages when
+        :meth:`shared_memory_failed` says so.
         """
         graph = call.graph
         graph_id = self.known_id(graph)
-        staging = self.staging(call.timeout)
-        succeeded = False
-        try:
-            request = call.request(graph_id=graph_id,
-                                   carrier=self.carrier() if staging is None else SharedMemory(staging))
-            if staging is not None:  # the server writes the large tensors of its answer there too
-                request.message.shared_memory_output = staging.outputs.name
-            try:
-                response = self.send_evaluate(request, call.timeout)
-            except NotFound:
-                if graph_id is None:
-                    raise
-                request.message.graph.CopyFrom(graph.message)
-                response = self.send_evaluate(request, call.timeout)
-            if staging is not None:
-                response = read_outputs(response, staging)  # before the files go to the next call
-            succeeded = True
-        except ChainruleError as exc:  # from our own side of shared memory: a full /dev/shm, say
-            raise from_status(status_for(exc)) from None
-        finally:
-            if staging is not None:  # after a failure the server may still be writing into the files
-                self.unstage(staging, reusable=succeeded)
+        staging = self.staging(call)
+        response = None if staging is None else self._evaluate_staged(call, graph_id, staging)
+        if response is None:
+            response = self._send(call, call.request(graph_id=graph_id, carrier=self.carrier()), graph_id)
         if graph_id is None and response.message.graph_id:
             self.remember(graph, response.message.graph_id)
         return Result(response, graph, diagnosed=call.diagnostics)
+
+    def _evaluate_staged(self, call: EvaluateCall, graph_id: str | None, staging: StagingFile) -> Incoming | None:
+        """The response of the call sent with its large tensors in ``staging``'s files; None when shared
+        memory failed it and it is to go through the messages instead (see shared_memory_failed)."""
+        succeeded = False
+        try:
+            request = call.request(graph_id=graph_id, carrier=SharedMemory(staging))
+            request.message.shared_memory_output = staging.outputs.name  # the large tensors of the answer go there
+            response = read_outputs(self._send(call, request, graph_id), staging)  # before the files are reused
+            succeeded = True
+            return response
+        except ChainruleError as exc:  # from our own side of shared memory: a full /dev/shm, say
+            error = from_status(status_for(exc))
+        except ChainruleRpcError as exc:
+            error = exc
+        finally:  # after a failure the server may still be writing into the files
+            self.unstage(staging, reusable=succeeded)
+        if self.shared_memory_failed(error):
+            return None
+        raise error
+
+    def _send(self, call: EvaluateCall, request: Outgoing, graph_id: str | None) -> Incoming:
+        """:meth:`send_evaluate`, and once more with the whole graph when the service does not know its id."""
+        try:
+            return self.send_evaluate(request, call.timeout)
+        except NotFound:
+            if graph_id is None:
+                raise
+            request.message.graph.CopyFrom(call.graph.message)
+            return self.send_evaluate(request, call.timeout)
 
     # --- the calls (subclasses) ------------------------------------------------------------------
 
@@ -123,12 +138,16 @@ class Transport:
         """The progress reports, lazily."""
         raise NotImplementedError
 
-    def staging(self, timeout: float | None) -> StagingFile | None:
-        """Where one call may write its large inputs instead of sending them (shared memory), or None."""
+    def staging(self, call: EvaluateCall) -> StagingFile | None:
+        """Where ``call`` may write its large inputs instead of sending them (shared memory), or None."""
         return None
 
     def unstage(self, file: StagingFile, *, reusable: bool) -> None:
         """The call that had ``file`` has ended (and failed, when not ``reusable``)."""
+
+    def shared_memory_failed(self, error: ChainruleRpcError) -> bool:
+        """A call in shared memory failed with ``error``: whether to send it again through the messages."""
+        return False
 
     def close(self) -> None:
         """Release the connection (nothing to release in-process)."""

@@ -84,9 +84,16 @@ class ServerConfig:
     #: With a token file: health checks and reflection still answer without a token
     #: (load-balancer and Kubernetes probes cannot send one). False guards them too.
     open_health_and_reflection: bool = True
-    #: A directory (``/dev/shm/chainrule``, say) through which clients on this host, running as
-    #: this user, may exchange tensors instead of sending them (see shared_memory.py); created
-    #: (mode 0700) if missing; it must be this user's and closed to others. Empty: not accepted.
+    #: Let clients on this host, running as this user, exchange large tensors through files of a
+    #: shared-memory directory instead of sending them (see chainrule.wire.shared_memory); the
+    #: directory is advertised in ServerInfo. False (``--no-shared-memory``): every tensor travels
+    #: in the messages.
+    shared_memory: bool = True
+    #: That directory. Empty (the default): a private one the server makes at start (randomly
+    #: named, mode 0700, under /dev/shm when it is writable, else the temp dir) and removes with
+    #: its files when it stops (see grpc_server.PrivateDirectory). A path (``/dev/shm/chainrule``,
+    #: say): that directory, created (mode 0700) if missing and left in place at stop; it must be
+    #: this user's and closed to others.
     shared_memory_dir: str = ""
 
     @property
@@ -119,7 +126,10 @@ class ServerConfig:
                      for name in ("port", "metrics_port") if not 0 <= getattr(self, name) <= 65535]
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
             problems.append(f"log_level must be DEBUG, INFO, WARNING, ERROR or CRITICAL (got {self.log_level!r})")
-        if self.shared_memory_dir:
+        if self.shared_memory_dir and not self.shared_memory:
+            problems.append(f"shared_memory_dir {self.shared_memory_dir!r} is set, but shared_memory is off; leave "
+                            "one out (--no-shared-memory alone turns shared memory off)")
+        elif self.shared_memory_dir:
             problem = directory_problem(self.shared_memory_dir)
             if problem:
                 problems.append(problem)
@@ -195,8 +205,11 @@ SETTINGS_HELP: dict[str, tuple[str, str]] = {
     "token_file": ("security", "file of accepted bearer tokens, one per line: every call then needs one"),
     "open_health_and_reflection": ("security", "with --token-file, health checks and reflection still answer "
                                                "without a token (for probes that cannot send one)"),
-    "shared_memory_dir": ("shared memory", "directory (/dev/shm/chainrule, say) through which clients on this host, "
-                                           "as this user, exchange tensors instead of sending them; empty: off"),
+    "shared_memory": ("shared memory", "let clients on this host that run as this user exchange large tensors "
+                                       "through files instead of the messages"),
+    "shared_memory_dir": ("shared memory", "the directory for it (created with mode 0700 if missing, kept at "
+                                           "stop); default: a private one made at start (in /dev/shm when "
+                                           "writable) and removed at stop"),
     "reflection": ("operations", "serve gRPC reflection (grpcurl, grpcui)"),
     "metrics_port": ("operations", "port of the Prometheus /metrics endpoint on --host; 0: off"),
     "log_level": ("operations", "DEBUG, INFO, WARNING, ERROR or CRITICAL"),

@@ -12,7 +12,9 @@ backoff while the others keep serving; one that crashes MAX_RESTARTS times
 within RESTART_WINDOW_SECONDS is a crash loop, so the parent stops the others
 and exits 1 for the supervisor (Kubernetes, systemd) to restart the whole unit.
 A worker that exits 0 was told to stop (someone signalled it): the others are
-stopped too.
+stopped too. Shared memory (on by default) goes through one directory the parent
+makes before forking (unless ``--shared-memory-dir`` names one) and removes when
+it exits; every worker advertises it, and none removes it.
 """
 from __future__ import annotations
 
@@ -31,9 +33,11 @@ from collections import deque
 from dataclasses import replace
 from multiprocessing.synchronize import Semaphore
 
+from chainrule.core import parallel
+
 from .auth import read_tokens
 from .config import ServerConfig
-from .grpc_server import create_server
+from .grpc_server import SharedMemoryDirError, create_server, shared_memory_for
 from .ports import check_port_free
 from .tls import read_pems
 
@@ -75,6 +79,8 @@ def _worker(config: ServerConfig, index: int, ready: Semaphore) -> None:
     for signum in STOP_SIGNALS:
         signal.signal(signum, on_signal)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # blocked by the parent around the fork
+    # the cores are shared out between the workers: each runs a large elementwise node on its share
+    parallel.set_threads(max(1, parallel.threads() // config.workers))
     server, _ = create_server(config=config, worker=index, options=[("grpc.so_reuseport", 1)],
                               export_metrics=False)
     server.start()
@@ -103,7 +109,12 @@ def serve_workers(config: ServerConfig) -> int:
         metrics_dir = tempfile.mkdtemp(prefix="chainrule-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     try:
-        return _supervise(config, reserved.getsockname()[1], metrics_dir is not None)
+        # The workers get the directory by name, as if given --shared-memory-dir: none removes it.
+        with shared_memory_for(config) as serving:
+            return _supervise(serving, reserved.getsockname()[1], metrics_dir is not None)
+    except SharedMemoryDirError as exc:
+        print(f"chainrule: error: {exc}", file=sys.stderr)
+        return 2
     finally:
         reserved.close()
         if metrics_dir is not None:

@@ -338,10 +338,8 @@ def test_large_tensors_are_handed_over_and_results_never_alias_the_callers_array
     assert len(whole.values["x"].data) == 8 * n and whole.values["x"].shape == [n]
 
 
-def test_a_rule_writing_into_its_input_cannot_touch_the_callers_array():
-    """A plugin's forward rule that writes into its input fails (INTERNAL, the node named) and
-    leaves the caller's array as it was: the hand-over is read-only."""
-    from chainrule.client import Internal
+def scribbling_client() -> LocalClient:
+    """A LocalClient with test.scribble, an operator whose forward adds one to its input in place (a bug)."""
     from chainrule.plugins import OperatorSet
     from chainrule.plugins.manager import load_plugins
 
@@ -360,7 +358,15 @@ def test_a_rule_writing_into_its_input_cannot_touch_the_callers_array():
     class Plugin:
         register_operators = staticmethod(ops_set.hookimpl())
 
-    local = LocalClient(load_plugins(entry_points=False, extra=[("test", Plugin())]))
+    return LocalClient(load_plugins(entry_points=False, extra=[("test", Plugin())]))
+
+
+def test_a_rule_writing_into_its_input_cannot_touch_the_callers_array():
+    """A plugin's forward rule that writes into its input fails (INTERNAL, the node named) and
+    leaves the caller's array as it was: the hand-over is read-only."""
+    from chainrule.client import Internal
+
+    local = scribbling_client()
     g = GraphBuilder()
     x = g.input("x", (20_000,))
     y = g.op("test.scribble", x, name="s")

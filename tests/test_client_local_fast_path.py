@@ -152,25 +152,9 @@ class Tagged(np.ndarray):
 
 
 def test_an_array_subclass_is_handed_over_read_only_and_never_aliased(client):
-    from chainrule.plugins import OperatorSet
-    from chainrule.plugins.manager import load_plugins
+    from test_client_local import scribbling_client
 
-    ops_set = OperatorSet()
-
-    @ops_set.operator("test.scribble")
-    def scribble(x):
-        "Adds one to its input in place (a bug)."
-        x += 1.0
-        return x
-
-    @scribble.vjp
-    def _(g, out, x):
-        return (g,)
-
-    class Plugin:
-        register_operators = staticmethod(ops_set.hookimpl())
-
-    local = LocalClient(load_plugins(entry_points=False, extra=[("test", Plugin())]))
+    local = scribbling_client()
     g = GraphBuilder()
     x = g.input("x", (4,))
     data = np.zeros(4).view(Tagged)

@@ -44,6 +44,14 @@ def shm_address(shm_dir):
     server.stop(None)
 
 
+@pytest.fixture(scope="module")
+def plain_address():
+    """A server started without shared memory (--no-shared-memory)."""
+    server, address = start_server(ServerConfig(shared_memory=False))
+    yield address
+    server.stop(None)
+
+
 def network():
     g = GraphBuilder()
     x, w = g.input("x", (300, 40)), g.input("w", (40, 500))
@@ -52,7 +60,7 @@ def network():
 
 def test_inputs_in_shared_memory_give_the_same_result_as_sent_ones(shm_address, shm_dir):
     f = network()
-    with Client(shm_address, shared_memory=True) as shared, Client(shm_address) as sent:
+    with Client(shm_address, shared_memory=True) as shared, Client(shm_address, shared_memory=False) as sent:
         via_files = shared.evaluate(f, x=X, w=W, values="all")
         via_grpc = sent.evaluate(f, x=X, w=W, values="all")
         files = {n.rsplit("-", 1)[1]: n for n in os.listdir(shm_dir) if n.startswith("chainrule-")}
@@ -68,16 +76,17 @@ def test_inputs_in_shared_memory_give_the_same_result_as_sent_ones(shm_address, 
     assert not os.listdir(shm_dir)  # closing the client removed its files
 
 
-def test_server_info_names_the_directory(shm_address, shm_dir, address):
+def test_server_info_names_the_directory(shm_address, shm_dir, plain_address):
     with Client(shm_address) as client:
         assert client.server_info().shared_memory_dir == os.path.abspath(shm_dir)
-    with Client(address) as client:
+    with Client(plain_address) as client:
         assert client.server_info().shared_memory_dir == ""
 
 
-def test_a_server_without_the_directory_refuses_clearly(address):
+def test_a_server_without_the_directory_refuses_clearly(plain_address):
+    address = plain_address
     with Client(address, shared_memory=True) as client:
-        with pytest.raises(FailedPrecondition, match="--shared-memory-dir") as caught:
+        with pytest.raises(FailedPrecondition, match="--no-shared-memory") as caught:
             client.evaluate(network(), x=X, w=W)
     assert caught.value.reason == "SHARED_MEMORY_DISABLED"
 
@@ -184,11 +193,11 @@ def test_nothing_is_read_for_an_undeclared_input_nor_beyond_the_memory_budget(sh
         os.unlink(os.path.join(shm_dir, big))
 
 
-def test_the_directory_is_created_private_when_missing(tmp_path):
+def test_the_directory_is_created_private_when_missing_and_kept_at_stop(tmp_path):
     directory = tmp_path / "shm"
     server, _ = start_server(ServerConfig(shared_memory_dir=str(directory)))
     server.stop(None)
-    assert stat.S_IMODE(directory.stat().st_mode) == 0o700
+    assert stat.S_IMODE(directory.stat().st_mode) == 0o700  # a named directory outlives the server
     with pytest.raises(ConfigError, match="neither it nor its parent exists"):
         ServerConfig(shared_memory_dir=str(tmp_path / "no" / "where")).validate()
 
@@ -223,6 +232,8 @@ def test_a_client_refuses_a_directory_opened_to_others_after_the_server_started(
 def test_shared_memory_needs_a_single_server():
     with pytest.raises(ValueError, match="single server"):
         Client(["127.0.0.1:1", "127.0.0.1:2"], shared_memory=True)
+    with pytest.raises(ValueError, match="True, False or \"auto\""):
+        Client("127.0.0.1:1", shared_memory="yes")
 
 
 def test_a_directory_missing_on_the_clients_host_is_named():
@@ -269,9 +280,9 @@ def test_a_bad_output_file_is_refused_before_any_work(shm_address, planted, file
         assert client.evaluate(network(), x=X, w=W).value.shape == ()
 
 
-def test_an_output_file_on_a_server_without_the_directory_is_a_failed_precondition(address):
+def test_an_output_file_on_a_server_without_the_directory_is_a_failed_precondition(plain_address):
     request = pb.EvaluateRequest(graph=network().graph.message, shared_memory_output=name("answers"))
-    with grpc.insecure_channel(address) as channel:
+    with grpc.insecure_channel(plain_address) as channel:
         with pytest.raises(grpc.RpcError) as caught:
             channel.unary_unary("/chainrule.v1.Chainrule/Evaluate")(request.SerializeToString())
     assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION

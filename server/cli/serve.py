@@ -1,4 +1,8 @@
-"""``chainrule serve``: run the gRPC server until SIGTERM or SIGINT, then drain it."""
+"""``chainrule serve``: run the gRPC server until SIGTERM or SIGINT, then drain it.
+
+By default the server (with ``--workers``, the parent, for all its workers) makes a private
+shared-memory directory before anything else and removes it when it exits (grpc_server.PrivateDirectory).
+"""
 from __future__ import annotations
 
 import argparse
@@ -10,7 +14,7 @@ import threading
 from .. import config as config_module
 from chainrule.plugins.manager import BrokenPluginsError, load_plugins
 
-from ..grpc_server import build_service, check_operators, create_server
+from ..grpc_server import SharedMemoryDirError, build_service, check_operators, create_server, shared_memory_for
 from ..memory import tune_allocator
 from ..workers import serve_workers
 
@@ -31,6 +35,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if config.tune_malloc:
         tune_allocator()
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        with shared_memory_for(config) as serving:  # a private directory, unless told otherwise: removed at exit
+            return _serve(serving)
+    except SharedMemoryDirError as exc:
+        print(f"chainrule: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _serve(config: config_module.ServerConfig) -> int:
+    """Load the plugins, then serve until SIGTERM or SIGINT (in worker processes with --workers)."""
     log = logging.getLogger("chainrule.server")
     try:  # broken plugins, or a plugin setting naming none: one line each, before any port is bound
         if config.workers > 1:  # each worker loads its own; look once here

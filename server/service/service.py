@@ -31,7 +31,7 @@ from chainrule.core.symbolic import derive_forward, derive_reverse, plan_to_grap
 from chainrule.plugins.manager import Loaded, chainrule_version
 from chainrule.v1 import chainrule_pb2 as pb
 from chainrule.wire.convert import (
-    NUMPY_TO_DTYPE, array_to_tensor, graph_from_proto, graph_to_proto, inputs_from_proto, python_to_attr,
+    NUMPY_TO_DTYPE, array_to_tensor, graph_from_proto, graph_to_proto, inputs_from_proto, plain_array, python_to_attr,
     tensor_to_array,
 )
 from chainrule.wire.incoming import Incoming
@@ -148,8 +148,8 @@ class ChainruleService:
         """The shared-memory file a same-host client named for its outputs (checked before any work)."""
         if self.shared_memory is None:
             raise SharedMemoryUnavailable(
-                "shared_memory_output: this server does not write tensors to shared memory "
-                "(start it with --shared-memory-dir)", field="shared_memory_output")
+                "shared_memory_output: this server has no shared-memory directory (started with "
+                "--no-shared-memory): leave shared_memory_output out", field="shared_memory_output")
         return self.shared_memory.open_output(name, field="shared_memory_output")
 
     def run(self, plan: Plan, request: Incoming | pb.EvaluateRequest, token: StopToken | None, *,
@@ -168,12 +168,24 @@ class ChainruleService:
                              field="input_sets")
         limit = self.limits.max_tensor_elements
         tensors, seed_tensor = incoming.tensor_map("inputs"), incoming.tensor("seed")
-        if self.shared_memory is not None:  # a reference costs its sender a few bytes, its read costs us all
-            check_input_names(plan, tensors)  # (the engine checks names again, for every other caller)
-            check_total([*tensors.values(), seed_tensor], self.limits.max_memory_bytes, "inputs")
-        inputs = inputs_from_proto(tensors, max_elements=limit, shared_memory=self.shared_memory)
-        seed = None if seed_tensor is None else tensor_to_array(
-            seed_tensor, field="seed", max_elements=limit, shared_memory=self.shared_memory)
+        checked: list[bool] = []
+
+        def references_checked() -> None:
+            """A reference costs its sender a few bytes, its read costs us all: before reading any,
+            the names and the total are checked (the engine checks names again, for every caller)."""
+            if self.shared_memory is not None and not checked:
+                check_input_names(plan, tensors)
+                check_total([*tensors.values(), seed_tensor], self.limits.max_memory_bytes, "inputs")
+                checked.append(True)
+
+        inputs = inputs_from_proto(tensors, max_elements=limit, shared_memory=self.shared_memory,
+                                   before_others=references_checked)
+        seed = None
+        if seed_tensor is not None:
+            seed = plain_array(seed_tensor, limit)
+            if seed is None:
+                references_checked()
+                seed = tensor_to_array(seed_tensor, field="seed", max_elements=limit, shared_memory=self.shared_memory)
         unreached = UNREACHED_OMIT if request.unreached == pb.UNREACHED_OMIT else UNREACHED_ZEROS
         asked = self.asked(plan, request)  # unknown names fail before any work
         contributions = request.contributions

@@ -129,7 +129,7 @@ def _decode(tensor: pb.Tensor | RawTensor, field: str, max_elements: int | None,
         if shared_memory is None:
             raise SharedMemoryUnavailable(
                 f"{field}: this server does not accept tensors in shared memory here (it does in request "
-                "tensors, not graph attributes, when started with --shared-memory-dir)",
+                "tensors, not graph attributes, unless started with --no-shared-memory)",
                 field=f"{field}.shared_memory")
         return shared_memory.read(tensor.shared_memory, dtype.newbyteorder("="), shape, field=field)
     if payload == "values":
@@ -295,15 +295,25 @@ def graph_to_proto(graph: GraphIR) -> pb.Graph:
 
 
 def inputs_from_proto(tensors: Mapping[str, Any], *, max_elements: int | None = None,
-                      shared_memory: SharedMemoryDir | None = None) -> dict[str, np.ndarray]:
+                      shared_memory: SharedMemoryDir | None = None,
+                      before_others: Callable[[], None] | None = None) -> dict[str, np.ndarray]:
     """The request's input tensors as read-only arrays, each checked as tensor_to_array checks it
-    (the common small one the short way: :func:`plain_array`)."""
-    arrays = {}
+    (the common small one the short way: :func:`plain_array`). ``before_others`` runs once before
+    the first tensor that is not such a plain one is decoded (it may be a reference into shared
+    memory, whose read costs what its few bytes do not say: the caller checks the total first)."""
+    arrays, others = {}, []
     for name in list(tensors):  # (keys then get: faster than items() on protobuf's map)
         tensor = tensors[name]
         array = plain_array(tensor, max_elements)
-        arrays[name] = array if array is not None else tensor_to_array(
-            tensor, field=f"inputs.{name}", max_elements=max_elements, shared_memory=shared_memory)
+        if array is None:
+            others.append(name)
+        else:
+            arrays[name] = array
+    if others and before_others is not None:
+        before_others()
+    for name in others:
+        arrays[name] = tensor_to_array(tensors[name], field=f"inputs.{name}", max_elements=max_elements,
+                                       shared_memory=shared_memory)
     return arrays
 
 

@@ -3,9 +3,11 @@
 Moving a tensor through gRPC costs about 1 ms per MiB on this kind of machine
 (both processes copy it several times and frame it into HTTP/2), against
 about 0.15 ms per MiB to write it into a file in ``/dev/shm`` and read it
-back. A client on the same host (``Client(..., shared_memory=True)``) writes
-its large tensors into files of the directory this server was started with
-(``--shared-memory-dir``) and sends only a reference (``Tensor.shared_memory``).
+back. A client on the same host (``Client``'s default ``shared_memory="auto"``
+for calls with large inputs, or ``shared_memory=True``) writes its large
+tensors into files of the directory the server advertises in ServerInfo (a
+private one it made at start, or ``--shared-memory-dir``) and sends only a
+reference (``Tensor.shared_memory``).
 
 The server reads the bytes with ``preadv`` into memory of its own, before
 any work, rather than mapping the file: a client that shrinks or rewrites its
@@ -25,7 +27,8 @@ a deputy for somebody who could not touch the file themselves:
   and no other file in the directory is ever opened.
 
 So only processes of the server's own user can hand tensors over, and a
-remote caller cannot read or overwrite their files. Off by default.
+remote caller cannot read or overwrite their files. On by default
+(``chainrule serve --no-shared-memory`` turns it off).
 """
 from __future__ import annotations
 
@@ -96,6 +99,15 @@ class SharedMemoryDir:
 
     def close(self) -> None:
         os.close(self._fd)
+
+    def gone(self) -> bool:
+        """Whether the path no longer names the directory opened here (removed, or replaced by
+        another): a server that made it has stopped, and a restarted one advertises a new one."""
+        try:
+            now, opened = os.stat(self.path), os.fstat(self._fd)
+        except OSError:
+            return True
+        return (now.st_dev, now.st_ino) != (opened.st_dev, opened.st_ino) or opened.st_nlink == 0
 
     def create(self, name: str) -> "TensorFile":
         """A new, empty file ``name`` readable by this user only (for a client's tensors)."""
