@@ -64,7 +64,8 @@ class ServerConfig:
     #: ``off``: no cache.
     check_cache_file: str = ""
     log_level: str = "INFO"
-    #: Keep freed large blocks in the heap for the next request (glibc only; see memory.py).
+    #: Keep freed large blocks in the heap for the next request, in one arena for all threads
+    #: (glibc only; see memory.py).
     tune_malloc: bool = True
     #: Worker processes sharing the port through SO_REUSEPORT (see workers.py); 1 serves in-process.
     workers: int = 1
@@ -213,7 +214,7 @@ SETTINGS_HELP: dict[str, tuple[str, str]] = {
     "reflection": ("operations", "serve gRPC reflection (grpcurl, grpcui)"),
     "metrics_port": ("operations", "port of the Prometheus /metrics endpoint on --host; 0: off"),
     "log_level": ("operations", "DEBUG, INFO, WARNING, ERROR or CRITICAL"),
-    "tune_malloc": ("operations", "keep freed large blocks for the next request (glibc); faster large tensors"),
+    "tune_malloc": ("operations", "keep freed large blocks for the next request, in one malloc arena (glibc); faster large tensors"),
 }
 _METAVARS = {"host": "ADDR", "log_level": "LEVEL", "port": "PORT", "metrics_port": "PORT"}
 _GROUP_TITLES = {"listening": "listening and processes", "limits": "limits (per request unless said)",
