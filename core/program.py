@@ -39,6 +39,9 @@ MAX_SLOTS = 2000
 #: run after this many: the first run of anything takes the loops.
 RUNS_BEFORE_BUILDING = 1
 
+#: Combinations kept per Shapes (counted or built); others take the loops.
+MAX_COMBINATIONS = 16
+
 #: What Shapes.programs holds for a combination that cannot have a program.
 _NONE = "none"
 
@@ -53,15 +56,18 @@ def program_for(plan: Plan, shapes: Shapes, out_slot: int, wanted: frozenset[int
     output's seed (called after the forward pass, whose errors come first) and the stop token (or
     None); gives (values, grads), grads None when ``edges`` is."""
     key = (out_slot, wanted, edges is not None)
-    known = shapes.programs.get(key, 0)
+    programs = shapes.programs
+    known = programs.get(key)
+    if known is None:  # a first run: counted, while there is room (a small fixed set per shapes)
+        if len(programs) < MAX_COMBINATIONS:
+            programs[key] = 1
+        return None
     if type(known) is int:
         if known < RUNS_BEFORE_BUILDING:
-            shapes.programs[key] = known + 1
+            programs[key] = known + 1
             return None
-        known = _build(plan, shapes, out_slot, edges) if _eligible(plan, shapes) else _NONE
-        if len(shapes.programs) < 16:  # a small fixed set per shapes; a race only builds twice
-            shapes.programs[key] = known
-    return None if known is _NONE else known
+        known = programs[key] = _build(plan, shapes, out_slot, edges) if _eligible(plan, shapes) else _NONE
+    return None if known is _NONE else known  # (a race only builds twice)
 
 
 def _eligible(plan: Plan, shapes: Shapes) -> bool:

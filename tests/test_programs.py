@@ -9,7 +9,7 @@ from chainrule.core import GraphIR, InputDecl, Node, compile_graph, evaluate
 from chainrule.core.engine import StopToken, checked_inputs
 from chainrule.core.errors import CancelledError, GraphError, OperatorFailure
 from chainrule.core.operator import OpDef
-from chainrule.core.program import SMALL_ELEMENTS, _checked
+from chainrule.core.program import SMALL_ELEMENTS, _build as real_build, _checked
 from chainrule.core.registry import Registry
 from test_reference import describe, random_graphs
 
@@ -198,3 +198,19 @@ def test_a_small_sigmoid_skips_its_errstate_only_under_the_engine(registry):
                 np.testing.assert_array_equal(run.value("y"), [0.0, 0.5, 1.0])
             np.testing.assert_array_equal(registry["sigmoid"].forward(inputs["x"]), [0.0, 0.5, 1.0])
     assert programs_of(plan, inputs) and not running_rules()
+
+
+def test_programs_are_kept_for_a_bounded_set_of_combinations(registry, monkeypatch):
+    """Past MAX_COMBINATIONS (output, wrt) combinations per shapes, the others take the loops: never
+    a program built anew on every call."""
+    from chainrule.core import program
+    nodes = tuple(Node(f"n{i}", "sin", (f"n{i - 1}" if i else "x",)) for i in range(24)) + (Node("f", "sum", ("n23",)),)
+    plan = compile_graph(GraphIR((InputDecl("x", shape=(3,)),), nodes, ("f",)), registry)
+    inputs = {"x": np.arange(3.0)}
+    built = []
+    monkeypatch.setattr(program, "_build", lambda *args: built.append(1) or real_build(*args))
+    for i in range(program.MAX_COMBINATIONS + 4):
+        for _ in range(4):
+            result = evaluate(plan, inputs, wrt=[f"n{i}"])
+        assert result.grad(f"n{i}") is not None
+    assert len(built) == program.MAX_COMBINATIONS
