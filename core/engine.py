@@ -428,7 +428,7 @@ def _forward(plan: Plan, shapes: Shapes, arrays: list[Any], run: RunContext) -> 
                     run.overwritten.append(j)
                     out = values[j]
                 else:
-                    out = np.empty(shape_of[k], dtype_of[k])
+                    out = _touched(np.empty(shape_of[k], dtype_of[k]))
                 v = _forward_in_blocks(plan.ops[k].forward_into, out, [values[i] for i in s], attrs[k], token)
             elif reuse is not None and reuse[k] >= 0 and _fits(values[reuse[k]], shape_of[k], dtype_of[k]):
                 j = reuse[k]  # write over j's buffer: no rule reads it again (compile._dead_after_reading)
@@ -552,6 +552,22 @@ def _blocks(shape: tuple[int, ...], threads: int = 1) -> list[tuple[slice, ...]]
     return [(*lead, slice(start, min(start + step, rows))) for start in range(0, rows, step)]
 
 
+#: Bytes of a memory page (4 KiB on the platforms numpy runs on; a larger page is touched more than once).
+PAGE_BYTES = 4096
+
+
+def _touched(array: np.ndarray) -> np.ndarray:
+    """``array`` (fresh from np.empty) with every page written once, by this thread: the kernel
+    gives a new page its memory at the first write (a fault, and 4 KiB zeroed), and faults of
+    several threads in one process wait on each other. Written here one byte a page, before the
+    blocks are shared out, they cost what they cost one thread (none when malloc reused the
+    memory: a strided write of a byte a page); shared out, the sigmoid sum at 10^6 took 20 ms on
+    two threads against 11 on one."""
+    if array.nbytes >= PAGE_BYTES:
+        array.reshape(-1).view(np.uint8)[::PAGE_BYTES] = 0
+    return array
+
+
 def _forward_in_blocks(into: Callable[..., Any], out: np.ndarray, inputs: list[Any], attrs: dict[str, Any],
                        token: StopToken | None) -> np.ndarray:
     """An elementwise forward written into ``out`` block by block, the blocks shared out over the
@@ -568,7 +584,7 @@ def _vjp_into_blocks(into: Callable[..., Any], edges: tuple[tuple[int, int], ...
     """An elementwise vjp written by its ``vjp_into`` into fresh gradients, one for each input an edge
     wants, block by block, the blocks shared out over the intra-op threads (the same bits as vjp's)."""
     wanted = {pos for pos, _ in edges}
-    grads = [np.empty(out.shape, out.dtype) if pos in wanted else None for pos in range(len(inputs))]
+    grads = [_touched(np.empty(out.shape, out.dtype)) if pos in wanted else None for pos in range(len(inputs))]
 
     def write(block: tuple[slice, ...]) -> None:
         into([None if d is None else d[block] for d in grads], g[block], out[block], *[x[block] for x in inputs],
