@@ -51,13 +51,13 @@ class Arrays(Mapping[str, np.ndarray]):
         self._decoded: dict[str, np.ndarray] = {}
 
     def __getitem__(self, key: Any) -> np.ndarray:
-        name = name_of(key, self._owner)
+        name = key if type(key) is str else name_of(key, self._owner)
         array = self._decoded.get(name)
         if array is None:
             tensor = self._tensors.get(name)
             if tensor is None:
                 raise KeyError(self._missing(name))
-            array = self._decoded[name] = _as_array(tensor, f"{self._what}.{name}")
+            array = self._decoded[name] = _as_array(tensor, self._what, name)
         return array
 
     def _missing(self, name: str) -> str:
@@ -84,12 +84,15 @@ class Arrays(Mapping[str, np.ndarray]):
         return f"<{self._what} {{{specs}}}>"
 
 
-def _as_array(tensor: Any, field: str) -> np.ndarray:
+def _as_array(tensor: Any, field: str, key: str = "") -> np.ndarray:
     """A tensor of a response (Tensor message or RawTensor) or of an in-process evaluation (an
-    array or numpy scalar the caller may not change: read-only)."""
+    array or numpy scalar the caller may not change: read-only). ``field`` (with ``key``, a map's)
+    names it in an error."""
     array = plain_array(tensor)  # the common small Tensor message, the short way
     if array is not None:
         return array
+    if key:
+        field = f"{field}.{key}"
     if isinstance(tensor, (np.generic, float)):
         array = np.asarray(tensor)  # a new 0-d array, ours alone: frozen as it is
         array.setflags(write=False)
@@ -218,10 +221,9 @@ class Result:
         self.output: str = message.output
         self.graph_id: str = message.graph_id
         self.no_gradient: tuple[str, ...] = tuple(message.no_gradient[:])  # (a slice is made in C)
-        owner = getattr(graph, "builder", None)
-        self._values: Arrays | None = Arrays(self._incoming.tensor_map("values"), "values", owner=owner)
-        self._grad: Arrays | None = Arrays(self._incoming.tensor_map("gradients"), "gradients",
-                                           frozenset(self.no_gradient), owner)
+        #: The selected values and gradients, wrapped on first access (from the response's maps).
+        self._values: Arrays | None = None
+        self._grad: Arrays | None = None
         #: An in-process evaluation's arrays (output value, values, gradients), read on first access.
         self._engines: tuple[Any, Mapping[str, Any], Mapping[str, Any]] | None = None
         self._value: np.ndarray | None = None
@@ -276,7 +278,8 @@ class Result:
         """The selected values by name (a Var or a name as key)."""
         arrays = self._values
         if arrays is None:  # (two threads may both make one: alike, one is kept)
-            arrays = self._values = Arrays(self._engines[1], "values", owner=getattr(self.graph, "builder", None))
+            tensors = self._engines[1] if self._engines is not None else self._incoming.tensor_map("values")
+            arrays = self._values = Arrays(tensors, "values", owner=getattr(self.graph, "builder", None))
         return arrays
 
     @property
@@ -284,7 +287,8 @@ class Result:
         """The gradients of the output by name (a Var or a name as key)."""
         arrays = self._grad
         if arrays is None:
-            arrays = self._grad = Arrays(self._engines[2], "gradients", frozenset(self.no_gradient),
+            tensors = self._engines[2] if self._engines is not None else self._incoming.tensor_map("gradients")
+            arrays = self._grad = Arrays(tensors, "gradients", frozenset(self.no_gradient),
                                          getattr(self.graph, "builder", None))
         return arrays
 
