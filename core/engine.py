@@ -491,21 +491,25 @@ def _large(plan: Plan, shapes: Shapes) -> frozenset[int]:
     return found
 
 
-def _split(plan: Plan, shapes: Shapes, token: StopToken | None) -> frozenset[int] | None:
-    """The nodes whose forward runs in blocks: on every intra-op thread when there are several, and
-    with stop checks between blocks when a token is given; None when there are none."""
+def _least_split(token: StopToken | None) -> int | None:
+    """The fewest elements of a node run in blocks: on every intra-op thread when there are several,
+    and with stop checks between blocks when a token is given; None: no node is."""
     least = PARALLEL_MIN_ELEMENTS if parallel.threads() > 1 else None
     if token is not None:
         least = BLOCKED_MIN_ELEMENTS if least is None else min(least, BLOCKED_MIN_ELEMENTS)
+    return least
+
+
+def _split(plan: Plan, shapes: Shapes, token: StopToken | None) -> frozenset[int] | None:
+    """The nodes whose forward runs in blocks (see _least_split); None when there are none."""
+    least = _least_split(token)
     return None if least is None else _chunked(plan, shapes, least)
 
 
 def _split_vjps(plan: Plan, shapes: Shapes, token: StopToken | None) -> frozenset[int] | None:
     """The nodes whose vjp runs through ``vjp_into`` in blocks (the nodes _split cuts whose operator has
     one and whose inputs share the node's dtype), cached on ``shapes``; None when there are none."""
-    least = PARALLEL_MIN_ELEMENTS if parallel.threads() > 1 else None
-    if token is not None:
-        least = BLOCKED_MIN_ELEMENTS if least is None else min(least, BLOCKED_MIN_ELEMENTS)
+    least = _least_split(token)
     if least is None:
         return None
     key = ("vjp_into", least)
