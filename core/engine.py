@@ -7,7 +7,6 @@ gradients and accumulating them with ``+`` where a value fans out.
 """
 from __future__ import annotations
 
-import functools
 import threading
 import time
 from contextvars import ContextVar
@@ -112,18 +111,6 @@ class Evaluation:
         return None if g is None else np.asarray(g)
 
 
-def _request_paths(run: Callable[..., Evaluation]) -> Callable[..., Evaluation]:
-    """An error's field becomes a path in the request (``graph.nodes[4]``) where it names a node."""
-    @functools.wraps(run)
-    def evaluate(plan: Plan, inputs: Mapping[str, Any], **options: Any) -> Evaluation:
-        try:
-            return run(plan, inputs, **options)
-        except ChainruleError as exc:
-            raise with_request_path(exc, plan.request_index)
-    return evaluate
-
-
-@_request_paths
 def evaluate(
     plan: Plan,
     inputs: Mapping[str, Any],
@@ -161,6 +148,18 @@ def evaluate(
     added to it instead, for the caller to give back once what it builds from the run (a
     response) is gone too.
     """
+    try:
+        return _checked_run(plan, inputs, output, seed, gradients, unreached, contributions, wrt, token, before_work,
+                            inner, keep, hold)
+    except ChainruleError as exc:  # an error's field becomes a path in the request (graph.nodes[4])
+        raise with_request_path(exc, plan.request_index)
+
+
+def _checked_run(plan: Plan, inputs: Mapping[str, Any], output: str | None, seed: Any, gradients: bool,
+                 unreached: str, contributions: bool, wrt: Iterable[str] | None, token: StopToken | None,
+                 before_work: Callable[[Shapes, int], int | None] | None, inner: Iterable[str],
+                 keep: Iterable[str] | None, hold: Any) -> Evaluation:
+    """evaluate(): the checks before any work, the memory held, then the run."""
     if unreached not in (UNREACHED_ZEROS, UNREACHED_OMIT):
         raise OptionError(f"unreached: expected 'zeros' or 'omit', got {unreached!r}", field="unreached")
     out_slot = output_slot(plan, output)

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from chainrule.core import Attr, OpDef, OpError, TensorSpec, broadcast_shapes
-from chainrule.core.dtypes import INT_DTYPES, float_result
+from chainrule.core.dtypes import DIFFERENTIABLE, INT_DTYPES, float_result
 from chainrule.core.symbolic import with_symbolic
 from chainrule.plugins.authoring import table_hookimpl
 
@@ -111,6 +111,9 @@ def _cross_entropy_vjp(g, out, logits, labels):
 
 def _difference(prediction, target) -> np.ndarray:
     """prediction - target in the promoted dtype, as float (int and bool inputs give float64)."""
+    dtype = getattr(prediction, "dtype", None)
+    if dtype is not None and dtype is getattr(target, "dtype", None) and dtype in DIFFERENTIABLE:
+        return np.subtract(prediction, target)  # the common case: one float dtype, nothing to promote
     return np.subtract(prediction, target, dtype=float_result(np.result_type(prediction, target)))
 
 
