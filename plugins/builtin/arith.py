@@ -186,6 +186,16 @@ def _div_vjp(g, out, x, y):
     return dx, -dx * out                        # d(x/y)/dy = -x/y² = -out/y
 
 
+def _div_vjp_into(grads, g, out, x, y):
+    """:func:`_div_vjp` written into the gradients wanted: ``g / y``, and ``-(g / y) * out``."""
+    dx, dy = grads
+    quotient = dx if dx is not None else np.empty_like(dy)
+    np.divide(g, y, out=quotient)
+    if dy is not None:
+        np.negative(quotient, out=dy)
+        dy *= out
+
+
 def _power(x, y):
     if np.result_type(x, y).kind != "f" and np.any(y < 0):
         bad = np.asarray(y)[np.asarray(y) < 0].flat[0]
@@ -303,7 +313,8 @@ OPERATORS: list[OpDef] = [
           vjp_reads="inputs", forward_into=lambda out, x, y: np.multiply(x, y, out=out), vjp_into=_mul_vjp_into),
     OpDef("div", 2, operator.truediv, _div_vjp, _true_division,
           doc="x / y with numpy broadcasting; integer inputs give float64.", sample=_nonzero_divisor,
-          scalar=(operator.truediv, _div_vjp), input_names=("x", "y"), vjp_reads="both"),
+          scalar=(operator.truediv, _div_vjp), input_names=("x", "y"), vjp_reads="both",
+          forward_into=lambda out, x, y: np.true_divide(x, y, out=out), vjp_into=_div_vjp_into),
 
     # powers
     OpDef("pow", 2, _power, _pow_vjp, _numeric,

@@ -172,6 +172,15 @@ def _times_g_into(rule: Callable[..., Any]) -> Callable[..., None]:
     return into
 
 
+def _cos_vjp_into(grads, g, out, x):
+    """``-g * sin(x)`` written into ``grads[0]`` as ``-(sin(x) * g)``: the same bits (a product's
+    rounding does not depend on its operands' order or signs)."""
+    d = grads[0]
+    np.sin(x, out=d)
+    d *= g
+    np.negative(d, out=d)
+
+
 def _sqrt_vjp(g, out, x):
     d = writable(g / out)
     d *= 0.5                            # d√x/dx = 1 / (2 √x)
@@ -536,7 +545,8 @@ OPERATORS: list[OpDef] = [
           doc="|x| elementwise; gradient sign(x), 0 at x = 0.", sample=_off_zero, input_dtypes={"x": NUMBER_DTYPES}),
     OpDef("relu", 1, lambda x: np.maximum(x, 0), lambda g, out, x: (g * (x > 0),), _numeric_input,
           doc="max(x, 0) elementwise; gradient 1 for x > 0, else 0.", sample=_off_zero,
-          input_dtypes={"x": NUMBER_DTYPES}, vjp_reads="inputs", forward_into=lambda out, x: np.maximum(x, 0, out=out)),
+          input_dtypes={"x": NUMBER_DTYPES}, vjp_reads="inputs", forward_into=lambda out, x: np.maximum(x, 0, out=out),
+          vjp_into=lambda grads, g, out, x: np.multiply(g, x > 0, out=grads[0])),
     OpDef("leaky_relu", 1,
           _leaky_relu, _leaky_relu_vjp, float_like_input, attrs={"alpha": Attr("float", 0.01, "slope for x <= 0")},
           doc="x for x > 0, alpha * x otherwise.", sample=_off_zero_alpha),
@@ -550,7 +560,8 @@ OPERATORS: list[OpDef] = [
           doc="Sine elementwise (radians).", forward_into=lambda out, x: np.sin(x, out=out),
           vjp_into=_times_g_into(lambda d, out, x: np.cos(x, out=d))),
     OpDef("cos", 1, lambda x: np.cos(as_float(x)), lambda g, out, x: (-g * np.sin(x),), float_like_input,
-          doc="Cosine elementwise (radians).", forward_into=lambda out, x: np.cos(x, out=out)),
+          doc="Cosine elementwise (radians).", forward_into=lambda out, x: np.cos(x, out=out),
+          vjp_into=_cos_vjp_into),
     OpDef("tanh", 1, lambda x: np.tanh(as_float(x)), _tanh_vjp, float_like_input,
           doc="Hyperbolic tangent elementwise.", vjp_reads="output", forward_into=lambda out, x: np.tanh(x, out=out),
           vjp_into=_tanh_vjp_into),
