@@ -35,7 +35,7 @@ class Shapes:
 
     __slots__ = ("specs", "value_bytes", "grad_bytes", "differentiable", "grad_edges", "complete", "_pruned",
                  "shape_of", "dtype_of", "scalar_type", "float_scalars", "head_of", "result_shape",
-                 "result_scalar", "operations", "workspace_bytes", "chunked", "large", "programs")
+                 "result_scalar", "operations", "workspace_bytes", "chunked", "large", "programs", "__weakref__")
 
     def __init__(self, specs: list[TensorSpec | None], in_slots: list[tuple[int, ...]], n_inputs: int,
                  head_of: list[int], unpacked: list[bool] | None = None) -> None:
@@ -85,12 +85,16 @@ class Shapes:
         #: how many runs each combination has had before it gets one.
         self.programs: dict[tuple[Any, ...], Any] = {}
 
-    def edges_toward(self, wanted: frozenset[int], in_slots: list[tuple[int, ...]]) -> list[tuple[tuple[int, int], ...]]:
-        """Gradient edges pruned to those on a path from a ``wanted`` slot to the output.
+    def edges_toward(self, wanted: frozenset[int] | None,
+                     in_slots: list[tuple[int, ...]]) -> list[tuple[tuple[int, int], ...]]:
+        """Gradient edges pruned to those on a path from a ``wanted`` slot to the output (all of
+        them when ``wanted`` is None).
 
         Like ``requires_grad=False`` in PyTorch: the gradient of a data input
         nobody asked for (and of everything only it feeds) is never computed.
         """
+        if wanted is None:
+            return self.grad_edges
         cached = self._pruned.get(wanted)
         if cached is not None:
             return cached

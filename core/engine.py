@@ -15,17 +15,17 @@ from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
-from .compile import Plan, Shapes, check_memory, nested_error, node_error, with_request_path
+from .compile import Plan, Shapes, check_memory, with_request_path
 from .cost import minimum_seconds
 from .dtypes import is_differentiable
 from .errors import (
     BadTensorError, CancelledError, ChainruleError, DeadlineError, DTypeError, MissingInputError,
-    OpError, OperatorFailure, OptionError, OutputError, SeedError, ShapeError, UnexpectedInputError,
+    OperatorFailure, OptionError, OutputError, SeedError, ShapeError, UnexpectedInputError,
 )
 from . import parallel
 from .limits import Limits
 from .program import program_for
-from .rule_checks import contract, failure, fit_grad, fit_value
+from .rule_checks import contract, failure, fit_grad, fit_value, miscounted, rule_error
 from .tensor_spec import TensorSpec
 
 UNREACHED_ZEROS = "zeros"
@@ -209,7 +209,7 @@ def _evaluate(plan: Plan, arrays: list[np.ndarray], shapes: Shapes, out_slot: in
             if grads is None:
                 return Evaluation(plan, values, None, out_slot, shapes.differentiable)
         elif not watch and record is None and shapes.complete and (
-                program := program_for(plan, shapes, out_slot, wanted, _edges(plan, shapes, wanted) if gradients else None)):
+                program := program_for(plan, shapes, out_slot, wanted, gradients, token)):
             # a small plan run before: its straight-line program (the same rules in the same order)
             outer = _current_run.set(RunContext(token, plan.limits, planned, keep_residuals=gradients, hold=hold))
             try:
@@ -235,8 +235,8 @@ def _evaluate(plan: Plan, arrays: list[np.ndarray], shapes: Shapes, out_slot: in
                 return Evaluation(plan, values, None, out_slot, shapes.differentiable,
                                   inner_values=run.inner_values)
             seed_array = _seed(plan, shapes, out_slot, seed)
-            grads = run_backward(plan, shapes, _edges(plan, shapes, wanted), values, saved, [(out_slot, seed_array)],
-                                 run, record)
+            grads = run_backward(plan, shapes, shapes.edges_toward(wanted, plan.in_slots), values, saved,
+                                 [(out_slot, seed_array)], run, record)
             _forget(values, run.overwritten)
     if unreached == UNREACHED_ZEROS:
         differentiable = shapes.differentiable
@@ -248,11 +248,6 @@ def _evaluate(plan: Plan, arrays: list[np.ndarray], shapes: Shapes, out_slot: in
         return Evaluation(plan, values, grads, out_slot, shapes.differentiable, record or [],
                           run.inner_values, run.inner_grads)
     return Evaluation(plan, values, grads, out_slot, shapes.differentiable, record or [])
-
-
-def _edges(plan: Plan, shapes: Shapes, wanted: frozenset[int] | None) -> list[tuple[tuple[int, int], ...]]:
-    """The gradient edges the backward pass follows: all, or those toward the ``wanted`` slots."""
-    return shapes.grad_edges if wanted is None else shapes.edges_toward(wanted, plan.in_slots)
 
 
 def _reusable(plan: Plan, keep: Iterable[str], out_slot: int) -> list[int] | None:
@@ -441,12 +436,8 @@ def _forward(plan: Plan, shapes: Shapes, arrays: list[Any], run: RunContext) -> 
                 continue
             else:
                 v = forwards[k](*[values[j] for j in s], **attrs[k])
-        except OpError as exc:
-            raise node_error(exc, plan.node_names[k], plan.ops[k]) from None
-        except ChainruleError as exc:  # from a graph run inside the operator (scan's body)
-            raise nested_error(exc, plan.node_names[k], plan.ops[k]) from None
         except Exception as exc:
-            raise failure(plan.ops[k], plan.node_names[k], "forward", exc) from exc
+            raise rule_error(plan, k, "forward", exc)
         if (v.shape != shape_of[k] or v.dtype != dtype_of[k]) if type(v) is ndarray else type(v) is not scalar_type[k]:
             if plan.unpacked[k]:
                 if saved is None:
@@ -715,7 +706,7 @@ def _run_on_floats(
         if not gradients:
             return values, None
         seed_value = float(_seed(plan, shapes, out_slot, seed))
-        edges = shapes.grad_edges if wanted is None else shapes.edges_toward(wanted, plan.in_slots)
+        edges = shapes.edges_toward(wanted, plan.in_slots)
         grads: list[Any] = [None] * len(ins)
         grads[out_slot] = seed_value
         for k in range(out_slot, plan.n_inputs - 1, -1):
@@ -848,15 +839,9 @@ def _backward(
             else:
                 parts = vjps[k](g, values[k], *[values[j] for j in s], **attrs[k])
             if len(parts) != len(s):  # contract check: one gradient (or None) per input
-                raise contract(plan.ops[k], plan.node_names[k], f"vjp returned {len(parts)} gradients for {len(s)} inputs")
-        except OperatorFailure:
-            raise
-        except OpError as exc:
-            raise node_error(exc, plan.node_names[k], plan.ops[k]) from None
-        except ChainruleError as exc:  # from a graph run inside the operator (scan's body)
-            raise nested_error(exc, plan.node_names[k], plan.ops[k]) from None
+                raise miscounted(plan, k, len(parts))
         except Exception as exc:
-            raise failure(plan.ops[k], plan.node_names[k], "vjp", exc) from exc
+            raise rule_error(plan, k, "vjp", exc)
         for pos, j in edges[k]:  # input pos of k is slot j
             gj = parts[pos]
             if gj is None:  # the rule gives this input no gradient

@@ -13,34 +13,50 @@ Only plans whose every value is small (under SMALL_ELEMENTS elements, where the 
 reuse no buffer, run no node in blocks and need no extra stop check) and whose operators are
 plain (no residuals, no several values) get one; the rest, and plans of more than
 MAX_SLOTS slots (whose code would take long to compile), take the loops. A program is
-built on a combination's second run: a one-off call never pays for it. It is the JIT of
+built once a combination has run RUNS_BEFORE_BUILDING times, when the call's deadline leaves
+time for it and the process's program budget room: a caller who runs a graph a few times
+never pays for one. It is the JIT of
 PyTorch's TorchScript or JAX's ``jit`` on a small scale, without tracing: the plan is the trace.
 """
 from __future__ import annotations
 
-import ast
+import keyword
 import re
+import threading
+import time
+import weakref
 from typing import Any, Callable
 
 import numpy as np
 
-from .compile import Plan, Shapes, nested_error, node_error
-from .errors import ChainruleError, OpError, OperatorFailure
-from .rule_checks import contract, failure, fit_grad, fit_value
+from .compile import Plan, Shapes
+from .rule_checks import fit_grad, fit_value, miscounted, rule_error
 
 #: Values with at least this many elements take the engine's loops (its REUSE_MIN_ELEMENTS: below
 #: it no buffer is reused, no node runs in blocks and no node needs a stop check of its own).
 SMALL_ELEMENTS = 1 << 14
 
-#: Plans with more slots take the loops: compiling their code would cost more than it saves soon.
-MAX_SLOTS = 2000
+#: Plans with more slots take the loops. A program's gain per run shrinks as the plan grows (a
+#: chain of 18 slots on 3-element values: 0.12 -> 0.10 ms a run; of 500: 1.30 -> 1.06; of 2,000:
+#: 5.63 -> 5.47) while its build grows with it (6, 170 and 790 ms).
+MAX_SLOTS = 256
 
 #: A combination of shapes, output, wanted gradients and gradients on/off gets its program on its
-#: run after this many: the first run of anything takes the loops.
-RUNS_BEFORE_BUILDING = 1
+#: run after this many. A build costs what a few hundred runs save (measured above): a caller that
+#: runs a graph a few times never pays for one; a training loop or a service called repeatedly does.
+RUNS_BEFORE_BUILDING = 16
 
 #: Combinations kept per Shapes (counted or built); others take the loops.
 MAX_COMBINATIONS = 16
+
+#: What a build costs, per slot, counted before it starts: its time against the call's deadline
+#: (about 0.35 ms a slot measured, taken at twice that), its memory against PROGRAM_BUDGET_BYTES
+#: (2.3-2.4 KiB a slot measured for its code and constants).
+BUILD_SECONDS_PER_SLOT = 7e-4
+PROGRAM_BYTES_PER_SLOT = 2400
+
+#: What the programs of this process may hold together (programs go with their plans' Shapes).
+PROGRAM_BUDGET_BYTES = 64 << 20
 
 #: What Shapes.programs holds for a combination that cannot have a program.
 _NONE = "none"
@@ -48,14 +64,39 @@ _NONE = "none"
 Program = Callable[[list[Any], Any, Any], tuple[list[Any], list[Any] | None]]
 
 
-def program_for(plan: Plan, shapes: Shapes, out_slot: int, wanted: frozenset[int] | None,
-                edges: list[tuple[tuple[int, int], ...]] | None) -> Program | None:
-    """The straight-line program of this combination (``edges``: the gradient edges the backward
-    pass follows, None for forward only), built on its second run; None when it takes the loops.
-    Called as ``program(arrays, seed, token)``: the inputs in slot order, a function giving the
-    output's seed (called after the forward pass, whose errors come first) and the stop token (or
-    None); gives (values, grads), grads None when ``edges`` is."""
-    key = (out_slot, wanted, edges is not None)
+class _ProgramBudget:
+    """The bytes the programs of this process hold, taken before a build and given back when the
+    Shapes that keeps the program is freed (its plan left the cache)."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.held = 0
+        self._lock = threading.Lock()
+
+    def take(self, owner: Shapes, nbytes: int) -> bool:
+        with self._lock:
+            if self.held + nbytes > self.capacity:
+                return False
+            self.held += nbytes
+        weakref.finalize(owner, self._give_back, nbytes)
+        return True
+
+    def _give_back(self, nbytes: int) -> None:
+        with self._lock:
+            self.held -= nbytes
+
+
+_budget = _ProgramBudget(PROGRAM_BUDGET_BYTES)
+
+
+def program_for(plan: Plan, shapes: Shapes, out_slot: int, wanted: frozenset[int] | None, gradients: bool,
+                token: Any = None) -> Program | None:
+    """The straight-line program of this combination, built on its run after RUNS_BEFORE_BUILDING
+    when there is time before ``token``'s deadline and room in the process's program budget; None
+    when it takes the loops. Called as ``program(arrays, seed, token)``: the inputs in slot order, a
+    function giving the output's seed (called after the forward pass, whose errors come first) and
+    the stop token (or None); gives (values, grads), grads None without ``gradients``."""
+    key = (out_slot, wanted, gradients)
     programs = shapes.programs
     known = programs.get(key)
     if known is None:  # a first run: counted, while there is room (a small fixed set per shapes)
@@ -63,11 +104,24 @@ def program_for(plan: Plan, shapes: Shapes, out_slot: int, wanted: frozenset[int
             programs[key] = 1
         return None
     if type(known) is int:
-        if known < RUNS_BEFORE_BUILDING:
+        if known < RUNS_BEFORE_BUILDING or not _time_to_build(plan, token):
             programs[key] = known + 1
             return None
-        known = programs[key] = _build(plan, shapes, out_slot, edges) if _eligible(plan, shapes) else _NONE
+        known = programs[key] = _built(plan, shapes, out_slot, wanted, gradients)
     return None if known is _NONE else known  # (a race only builds twice)
+
+
+def _time_to_build(plan: Plan, token: Any) -> bool:
+    """Whether a build fits well within what the call's deadline leaves (else a later call builds)."""
+    deadline = None if token is None else token.deadline
+    return deadline is None or deadline - time.monotonic() > 10 * BUILD_SECONDS_PER_SLOT * len(plan.names)
+
+
+def _built(plan: Plan, shapes: Shapes, out_slot: int, wanted: frozenset[int] | None, gradients: bool) -> Any:
+    """The combination's program, or _NONE when it may not have one (not eligible, or no room)."""
+    if not _eligible(plan, shapes) or not _budget.take(shapes, PROGRAM_BYTES_PER_SLOT * len(plan.names)):
+        return _NONE
+    return _build(plan, shapes, out_slot, shapes.edges_toward(wanted, plan.in_slots) if gradients else None)
 
 
 def _eligible(plan: Plan, shapes: Shapes) -> bool:
@@ -83,7 +137,9 @@ def _build(plan: Plan, shapes: Shapes, out_slot: int, edges: list[tuple[tuple[in
     """Write the program's source, compile it, and return its function."""
     constants: dict[str, Any] = {
         "ndarray": np.ndarray, "plan": plan, "fit_value": fit_value, "fit_grad": fit_grad,
-        "forward_error": _forward_error(plan), "vjp_error": _vjp_error(plan), "miscounted": _miscounted(plan),
+        "forward_error": lambda k, exc: rule_error(plan, k, "forward", exc),
+        "vjp_error": lambda k, exc: rule_error(plan, k, "vjp", exc),
+        "miscounted": lambda k, count: miscounted(plan, k, count),
     }
     n = len(plan.names)
     lines = ["def program(arrays, seed, token):"]
@@ -104,20 +160,28 @@ def _build(plan: Plan, shapes: Shapes, out_slot: int, edges: list[tuple[tuple[in
     return constants["program"]
 
 
-#: The names a program's source may use besides its constants: its own function, arguments and locals.
+#: The names a program's source may use besides its constants: its own function, arguments and locals,
+#: Python's keywords, and the attributes and keywords of numpy calls it makes.
 _LOCAL_NAME = re.compile(r"(program|arrays|seed|token|exc|p|q|type|len|Exception|[vg]\d+)")
+_OTHER_NAMES = frozenset(keyword.kwlist) | {"shape", "dtype", "sum", "axis", "keepdims", "check", "needs"}
+#: What a program's source is made of: no quote or backslash, so no string or bytes literal.
+_SOURCE = re.compile(r"[\w \n(),.=:;!*+<>\[\]-]*")
+_NAME = re.compile(r"[A-Za-z_]\w*")
 
 
 def _checked(source: str, constants: dict[str, Any]) -> str:
     """``source`` once it is known to hold nothing a request wrote: a request's text (node names,
     operator names, attribute values) reaches a program only through ``constants``, never its
-    source, which is written from slot numbers and axes. Any string or bytes literal, or a name
-    that is neither a constant nor one of the program's locals, fails (a bug here, not the caller's)."""
-    for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.Constant) and isinstance(node.value, (str, bytes)):
-            raise AssertionError(f"a program's source holds a literal {node.value!r}")
-        if isinstance(node, ast.Name) and node.id not in constants and not _LOCAL_NAME.fullmatch(node.id):
-            raise AssertionError(f"a program's source uses an unknown name {node.id!r}")
+    source, which is written from slot numbers and axes. A character that could open a literal
+    (a quote, a backslash), or a name that is neither a constant, a local of the program nor one of
+    _OTHER_NAMES, fails (a bug here, not the caller's). Two regular expressions over the text: an
+    ast walk cost more than the compile itself."""
+    if not _SOURCE.fullmatch(source):
+        bad = next(c for c in source if not _SOURCE.fullmatch(c))
+        raise AssertionError(f"a program's source holds a literal's character {bad!r}")
+    for name in set(_NAME.findall(source)):
+        if name not in constants and name not in _OTHER_NAMES and not _LOCAL_NAME.fullmatch(name):
+            raise AssertionError(f"a program's source uses an unknown name {name!r}")
     return source
 
 
@@ -170,7 +234,7 @@ def _backward(plan: Plan, shapes: Shapes, out_slot: int, edges: list[tuple[tuple
     waiting = [f"g{j} = None" for j in range(len(plan.names)) if reached[j] and j != out_slot]
     if waiting:
         lines.append("    " + "; ".join(waiting))
-    lines.append(f"    g{out_slot} = seed()  # after the forward pass, as the loops make it")
+    lines.append(f"    g{out_slot} = seed()")  # (after the forward pass, as the loops make it)
     for k in range(out_slot, plan.n_inputs - 1, -1):
         if not reached[k] or not edges[k]:
             continue
@@ -224,44 +288,3 @@ def _summed_back(out_shape: tuple[int, ...], in_shape: tuple[int, ...], k: int, 
     if stretched:
         lines.append(f"                q = q.sum(axis={stretched!r}, keepdims=True)")
     return lines
-
-
-def _miscounted(plan: Plan) -> Callable[[int, int], Exception]:
-    """The contract failure of a vjp at slot k that returned ``count`` gradients (one per input is due)."""
-    def error(k: int, count: int) -> Exception:
-        return contract(plan.ops[k], plan.node_names[k],
-                        f"vjp returned {count} gradients for {len(plan.in_slots[k])} inputs")
-    return error
-
-
-def _forward_error(plan: Plan) -> Callable[[int, Exception], Exception]:
-    """What a forward rule's exception at slot k becomes, as engine._forward makes it."""
-    def error(k: int, exc: Exception) -> Exception:
-        node, op = plan.node_names[k], plan.ops[k]
-        if isinstance(exc, OpError):
-            return _caused(node_error(exc, node, op), None)
-        if isinstance(exc, ChainruleError):  # from a graph run inside the operator (scan's body)
-            return _caused(nested_error(exc, node, op), None)
-        return _caused(failure(op, node, "forward", exc), exc)
-    return error
-
-
-def _vjp_error(plan: Plan) -> Callable[[int, Exception], Exception]:
-    """What a vjp rule's exception at slot k becomes, as engine._backward makes it."""
-    def error(k: int, exc: Exception) -> Exception:
-        node, op = plan.node_names[k], plan.ops[k]
-        if isinstance(exc, OperatorFailure):
-            return exc
-        if isinstance(exc, OpError):
-            return _caused(node_error(exc, node, op), None)
-        if isinstance(exc, ChainruleError):
-            return _caused(nested_error(exc, node, op), None)
-        return _caused(failure(op, node, "vjp", exc), exc)
-    return error
-
-
-def _caused(error: Exception, cause: Exception | None) -> Exception:
-    """``error`` as ``raise error from cause`` leaves it (the generated code raises it plainly)."""
-    error.__cause__ = cause
-    error.__suppress_context__ = True
-    return error

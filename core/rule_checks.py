@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 
 from .broadcast import unbroadcast
-from .compile import Plan
-from .errors import LimitExceeded, OperatorFailure, where
+from .compile import Plan, nested_error, node_error
+from .errors import ChainruleError, LimitExceeded, OpError, OperatorFailure, where
 from .tensor_spec import TensorSpec
 
 def fit_value(plan: Plan, k: int, value: Any, spec: TensorSpec | None) -> np.ndarray:
@@ -57,3 +57,30 @@ def failure(op: Any, node: str, rule: str, exc: Exception) -> OperatorFailure:
         + (f" (plugin '{op.plugin}')" if op.plugin else ""),
         node=node, op=op.name, plugin=op.plugin,
     )
+
+
+def rule_error(plan: Plan, k: int, rule: str, exc: Exception) -> Exception:
+    """What an exception from node k's ``rule`` ("forward" or "vjp") becomes, to be raised as it is:
+    an operator's OpError the GraphError naming the node; an error of a graph run inside the
+    operator (scan's body) the same error with the node named first; a vjp's contract failure
+    itself; anything else the plugin's bug, an OperatorFailure caused by it."""
+    node, op = plan.node_names[k], plan.ops[k]
+    if isinstance(exc, OperatorFailure) and rule == "vjp":  # (contract(), raised inside the vjp's try)
+        return exc
+    if isinstance(exc, OpError):
+        return _caused(node_error(exc, node, op), None)
+    if isinstance(exc, ChainruleError):
+        return _caused(nested_error(exc, node, op), None)
+    return _caused(failure(op, node, rule, exc), exc)
+
+
+def miscounted(plan: Plan, k: int, count: int) -> OperatorFailure:
+    """The contract failure of node k's vjp that returned ``count`` gradients (one per input is due)."""
+    return contract(plan.ops[k], plan.node_names[k], f"vjp returned {count} gradients for {len(plan.in_slots[k])} inputs")
+
+
+def _caused(error: Exception, cause: Exception | None) -> Exception:
+    """``error`` as ``raise error from cause`` leaves it, for a caller that raises it plainly."""
+    error.__cause__ = cause
+    error.__suppress_context__ = True
+    return error

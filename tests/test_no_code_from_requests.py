@@ -30,7 +30,7 @@ KNOWN_DYNAMIC_IMPORTS = {("plugins/manager.py", "import_module"): "built-in fami
 #: Code compiled at run time, and why each is safe: its source holds no text from a request.
 KNOWN_CODE_GENERATION = {
     ("core/program.py", "compile"): "a plan's straight-line program, written from slot numbers and axes only: "
-                                    "program._checked rejects any string literal or unknown name in it",
+                                    "program._checked rejects a quote, a backslash or an unknown name in it",
     ("core/program.py", "exec"): "runs that compiled program's definition (see compile)",
 }
 

@@ -9,9 +9,20 @@ from chainrule.core import GraphIR, InputDecl, Node, compile_graph, evaluate
 from chainrule.core.engine import StopToken, checked_inputs
 from chainrule.core.errors import CancelledError, GraphError, OperatorFailure
 from chainrule.core.operator import OpDef
+from chainrule.core import program
 from chainrule.core.program import SMALL_ELEMENTS, _build as real_build, _checked
 from chainrule.core.registry import Registry
 from test_reference import describe, random_graphs
+
+
+DEFAULT_RUNS_BEFORE_BUILDING = program.RUNS_BEFORE_BUILDING
+
+
+@pytest.fixture(autouse=True)
+def build_on_the_second_run(monkeypatch):
+    """Programs built on a combination's second run, so that each test needs two runs, not seventeen
+    (test_a_program_is_built_after_the_runs_it_waits_for checks the real count)."""
+    monkeypatch.setattr(program, "RUNS_BEFORE_BUILDING", 1)
 
 
 def programs_of(plan, inputs):
@@ -174,7 +185,7 @@ def test_a_program_stops_when_its_token_says_so(registry):
 def test_a_programs_source_may_not_hold_text():
     """The guard that keeps a request's text out of generated code: no literal, no unknown name."""
     assert _checked("def program(arrays, seed, token):\n    v1 = f1(v0)\n", {"f1": None})
-    with pytest.raises(AssertionError, match="literal"):
+    with pytest.raises(AssertionError, match="literal"):  # (a quote: no string can be written)
         _checked("def program(arrays, seed, token):\n    v1 = f1('x')\n", {"f1": None})
     with pytest.raises(AssertionError, match="unknown name"):
         _checked("def program(arrays, seed, token):\n    v1 = open(v0)\n", {})
@@ -203,7 +214,6 @@ def test_a_small_sigmoid_skips_its_errstate_only_under_the_engine(registry):
 def test_programs_are_kept_for_a_bounded_set_of_combinations(registry, monkeypatch):
     """Past MAX_COMBINATIONS (output, wrt) combinations per shapes, the others take the loops: never
     a program built anew on every call."""
-    from chainrule.core import program
     nodes = tuple(Node(f"n{i}", "sin", (f"n{i - 1}" if i else "x",)) for i in range(24)) + (Node("f", "sum", ("n23",)),)
     plan = compile_graph(GraphIR((InputDecl("x", shape=(3,)),), nodes, ("f",)), registry)
     inputs = {"x": np.arange(3.0)}
@@ -214,3 +224,54 @@ def test_programs_are_kept_for_a_bounded_set_of_combinations(registry, monkeypat
             result = evaluate(plan, inputs, wrt=[f"n{i}"])
         assert result.grad(f"n{i}") is not None
     assert len(built) == program.MAX_COMBINATIONS
+
+
+def sin_chain(registry, length=20):
+    nodes = tuple(Node(f"n{i}", "sin", (f"n{i - 1}" if i else "x",)) for i in range(length))
+    return compile_graph(GraphIR((InputDecl("x", shape=(3,)),), nodes + (Node("f", "sum", (f"n{length - 1}",)),),
+                                 ("f",)), registry)
+
+
+def test_a_program_is_built_after_the_runs_it_waits_for(registry, monkeypatch):
+    """By default a combination runs RUNS_BEFORE_BUILDING times through the loops first: a caller
+    who runs a graph a few times never pays for a build."""
+    monkeypatch.setattr(program, "RUNS_BEFORE_BUILDING", DEFAULT_RUNS_BEFORE_BUILDING)
+    assert DEFAULT_RUNS_BEFORE_BUILDING > 1
+    plan, inputs = sin_chain(registry), {"x": np.arange(3.0)}
+    for _ in range(DEFAULT_RUNS_BEFORE_BUILDING):
+        evaluate(plan, inputs)
+    assert not programs_of(plan, inputs)
+    evaluate(plan, inputs)
+    assert programs_of(plan, inputs)
+
+
+def test_a_build_waits_for_a_call_with_time_for_it(registry):
+    """A build is counted against the call's deadline before it starts: a call that could not
+    afford one takes the loops, and a later call with time builds."""
+    plan, inputs = sin_chain(registry), {"x": np.arange(3.0)}
+    evaluate(plan, inputs)
+    short = program.BUILD_SECONDS_PER_SLOT * len(plan.names) * 5  # (a build wants 10x its estimate left)
+    for _ in range(3):
+        result = evaluate(plan, inputs, token=StopToken.after(short))
+        assert not programs_of(plan, inputs) and result.grad("x") is not None
+    evaluate(plan, inputs, token=StopToken.after(600))
+    assert programs_of(plan, inputs)
+
+
+def test_programs_are_built_within_the_process_budget(registry, monkeypatch):
+    """Each program's bytes are taken from the process's budget before its build and given back when
+    its plan goes; with no room left a combination takes the loops, with the same answers."""
+    budget = program._ProgramBudget(program.PROGRAM_BYTES_PER_SLOT * 30)  # room for one 22-slot program
+    monkeypatch.setattr(program, "_budget", budget)
+    first, second = sin_chain(registry), sin_chain(registry)
+    inputs = {"x": np.arange(3.0)}
+    for plan in (first, second):
+        for _ in range(3):
+            result = evaluate(plan, inputs)
+    assert programs_of(first, inputs) and not programs_of(second, inputs)
+    assert result.grad("x").tobytes() == evaluate(first, inputs).grad("x").tobytes()
+    assert budget.held == program.PROGRAM_BYTES_PER_SLOT * len(first.names)
+    del first
+    import gc
+    gc.collect()
+    assert budget.held == 0  # given back with the plan's Shapes
