@@ -158,8 +158,8 @@ def matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     otherwise, as before (a product too small for a block costs only a bound read off the sizes). A
     large product that nothing can stop goes through blocks too, UNSTOPPABLE_BLOCKS times larger:
     they read broadcast operands once, not once per product of the batch as numpy does."""
-    if a.size * b.size * (2.0 + 3 * MOVE_COST) <= BLOCK_SECONDS * LOOP_RATE or _surely_small(a, b):
-        return np.matmul(a, b)  # (the first test: _surely_small's bound at its largest, k = m = n = 1)
+    if _surely_small(a, b):
+        return np.matmul(a, b)
     check = stop_check()
     blas = a.dtype.kind == "f" or b.dtype.kind == "f"   # else numpy's own integer (bool) loop
     budget = block_operations(blas) * (1 if check else UNSTOPPABLE_BLOCKS)
@@ -178,11 +178,15 @@ def matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def _surely_small(a: np.ndarray, b: np.ndarray) -> bool:
     """Whether the product of a and b fits the smallest block whatever its dtype and layout, by a bound
     of product_cost over the batch from the sizes alone: its multiply-adds (batch x m x k x n) are at
-    most a.size x b.size / k, the elements it writes that over k, and those it may copy that over n and m."""
+    most a.size x b.size / k, the elements it writes that over k, and those it may copy that over n and m.
+    The bound at its largest (k = m = n = 1) is tried first: one multiplication settles a small product."""
+    products = a.size * b.size
+    if products * (2.0 + 3 * MOVE_COST) <= block_operations(False):
+        return True
     k = max(a.shape[-1], 1)
     m = max(a.shape[-2], 1) if a.ndim > 1 else 1
     n = max(b.shape[-1], 1) if b.ndim > 1 else 1
-    products = a.size * b.size / k
+    products = products / k
     return products * (2.0 + MOVE_COST * (1 / k + 1 / m + 1 / n)) <= block_operations(False)
 
 

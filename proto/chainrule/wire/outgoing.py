@@ -194,11 +194,7 @@ class AllHandEncoded(HandEncoded):
         if array.nbytes > LARGE_TENSOR_BYTES:
             super().put(message, field, key, array)
             return
-        self.put_small(message.DESCRIPTOR, field, key, DTYPE_CODES[array.dtype], array)
-
-    def put_small(self, descriptor: Any, field: str, key: str | None, code: int, array: np.ndarray) -> None:
-        """A small native-order array of dtype ``code``: its kept header, then its bytes."""
-        header = small_tensor_header(descriptor, field, key, code, array.shape)
+        header = small_tensor_header(message.DESCRIPTOR, field, key, DTYPE_CODES[array.dtype], array.shape)
         data = array.tobytes()  # C order, native (little-endian: see takes)
         self.parts += (header, data)
         self._size += len(header) + len(data)
@@ -300,12 +296,6 @@ class Outgoing:
 
     def put_map_tensor(self, field: str, key: str, array: Any) -> None:
         """``message.<field>[key] = array`` for a ``map<string, Tensor>`` field."""
-        if type(array) is np.ndarray and type(self.carrier) is AllHandEncoded and not self.values \
-                and array.nbytes <= LARGE_TENSOR_BYTES and _LITTLE_ENDIAN_HOST:
-            code = DTYPE_CODES.get(array.dtype)
-            if code is not None:  # the common small tensor over gRPC: its header kept, its bytes
-                self.carrier.put_small(self.message.DESCRIPTOR, field, key, code, array)
-                return
         array = np.asarray(array)
         if self.values:
             check_exact_as_values(array, key)
