@@ -113,14 +113,20 @@ def target_for(address: str | Sequence[str]) -> str:
 
 
 def _family(address: str) -> str | None:
+    ip = address_ip(address)
+    return None if ip is None else "ipv4" if ip.version == 4 else "ipv6"
+
+
+def address_ip(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The IP of an 'IP:port' address ('127.0.0.1:50051', '[::1]:50051'); None for a host name or
+    an address without a port."""
     host, _, port = address.rpartition(":")
     if not port.isdigit():
         return None
     try:
-        ip = ipaddress.ip_address(host[1:-1] if host.startswith("[") and host.endswith("]") else host)
+        return ipaddress.ip_address(host[1:-1] if host.startswith("[") and host.endswith("]") else host)
     except ValueError:
         return None
-    return "ipv4" if ip.version == 4 else "ipv6"
 
 
 class _CallDetails(collections.namedtuple("_CallDetails", ("method", "timeout", "metadata", "credentials",

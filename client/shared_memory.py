@@ -19,7 +19,6 @@ socket) whose directory is usable from here;
 """
 from __future__ import annotations
 
-import ipaddress
 import os
 import threading
 import time
@@ -36,6 +35,7 @@ from chainrule.wire.outgoing import LARGE_TENSOR_BYTES
 from chainrule.wire.shared_memory import SharedMemoryDir, directory_problem, new_file_name
 from chainrule.v1 import chainrule_pb2 as pb
 
+from .channel import address_ip
 from .errors import ChainruleRpcError, FailedPrecondition
 
 #: In auto mode, a call hands its inputs over in shared memory once the arrays the files would
@@ -184,16 +184,10 @@ def is_loopback(target: str) -> bool:
         if target.startswith(scheme):
             target = target[len(scheme):]
             break
-    if target.startswith("["):  # [::1]:50051
-        host = target[1:target.find("]")]
-    else:
-        host = target.rsplit(":", 1)[0] if target.count(":") == 1 else target
-    if host in ("localhost", "ip6-localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    ip = address_ip(target)
+    if ip is not None:
+        return ip.is_loopback
+    return target.rpartition(":")[0] in ("localhost", "ip6-localhost")
 
 
 class SameHost:
