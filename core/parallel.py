@@ -3,8 +3,9 @@
 numpy runs a ufunc on one core and lets go of the GIL while it loops, so slices of one
 elementwise node (``OpDef.forward_into``, and ``OpDef.vjp_into`` backward: each element depends
 only on the same element of the inputs) can run on every core, each slice written into its
-part of the result: the same bits as one pass, in a fraction of the time (sigmoid over 10^6
-values: 1.86 ms on one core, 1.01 ms on two). PyTorch does the same for its CPU kernels
+part of the result: the same bits as one pass, in a fraction of the time (the sigmoid sum at
+10^6 elements through ``LocalClient.evaluate``: 1.08x hand-written numpy on one thread, 0.70x
+on two, with a warm heap). PyTorch does the same for its CPU kernels
 (``at::parallel_for``, as many threads as cores). A vjp without ``vjp_into`` is not cut: its
 slices would be copied into whole gradients, an extra pass that eats the gain.
 

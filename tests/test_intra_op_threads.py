@@ -58,12 +58,59 @@ def test_every_thread_count_gives_the_bits_of_one(registry, threads, monkeypatch
             assert other.grad(name).tobytes() == one.grad(name).tobytes()
 
 
-def test_a_two_dimensional_node_is_cut_along_its_first_long_axis(registry, threads):
+def test_a_two_dimensional_node_is_cut_along_its_first_long_axis(registry, threads, monkeypatch):
     threads(4)
+    cut = []
+    run_shares = parallel.run_shares
+    monkeypatch.setattr(parallel, "run_shares", lambda work, blocks, check: (
+        cut.append(blocks), run_shares(work, blocks, check)))
     graph = GraphIR((InputDecl("x", shape=(1, N)),), (Node("y", "tanh", ("x",)), Node("f", "sum", ("y",))), ("f",))
     x = np.linspace(-3.0, 3.0, N).reshape(1, N)
     result = evaluate(compile_graph(graph, registry), {"x": x})
     assert result.value("y").tobytes() == np.tanh(x).tobytes()
+    blocks = cut[0]  # the forward's: along axis 1, every column once
+    assert len(blocks) > 4 and all(block[0] == slice(None) for block in blocks)
+    assert sum(block[1].stop - block[1].start for block in blocks) == N
+
+
+def two_threads_each_take_a_block(work):
+    """``work`` for blocks 0 and 1 wrapped so that each waits for the other: two threads must take
+    one each (a helper that never ran would leave the caller waiting, and the test failing)."""
+    barrier = threading.Barrier(2, timeout=10)
+    seen = []
+
+    def paired(block):
+        if block < 2:
+            barrier.wait()
+            seen.append(threading.get_ident())
+        work(block)
+    return paired, seen
+
+
+def test_a_helper_thread_runs_in_the_callers_errstate(threads):
+    threads(2)
+    paired, seen = two_threads_each_take_a_block(lambda block: np.exp(np.full(4, 1000.0)))
+    with warnings.catch_warnings(), np.errstate(over="ignore"):
+        warnings.simplefilter("error")  # an overflow warning in either thread would fail the call
+        parallel.run_shares(paired, list(range(8)))
+    assert len(set(seen)) == 2
+
+
+def test_a_helpers_exception_comes_through_and_leaves_the_others_no_block(threads):
+    """Blocks 0 and 1 go to two threads (the barrier); the helper's fails; the call raises it, and
+    the calling thread takes no more than a few blocks after it (the rest are drained)."""
+    threads(2)
+    done = []
+
+    def work(block):
+        if block < 2 and threading.current_thread() is not threading.main_thread():
+            raise ValueError("a helper's block failed")
+        done.append(block)
+
+    paired, seen = two_threads_each_take_a_block(work)
+    with pytest.raises(ValueError, match="a helper's block failed"):
+        parallel.run_shares(paired, list(range(10_000)))
+    assert len(set(seen)) == 2 and len(done) < 10_000
 
 
 def test_a_stop_reaches_every_thread(registry, threads):
@@ -87,13 +134,15 @@ def failing_registry(registry):
     return Registry([*registry, bad])
 
 
-def test_an_error_in_a_helper_thread_names_the_node_and_waits_for_the_others(registry, threads):
+def test_an_error_in_a_block_of_a_cut_node_names_the_node_and_the_pool_works_after(registry, threads):
+    """(Which thread takes the failing block varies; test_a_helpers_exception_comes_through... makes
+    it a helper's.)"""
     threads(2)
     graph = GraphIR((InputDecl("x", shape=(N,)),), (Node("y", "test.half_bad", ("x",)), Node("f", "sum", ("y",))),
                     ("f",))
     plan = compile_graph(graph, failing_registry(registry))
     x = np.ones(N)
-    x[-1] = 7.0  # in the last block: a helper's share
+    x[-1] = 7.0  # in the last block
     with pytest.raises(OperatorFailure) as info:
         evaluate(plan, {"x": x})
     assert info.value.node == "y" and "ValueError: a seven" in info.value.message
@@ -101,8 +150,9 @@ def test_an_error_in_a_helper_thread_names_the_node_and_waits_for_the_others(reg
     assert float(evaluate(plan, {"x": x}).output_value) == 2.0 * N  # the pool still works
 
 
-def test_helpers_keep_the_engines_errstate(registry, threads):
-    """exp overflows in a helper's slice: no warning, inf, as on the calling thread."""
+def test_an_overflow_in_a_cut_node_stays_quiet(registry, threads):
+    """exp overflows in the last block of a node cut for two threads: no warning, inf (that a helper
+    keeps the caller's errstate: test_a_helper_thread_runs_in_the_callers_errstate)."""
     threads(2)
     graph = GraphIR((InputDecl("x", shape=(N,)),), (Node("y", "exp", ("x",)), Node("f", "sum", ("y",))), ("f",))
     x = np.zeros(N)
